@@ -1,0 +1,1 @@
+//! REST types shared by daemon, VMM and CLI.

@@ -1,0 +1,1 @@
+//! The corefour daemon: inventory, lifecycle, export/import, clone, migration orchestration.

@@ -1,0 +1,1 @@
+//! Legacy and virtio devices; each sees only its bus offset and guest memory.

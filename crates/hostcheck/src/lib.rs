@@ -1,0 +1,1 @@
+//! Probes the host: CPU flags, /dev/kvm and its capabilities, KVM flavour, cgroups, namespaces, overlayfs, tun.

@@ -1,0 +1,113 @@
+//! The CPU-backend traits shared by the KVM backend (`corefour-kvm`) and the software CPU
+//! (`corefour-emu`). The VMM only ever names these traits; a factory in the VMM picks the backend.
+//!
+//! Port and MMIO accesses do not come back as exits: a backend hands them to the [`VmOps`]
+//! callback it was given, so the software CPU never depends on the device crate and both
+//! backends reach the devices the same way. [`VmExit`] lists only what the VMM must decide on.
+
+mod regs;
+
+pub use regs::{CpuState, DescriptorTable, Regs, Segment, SpecialRegs};
+
+use std::sync::Arc;
+
+/// Errors a backend reports. The errno is kept where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("{op} failed: {source}")]
+    Os {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0} is not supported by this backend")]
+    Unsupported(&'static str),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("guest state is invalid: {0}")]
+    GuestState(String),
+}
+
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// How a vCPU reaches guest devices. Implemented by the VMM's bus.
+pub trait VmOps: Send + Sync {
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    fn pio_write(&self, port: u16, data: &[u8]);
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Why `Vcpu::run` returned. Only what the VMM must decide on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest halted with interrupts it cannot leave (HLT with IF=0 or no in-kernel irqchip).
+    Halt,
+    /// The guest asked for a reset (i8042 0xFE, triple fault, port 0xCF9).
+    Reset,
+    /// The guest shut the machine down (triple fault on backends that report it as such).
+    Shutdown,
+    /// `run` was interrupted by a kick from another thread (pause, stop, timeout).
+    Interrupted,
+    /// The guest did something the backend cannot emulate; the string names it.
+    Unhandled(String),
+    /// The guest wrote to the debug-exit device; the VMM exits with this code.
+    DebugExit(u32),
+}
+
+/// One guest RAM region as the host sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryRegion {
+    pub slot: u32,
+    pub guest_phys_addr: u64,
+    pub size: u64,
+    /// Start of the host mapping that backs the region; it must stay mapped while the VM lives.
+    pub host_addr: u64,
+    pub log_dirty: bool,
+    pub read_only: bool,
+}
+
+/// Lets another thread stop a running vCPU (pause, shutdown, timeout).
+pub trait VcpuKicker: Send + Sync {
+    fn kick(&self);
+}
+
+/// A virtual machine of one backend.
+pub trait Vm: Send + Sync {
+    /// Maps host memory into the guest's physical address space.
+    ///
+    /// # Safety
+    /// `region.host_addr .. + size` must be a valid mapping that outlives the VM.
+    unsafe fn set_memory_region(&self, region: MemoryRegion) -> Result<()>;
+
+    /// Creates vCPU `index`; device accesses go to `ops`.
+    fn create_vcpu(&self, index: u32, ops: Arc<dyn VmOps>) -> Result<Box<dyn Vcpu>>;
+
+    /// Raises or lowers a platform interrupt line (GSI).
+    fn set_irq_line(&self, irq: u32, level: bool) -> Result<()>;
+
+    /// Returns and clears the dirty bitmap of a slot (one bit per 4 KiB page).
+    fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>>;
+
+    /// A short name for messages: "kvm", "emu".
+    fn backend_name(&self) -> &'static str;
+}
+
+/// One virtual CPU.
+pub trait Vcpu: Send {
+    fn regs(&self) -> Result<Regs>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
+    fn sregs(&self) -> Result<SpecialRegs>;
+    fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()>;
+    /// Runs until something the VMM must decide on happens.
+    fn run(&mut self) -> Result<VmExit>;
+    /// A handle that makes `run` return `VmExit::Interrupted` soon.
+    fn kicker(&self) -> Arc<dyn VcpuKicker>;
+    /// The whole architectural state, for snapshots and migration (opaque to the VMM).
+    fn save_state(&self) -> Result<CpuState> {
+        Err(HypervisorError::Unsupported("vcpu state save"))
+    }
+    fn restore_state(&mut self, _state: &CpuState) -> Result<()> {
+        Err(HypervisorError::Unsupported("vcpu state restore"))
+    }
+}

@@ -1,0 +1,1 @@
+//! The KVM backend of the hypervisor traits (kvm-ioctls).

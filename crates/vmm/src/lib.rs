@@ -1,0 +1,1 @@
+//! Builds and runs one VM from a config: memory, vCPUs, devices, loaders, snapshot and migration.
