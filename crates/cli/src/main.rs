@@ -13,7 +13,11 @@ mod cmd_vmm;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "corefour", version, about = "Linux virtualization: VMs on KVM or a software CPU, containers, disks, migration")]
+#[command(
+    name = "corefour",
+    version,
+    about = "Linux virtualization: VMs on KVM or a software CPU, containers, disks, migration"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

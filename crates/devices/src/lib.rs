@@ -1,1 +1,6 @@
-//! Legacy and virtio devices; each sees only its bus offset and guest memory.
+//! Legacy and virtio devices. A device sees only an offset into its own range on the bus and,
+//! once activated, guest memory; it never sees the backend.
+
+pub mod bus;
+
+pub use bus::{Bus, BusDevice, BusError, IrqLine};

@@ -111,3 +111,12 @@ pub trait Vcpu: Send {
         Err(HypervisorError::Unsupported("vcpu state restore"))
     }
 }
+
+/// A CPU backend: KVM or the software CPU. The VMM picks one in its factory and names no
+/// backend type elsewhere.
+pub trait Hypervisor: Send + Sync {
+    /// Creates an empty VM (no memory, no vCPUs) that will have `vcpus` vCPUs.
+    fn create_vm(&self, vcpus: u32) -> Result<std::sync::Arc<dyn Vm>>;
+    /// A short name for messages: "kvm", "emu".
+    fn name(&self) -> &'static str;
+}
