@@ -22,6 +22,10 @@ pub struct Block {
     /// The page's version word; it lives in a `Region` that the cache never outlives (the
     /// cache is cleared whenever the memory map changes).
     ver_ptr: *const AtomicU32,
+    /// Where the block's bytes live in host memory and a copy of them: the VMM's devices may
+    /// write guest RAM (DMA) without passing through the CPU, so a block also checks its bytes.
+    src: *const u8,
+    bytes: Vec<u8>,
     pub ins: Vec<Instruction>,
 }
 
@@ -34,8 +38,11 @@ unsafe impl Sync for Block {}
 impl Block {
     #[inline]
     fn valid(&self) -> bool {
-        // SAFETY: see the field's comment.
-        unsafe { (*self.ver_ptr).load(Ordering::Acquire) == self.ver }
+        // SAFETY: see the field's comment; `src .. src+len` lies in the same region.
+        unsafe {
+            (*self.ver_ptr).load(Ordering::Acquire) == self.ver
+                && std::slice::from_raw_parts(self.src, self.bytes.len()) == self.bytes.as_slice()
+        }
     }
 }
 
@@ -124,11 +131,16 @@ impl Cpu {
                 break;
             }
         }
+        let len = ins.last().map_or(0, |l| {
+            (l.next_ip().wrapping_sub(self.rip) as usize).min(bytes.len())
+        });
         Ok(Block {
             rip: self.rip,
             bits: self.bits,
             ver,
             ver_ptr: ver_word,
+            src: bytes.as_ptr(),
+            bytes: bytes[..len].to_vec(),
             ins,
         })
     }
@@ -164,6 +176,8 @@ impl Cpu {
             bits: self.bits,
             ver: 0,
             ver_ptr: std::ptr::null(),
+            src: std::ptr::null(),
+            bytes: Vec::new(),
             ins: vec![i],
         })
     }

@@ -555,8 +555,14 @@ impl Cpu {
         let a = self.rd_op(i, 0)?;
         let b = self.rreg(i.op_register(1));
         let r = a.wrapping_add(b) & szmask(size);
-        self.wr_op(i, 0, r)?;
-        self.wreg(i.op_register(1), a);
+        // Memory first (it may fault); with both operands the same register the sum wins.
+        if i.op_kind(0) == OpKind::Memory {
+            self.wr_op(i, 0, r)?;
+            self.wreg(i.op_register(1), a);
+        } else {
+            self.wreg(i.op_register(1), a);
+            self.wr_op(i, 0, r)?;
+        }
         self.set_flags_lazy(Op::Add, size * 8, a, b, r);
         Ok(())
     }
