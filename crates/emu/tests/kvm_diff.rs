@@ -460,10 +460,6 @@ fn gen_insn(g: &mut Gen, a: &mut CodeAssembler) -> Result<(), iced_x86::IcedErro
 }
 
 /// A program: random body, then stop through MMIO (R15 is the data base until then).
-fn program(seed: u64) -> (Vec<u8>, u64) {
-    program_n(seed, LEN)
-}
-
 fn program_n(seed: u64, len: usize) -> (Vec<u8>, u64) {
     let mut g = Gen {
         s: seed | 1,
