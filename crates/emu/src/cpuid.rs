@@ -55,6 +55,9 @@ pub fn cpuid(leaf: u32, _sub: u32, id: u32, n: u32) -> (u32, u32, u32, u32) {
             LEAF1_ECX,
             LEAF1_EDX | if n > 1 { 1 << 28 } else { 0 },
         ),
+        // Topology leaf left empty (EBX = 0 means "not enumerated") except the x2APIC id in
+        // EDX, which corefour guests read as their index (as on the KVM backend).
+        0xb => (0, 0, 0, id),
         0x8000_0000 => (0x8000_0008, v[0], v[2], v[1]),
         0x8000_0001 => (0x0006_0fb1, 0, EXT1_ECX, EXT1_EDX),
         0x8000_0002..=0x8000_0004 => {

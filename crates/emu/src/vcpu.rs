@@ -262,6 +262,9 @@ impl Vcpu for EmuVcpu {
         c.lazy.op = flags::Op::Valid;
         c.rflags = (r.rflags & 0x3f_7fd7) | 2;
         c.update_mode();
+        // The VMM giving an AP its registers starts it directly (as the KVM backend does by
+        // making every vCPU runnable); untouched APs keep waiting for INIT/SIPI.
+        self.wait_sipi = false;
         Ok(())
     }
 
