@@ -3,6 +3,8 @@
 
 use clap::Subcommand;
 
+mod emu;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -13,10 +15,13 @@ pub struct Args {
 enum Target {
     /// VMM start-up, overhead memory and exit round trip vs a raw KVM_RUN loop in C.
     Vmm,
+    /// Software CPU: guest MIPS on a guest CPU loop, with KVM on the same loop.
+    Emu(emu::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.target {
         Target::Vmm => anyhow::bail!("`corefour bench vmm` is not built yet"),
+        Target::Emu(a) => emu::run(a),
     }
 }
