@@ -361,6 +361,13 @@ impl Cpu {
             };
             return v ^ (cc & 1 != 0);
         }
+        if self.lazy.op != Op::Valid && matches!(cc >> 1, 2 | 4) {
+            // ZF and SF come straight from the result for every lazy operation.
+            let bits = self.lazy.bits;
+            let r = self.lazy.r & flags::mask(bits);
+            let v = if cc >> 1 == 2 { r == 0 } else { r >> (bits - 1) & 1 != 0 };
+            return v ^ (cc & 1 != 0);
+        }
         let f = self.flags();
         let r = match cc >> 1 {
             0 => f & flags::OF != 0,

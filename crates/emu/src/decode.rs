@@ -137,12 +137,12 @@ impl Cache {
     pub fn lookup(&mut self, cpu: &mut Cpu) -> X<&Block> {
         let lin = cpu.lin(CS, cpu.rip);
         let user = cpu.cpl == 3;
-        let e = &cpu.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        let e = &cpu.tlb.x[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
         let host = if e.exec == lin & !0xfff {
             lin.wrapping_add(e.addend)
         } else {
             cpu.translate(lin, Acc::X, user)?;
-            let e = &cpu.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+            let e = &cpu.tlb.x[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
             if e.exec != lin & !0xfff {
                 // Not RAM, or a page the TLB cannot hold: decode without caching.
                 let b = cpu.decode_block(lin, None)?;

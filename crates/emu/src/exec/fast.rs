@@ -182,6 +182,52 @@ fn incdec<const INC: bool, const W64: bool>(c: &mut Cpu, i: &Instruction) -> X<(
     Ok(())
 }
 
+const SHL: u8 = 0;
+const SHR: u8 = 1;
+const SAR: u8 = 2;
+
+/// SHL/SHR/SAR of a 32/64-bit register by an immediate, flags computed on the spot.
+fn shift_ri<const OP: u8, const W64: bool>(c: &mut Cpu, i: &Instruction) -> X<()> {
+    use crate::flags;
+    let (d, mask, bits) = if W64 {
+        (r64(i.op0_register()), u64::MAX, 64u32)
+    } else {
+        (r32(i.op0_register()), 0xffff_ffff, 32u32)
+    };
+    let cnt = (i.immediate8() as u32) & (bits - 1);
+    if cnt == 0 {
+        if !W64 {
+            c.gpr[d] &= mask;
+        }
+        return Ok(());
+    }
+    let a = c.gpr[d] & mask;
+    let sign = 1u64 << (bits - 1);
+    let (r, cf, of) = match OP {
+        SHL => {
+            let r = (a << cnt) & mask;
+            let cf = (a >> (bits - cnt)) & 1 != 0;
+            (r, cf, (r & sign != 0) != cf)
+        }
+        SHR => (a >> cnt, (a >> (cnt - 1)) & 1 != 0, a & sign != 0),
+        _ => {
+            let sa = if W64 { a as i64 } else { a as u32 as i32 as i64 };
+            ((sa >> cnt) as u64 & mask, (sa >> (cnt - 1)) & 1 != 0, false)
+        }
+    };
+    let f = c.flags();
+    let mut nf = flags::szp(r, bits) | (f & flags::AF);
+    if cf {
+        nf |= flags::CF;
+    }
+    if of {
+        nf |= flags::OF;
+    }
+    c.rflags = (f & !flags::ARITH) | nf;
+    c.gpr[d] = r;
+    Ok(())
+}
+
 fn is_gpr(r: Register, size: usize) -> bool {
     match size {
         8 => r.is_gpr64(),
@@ -263,6 +309,18 @@ pub fn select(i: &Instruction, bits: u32) -> Handler {
     let r0 = i.op0_register();
     let size0 = if reg(0) { r0.size() } else { 0 };
     match m {
+        M::Shl | M::Sal | M::Shr | M::Sar
+            if reg(0) && is_gpr(r0, size0) && i.op_kind(1) == OpKind::Immediate8 =>
+        {
+            match (m, size0 == 8) {
+                (M::Shl | M::Sal, true) => shift_ri::<SHL, true>,
+                (M::Shl | M::Sal, false) => shift_ri::<SHL, false>,
+                (M::Shr, true) => shift_ri::<SHR, true>,
+                (M::Shr, false) => shift_ri::<SHR, false>,
+                (_, true) => shift_ri::<SAR, true>,
+                _ => shift_ri::<SAR, false>,
+            }
+        }
         M::Mov => {
             if reg(0) && reg(1) && is_gpr(r0, size0) && is_gpr(i.op1_register(), size0) {
                 return if size0 == 8 { mov_rr64 } else { mov_rr32 };
