@@ -74,6 +74,27 @@ fn status_cell(status: Status, colour: bool) -> String {
     paint(text, code, colour)
 }
 
+/// Values wider than this wrap onto continuation lines, so one long list (cgroup controllers) does
+/// not push every row's explanation off the screen.
+const FOUND_MAX: usize = 36;
+
+/// Splits at spaces into lines of at most `width` characters (a longer word stays whole).
+fn wrap_words(text: &str, width: usize) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for word in text.split(' ') {
+        if !current.is_empty() && current.chars().count() + 1 + word.chars().count() > width {
+            lines.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push(' ');
+        }
+        current.push_str(word);
+    }
+    lines.push(current);
+    lines
+}
+
 /// The human table: one aligned row per check, grouped, then the verdict.
 fn render(r: &HostReport, colour: bool) -> String {
     let width = |f: fn(&Check) -> &str| {
@@ -84,7 +105,7 @@ fn render(r: &HostReport, colour: bool) -> String {
             .unwrap_or(0)
     };
     let label_w = width(|c| &c.label).max("CHECK".len());
-    let value_w = width(|c| &c.value).max("FOUND".len());
+    let value_w = width(|c| &c.value).clamp("FOUND".len(), FOUND_MAX);
     let mut s = String::new();
     s.push_str(&format!(
         "corefour host check: Linux {} on {}\n\n",
@@ -107,13 +128,18 @@ fn render(r: &HostReport, colour: bool) -> String {
             s.push_str(&paint(&format!("-- {}", group_title(group)), "1", colour));
             s.push('\n');
         }
+        let value = wrap_words(&c.value, value_w);
+        let first = value.first().map_or("", String::as_str);
         s.push_str(&format!(
             "{}  {:<label_w$}  {:<value_w$}  {}\n",
             status_cell(c.status, colour),
             c.label,
-            c.value,
+            first,
             c.detail
         ));
+        for more in value.iter().skip(1) {
+            s.push_str(&format!("{:<6}{:<label_w$}  {more}\n", "", ""));
+        }
     }
     let v = &r.verdict;
     let verdict_code = match v.id {
@@ -156,6 +182,16 @@ mod tests {
     use corefour_hostcheck::RealHost;
 
     #[test]
+    fn wrapping() {
+        assert_eq!(wrap_words("a bb ccc dddd", 6), vec!["a bb", "ccc", "dddd"]);
+        assert_eq!(
+            wrap_words("averyveryverylongword x", 4),
+            vec!["averyveryverylongword", "x"]
+        );
+        assert_eq!(wrap_words("", 4), vec![""]);
+    }
+
+    #[test]
     fn table_is_aligned_and_plain_without_colour() {
         let r = HostReport::probe(&RealHost, true);
         let text = render(&r, false);
@@ -165,12 +201,12 @@ mod tests {
             .filter(|l| l.starts_with("PASS") || l.starts_with("WARN") || l.starts_with("FAIL"))
             .collect();
         assert_eq!(rows.len(), r.checks.len());
-        // The FOUND column starts at the same offset on every row.
+        // The explanation starts at the same column on every row.
         let offsets: Vec<usize> = r
             .checks
             .iter()
             .zip(&rows)
-            .map(|(c, row)| row.find(&format!("  {}  ", c.value)).unwrap_or(usize::MAX))
+            .map(|(c, row)| row.find(&c.detail).unwrap_or(usize::MAX))
             .collect();
         assert!(
             offsets.windows(2).all(|w| w[0] == w[1]),
