@@ -4,7 +4,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use corefour_vmm::config::{parse_duration, parse_memory_mib};
 use corefour_vmm::{BackendKind, Console, RunOptions, VmConfig, Vmm};
 
@@ -44,7 +43,7 @@ pub struct Args {
 
 fn config_from(a: &Args) -> anyhow::Result<VmConfig> {
     let mut c = match &a.config {
-        Some(path) => VmConfig::load(path)?,
+        Some(path) => VmConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
         None => VmConfig::new(a.kernel.clone().unwrap_or_default()),
     };
     if let Some(k) = &a.kernel {
@@ -75,7 +74,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         Some(t) => Some(parse_duration(t)?),
         None => config.timeout(),
     };
-    let vmm = Vmm::build(config, Console::stdout())?;
+    // The library's errors carry their cause in the message already; anyhow's chain would
+    // print it twice.
+    let flat = |e: corefour_vmm::VmmError| anyhow::anyhow!("{e}");
+    let vmm = Vmm::build(config, Console::stdout()).map_err(flat)?;
     eprintln!(
         "corefour vmm: backend {} ({})",
         vmm.backend(),
@@ -87,7 +89,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             api_sock: a.api_sock.clone(),
             handle_signals: true,
         })
-        .context("VM run failed")?;
+        .map_err(flat)?;
     if a.stats {
         eprintln!(
             "corefour vmm stats: rss_kib={} guest_resident_kib={}",

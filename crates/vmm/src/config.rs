@@ -13,6 +13,8 @@ pub const DEFAULT_MEMORY_MIB: u64 = 64;
 pub const MIN_MEMORY_MIB: u64 = 2;
 /// An upper bound that keeps page tables small and catches typos ("64G" meant as "64M").
 pub const MAX_MEMORY_MIB: u64 = 64 * 1024;
+/// APIC ids are 8 bits in CPUID leaf 1 and 0xff is the broadcast id; the backend may allow fewer.
+pub const MAX_VCPUS: u32 = 254;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -34,8 +36,8 @@ pub enum ConfigError {
     MemorySize(String),
     #[error("memory must be between {MIN_MEMORY_MIB} MiB and {MAX_MEMORY_MIB} MiB, got {0} MiB")]
     MemoryRange(u64),
-    #[error("vcpus must be at least 1")]
-    NoVcpus,
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u32),
     #[error("invalid duration {0:?}: use e.g. 30s, 500ms, 2m or a number of seconds")]
     Duration(String),
     #[error("unknown backend {0:?}: use kvm, emu or auto")]
@@ -149,8 +151,8 @@ impl VmConfig {
         if self.kernel.as_os_str().is_empty() {
             return Err(ConfigError::NoKernel);
         }
-        if self.vcpus == 0 {
-            return Err(ConfigError::NoVcpus);
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(ConfigError::Vcpus(self.vcpus));
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::MemoryRange(self.memory_mib));
@@ -253,7 +255,9 @@ mod tests {
     fn validate_catches_ranges_and_unsupported_devices() {
         let mut c = VmConfig::new("k");
         c.vcpus = 0;
-        assert!(matches!(c.validate(), Err(ConfigError::NoVcpus)));
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(0))));
+        c.vcpus = 255;
+        assert!(matches!(c.validate(), Err(ConfigError::Vcpus(255))));
         c.vcpus = 1;
         c.memory_mib = 1;
         assert!(matches!(c.validate(), Err(ConfigError::MemoryRange(1))));
