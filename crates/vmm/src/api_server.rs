@@ -305,6 +305,22 @@ mod tests {
         out
     }
 
+    proptest::proptest! {
+        #[test]
+        fn random_requests_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let (mut client, server) = UnixStream::pair().unwrap();
+            client.write_all(&bytes).unwrap();
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            let info = VmInfo { vcpus: 1, memory_mib: 1, backend: "kvm" };
+            let control = Control::new(1);
+            // A pause with no vCPU thread would wait; keep the fake VM stopping instead.
+            control.finish(Outcome::Shutdown);
+            serve(server, &info, &control);
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out);
+        }
+    }
+
     #[test]
     fn serves_the_contract() {
         let dir = std::env::temp_dir().join(format!("c4-api-{}", std::process::id()));
@@ -373,6 +389,11 @@ mod tests {
         );
         vcpu.join().unwrap();
         drop(h);
+        let e = crate::api_client::call(&sock, "GET", "/vm", None, Duration::from_secs(1));
+        assert!(matches!(
+            e,
+            Err(crate::api_client::ApiClientError::Connect { .. })
+        ));
         assert!(!sock.exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
