@@ -66,8 +66,8 @@ static void stats(uint8_t *mem)
         for (size_t i = 0; i < pages; i++)
             resident += vec[i] & 1;
     free(vec);
-    fprintf(stderr, "kvm_pio_loop stats: rss_kib=%ld guest_resident_kib=%zu\n", status_kib("VmRSS:"),
-            resident * 4);
+    fprintf(stderr, "kvm_pio_loop stats: rss_kib=%ld anon_kib=%ld guest_resident_kib=%zu\n",
+            status_kib("VmRSS:"), status_kib("RssAnon:"), resident * 4);
 }
 
 int main(int argc, char **argv)

@@ -92,8 +92,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         .map_err(flat)?;
     if a.stats {
         eprintln!(
-            "corefour vmm stats: rss_kib={} guest_resident_kib={}",
+            "corefour vmm stats: rss_kib={} anon_kib={} guest_resident_kib={}",
             report.rss_bytes / 1024,
+            report.anon_bytes / 1024,
             report.guest_resident_bytes / 1024
         );
     }

@@ -60,8 +60,10 @@ pub struct RunOptions {
 #[derive(Debug)]
 pub struct RunReport {
     pub outcome: Outcome,
-    /// The VMM's resident memory at the end, and how much of it is guest RAM.
+    /// The VMM's resident memory at the end (all, and anonymous only), and how much of it is
+    /// guest RAM (which is anonymous).
     pub rss_bytes: u64,
+    pub anon_bytes: u64,
     pub guest_resident_bytes: u64,
 }
 
@@ -171,19 +173,20 @@ impl Vmm {
         drop(api);
         Ok(RunReport {
             outcome,
-            rss_bytes: self_rss_bytes(),
+            rss_bytes: self_status_bytes("VmRSS:"),
+            anon_bytes: self_status_bytes("RssAnon:"),
             guest_resident_bytes: memory::resident_bytes(&self.mem),
         })
     }
 }
 
-/// VmRSS of this process from /proc/self/status (0 where unreadable).
-fn self_rss_bytes() -> u64 {
+/// A kB field of /proc/self/status, in bytes (0 where unreadable).
+fn self_status_bytes(key: &str) -> u64 {
     let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
         return 0;
     };
     s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .map_or(0, |kib| kib * 1024)
 }
