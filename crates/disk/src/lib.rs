@@ -10,6 +10,8 @@ mod host;
 pub mod storage;
 
 pub mod convert;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod p2v;
 pub mod qcow2;
 pub mod raw;

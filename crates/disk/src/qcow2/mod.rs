@@ -347,7 +347,8 @@ impl Qcow2 {
         let in_cluster = offset & (cs - 1);
         let table_span = cs << self.l2_bits;
         let to_table_end = table_span - (offset & (table_span - 1));
-        let max_len = max_len.min(to_table_end).min(self.h.size - offset);
+        let max_len_all = max_len.min(self.h.size - offset);
+        let max_len = max_len_all.min(to_table_end);
         let l1_index = (offset >> (self.cluster_bits + self.l2_bits)) as usize;
         let no_table_kind = if self.backing.is_some() {
             Run::Backing
@@ -355,11 +356,21 @@ impl Qcow2 {
             Run::Zero
         };
         if l1_index >= self.l1.len() {
-            return Ok((no_table_kind, max_len));
+            return Ok((no_table_kind, max_len_all));
         }
         let l2_off = self.l2_offset(l1_index)?;
         if l2_off == 0 {
-            return Ok((no_table_kind, max_len));
+            // Skip every following L1 entry without a table too, so a huge hole is one run.
+            let mut len = to_table_end.min(max_len_all);
+            let mut i = l1_index + 1;
+            while len < max_len_all && i < self.l1.len() && self.l1[i] & OFFSET_MASK == 0 {
+                len = (len + table_span).min(max_len_all);
+                i += 1;
+            }
+            if i >= self.l1.len() {
+                len = max_len_all;
+            }
+            return Ok((no_table_kind, len));
         }
         self.load_l2(l2_off)?;
         let first = ((offset >> self.cluster_bits) & ((1 << self.l2_bits) - 1)) as usize;

@@ -225,7 +225,10 @@ impl BlockWrite for Qcow2 {
         let mut pos = 0usize;
         while pos < buf.len() {
             let goff = offset + pos as u64;
-            let (run, len) = self.run(goff, (buf.len() - pos) as u64)?;
+            // write_new works inside one L2 table.
+            let table_span = self.cluster_size << self.l2_bits;
+            let to_table_end = table_span - (goff & (table_span - 1));
+            let (run, len) = self.run(goff, ((buf.len() - pos) as u64).min(to_table_end))?;
             let len = len as usize;
             match run {
                 Run::Data { host, copied: true } => {

@@ -68,7 +68,7 @@ impl SparseExtent {
         if compressed && le16_at(&b, 77) > 1 {
             return Err(host.unsupported(format!("compression algorithm {}", le16_at(&b, 77))));
         }
-        if h.grain == 0 || !h.grain.is_power_of_two() || h.grain > 128 * 1024 {
+        if h.grain == 0 || !h.grain.is_power_of_two() || h.grain > 32768 {
             return Err(host.corrupt(20, format!("grain size {} sectors is invalid", h.grain)));
         }
         if h.gtes == 0 || h.gtes > 65536 {
