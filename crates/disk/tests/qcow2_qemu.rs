@@ -6,7 +6,7 @@
 mod common;
 use common::*;
 use corefour_disk::qcow2::Repair;
-use corefour_disk::{open, BlockRead, BlockWrite, Format, Image, Open};
+use corefour_disk::{open, BlockRead, Format, Image, Open};
 
 const SIZE: u64 = 8 << 20;
 
