@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 #[non_exhaustive]
 pub enum DiskError {
     /// The host file could not be read or written; the errno is kept in `source`.
-    #[error("{}: {op} at offset {offset:#x} failed: {source}", path.display())]
+    #[error("{}: {op} at offset {offset:#x} failed", path.display())]
     Io {
         path: PathBuf,
         op: &'static str,
