@@ -2,5 +2,6 @@
 //! once activated, guest memory; it never sees the backend.
 
 pub mod bus;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError, IrqLine};
