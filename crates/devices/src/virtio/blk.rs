@@ -305,20 +305,17 @@ impl RequestCtx<'_> {
         c: DescriptorChain<&GuestMemoryMmap>,
         limiter: &mut RateLimiter,
     ) -> Result<u32, Throttled> {
-        let chain = match Chain::parse(self.mem, c) {
-            Ok(ch) => ch,
-            Err((head, e)) => {
-                tracing::debug!("virtio-blk: chain {head} rejected: {e}");
-                // The chain is untrustworthy as a whole: nothing is written into it.
-                return Ok(0);
-            }
-        };
+        let chain = Chain::parse(self.mem, c);
         let wlen = chain.writable_len();
         if wlen == 0 {
             // No place for a status byte: return the chain untouched.
             return Ok(0);
         }
         let data_w = wlen - 1;
+        if let Some(e) = &chain.error {
+            tracing::debug!("virtio-blk: chain {} rejected: {e}", chain.head);
+            return Ok(self.finish(&chain, data_w, S_IOERR, 0));
+        }
         let mut hdr = [0u8; HEADER_LEN];
         if chain.readable_len() < HEADER_LEN
             || chain::read_from(self.mem, &chain.readable, 0, &mut hdr) != HEADER_LEN
@@ -339,6 +336,9 @@ impl RequestCtx<'_> {
             limiter.admit(bytes as u64).map_err(Throttled)?;
         }
         let (status, written) = match ty {
+            // Data in the wrong direction: a read with a device-readable payload or the reverse.
+            T_IN if data_r > 0 => (S_IOERR, 0),
+            T_OUT if data_w > 0 => (S_IOERR, 0),
             T_IN => match self.read(&chain, sector, data_w) {
                 Ok(()) => (S_OK, data_w),
                 Err(e) => {
@@ -367,9 +367,12 @@ impl RequestCtx<'_> {
     }
 
     fn finish(&self, chain: &Chain, status_at: usize, status: u8, written: usize) -> u32 {
-        chain::write_to(self.mem, &chain.writable, status_at, &[status]);
-        // Lengths were checked to fit a u32 when the chain was parsed.
-        (written + 1) as u32
+        if chain::write_to(self.mem, &chain.writable, status_at, &[status]) != 1 {
+            // The status descriptor itself is outside guest memory.
+            return 0;
+        }
+        // Chain lengths are bounded to u32 by the parser.
+        u32::try_from(written + 1).unwrap_or(u32::MAX)
     }
 
     fn check_range(&self, sector: u64, len: usize) -> io::Result<u64> {

@@ -26,37 +26,36 @@ pub struct Buf {
     pub len: u32,
 }
 
-/// A chain split into its readable and writable buffers, all inside guest memory.
+/// A chain split into its readable and writable buffers. Parsing never fails: the first
+/// problem is kept in `error` and the device decides (blk still tries to write its status
+/// byte, net drops the frame). Buffers outside guest memory are kept so the index of the
+/// status byte stays right; copying into them fails harmlessly.
 #[derive(Debug, Default)]
 pub struct Chain {
     pub head: u16,
     pub readable: Vec<Buf>,
     pub writable: Vec<Buf>,
+    pub error: Option<ChainError>,
 }
 
 impl Chain {
-    pub fn parse(
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Result<Self, (u16, ChainError)> {
-        let head = chain.head_index();
+    pub fn parse(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Self {
         let mut out = Chain {
-            head,
+            head: chain.head_index(),
             ..Default::default()
         };
         let mut total: u32 = 0;
         for d in chain {
-            total = total
-                .checked_add(d.len())
-                .ok_or((head, ChainError::TooLong))?;
+            let Some(t) = total.checked_add(d.len()) else {
+                out.error.get_or_insert(ChainError::TooLong);
+                break;
+            };
+            total = t;
             if !mem.check_range(d.addr(), d.len() as usize, Permissions::ReadWrite) {
-                return Err((
-                    head,
-                    ChainError::OutOfMemory {
-                        addr: d.addr().0,
-                        len: d.len(),
-                    },
-                ));
+                out.error.get_or_insert(ChainError::OutOfMemory {
+                    addr: d.addr().0,
+                    len: d.len(),
+                });
             }
             let b = Buf {
                 addr: d.addr(),
@@ -65,12 +64,13 @@ impl Chain {
             if d.is_write_only() {
                 out.writable.push(b);
             } else if !out.writable.is_empty() {
-                return Err((head, ChainError::ReadAfterWrite));
+                out.error.get_or_insert(ChainError::ReadAfterWrite);
+                out.readable.push(b);
             } else {
                 out.readable.push(b);
             }
         }
-        Ok(out)
+        out
     }
 
     pub fn readable_len(&self) -> usize {

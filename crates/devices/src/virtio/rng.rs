@@ -79,9 +79,10 @@ impl RngHandler {
             mem,
             0,
             |c: DescriptorChain<&GuestMemoryMmap>| {
-                let Ok(chain) = Chain::parse(mem, c) else {
+                let chain = Chain::parse(mem, c);
+                if chain.error.is_some() {
                     return Outcome::Done(0);
-                };
+                }
                 let want = chain.writable_len().min(MAX_CHUNK);
                 if let Err(d) = limiter.admit(want as u64) {
                     throttle = Some(std::time::Instant::now() + d);
