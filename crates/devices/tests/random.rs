@@ -96,7 +96,7 @@ fn fuzz_device(
             junk[0] = r.below(16) as u8; // often a valid request type
         }
         d.mem
-            .write_slice(&junk, GuestAddress(HEAP + r.below(1 << 20) & !7))
+            .write_slice(&junk, GuestAddress((HEAP + r.below(1 << 20)) & !7))
             .unwrap();
         let descs: Vec<Desc> = (0..qsize).map(|_| random_desc(&mut r, qsize)).collect();
         d.write_descs(0, &descs).unwrap();
