@@ -280,13 +280,8 @@ impl QueueHandler for BlockHandler {
     }
 
     fn timer(&mut self, _p: &Poller) -> Result<(), DeviceError> {
-        match self.throttled_until {
-            Some(t) if t <= Instant::now() => {
-                self.throttled_until = None;
-                self.process()
-            }
-            _ => Ok(()),
-        }
+        self.throttled_until = None;
+        self.process()
     }
 }
 

@@ -147,6 +147,16 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Returns bytes admitted for an operation that turned out smaller (net RX admits a full
+    /// frame before it knows the frame's size).
+    pub fn refund_bytes(&mut self, bytes: u64) {
+        if let Some(b) = &mut self.bytes {
+            b.give_back(bytes);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,7 @@
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -104,9 +105,19 @@ fn run(
     let mut events = vec![EpollEvent::default(); 32];
     let mut failed = false;
     loop {
-        let timeout = match handler.next_timer() {
-            Some(d) if !failed => i32::try_from(d.as_millis().max(1)).unwrap_or(i32::MAX),
-            _ => -1,
+        let next = if failed { None } else { handler.next_timer() };
+        if next == Some(Duration::ZERO) {
+            // Due now, even if fds keep the loop busy: a throttled device must not starve.
+            if let Err(e) = handler.timer(poller) {
+                tracing::warn!("virtio device stopped, driver must reset it: {e}");
+                interrupt.set_needs_reset();
+                failed = true;
+            }
+            continue;
+        }
+        let timeout = match next {
+            Some(d) => i32::try_from(d.as_millis() + 1).unwrap_or(i32::MAX),
+            None => -1,
         };
         let n = match poller.epoll.wait(timeout, &mut events) {
             Ok(n) => n,
@@ -118,9 +129,6 @@ fn run(
             }
         };
         let mut result = Ok(());
-        if n == 0 && !failed {
-            result = handler.timer(poller);
-        }
         for ev in &events[..n] {
             let token = ev.data();
             if token == STOP_TOKEN {
