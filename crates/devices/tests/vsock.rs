@@ -184,16 +184,11 @@ fn big_transfer_respects_credit() {
         s
     });
     let mut got = 0usize;
-    loop {
-        match g.d.wait_used(0, Duration::from_millis(300)) {
-            Some((id, len)) => {
-                got += len as usize - HDR_LEN;
-                let b = g.rx_bufs[id as usize];
-                g.rx_bufs.push(b);
-                g.d.submit(0, &[(b, 4096, true)]).unwrap();
-            }
-            None => break,
-        }
+    while let Some((id, len)) = g.d.wait_used(0, Duration::from_millis(300)) {
+        got += len as usize - HDR_LEN;
+        let b = g.rx_bufs[id as usize];
+        g.rx_bufs.push(b);
+        g.d.submit(0, &[(b, 4096, true)]).unwrap();
     }
     assert_eq!(got, 65536, "exactly the advertised credit delivered");
     // The guest reports what it consumed each time it runs dry: the rest flows, 64 KiB at a time.
