@@ -334,3 +334,66 @@ impl<'a> MmioDriver<'a> {
         self.r(0x70)
     }
 }
+
+impl MmioDriver<'_> {
+    /// Plays a hostile driver from raw bytes (fuzz targets and randomized tests): descriptors
+    /// (16 bytes each, addresses folded so most land in or near guest memory), then the heads
+    /// to offer, then bytes for the buffers. The avail index is published as is; the caller
+    /// then waits with [`MmioDriver::settle`].
+    pub fn feed_raw(&mut self, q: usize, data: &[u8], mem_size: u64) -> Result<(), DriverError> {
+        let size = usize::from(self.queues[q].size);
+        let (table, rest) = data.split_at(data.len().min(16 * size));
+        let descs: Vec<Desc> = table
+            .chunks_exact(16)
+            .map(|c| {
+                let raw = u64::from_le_bytes(c[0..8].try_into().unwrap_or_default());
+                // Low bit pattern chooses: inside memory (common), near its end, or anything.
+                let addr = match raw & 3 {
+                    0 => raw,
+                    1 => mem_size.wrapping_sub(raw >> 52),
+                    _ => (raw >> 2) % mem_size.max(1),
+                };
+                Desc {
+                    addr,
+                    len: u32::from_le_bytes(c[8..12].try_into().unwrap_or_default()) % 0x2_0000,
+                    flags: u16::from_le_bytes([c[12], c[13]]) & 0x7,
+                    next: u16::from_le_bytes([c[14], c[15]]),
+                }
+            })
+            .collect();
+        self.write_descs(q, &descs)?;
+        let (heads, fill) = rest.split_at(rest.len().min(2 * size));
+        for h in heads.chunks_exact(2) {
+            self.push_avail(q, u16::from_le_bytes([h[0], h[1]]) % (size as u16 * 2))?;
+        }
+        // Buffer contents: the device reads headers and PFN lists from here.
+        if !fill.is_empty() {
+            let at = (mem_size / 2) & !0xfff;
+            let n = fill.len().min((mem_size - at) as usize);
+            self.mem.write_slice(&fill[..n], GuestAddress(at))?;
+        }
+        self.publish(q)
+    }
+
+    /// Waits until the device stops returning buffers on queue `q` (or `timeout` passes);
+    /// returns false on timeout, which for a bounded input means the device hung.
+    pub fn settle(&self, q: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut last = self.used_idx(q);
+        let mut quiet = 0;
+        while quiet < 3 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            let now = self.used_idx(q);
+            if now == last {
+                quiet += 1;
+            } else {
+                quiet = 0;
+                last = now;
+            }
+        }
+        true
+    }
+}
