@@ -234,18 +234,47 @@ impl<'a> MmioDriver<'a> {
     }
 
     /// Makes pushed heads visible (avail idx), asks for an interrupt on every used entry
-    /// (used_event = last seen) and notifies the device.
-    pub fn publish(&mut self, q: usize) -> Result<(), DriverError> {
+    /// (used_event = last seen) and notifies the device unless, with event idx, the device said
+    /// (avail_event) it is still working through earlier entries. Returns whether it notified.
+    pub fn publish(&mut self, q: usize) -> Result<bool, DriverError> {
+        let dq = self.queues[q];
+        self.mem.write_obj(
+            dq.last_used.to_le(),
+            dq.avail.unchecked_add(4 + 2 * u64::from(dq.size)),
+        )?;
+        let old: u16 = self
+            .mem
+            .read_obj::<u16>(dq.avail.unchecked_add(2))
+            .map(u16::from_le)?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(dq.avail_idx.to_le(), dq.avail.unchecked_add(2))?;
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let kick = if self.features & features::RING_EVENT_IDX != 0 {
+            let event: u16 = self
+                .mem
+                .read_obj::<u16>(dq.used.unchecked_add(4 + 8 * u64::from(dq.size)))
+                .map(u16::from_le)?;
+            // vring_need_event: did the new entries cross the index the device asked about?
+            dq.avail_idx.wrapping_sub(event).wrapping_sub(1) < dq.avail_idx.wrapping_sub(old)
+        } else {
+            true
+        };
+        if kick {
+            self.notify(q);
+        }
+        Ok(kick)
+    }
+
+    /// Asks for an interrupt on the next used entry (used_event = last seen), as Linux's
+    /// virtqueue_enable_cb does after draining; callers re-check the ring afterwards.
+    pub fn arm_interrupt(&mut self, q: usize) -> Result<(), DriverError> {
         let dq = self.queues[q];
         self.mem.write_obj(
             dq.last_used.to_le(),
             dq.avail.unchecked_add(4 + 2 * u64::from(dq.size)),
         )?;
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem
-            .write_obj(dq.avail_idx.to_le(), dq.avail.unchecked_add(2))?;
-        std::sync::atomic::fence(Ordering::SeqCst);
-        self.notify(q);
         Ok(())
     }
 
@@ -261,8 +290,20 @@ impl<'a> MmioDriver<'a> {
         self.w(0x50, q as u32);
     }
 
-    /// A chain of `bufs` (address, length, device-writable), linked in order.
+    /// A chain of `bufs` (address, length, device-writable), linked in order, published and
+    /// notified.
     pub fn submit(
+        &mut self,
+        q: usize,
+        bufs: &[(GuestAddress, u32, bool)],
+    ) -> Result<u16, DriverError> {
+        let head = self.queue_chain(q, bufs)?;
+        self.publish(q)?;
+        Ok(head)
+    }
+
+    /// Like [`MmioDriver::submit`] without publishing: batch several, then `publish` once.
+    pub fn queue_chain(
         &mut self,
         q: usize,
         bufs: &[(GuestAddress, u32, bool)],
@@ -282,7 +323,6 @@ impl<'a> MmioDriver<'a> {
             .collect();
         let head = self.write_descs(q, &descs)?;
         self.push_avail(q, head)?;
-        self.publish(q)?;
         Ok(head)
     }
 
@@ -372,7 +412,10 @@ impl MmioDriver<'_> {
             let n = fill.len().min((mem_size - at) as usize);
             self.mem.write_slice(&fill[..n], GuestAddress(at))?;
         }
-        self.publish(q)
+        // A hostile driver kicks whether or not the device asked for it.
+        self.publish(q)?;
+        self.notify(q);
+        Ok(())
     }
 
     /// Waits until the device stops returning buffers on queue `q` (or `timeout` passes);
