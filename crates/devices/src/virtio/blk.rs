@@ -274,6 +274,18 @@ impl QueueHandler for BlockHandler {
         self.process()
     }
 
+    fn pending_queue(&self) -> Option<usize> {
+        use virtio_queue::QueueT;
+        if self.throttled_until.is_some() {
+            return None;
+        }
+        let avail = self
+            .queue
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .ok()?;
+        (avail.0 != self.queue.next_avail()).then_some(0)
+    }
+
     fn next_timer(&self) -> Option<Duration> {
         self.throttled_until
             .map(|t| t.saturating_duration_since(Instant::now()))

@@ -135,6 +135,12 @@ pub trait QueueHandler: Send {
     ) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// For devices worth polling (blk): a queue the driver added entries to that the handler
+    /// has not looked at yet. The worker checks this for a short while after each burst of
+    /// work instead of sleeping straight away.
+    fn pending_queue(&self) -> Option<usize> {
+        None
+    }
     /// How long until the handler wants `timer` called (rate limiter refills).
     fn next_timer(&self) -> Option<Duration> {
         None
