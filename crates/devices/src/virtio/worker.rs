@@ -111,7 +111,7 @@ fn poll(handler: &mut dyn QueueHandler, poller: &Poller) -> Result<(), super::De
         }
         spins += 1;
         // Reading the clock every few spins keeps the loop cheap.
-        if spins % 16 == 0 && std::time::Instant::now() >= until {
+        if spins.is_multiple_of(16) && std::time::Instant::now() >= until {
             return Ok(());
         }
         std::hint::spin_loop();
