@@ -1,6 +1,9 @@
 //! `corefour bench TARGET`: each benchmark prints a table with its peer or baseline measured in the
 //! same run, and the ratio.
 
+mod io;
+mod io_net;
+
 use clap::Subcommand;
 
 mod vmm;
@@ -15,10 +18,13 @@ pub struct Args {
 enum Target {
     /// VMM start-up, overhead memory and exit round trip vs a raw KVM_RUN loop in C.
     Vmm(vmm::Args),
+    /// virtio-blk and virtio-net throughput vs the same I/O on the host file / a veth pair.
+    Io(io::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.target {
         Target::Vmm(a) => vmm::run(a),
+        Target::Io(a) => io::run(a),
     }
 }
