@@ -1,0 +1,175 @@
+//! The daemon's state and the lifecycle verbs, one file per verb.
+//!
+//! Lock order: a VM's operation lock (`Daemon::op_lock`) is taken first and held across the whole
+//! verb; the inventory mutex and the `running` map mutex are only ever held briefly inside it and
+//! never across an `.await`.
+
+mod create;
+mod delete;
+mod pause;
+mod proc;
+mod reconcile;
+mod set;
+mod start;
+mod stop;
+
+pub use stop::DEFAULT_STOP_TIMEOUT;
+mod watch;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use corefour_api::{VmInfo, VmState};
+
+use crate::cgroup::Cgroups;
+use crate::error::DaemonError;
+use crate::inventory::{Inventory, VmRecord};
+
+pub use proc::{process_alive, start_time};
+
+/// How the daemon runs: where it keeps state, and how it starts VMMs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    /// The `corefour` binary to run as `corefour vmm` and as the shim.
+    pub exe: PathBuf,
+}
+
+/// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.
+#[derive(Debug, Clone)]
+struct RunHandle {
+    vmm_pid: i32,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+pub struct Daemon {
+    cfg: DaemonConfig,
+    inv: Inventory,
+    cgroups: Option<Cgroups>,
+    running: Mutex<HashMap<String, RunHandle>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The cgroup parent directory of VMs (the container runtime uses its own).
+const CGROUP_PARENT: &str = "corefour-vms";
+
+impl Daemon {
+    /// Opens the inventory and finds the VMs that were running when the daemon last stopped.
+    pub async fn open(cfg: DaemonConfig) -> Result<Arc<Daemon>, DaemonError> {
+        std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(|e| {
+            DaemonError::io(format!("cannot create {}", cfg.state_dir.display()), e)
+        })?;
+        let inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
+        let cgroups = Cgroups::detect(CGROUP_PARENT).and_then(|c| match c.prepare() {
+            Ok(()) => Some(c),
+            Err(e) => {
+                tracing::warn!("cgroups unavailable, VMs run without CPU/memory limits: {e}");
+                None
+            }
+        });
+        if let Some(c) = &cgroups {
+            tracing::info!("VM cgroups: v{}", c.version());
+        }
+        let d = Arc::new(Daemon {
+            cfg,
+            inv,
+            cgroups,
+            running: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        });
+        d.reconcile_all().await?;
+        Ok(d)
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inv
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("vms").join(name)
+    }
+
+    /// The per-VM lock every verb holds, so two verbs on one VM never interleave.
+    async fn op_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(name.to_string()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    fn forget_lock(&self, name: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = locks.get(name) {
+            // Only drop the entry when no other verb is queued on it.
+            if Arc::strong_count(m) <= 2 {
+                locks.remove(name);
+            }
+        }
+    }
+
+    fn handle(&self, name: &str) -> Option<RunHandle> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn info(&self, name: &str) -> Result<VmInfo, DaemonError> {
+        Ok(to_info(self.inv.get_vm(name)?))
+    }
+
+    pub fn list(&self) -> Result<Vec<VmInfo>, DaemonError> {
+        Ok(self.inv.list_vms()?.into_iter().map(to_info).collect())
+    }
+
+    pub fn console_path(&self, name: &str) -> Result<PathBuf, DaemonError> {
+        self.inv.get_vm(name)?;
+        Ok(self.vm_dir(name).join(crate::shim::CONSOLE_LOG))
+    }
+
+    /// Whether the VM's VMM is (as far as the daemon knows) still running.
+    pub fn is_active(&self, name: &str) -> bool {
+        self.handle(name).is_some()
+    }
+
+    fn api_sock(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(crate::shim::API_SOCK)
+    }
+}
+
+pub fn to_info(r: VmRecord) -> VmInfo {
+    VmInfo {
+        pid: r.pids.map(|p| p.vmm_pid),
+        name: r.name,
+        state: r.state,
+        kernel: r.spec.kernel,
+        cmdline: r.spec.cmdline,
+        initrd: r.spec.initrd,
+        vcpus: r.spec.vcpus,
+        memory_mib: r.spec.memory_mib,
+        backend: r.spec.backend,
+        cpu_pin: r.spec.cpu_pin,
+        cpu_quota_pct: r.spec.cpu_quota_pct,
+        cpu_weight: r.spec.cpu_weight,
+        disks: r.spec.disks,
+        nics: r.nics,
+        stop_reason: r.stop_reason,
+        exit_code: r.exit_code,
+        created_ms: r.created_ms,
+    }
+}
+
+fn active_conflict(name: &str, state: VmState, verb: &str) -> DaemonError {
+    DaemonError::Conflict(format!("VM {name:?} is {state}: cannot {verb} it"))
+}
+
+fn remove_dir_if_exists(p: &Path) -> Result<(), DaemonError> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DaemonError::io(format!("cannot remove {}", p.display()), e)),
+    }
+}
