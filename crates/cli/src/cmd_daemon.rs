@@ -19,6 +19,10 @@ pub struct Args {
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
     log_level: String,
+    /// The VMM binary, run as `BINARY vmm --config vm.json --api-sock vmm.sock` (default: this
+    /// corefour binary).
+    #[arg(long, value_name = "BINARY")]
+    vmm_binary: Option<PathBuf>,
     /// Internal: run as the shim that starts and waits for one VM's VMM.
     #[arg(long, hide = true, value_name = "VM_DIR")]
     vmm_shim: Option<PathBuf>,
@@ -27,8 +31,13 @@ pub struct Args {
 /// Returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("cannot find the corefour binary")?;
+    let vmm_exe = match &args.vmm_binary {
+        Some(p) => std::fs::canonicalize(p)
+            .with_context(|| format!("cannot find the VMM binary {}", p.display()))?,
+        None => exe.clone(),
+    };
     if let Some(dir) = args.vmm_shim {
-        return corefour_daemon::shim::run(&dir, &exe).map_err(Into::into);
+        return corefour_daemon::shim::run(&dir, &vmm_exe).map_err(Into::into);
     }
     let state_dir = absolute(&args.state_dir)?;
     let socket = absolute(&args.socket)?;
@@ -37,6 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         state_dir,
         group: args.group,
         exe,
+        vmm_exe,
         log_level: args.log_level,
     })?;
     Ok(0)

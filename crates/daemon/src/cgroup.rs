@@ -95,6 +95,17 @@ impl Cgroups {
         }
     }
 
+    /// Removes the parent cgroup directories if no VM cgroup is left in them.
+    pub fn remove_parent(&self) {
+        let dirs: Vec<PathBuf> = match &self.hier {
+            Hierarchy::V1(ms) => ms.iter().map(|(_, r)| r.join(&self.parent)).collect(),
+            Hierarchy::V2(root) => vec![root.join(&self.parent)],
+        };
+        for d in dirs {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+
     /// Creates the parent cgroup (enabling controllers for children on v2, copying cpuset.cpus/mems
     /// from the root on v1, where an empty cpuset refuses tasks).
     pub fn prepare(&self) -> Result<(), CgroupError> {

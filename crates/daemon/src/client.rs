@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
+pub use hyper::Method;
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
 #[derive(Debug, thiserror::Error)]

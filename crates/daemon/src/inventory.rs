@@ -117,10 +117,13 @@ pub fn now_ms() -> i64 {
 
 pub struct Inventory {
     conn: Mutex<Connection>,
+    /// Start of every tap name this inventory hands out.
+    tap_prefix: String,
 }
 
 impl Inventory {
-    pub fn open(path: &Path) -> Result<Inventory, InventoryError> {
+    /// `tap_prefix` (at most 6 characters) starts the tap names of generated NICs.
+    pub fn open(path: &Path, tap_prefix: &str) -> Result<Inventory, InventoryError> {
         let open_err = |source| InventoryError::Open {
             path: path.display().to_string(),
             source,
@@ -137,6 +140,7 @@ impl Inventory {
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         Ok(Inventory {
             conn: Mutex::new(conn),
+            tap_prefix: tap_prefix.chars().take(6).collect(),
         })
     }
 
@@ -188,7 +192,7 @@ impl Inventory {
                 params![n.bridge, now],
             )?;
             let mac = n.mac.clone().unwrap_or_else(|| generated_mac(id, i));
-            let tap = tap_name(id, i);
+            let tap = format!("{}t{id}n{i}", self.tap_prefix);
             let rate = n
                 .rate_limit
                 .as_ref()
@@ -505,11 +509,6 @@ pub fn generated_mac(id: i64, idx: usize) -> String {
     )
 }
 
-/// Tap device names fit IFNAMSIZ (15 characters) for any realistic id.
-pub fn tap_name(id: i64, idx: usize) -> String {
-    format!("c4t{id}n{idx}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -522,7 +521,7 @@ mod tests {
     #[test]
     fn insert_get_list_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let inv = Inventory::open(&dir.path().join("db")).unwrap();
+        let inv = Inventory::open(&dir.path().join("db"), "c4ab12").unwrap();
         inv.insert_vm(&spec("b")).unwrap();
         inv.insert_vm(&spec("a")).unwrap();
         assert!(matches!(
@@ -555,7 +554,7 @@ mod tests {
     #[test]
     fn nics_get_unique_macs_and_taps_and_cascade() {
         let dir = tempfile::tempdir().unwrap();
-        let inv = Inventory::open(&dir.path().join("db")).unwrap();
+        let inv = Inventory::open(&dir.path().join("db"), "c4ab12").unwrap();
         let mut s = spec("n");
         s.nets = vec![
             NetSpec {
@@ -597,7 +596,7 @@ mod tests {
     #[test]
     fn running_and_stopped_states() {
         let dir = tempfile::tempdir().unwrap();
-        let inv = Inventory::open(&dir.path().join("db")).unwrap();
+        let inv = Inventory::open(&dir.path().join("db"), "c4ab12").unwrap();
         inv.insert_vm(&spec("r")).unwrap();
         let pids = Pids {
             shim_pid: 10,

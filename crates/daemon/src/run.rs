@@ -1,6 +1,7 @@
 //! Running the daemon: logging, runtime, inventory, socket.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::lifecycle::{Daemon, DaemonConfig};
 use crate::server::{self, ServeError};
@@ -12,8 +13,10 @@ pub struct RunOptions {
     pub state_dir: PathBuf,
     /// Group allowed to use the socket (mode 0660); None: root only (0600).
     pub group: Option<String>,
-    /// The `corefour` binary that runs VMMs and shims.
+    /// The `corefour` binary that runs the shims.
     pub exe: PathBuf,
+    /// The binary run as `VMM vmm --config ... --api-sock ...`.
+    pub vmm_exe: PathBuf,
     /// error, warn, info, debug or trace.
     pub log_level: String,
 }
@@ -47,6 +50,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         let d = Daemon::open(DaemonConfig {
             state_dir: opts.state_dir.clone(),
             exe: opts.exe.clone(),
+            vmm_exe: opts.vmm_exe.clone(),
         })
         .await?;
         tracing::info!(
@@ -54,7 +58,10 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             state_dir = %opts.state_dir.display(),
             "corefour daemon listening"
         );
-        server::serve(listener, d).await.map_err(RunError::Io)?;
+        server::serve(listener, Arc::clone(&d))
+            .await
+            .map_err(RunError::Io)?;
+        d.shutdown();
         let _ = std::fs::remove_file(&opts.socket);
         Ok(())
     })

@@ -10,7 +10,7 @@ use crate::inventory::VmRecord;
 #[derive(Debug, Serialize)]
 pub struct VmmConfig<'a> {
     pub kernel: &'a str,
-    pub cmdline: Option<&'a str>,
+    pub cmdline: &'a str,
     pub initrd: Option<&'a str>,
     pub vcpus: u32,
     pub memory_mib: u64,
@@ -35,7 +35,7 @@ pub struct VmmNet<'a> {
 pub fn render(rec: &VmRecord) -> Vec<u8> {
     let cfg = VmmConfig {
         kernel: &rec.spec.kernel,
-        cmdline: rec.spec.cmdline.as_deref(),
+        cmdline: rec.spec.cmdline.as_deref().unwrap_or(""),
         initrd: rec.spec.initrd.as_deref(),
         vcpus: rec.spec.vcpus,
         memory_mib: rec.spec.memory_mib,

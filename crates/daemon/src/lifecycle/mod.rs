@@ -32,8 +32,10 @@ pub use proc::{process_alive, start_time};
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub state_dir: PathBuf,
-    /// The `corefour` binary to run as `corefour vmm` and as the shim.
+    /// The `corefour` binary that runs the shim.
     pub exe: PathBuf,
+    /// The binary run as `VMM_EXE vmm --config ... --api-sock ...` (normally `exe` itself).
+    pub vmm_exe: PathBuf,
 }
 
 /// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.
@@ -54,15 +56,45 @@ pub struct Daemon {
 /// The cgroup parent directory of VMs (the container runtime uses its own).
 const CGROUP_PARENT: &str = "corefour-vms";
 
+/// Host-global names (cgroups, taps) of a daemon with a non-default state directory carry a short
+/// tag of that directory, so two daemons (as tests run them) never collide.
+fn host_tag(state_dir: &Path) -> Option<String> {
+    if state_dir == Path::new(crate::DEFAULT_STATE_DIR) {
+        return None;
+    }
+    // FNV-1a: a stable, dependency-free hash; collisions only cost a clearer error from `ip`.
+    let h = state_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    Some(format!("{:04x}", h & 0xffff))
+}
+
 impl Daemon {
     /// Opens the inventory and finds the VMs that were running when the daemon last stopped.
     pub async fn open(cfg: DaemonConfig) -> Result<Arc<Daemon>, DaemonError> {
         std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(|e| {
             DaemonError::io(format!("cannot create {}", cfg.state_dir.display()), e)
         })?;
-        let inv = Inventory::open(&cfg.state_dir.join("inventory.db"))?;
-        let cgroups = Cgroups::detect(CGROUP_PARENT).and_then(|c| match c.prepare() {
-            Ok(()) => Some(c),
+        let tag = host_tag(&cfg.state_dir);
+        let inv = Inventory::open(
+            &cfg.state_dir.join("inventory.db"),
+            &format!("c4{}", tag.as_deref().unwrap_or("")),
+        )?;
+        let parent = match &tag {
+            Some(t) => format!("{CGROUP_PARENT}-{t}"),
+            None => CGROUP_PARENT.to_string(),
+        };
+        // Probe that cgroups can be made here; the parent is made again on each start and removed
+        // when the daemon exits, so it does not outlive its VMs.
+        let cgroups = Cgroups::detect(&parent).and_then(|c| match c.prepare() {
+            Ok(()) => {
+                c.remove_parent();
+                Some(c)
+            }
             Err(e) => {
                 tracing::warn!("cgroups unavailable, VMs run without CPU/memory limits: {e}");
                 None
@@ -80,6 +112,13 @@ impl Daemon {
         });
         d.reconcile_all().await?;
         Ok(d)
+    }
+
+    /// Called on a graceful exit: VMs keep running, but an unused cgroup parent goes.
+    pub fn shutdown(&self) {
+        if let Some(c) = &self.cgroups {
+            c.remove_parent();
+        }
     }
 
     pub fn inventory(&self) -> &Inventory {

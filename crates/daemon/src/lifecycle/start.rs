@@ -94,6 +94,7 @@ impl Daemon {
             }
             return Ok(None);
         };
+        cgs.prepare()?;
         let cg = cgs.vm(&rec.name);
         let limits = Limits {
             cpu_quota_pct: rec.spec.cpu_quota_pct,
@@ -148,6 +149,8 @@ impl Daemon {
         cmd.arg("daemon")
             .arg("--vmm-shim")
             .arg(dir)
+            .arg("--vmm-binary")
+            .arg(&self.cfg.vmm_exe)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(console)
