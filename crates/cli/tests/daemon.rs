@@ -864,3 +864,56 @@ fn real_guests_start_pause_resume_stop() {
     assert_eq!(v["state"], "stopped");
     assert_eq!(v["exit_code"], 0, "graceful shutdown exits 0: {v}");
 }
+
+#[test]
+fn nics_get_a_tap_in_the_managed_bridge_while_running() {
+    if !is_root() || !Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: needs root and /dev/net/tun");
+        return;
+    }
+    let t = TempDir::new("fakevmm");
+    let d = Daemon::start_with("net", Some(fake_vmm(&t.0)));
+    let bridge = format!("c4tb{}", std::process::id() % 100_000);
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "net-a", "kernel": some_file(), "start": true,
+                     "nets": [{"bridge": bridge, "rate_limit": {"bytes_per_sec": 1000000}},
+                              {"bridge": bridge, "mac": "02:AA:00:00:00:01"}]})
+            .to_string(),
+        ),
+    );
+    let nics = v["nics"].as_array().unwrap().clone();
+    assert_eq!(nics.len(), 2, "{v}");
+    assert_eq!(nics[1]["mac"], "02:aa:00:00:00:01");
+    assert_eq!(nics[0]["rate_limit"]["bytes_per_sec"], 1000000);
+    for nic in &nics {
+        let tap = nic["tap"].as_str().unwrap();
+        let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
+        assert_eq!(master.file_name().unwrap().to_str().unwrap(), bridge);
+    }
+    // The VMM config names the taps and MACs the daemon assigned.
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.state_dir().join("vms/net-a/vm.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["nets"][0]["tap"], nics[0]["tap"]);
+    assert_eq!(cfg["nets"][1]["mac"], "02:aa:00:00:00:01");
+    // The same MAC cannot be handed out twice.
+    let (s, e) = d.req(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "net-b", "kernel": some_file(), "nets": [{"bridge": bridge, "mac": "02:aa:00:00:00:01"}]}).to_string()),
+    );
+    assert_eq!(s, 409, "{e}");
+    d.ok(Method::POST, "/v1/vms/net-a/kill", None);
+    for nic in &nics {
+        let tap = nic["tap"].as_str().unwrap();
+        assert!(
+            !Path::new("/sys/class/net").join(tap).exists(),
+            "tap {tap} outlived its VM"
+        );
+    }
+    let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+}

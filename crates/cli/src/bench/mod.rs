@@ -3,6 +3,8 @@
 
 use clap::Subcommand;
 
+mod lifecycle;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -13,10 +15,13 @@ pub struct Args {
 enum Target {
     /// VMM start-up, overhead memory and exit round trip vs a raw KVM_RUN loop in C.
     Vmm,
+    /// Create, boot and destroy N VMs through the daemon API vs raw `corefour vmm` one-shots.
+    Lifecycle(lifecycle::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.target {
         Target::Vmm => anyhow::bail!("`corefour bench vmm` is not built yet"),
+        Target::Lifecycle(a) => lifecycle::run(a),
     }
 }
