@@ -841,6 +841,7 @@ fn real_guests_start_pause_resume_stop() {
     assert!(v["state"] == "running" || v["state"] == "stopped", "{v}");
     let v = d.wait_state("real-hello", "stopped", Duration::from_secs(30));
     assert_eq!(v["exit_code"], 0, "{v}");
+    assert_eq!(v["stop_reason"], "guest exited with code 0");
     let out = d.cli(&["console", "real-hello"]);
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("Hello from corefour guest"),
@@ -863,6 +864,7 @@ fn real_guests_start_pause_resume_stop() {
     let v = d.ok(Method::GET, "/v1/vms/real-loop", None);
     assert_eq!(v["state"], "stopped");
     assert_eq!(v["exit_code"], 0, "graceful shutdown exits 0: {v}");
+    assert_eq!(v["stop_reason"], "shut down on request (exit code 0)");
 }
 
 #[test]

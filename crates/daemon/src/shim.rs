@@ -53,7 +53,7 @@ impl ExitRecord {
     /// A sentence for `stop_reason`, from the VMM contract's exit codes.
     pub fn reason(&self) -> String {
         match (self.code, self.signal) {
-            (Some(0), _) => "shut down (exit code 0)".to_string(),
+            (Some(0), _) => "guest exited with code 0".to_string(),
             (Some(1), _) => "VMM error (exit code 1): see the console log".to_string(),
             (Some(2), _) => "guest reset or triple fault (exit code 2)".to_string(),
             (Some(3), _) => "VMM timeout (exit code 3)".to_string(),
@@ -151,7 +151,7 @@ mod tests {
     #[test]
     fn reasons() {
         let r = |code, signal| ExitRecord { code, signal }.reason();
-        assert!(r(Some(0), None).contains("shut down"));
+        assert_eq!(r(Some(0), None), "guest exited with code 0");
         assert!(r(Some(1), None).contains("VMM error"));
         assert!(r(Some(2), None).contains("triple fault"));
         assert!(r(Some(3), None).contains("timeout"));

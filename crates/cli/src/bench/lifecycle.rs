@@ -184,14 +184,14 @@ fn api_path(sock: &Path, kernel: &str, n: usize, par: usize, tag: &str) -> anyho
             let mut seen = Vec::new();
             api.follow_console(&name, |b| {
                 seen.extend_from_slice(b);
-                if seen.contains(&b'\n') {
+                if guest_line(&seen) {
                     // Ends the stream: the first line is what we waited for.
                     Err(std::io::Error::other("first line seen"))
                 } else {
                     Ok(())
                 }
             })?;
-            if !seen.contains(&b'\n') {
+            if !guest_line(&seen) {
                 let info: corefour_api::VmInfo = api.call(
                     crate::cmd_vm::hyper_method::Method::GET,
                     &format!("/v1/vms/{name}"),
@@ -206,6 +206,15 @@ fn api_path(sock: &Path, kernel: &str, n: usize, par: usize, tag: &str) -> anyho
             api.delete(&name, true)
         })
     })
+}
+
+/// Whether the console holds a complete line from the guest (the VMM's own notes on stderr, which
+/// share the log, start with "corefour").
+fn guest_line(log: &[u8]) -> bool {
+    log.split(|&b| b == b'\n')
+        .rev()
+        .skip(1)
+        .any(|l| !l.starts_with(b"corefour"))
 }
 
 /// The baseline: `corefour vmm --kernel K` spawned directly, read to its first line, then reaped.

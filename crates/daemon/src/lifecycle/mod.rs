@@ -50,6 +50,8 @@ pub struct Daemon {
     inv: Inventory,
     cgroups: Option<Cgroups>,
     running: Mutex<HashMap<String, RunHandle>>,
+    /// VMs whose exit the daemon asked for (`stop`), so exit code 0 reads "shut down on request".
+    stop_requested: Mutex<std::collections::HashSet<String>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -108,6 +110,7 @@ impl Daemon {
             inv,
             cgroups,
             running: Mutex::new(HashMap::new()),
+            stop_requested: Mutex::new(Default::default()),
             locks: Mutex::new(HashMap::new()),
         });
         d.reconcile_all().await?;

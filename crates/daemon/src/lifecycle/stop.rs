@@ -21,6 +21,10 @@ impl Daemon {
     ) -> Result<VmInfo, DaemonError> {
         let _g = self.op_lock(name).await;
         let h = self.running_handle(name)?;
+        self.stop_requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
         // Graceful: the VMM's own shutdown verb; if its socket does not answer, SIGTERM, which
         // the contract defines as the same thing.
         if let Err(e) = self.vmm_put(name, "/vm/shutdown").await {

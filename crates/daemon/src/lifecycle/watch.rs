@@ -77,9 +77,17 @@ impl Daemon {
     /// Marks the VM stopped with the reason the shim recorded, and releases its host resources.
     pub(super) fn record_exit(&self, name: &str, shim_watched: bool) {
         let dir = self.vm_dir(name);
+        let requested = self
+            .stop_requested
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         let (reason, code) = match shim::read_exit(&dir) {
             Some(rec) => {
                 let mut reason = rec.reason();
+                if requested && rec.code == Some(0) {
+                    reason = "shut down on request (exit code 0)".to_string();
+                }
                 if rec.code == Some(1) {
                     let tail = super::start::console_tail(&dir.join(shim::CONSOLE_LOG));
                     if !tail.is_empty() {
