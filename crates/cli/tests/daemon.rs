@@ -851,8 +851,41 @@ fn real_guests_start_pause_resume_stop() {
     d.ok(
         Method::POST,
         "/v1/vms",
-        Some(&json!({"name": "real-loop", "kernel": pioloop, "cmdline": "n=100000000000", "start": true}).to_string()),
+        Some(&json!({"name": "real-loop", "kernel": pioloop, "cmdline": "n=100000000000", "start": true,
+                     "vcpus": 2, "cpu_pin": [1, 0]}).to_string()),
     );
+    // Each vCPU thread is pinned to its own host CPU: vcpu0 -> 1, vcpu1 -> 0.
+    let pid = d.ok(Method::GET, "/v1/vms/real-loop", None)["pid"]
+        .as_i64()
+        .unwrap();
+    let two_cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while two_cpus {
+        let mut pins = std::collections::BTreeMap::new();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            if comm.starts_with("vcpu") {
+                pins.insert(comm.trim().to_string(), allowed);
+            }
+        }
+        if pins.get("vcpu0").map(String::as_str) == Some("1")
+            && pins.get("vcpu1").map(String::as_str) == Some("0")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "vCPUs not pinned: {pins:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let v = d.ok(Method::POST, "/v1/vms/real-loop/pause", None);
     assert_eq!(v["state"], "paused", "{v}");
     let (s, _) = d.req(Method::POST, "/v1/vms/real-loop/pause", None);

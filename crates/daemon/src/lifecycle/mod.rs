@@ -7,6 +7,7 @@
 mod create;
 mod delete;
 mod pause;
+mod pin;
 mod proc;
 mod reconcile;
 mod set;

@@ -64,6 +64,12 @@ impl Daemon {
                         },
                     );
                 self.spawn_watcher(name.to_string(), Watched::Child(child), tx);
+                super::pin::spawn_pinner(
+                    name.to_string(),
+                    pids.vmm_pid,
+                    rec.spec.cpu_pin.clone(),
+                    rec.spec.vcpus,
+                );
                 tracing::info!(vm = name, vmm_pid = pids.vmm_pid, "started");
                 self.info(name)
             }
