@@ -1,1 +1,3 @@
 //! The KVM backend of the hypervisor traits (kvm-ioctls).
+
+pub mod state;

@@ -1,1 +1,3 @@
 //! Builds and runs one VM from a config: memory, vCPUs, devices, loaders, snapshot and migration.
+
+pub mod snapshot;
