@@ -365,7 +365,11 @@ impl Cpu {
             // ZF and SF come straight from the result for every lazy operation.
             let bits = self.lazy.bits;
             let r = self.lazy.r & flags::mask(bits);
-            let v = if cc >> 1 == 2 { r == 0 } else { r >> (bits - 1) & 1 != 0 };
+            let v = if cc >> 1 == 2 {
+                r == 0
+            } else {
+                r >> (bits - 1) & 1 != 0
+            };
             return v ^ (cc & 1 != 0);
         }
         let f = self.flags();

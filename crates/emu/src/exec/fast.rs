@@ -211,7 +211,11 @@ fn shift_ri<const OP: u8, const W64: bool>(c: &mut Cpu, i: &Instruction) -> X<()
         }
         SHR => (a >> cnt, (a >> (cnt - 1)) & 1 != 0, a & sign != 0),
         _ => {
-            let sa = if W64 { a as i64 } else { a as u32 as i32 as i64 };
+            let sa = if W64 {
+                a as i64
+            } else {
+                a as u32 as i32 as i64
+            };
             ((sa >> cnt) as u64 & mask, (sa >> (cnt - 1)) & 1 != 0, false)
         }
     };

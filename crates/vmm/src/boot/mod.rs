@@ -3,6 +3,7 @@
 
 pub mod image;
 pub mod info;
+pub mod linux;
 pub mod longmode;
 
 use std::path::Path;
@@ -52,10 +53,15 @@ pub struct BootPlan {
     pub entry: u64,
     pub stacks_base: u64,
     pub vcpus: u32,
+    /// A Linux bzImage entered through the 64-bit boot protocol (see `linux`).
+    pub linux: bool,
 }
 
 /// Loads the kernel (and initrd), writes the boot-info page, command line, GDT and page tables.
 pub fn prepare(mem: &GuestMem, config: &VmConfig) -> Result<BootPlan, BootError> {
+    if linux::is_bzimage(&config.kernel) {
+        return linux::prepare(mem, config);
+    }
     let cmdline = config.cmdline.as_bytes();
     if cmdline.len() > layout::CMDLINE_MAX {
         return Err(BootError::CmdlineTooLong(cmdline.len()));
@@ -114,11 +120,15 @@ pub fn prepare(mem: &GuestMem, config: &VmConfig) -> Result<BootPlan, BootError>
         entry: loaded.entry,
         stacks_base,
         vcpus: config.vcpus,
+        linux: false,
     })
 }
 
 /// Sets vCPU `index` at the entry in long mode with its stack and registers per the contract.
 pub fn setup_vcpu(vcpu: &mut dyn Vcpu, plan: &BootPlan, index: u32) -> Result<(), BootError> {
+    if plan.linux {
+        return linux::setup_vcpu(vcpu, plan, index);
+    }
     longmode::setup_vcpu(vcpu, plan, index).map_err(|source| BootError::Vcpu { index, source })
 }
 
