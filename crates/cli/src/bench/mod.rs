@@ -6,6 +6,8 @@ mod io_net;
 
 use clap::Subcommand;
 
+mod vmm;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -15,14 +17,14 @@ pub struct Args {
 #[derive(Subcommand)]
 enum Target {
     /// VMM start-up, overhead memory and exit round trip vs a raw KVM_RUN loop in C.
-    Vmm,
+    Vmm(vmm::Args),
     /// virtio-blk and virtio-net throughput vs the same I/O on the host file / a veth pair.
     Io(io::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.target {
-        Target::Vmm => anyhow::bail!("`corefour bench vmm` is not built yet"),
+        Target::Vmm(a) => vmm::run(a),
         Target::Io(a) => io::run(a),
     }
 }
