@@ -36,6 +36,8 @@ pub struct Args {
     /// Serve the VMM API (HTTP over this Unix socket): GET /vm, PUT /vm/{pause,resume,shutdown}.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    virtio: crate::cmd_vmm_virtio::VirtioArgs,
     /// Print the VMM's resident memory at exit on stderr (used by `corefour bench vmm`).
     #[arg(long, hide = true)]
     stats: bool,
@@ -64,6 +66,7 @@ fn config_from(a: &Args) -> anyhow::Result<VmConfig> {
     if let Some(b) = &a.backend {
         c.backend = b.parse::<BackendKind>()?;
     }
+    a.virtio.apply(&mut c)?;
     Ok(c)
 }
 

@@ -15,6 +15,7 @@ pub mod machine;
 pub mod memory;
 pub mod signals;
 pub mod vcpu_thread;
+pub mod virtio_devices;
 
 pub use builder::{RunOptions, RunReport, Vmm, VmmError};
 pub use config::{BackendKind, VmConfig};

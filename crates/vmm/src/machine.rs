@@ -58,8 +58,21 @@ pub fn build(
     console: Console,
     events: Arc<dyn GuestEvents>,
 ) -> Result<Arc<Machine>, BusError> {
+    build_with(vm, console, events, Vec::new())
+}
+
+/// As `build`, plus `extra_mmio` devices (device, base, length): the virtio windows.
+pub fn build_with(
+    vm: &Arc<dyn Vm>,
+    console: Console,
+    events: Arc<dyn GuestEvents>,
+    extra_mmio: Vec<(Arc<dyn corefour_devices::BusDevice>, u64, u64)>,
+) -> Result<Arc<Machine>, BusError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
+    for (dev, base, len) in extra_mmio {
+        mmio.insert(dev, base, len)?;
+    }
     let irq: Arc<dyn IrqLine> = Arc::new(GsiLine {
         vm: vm.clone(),
         gsi: COM1_IRQ,
