@@ -10,7 +10,7 @@ use corefour_vmm::VmConfig;
 
 #[derive(clap::Args, Default)]
 pub struct VirtioArgs {
-    /// Add a virtio-blk disk: FILE[,ro][,serial=S][,bytes=N][,bytes_burst=N][,ops=N][,ops_burst=N]
+    /// Add a virtio-blk disk: FILE[,ro][,direct][,serial=S][,bytes=N][,bytes_burst=N][,ops=N][,ops_burst=N]
     /// (rates per second; sizes take K/M/G). Repeatable.
     #[arg(long, value_name = "FILE[,OPTS]")]
     disk: Vec<String>,
@@ -37,6 +37,7 @@ impl VirtioArgs {
             c.disks.push(DiskConfig {
                 path: b.path,
                 read_only: b.read_only,
+                direct: b.direct,
                 serial: b.serial,
                 rate_limit: b.rate_limit.into(),
             });

@@ -75,6 +75,9 @@ pub struct DiskConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: bool,
     /// virtio-blk serial (GET_ID), at most 20 bytes.
     #[serde(default)]
     pub serial: Option<String>,
@@ -278,6 +281,7 @@ mod tests {
         c.disks.push(DiskConfig {
             path: "d.img".into(),
             read_only: false,
+            direct: false,
             serial: None,
             rate_limit: Default::default(),
         });

@@ -196,6 +196,7 @@ pub fn create(
         let blk = Block::new(&BlockConfig {
             path: d.path.clone(),
             read_only: d.read_only,
+            direct: d.direct,
             serial: d.serial.clone(),
             rate_limit: d.rate_limit.into(),
         })
