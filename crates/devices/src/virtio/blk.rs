@@ -433,8 +433,9 @@ impl RequestCtx<'_> {
     }
 
     fn transfer(&self, iov: Vec<libc::iovec>, off: u64, dir: Dir) -> io::Result<()> {
-        let aligned =
-            |v: &libc::iovec| (v.iov_base as usize | v.iov_len) % SECTOR_SIZE as usize == 0;
+        let aligned = |v: &libc::iovec| {
+            (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
+        };
         if !self.direct || iov.iter().all(aligned) {
             return rw_all(self.file.as_raw_fd(), iov, off, dir);
         }
