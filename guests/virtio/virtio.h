@@ -52,13 +52,22 @@ struct vq {
 };
 
 struct vdev {
-    volatile u8 *base;
+    volatile u8 *base; /* virtio-mmio window, or the PCI BAR */
+    int pci;
+    volatile u8 *common, *isr, *devcfg, *notify; /* PCI regions inside the BAR */
+    u32 notify_mult;
     u32 device_id;
     u32 nqueues;
     struct vq *q[VQ_MAX];
 };
 
-/* Finds the first device of `device_id` and brings it to DRIVER_OK with `nqueues` queues.
+/* Enumerates PCI bus 0 through ports 0xcf8/0xcfc and remembers the virtio functions (BAR and
+ * capability offsets). Ring 0 only (IN/OUT); call it from c4_main before c4_enter_user. With
+ * no PCI host bridge it finds nothing and virtio_init falls back to virtio-mmio. */
+void virtio_pci_probe(void);
+
+/* Finds the first device of `device_id` (a probed PCI function first, then the virtio-mmio
+ * windows) and brings it to DRIVER_OK with `nqueues` queues.
  * Returns 0, or a negative step number on failure (printed by the caller). */
 int virtio_init(struct vdev *d, u32 device_id, u32 nqueues);
 

@@ -28,6 +28,10 @@ pub struct VirtioArgs {
     /// Add a virtio-balloon device with this initial target size in MiB (0: deflated).
     #[arg(long, value_name = "MIB", num_args = 0..=1, default_missing_value = "0")]
     balloon: Option<u64>,
+    /// How virtio devices attach: mmio (virtio-mmio windows, announced on the kernel command
+    /// line) or pci (PCI functions behind a host bridge, found by enumeration).
+    #[arg(long, value_name = "mmio|pci")]
+    virtio_transport: Option<String>,
 }
 
 impl VirtioArgs {
@@ -65,6 +69,9 @@ impl VirtioArgs {
                 cid: p.cid,
                 uds_path: p.uds_path,
             });
+        }
+        if let Some(t) = &self.virtio_transport {
+            c.virtio_transport = t.parse().map_err(|e: String| anyhow::anyhow!("{e}"))?;
         }
         if let Some(mib) = self.balloon {
             c.balloon = Some(BalloonConfig {

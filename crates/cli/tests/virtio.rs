@@ -108,6 +108,36 @@ fn vblk_reads_sector0_and_writes_sector1() {
 }
 
 #[test]
+fn vblk_and_vrng_over_virtio_pci() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk_image(dir.path());
+    let o = run_guest(
+        "vblk",
+        &["--disk", img.to_str().unwrap(), "--virtio-transport", "pci"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out(&o),
+        err(&o)
+    );
+    assert!(
+        out(&o).contains("SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
+        "{}",
+        out(&o)
+    );
+    assert!(out(&o).contains("transport=pci"), "{}", out(&o));
+    assert_eq!(&std::fs::read(&img).unwrap()[512..520], b"COREFOUR");
+    let o = run_guest("vrng", &["--rng", "--virtio-transport", "pci"]);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{}", out(&o));
+    let o = run_guest("vrng", &["--rng", "--virtio-transport", "isa"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("unknown virtio transport"), "{}", err(&o));
+}
+
+#[test]
 fn vblk_read_only_disk_refuses_the_write() {
     need_kvm!();
     let dir = tempfile::tempdir().unwrap();

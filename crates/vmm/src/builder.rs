@@ -102,8 +102,7 @@ impl Vmm {
         let control = Control::new(config.vcpus);
         let events: Arc<dyn GuestEvents> = control.clone();
         let virtio = crate::virtio_devices::create(&config, &mem, &vm)?;
-        let extra = virtio.slots.iter().map(|s| s.bus_entry()).collect();
-        let ops = machine::build_with(&vm, console.clone(), events, extra)?;
+        let ops = machine::build_with(&vm, console.clone(), events, virtio.mmio, virtio.pio)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let mut vcpu = vm

@@ -125,6 +125,9 @@ pub struct VmConfig {
     pub vsock: Option<crate::virtio_devices::VsockConfig>,
     #[serde(default)]
     pub balloon: Option<crate::virtio_devices::BalloonConfig>,
+    /// How virtio devices attach: virtio-mmio windows (default) or PCI functions.
+    #[serde(default)]
+    pub virtio_transport: crate::virtio_devices::VirtioTransport,
 }
 
 fn default_vcpus() -> u32 {
@@ -150,6 +153,7 @@ impl VmConfig {
             rng: false,
             vsock: None,
             balloon: None,
+            virtio_transport: Default::default(),
         }
     }
 

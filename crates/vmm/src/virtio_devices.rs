@@ -1,7 +1,10 @@
-//! The VM's virtio devices: each behind a virtio-mmio window (Firecracker style), placed from
-//! `VIRTIO_MMIO_BASE` upwards, one GSI each from `VIRTIO_FIRST_GSI`. Linux learns of them from
-//! `virtio_mmio.device=4K@<base>:<gsi>` entries this module appends to the command line; the
-//! test guests (guests/virtio) scan the windows. Order: disks, nets, rng, vsock, balloon.
+//! The VM's virtio devices, in this order: disks, nets, rng, vsock, balloon; one GSI each from
+//! `VIRTIO_FIRST_GSI`.
+//! - `mmio` (default): each behind a virtio-mmio window (Firecracker style) from
+//!   `VIRTIO_MMIO_BASE` upwards. Linux learns of them from `virtio_mmio.device=4K@<base>:<gsi>`
+//!   entries this module appends to the command line; the test guests scan the windows.
+//! - `pci`: PCI functions 00:01.0 onwards behind a host bridge (ports 0xcf8/0xcfc), BARs
+//!   pre-assigned in `PCI_BAR_WINDOW`, legacy INTx on the same GSIs. Found by enumeration.
 //!
 //! Queue notifications reach the device worker through the MMIO exit (the transport writes the
 //! queue's eventfd); interrupts go through `Vm::set_irq_line`. The `hypervisor` traits have no
@@ -15,22 +18,48 @@ use corefour_devices::virtio::balloon::{Balloon, BalloonHandle};
 use corefour_devices::virtio::blk::{Block, BlockConfig, BlockError};
 use corefour_devices::virtio::mmio::MMIO_SIZE;
 use corefour_devices::virtio::net::{parse_mac, Net, NetConfig as DevNetConfig};
+use corefour_devices::virtio::pci::{PciBarWindow, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use corefour_devices::virtio::rate_limiter::RateLimit;
 use corefour_devices::virtio::rng::Rng;
 use corefour_devices::virtio::tap::TapError;
 use corefour_devices::virtio::vsock::{Vsock, VsockConfig as DevVsockConfig};
 use corefour_devices::virtio::{MmioTransport, VirtioDevice};
-use corefour_devices::{BusDevice, IrqLine};
+use corefour_devices::IrqLine;
 use corefour_hypervisor::Vm;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+use crate::machine::BusEntry;
 use crate::memory::GuestMem;
 
 pub const VIRTIO_MMIO_BASE: u64 = 0xd100_0000;
 /// GSIs 5..=23 of the IOAPIC (COM1 has 4).
 pub const VIRTIO_FIRST_GSI: u32 = 5;
 pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Where PCI BARs live (inside the MMIO hole, clear of the VMM's own pages).
+pub const PCI_BAR_WINDOW: (u64, u64) = (0xe000_0000, 0x100_0000);
+
+/// How virtio devices attach to the machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtioTransport {
+    #[default]
+    Mmio,
+    Pci,
+}
+
+impl std::str::FromStr for VirtioTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mmio" => Ok(Self::Mmio),
+            "pci" => Ok(Self::Pci),
+            other => Err(format!(
+                "unknown virtio transport {other:?}: use mmio or pci"
+            )),
+        }
+    }
+}
 
 /// A token-bucket limit as it appears in vm.json (0 = unlimited).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,24 +143,13 @@ pub enum VirtioSetupError {
     },
 }
 
-/// One device on the MMIO bus.
-pub struct VirtioSlot {
-    pub kind: &'static str,
-    pub base: u64,
-    pub gsi: u32,
-    pub transport: Arc<MmioTransport>,
-}
-
-impl VirtioSlot {
-    /// (device, base, length) as `machine::build_with` takes it.
-    pub fn bus_entry(&self) -> (Arc<dyn BusDevice>, u64, u64) {
-        (self.transport.clone(), self.base, MMIO_SIZE)
-    }
-}
-
+/// What `create` built: entries for the two buses, and host handles.
 #[derive(Default)]
 pub struct VirtioDevices {
-    pub slots: Vec<VirtioSlot>,
+    pub mmio: Vec<BusEntry>,
+    pub pio: Vec<BusEntry>,
+    /// (kind, base or PCI slot, gsi), for logs and tests.
+    pub placed: Vec<(&'static str, u64, u32)>,
     pub balloon: Option<BalloonHandle>,
 }
 
@@ -145,6 +163,9 @@ fn count(config: &VmConfig) -> usize {
 
 /// Appends one `virtio_mmio.device=` entry per device to the command line (for Linux).
 pub fn add_to_cmdline(mut config: VmConfig) -> VmConfig {
+    if config.virtio_transport == VirtioTransport::Pci {
+        return config;
+    }
     for i in 0..count(&config) {
         let (base, gsi) = slot(i);
         if !config.cmdline.is_empty() {
@@ -242,20 +263,39 @@ pub fn create(
         out.balloon = Some(balloon.handle());
         devs.push(("balloon", Box::new(balloon)));
     }
+    let mut root = (config.virtio_transport == VirtioTransport::Pci)
+        .then(|| PciRoot::new(PCI_BAR_WINDOW.0, PCI_BAR_WINDOW.1));
     for (i, (kind, dev)) in devs.into_iter().enumerate() {
         let (base, gsi) = slot(i);
         let line: Arc<dyn IrqLine> = Arc::new(GsiEdge {
             vm: vm.clone(),
             gsi,
         });
-        let transport = MmioTransport::new(dev, mem.clone(), line)
-            .map_err(|source| VirtioSetupError::Transport { kind, source })?;
-        out.slots.push(VirtioSlot {
-            kind,
-            base,
-            gsi,
-            transport: Arc::new(transport),
-        });
+        let err = |source| VirtioSetupError::Transport { kind, source };
+        match &mut root {
+            Some(root) => {
+                // GSIs 5..23 fit the u8 interrupt-line register.
+                let (pci_slot, _) = root
+                    .add_virtio(dev, mem.clone(), line, gsi as u8)
+                    .map_err(err)?;
+                out.placed.push((kind, pci_slot as u64, gsi));
+            }
+            None => {
+                let transport = MmioTransport::new(dev, mem.clone(), line).map_err(err)?;
+                out.mmio.push((Arc::new(transport), base, MMIO_SIZE));
+                out.placed.push((kind, base, gsi));
+            }
+        }
+    }
+    if let Some(root) = root {
+        let root = Arc::new(root);
+        out.pio
+            .push((root.clone(), CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN));
+        out.mmio.push((
+            Arc::new(PciBarWindow::new(root)),
+            PCI_BAR_WINDOW.0,
+            PCI_BAR_WINDOW.1,
+        ));
     }
     Ok(out)
 }
@@ -274,6 +314,14 @@ mod tests {
         assert_eq!(
             c.cmdline,
             "console=ttyS0 virtio_mmio.device=4K@0xd1000000:5 virtio_mmio.device=4K@0xd1001000:6"
+        );
+        let mut p = VmConfig::new("k");
+        p.rng = true;
+        p.virtio_transport = VirtioTransport::Pci;
+        assert_eq!(
+            add_to_cmdline(p).cmdline,
+            "",
+            "PCI devices are found by enumeration"
         );
     }
 }
