@@ -8,8 +8,8 @@
 #define HDR 12
 #define FRAME 1536
 #define RXBUFS 8
-#define ROUNDS 4
-#define WAIT_SPINS 400000000ul
+#define ROUNDS 40
+#define WAIT_SPINS 20000000ul
 
 static u8 user_stack[16384] __attribute__((aligned(16)));
 static u8 rx[RXBUFS][FRAME] __attribute__((aligned(64)));

@@ -11,6 +11,10 @@ u32 virtio_status(struct vdev *d) { return d->pci ? d->common[0x14] : rd(d, 0x70
 
 u8 virtio_config8(struct vdev *d, u32 off) { return d->pci ? d->devcfg[off] : d->base[0x100 + off]; }
 
+static volatile u8 *config_base(struct vdev *d) { return d->pci ? d->devcfg : d->base + 0x100; }
+u32 virtio_config32(struct vdev *d, u32 off) { return *(volatile u32 *)(config_base(d) + off); }
+void virtio_config_write32(struct vdev *d, u32 off, u32 v) { *(volatile u32 *)(config_base(d) + off) = v; }
+
 /* ---- PCI ---- */
 
 struct pci_fn {

@@ -14,9 +14,11 @@
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_BALLOON 5
+#define VIRTIO_ID_VSOCK 19
 
 #define VQ_SIZE 16
-#define VQ_MAX 2
+#define VQ_MAX 3
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
@@ -89,6 +91,8 @@ int virtio_poll_used(struct vdev *d, u32 q, u32 *id, u32 *len);
 
 /* Config space access (device-specific fields at offset 0x100). */
 u8 virtio_config8(struct vdev *d, u32 off);
+u32 virtio_config32(struct vdev *d, u32 off);
+void virtio_config_write32(struct vdev *d, u32 off, u32 v);
 u32 virtio_status(struct vdev *d);
 
 void put_hex_bytes(const u8 *p, u32 n);

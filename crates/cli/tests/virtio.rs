@@ -293,3 +293,110 @@ fn vnet_arps_and_pings_a_test_host_through_a_bridge() {
     assert!(s.contains("VNET arp "), "{s}");
     assert!(s.contains("VNET ping reply from 10.77.0.1"), "{s}");
 }
+
+#[test]
+fn vvsock_talks_both_ways_over_unix_sockets() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::process::Stdio;
+    need_kvm!();
+    let k = guest("vvsock");
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    // Guest-initiated connections to port 5000 land here.
+    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let host5000 = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        s.write_all(b"hello from host\n").unwrap();
+        line
+    });
+    let vsock = format!("7,{}", uds.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .args([
+            "vmm",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--vsock",
+            &vsock,
+            "--timeout",
+            "30s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.starts_with("VSOCK listening 1234") {
+            break;
+        }
+    }
+    assert!(seen.contains("VSOCK from host: hello from host"), "{seen}");
+    assert_eq!(host5000.join().unwrap(), "hello from guest\n");
+    // Host-initiated: CONNECT to the guest's port 1234.
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"CONNECT 1234\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    s.write_all(b"ping\n").unwrap();
+    let mut pong = [0u8; 5];
+    r.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong\n");
+    drop(r);
+    drop(s);
+    let st = child.wait().unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(st.code(), Some(0), "{seen}{rest}");
+    assert!(rest.contains("VSOCK got: ping"), "{rest}");
+    assert!(rest.contains("vvsock: ok"), "{rest}");
+}
+
+/// Guest RAM resident at exit, from `corefour vmm --stats`.
+fn guest_resident_kib(o: &Output) -> u64 {
+    err(o)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("guest_resident_kib="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no stats in {}", err(o)))
+}
+
+#[test]
+fn vballoon_returns_inflated_memory_to_the_host() {
+    need_kvm!();
+    let full = run_guest(
+        "vballoon",
+        &["--balloon", "0", "--stats", "--cmdline", "touch=24"],
+    );
+    assert_eq!(full.status.code(), Some(0), "{}", out(&full));
+    let ballooned = run_guest(
+        "vballoon",
+        &["--balloon", "16", "--stats", "--cmdline", "touch=24"],
+    );
+    assert_eq!(ballooned.status.code(), Some(0), "{}", out(&ballooned));
+    assert!(
+        out(&ballooned).contains("VBALLOON target=4096 inflated=4096"),
+        "{}",
+        out(&ballooned)
+    );
+    let (a, b) = (guest_resident_kib(&full), guest_resident_kib(&ballooned));
+    assert!(a >= 24 * 1024, "the guest touched 24 MiB: {a} KiB");
+    assert!(
+        a - b >= 15 * 1024,
+        "16 MiB inflated should leave guest RAM: {a} KiB -> {b} KiB"
+    );
+}

@@ -111,9 +111,11 @@ impl Core {
     pub(crate) fn activate(&self, r: &mut Registers) -> Result<(), ActivateError> {
         let mut queues = Vec::new();
         let mut events = Vec::new();
+        // Queues are handed over as a prefix of the ready ones: a device with optional queues
+        // (balloon stats) accepts fewer, and says so in its own activate.
         for (i, q) in r.queues.iter().enumerate() {
             if !q.ready() {
-                continue;
+                break;
             }
             if !q.is_valid(&self.mem) {
                 return Err(ActivateError::InvalidQueue(i));
@@ -124,11 +126,10 @@ impl Core {
             queues.push(q);
             events.push(self.queue_events[i].clone());
         }
-        let want = r.queues.len();
-        if queues.len() != want {
+        if r.queues.iter().skip(queues.len()).any(|q| q.ready()) {
             return Err(ActivateError::QueueCount {
                 got: queues.len(),
-                want,
+                want: r.queues.len(),
             });
         }
         let handler = r.device.activate(Activation {
