@@ -6,6 +6,7 @@
 
 mod convert;
 mod kick;
+pub mod state;
 mod vcpu;
 mod vm;
 

@@ -13,7 +13,9 @@ pub mod control;
 pub mod layout;
 pub mod machine;
 pub mod memory;
+pub mod migration;
 pub mod signals;
+pub mod snapshot;
 pub mod vcpu_thread;
 pub mod virtio_devices;
 

@@ -6,6 +6,7 @@ mod io_net;
 
 use clap::Subcommand;
 
+mod lifecycle;
 mod vmm;
 
 #[derive(clap::Args)]
@@ -20,11 +21,14 @@ enum Target {
     Vmm(vmm::Args),
     /// virtio-blk and virtio-net throughput vs the same I/O on the host file / a veth pair.
     Io(io::Args),
+    /// Create, boot and destroy N VMs through the daemon API vs raw `corefour vmm` one-shots.
+    Lifecycle(lifecycle::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.target {
         Target::Vmm(a) => vmm::run(a),
         Target::Io(a) => io::run(a),
+        Target::Lifecycle(a) => lifecycle::run(a),
     }
 }
