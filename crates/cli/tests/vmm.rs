@@ -93,6 +93,72 @@ fn hello_prints_and_exits_zero() {
 }
 
 #[test]
+fn memory_above_the_mmio_hole_and_an_initrd() {
+    need_kvm!();
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("vmm-initrd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let initrd = dir.join("initrd.bin");
+    let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&initrd, &data).unwrap();
+    let sum: u64 = data.iter().map(|&b| u64::from(b)).sum();
+    // 4 GiB: 3 GiB below the MMIO hole and 1 GiB above 4 GiB (untouched RAM costs nothing).
+    let o = run_guest(
+        "hello",
+        &["--memory", "4G", "--initrd", initrd.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("mem_mib=4096"), "{out}");
+    assert!(out.contains("high_mem_mib=1024\n"), "{out}");
+    assert!(
+        out.contains(&format!("initrd_bytes=1000 initrd_sum={sum}\n")),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The same guests on the software CPU must print the same. Skips (saying why) while the
+/// emu backend cannot run them yet.
+#[test]
+fn same_serial_output_on_kvm_and_emu() {
+    need_kvm!();
+    for (name, args) in [
+        ("hello", vec!["--cmdline", "a=1"]),
+        ("exitcode", vec!["--cmdline", "code=9"]),
+        ("smp", vec!["--vcpus", "2"]),
+    ] {
+        let mut kvm_args = args.clone();
+        kvm_args.extend(["--backend", "kvm"]);
+        let kvm = run_guest(name, &kvm_args);
+        let mut emu_args = args.clone();
+        emu_args.extend(["--backend", "emu"]);
+        let emu = run_guest(name, &emu_args);
+        if emu.status.code() == Some(1) && stderr(&emu).contains("not supported") {
+            eprintln!(
+                "SKIP: the emu backend cannot run guests yet: {}",
+                stderr(&emu).trim()
+            );
+            return;
+        }
+        assert_eq!(
+            emu.status.code(),
+            kvm.status.code(),
+            "{name}: {}",
+            stderr(&emu)
+        );
+        let (mut k, mut e): (Vec<_>, Vec<_>) = (
+            stdout(&kvm).lines().map(String::from).collect(),
+            stdout(&emu).lines().map(String::from).collect(),
+        );
+        // vCPUs check in in any order.
+        k.sort();
+        e.sort();
+        assert_eq!(e, k, "{name}: serial output differs");
+    }
+}
+
+#[test]
 fn exitcode_guest_exits_with_the_given_code() {
     need_kvm!();
     for code in [0, 7, 42, 255] {
