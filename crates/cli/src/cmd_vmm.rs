@@ -1,5 +1,5 @@
-//! `corefour vmm`: run one VM in the foreground. Serial output goes to stdout; notes and errors
-//! to stderr. Exit code: the guest's debug-exit code, 1 VMM error, 2 guest reset/triple fault,
+//! `corefour vmm`: run one VM in the foreground. Serial output goes to stdout, stdin goes to the
+//! guest's serial input; notes and errors to stderr. Exit code: the guest's debug-exit code, 1 VMM error, 2 guest reset/triple fault,
 //! 3 timeout, 0 after an API/SIGTERM shutdown.
 
 use std::path::PathBuf;
@@ -88,6 +88,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             timeout,
             api_sock: a.api_sock.clone(),
             handle_signals: true,
+            forward_stdin: true,
         })
         .map_err(flat)?;
     if a.stats {

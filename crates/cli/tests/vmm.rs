@@ -159,6 +159,26 @@ fn same_serial_output_on_kvm_and_emu() {
 }
 
 #[test]
+fn stdin_reaches_the_guest_serial_port() {
+    need_kvm!();
+    let k = guest("echo");
+    let mut child = corefour()
+        .args(["vmm", "--kernel", k.to_str().unwrap(), "--timeout", "30s"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn corefour vmm");
+    // More than the UART's 64-byte FIFO, so the VMM has to wait for the guest to drain it.
+    let line = "the quick brown fox jumps over the lazy dog, twice: the quick brown fox jumps";
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{line}").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), format!("echo: ready\necho: {line}\n"));
+}
+
+#[test]
 fn exitcode_guest_exits_with_the_given_code() {
     need_kvm!();
     for code in [0, 7, 42, 255] {
@@ -378,6 +398,7 @@ fn spawn_spinning(extra: &[&str]) -> (Child, BufReader<std::process::ChildStdout
         ])
         .args(["--timeout", "60s"])
         .args(extra)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -54,6 +54,8 @@ pub struct RunOptions {
     pub api_sock: Option<PathBuf>,
     /// Route SIGTERM/SIGINT to a graceful shutdown (the CLI sets it; tests in-process do not).
     pub handle_signals: bool,
+    /// Feed the process's stdin to the guest's COM1.
+    pub forward_stdin: bool,
 }
 
 /// What the run produced.
@@ -78,6 +80,7 @@ pub struct Vmm {
     mem: GuestMem,
     control: Arc<Control>,
     console: Console,
+    serial: Arc<corefour_devices::legacy::Serial>,
 }
 
 impl Vmm {
@@ -98,7 +101,7 @@ impl Vmm {
         memory::register(&mem, vm.as_ref())?;
         let control = Control::new(config.vcpus);
         let events: Arc<dyn GuestEvents> = control.clone();
-        let ops = machine::build(&vm, console.clone(), events)?;
+        let (ops, serial) = machine::build(&vm, console.clone(), events)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let mut vcpu = vm
@@ -117,6 +120,7 @@ impl Vmm {
             mem,
             control,
             console,
+            serial,
         })
     }
 
@@ -146,6 +150,9 @@ impl Vmm {
             )?),
             None => None,
         };
+        if opts.forward_stdin {
+            machine::forward_input(self.serial.clone(), std::io::stdin());
+        }
         let mut threads = Vec::new();
         for (index, vcpu) in (0u32..).zip(self.vcpus.drain(..)) {
             match vcpu_thread::spawn(index, vcpu, self.control.clone()) {
