@@ -25,6 +25,12 @@ pub fn spawn(
         })
 }
 
+/// Runs vCPU `index` on the calling thread until the VM stops.
+pub fn run_here(index: u32, vcpu: Box<dyn Vcpu>, control: &Control) {
+    run_loop(index, vcpu, control);
+    control.vcpu_exited();
+}
+
 fn run_loop(index: u32, mut vcpu: Box<dyn Vcpu>, control: &Control) {
     while control.wait_runnable() == Directive::Run {
         let outcome = match vcpu.run() {
