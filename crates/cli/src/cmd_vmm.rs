@@ -8,6 +8,11 @@ use corefour_vmm::config::{parse_duration, parse_memory_mib};
 use corefour_vmm::{BackendKind, Console, RunOptions, VmConfig, Vmm};
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Serial output goes to stdout and stdin to the guest's serial input.\n\
+Exit status: the guest's debug-exit code (port 0xf4), 1 VMM error, 2 guest reset or triple \
+fault, 3 --timeout, 0 after PUT /vm/shutdown or SIGTERM. Guest ABI: guests/CONTRACT.md"
+)]
 pub struct Args {
     /// Guest kernel: an ELF64 x86-64 executable, or a flat binary named *.bin (loaded at 1 MiB).
     #[arg(long, value_name = "FILE")]
