@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use corefour_vmm::config::{parse_duration, parse_memory_mib};
 use corefour_vmm::{BackendKind, Console, RunOptions, VmConfig, Vmm};
 
@@ -41,6 +42,9 @@ pub struct Args {
     /// Serve the VMM API (HTTP over this Unix socket): GET /vm, PUT /vm/{pause,resume,shutdown}.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Write every vCPU's final registers to FILE as JSON (for KVM vs software-CPU comparisons).
+    #[arg(long, value_name = "FILE")]
+    dump_regs: Option<PathBuf>,
     /// Print the VMM's resident memory at exit on stderr (used by `corefour bench vmm`).
     #[arg(long, hide = true)]
     stats: bool,
@@ -103,6 +107,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             report.anon_bytes / 1024,
             report.guest_resident_bytes / 1024
         );
+    }
+    if let Some(path) = &a.dump_regs {
+        let json = serde_json::to_string_pretty(&report.final_regs)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write registers to {}", path.display()))?;
     }
     if let Some(msg) = report.outcome.message() {
         eprintln!("corefour: {msg}");

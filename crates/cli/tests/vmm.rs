@@ -156,6 +156,53 @@ fn same_serial_output_on_kvm_and_emu() {
         e.sort();
         assert_eq!(e, k, "{name}: serial output differs");
     }
+    let regs = |backend: &str| {
+        let file = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("regs-{backend}-{}.json", std::process::id()));
+        let o = run_guest(
+            "exitcode",
+            &[
+                "--cmdline",
+                "code=3",
+                "--backend",
+                backend,
+                "--dump-regs",
+                file.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        v[0].clone()
+    };
+    assert_eq!(regs("emu"), regs("kvm"), "final registers of vCPU 0 differ");
+}
+
+#[test]
+fn final_registers_are_deterministic_after_a_debug_exit() {
+    need_kvm!();
+    let dump = |n: u32| {
+        let file = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("regs-{n}-{}.json", std::process::id()));
+        let o = run_guest(
+            "exitcode",
+            &["--cmdline", "code=7", "--dump-regs", file.to_str().unwrap()],
+        );
+        assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        v
+    };
+    let (a, b) = (dump(1), dump(2));
+    assert_eq!(a[0]["rax"], 7, "{a}");
+    let rip = a[0]["rip"].as_u64().unwrap();
+    assert!(
+        (0x10_0000..0x20_0000).contains(&rip),
+        "rip {rip:#x} is in the image"
+    );
+    assert_eq!(a, b, "the boot vCPU stops right after its OUT, every time");
 }
 
 #[test]

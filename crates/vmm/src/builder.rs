@@ -67,6 +67,8 @@ pub struct RunReport {
     pub rss_bytes: u64,
     pub anon_bytes: u64,
     pub guest_resident_bytes: u64,
+    /// Each vCPU's registers when it stopped (None where the backend could not say).
+    pub final_regs: Vec<Option<corefour_hypervisor::Regs>>,
 }
 
 /// A VM ready to run: memory loaded, vCPUs at the entry, devices on the buses.
@@ -206,6 +208,7 @@ impl Vmm {
             rss_bytes: self_status_bytes("VmRSS:"),
             anon_bytes: self_status_bytes("RssAnon:"),
             guest_resident_bytes: memory::resident_bytes(&self.mem),
+            final_regs: self.control.final_regs(),
         })
     }
 }
