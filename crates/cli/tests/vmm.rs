@@ -550,3 +550,33 @@ fn sigterm_shuts_down_gracefully() {
     assert!(st.success());
     assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
 }
+
+#[test]
+fn bench_vmm_runs_and_reports_json() {
+    need_kvm!();
+    guest("hello"); // builds every guest and the C baseline
+    let dir = repo().join("guests/build");
+    let o = corefour()
+        .args([
+            "bench", "vmm", "--runs", "1", "--exits", "200", "--json", "--guests",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let metrics: Vec<_> = rows.iter().map(|r| r["metric"].as_str().unwrap()).collect();
+    assert!(
+        metrics.contains(&"start -> first serial byte"),
+        "{metrics:?}"
+    );
+    assert!(metrics.contains(&"PIO exit round trip"), "{metrics:?}");
+    for r in rows {
+        let (c, b) = (
+            r["corefour"].as_f64().unwrap(),
+            r["baseline"].as_f64().unwrap(),
+        );
+        assert!(c.is_finite() && b.is_finite(), "{r}");
+    }
+}
