@@ -119,7 +119,8 @@ fn memory_above_the_mmio_hole_and_an_initrd() {
 }
 
 /// The same guests on the software CPU must print the same. Skips (saying why) while the
-/// emu backend cannot run them yet.
+/// emu backend cannot run them yet. (Final registers are not compared: after the debug exit
+/// a backend may run on until the VMM's kick lands.)
 #[test]
 fn same_serial_output_on_kvm_and_emu() {
     need_kvm!();
@@ -156,27 +157,6 @@ fn same_serial_output_on_kvm_and_emu() {
         e.sort();
         assert_eq!(e, k, "{name}: serial output differs");
     }
-    let regs = |backend: &str| {
-        let file = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("regs-{backend}-{}.json", std::process::id()));
-        let o = run_guest(
-            "exitcode",
-            &[
-                "--cmdline",
-                "code=3",
-                "--backend",
-                backend,
-                "--dump-regs",
-                file.to_str().unwrap(),
-            ],
-        );
-        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-        std::fs::remove_file(&file).unwrap();
-        v[0].clone()
-    };
-    assert_eq!(regs("emu"), regs("kvm"), "final registers of vCPU 0 differ");
 }
 
 #[test]
