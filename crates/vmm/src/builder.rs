@@ -152,48 +152,34 @@ impl Vmm {
             )?),
             None => None,
         };
-        let mut vcpus = std::mem::take(&mut self.vcpus).into_iter();
-        let Some(boot_vcpu) = vcpus.next() else {
-            return Err(VmmError::Config(ConfigError::Vcpus(0)));
-        };
         let mut threads = Vec::new();
-        let fail = |control: &Control, e: std::io::Error| {
-            control.finish(Outcome::Error(e.to_string()));
-            VmmError::Thread(e)
-        };
-        for (index, vcpu) in (1u32..).zip(vcpus) {
-            let t = vcpu_thread::spawn(index, vcpu, self.control.clone())
-                .map_err(|e| fail(&self.control, e))?;
-            threads.push(t);
+        // vCPU threads first, helpers after: on a loaded host a new thread can wait
+        // milliseconds for a CPU, and the guest's first instruction should not queue behind
+        // threads that only wait for signals or input. (Each vCPU keeps its own thread named
+        // vcpuN: the daemon pins them by name.)
+        for (index, vcpu) in (0u32..).zip(std::mem::take(&mut self.vcpus)) {
+            match vcpu_thread::spawn(index, vcpu, self.control.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.control.finish(Outcome::Error(e.to_string()));
+                    return Err(VmmError::Thread(e));
+                }
+            }
         }
-        // The waiter (timeout, console flush) also starts the helper threads, so that this
-        // thread goes straight into the boot vCPU: on a loaded host a fresh thread can wait
-        // milliseconds for a CPU, and the guest's first instruction should not.
-        let waiter = {
-            let control = self.control.clone();
-            let console = self.console.clone();
-            let serial = self.serial.clone();
-            let (timeout, sig, stdin) = (opts.timeout, opts.handle_signals, opts.forward_stdin);
-            std::thread::Builder::new()
-                .name("vmm-wait".into())
-                .stack_size(128 * 1024)
-                .spawn(move || {
-                    if sig {
-                        if let Err(e) = signals::spawn_handler(control.clone()) {
-                            control.finish(Outcome::Error(e.to_string()));
-                        }
-                    }
-                    if stdin {
-                        machine::forward_input(serial, std::io::stdin());
-                    }
-                    control.wait_outcome(timeout, Duration::from_millis(50), || console.flush_all())
-                })
-                .map_err(|e| fail(&self.control, e))?
-        };
-        vcpu_thread::run_here(0, boot_vcpu, &self.control);
-        let outcome = waiter
-            .join()
-            .unwrap_or_else(|_| Outcome::Error("the VMM's wait thread failed".into()));
+        if opts.handle_signals {
+            if let Err(e) = signals::spawn_handler(self.control.clone()) {
+                self.control.finish(Outcome::Error(e.to_string()));
+            }
+        }
+        if opts.forward_stdin {
+            machine::forward_input(self.serial.clone(), std::io::stdin());
+        }
+        let console = self.console.clone();
+        let outcome = self
+            .control
+            .wait_outcome(opts.timeout, Duration::from_millis(50), || {
+                console.flush_all()
+            });
         // Every vCPU was kicked by `finish`; a thread that does not come back in time is left
         // behind (the process is about to exit) rather than hanging the VMM.
         if self.control.wait_exited(Duration::from_secs(2)) {

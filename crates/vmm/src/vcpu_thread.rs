@@ -25,12 +25,6 @@ pub fn spawn(
         })
 }
 
-/// Runs vCPU `index` on the calling thread until the VM stops.
-pub fn run_here(index: u32, vcpu: Box<dyn Vcpu>, control: &Control) {
-    run_loop(index, vcpu, control);
-    control.vcpu_exited();
-}
-
 fn run_loop(index: u32, mut vcpu: Box<dyn Vcpu>, control: &Control) {
     drive(index, vcpu.as_mut(), control);
     // The final state, for differential tests (KVM vs the software CPU): after a debug exit
