@@ -63,6 +63,10 @@ enum Cmd {
         progress: bool,
         #[arg(short = 'q')]
         quiet: bool,
+        /// Output cache mode as in qemu-img: unsafe (default, no fsync), writeback, none or
+        /// directsync (all three fsync the output before exiting).
+        #[arg(short = 't', default_value = "unsafe")]
+        cache: String,
         #[arg(long)]
         json: bool,
         source: PathBuf,
@@ -274,10 +278,18 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             options,
             progress,
             quiet,
+            cache,
             json,
             source,
             output,
         } => {
+            let sync = match cache.as_str() {
+                "unsafe" => false,
+                "writeback" | "none" | "directsync" | "writethrough" => true,
+                other => bail!(
+                    "-t must be unsafe, writeback, writethrough, none or directsync, not '{other}'"
+                ),
+            };
             let out_format = Format::parse(&out_format)?;
             let opts = create_options(&options)?;
             if opts.backing_file.is_some() {
@@ -295,9 +307,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             )?;
             let bar = Progress::new(src.size(), progress, quiet);
             let t = std::time::Instant::now();
-            let stats = convert::convert(src.reader(), &output, out_format, &opts, &mut |d, _| {
-                bar.set(d)
-            });
+            let stats = convert::convert(
+                src.reader(),
+                &output,
+                out_format,
+                &opts,
+                sync,
+                &mut |d, _| bar.set(d),
+            );
             bar.finish();
             let stats = match stats {
                 Ok(s) => s,

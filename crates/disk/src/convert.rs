@@ -49,7 +49,7 @@ enum Msg {
 
 /// Copies `src` into the freshly created (all-zero) `dst`. `zero_granularity` is the block size
 /// for zero detection (the output's cluster size for qcow2, 4 KiB for raw). `progress` gets
-/// (bytes done, total).
+/// (bytes done, total). Nothing is flushed: callers that need durability call `dst.flush()`.
 pub fn copy(
     src: &mut dyn BlockRead,
     dst: &mut dyn BlockWrite,
@@ -131,7 +131,6 @@ pub fn copy(
         stats.bytes_read = reader.join().unwrap_or(0);
         result
     })?;
-    dst.flush()?;
     Ok(stats)
 }
 
@@ -174,12 +173,14 @@ fn write_nonzero(dst: &mut dyn BlockWrite, buf: &[u8], off: u64, gran: usize) ->
     Ok(written)
 }
 
-/// Converts the image `src` into a new image at `out` of `format`.
+/// Converts the image `src` into a new image at `out` of `format`. With `sync`, the output is
+/// flushed to stable storage before returning (qemu-img's default, cache=unsafe, does not).
 pub fn convert(
     src: &mut dyn BlockRead,
     out: &Path,
     format: Format,
     qcow2: &CreateOptions,
+    sync: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ConvertStats> {
     let size = src.size();
@@ -188,5 +189,9 @@ pub fn convert(
         Format::Qcow2 => qcow2.cluster_size as usize,
         _ => 4096,
     };
-    copy(src, &mut *dst, gran, progress)
+    let stats = copy(src, &mut *dst, gran, progress)?;
+    if sync {
+        dst.flush()?;
+    }
+    Ok(stats)
 }
