@@ -113,6 +113,10 @@ fn make_random_raw(dir: &Path, size: u64) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 struct Row {
     case: String,
     ours: f64,
@@ -136,6 +140,8 @@ fn time_convert(
         // Alternate who goes first so neither always gets the warmer cache.
         for who in [i % 2, 1 - i % 2] {
             let _ = std::fs::remove_file(&dst);
+            // Start each run with no dirty pages: neither side pays the other's writeback.
+            settle();
             let t = Instant::now();
             if who == 0 {
                 ours_convert(src, &dst, fmt)?;
@@ -305,7 +311,9 @@ fn bench(
     )?;
     let (mut qr, mut qw, mut rr, mut rw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..runs as u64 {
+        settle();
         let (a, b) = random_io(qi.writer()?, args.ops, 7 + i)?;
+        settle();
         let (c, d) = random_io(ri.writer()?, args.ops, 7 + i)?;
         qr.push(a / 1000.0);
         qw.push(b / 1000.0);
@@ -334,6 +342,7 @@ fn bench(
         let fr = dir.join("bench-fresh.raw");
         let mut a = Qcow2::create(&fq, Some(random_size), &CreateOptions::default())?;
         let mut b = RawImage::create(&fr, random_size)?;
+        settle();
         let (_, wq) = random_io(&mut a, args.ops / 5, 100 + i)?;
         let (_, wr) = random_io(&mut b, args.ops / 5, 100 + i)?;
         fresh_q.push(wq / 1000.0);
