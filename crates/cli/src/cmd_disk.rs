@@ -67,6 +67,9 @@ enum Cmd {
         /// directsync (all three fsync the output before exiting).
         #[arg(short = 't', default_value = "unsafe")]
         cache: String,
+        /// Parallel reader threads (like qemu-img's -m).
+        #[arg(short = 'm', default_value_t = 4)]
+        threads: usize,
         #[arg(long)]
         json: bool,
         source: PathBuf,
@@ -279,6 +282,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             progress,
             quiet,
             cache,
+            threads,
             json,
             source,
             output,
@@ -298,21 +302,21 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             if same_file(&source, &output) {
                 bail!("source and output are the same file");
             }
-            let mut src = open(
-                &source,
-                Open {
-                    format: fmt_opt(&format)?,
-                    write: false,
-                },
-            )?;
-            let bar = Progress::new(src.size(), progress, quiet);
+            let src_open = Open {
+                format: fmt_opt(&format)?,
+                write: false,
+            };
+            let total = open(&source, src_open)?.size();
+            let bar = Progress::new(total, progress, quiet);
             let t = std::time::Instant::now();
-            let stats = convert::convert(
-                src.reader(),
+            let stats = convert::convert_path(
+                &source,
+                src_open,
                 &output,
                 out_format,
                 &opts,
                 sync,
+                threads,
                 &mut |d, _| bar.set(d),
             );
             bar.finish();

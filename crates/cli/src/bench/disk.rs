@@ -65,13 +65,15 @@ fn qemu_convert(src: &Path, src_fmt: &str, dst: &Path, fmt: &str) -> anyhow::Res
 }
 
 fn ours_convert(src: &Path, dst: &Path, fmt: Format) -> anyhow::Result<()> {
-    let mut img = open(src, Open::default())?;
-    convert::convert(
-        img.reader(),
+    let opts = CreateOptions::default();
+    convert::convert_path(
+        src,
+        Open::default(),
         dst,
         fmt,
-        &CreateOptions::default(),
+        &opts,
         false,
+        4,
         &mut |_, _| {},
     )?;
     Ok(())
