@@ -1,6 +1,7 @@
 //! `corefour bench TARGET`: each benchmark prints a table with its peer or baseline measured in the
 //! same run, and the ratio.
 
+mod disk;
 mod io;
 mod io_net;
 
@@ -23,6 +24,8 @@ enum Target {
     Io(io::Args),
     /// Create, boot and destroy N VMs through the daemon API vs raw `corefour vmm` one-shots.
     Lifecycle(lifecycle::Args),
+    /// Disk image conversion vs qemu-img convert, and random 4 KiB I/O through qcow2 vs raw.
+    Disk(disk::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -30,5 +33,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Target::Vmm(a) => vmm::run(a),
         Target::Io(a) => io::run(a),
         Target::Lifecycle(a) => lifecycle::run(a),
+        Target::Disk(a) => disk::run(a),
     }
 }
