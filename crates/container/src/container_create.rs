@@ -168,6 +168,12 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
+    // In a new or joined user namespace the init may not be allowed to write host cgroup files.
+    let cgroup_join = match &cleanup.cgroup {
+        Some(c) if !plan.has(LinuxNamespaceType::User) => c.self_join_files(),
+        _ => Vec::new(),
+    };
+    let parent_adds_task = cgroup_join.is_empty();
     let mut pid = clone_child(clone_flags)?;
     if pid == 0 {
         drop(parent_ch);
@@ -183,6 +189,7 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
             caps,
             seccomp,
             cgroup_v2: cg_cfg.version == Version::V2,
+            cgroup_join,
         });
     }
     cleanup.child = Some(pid);
@@ -197,7 +204,7 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
             linux.gid_mappings().as_deref().unwrap_or(&[]),
         )?;
     }
-    if let Some(cg) = &cleanup.cgroup {
+    if let (Some(cg), true) = (&cleanup.cgroup, parent_adds_task) {
         cg.add_task(pid)?;
     }
     parent_ch.send(&Msg::Pid(pid))?;

@@ -28,6 +28,8 @@ pub struct InitArgs {
     pub caps: Option<Sets>,
     pub seccomp: Option<libseccomp::ScmpFilterContext>,
     pub cgroup_v2: bool,
+    /// v1 `tasks` files to write "0" into (see `CgroupManager::self_join_files`).
+    pub cgroup_join: Vec<PathBuf>,
 }
 
 /// Entry point in the child. Reports any failure to the parent, then exits.
@@ -67,6 +69,8 @@ fn setup(a: &mut InitArgs) -> Result<(), ContainerError> {
             m => return Err(crate::sync::SyncError::Unexpected(m).into()),
         }
     }
+    // Before any namespace change: the host's cgroupfs is still reachable and we are still root there.
+    crate::cgroups::join_self(&a.cgroup_join)?;
     let user_joined = a.plan.joins(LinuxNamespaceType::User);
     for (kind, path) in &a.plan.join {
         if *kind == LinuxNamespaceType::Pid && !user_joined {

@@ -28,6 +28,7 @@ pub mod signal;
 pub mod spec;
 pub mod state;
 pub mod sync;
+pub mod templates;
 mod util;
 
 pub use error::ContainerError;

@@ -3,6 +3,8 @@
 
 use clap::Subcommand;
 
+mod ct;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -13,10 +15,13 @@ pub struct Args {
 enum Target {
     /// VMM start-up, overhead memory and exit round trip vs a raw KVM_RUN loop in C.
     Vmm,
+    /// OCI runtime: create+start+delete of a busybox /bin/true bundle vs runc and crun.
+    Ct(ct::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.target {
         Target::Vmm => anyhow::bail!("`corefour bench vmm` is not built yet"),
+        Target::Ct(a) => ct::run(a),
     }
 }
