@@ -26,6 +26,8 @@ pub struct CreateOptions {
     pub console_socket: Option<PathBuf>,
     /// Hierarchy root override for tests (see `CgroupConfig::root`).
     pub cgroup_root: Option<PathBuf>,
+    /// Where the init's stdout and stderr go (stdin becomes /dev/null); inherited when unset.
+    pub stdio: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Removes what a failed create left: the init, the cgroup, the state directory.
@@ -190,6 +192,7 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
             seccomp,
             cgroup_v2: cg_cfg.version == Version::V2,
             cgroup_join,
+            stdio: opts.stdio.clone(),
         });
     }
     cleanup.child = Some(pid);

@@ -48,10 +48,16 @@ pub fn populate(rootfs: &Path) -> Result<(), TemplateError> {
     )
     .map_err(io("chmod /tmp".into()))?;
     let files = [
-        ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
+        (
+            "etc/passwd",
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        ),
         ("etc/group", "root:x:0:\nnogroup:x:65534:\n"),
         ("etc/hosts", "127.0.0.1 localhost\n"),
-        ("etc/inittab", "::sysinit:/bin/hostname -F /etc/hostname\n::restart:/sbin/init\n::ctrlaltdel:/sbin/reboot\n"),
+        (
+            "etc/inittab",
+            "::restart:/sbin/init\n::ctrlaltdel:/sbin/reboot\n",
+        ),
     ];
     for (p, text) in files {
         std::fs::write(rootfs.join(p), text).map_err(io(format!("write {p}")))?;
