@@ -7,6 +7,7 @@ mod io_net;
 
 use clap::Subcommand;
 
+mod ct;
 mod lifecycle;
 mod vmm;
 
@@ -26,6 +27,8 @@ enum Target {
     Lifecycle(lifecycle::Args),
     /// Disk image conversion vs qemu-img convert, and random 4 KiB I/O through qcow2 vs raw.
     Disk(disk::Args),
+    /// OCI runtime: create+start+delete of a busybox /bin/true bundle vs runc and crun.
+    Ct(ct::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -34,5 +37,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Target::Io(a) => io::run(a),
         Target::Lifecycle(a) => lifecycle::run(a),
         Target::Disk(a) => disk::run(a),
+        Target::Ct(a) => ct::run(a),
     }
 }
