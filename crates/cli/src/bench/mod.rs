@@ -8,6 +8,7 @@ mod io_net;
 use clap::Subcommand;
 
 mod ct;
+mod emu;
 mod lifecycle;
 mod vmm;
 
@@ -29,6 +30,8 @@ enum Target {
     Disk(disk::Args),
     /// OCI runtime: create+start+delete of a busybox /bin/true bundle vs runc and crun.
     Ct(ct::Args),
+    /// Software CPU: guest MIPS on a guest CPU loop, with KVM on the same loop.
+    Emu(emu::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -38,5 +41,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Target::Lifecycle(a) => lifecycle::run(a),
         Target::Disk(a) => disk::run(a),
         Target::Ct(a) => ct::run(a),
+        Target::Emu(a) => emu::run(a),
     }
 }
