@@ -45,6 +45,8 @@ pub struct Args {
     /// Write every vCPU's final registers to FILE as JSON (for KVM vs software-CPU comparisons).
     #[arg(long, value_name = "FILE")]
     dump_regs: Option<PathBuf>,
+    #[command(flatten)]
+    virtio: crate::cmd_vmm_virtio::VirtioArgs,
     /// Print the VMM's resident memory at exit on stderr (used by `corefour bench vmm`).
     #[arg(long, hide = true)]
     stats: bool,
@@ -73,6 +75,7 @@ fn config_from(a: &Args) -> anyhow::Result<VmConfig> {
     if let Some(b) = &a.backend {
         c.backend = b.parse::<BackendKind>()?;
     }
+    a.virtio.apply(&mut c)?;
     Ok(c)
 }
 

@@ -372,7 +372,7 @@ fn bad_input_gets_one_clear_line() {
         (vec!["--config", "/nonexistent/vm.json"], "cannot read"),
         (
             vec!["--config", disks.to_str().unwrap()],
-            "disks are not supported",
+            "cannot open disk d.img",
         ),
     ];
     for (args, want) in cases {

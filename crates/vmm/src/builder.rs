@@ -37,6 +37,8 @@ pub enum VmmError {
         #[source]
         source: HypervisorError,
     },
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio_devices::VirtioSetupError),
     #[error("cannot place devices: {0}")]
     Devices(#[from] corefour_devices::BusError),
     #[error("cannot start a vCPU thread: {0}")]
@@ -89,6 +91,7 @@ impl Vmm {
     /// Checks the config, loads the guest and creates the VM; nothing runs yet.
     pub fn build(config: VmConfig, console: Console) -> Result<Self, VmmError> {
         config.validate()?;
+        let config = crate::virtio_devices::add_to_cmdline(config);
         let mem = memory::allocate(config.memory_mib)?;
         let plan: BootPlan = boot::prepare(&mem, &config)?;
         let picked = backend::open(config.backend)?;
@@ -103,7 +106,9 @@ impl Vmm {
         memory::register(&mem, vm.as_ref())?;
         let control = Control::new(config.vcpus);
         let events: Arc<dyn GuestEvents> = control.clone();
-        let (ops, serial) = machine::build(&vm, console.clone(), events)?;
+        let virtio = crate::virtio_devices::create(&config, &mem, &vm)?;
+        let (ops, serial) =
+            machine::build_with(&vm, console.clone(), events, virtio.mmio, virtio.pio)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let mut vcpu = vm

@@ -59,8 +59,28 @@ pub fn build(
     console: Console,
     events: Arc<dyn GuestEvents>,
 ) -> Result<(Arc<Machine>, Arc<Serial>), BusError> {
+    build_with(vm, console, events, Vec::new(), Vec::new())
+}
+
+/// A device to add to a bus: (device, base, length).
+pub type BusEntry = (Arc<dyn corefour_devices::BusDevice>, u64, u64);
+
+/// As `build`, plus extra devices on the MMIO and port buses (the virtio transports).
+pub fn build_with(
+    vm: &Arc<dyn Vm>,
+    console: Console,
+    events: Arc<dyn GuestEvents>,
+    extra_mmio: Vec<BusEntry>,
+    extra_pio: Vec<BusEntry>,
+) -> Result<(Arc<Machine>, Arc<Serial>), BusError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
+    for (dev, base, len) in extra_mmio {
+        mmio.insert(dev, base, len)?;
+    }
+    for (dev, base, len) in extra_pio {
+        pio.insert(dev, base, len)?;
+    }
     let irq: Arc<dyn IrqLine> = Arc::new(GsiLine {
         vm: vm.clone(),
         gsi: COM1_IRQ,
