@@ -56,6 +56,7 @@ struct Daemon {
     sock: PathBuf,
     child: Option<Child>,
     vmm_binary: Option<PathBuf>,
+    extra: Vec<String>,
     client: Client,
 }
 
@@ -65,6 +66,10 @@ impl Daemon {
     }
 
     fn start_with(tag: &str, vmm_binary: Option<PathBuf>) -> Daemon {
+        Daemon::start_full(tag, vmm_binary, &[])
+    }
+
+    fn start_full(tag: &str, vmm_binary: Option<PathBuf>, extra: &[&str]) -> Daemon {
         let dir = TempDir::new(tag);
         let sock = dir.0.join("d.sock");
         let mut d = Daemon {
@@ -72,6 +77,7 @@ impl Daemon {
             sock,
             child: None,
             vmm_binary,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             client: Client::new().unwrap(),
         };
         d.spawn();
@@ -102,6 +108,7 @@ impl Daemon {
         if let Some(v) = &self.vmm_binary {
             cmd.arg("--vmm-binary").arg(v);
         }
+        cmd.args(&self.extra);
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
@@ -232,6 +239,20 @@ fn fake_vmm(dir: &Path) -> PathBuf {
     std::fs::write(&p, "#!/bin/sh\necho \"fake vmm up: $*\"\nexec sleep 600\n").unwrap();
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
     p
+}
+
+/// Waits until the fake VMM has announced itself `n` times in the VM's console log.
+fn wait_console(d: &Daemon, name: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let console = d.ok(Method::GET, &format!("/v1/vms/{name}/console"), None);
+        let text = console.as_str().unwrap_or_default().to_string();
+        if text.matches("fake vmm up: vmm --config").count() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{text}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 fn guest(name: &str) -> Option<PathBuf> {
@@ -654,6 +675,7 @@ fn a_vmm_that_dies_is_marked_stopped_with_the_reason() {
     assert_eq!(v["state"], "running", "{v}");
     let pid = v["pid"].as_i64().unwrap();
     assert!(pid_alive(pid));
+    wait_console(&d, "died-a", 1);
     sigkill(pid);
     let v = d.wait_state("died-a", "stopped", Duration::from_secs(10));
     assert_eq!(v["stop_reason"], "killed by signal 9 (SIGKILL)", "{v}");
@@ -662,16 +684,7 @@ fn a_vmm_that_dies_is_marked_stopped_with_the_reason() {
     let v = d.ok(Method::POST, "/v1/vms/died-a/start", None);
     assert_eq!(v["state"], "running");
     // The console log keeps both runs' output.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let console = d.ok(Method::GET, "/v1/vms/died-a/console", None);
-        let text = console.as_str().unwrap_or_default().to_string();
-        if text.matches("fake vmm up: vmm --config").count() == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{text}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_console(&d, "died-a", 2);
     let v = d.ok(Method::POST, "/v1/vms/died-a/kill", None);
     assert_eq!(v["state"], "stopped");
     assert!(v["stop_reason"].as_str().unwrap().contains("SIGKILL"));
@@ -951,4 +964,91 @@ fn nics_get_a_tap_in_the_managed_bridge_while_running() {
         );
     }
     let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+}
+
+#[test]
+fn jailed_vmm_runs_chrooted_unprivileged_in_its_own_namespaces() {
+    let (Some(hello), Some(pioloop)) = (guest("hello"), guest("pioloop")) else {
+        eprintln!("skipped: guests not built (make -C guests)");
+        return;
+    };
+    if !real_vmm() || !is_root() {
+        eprintln!("skipped: needs root and `corefour vmm` built into this binary");
+        return;
+    }
+    let d = Daemon::start_full("jail", None, &["--jail"]);
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "jail-hello", "kernel": hello, "start": true}).to_string()),
+    );
+    let v = d.wait_state("jail-hello", "stopped", Duration::from_secs(30));
+    assert_eq!(v["stop_reason"], "guest exited with code 0", "{v}");
+    let out = d.cli(&["console", "jail-hello"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Hello from corefour guest"),
+        "{out:?}"
+    );
+
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "jail-loop", "kernel": pioloop, "cmdline": "n=100000000000", "start": true}).to_string()),
+    );
+    let pid = v["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let uid: u32 = field("Uid:")[0].parse().unwrap();
+    assert!(
+        uid >= 100_000,
+        "the VMM runs as an unprivileged uid: {status}"
+    );
+    assert_eq!(
+        field("NSpid:").last().map(String::as_str),
+        Some("1"),
+        "own PID namespace: {status}"
+    );
+    assert_eq!(field("Seccomp:"), ["2"], "seccomp filter: {status}");
+    for ns in ["mnt", "net", "pid_for_children", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        if ns != "pid_for_children" {
+            assert_ne!(mine, its, "{ns} namespace shared with the host");
+        }
+    }
+    let root = d.state_dir().join("vms/jail-loop/root");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        root
+    );
+    // The API socket inside the jail carries pause and resume.
+    assert_eq!(
+        d.ok(Method::POST, "/v1/vms/jail-loop/pause", None)["state"],
+        "paused"
+    );
+    assert_eq!(
+        d.ok(Method::POST, "/v1/vms/jail-loop/resume", None)["state"],
+        "running"
+    );
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms/jail-loop/stop",
+        Some(r#"{"timeout_secs": 10}"#),
+    );
+    assert_eq!(
+        v["stop_reason"], "shut down on request (exit code 0)",
+        "{v}"
+    );
+    assert!(
+        !root.exists(),
+        "the jail root is removed once the VMM is gone"
+    );
 }
