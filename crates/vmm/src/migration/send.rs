@@ -1,0 +1,336 @@
+//! The source side: pre-copy rounds with dirty logging, then a short stop-and-copy.
+//!
+//! Round 0 sends every non-zero page while the guest runs (the target's fresh memory is
+//! already zero). Each later round sends what the dirty log caught during the one before.
+//! When the pages left would go out within the downtime target at the bandwidth the last round
+//! achieved (or the round limit is hit), the guest is paused, the last pages and the vCPU and
+//! device state are sent, and the target is asked to take over. Until the COMMIT is on the
+//! wire every failure resumes the guest here and reports why.
+
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::protocol::{self as p, Hello, ProtocolError, Round};
+use crate::snapshot::dirty::{all_dirty, count_dirty, page_runs, PAGE_SIZE};
+use crate::snapshot::memfile::HostRegion;
+
+/// What the migration needs from the running VM.
+pub trait MigrationSource {
+    /// Guest RAM, in the layout the target must build.
+    fn regions(&self) -> Vec<HostRegion>;
+    /// The VM config, as the target's VMM reads it.
+    fn config(&self) -> serde_json::Value;
+    /// Starts logging writes; the first `take_dirty` then returns what was written since.
+    fn start_dirty_log(&self) -> Result<(), String>;
+    /// Returns and clears the dirty bitmap of region `index`.
+    fn take_dirty(&self, index: usize) -> Result<Vec<u64>, String>;
+    fn stop_dirty_log(&self);
+    /// Stops every vCPU (out of KVM_RUN, parked).
+    fn pause(&self) -> Result<(), String>;
+    fn resume(&self) -> Result<(), String>;
+    /// The vCPU + VM + device state of the paused VM, as a checksummed frame.
+    fn state(&self) -> Result<Vec<u8>, String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct SendParams {
+    pub max_downtime: Duration,
+    pub max_rounds: u32,
+    /// How long any one read or write on the connection may block (a cut link surfaces here).
+    pub io_timeout: Duration,
+}
+
+impl Default for SendParams {
+    fn default() -> Self {
+        Self {
+            max_downtime: Duration::from_millis(10),
+            max_rounds: 30,
+            io_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SendReport {
+    pub total_ms: f64,
+    /// From the pause here to the target's STARTED.
+    pub downtime_ms: f64,
+    pub rounds: u32,
+    pub pages_sent: u64,
+    pub zero_pages_skipped: u64,
+    pub last_copy_pages: u64,
+    pub bytes_sent: u64,
+    pub pages_per_round: Vec<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("cannot connect to {to}: {source}")]
+    Connect {
+        to: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("migration failed, the VM keeps running here: {0}")]
+    Failed(String),
+    #[error(
+        "the target loaded the VM but did not confirm it started ({0}); the VM stays paused \
+         here so it never runs twice: check the target, then resume or shut down this one"
+    )]
+    Unconfirmed(String),
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+    let (h, m, t) = unsafe { page.align_to::<u64>() };
+    h.iter().all(|&b| b == 0) && m.iter().all(|&w| w == 0) && t.iter().all(|&b| b == 0)
+}
+
+struct Sender<'a> {
+    w: BufWriter<TcpStream>,
+    r: TcpStream,
+    src: &'a dyn MigrationSource,
+    regions: Vec<HostRegion>,
+    report: SendReport,
+}
+
+impl Sender<'_> {
+    /// Sends the pages set in `bitmaps`; in round 0 all-zero pages are skipped.
+    fn send_pages(&mut self, bitmaps: &[Vec<u64>], skip_zero: bool) -> Result<u64, ProtocolError> {
+        let mut sent = 0u64;
+        let regions = self.regions.clone();
+        for (idx, (h, bm)) in regions.iter().zip(bitmaps).enumerate() {
+            let base = h.host_addr as *const u8;
+            for run in page_runs(bm, h.region.size / PAGE_SIZE) {
+                let mut first = run.first;
+                let end = run.first + run.count;
+                while first < end {
+                    let count = (end - first).min(p::CHUNK_PAGES);
+                    // SAFETY: the run lies inside the region (page_runs is bounded by its
+                    // page count) and the mapping lives as long as the VM. The guest may be
+                    // writing these pages right now; a torn page is sent again in the next
+                    // round because the dirty log caught the write.
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(
+                            base.add((first * PAGE_SIZE) as usize),
+                            (count * PAGE_SIZE) as usize,
+                        )
+                    };
+                    if skip_zero {
+                        // Split the chunk around zero pages.
+                        let mut i = 0u64;
+                        while i < count {
+                            let pg = |k: u64| {
+                                &bytes[(k * PAGE_SIZE) as usize..((k + 1) * PAGE_SIZE) as usize]
+                            };
+                            if is_zero(pg(i)) {
+                                self.report.zero_pages_skipped += 1;
+                                i += 1;
+                                continue;
+                            }
+                            let mut j = i + 1;
+                            while j < count && !is_zero(pg(j)) {
+                                j += 1;
+                            }
+                            self.write_pages(
+                                idx,
+                                first + i,
+                                &bytes[(i * PAGE_SIZE) as usize..(j * PAGE_SIZE) as usize],
+                            )?;
+                            sent += j - i;
+                            i = j;
+                        }
+                    } else {
+                        self.write_pages(idx, first, bytes)?;
+                        sent += count;
+                    }
+                    first += count;
+                }
+            }
+        }
+        self.report.pages_sent += sent;
+        Ok(sent)
+    }
+
+    fn write_pages(&mut self, region: usize, first: u64, data: &[u8]) -> Result<(), ProtocolError> {
+        let count = data.len() as u64 / PAGE_SIZE;
+        let head = p::pages_head(region as u32, first, count);
+        let len = (head.len() + data.len()) as u64;
+        self.w.write_all(&p::TAG_PAGES.to_le_bytes())?;
+        self.w.write_all(&len.to_le_bytes())?;
+        self.w.write_all(&head)?;
+        self.w.write_all(data)?;
+        self.report.bytes_sent += 12 + len;
+        Ok(())
+    }
+
+    fn take_all_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
+        (0..self.regions.len())
+            .map(|i| self.src.take_dirty(i))
+            .collect()
+    }
+}
+
+/// Migrates the VM behind `src` to the target listening at `to`.
+pub fn migrate(
+    src: &dyn MigrationSource,
+    to: &str,
+    params: &SendParams,
+) -> Result<SendReport, SendError> {
+    let t0 = Instant::now();
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(to)
+        .map_err(|source| SendError::Connect {
+            to: to.into(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| SendError::Connect {
+            to: to.into(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })?;
+    let stream = TcpStream::connect_timeout(&addr, params.io_timeout).map_err(|source| {
+        SendError::Connect {
+            to: to.into(),
+            source,
+        }
+    })?;
+    let setup = |s: &TcpStream| -> std::io::Result<()> {
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(params.io_timeout))?;
+        s.set_write_timeout(Some(params.io_timeout))
+    };
+    setup(&stream).map_err(|e| SendError::Failed(format!("socket setup: {e}")))?;
+    let r = stream
+        .try_clone()
+        .map_err(|e| SendError::Failed(format!("socket setup: {e}")))?;
+    let mut s = Sender {
+        w: BufWriter::with_capacity(1 << 20, stream),
+        r,
+        src,
+        regions: src.regions(),
+        report: SendReport::default(),
+    };
+    let mut paused_at: Option<Instant> = None;
+    let result = run(&mut s, params, &mut paused_at);
+    src.stop_dirty_log();
+    match result {
+        Ok(()) => {
+            let mut report = s.report;
+            report.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+            Ok(report)
+        }
+        Err(Stage::BeforeCommit(why)) => {
+            // Tell the target (best effort) and bring the guest back.
+            let _ = p::send(&mut s.w, p::TAG_ABORT, why.as_bytes());
+            let _ = s.w.flush();
+            if paused_at.is_some() {
+                if let Err(e) = src.resume() {
+                    return Err(SendError::Failed(format!(
+                        "{why}; and resuming failed: {e}"
+                    )));
+                }
+            }
+            Err(SendError::Failed(why))
+        }
+        Err(Stage::AfterCommit(why)) => Err(SendError::Unconfirmed(why)),
+    }
+}
+
+enum Stage {
+    BeforeCommit(String),
+    AfterCommit(String),
+}
+
+fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> Result<(), Stage> {
+    let pe = |e: ProtocolError| Stage::BeforeCommit(e.to_string());
+    let hello = Hello {
+        version: p::PROTOCOL_VERSION,
+        config: s.src.config(),
+        regions: s.regions.iter().map(|h| h.region).collect(),
+    };
+    p::send_json(&mut s.w, p::TAG_HELLO, &hello).map_err(pe)?;
+    s.w.flush().map_err(|e| pe(e.into()))?;
+    p::expect(&mut s.r, p::TAG_READY, "READY").map_err(pe)?;
+    s.src.start_dirty_log().map_err(Stage::BeforeCommit)?;
+
+    // Round 0: everything.
+    let mut round = 0u32;
+    let all: Vec<Vec<u64>> = s.regions.iter().map(|h| all_dirty(h.region.size)).collect();
+    let t = Instant::now();
+    let sent = s.send_pages(&all, true).map_err(pe)?;
+    s.w.flush().map_err(|e| pe(e.into()))?;
+    let mut bw = bandwidth(sent, t.elapsed());
+    s.report.pages_per_round.push(sent);
+    p::send_json(
+        &mut s.w,
+        p::TAG_ROUND,
+        &Round {
+            n: round,
+            pages: sent,
+        },
+    )
+    .map_err(pe)?;
+
+    let mut dirty = s.take_all_dirty().map_err(Stage::BeforeCommit)?;
+    loop {
+        let pending: u64 = dirty
+            .iter()
+            .zip(&s.regions)
+            .map(|(b, h)| count_dirty(b, h.region.size / PAGE_SIZE))
+            .sum();
+        let eta = Duration::from_secs_f64(pending as f64 * PAGE_SIZE as f64 / bw);
+        round += 1;
+        if eta <= params.max_downtime / 2 || round >= params.max_rounds {
+            break;
+        }
+        let t = Instant::now();
+        let sent = s.send_pages(&dirty, false).map_err(pe)?;
+        s.w.flush().map_err(|e| pe(e.into()))?;
+        if sent > 0 {
+            bw = bandwidth(sent, t.elapsed()).max(bw / 4.0);
+        }
+        s.report.pages_per_round.push(sent);
+        p::send_json(
+            &mut s.w,
+            p::TAG_ROUND,
+            &Round {
+                n: round,
+                pages: sent,
+            },
+        )
+        .map_err(pe)?;
+        dirty = s.take_all_dirty().map_err(Stage::BeforeCommit)?;
+    }
+
+    // Stop and copy.
+    s.src.pause().map_err(Stage::BeforeCommit)?;
+    *paused_at = Some(Instant::now());
+    let last = s.take_all_dirty().map_err(Stage::BeforeCommit)?;
+    for (d, l) in dirty.iter_mut().zip(&last) {
+        crate::snapshot::dirty::merge(d, l);
+    }
+    let sent = s.send_pages(&dirty, false).map_err(pe)?;
+    s.report.last_copy_pages = sent;
+    s.report.pages_per_round.push(sent);
+    s.report.rounds = round;
+    let state = s.src.state().map_err(Stage::BeforeCommit)?;
+    p::send(&mut s.w, p::TAG_STATE, &state).map_err(pe)?;
+    s.w.flush().map_err(|e| pe(e.into()))?;
+    p::expect(&mut s.r, p::TAG_LOADED, "LOADED").map_err(pe)?;
+    // From here on the target may run the guest: never resume here.
+    let ac = |e: ProtocolError| Stage::AfterCommit(e.to_string());
+    p::send(&mut s.w, p::TAG_COMMIT, &[]).map_err(ac)?;
+    s.w.flush().map_err(|e| ac(e.into()))?;
+    p::expect(&mut s.r, p::TAG_STARTED, "STARTED").map_err(ac)?;
+    s.report.downtime_ms = paused_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}
+
+/// Bytes per second of a round (a floor keeps a tiny round from predicting nonsense).
+fn bandwidth(pages: u64, took: Duration) -> f64 {
+    let secs = took.as_secs_f64().max(1e-4);
+    (pages as f64 * PAGE_SIZE as f64 / secs).max(50e6)
+}
