@@ -1052,3 +1052,63 @@ fn jailed_vmm_runs_chrooted_unprivileged_in_its_own_namespaces() {
         "the jail root is removed once the VMM is gone"
     );
 }
+
+#[test]
+fn console_follow_streams_until_the_vm_stops() {
+    let t = TempDir::new("fakevmm");
+    let d = Daemon::start_with("follow", Some(fake_vmm(&t.0)));
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "follow-a", "kernel": some_file(), "start": true}).to_string()),
+    );
+    let pid = v["pid"].as_i64().unwrap();
+    let mut follower = Command::new(EXE)
+        .args(["vm", "console", "follow-a", "--follow"])
+        .env("COREFOUR_SOCKET", &d.sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_console(&d, "follow-a", 1);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        follower.try_wait().unwrap().is_none(),
+        "follow ended while the VM runs"
+    );
+    sigkill(pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = follower.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "follow did not end after the VM stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut follower.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.contains("fake vmm up: vmm --config"), "{out:?}");
+}
+
+#[test]
+fn socket_group_option_opens_it_to_that_group() {
+    let d = Daemon::start_full("group", None, &["--group", "root"]);
+    let meta = std::fs::metadata(&d.sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+    let out = Command::new(EXE)
+        .args(["daemon", "--group", "no-such-group-c4", "--socket"])
+        .arg(d.dir.0.join("x.sock"))
+        .arg("--state-dir")
+        .arg(d.dir.0.join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown group"),
+        "{out:?}"
+    );
+}
