@@ -1175,3 +1175,38 @@ fn kill_9_of_the_daemon_mid_creates_loses_no_acknowledged_vm() {
     }
     assert_eq!(d.ok(Method::GET, "/v1/vms", None), json!([]));
 }
+
+#[test]
+fn a_vmm_started_just_before_the_daemon_died_is_adopted() {
+    let t = TempDir::new("fakevmm");
+    let mut d = Daemon::start_with("adopt", Some(fake_vmm(&t.0)));
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "adopt-a", "kernel": some_file(), "start": true}).to_string()),
+    );
+    let pid = v["pid"].as_i64().unwrap();
+    d.kill9();
+    // Make the inventory look as if the daemon died before recording the start.
+    {
+        let inv =
+            corefour_daemon::inventory::Inventory::open(&d.state_dir().join("inventory.db"), "c4x")
+                .unwrap();
+        inv.set_stopped("adopt-a", "simulated: start not recorded", None)
+            .unwrap();
+    }
+    d.spawn();
+    let v = d.ok(Method::GET, "/v1/vms/adopt-a", None);
+    assert_eq!(
+        (v["state"].clone(), v["pid"].as_i64()),
+        (json!("running"), Some(pid)),
+        "{v}"
+    );
+    // Watched like any other: its end is recorded.
+    sigkill(pid);
+    let v = d.wait_state("adopt-a", "stopped", Duration::from_secs(10));
+    assert!(
+        v["stop_reason"].as_str().unwrap().contains("SIGKILL"),
+        "{v}"
+    );
+}

@@ -16,6 +16,19 @@ pub const EXIT_FILE: &str = "exit";
 pub const CONFIG_FILE: &str = "vm.json";
 pub const API_SOCK: &str = "vmm.sock";
 pub const CONSOLE_LOG: &str = "console.log";
+/// "SHIM_PID SHIM_START VMM_PID", written by the shim once the VMM runs.
+pub const PIDS_FILE: &str = "pids";
+
+/// The pids a shim recorded in `vm_dir`, if any.
+pub fn read_pids(vm_dir: &Path) -> Option<crate::inventory::Pids> {
+    let text = std::fs::read_to_string(vm_dir.join(PIDS_FILE)).ok()?;
+    let mut f = text.split_whitespace();
+    Some(crate::inventory::Pids {
+        shim_pid: f.next()?.parse().ok()?,
+        shim_start: f.next()?.parse().ok()?,
+        vmm_pid: f.next()?.parse().ok()?,
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -164,6 +177,14 @@ pub fn run(vm_dir: &Path, vmm_exe: &Path, jail_uid: Option<u32>) -> Result<i32, 
         exe: vmm_exe.display().to_string(),
         source,
     })?;
+    // For a daemon that dies before it records this start: the next one adopts the VM from here.
+    let me = std::process::id() as i32;
+    let pids = format!(
+        "{me} {} {}\n",
+        crate::lifecycle::start_time(me).unwrap_or(0),
+        child.id()
+    );
+    let _ = std::fs::write(vm_dir.join(PIDS_FILE), pids);
     {
         let mut out = std::io::stdout().lock();
         // The daemon may have died meanwhile; the VM runs on regardless.

@@ -36,6 +36,7 @@ impl Daemon {
         std::fs::write(&cfg_path, crate::vmm_config::render(&rec))
             .map_err(|e| DaemonError::io(format!("cannot write {}", cfg_path.display()), e))?;
         let _ = std::fs::remove_file(dir.join(shim::API_SOCK));
+        let _ = std::fs::remove_file(dir.join(shim::PIDS_FILE));
         // A jail left from an earlier run (also when this daemon does not jail) goes.
         crate::jail::remove_root(&dir).map_err(|e| DaemonError::Start {
             name: name.to_string(),
