@@ -206,38 +206,20 @@ async fn console(
     let q: ConsoleQuery = parse_query(q)?;
     let path = d.console_path(&name)?;
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if !q.follow {
-        let mut data = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                return Err(DaemonError::io(
-                    format!("cannot read {}", path.display()),
-                    e,
-                ))
-            }
-        };
-        let off = usize::try_from(q.offset)
-            .unwrap_or(usize::MAX)
-            .min(data.len());
-        data.drain(..off);
-        return Ok((text, data).into_response());
-    }
+    // Sent in chunks of at most 1 MiB, so a long log never sits in memory whole.
+    let follow = q.follow;
     let stream = futures_util::stream::unfold(
-        (d, name, path, q.offset, false),
-        |(d, name, path, mut off, finished)| async move {
-            if finished {
-                return None;
-            }
+        (d, name, path, q.offset),
+        move |(d, name, path, mut off)| async move {
             let mut backoff = Duration::from_millis(2);
             loop {
                 // Read the activity flag before the file: output written before the VMM exited is
                 // then always seen by the read that follows.
-                let active = d.is_active(&name);
+                let active = follow && d.is_active(&name);
                 let chunk = read_from(&path, off).await;
                 if !chunk.is_empty() {
                     off += chunk.len() as u64;
-                    return Some((Ok::<_, std::io::Error>(chunk), (d, name, path, off, false)));
+                    return Some((Ok::<_, std::io::Error>(chunk), (d, name, path, off)));
                 }
                 if !active {
                     return None;

@@ -36,11 +36,21 @@ impl Daemon {
         std::fs::write(&cfg_path, crate::vmm_config::render(&rec))
             .map_err(|e| DaemonError::io(format!("cannot write {}", cfg_path.display()), e))?;
         let _ = std::fs::remove_file(dir.join(shim::API_SOCK));
+        let _ = std::fs::remove_file(dir.join(shim::PIDS_FILE));
+        // A jail left from an earlier run (also when this daemon does not jail) goes.
+        crate::jail::remove_root(&dir).map_err(|e| DaemonError::Start {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+        let jail_uid = self
+            .cfg
+            .jail
+            .then(|| crate::jail::JAIL_ID_BASE + u32::try_from(rec.id).unwrap_or(0));
 
         let cgroup = self.make_cgroup(&rec)?;
         let mut taps = Vec::new();
         for nic in &rec.nics {
-            if let Err(e) = network::create_tap(&nic.tap, &nic.bridge) {
+            if let Err(e) = network::create_tap(&nic.tap, &nic.bridge, jail_uid) {
                 taps.iter().for_each(|t: &&str| network::delete_tap(t));
                 if let Some(c) = &cgroup {
                     c.remove();
@@ -49,7 +59,7 @@ impl Daemon {
             }
             taps.push(nic.tap.as_str());
         }
-        match self.spawn_shim(&dir, cgroup.as_ref()).await {
+        match self.spawn_shim(&dir, cgroup.as_ref(), jail_uid).await {
             Ok((child, pids)) => {
                 self.inv.set_running(name, pids)?;
                 let (tx, rx) = tokio::sync::watch::channel(false);
@@ -120,6 +130,7 @@ impl Daemon {
         &self,
         dir: &Path,
         cgroup: Option<&VmCgroup>,
+        jail_uid: Option<u32>,
     ) -> Result<(tokio::process::Child, Pids), DaemonError> {
         let name = dir
             .file_name()
@@ -156,8 +167,11 @@ impl Daemon {
             .arg("--vmm-shim")
             .arg(dir)
             .arg("--vmm-binary")
-            .arg(&self.cfg.vmm_exe)
-            .stdin(Stdio::null())
+            .arg(&self.cfg.vmm_exe);
+        if let Some(uid) = jail_uid {
+            cmd.arg("--jail-uid").arg(uid.to_string());
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(console)
             .kill_on_drop(false);
@@ -173,6 +187,7 @@ impl Daemon {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
+                crate::shim::cloexec_from_3();
                 Ok(())
             });
         }
