@@ -1,12 +1,354 @@
-//! `corefour oci`.
+//! `corefour oci`: the OCI runtime with runc's command line, so containerd or a script written
+//! for runc drives it unchanged.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use corefour_container as ct;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// Directory for container state (runc: /run/runc).
+    #[arg(long, global = true, default_value = ct::DEFAULT_STATE_ROOT)]
+    root: PathBuf,
+    /// Write errors to this file as well (containerd reads it).
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// `text` or `json`.
+    #[arg(long, global = true, default_value = "text")]
+    log_format: String,
+    /// Accepted for runc compatibility.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Accepted for runc compatibility (cgroups are always managed through the filesystem).
+    #[arg(long, global = true)]
+    systemd_cgroup: bool,
+    #[command(subcommand)]
+    cmd: Box<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a container from a bundle; its process waits for `start`.
+    Create(CreateArgs),
+    /// Run the user process of a created container.
+    Start { id: String },
+    /// Print the container's state (OCI JSON).
+    State { id: String },
+    /// Send a signal (default TERM) to the container's init.
+    Kill {
+        id: String,
+        #[arg(default_value = "TERM")]
+        signal: String,
+        /// Signal every process in the container's cgroup.
+        #[arg(short, long)]
+        all: bool,
+    },
+    /// Delete a stopped (or, with --force, any) container.
+    Delete {
+        id: String,
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Create and start; without --detach wait for the exit and delete.
+    Run {
+        #[command(flatten)]
+        create: CreateArgs,
+        #[arg(short, long)]
+        detach: bool,
+        /// Keep the container after it exits (runc: --keep).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// List containers.
+    List {
+        /// `table` or `json`.
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Run a process inside a running container.
+    Exec {
+        /// A process.json replacing the config's process.
+        #[arg(short, long)]
+        process: Option<PathBuf>,
+        #[arg(short, long)]
+        detach: bool,
+        #[arg(long)]
+        pid_file: Option<PathBuf>,
+        #[arg(short, long = "env")]
+        env: Vec<String>,
+        #[arg(long)]
+        cwd: Option<String>,
+        /// uid[:gid]
+        #[arg(short, long)]
+        user: Option<String>,
+        /// Accepted for runc compatibility; a terminal needs --process with terminal:true.
+        #[arg(short, long)]
+        tty: bool,
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        id: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// Freeze every process of the container.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// Write a default config.json into the bundle directory.
+    Spec {
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+        #[arg(long)]
+        rootless: bool,
+    },
+    /// Print the PIDs in the container (runc ps).
+    Ps {
+        id: String,
+        #[arg(short, long, default_value = "table")]
+        format: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// Bundle directory (holds config.json).
+    #[arg(short, long, default_value = ".")]
+    bundle: PathBuf,
+    #[arg(long)]
+    pid_file: Option<PathBuf>,
+    /// Unix socket that receives the pty master when process.terminal is true.
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    no_new_keyring: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    preserve_fds: Option<u32>,
+    id: String,
 }
 
 /// Returns the process exit code.
-pub fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("`corefour oci` is not built yet")
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let log = args.log.clone();
+    let json = args.log_format == "json";
+    let r = dispatch(args);
+    if let (Err(e), Some(path)) = (&r, &log) {
+        log_error(path, json, &format!("{e:#}"));
+    }
+    r
+}
+
+fn log_error(path: &Path, json: bool, msg: &str) {
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    else {
+        return;
+    };
+    let now = ct_time();
+    let line = if json {
+        serde_json::json!({"level": "error", "msg": msg, "time": now}).to_string()
+    } else {
+        format!("time=\"{now}\" level=error msg={msg:?}")
+    };
+    let _ = writeln!(f, "{line}");
+}
+
+fn ct_time() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:09}", d.as_secs(), d.subsec_nanos())
+}
+
+fn create_opts(root: &Path, a: &CreateArgs) -> ct::container_create::CreateOptions {
+    ct::container_create::CreateOptions {
+        id: a.id.clone(),
+        bundle: a.bundle.clone(),
+        state_root: root.to_path_buf(),
+        pid_file: a.pid_file.clone(),
+        console_socket: a.console_socket.clone(),
+        cgroup_root: None,
+    }
+}
+
+fn dispatch(args: Args) -> anyhow::Result<i32> {
+    let root = args.root.as_path();
+    match *args.cmd {
+        Cmd::Create(a) => {
+            ct::container_create::create(&create_opts(root, &a))?;
+        }
+        Cmd::Start { id } => {
+            ct::container_start::start(root, &id)?;
+        }
+        Cmd::State { id } => {
+            let st = ct::container_state::load(root, &id)?;
+            println!("{}", serde_json::to_string_pretty(&st.oci)?);
+        }
+        Cmd::Kill { id, signal, all } => {
+            let sig = ct::signal::parse(&signal)?;
+            ct::container_kill::kill(root, &id, sig, all)?;
+        }
+        Cmd::Delete { id, force } => {
+            ct::container_delete::delete(root, &id, force)?;
+        }
+        Cmd::Run {
+            create,
+            detach,
+            keep,
+        } => return run_container(root, &create, detach, keep),
+        Cmd::List { format, quiet } => list(root, &format, quiet)?,
+        Cmd::Exec {
+            process,
+            detach,
+            pid_file,
+            env,
+            cwd,
+            user,
+            tty: _,
+            console_socket: _,
+            id,
+            command,
+        } => {
+            let process = match process {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("read {}", p.display()))?;
+                    Some(
+                        serde_json::from_str(&text)
+                            .with_context(|| format!("{}: malformed process JSON", p.display()))?,
+                    )
+                }
+                None => None,
+            };
+            let user = user
+                .map(|u| -> anyhow::Result<(u32, u32)> {
+                    let (a, b) = u.split_once(':').unwrap_or((&u, "0"));
+                    Ok((
+                        a.parse().context("--user: uid must be a number")?,
+                        b.parse().context("--user: gid must be a number")?,
+                    ))
+                })
+                .transpose()?;
+            let opts = ct::container_exec::ExecOptions {
+                args: command,
+                env,
+                cwd,
+                user,
+                process,
+                detach,
+                pid_file,
+            };
+            return Ok(ct::container_exec::exec(root, &id, &opts)?);
+        }
+        Cmd::Pause { id } => ct::container_pause::pause(root, &id)?,
+        Cmd::Resume { id } => ct::container_pause::resume(root, &id)?,
+        Cmd::Spec { bundle, rootless } => {
+            let path = bundle.join("config.json");
+            if path.exists() {
+                bail!("{} already exists; remove it first", path.display());
+            }
+            let spec = ct::spec::default_spec(rootless);
+            let text = serde_json::to_string_pretty(&spec)?;
+            std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+        }
+        Cmd::Ps { id, format } => {
+            use ct::cgroups::CgroupManager;
+            let st = ct::container_state::load(root, &id)?;
+            let pids = ct::cgroups::manager(&st.cgroup)?.pids()?;
+            if format == "json" {
+                println!("{}", serde_json::to_string(&pids)?);
+            } else {
+                println!("PID");
+                for p in pids {
+                    println!("{p}");
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn list(root: &Path, format: &str, quiet: bool) -> anyhow::Result<()> {
+    let all = ct::container_list::list(root)?;
+    if quiet {
+        for c in &all {
+            println!("{}", c.oci.id);
+        }
+        return Ok(());
+    }
+    if format == "json" {
+        let v: Vec<serde_json::Value> = all
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "ociVersion": c.oci.oci_version, "id": c.oci.id, "pid": c.oci.pid,
+                    "status": c.oci.status, "bundle": c.oci.bundle, "rootfs": c.rootfs,
+                    "created": c.created, "owner": c.owner.to_string(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<8} {:<10} {:<40} {:<32} OWNER",
+        "ID", "PID", "STATUS", "BUNDLE", "CREATED"
+    );
+    for c in &all {
+        let pid = if c.oci.status == ct::state::Status::Stopped {
+            0
+        } else {
+            c.oci.pid
+        };
+        println!(
+            "{:<20} {:<8} {:<10} {:<40} {:<32} {}",
+            c.oci.id,
+            pid,
+            c.oci.status.to_string(),
+            c.oci.bundle.display(),
+            c.created,
+            c.owner
+        );
+    }
+    Ok(())
+}
+
+/// `run`: create + start; in the foreground wait for the init (our child) and delete.
+fn run_container(root: &Path, a: &CreateArgs, detach: bool, keep: bool) -> anyhow::Result<i32> {
+    let st = ct::container_create::create(&create_opts(root, a))?;
+    if let Err(e) = ct::container_start::start(root, &a.id) {
+        let _ = ct::container_delete::delete(root, &a.id, true);
+        return Err(e.into());
+    }
+    if detach {
+        return Ok(0);
+    }
+    let code = wait_child(st.oci.pid);
+    if !keep {
+        ct::container_delete::delete(root, &a.id, true)?;
+    }
+    Ok(code)
+}
+
+fn wait_child(pid: i32) -> i32 {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, c)) => return c,
+            Ok(WaitStatus::Signaled(_, s, _)) => return 128 + s as i32,
+            Ok(_) | Err(nix::Error::EINTR) => continue,
+            Err(_) => return 255,
+        }
+    }
 }

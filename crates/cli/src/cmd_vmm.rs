@@ -1,12 +1,105 @@
-//! `corefour vmm`.
+//! `corefour vmm`: run one VM in the foreground. Serial output goes to stdout; notes and errors
+//! to stderr. Exit code: the guest's debug-exit code, 1 VMM error, 2 guest reset/triple fault,
+//! 3 timeout, 0 after an API/SIGTERM shutdown.
+
+use std::path::PathBuf;
+
+use corefour_vmm::config::{parse_duration, parse_memory_mib};
+use corefour_vmm::{BackendKind, Console, RunOptions, VmConfig, Vmm};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// Guest kernel: an ELF64 x86-64 executable, or a flat binary named *.bin (loaded at 1 MiB).
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u32>,
+    /// Guest memory, e.g. 64M, 1G (a bare number is MiB).
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
+    /// Command line passed to the guest (see guests/CONTRACT.md).
+    #[arg(long, value_name = "STRING", allow_hyphen_values = true)]
+    cmdline: Option<String>,
+    /// Initial ramdisk, loaded after the image (address and size in the boot info).
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// VM config file (vm.json); the flags above override its fields.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Stop the guest after this long (e.g. 30s, 500ms) and exit 3.
+    #[arg(long, value_name = "DURATION")]
+    timeout: Option<String>,
+    /// CPU backend: kvm, emu, or auto (KVM where /dev/kvm opens).
+    #[arg(long, value_name = "BACKEND")]
+    backend: Option<String>,
+    /// Serve the VMM API (HTTP over this Unix socket): GET /vm, PUT /vm/{pause,resume,shutdown}.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Print the VMM's resident memory at exit on stderr (used by `corefour bench vmm`).
+    #[arg(long, hide = true)]
+    stats: bool,
+}
+
+fn config_from(a: &Args) -> anyhow::Result<VmConfig> {
+    let mut c = match &a.config {
+        Some(path) => VmConfig::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => VmConfig::new(a.kernel.clone().unwrap_or_default()),
+    };
+    if let Some(k) = &a.kernel {
+        c.kernel = k.clone();
+    }
+    if let Some(v) = a.vcpus {
+        c.vcpus = v;
+    }
+    if let Some(m) = &a.memory {
+        c.memory_mib = parse_memory_mib(m)?;
+    }
+    if let Some(s) = &a.cmdline {
+        c.cmdline = s.clone();
+    }
+    if let Some(i) = &a.initrd {
+        c.initrd = Some(i.clone());
+    }
+    if let Some(b) = &a.backend {
+        c.backend = b.parse::<BackendKind>()?;
+    }
+    Ok(c)
 }
 
 /// Returns the process exit code.
-pub fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("`corefour vmm` is not built yet")
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    let config = config_from(&a)?;
+    let timeout = match &a.timeout {
+        Some(t) => Some(parse_duration(t)?),
+        None => config.timeout(),
+    };
+    // The library's errors carry their cause in the message already; anyhow's chain would
+    // print it twice.
+    let flat = |e: corefour_vmm::VmmError| anyhow::anyhow!("{e}");
+    let vmm = Vmm::build(config, Console::stdout()).map_err(flat)?;
+    eprintln!(
+        "corefour vmm: backend {} ({})",
+        vmm.backend(),
+        vmm.backend_why()
+    );
+    let report = vmm
+        .run(RunOptions {
+            timeout,
+            api_sock: a.api_sock.clone(),
+            handle_signals: true,
+        })
+        .map_err(flat)?;
+    if a.stats {
+        eprintln!(
+            "corefour vmm stats: rss_kib={} anon_kib={} guest_resident_kib={}",
+            report.rss_bytes / 1024,
+            report.anon_bytes / 1024,
+            report.guest_resident_bytes / 1024
+        );
+    }
+    if let Some(msg) = report.outcome.message() {
+        eprintln!("corefour: {msg}");
+    }
+    Ok(report.outcome.exit_code())
 }

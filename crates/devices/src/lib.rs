@@ -2,5 +2,10 @@
 //! once activated, guest memory; it never sees the backend.
 
 pub mod bus;
+pub mod console;
+pub mod events;
+pub mod legacy;
 
 pub use bus::{Bus, BusDevice, BusError, IrqLine};
+pub use console::Console;
+pub use events::GuestEvents;

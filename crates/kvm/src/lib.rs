@@ -1,3 +1,98 @@
 //! The KVM backend of the hypervisor traits (kvm-ioctls).
+//!
+//! Every vCPU starts runnable at the registers the VMM sets: there is no INIT/SIPI wait, so the
+//! VMM can start application processors directly at their entry point (the simplest thing that
+//! works on kvm_pvm, where real-mode trampolines would be emulated instruction by instruction).
 
+mod convert;
+mod kick;
+mod vcpu;
+mod vm;
 pub mod state;
+
+use std::fs::OpenOptions;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::sync::Arc;
+
+use corefour_hypervisor::{Hypervisor, HypervisorError, Result, Vm};
+use kvm_ioctls::Kvm as KvmSys;
+
+pub use vcpu::KvmVcpu;
+pub use vm::KvmVm;
+
+/// KVM_CAP_IMMEDIATE_EXIT is required by the kicker; every kernel since 4.11 has it.
+const REQUIRED_CAPS: &[(kvm_ioctls::Cap, &str)] = &[
+    (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (kvm_ioctls::Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    (kvm_ioctls::Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (kvm_ioctls::Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
+];
+
+/// The KVM backend: an open /dev/kvm.
+pub struct Kvm {
+    sys: KvmSys,
+}
+
+impl std::fmt::Debug for Kvm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kvm").finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn os_err(op: &'static str, e: vmm_sys_util::errno::Error) -> HypervisorError {
+    HypervisorError::Os {
+        op,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+impl Kvm {
+    /// Opens /dev/kvm and checks the capabilities the VMM relies on.
+    pub fn new() -> Result<Self> {
+        // Opened by hand (not `Kvm::new`) to keep the path in the error the user sees.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|source| HypervisorError::Os {
+                op: "open /dev/kvm",
+                source,
+            })?;
+        // SAFETY: the fd was just opened from /dev/kvm and ownership moves into `KvmSys`.
+        let sys = unsafe { KvmSys::from_raw_fd(file.into_raw_fd()) };
+        let api = sys.get_api_version();
+        if api != 12 {
+            return Err(HypervisorError::Invalid(format!(
+                "/dev/kvm reports API version {api}, expected 12"
+            )));
+        }
+        for (cap, name) in REQUIRED_CAPS {
+            if !sys.check_extension(*cap) {
+                return Err(HypervisorError::Unsupported(name));
+            }
+        }
+        kick::install_handler()?;
+        Ok(Self { sys })
+    }
+
+    /// The most vCPUs one VM may have on this host.
+    pub fn max_vcpus(&self) -> u32 {
+        u32::try_from(self.sys.get_max_vcpus()).unwrap_or(u32::MAX)
+    }
+}
+
+impl Hypervisor for Kvm {
+    fn create_vm(&self, vcpus: u32) -> Result<Arc<dyn Vm>> {
+        let max = self.max_vcpus();
+        if vcpus == 0 || vcpus > max {
+            return Err(HypervisorError::Invalid(format!(
+                "{vcpus} vCPUs requested; KVM on this host supports 1 to {max}"
+            )));
+        }
+        Ok(Arc::new(KvmVm::new(&self.sys, vcpus)?))
+    }
+
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+}

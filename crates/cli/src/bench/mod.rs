@@ -3,6 +3,8 @@
 
 use clap::Subcommand;
 
+mod vmm;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(subcommand)]
@@ -12,11 +14,11 @@ pub struct Args {
 #[derive(Subcommand)]
 enum Target {
     /// VMM start-up, overhead memory and exit round trip vs a raw KVM_RUN loop in C.
-    Vmm,
+    Vmm(vmm::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.target {
-        Target::Vmm => anyhow::bail!("`corefour bench vmm` is not built yet"),
+        Target::Vmm(a) => vmm::run(a),
     }
 }

@@ -1,0 +1,685 @@
+//! `corefour disk` end to end, with qemu-img as the reference both ways: images qemu-img made
+//! are converted by us, our outputs are read and checked by qemu-img, and `qemu-img compare`
+//! judges the bytes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_corefour"))
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "corefour {args:?} failed ({:?}): {}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn qemu(args: &[&str]) -> Output {
+    Command::new("qemu-img").args(args).output().unwrap()
+}
+
+fn qemu_ok(args: &[&str]) -> String {
+    let o = qemu(args);
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn have_qemu() -> bool {
+    Command::new("qemu-img").arg("--version").output().is_ok()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Random data, a hole, compressible text, another hole, random data at the very end.
+fn make_source(dir: &Path) -> PathBuf {
+    let p = dir.join("src.raw");
+    let size = 12 << 20;
+    let mut d = vec![0u8; size];
+    let mut x = 0x1234_5678_9abc_def1u64;
+    let mut fill = |b: &mut [u8]| {
+        for c in b.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+        }
+    };
+    fill(&mut d[..(1 << 20) + 4321]);
+    for (i, b) in d[(4 << 20)..(5 << 20)].iter_mut().enumerate() {
+        *b = b"corefour "[i % 9];
+    }
+    fill(&mut d[(7 << 20) + 512..(7 << 20) + 70000]);
+    fill(&mut d[size - 3000..]);
+    std::fs::write(&p, &d).unwrap();
+    // Make the zero ranges real holes.
+    Command::new("fallocate").args(["-d", s(&p)]).status().ok();
+    p
+}
+
+const SOURCES: &[(&str, &str, &[&str])] = &[
+    ("raw", "raw", &[]),
+    ("qcow2", "qcow2", &[]),
+    (
+        "qcow2-v2",
+        "qcow2",
+        &["-o", "compat=0.10,cluster_size=4096"],
+    ),
+    ("qcow2-compressed", "qcow2", &["-c"]),
+    ("vmdk", "vmdk", &[]),
+    ("vmdk-flat", "vmdk", &["-o", "subformat=monolithicFlat"]),
+    ("vmdk-stream", "vmdk", &["-o", "subformat=streamOptimized"]),
+    (
+        "vmdk-split",
+        "vmdk",
+        &["-o", "subformat=twoGbMaxExtentSparse"],
+    ),
+    ("vdi", "vdi", &[]),
+    ("vdi-fixed", "vdi", &["-o", "static=on"]),
+    ("vhd", "vpc", &["-o", "force_size=on"]),
+    ("vhd-fixed", "vpc", &["-o", "subformat=fixed,force_size=on"]),
+    ("vhdx", "vhdx", &[]),
+    ("vhdx-fixed", "vhdx", &["-o", "subformat=fixed"]),
+];
+
+#[test]
+fn convert_every_format_pair_against_qemu_img() {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = make_source(d);
+    for (name, fmt, opts) in SOURCES {
+        let img = d.join(format!("in-{name}.{fmt}"));
+        let mut a = vec!["convert", "-O", fmt];
+        a.extend_from_slice(opts);
+        a.push(s(&src));
+        a.push(s(&img));
+        qemu_ok(&a);
+        for out_fmt in ["raw", "qcow2"] {
+            let out = d.join(format!("out-{name}.{out_fmt}"));
+            // qemu-img's output read by us...
+            ok(&[
+                "disk",
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                out_fmt,
+                s(&img),
+                s(&out),
+            ]);
+            // ...and our output read by qemu-img.
+            let cmp = qemu(&["compare", "-f", "raw", "-F", out_fmt, s(&src), s(&out)]);
+            assert!(
+                cmp.status.success(),
+                "{name} -> {out_fmt}: {}",
+                String::from_utf8_lossy(&cmp.stdout)
+            );
+            if out_fmt == "qcow2" {
+                let c = qemu(&["check", s(&out)]);
+                assert!(
+                    c.status.success(),
+                    "{name}: qemu-img check: {}",
+                    String::from_utf8_lossy(&c.stdout)
+                );
+                // qemu-img turns our qcow2 into every format, and that still compares equal.
+                let again = d.join(format!("again-{name}.{fmt}"));
+                let mut a = vec!["convert", "-f", "qcow2", "-O", fmt];
+                a.extend_from_slice(opts);
+                a.push(s(&out));
+                a.push(s(&again));
+                qemu_ok(&a);
+                qemu_ok(&["compare", "-f", "raw", "-F", fmt, s(&src), s(&again)]);
+            }
+            std::fs::remove_file(&out).unwrap();
+        }
+    }
+}
+
+#[test]
+fn convert_keeps_sparse_sources_sparse() {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let q = d.join("sparse.qcow2");
+    qemu_ok(&["create", "-q", "-f", "qcow2", s(&q), "1G"]);
+    Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x61 100M 1M",
+            "-c",
+            "write -z 200M 64M",
+            s(&q),
+        ])
+        .output()
+        .unwrap();
+    let raw = d.join("out.raw");
+    ok(&["disk", "convert", "-O", "raw", s(&q), s(&raw)]);
+    let m = std::fs::metadata(&raw).unwrap();
+    assert_eq!(m.len(), 1 << 30);
+    assert!(
+        m.blocks() * 512 < 4 << 20,
+        "raw output uses {} bytes",
+        m.blocks() * 512
+    );
+    qemu_ok(&["compare", s(&q), s(&raw)]);
+    let q2 = d.join("back.qcow2");
+    ok(&["disk", "convert", "-O", "qcow2", s(&raw), s(&q2)]);
+    assert!(std::fs::metadata(&q2).unwrap().len() < 4 << 20);
+    qemu_ok(&["compare", s(&q), s(&q2)]);
+    // Map agrees with qemu-img about where data is.
+    let ours: serde_json::Value =
+        serde_json::from_str(&ok(&["disk", "map", "--json", s(&q2)])).unwrap();
+    let data: u64 = ours
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(data, 1 << 20);
+}
+
+#[test]
+fn backing_chain_info_map_convert() {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.qcow2");
+    qemu_ok(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
+    Command::new("qemu-io")
+        .args(["-c", "write -P 0x11 0 4M", s(&base)])
+        .output()
+        .unwrap();
+    // The middle layer is ours, created qemu-img style with -b/-F and a relative name.
+    ok(&[
+        "disk",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        s(&d.join("mid.qcow2")),
+    ]);
+    Command::new("qemu-io")
+        .args(["-c", "write -P 0x22 1M 1M", s(&d.join("mid.qcow2"))])
+        .output()
+        .unwrap();
+    let top = d.join("top.qcow2");
+    ok(&[
+        "disk",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "backing_file=mid.qcow2,backing_fmt=qcow2",
+        s(&top),
+        "24M",
+    ]);
+    Command::new("qemu-io")
+        .args([
+            "-c",
+            "write -P 0x33 1536K 64K",
+            "-c",
+            "write -P 0x44 20M 64K",
+            s(&top),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(qemu(&["check", s(&top)]).status.code(), Some(0));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["disk", "info", "--backing-chain", "--json", s(&top)])).unwrap();
+    let chain = info.as_array().unwrap();
+    assert_eq!(chain.len(), 3);
+    assert_eq!(chain[0]["virtual-size"], 24 << 20);
+    assert_eq!(chain[1]["backing-filename"], "base.qcow2");
+    let map: serde_json::Value =
+        serde_json::from_str(&ok(&["disk", "map", "--output", "json", s(&top)])).unwrap();
+    let depths: Vec<u64> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| e["depth"].as_u64().unwrap())
+        .collect();
+    assert!(
+        depths.contains(&0) && depths.contains(&1) && depths.contains(&2),
+        "{map}"
+    );
+    for fmt in ["raw", "qcow2"] {
+        let out = d.join(format!("flat.{fmt}"));
+        ok(&["disk", "convert", "-O", fmt, s(&top), s(&out)]);
+        qemu_ok(&["compare", s(&top), s(&out)]);
+    }
+}
+
+#[test]
+fn backing_file_loop_is_an_error() {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = d.join("a.qcow2");
+    let b = d.join("b.qcow2");
+    qemu_ok(&["create", "-q", "-f", "qcow2", s(&a), "1M"]);
+    qemu_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "qcow2",
+        "-b",
+        "a.qcow2",
+        s(&b),
+        "1M",
+    ]);
+    qemu_ok(&["rebase", "-u", "-F", "qcow2", "-b", "b.qcow2", s(&a)]);
+    let before = std::fs::read(&a).unwrap();
+    for args in [
+        vec!["disk", "info", s(&a)],
+        vec!["disk", "convert", "-O", "raw", s(&a), s(&d.join("x.raw"))],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("backing file loop"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(std::fs::read(&a).unwrap(), before);
+}
+
+/// Writes `bytes` at `off` in a copy of `src`.
+fn patched(src: &Path, dst: &Path, off: u64, bytes: &[u8]) {
+    let mut d = std::fs::read(src).unwrap();
+    d[off as usize..off as usize + bytes.len()].copy_from_slice(bytes);
+    std::fs::write(dst, d).unwrap();
+}
+
+#[test]
+fn corrupt_images_fail_cleanly_and_are_never_written() {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = make_source(d);
+    let good = d.join("good.qcow2");
+    qemu_ok(&["convert", "-O", "qcow2", s(&src), s(&good)]);
+    let len = std::fs::metadata(&good).unwrap().len();
+    // Default qemu layout: L1 at 0x30000, first L2 table at 0x40000.
+    let cases: Vec<(&str, u64, Vec<u8>, &str)> = vec![
+        (
+            "l2-past-eof",
+            0x40000,
+            (0x8000_0000_0000_0000u64 | (1 << 40))
+                .to_be_bytes()
+                .to_vec(),
+            "offset 0x40000",
+        ),
+        (
+            "l1-past-eof",
+            0x30000,
+            (0x8000_0000_0000_0000u64 | (1 << 40))
+                .to_be_bytes()
+                .to_vec(),
+            "offset 0x30000",
+        ),
+        (
+            "l1-unaligned",
+            0x30000,
+            0x8000_0000_0004_0200u64.to_be_bytes().to_vec(),
+            "unaligned",
+        ),
+        (
+            "cluster-bits",
+            20,
+            40u32.to_be_bytes().to_vec(),
+            "cluster_bits",
+        ),
+        ("l1-size", 36, 0u32.to_be_bytes().to_vec(), "L1 table"),
+        (
+            "refcount-table-misaligned",
+            48,
+            0x1234u64.to_be_bytes().to_vec(),
+            "not cluster-aligned",
+        ),
+    ];
+    for (name, off, bytes, want) in cases {
+        let bad = d.join(format!("{name}.qcow2"));
+        patched(&good, &bad, off, &bytes);
+        let before = std::fs::read(&bad).unwrap();
+        let out = d.join(format!("{name}.raw"));
+        let o = run(&["disk", "convert", "-O", "raw", s(&bad), s(&out)]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{name}: {err}");
+        assert!(err.contains(s(&bad)) && err.contains(want), "{name}: {err}");
+        assert!(!err.contains("panicked"), "{name}: {err}");
+        assert!(!out.exists(), "{name}: partial output left behind");
+        assert_eq!(
+            std::fs::read(&bad).unwrap(),
+            before,
+            "{name}: source modified"
+        );
+    }
+    // Truncated images of every format.
+    for (name, fmt, opts) in SOURCES
+        .iter()
+        .filter(|s| s.0 != "raw" && !s.0.contains("flat") && !s.0.contains("split"))
+    {
+        let img = d.join(format!("t-{name}.{fmt}"));
+        let mut a = vec!["convert", "-O", fmt];
+        a.extend_from_slice(opts);
+        a.push(s(&src));
+        a.push(s(&img));
+        qemu_ok(&a);
+        for cut in [100u64, 700, 70_000] {
+            let data = std::fs::read(&img).unwrap();
+            if (cut as usize) >= data.len() {
+                continue;
+            }
+            let t = d.join(format!("cut-{name}.{fmt}"));
+            std::fs::write(&t, &data[..cut as usize]).unwrap();
+            let o = run(&[
+                "disk",
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                "raw",
+                s(&t),
+                s(&d.join("cut.raw")),
+            ]);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!err.contains("panicked"), "{name} cut at {cut}: {err}");
+            if !o.status.success() {
+                assert!(err.contains(s(&t)), "{name} cut at {cut}: {err}");
+            }
+            let _ = std::fs::remove_file(d.join("cut.raw"));
+        }
+    }
+    let _ = len;
+}
+
+#[test]
+fn create_check_resize_with_qemu_habits() {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let q = d.join("n.qcow2");
+    ok(&[
+        "disk",
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096,compat=0.10",
+        s(&q),
+        "1.5G",
+    ]);
+    let info: serde_json::Value =
+        serde_json::from_str(&qemu_ok(&["info", "--output=json", s(&q)])).unwrap();
+    assert_eq!(info["virtual-size"], 1536u64 << 20);
+    assert_eq!(info["cluster-size"], 4096);
+    assert_eq!(info["format-specific"]["data"]["compat"], "0.10");
+    Command::new("qemu-io")
+        .args(["-c", "write -P 0x77 1G 1M", s(&q)])
+        .output()
+        .unwrap();
+    ok(&["disk", "resize", s(&q), "+2G"]);
+    assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(0));
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["disk", "info", "--json", s(&q)])).unwrap();
+    assert_eq!(info["virtual-size"], (1536u64 << 20) + (2 << 30));
+    let o = run(&["disk", "resize", s(&q), "1G"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--shrink"));
+    ok(&["disk", "resize", "--shrink", s(&q), "1G"]);
+    assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(0));
+    let c: serde_json::Value =
+        serde_json::from_str(&ok(&["disk", "check", "--json", s(&q)])).unwrap();
+    assert_eq!(c["corruptions"], 0);
+    assert_eq!(c["leaks"], 0);
+    // A raw image grows and shrinks too.
+    let r = d.join("r.raw");
+    ok(&["disk", "create", "-f", "raw", s(&r), "10M"]);
+    ok(&["disk", "resize", s(&r), "+10M"]);
+    assert_eq!(std::fs::metadata(&r).unwrap().len(), 20 << 20);
+    // Bad input is one clear line.
+    for args in [
+        vec!["disk", "create", "-f", "qcow2", s(&q), "12Q"],
+        vec!["disk", "create", "-f", "vmdk", s(&d.join("v.vmdk")), "1M"],
+        vec![
+            "disk",
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "bogus=1",
+            s(&d.join("z.qcow2")),
+            "1M",
+        ],
+        vec!["disk", "info", s(&d.join("missing.qcow2"))],
+    ] {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn check_finds_and_repairs_leaks_like_qemu() {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let q = dir.path().join("leak.qcow2");
+    qemu_ok(&["create", "-q", "-f", "qcow2", s(&q), "8M"]);
+    Command::new("qemu-io")
+        .args(["-c", "write 0 1M", s(&q)])
+        .output()
+        .unwrap();
+    // Leak one cluster: bump the refcount of a cluster past the end of the used space.
+    let mut d = std::fs::read(&q).unwrap();
+    let clusters = d.len() as u64 / 65536;
+    let e = 0x20000 + (clusters as usize) * 2;
+    d[e..e + 2].copy_from_slice(&1u16.to_be_bytes());
+    d.resize(d.len() + 65536, 0);
+    std::fs::write(&q, &d).unwrap();
+    assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(3));
+    let o = run(&["disk", "check", s(&q)]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    ok(&["disk", "check", "-r", "leaks", s(&q)]);
+    assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(0));
+    assert_eq!(run(&["disk", "check", s(&q)]).status.code(), Some(0));
+}
+
+fn sha256_of(p: &Path) -> String {
+    let o = Command::new("sha256sum").arg(p).output().unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn import_physical_from_image_and_loop_device() {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let src = make_source(d);
+    let out = d.join("p2v.qcow2");
+    let r: serde_json::Value = serde_json::from_str(&ok(&[
+        "disk",
+        "import-physical",
+        "--json",
+        s(&src),
+        s(&out),
+    ]))
+    .unwrap();
+    assert_eq!(r["sha256"], sha256_of(&src));
+    assert_eq!(r["verified"], true);
+    assert!(r["bytes_written"].as_u64().unwrap() < 4 << 20);
+    qemu_ok(&["compare", s(&src), s(&out)]);
+    assert_eq!(qemu(&["check", s(&out)]).status.code(), Some(0));
+
+    // A real block device: a loop device over the same bytes.
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    if !is_root {
+        eprintln!("SKIP loop-device half: needs root for losetup");
+        return;
+    }
+    let lo = Command::new("losetup")
+        .args(["-f", "--show", "-r", s(&src)])
+        .output();
+    let dev = match lo {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        other => {
+            eprintln!("SKIP loop-device half: losetup failed: {other:?}");
+            return;
+        }
+    };
+    let out2 = d.join("dev.qcow2");
+    let res = run(&["disk", "import-physical", "--json", &dev, s(&out2)]);
+    Command::new("losetup").args(["-d", &dev]).status().ok();
+    assert!(
+        res.status.success(),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&res.stdout).unwrap();
+    assert_eq!(r["sha256"], sha256_of(&src));
+    qemu_ok(&["compare", s(&src), s(&out2)]);
+}
+
+#[test]
+fn import_physical_from_tree_reports_guest_needs() {
+    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+        eprintln!("SKIP: mkfs.ext4 not installed (apt-get install e2fsprogs)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tree = d.join("root");
+    let w = |p: &str, c: &str| {
+        let f = tree.join(p);
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, c).unwrap();
+    };
+    let uuid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+    w(
+        "etc/fstab",
+        &format!("UUID={uuid} / ext4 defaults 0 1\n/dev/sdb1 /data xfs defaults 0 2\n"),
+    );
+    w("etc/hostname", "p2v-guest\n");
+    w(
+        "etc/network/interfaces",
+        "auto lo\niface lo inet loopback\nauto enp3s0f1\niface enp3s0f1 inet dhcp\n",
+    );
+    w(
+        "lib/modules/6.1.0-test/kernel/drivers/block/virtio_blk.ko",
+        "x",
+    );
+    w(
+        "lib/modules/6.1.0-test/modules.builtin",
+        "kernel/drivers/virtio/virtio_pci.ko\nkernel/fs/ext4/ext4.ko\n",
+    );
+    w("boot/initrd.img-6.1.0-test", "070701 no virtio here");
+    let out = d.join("tree.qcow2");
+    let r: serde_json::Value = serde_json::from_str(&ok(&[
+        "disk",
+        "import-physical",
+        "--json",
+        "--from-tree",
+        s(&tree),
+        s(&out),
+    ]))
+    .unwrap();
+    assert_eq!(r["filesystem_uuid"], uuid, "root UUID from fstab is kept");
+    let text = r["findings"].to_string();
+    assert!(text.contains("/dev/sdb1"), "{text}");
+    assert!(text.contains("enp3s0f1"), "{text}");
+    assert!(
+        text.contains("virtio_net"),
+        "missing virtio_net not reported: {text}"
+    );
+    assert!(
+        text.contains("lacks virtio_blk"),
+        "initramfs without virtio_blk not reported: {text}"
+    );
+    // The image holds a clean ext4 filesystem with the tree's files.
+    if !have_qemu() {
+        eprintln!("SKIP content check: qemu-img not installed");
+        return;
+    }
+    let raw = d.join("tree.raw");
+    qemu_ok(&["convert", "-O", "raw", s(&out), s(&raw)]);
+    let fsck = Command::new("e2fsck")
+        .args(["-fn", s(&raw)])
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /etc/hostname", s(&raw)])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "p2v-guest\n");
+}

@@ -1,0 +1,127 @@
+//! One KVM VM: memory slots, the in-kernel irqchip and PIT, vCPU creation.
+
+use std::sync::Arc;
+
+use corefour_hypervisor::{HypervisorError, MemoryRegion, Result, Vcpu, Vm, VmOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm as KvmSys, VmFd};
+
+use crate::os_err;
+use crate::vcpu::KvmVcpu;
+
+/// Where KVM keeps its three-page TSS and the identity-map page that real-mode emulation on
+/// Intel needs. Just below the 4 GiB boundary, in the MMIO hole the VMM leaves free.
+const TSS_ADDR: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+pub struct KvmVm {
+    fd: VmFd,
+    cpuid: CpuId,
+    vcpus: u32,
+    irqchip: bool,
+}
+
+impl KvmVm {
+    pub(crate) fn new(sys: &KvmSys, vcpus: u32) -> Result<Self> {
+        let fd = sys.create_vm().map_err(|e| os_err("KVM_CREATE_VM", e))?;
+        fd.set_tss_address(TSS_ADDR)
+            .map_err(|e| os_err("KVM_SET_TSS_ADDR", e))?;
+        // Only Intel needs it; where it is refused the VM still works.
+        let _ = fd.set_identity_map_address(IDENTITY_MAP_ADDR);
+        // The in-kernel irqchip makes HLT wait in the kernel and gives the guest a LAPIC and
+        // IOAPIC; the PIT gives it a timer. Both are optional for the test guests, so a host
+        // without them still runs (HLT then comes back as `VmExit::Halt`).
+        let irqchip = fd.check_extension(Cap::Irqchip) && fd.create_irq_chip().is_ok();
+        if irqchip && fd.check_extension(Cap::Pit2) {
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit)
+                .map_err(|e| os_err("KVM_CREATE_PIT2", e))?;
+        }
+        // Long mode needs CPUID set on each vCPU first (kvm_pvm refuses EFER.LMA otherwise).
+        let cpuid = sys
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| os_err("KVM_GET_SUPPORTED_CPUID", e))?;
+        Ok(Self {
+            fd,
+            cpuid,
+            vcpus,
+            irqchip,
+        })
+    }
+
+    /// Whether HLT waits in the kernel for an interrupt (true) or exits to the VMM.
+    pub fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+}
+
+impl Vm for KvmVm {
+    unsafe fn set_memory_region(&self, region: MemoryRegion) -> Result<()> {
+        let mut flags = 0;
+        if region.log_dirty {
+            flags |= KVM_MEM_LOG_DIRTY_PAGES;
+        }
+        if region.read_only {
+            flags |= KVM_MEM_READONLY;
+        }
+        let r = kvm_userspace_memory_region {
+            slot: region.slot,
+            flags,
+            guest_phys_addr: region.guest_phys_addr,
+            memory_size: region.size,
+            userspace_addr: region.host_addr,
+        };
+        // SAFETY: the caller guarantees the host range is mapped and outlives the VM.
+        unsafe { self.fd.set_user_memory_region(r) }
+            .map_err(|e| os_err("KVM_SET_USER_MEMORY_REGION", e))
+    }
+
+    fn create_vcpu(&self, index: u32, ops: Arc<dyn VmOps>) -> Result<Box<dyn Vcpu>> {
+        if index >= self.vcpus {
+            return Err(HypervisorError::Invalid(format!(
+                "vCPU index {index} out of range (the VM has {})",
+                self.vcpus
+            )));
+        }
+        let fd = self
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|e| os_err("KVM_CREATE_VCPU", e))?;
+        Ok(Box::new(KvmVcpu::new(
+            fd,
+            index,
+            &self.cpuid,
+            self.irqchip,
+            ops,
+        )?))
+    }
+
+    fn set_irq_line(&self, irq: u32, level: bool) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::Unsupported(
+                "interrupt lines without an irqchip",
+            ));
+        }
+        self.fd
+            .set_irq_line(irq, level)
+            .map_err(|e| os_err("KVM_IRQ_LINE", e))
+    }
+
+    fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>> {
+        let size = usize::try_from(size)
+            .map_err(|_| HypervisorError::Invalid(format!("slot size {size:#x} too large")))?;
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(|e| os_err("KVM_GET_DIRTY_LOG", e))
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "kvm"
+    }
+}

@@ -1,0 +1,192 @@
+//! Building one VM from its config, then running it to its outcome.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corefour_devices::{Console, GuestEvents};
+use corefour_hypervisor::{HypervisorError, Vcpu, Vm};
+
+use crate::backend::{self, BackendError};
+use crate::boot::{self, BootError, BootPlan};
+use crate::config::{ConfigError, VmConfig};
+use crate::control::{Control, Outcome};
+use crate::machine;
+use crate::memory::{self, GuestMem, MemoryError};
+use crate::{api_server, signals, vcpu_thread};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot create the VM on the {backend} backend: {source}")]
+    CreateVm {
+        backend: &'static str,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("cannot create vCPU {index}: {source}")]
+    CreateVcpu {
+        index: u32,
+        #[source]
+        source: HypervisorError,
+    },
+    #[error("cannot place devices: {0}")]
+    Devices(#[from] corefour_devices::BusError),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error(transparent)]
+    Api(#[from] api_server::ApiError),
+    #[error(transparent)]
+    Signals(#[from] signals::SignalError),
+}
+
+/// How to run a built VM.
+#[derive(Default)]
+pub struct RunOptions {
+    pub timeout: Option<Duration>,
+    pub api_sock: Option<PathBuf>,
+    /// Route SIGTERM/SIGINT to a graceful shutdown (the CLI sets it; tests in-process do not).
+    pub handle_signals: bool,
+}
+
+/// What the run produced.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    /// The VMM's resident memory at the end (all, and anonymous only), and how much of it is
+    /// guest RAM (which is anonymous).
+    pub rss_bytes: u64,
+    pub anon_bytes: u64,
+    pub guest_resident_bytes: u64,
+}
+
+/// A VM ready to run: memory loaded, vCPUs at the entry, devices on the buses.
+pub struct Vmm {
+    config: VmConfig,
+    backend: &'static str,
+    backend_why: String,
+    // Field order is drop order: vCPUs go before the VM, the VM before the memory it maps.
+    vcpus: Vec<Box<dyn Vcpu>>,
+    _vm: Arc<dyn Vm>,
+    mem: GuestMem,
+    control: Arc<Control>,
+    console: Console,
+}
+
+impl Vmm {
+    /// Checks the config, loads the guest and creates the VM; nothing runs yet.
+    pub fn build(config: VmConfig, console: Console) -> Result<Self, VmmError> {
+        config.validate()?;
+        let mem = memory::allocate(config.memory_mib)?;
+        let plan: BootPlan = boot::prepare(&mem, &config)?;
+        let picked = backend::open(config.backend)?;
+        let name = picked.hypervisor.name();
+        let vm = picked
+            .hypervisor
+            .create_vm(config.vcpus)
+            .map_err(|source| VmmError::CreateVm {
+                backend: name,
+                source,
+            })?;
+        memory::register(&mem, vm.as_ref())?;
+        let control = Control::new(config.vcpus);
+        let events: Arc<dyn GuestEvents> = control.clone();
+        let ops = machine::build(&vm, console.clone(), events)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let mut vcpu = vm
+                .create_vcpu(index, ops.clone())
+                .map_err(|source| VmmError::CreateVcpu { index, source })?;
+            boot::setup_vcpu(vcpu.as_mut(), &plan, index)?;
+            control.add_kicker(vcpu.kicker());
+            vcpus.push(vcpu);
+        }
+        Ok(Self {
+            config,
+            backend: name,
+            backend_why: picked.why,
+            vcpus,
+            _vm: vm,
+            mem,
+            control,
+            console,
+        })
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Why this backend (for the stderr note: "auto: /dev/kvm is usable").
+    pub fn backend_why(&self) -> &str {
+        &self.backend_why
+    }
+
+    /// Runs the VM until the guest exits, resets, times out or is shut down.
+    pub fn run(mut self, opts: RunOptions) -> Result<RunReport, VmmError> {
+        if opts.handle_signals {
+            signals::route_to(self.control.clone())?;
+        }
+        let api = match &opts.api_sock {
+            Some(path) => Some(api_server::start(
+                path,
+                api_server::VmInfo {
+                    vcpus: self.config.vcpus,
+                    memory_mib: self.config.memory_mib,
+                    backend: self.backend,
+                },
+                self.control.clone(),
+            )?),
+            None => None,
+        };
+        let mut threads = Vec::new();
+        for (index, vcpu) in (0u32..).zip(self.vcpus.drain(..)) {
+            match vcpu_thread::spawn(index, vcpu, self.control.clone()) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.control.finish(Outcome::Error(e.to_string()));
+                    return Err(VmmError::Thread(e));
+                }
+            }
+        }
+        let console = self.console.clone();
+        let outcome = self
+            .control
+            .wait_outcome(opts.timeout, Duration::from_millis(50), || {
+                console.flush_all()
+            });
+        // Every vCPU was kicked by `finish`; a thread that does not come back in time is left
+        // behind (the process is about to exit) rather than hanging the VMM.
+        if self.control.wait_exited(Duration::from_secs(2)) {
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+        self.console.flush_all();
+        drop(api);
+        Ok(RunReport {
+            outcome,
+            rss_bytes: self_status_bytes("VmRSS:"),
+            anon_bytes: self_status_bytes("RssAnon:"),
+            guest_resident_bytes: memory::resident_bytes(&self.mem),
+        })
+    }
+}
+
+/// A kB field of /proc/self/status, in bytes (0 where unreadable).
+fn self_status_bytes(key: &str) -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
