@@ -1,12 +1,57 @@
-//! `corefour daemon`.
+//! `corefour daemon`: the REST API over a Unix socket, the inventory and the VM lifecycle.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use corefour_daemon::run::{run as run_daemon, RunOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+    /// Unix socket to listen on.
+    #[arg(long, env = "COREFOUR_SOCKET", default_value = corefour_daemon::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Directory for the inventory and per-VM files (config, console log, API socket).
+    #[arg(long, default_value = corefour_daemon::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Let this group use the socket (mode 0660); by default only root can (0600).
+    #[arg(long)]
+    group: Option<String>,
+    /// Log level: error, warn, info, debug or trace.
+    #[arg(long, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log_level: String,
+    /// The VMM binary, run as `BINARY vmm --config vm.json --api-sock vmm.sock` (default: this
+    /// corefour binary).
+    #[arg(long, value_name = "BINARY")]
+    vmm_binary: Option<PathBuf>,
+    /// Internal: run as the shim that starts and waits for one VM's VMM.
+    #[arg(long, hide = true, value_name = "VM_DIR")]
+    vmm_shim: Option<PathBuf>,
 }
 
 /// Returns the process exit code.
-pub fn run(_args: Args) -> anyhow::Result<i32> {
-    anyhow::bail!("`corefour daemon` is not built yet")
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("cannot find the corefour binary")?;
+    let vmm_exe = match &args.vmm_binary {
+        Some(p) => std::fs::canonicalize(p)
+            .with_context(|| format!("cannot find the VMM binary {}", p.display()))?,
+        None => exe.clone(),
+    };
+    if let Some(dir) = args.vmm_shim {
+        return corefour_daemon::shim::run(&dir, &vmm_exe).map_err(Into::into);
+    }
+    let state_dir = absolute(&args.state_dir)?;
+    let socket = absolute(&args.socket)?;
+    run_daemon(RunOptions {
+        socket,
+        state_dir,
+        group: args.group,
+        exe,
+        vmm_exe,
+        log_level: args.log_level,
+    })?;
+    Ok(0)
+}
+
+fn absolute(p: &std::path::Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
 }

@@ -1,25 +1,62 @@
 //! The software CPU backend: an x86-64 interpreter behind the hypervisor traits, for hosts
 //! without VT-x/SVM. See shared/EMU-NOTES.md for the design goals.
+//!
+//! Shape: iced-x86 decodes each guest-physical page's code once into blocks (`decode`), a
+//! software TLB with a one-compare hit path translates addresses (`mmu`), arithmetic flags are
+//! computed lazily (`flags`), and `exec` holds the instruction semantics. Ports and MMIO go to
+//! the VMM's `VmOps`; local APICs and the I/O APIC live here (`platform`), as KVM keeps them
+//! in the kernel.
+//!
+//! Set `COREFOUR_EMU_TRACE_UNIMPL=1` (or build the backend with [`Emu::with_trace_unimpl`]) to
+//! have every instruction and MSR the CPU does not implement named on stderr before the guest
+//! gets its #UD/#GP.
+
+pub mod cpu;
+pub mod cpuid;
+pub mod decode;
+mod exec;
+pub mod flags;
+mod io;
+pub mod mem;
+pub mod mmu;
+mod msr;
+pub mod platform;
+pub mod vcpu;
+pub mod vm;
 
 use std::sync::Arc;
 
-use corefour_hypervisor::{Hypervisor, HypervisorError, Result, Vm};
+use corefour_hypervisor::{Hypervisor, Result, Vm};
+
+pub use vcpu::EmuVcpu;
+pub use vm::EmuVm;
 
 /// The software CPU backend.
-#[derive(Debug, Default)]
-pub struct Emu;
+#[derive(Debug, Default, Clone)]
+pub struct Emu {
+    trace_unimpl: bool,
+}
 
 impl Emu {
+    /// A backend; tracing of unimplemented instructions follows `COREFOUR_EMU_TRACE_UNIMPL`.
     pub fn new() -> Self {
-        Emu
+        let trace = std::env::var_os("COREFOUR_EMU_TRACE_UNIMPL")
+            .is_some_and(|v| v != "0" && !v.is_empty());
+        Emu {
+            trace_unimpl: trace,
+        }
+    }
+
+    /// Names unimplemented instructions and MSRs on stderr.
+    pub fn with_trace_unimpl(mut self, on: bool) -> Self {
+        self.trace_unimpl = on;
+        self
     }
 }
 
 impl Hypervisor for Emu {
-    fn create_vm(&self, _vcpus: u32) -> Result<Arc<dyn Vm>> {
-        Err(HypervisorError::Unsupported(
-            "the software CPU (not built yet)",
-        ))
+    fn create_vm(&self, vcpus: u32) -> Result<Arc<dyn Vm>> {
+        Ok(Arc::new(EmuVm::new(vcpus, self.trace_unimpl)?))
     }
 
     fn name(&self) -> &'static str {

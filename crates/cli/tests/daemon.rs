@@ -1,0 +1,954 @@
+//! The daemon, driven through its real binary and socket: inventory, API errors, lifecycle,
+//! reconciliation after `kill -9`, the CLI. Each test runs its own daemon with its own state dir.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use corefour_daemon::client::blocking::Client;
+use corefour_daemon::client::Method;
+use serde_json::{json, Value};
+
+const EXE: &str = env!("CARGO_BIN_EXE_corefour");
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "c4d-{tag}-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos() ^ (rand_u32() as u128)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    t.subsec_nanos() ^ (t.as_secs() as u32).rotate_left(7)
+}
+
+/// One daemon process with its own socket and state dir.
+struct Daemon {
+    dir: TempDir,
+    sock: PathBuf,
+    child: Option<Child>,
+    vmm_binary: Option<PathBuf>,
+    client: Client,
+}
+
+impl Daemon {
+    fn start(tag: &str) -> Daemon {
+        Daemon::start_with(tag, None)
+    }
+
+    fn start_with(tag: &str, vmm_binary: Option<PathBuf>) -> Daemon {
+        let dir = TempDir::new(tag);
+        let sock = dir.0.join("d.sock");
+        let mut d = Daemon {
+            dir,
+            sock,
+            child: None,
+            vmm_binary,
+            client: Client::new().unwrap(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.0.join("state")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.0.join("daemon.log"))
+            .unwrap();
+        let mut cmd = Command::new(EXE);
+        cmd.arg("daemon")
+            .arg("--socket")
+            .arg(&self.sock)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(v) = &self.vmm_binary {
+            cmd.arg("--vmm-binary").arg(v);
+        }
+        self.child = Some(cmd.spawn().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited with {st}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not listen: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM: the daemon exits gracefully (VMs keep running).
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// (status, body) of one request.
+    fn req(&self, method: Method, uri: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, bytes) = self
+            .client
+            .call(&self.sock, method, uri, body.map(|b| b.as_bytes().to_vec()))
+            .unwrap();
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        (status.as_u16(), v)
+    }
+
+    fn ok(&self, method: Method, uri: &str, body: Option<&str>) -> Value {
+        let (s, v) = self.req(method.clone(), uri, body);
+        assert!(
+            (200..300).contains(&s),
+            "{method} {uri} -> {s} {v}\n{}",
+            self.log()
+        );
+        v
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(EXE)
+            .arg("vm")
+            .args(args)
+            .env("COREFOUR_SOCKET", &self.sock)
+            .output()
+            .unwrap()
+    }
+
+    fn wait_state(&self, name: &str, state: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.ok(Method::GET, &format!("/v1/vms/{name}"), None);
+            if v["state"] == state {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never reached {state}: {v}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Kill every VMM this daemon still runs, then the daemon.
+        if self.child.is_some() {
+            if let Ok((_, b)) = self.client.call(&self.sock, Method::GET, "/v1/vms", None) {
+                if let Ok(Value::Array(vms)) = serde_json::from_slice::<Value>(&b) {
+                    for vm in vms {
+                        if let Some(n) = vm["name"].as_str() {
+                            let _ = self.client.call(
+                                &self.sock,
+                                Method::DELETE,
+                                &format!("/v1/vms/{n}?force=true"),
+                                None,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        self.terminate();
+    }
+}
+
+/// Any existing regular file is a valid `kernel` for tests that never start the VM.
+fn some_file() -> String {
+    EXE.to_string()
+}
+
+fn create_body(name: &str) -> String {
+    json!({"name": name, "kernel": some_file()}).to_string()
+}
+
+/// A stand-in VMM for lifecycle tests that do not need a guest: prints a line and sleeps, like a
+/// VMM whose guest idles. `$1` is "vmm"; the rest are the contract's flags.
+fn fake_vmm(dir: &Path) -> PathBuf {
+    let p = dir.join("fake-vmm");
+    std::fs::write(&p, "#!/bin/sh\necho \"fake vmm up: $*\"\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn guest(name: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../guests/build")
+        .join(format!("{name}.elf"));
+    p.exists().then(|| p.canonicalize().unwrap())
+}
+
+/// The real VMM is there when `corefour vmm --help` succeeds.
+fn real_vmm() -> bool {
+    Command::new(EXE)
+        .args(["vmm", "--help"])
+        .output()
+        .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("--config"))
+        .unwrap_or(false)
+}
+
+fn pid_alive(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            let st = s.rsplit(')').next().unwrap_or("").split_whitespace().next();
+            st != Some("Z") && st != Some("X")
+        })
+        .unwrap_or(false)
+}
+
+fn sigkill(pid: i64) {
+    let st = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn create_list_info_delete() {
+    let d = Daemon::start("crud");
+    let v = d.ok(Method::POST, "/v1/vms", Some(&create_body("crud-a")));
+    assert_eq!(v["state"], "created");
+    assert_eq!(
+        v["kernel"],
+        std::fs::canonicalize(EXE).unwrap().display().to_string()
+    );
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "crud-b", "kernel": some_file(), "vcpus": 2, "memory_mib": 128,
+                     "cpu_quota_pct": 50, "nets": [{"bridge": "c4test0"}]})
+            .to_string(),
+        ),
+    );
+    let (s, v) = d.req(Method::POST, "/v1/vms", Some(&create_body("crud-a")));
+    assert_eq!(s, 409, "{v}");
+    assert!(v["fault_message"]
+        .as_str()
+        .unwrap()
+        .contains("already exists"));
+    let list = d.ok(Method::GET, "/v1/vms", None);
+    let names: Vec<_> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("crud-a"), json!("crud-b")]);
+    let b = d.ok(Method::GET, "/v1/vms/crud-b", None);
+    assert_eq!(
+        (b["vcpus"].clone(), b["memory_mib"].clone()),
+        (json!(2), json!(128))
+    );
+    assert!(b["nics"][0]["mac"].as_str().unwrap().starts_with("02:c4:"));
+    assert_eq!(d.req(Method::DELETE, "/v1/vms/crud-a", None).0, 204);
+    assert_eq!(d.req(Method::GET, "/v1/vms/crud-a", None).0, 404);
+    assert_eq!(d.req(Method::DELETE, "/v1/vms/crud-a", None).0, 404);
+    assert!(!d.state_dir().join("vms/crud-a").exists());
+    assert!(d.state_dir().join("vms/crud-b").is_dir());
+    // The CLI sees the same inventory.
+    let out = d.cli(&["list", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let l: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(l.as_array().unwrap().len(), 1);
+    let out = d.cli(&["info", "crud-b"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("cpu quota:   50%"),
+        "{out:?}"
+    );
+    let ev = d.ok(Method::GET, "/v1/events", None);
+    let kinds: Vec<_> = ev
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["created", "created", "deleted"]);
+}
+
+#[test]
+fn concurrent_creates_and_deletes_lose_and_duplicate_nothing() {
+    let d = Daemon::start("conc");
+    let threads: usize = 8;
+    let per: usize = 20;
+    let results: Vec<(usize, u32)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                let d = &d;
+                s.spawn(move || {
+                    let c = Client::new().unwrap();
+                    let mut dup_ok = 0;
+                    for i in 0..per {
+                        let body = create_body(&format!("conc-{t}-{i}"));
+                        let (st, _) = c
+                            .call(&d.sock, Method::POST, "/v1/vms", Some(body.into_bytes()))
+                            .unwrap();
+                        assert_eq!(st.as_u16(), 201);
+                        // Every thread races for the same few names: exactly one create wins each.
+                        let (st, _) = c
+                            .call(
+                                &d.sock,
+                                Method::POST,
+                                "/v1/vms",
+                                Some(create_body(&format!("conc-dup-{}", i % 5)).into_bytes()),
+                            )
+                            .unwrap();
+                        assert!(st.as_u16() == 201 || st.as_u16() == 409, "{st}");
+                        dup_ok += u32::from(st.as_u16() == 201);
+                    }
+                    (t, dup_ok)
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        results.iter().map(|r| r.1).sum::<u32>(),
+        5,
+        "each contested name created exactly once"
+    );
+    let list = d.ok(Method::GET, "/v1/vms", None);
+    let mut names: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), threads * per + 5);
+    names.dedup();
+    assert_eq!(names.len(), threads * per + 5, "no duplicated rows");
+
+    // Now delete everything from many threads, each name twice: one 204, one 404.
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let d = &d;
+            let names = &names;
+            s.spawn(move || {
+                let c = Client::new().unwrap();
+                for (i, n) in names.iter().enumerate() {
+                    if i % threads == t || (i + 1) % threads == t {
+                        let (st, _) = c
+                            .call(&d.sock, Method::DELETE, &format!("/v1/vms/{n}"), None)
+                            .unwrap();
+                        assert!(st.as_u16() == 204 || st.as_u16() == 404, "{st}");
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(d.ok(Method::GET, "/v1/vms", None), json!([]));
+    let ev = d.ok(Method::GET, "/v1/events?since=0&limit=10000", None);
+    let count = |k: &str| {
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == k)
+            .count()
+    };
+    assert_eq!(count("created"), threads * per + 5);
+    assert_eq!(count("deleted"), threads * per + 5);
+    let left = std::fs::read_dir(d.state_dir().join("vms"))
+        .unwrap()
+        .count();
+    assert_eq!(left, 0, "no VM directory left behind");
+}
+
+#[test]
+fn malformed_json_and_unknown_fields_are_400_with_a_clear_message() {
+    let d = Daemon::start("bad");
+    d.ok(Method::POST, "/v1/vms", Some(&create_body("bad-a")));
+    let cases: &[(Method, &str, &str, &str)] = &[
+        (Method::POST, "/v1/vms", "{", "EOF while parsing"),
+        (Method::POST, "/v1/vms", "not json", "expected"),
+        (Method::POST, "/v1/vms", "", "EOF"),
+        (
+            Method::POST,
+            "/v1/vms",
+            r#"{"name":"x","kernel":"/bin/sh","vcpu":2}"#,
+            "unknown field `vcpu`",
+        ),
+        (
+            Method::POST,
+            "/v1/vms",
+            r#"{"name":"x","kernel":"/bin/sh","vcpus":"two"}"#,
+            "invalid type",
+        ),
+        (
+            Method::POST,
+            "/v1/vms",
+            r#"{"name":"x","kernel":"/bin/sh","disks":[{"path":"/bin/sh","ro":true}]}"#,
+            "unknown field `ro`",
+        ),
+        (
+            Method::POST,
+            "/v1/vms",
+            r#"{"kernel":"/bin/sh"}"#,
+            "missing field `name`",
+        ),
+        (Method::POST, "/v1/vms", r#"[1,2]"#, "invalid type"),
+        (
+            Method::PATCH,
+            "/v1/vms/bad-a",
+            r#"{"cpu_quota":5}"#,
+            "unknown field `cpu_quota`",
+        ),
+        (
+            Method::PATCH,
+            "/v1/vms/bad-a",
+            r#"{"cpu_weight":0.5}"#,
+            "invalid type",
+        ),
+        (
+            Method::POST,
+            "/v1/vms/bad-a/stop",
+            r#"{"timeout":1}"#,
+            "unknown field `timeout`",
+        ),
+        (
+            Method::DELETE,
+            "/v1/vms/bad-a?forse=true",
+            "",
+            "unknown field `forse`",
+        ),
+        (Method::GET, "/v1/events?since=abc", "", "invalid type"),
+    ];
+    for (m, uri, body, want) in cases {
+        let body = if body.is_empty() && *m != Method::POST {
+            None
+        } else {
+            Some(*body)
+        };
+        let (s, v) = d.req(m.clone(), uri, body);
+        assert_eq!(s, 400, "{m} {uri} {body:?} -> {s} {v}");
+        let msg = v["fault_message"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no fault_message: {v}"));
+        assert!(msg.contains(want), "{m} {uri}: {msg:?} lacks {want:?}");
+    }
+    // Nothing was created or lost by any of it.
+    let list = d.ok(Method::GET, "/v1/vms", None);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    // Random bytes never crash the daemon.
+    let mut x = rand_u32() | 1;
+    for _ in 0..200 {
+        let len = (x % 64) as usize;
+        let body: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                (x & 0xff) as u8
+            })
+            .collect();
+        let (s, _) = d
+            .client
+            .call(&d.sock, Method::POST, "/v1/vms", Some(body))
+            .unwrap();
+        assert_eq!(s.as_u16(), 400);
+    }
+    assert_eq!(
+        d.ok(Method::GET, "/v1/vms", None).as_array().unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn names_and_paths_are_validated() {
+    let d = Daemon::start("names");
+    for bad in [
+        "../../etc",
+        "A",
+        "-x",
+        ".x",
+        "a/b",
+        "",
+        &"x".repeat(64),
+        "a..b",
+    ] {
+        let (s, v) = d.req(Method::POST, "/v1/vms", Some(&create_body(bad)));
+        assert_eq!(s, 400, "{bad:?} -> {v}");
+        assert!(
+            v["fault_message"]
+                .as_str()
+                .unwrap()
+                .contains("invalid name"),
+            "{v}"
+        );
+    }
+    for (kernel, want) in [
+        ("relative/k", "must be absolute"),
+        ("/nonexistent/k", "cannot be opened"),
+        ("/tmp", "not a regular file"),
+    ] {
+        let (s, v) = d.req(
+            Method::POST,
+            "/v1/vms",
+            Some(&json!({"name": "n", "kernel": kernel}).to_string()),
+        );
+        assert_eq!(s, 400, "{v}");
+        assert!(v["fault_message"].as_str().unwrap().contains(want), "{v}");
+    }
+    // A traversal in the URL finds nothing and touches nothing.
+    let (s, _) = d.req(Method::GET, "/v1/vms/..%2F..%2Fetc/console", None);
+    assert_eq!(s, 404);
+    let (s, _) = d.req(Method::DELETE, "/v1/vms/..", None);
+    assert_eq!(s, 404);
+    assert!(d.state_dir().join("inventory.db").exists());
+    assert_eq!(d.ok(Method::GET, "/v1/vms", None), json!([]));
+}
+
+#[test]
+fn openapi_is_served_as_kept_in_the_repo_and_every_route_exists() {
+    let d = Daemon::start("openapi");
+    let (s, served) = d.req(Method::GET, "/openapi.json", None);
+    assert_eq!(s, 200);
+    let file: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(served, file);
+    for (method, path) in corefour_daemon::server::ROUTES {
+        assert!(
+            file["paths"][path][method].is_object(),
+            "{method} {path} undocumented"
+        );
+        let m: Method = method.to_uppercase().parse().unwrap();
+        let uri = path.replace("{name}", "nosuchvm");
+        let (s, v) = d.req(m, &uri, Some("{}"));
+        let no_route = v["fault_message"]
+            .as_str()
+            .is_some_and(|f| f.starts_with("no route"));
+        assert!(
+            !no_route,
+            "{method} {uri} is documented but not served: {s} {v}"
+        );
+    }
+    let (s, v) = d.req(Method::GET, "/v2/vms", None);
+    assert_eq!(s, 404);
+    assert!(v["fault_message"].as_str().unwrap().starts_with("no route"));
+}
+
+#[test]
+fn socket_is_root_only_and_cli_errors_are_one_line() {
+    let d = Daemon::start("sock");
+    let mode = std::fs::metadata(&d.sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // A second daemon on the same socket refuses to steal it.
+    let out = Command::new(EXE)
+        .args(["daemon", "--socket"])
+        .arg(&d.sock)
+        .arg("--state-dir")
+        .arg(d.dir.0.join("other"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already listens"),
+        "{out:?}"
+    );
+
+    let out = Command::new(EXE)
+        .args(["vm", "list", "--socket", "/nonexistent/c4.sock"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot reach the corefour daemon at /nonexistent/c4.sock"),
+        "{err}"
+    );
+    let out = d.cli(&["info", "nope"]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "corefour: no instance named \"nope\""
+    );
+    let out = d.cli(&[
+        "create", "web-{n}", "--kernel", EXE, "--count", "3", "--memory", "32M",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = d.cli(&["list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for n in ["web-1", "web-2", "web-3"] {
+        assert!(text.contains(n), "{text}");
+    }
+    let out = d.cli(&["create", "x", "--kernel", EXE, "--memory", "12Q"]);
+    assert!(!out.status.success());
+}
+
+#[test]
+fn a_vmm_that_dies_is_marked_stopped_with_the_reason() {
+    let t = TempDir::new("fakevmm");
+    let d = Daemon::start_with("died", Some(fake_vmm(&t.0)));
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "died-a", "kernel": some_file(), "start": true}).to_string()),
+    );
+    assert_eq!(v["state"], "running", "{v}");
+    let pid = v["pid"].as_i64().unwrap();
+    assert!(pid_alive(pid));
+    sigkill(pid);
+    let v = d.wait_state("died-a", "stopped", Duration::from_secs(10));
+    assert_eq!(v["stop_reason"], "killed by signal 9 (SIGKILL)", "{v}");
+    assert!(v.get("pid").is_none());
+    // It starts again, and `kill` ends it the same way.
+    let v = d.ok(Method::POST, "/v1/vms/died-a/start", None);
+    assert_eq!(v["state"], "running");
+    // The console log keeps both runs' output.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let console = d.ok(Method::GET, "/v1/vms/died-a/console", None);
+        let text = console.as_str().unwrap_or_default().to_string();
+        if text.matches("fake vmm up: vmm --config").count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let v = d.ok(Method::POST, "/v1/vms/died-a/kill", None);
+    assert_eq!(v["state"], "stopped");
+    assert!(v["stop_reason"].as_str().unwrap().contains("SIGKILL"));
+    // Deleting a running VM needs force.
+    d.ok(Method::POST, "/v1/vms/died-a/start", None);
+    let (s, v) = d.req(Method::DELETE, "/v1/vms/died-a", None);
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(
+        d.req(Method::DELETE, "/v1/vms/died-a?force=true", None).0,
+        204
+    );
+    assert!(!pid_alive(pid));
+}
+
+#[test]
+fn kill_9_of_the_daemon_with_vms_running_then_restart_reconciles() {
+    let t = TempDir::new("fakevmm");
+    let mut d = Daemon::start_with("recon", Some(fake_vmm(&t.0)));
+    let mut pids = Vec::new();
+    for n in ["recon-a", "recon-b"] {
+        let v = d.ok(
+            Method::POST,
+            "/v1/vms",
+            Some(&json!({"name": n, "kernel": some_file(), "start": true}).to_string()),
+        );
+        pids.push(v["pid"].as_i64().unwrap());
+    }
+    d.kill9();
+    // The VMMs outlive the daemon.
+    assert!(pids.iter().all(|&p| pid_alive(p)));
+    // One dies while no daemon watches.
+    sigkill(pids[1]);
+    std::thread::sleep(Duration::from_millis(200));
+    d.spawn();
+    let a = d.ok(Method::GET, "/v1/vms/recon-a", None);
+    assert_eq!(
+        (a["state"].clone(), a["pid"].as_i64()),
+        (json!("running"), Some(pids[0])),
+        "{a}"
+    );
+    let b = d.ok(Method::GET, "/v1/vms/recon-b", None);
+    assert_eq!(b["state"], "stopped", "{b}");
+    assert_eq!(
+        b["stop_reason"],
+        "killed by signal 9 (SIGKILL) (while the daemon was down)"
+    );
+    // The restarted daemon watches the survivor: its death is noticed and recorded.
+    sigkill(pids[0]);
+    let a = d.wait_state("recon-a", "stopped", Duration::from_secs(10));
+    assert!(
+        a["stop_reason"].as_str().unwrap().contains("SIGKILL"),
+        "{a}"
+    );
+    let ev = d.ok(Method::GET, "/v1/events?since=0", None);
+    assert!(
+        ev.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "reconciled"),
+        "{ev}"
+    );
+    // And a daemon restarted with nothing running has nothing to fix.
+    d.kill9();
+    d.spawn();
+    assert_eq!(
+        d.ok(Method::GET, "/v1/vms/recon-a", None)["state"],
+        "stopped"
+    );
+}
+
+#[test]
+fn cpu_limits_live_in_the_vm_cgroup_and_change_while_it_runs() {
+    if !is_root() || !Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() {
+        eprintln!("skipped: needs root and a cgroup v1 cpu hierarchy");
+        return;
+    }
+    let t = TempDir::new("fakevmm");
+    let d = Daemon::start_with("cg", Some(fake_vmm(&t.0)));
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "cg-a", "kernel": some_file(), "start": true, "cpu_quota_pct": 50, "cpu_weight": 200, "cpu_pin": [0], "memory_mib": 64}).to_string()),
+    );
+    let pid = v["pid"].as_i64().unwrap();
+    let cgroup_of = |ctl: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .unwrap()
+            .lines()
+            .find_map(|l| {
+                let mut f = l.splitn(3, ':');
+                let _ = f.next();
+                let ctls = f.next()?;
+                ctls.split(',')
+                    .any(|c| c == ctl)
+                    .then(|| f.next().unwrap().to_string())
+            })
+            .unwrap()
+    };
+    let cpu_cg = cgroup_of("cpu");
+    assert!(
+        cpu_cg.starts_with("/corefour-vms-") && cpu_cg.ends_with("/cg-a"),
+        "{cpu_cg}"
+    );
+    let dir = Path::new("/sys/fs/cgroup/cpu").join(cpu_cg.trim_start_matches('/'));
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    assert_eq!(read("cpu.cfs_quota_us"), "50000");
+    assert_eq!(read("cpu.shares"), "2048");
+    let cpuset =
+        Path::new("/sys/fs/cgroup/cpuset").join(cgroup_of("cpuset").trim_start_matches('/'));
+    assert_eq!(
+        std::fs::read_to_string(cpuset.join("cpuset.cpus"))
+            .unwrap()
+            .trim(),
+        "0"
+    );
+    let mem = Path::new("/sys/fs/cgroup/memory").join(cgroup_of("memory").trim_start_matches('/'));
+    assert_eq!(
+        std::fs::read_to_string(mem.join("memory.limit_in_bytes"))
+            .unwrap()
+            .trim(),
+        ((64u64 << 20) + (128 << 20)).to_string()
+    );
+    let out = d.cli(&["set", "cg-a", "--cpu-quota", "25%", "--cpu-weight", "50"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(read("cpu.cfs_quota_us"), "25000");
+    assert_eq!(read("cpu.shares"), "512");
+    let (s, v) = d.req(
+        Method::PATCH,
+        "/v1/vms/cg-a",
+        Some(r#"{"cpu_weight": 20000}"#),
+    );
+    assert_eq!(s, 400, "{v}");
+    d.ok(
+        Method::PATCH,
+        "/v1/vms/cg-a",
+        Some(r#"{"cpu_quota_pct": 0}"#),
+    );
+    assert_eq!(read("cpu.cfs_quota_us"), "-1");
+    d.ok(Method::POST, "/v1/vms/cg-a/kill", None);
+    assert!(!dir.exists(), "the cgroup is removed when the VM stops");
+}
+
+#[test]
+fn real_guests_start_pause_resume_stop() {
+    let (Some(hello), Some(pioloop)) = (guest("hello"), guest("pioloop")) else {
+        eprintln!("skipped: guests not built (make -C guests)");
+        return;
+    };
+    if !real_vmm() {
+        eprintln!("skipped: `corefour vmm` is not built into this binary yet");
+        return;
+    }
+    let d = Daemon::start("real");
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "real-hello", "kernel": hello, "cmdline": "hi", "start": true})
+                .to_string(),
+        ),
+    );
+    assert!(v["state"] == "running" || v["state"] == "stopped", "{v}");
+    let v = d.wait_state("real-hello", "stopped", Duration::from_secs(30));
+    assert_eq!(v["exit_code"], 0, "{v}");
+    assert_eq!(v["stop_reason"], "guest exited with code 0");
+    let out = d.cli(&["console", "real-hello"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Hello from corefour guest"),
+        "{out:?}"
+    );
+
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "real-loop", "kernel": pioloop, "cmdline": "n=100000000000", "start": true,
+                     "vcpus": 2, "cpu_pin": [1, 0]}).to_string()),
+    );
+    // Each vCPU thread is pinned to its own host CPU: vcpu0 -> 1, vcpu1 -> 0.
+    let pid = d.ok(Method::GET, "/v1/vms/real-loop", None)["pid"]
+        .as_i64()
+        .unwrap();
+    let two_cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while two_cpus && Instant::now() < deadline + Duration::from_secs(1) {
+        let mut pins = std::collections::BTreeMap::new();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let allowed = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            if comm.starts_with("vcpu") {
+                pins.insert(comm.trim().to_string(), allowed);
+            }
+        }
+        if pins.get("vcpu0").map(String::as_str) == Some("1")
+            && pins.get("vcpu1").map(String::as_str) == Some("0")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "vCPUs not pinned: {pins:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = d.ok(Method::POST, "/v1/vms/real-loop/pause", None);
+    assert_eq!(v["state"], "paused", "{v}");
+    let (s, _) = d.req(Method::POST, "/v1/vms/real-loop/pause", None);
+    assert_eq!(s, 409);
+    let v = d.ok(Method::POST, "/v1/vms/real-loop/resume", None);
+    assert_eq!(v["state"], "running");
+    let out = d.cli(&["stop", "real-loop", "--timeout", "10s"]);
+    assert!(out.status.success(), "{out:?}");
+    let v = d.ok(Method::GET, "/v1/vms/real-loop", None);
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["exit_code"], 0, "graceful shutdown exits 0: {v}");
+    assert_eq!(v["stop_reason"], "shut down on request (exit code 0)");
+}
+
+#[test]
+fn nics_get_a_tap_in_the_managed_bridge_while_running() {
+    if !is_root() || !Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: needs root and /dev/net/tun");
+        return;
+    }
+    let t = TempDir::new("fakevmm");
+    let d = Daemon::start_with("net", Some(fake_vmm(&t.0)));
+    let bridge = format!("c4tb{}", std::process::id() % 100_000);
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "net-a", "kernel": some_file(), "start": true,
+                     "nets": [{"bridge": bridge, "rate_limit": {"bytes_per_sec": 1000000}},
+                              {"bridge": bridge, "mac": "02:AA:00:00:00:01"}]})
+            .to_string(),
+        ),
+    );
+    let nics = v["nics"].as_array().unwrap().clone();
+    assert_eq!(nics.len(), 2, "{v}");
+    assert_eq!(nics[1]["mac"], "02:aa:00:00:00:01");
+    assert_eq!(nics[0]["rate_limit"]["bytes_per_sec"], 1000000);
+    for nic in &nics {
+        let tap = nic["tap"].as_str().unwrap();
+        let master = std::fs::read_link(format!("/sys/class/net/{tap}/master")).unwrap();
+        assert_eq!(master.file_name().unwrap().to_str().unwrap(), bridge);
+    }
+    // The VMM config names the taps and MACs the daemon assigned.
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.state_dir().join("vms/net-a/vm.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["nets"][0]["tap"], nics[0]["tap"]);
+    assert_eq!(cfg["nets"][1]["mac"], "02:aa:00:00:00:01");
+    // The same MAC cannot be handed out twice.
+    let (s, e) = d.req(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "net-b", "kernel": some_file(), "nets": [{"bridge": bridge, "mac": "02:aa:00:00:00:01"}]}).to_string()),
+    );
+    assert_eq!(s, 409, "{e}");
+    d.ok(Method::POST, "/v1/vms/net-a/kill", None);
+    for nic in &nics {
+        let tap = nic["tap"].as_str().unwrap();
+        assert!(
+            !Path::new("/sys/class/net").join(tap).exists(),
+            "tap {tap} outlived its VM"
+        );
+    }
+    let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+}

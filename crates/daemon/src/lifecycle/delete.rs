@@ -1,0 +1,33 @@
+//! `DELETE /v1/vms/{name}[?force=true]`.
+
+use std::sync::Arc;
+
+use super::{active_conflict, remove_dir_if_exists, Daemon};
+use crate::error::DaemonError;
+
+impl Daemon {
+    /// Deletes a VM; a running one only with `force` (it is killed first).
+    pub async fn delete(self: &Arc<Self>, name: &str, force: bool) -> Result<(), DaemonError> {
+        let g = self.op_lock(name).await;
+        let rec = self.inv.get_vm(name)?;
+        if let Some(h) = self.handle(name) {
+            if !force {
+                return Err(active_conflict(
+                    name,
+                    rec.state,
+                    "delete (stop it first, or force)",
+                ));
+            }
+            self.kill_and_wait(name, &h).await?;
+        }
+        self.release(name);
+        // Directory first, row second: a crash in between leaves a row whose directory `start`
+        // recreates, never a directory nobody owns.
+        remove_dir_if_exists(&self.vm_dir(name))?;
+        self.inv.delete_vm(name)?;
+        drop(g);
+        self.forget_lock(name);
+        tracing::info!(vm = name, "deleted");
+        Ok(())
+    }
+}

@@ -1,0 +1,218 @@
+//! The daemon's state and the lifecycle verbs, one file per verb.
+//!
+//! Lock order: a VM's operation lock (`Daemon::op_lock`) is taken first and held across the whole
+//! verb; the inventory mutex and the `running` map mutex are only ever held briefly inside it and
+//! never across an `.await`.
+
+mod create;
+mod delete;
+mod pause;
+mod pin;
+mod proc;
+mod reconcile;
+mod set;
+mod start;
+mod stop;
+
+pub use stop::DEFAULT_STOP_TIMEOUT;
+mod watch;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use corefour_api::{VmInfo, VmState};
+
+use crate::cgroup::Cgroups;
+use crate::error::DaemonError;
+use crate::inventory::{Inventory, VmRecord};
+
+pub use proc::{process_alive, start_time};
+
+/// How the daemon runs: where it keeps state, and how it starts VMMs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub state_dir: PathBuf,
+    /// The `corefour` binary that runs the shim.
+    pub exe: PathBuf,
+    /// The binary run as `VMM_EXE vmm --config ... --api-sock ...` (normally `exe` itself).
+    pub vmm_exe: PathBuf,
+}
+
+/// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.
+#[derive(Debug, Clone)]
+struct RunHandle {
+    vmm_pid: i32,
+    done: tokio::sync::watch::Receiver<bool>,
+}
+
+pub struct Daemon {
+    cfg: DaemonConfig,
+    inv: Inventory,
+    cgroups: Option<Cgroups>,
+    running: Mutex<HashMap<String, RunHandle>>,
+    /// VMs whose exit the daemon asked for (`stop`), so exit code 0 reads "shut down on request".
+    stop_requested: Mutex<std::collections::HashSet<String>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The cgroup parent directory of VMs (the container runtime uses its own).
+const CGROUP_PARENT: &str = "corefour-vms";
+
+/// Host-global names (cgroups, taps) of a daemon with a non-default state directory carry a short
+/// tag of that directory, so two daemons (as tests run them) never collide.
+fn host_tag(state_dir: &Path) -> Option<String> {
+    if state_dir == Path::new(crate::DEFAULT_STATE_DIR) {
+        return None;
+    }
+    // FNV-1a: a stable, dependency-free hash; collisions only cost a clearer error from `ip`.
+    let h = state_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    Some(format!("{:04x}", h & 0xffff))
+}
+
+impl Daemon {
+    /// Opens the inventory and finds the VMs that were running when the daemon last stopped.
+    pub async fn open(cfg: DaemonConfig) -> Result<Arc<Daemon>, DaemonError> {
+        std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(|e| {
+            DaemonError::io(format!("cannot create {}", cfg.state_dir.display()), e)
+        })?;
+        let tag = host_tag(&cfg.state_dir);
+        let inv = Inventory::open(
+            &cfg.state_dir.join("inventory.db"),
+            &format!("c4{}", tag.as_deref().unwrap_or("")),
+        )?;
+        let parent = match &tag {
+            Some(t) => format!("{CGROUP_PARENT}-{t}"),
+            None => CGROUP_PARENT.to_string(),
+        };
+        // Probe that cgroups can be made here; the parent is made again on each start and removed
+        // when the daemon exits, so it does not outlive its VMs.
+        let cgroups = Cgroups::detect(&parent).and_then(|c| match c.prepare() {
+            Ok(()) => {
+                c.remove_parent();
+                Some(c)
+            }
+            Err(e) => {
+                tracing::warn!("cgroups unavailable, VMs run without CPU/memory limits: {e}");
+                None
+            }
+        });
+        if let Some(c) = &cgroups {
+            tracing::info!("VM cgroups: v{}", c.version());
+        }
+        let d = Arc::new(Daemon {
+            cfg,
+            inv,
+            cgroups,
+            running: Mutex::new(HashMap::new()),
+            stop_requested: Mutex::new(Default::default()),
+            locks: Mutex::new(HashMap::new()),
+        });
+        d.reconcile_all().await?;
+        Ok(d)
+    }
+
+    /// Called on a graceful exit: VMs keep running, but an unused cgroup parent goes.
+    pub fn shutdown(&self) {
+        if let Some(c) = &self.cgroups {
+            c.remove_parent();
+        }
+    }
+
+    pub fn inventory(&self) -> &Inventory {
+        &self.inv
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("vms").join(name)
+    }
+
+    /// The per-VM lock every verb holds, so two verbs on one VM never interleave.
+    async fn op_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let m = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(name.to_string()).or_default().clone()
+        };
+        m.lock_owned().await
+    }
+
+    fn forget_lock(&self, name: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = locks.get(name) {
+            // Only drop the entry when no other verb is queued on it.
+            if Arc::strong_count(m) <= 2 {
+                locks.remove(name);
+            }
+        }
+    }
+
+    fn handle(&self, name: &str) -> Option<RunHandle> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn info(&self, name: &str) -> Result<VmInfo, DaemonError> {
+        Ok(to_info(self.inv.get_vm(name)?))
+    }
+
+    pub fn list(&self) -> Result<Vec<VmInfo>, DaemonError> {
+        Ok(self.inv.list_vms()?.into_iter().map(to_info).collect())
+    }
+
+    pub fn console_path(&self, name: &str) -> Result<PathBuf, DaemonError> {
+        self.inv.get_vm(name)?;
+        Ok(self.vm_dir(name).join(crate::shim::CONSOLE_LOG))
+    }
+
+    /// Whether the VM's VMM is (as far as the daemon knows) still running.
+    pub fn is_active(&self, name: &str) -> bool {
+        self.handle(name).is_some()
+    }
+
+    fn api_sock(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join(crate::shim::API_SOCK)
+    }
+}
+
+pub fn to_info(r: VmRecord) -> VmInfo {
+    VmInfo {
+        pid: r.pids.map(|p| p.vmm_pid),
+        name: r.name,
+        state: r.state,
+        kernel: r.spec.kernel,
+        cmdline: r.spec.cmdline,
+        initrd: r.spec.initrd,
+        vcpus: r.spec.vcpus,
+        memory_mib: r.spec.memory_mib,
+        backend: r.spec.backend,
+        cpu_pin: r.spec.cpu_pin,
+        cpu_quota_pct: r.spec.cpu_quota_pct,
+        cpu_weight: r.spec.cpu_weight,
+        disks: r.spec.disks,
+        nics: r.nics,
+        stop_reason: r.stop_reason,
+        exit_code: r.exit_code,
+        created_ms: r.created_ms,
+    }
+}
+
+fn active_conflict(name: &str, state: VmState, verb: &str) -> DaemonError {
+    DaemonError::Conflict(format!("VM {name:?} is {state}: cannot {verb} it"))
+}
+
+fn remove_dir_if_exists(p: &Path) -> Result<(), DaemonError> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DaemonError::io(format!("cannot remove {}", p.display()), e)),
+    }
+}

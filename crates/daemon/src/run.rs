@@ -1,0 +1,68 @@
+//! Running the daemon: logging, runtime, inventory, socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::lifecycle::{Daemon, DaemonConfig};
+use crate::server::{self, ServeError};
+use crate::DaemonError;
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    /// Group allowed to use the socket (mode 0660); None: root only (0600).
+    pub group: Option<String>,
+    /// The `corefour` binary that runs the shims.
+    pub exe: PathBuf,
+    /// The binary run as `VMM vmm --config ... --api-sock ...`.
+    pub vmm_exe: PathBuf,
+    /// error, warn, info, debug or trace.
+    pub log_level: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error("serving the API failed: {0}")]
+    Io(#[source] std::io::Error),
+}
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn run(opts: RunOptions) -> Result<(), RunError> {
+    let level: tracing::Level = opts.log_level.parse().unwrap_or(tracing::Level::INFO);
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(RunError::Runtime)?;
+    rt.block_on(async {
+        let listener = server::bind(&opts.socket, opts.group.as_deref())?;
+        let d = Daemon::open(DaemonConfig {
+            state_dir: opts.state_dir.clone(),
+            exe: opts.exe.clone(),
+            vmm_exe: opts.vmm_exe.clone(),
+        })
+        .await?;
+        tracing::info!(
+            socket = %opts.socket.display(),
+            state_dir = %opts.state_dir.display(),
+            "corefour daemon listening"
+        );
+        server::serve(listener, Arc::clone(&d))
+            .await
+            .map_err(RunError::Io)?;
+        d.shutdown();
+        let _ = std::fs::remove_file(&opts.socket);
+        Ok(())
+    })
+}

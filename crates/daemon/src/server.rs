@@ -1,0 +1,387 @@
+//! The REST API: routes, request parsing, and serving on a Unix socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use corefour_api::{StopRequest, VmCreate, VmLimits};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::error::DaemonError;
+use crate::lifecycle::Daemon;
+
+/// Every route the daemon serves (method, path template); the OpenAPI document must describe each.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/openapi.json"),
+    ("get", "/v1/vms"),
+    ("post", "/v1/vms"),
+    ("get", "/v1/vms/{name}"),
+    ("patch", "/v1/vms/{name}"),
+    ("delete", "/v1/vms/{name}"),
+    ("post", "/v1/vms/{name}/start"),
+    ("post", "/v1/vms/{name}/stop"),
+    ("post", "/v1/vms/{name}/kill"),
+    ("post", "/v1/vms/{name}/pause"),
+    ("post", "/v1/vms/{name}/resume"),
+    ("get", "/v1/vms/{name}/console"),
+    ("get", "/v1/events"),
+];
+
+type AppState = State<Arc<Daemon>>;
+type ApiResult<T> = Result<T, DaemonError>;
+
+pub fn router(d: Arc<Daemon>) -> Router {
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route(
+            "/v1/vms/{name}",
+            get(get_vm).patch(patch_vm).delete(delete_vm),
+        )
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/kill", post(kill_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/events", get(events))
+        .fallback(no_route)
+        .with_state(d)
+}
+
+async fn no_route(uri: axum::http::Uri, method: axum::http::Method) -> DaemonError {
+    DaemonError::NotFound(format!(
+        "no route {method} {}: see GET /openapi.json",
+        uri.path()
+    ))
+}
+
+/// Parses a JSON body with serde's own message ("unknown field `vcpu`, expected one of ...") and a
+/// 400, where axum's extractor would answer 422 with a generic text.
+fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> ApiResult<T> {
+    serde_json::from_slice(body)
+        .map_err(|e| DaemonError::BadRequest(format!("invalid {what} request body: {e}")))
+}
+
+/// Query strings are parsed by hand for the same reason: one error format, with the field named.
+type QueryMap = std::collections::BTreeMap<String, String>;
+
+fn parse_query<T: DeserializeOwned>(q: QueryMap) -> ApiResult<T> {
+    // Query values arrive as strings; let numbers and booleans through as such.
+    let obj = q
+        .into_iter()
+        .map(|(k, s)| {
+            let v = serde_json::from_str(&s).unwrap_or(serde_json::Value::String(s));
+            (k, v)
+        })
+        .collect();
+    serde_json::from_value(serde_json::Value::Object(obj))
+        .map_err(|e| DaemonError::BadRequest(format!("invalid query string: {e}")))
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        corefour_api::OPENAPI_JSON,
+    )
+        .into_response()
+}
+
+async fn list_vms(State(d): AppState) -> ApiResult<Response> {
+    Ok(Json(d.list()?).into_response())
+}
+
+async fn create_vm(State(d): AppState, body: Bytes) -> ApiResult<Response> {
+    let req: VmCreate = parse_body(&body, "create")?;
+    let info = d.create(req).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn get_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    Ok(Json(d.info(&name)?).into_response())
+}
+
+async fn patch_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: VmLimits = parse_body(&body, "limits")?;
+    Ok(Json(d.set_limits(&name, req).await?).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DeleteQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn delete_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<QueryMap>,
+) -> ApiResult<Response> {
+    let q: DeleteQuery = parse_query(q)?;
+    d.delete(&name, q.force).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn start_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    Ok(Json(d.start(&name).await?).into_response())
+}
+
+async fn stop_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        StopRequest::default()
+    } else {
+        parse_body(&body, "stop")?
+    };
+    let timeout = req
+        .timeout_secs
+        .map_or(crate::lifecycle::DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    Ok(Json(d.stop(&name, timeout).await?).into_response())
+}
+
+async fn kill_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    Ok(Json(d.kill(&name).await?).into_response())
+}
+
+async fn pause_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    Ok(Json(d.pause(&name).await?).into_response())
+}
+
+async fn resume_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    Ok(Json(d.resume(&name).await?).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    /// Events after this id; absent: the newest `limit`.
+    since: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn events(State(d): AppState, Query(q): Query<QueryMap>) -> ApiResult<Response> {
+    let q: EventsQuery = parse_query(q)?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let evs = match q.since {
+        Some(s) => d.inventory().events_since(s, limit)?,
+        None => d.inventory().last_events(limit)?,
+    };
+    Ok(Json(evs).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConsoleQuery {
+    /// Keep the response open and stream new output until the VM stops.
+    #[serde(default)]
+    follow: bool,
+    /// Start at this byte offset of the log.
+    #[serde(default)]
+    offset: u64,
+}
+
+/// The serial log; with `follow`, a stream that ends once the VM has stopped and all is sent.
+async fn console(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    Query(q): Query<QueryMap>,
+) -> ApiResult<Response> {
+    let q: ConsoleQuery = parse_query(q)?;
+    let path = d.console_path(&name)?;
+    let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !q.follow {
+        let mut data = match tokio::fs::read(&path).await {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(DaemonError::io(
+                    format!("cannot read {}", path.display()),
+                    e,
+                ))
+            }
+        };
+        let off = usize::try_from(q.offset)
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        data.drain(..off);
+        return Ok((text, data).into_response());
+    }
+    let stream = futures_util::stream::unfold(
+        (d, name, path, q.offset, false),
+        |(d, name, path, mut off, finished)| async move {
+            if finished {
+                return None;
+            }
+            let mut backoff = Duration::from_millis(2);
+            loop {
+                // Read the activity flag before the file: output written before the VMM exited is
+                // then always seen by the read that follows.
+                let active = d.is_active(&name);
+                let chunk = read_from(&path, off).await;
+                if !chunk.is_empty() {
+                    off += chunk.len() as u64;
+                    return Some((Ok::<_, std::io::Error>(chunk), (d, name, path, off, false)));
+                }
+                if !active {
+                    return None;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(100));
+            }
+        },
+    );
+    Ok((text, Body::from_stream(stream)).into_response())
+}
+
+async fn read_from(path: &Path, off: u64) -> Vec<u8> {
+    let Ok(mut f) = tokio::fs::File::open(path).await else {
+        return Vec::new();
+    };
+    if f.seek(std::io::SeekFrom::Start(off)).await.is_err() {
+        return Vec::new();
+    }
+    let mut buf = Vec::new();
+    let _ = (&mut f).take(1 << 20).read_to_end(&mut buf).await;
+    buf
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("another corefour daemon already listens on {0}")]
+    InUse(PathBuf),
+    #[error("cannot listen on {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unknown group {0:?}")]
+    Group(String),
+    #[error("cannot set the owner or mode of {path}: {source}")]
+    Perm {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the socket: mode 0600 (root only), or 0660 owned by `group` when one is given. A stale
+/// socket file (nobody answering) is replaced; a live one is an error.
+pub fn bind(path: &Path, group: Option<&str>) -> Result<tokio::net::UnixListener, ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(bind_err)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ServeError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(bind_err)?;
+    }
+    let gid = match group {
+        Some(g) => Some(lookup_group(g).ok_or_else(|| ServeError::Group(g.to_string()))?),
+        None => None,
+    };
+    // The umask makes the socket private from its first moment; chmod below only widens it.
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = std::os::unix::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(bind_err)?;
+    let perm_err = |source| ServeError::Perm {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(perm_err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(perm_err)?;
+    }
+    listener.set_nonblocking(true).map_err(bind_err)?;
+    tokio::net::UnixListener::from_std(listener).map_err(bind_err)
+}
+
+fn lookup_group(name: &str) -> Option<u32> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Some(gid);
+    }
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
+}
+
+/// Serves until SIGINT or SIGTERM. VMs keep running when the daemon exits; the next daemon finds
+/// them again.
+pub async fn serve(listener: tokio::net::UnixListener, d: Arc<Daemon>) -> std::io::Result<()> {
+    let app = router(d);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => return std::future::pending().await,
+                };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down; running VMs keep running");
+        })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openapi_covers_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(corefour_api::OPENAPI_JSON).unwrap();
+        for (method, path) in ROUTES {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "openapi.json lacks {method} {path}"
+            );
+        }
+        // ...and describes nothing the daemon does not serve.
+        let paths = doc["paths"].as_object().unwrap();
+        for (p, ops) in paths {
+            for m in ops.as_object().unwrap().keys() {
+                assert!(
+                    ROUTES.contains(&(m.as_str(), p.as_str())),
+                    "openapi.json describes {m} {p}, which the daemon does not serve"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn groups_resolve() {
+        assert_eq!(lookup_group("root"), Some(0));
+        assert_eq!(lookup_group("7"), Some(7));
+        assert_eq!(lookup_group("no-such-group-c4"), None);
+    }
+}

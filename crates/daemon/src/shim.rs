@@ -1,0 +1,161 @@
+//! The shim: one small process per running VM that starts the VMM, waits for it and records how it
+//! ended in the VM's directory.
+//!
+//! The daemon can be restarted or killed while VMs run; a process that is not its child cannot be
+//! waited for, so without the shim an exit code would be lost. The shim writes `exit` (atomically,
+//! by rename) and the daemon, current or restarted, reads it.
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+pub const EXIT_FILE: &str = "exit";
+pub const CONFIG_FILE: &str = "vm.json";
+pub const API_SOCK: &str = "vmm.sock";
+pub const CONSOLE_LOG: &str = "console.log";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("cannot open the console log {path}: {source}")]
+    Console {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the VMM {exe}: {source}")]
+    Spawn {
+        exe: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot wait for the VMM: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("cannot record the VMM's exit status in {path}: {source}")]
+    Record {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How a VMM ended, as the shim recorded it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExitRecord {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+}
+
+impl ExitRecord {
+    /// A sentence for `stop_reason`, from the VMM contract's exit codes.
+    pub fn reason(&self) -> String {
+        match (self.code, self.signal) {
+            (Some(0), _) => "guest exited with code 0".to_string(),
+            (Some(1), _) => "VMM error (exit code 1): see the console log".to_string(),
+            (Some(2), _) => "guest reset or triple fault (exit code 2)".to_string(),
+            (Some(3), _) => "VMM timeout (exit code 3)".to_string(),
+            (Some(c), _) => format!("guest exited with code {c}"),
+            (None, Some(9)) => "killed by signal 9 (SIGKILL)".to_string(),
+            (None, Some(15)) => "killed by signal 15 (SIGTERM)".to_string(),
+            (None, Some(s)) => format!("killed by signal {s}"),
+            (None, None) => "exited with an unknown status".to_string(),
+        }
+    }
+}
+
+pub fn read_exit(vm_dir: &Path) -> Option<ExitRecord> {
+    let text = std::fs::read_to_string(vm_dir.join(EXIT_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Runs in the shim process: starts `vmm_exe vmm --config vm.json --api-sock vmm.sock` with its
+/// output appended to console.log, reports the VMM pid on stdout (a pipe to the daemon), waits,
+/// and records the exit. Returns the shim's own exit code.
+pub fn run(vm_dir: &Path, vmm_exe: &Path) -> Result<i32, ShimError> {
+    // The shim outlives terminal hang-ups and a daemon's Ctrl-C: it must record the exit.
+    // SAFETY: setting signal dispositions to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGTERM, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let console_path = vm_dir.join(CONSOLE_LOG);
+    let console = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&console_path)
+        .map_err(|source| ShimError::Console {
+            path: console_path.display().to_string(),
+            source,
+        })?;
+    let console2 = console.try_clone().map_err(|source| ShimError::Console {
+        path: console_path.display().to_string(),
+        source,
+    })?;
+    let _ = std::fs::remove_file(vm_dir.join(EXIT_FILE));
+    let mut cmd = Command::new(vmm_exe);
+    cmd.arg("vmm")
+        .arg("--config")
+        .arg(vm_dir.join(CONFIG_FILE))
+        .arg("--api-sock")
+        .arg(vm_dir.join(API_SOCK))
+        .stdin(Stdio::null())
+        .stdout(console)
+        .stderr(console2);
+    // The VMM gets default signal dispositions back (SIGTERM means graceful shutdown to it).
+    // SAFETY: the closure runs between fork and exec and only calls async-signal-safe `signal`.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGHUP, libc::SIG_DFL);
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    crate::seccomp::apply_to(&mut cmd);
+    let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
+        exe: vmm_exe.display().to_string(),
+        source,
+    })?;
+    {
+        let mut out = std::io::stdout().lock();
+        // The daemon may have died meanwhile; the VM runs on regardless.
+        let _ = writeln!(out, "{}", child.id());
+        let _ = out.flush();
+    }
+    let status = child.wait().map_err(ShimError::Wait)?;
+    let rec = ExitRecord {
+        code: status.code(),
+        signal: status.signal(),
+    };
+    let tmp = vm_dir.join("exit.tmp");
+    let record_err = |source| ShimError::Record {
+        path: vm_dir.join(EXIT_FILE).display().to_string(),
+        source,
+    };
+    let json = serde_json::to_vec(&rec).unwrap_or_default();
+    std::fs::write(&tmp, json).map_err(record_err)?;
+    std::fs::rename(&tmp, vm_dir.join(EXIT_FILE)).map_err(record_err)?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons() {
+        let r = |code, signal| ExitRecord { code, signal }.reason();
+        assert_eq!(r(Some(0), None), "guest exited with code 0");
+        assert!(r(Some(1), None).contains("VMM error"));
+        assert!(r(Some(2), None).contains("triple fault"));
+        assert!(r(Some(3), None).contains("timeout"));
+        assert_eq!(r(Some(42), None), "guest exited with code 42");
+        assert!(r(None, Some(9)).contains("SIGKILL"));
+    }
+}

@@ -1,0 +1,76 @@
+//! The interrupt state one virtio device shares with its transport: the ISR bits the driver
+//! reads and acknowledges, the line to raise, and the needs-reset flag a failing worker sets.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use crate::IrqLine;
+
+/// ISR bit: a used ring changed.
+pub const INT_VRING: u32 = 1;
+/// ISR bit: the config space changed.
+pub const INT_CONFIG: u32 = 2;
+
+pub struct Interrupt {
+    isr: AtomicU32,
+    needs_reset: AtomicBool,
+    config_generation: AtomicU32,
+    line: Arc<dyn IrqLine>,
+}
+
+impl Interrupt {
+    pub fn new(line: Arc<dyn IrqLine>) -> Self {
+        Self {
+            isr: AtomicU32::new(0),
+            needs_reset: AtomicBool::new(false),
+            config_generation: AtomicU32::new(0),
+            line,
+        }
+    }
+
+    /// A used ring was updated (and the driver wants to hear about it).
+    pub fn signal_used(&self) {
+        self.isr.fetch_or(INT_VRING, Ordering::SeqCst);
+        self.line.trigger();
+    }
+
+    /// The device's config space changed.
+    pub fn signal_config(&self) {
+        self.config_generation.fetch_add(1, Ordering::SeqCst);
+        self.isr.fetch_or(INT_CONFIG, Ordering::SeqCst);
+        self.line.trigger();
+    }
+
+    /// The device hit something it cannot continue from: the driver must reset it.
+    pub fn set_needs_reset(&self) {
+        self.needs_reset.store(true, Ordering::SeqCst);
+        self.signal_config();
+    }
+
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    pub fn isr(&self) -> u32 {
+        self.isr.load(Ordering::SeqCst)
+    }
+
+    /// The driver acknowledged the bits in `mask`.
+    pub fn ack(&self, mask: u32) {
+        let left = self.isr.fetch_and(!mask, Ordering::SeqCst) & !mask;
+        if left == 0 {
+            self.line.set_level(false);
+        }
+    }
+
+    pub fn config_generation(&self) -> u32 {
+        self.config_generation.load(Ordering::SeqCst)
+    }
+
+    /// Clears everything on a device reset.
+    pub fn reset(&self) {
+        self.isr.store(0, Ordering::SeqCst);
+        self.needs_reset.store(false, Ordering::SeqCst);
+        self.line.set_level(false);
+    }
+}

@@ -1,0 +1,188 @@
+//! The thread that runs an activated device: it waits (epoll) on one eventfd per queue (written
+//! by the transport on QueueNotify, or by KVM directly when registered as an ioeventfd), on the
+//! device's own fds (tap, sockets) and on a stop eventfd, and calls the [`QueueHandler`].
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Interrupt, QueueHandler};
+
+/// Tokens at or above this are the worker's own (queue events and stop).
+pub const RESERVED_TOKENS: u64 = 1 << 62;
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// Lets a handler add and remove fds it watches (vsock connections come and go).
+pub struct Poller {
+    epoll: Epoll,
+}
+
+impl Poller {
+    pub fn add(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+    }
+
+    pub fn modify(&self, fd: RawFd, token: u64, events: EventSet) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Modify, fd, EpollEvent::new(events, token))
+    }
+
+    pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+}
+
+/// A running device worker; dropping it stops and joins the thread.
+pub struct Worker {
+    stop: EventFd,
+    thread: Option<JoinHandle<Box<dyn QueueHandler>>>,
+}
+
+impl Worker {
+    /// Starts `handler` on a new thread named `name`. `queue_events[i]` signals queue `i`.
+    pub fn spawn(
+        name: &str,
+        mut handler: Box<dyn QueueHandler>,
+        queue_events: Vec<Arc<EventFd>>,
+        interrupt: Arc<Interrupt>,
+    ) -> std::io::Result<Self> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        let stop_clone = stop.try_clone()?;
+        let poller = Poller {
+            epoll: Epoll::new()?,
+        };
+        for (i, ev) in queue_events.iter().enumerate() {
+            poller.add(ev.as_raw_fd(), RESERVED_TOKENS + i as u64, EventSet::IN)?;
+        }
+        poller.add(stop_clone.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
+        for (fd, token) in handler.fds() {
+            poller.add(fd, token, EventSet::IN | EventSet::EDGE_TRIGGERED)?;
+        }
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                run(&mut *handler, &poller, &queue_events, &interrupt);
+                drop(stop_clone);
+                handler
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the thread and gives the handler back.
+    pub fn stop(mut self) -> Option<Box<dyn QueueHandler>> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Option<Box<dyn QueueHandler>> {
+        let thread = self.thread.take()?;
+        // The eventfd write can only fail on counter overflow, which a stop never reaches.
+        let _ = self.stop.write(1);
+        thread.join().ok()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+/// How long a polling device keeps looking at its rings after work before it sleeps. A driver
+/// that submits in a steady stream then costs no wake-ups (vhost's busyloop, in small).
+const POLL: Duration = Duration::from_micros(50);
+
+fn poll(handler: &mut dyn QueueHandler, poller: &Poller) -> Result<(), super::DeviceError> {
+    let mut until = std::time::Instant::now() + POLL;
+    let mut spins = 0u32;
+    loop {
+        if let Some(q) = handler.pending_queue() {
+            handler.queue_notified(q, poller)?;
+            until = std::time::Instant::now() + POLL;
+            continue;
+        }
+        spins += 1;
+        // Reading the clock every few spins keeps the loop cheap.
+        if spins.is_multiple_of(16) && std::time::Instant::now() >= until {
+            return Ok(());
+        }
+        std::hint::spin_loop();
+    }
+}
+
+fn run(
+    handler: &mut dyn QueueHandler,
+    poller: &Poller,
+    queue_events: &[Arc<EventFd>],
+    interrupt: &Interrupt,
+) {
+    let mut events = vec![EpollEvent::default(); 32];
+    let mut failed = false;
+    loop {
+        let next = if failed { None } else { handler.next_timer() };
+        if next == Some(Duration::ZERO) {
+            // Due now, even if fds keep the loop busy: a throttled device must not starve.
+            if let Err(e) = handler.timer(poller) {
+                tracing::warn!("virtio device stopped, driver must reset it: {e}");
+                interrupt.set_needs_reset();
+                failed = true;
+            }
+            continue;
+        }
+        let timeout = match next {
+            Some(d) => i32::try_from(d.as_millis() + 1).unwrap_or(i32::MAX),
+            None => -1,
+        };
+        let n = match poller.epoll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("virtio worker: epoll_wait failed: {e}");
+                interrupt.set_needs_reset();
+                return;
+            }
+        };
+        let mut result = Ok(());
+        for ev in &events[..n] {
+            let token = ev.data();
+            if token == STOP_TOKEN {
+                return;
+            }
+            if failed {
+                // Drain notifications so a level-triggered fd does not spin us.
+                if let Some(q) = queue_events.get((token.wrapping_sub(RESERVED_TOKENS)) as usize) {
+                    let _ = q.read();
+                }
+                continue;
+            }
+            result = result.and_then(|()| {
+                if token >= RESERVED_TOKENS {
+                    let q = (token - RESERVED_TOKENS) as usize;
+                    if let Some(evfd) = queue_events.get(q) {
+                        // Non-blocking read of the counter: EAGAIN means a spurious wakeup.
+                        let _ = evfd.read();
+                    }
+                    handler.queue_notified(q, poller)
+                } else {
+                    handler.fd_ready(token, ev.events(), poller)
+                }
+            });
+        }
+        if result.is_ok() && !failed && n > 0 {
+            result = poll(handler, poller);
+        }
+        if let Err(e) = result {
+            tracing::warn!("virtio device stopped, driver must reset it: {e}");
+            interrupt.set_needs_reset();
+            failed = true;
+        }
+    }
+}

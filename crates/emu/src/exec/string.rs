@@ -1,0 +1,186 @@
+//! String instructions (MOVS, STOS, LODS, CMPS, SCAS, INS, OUTS) with REP prefixes. A long
+//! REP runs in slices so interrupts and kicks are seen in between, as on a real CPU.
+
+use iced_x86::{Instruction, Mnemonic as M, OpKind};
+
+use crate::cpu::*;
+use crate::flags::{self, Op};
+
+const SLICE: u64 = 4096;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Movs,
+    Stos,
+    Lods,
+    Cmps,
+    Scas,
+    Ins,
+    Outs,
+}
+
+impl Cpu {
+    pub(super) fn exec_string(&mut self, i: &Instruction) -> Option<X<()>> {
+        use M::*;
+        let (kind, size) = match i.mnemonic() {
+            Movsb => (Kind::Movs, 1),
+            Movsw => (Kind::Movs, 2),
+            Movsd => (Kind::Movs, 4),
+            Movsq => (Kind::Movs, 8),
+            Stosb => (Kind::Stos, 1),
+            Stosw => (Kind::Stos, 2),
+            Stosd => (Kind::Stos, 4),
+            Stosq => (Kind::Stos, 8),
+            Lodsb => (Kind::Lods, 1),
+            Lodsw => (Kind::Lods, 2),
+            Lodsd => (Kind::Lods, 4),
+            Lodsq => (Kind::Lods, 8),
+            Cmpsb => (Kind::Cmps, 1),
+            Cmpsw => (Kind::Cmps, 2),
+            Cmpsd => (Kind::Cmps, 4),
+            Cmpsq => (Kind::Cmps, 8),
+            Scasb => (Kind::Scas, 1),
+            Scasw => (Kind::Scas, 2),
+            Scasd => (Kind::Scas, 4),
+            Scasq => (Kind::Scas, 8),
+            Insb => (Kind::Ins, 1),
+            Insw => (Kind::Ins, 2),
+            Insd => (Kind::Ins, 4),
+            Outsb => (Kind::Outs, 1),
+            Outsw => (Kind::Outs, 2),
+            Outsd => (Kind::Outs, 4),
+            _ => return None,
+        };
+        // MOVSD/CMPSD are also SSE2 mnemonics; those have register operands.
+        if (0..i.op_count()).any(|n| matches!(i.op_kind(n), OpKind::Register))
+            && !matches!(
+                kind,
+                Kind::Ins | Kind::Outs | Kind::Lods | Kind::Stos | Kind::Scas
+            )
+        {
+            return None;
+        }
+        Some(self.string(i, kind, size))
+    }
+
+    fn string(&mut self, i: &Instruction, kind: Kind, size: usize) -> X<()> {
+        let asize = (0..i.op_count())
+            .find_map(|n| match i.op_kind(n) {
+                OpKind::MemorySegSI | OpKind::MemoryESDI | OpKind::MemorySegDI => Some(2),
+                OpKind::MemorySegESI | OpKind::MemoryESEDI | OpKind::MemorySegEDI => Some(4),
+                OpKind::MemorySegRSI | OpKind::MemoryESRDI | OpKind::MemorySegRDI => Some(8),
+                _ => None,
+            })
+            .unwrap_or(self.bits / 8);
+        let amask = super::szmask(asize);
+        let seg = super::seg_index(i.memory_segment());
+        let step = if self.rflags & flags::DF != 0 {
+            (size as u64).wrapping_neg()
+        } else {
+            size as u64
+        };
+        let rep = i.has_rep_prefix() || i.has_repne_prefix();
+        if matches!(kind, Kind::Ins | Kind::Outs) && !self.iopl_ok() {
+            return gp(0);
+        }
+        let vmask = super::szmask(size as u32);
+        let mut n = 0u64;
+        loop {
+            if rep {
+                if self.gpr[1] & amask == 0 {
+                    return Ok(());
+                }
+                if n == SLICE {
+                    // Come back for the rest after the dispatcher had a look at interrupts.
+                    self.rip = i.ip();
+                    self.brk = true;
+                    return Ok(());
+                }
+            }
+            let si = self.gpr[6] & amask;
+            let di = self.gpr[7] & amask;
+            match kind {
+                Kind::Movs => {
+                    let a = self.lin(seg, si);
+                    let v = self.read(a, size)?;
+                    let b = self.lin(ES, di);
+                    self.write(b, size, v)?;
+                    self.adv(6, si, step, amask);
+                    self.adv(7, di, step, amask);
+                }
+                Kind::Stos => {
+                    let b = self.lin(ES, di);
+                    self.write(b, size, self.gpr[0] & vmask)?;
+                    self.adv(7, di, step, amask);
+                }
+                Kind::Lods => {
+                    let a = self.lin(seg, si);
+                    let v = self.read(a, size)?;
+                    self.set_gpr(0, size as u32, v);
+                    self.adv(6, si, step, amask);
+                }
+                Kind::Cmps | Kind::Scas => {
+                    let (x, y) = if kind == Kind::Cmps {
+                        let a = self.lin(seg, si);
+                        let x = self.read(a, size)?;
+                        let b = self.lin(ES, di);
+                        (x, self.read(b, size)?)
+                    } else {
+                        let b = self.lin(ES, di);
+                        (self.gpr[0] & vmask, self.read(b, size)?)
+                    };
+                    self.set_flags_lazy(Op::Sub, size as u32 * 8, x, y, x.wrapping_sub(y) & vmask);
+                    if kind == Kind::Cmps {
+                        self.adv(6, si, step, amask);
+                    }
+                    self.adv(7, di, step, amask);
+                    if rep {
+                        let c = self.gpr[1].wrapping_sub(1);
+                        self.set_areg(1, c, amask);
+                        let eq = x == y;
+                        if (i.has_rep_prefix() && !eq) || (i.has_repne_prefix() && eq) {
+                            return Ok(());
+                        }
+                        n += 1;
+                        continue;
+                    }
+                }
+                Kind::Ins => {
+                    let b = self.lin(ES, di);
+                    // Probe first so a fault does not lose the port read.
+                    self.write(b, size, 0)?;
+                    let v = self.pio_in(self.gpr[2] as u16, size);
+                    self.write(b, size, v)?;
+                    self.adv(7, di, step, amask);
+                }
+                Kind::Outs => {
+                    let a = self.lin(seg, si);
+                    let v = self.read(a, size)?;
+                    self.pio_out(self.gpr[2] as u16, size, v);
+                    self.adv(6, si, step, amask);
+                }
+            }
+            if !rep {
+                return Ok(());
+            }
+            let c = self.gpr[1].wrapping_sub(1);
+            self.set_areg(1, c, amask);
+            n += 1;
+        }
+    }
+
+    #[inline]
+    fn adv(&mut self, r: usize, v: u64, step: u64, amask: u64) {
+        self.set_areg(r, v.wrapping_add(step), amask);
+    }
+
+    /// Writes an address-sized register: 16-bit merges, 32-bit zero-extends.
+    #[inline]
+    fn set_areg(&mut self, r: usize, v: u64, amask: u64) {
+        self.gpr[r] = if amask == 0xffff {
+            (self.gpr[r] & !0xffff) | (v & 0xffff)
+        } else {
+            v & amask
+        };
+    }
+}

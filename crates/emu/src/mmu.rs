@@ -1,0 +1,470 @@
+//! Paging (none, 32-bit, PAE, 4-level) behind a software TLB whose hit is one compare and one
+//! add: an entry keeps the virtual page as a tag per access kind and `addend` = host − guest
+//! virtual. MMIO pages, read-only RAM, pages holding decoded code (for writes) and pages whose
+//! dirty bit is not yet set never get a write tag, so those writes take the slow path.
+
+use crate::cpu::*;
+
+pub const TLB_BITS: u32 = 8;
+pub const TLB_SIZE: usize = 1 << TLB_BITS;
+const NONE: u64 = 1;
+const PAGE_MASK: u64 = !0xfff;
+
+#[derive(Clone, Copy)]
+pub struct Entry {
+    pub read: u64,
+    pub write: u64,
+    pub exec: u64,
+    pub addend: u64,
+    pub global: bool,
+}
+
+const EMPTY: Entry = Entry {
+    read: NONE,
+    write: NONE,
+    exec: NONE,
+    addend: 0,
+    global: false,
+};
+
+/// Two sets: supervisor accesses and user (CPL 3) accesses.
+pub struct Tlb {
+    pub e: Box<[[Entry; TLB_SIZE]; 2]>,
+}
+
+impl Tlb {
+    pub fn new() -> Self {
+        Tlb {
+            e: Box::new([[EMPTY; TLB_SIZE]; 2]),
+        }
+    }
+
+    pub fn flush_all(&mut self) {
+        for set in self.e.iter_mut() {
+            set.fill(EMPTY);
+        }
+    }
+
+    pub fn flush_nonglobal(&mut self) {
+        for set in self.e.iter_mut() {
+            for e in set.iter_mut() {
+                if !e.global {
+                    *e = EMPTY;
+                }
+            }
+        }
+    }
+
+    pub fn flush_page(&mut self, va: u64) {
+        let i = ((va >> 12) as usize) & (TLB_SIZE - 1);
+        for set in self.e.iter_mut() {
+            if set[i].read == va & PAGE_MASK
+                || set[i].write == va & PAGE_MASK
+                || set[i].exec == va & PAGE_MASK
+            {
+                set[i] = EMPTY;
+            }
+        }
+    }
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Acc {
+    R,
+    W,
+    X,
+}
+
+/// What a page walk found for one 4 KiB page.
+struct Walk {
+    phys: u64,
+    write: bool,
+    exec: bool,
+    dirty: bool,
+    global: bool,
+}
+
+const P: u64 = 1;
+const RW: u64 = 2;
+const US: u64 = 4;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const PS: u64 = 1 << 7;
+const G: u64 = 1 << 8;
+const XD: u64 = 1 << 63;
+const ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+#[inline]
+unsafe fn load(p: *const u8, size: usize) -> u64 {
+    // SAFETY: the caller guarantees `p .. p+size` is inside a guest RAM mapping.
+    unsafe {
+        match size {
+            1 => *p as u64,
+            2 => (p as *const u16).read_unaligned() as u64,
+            4 => (p as *const u32).read_unaligned() as u64,
+            _ => (p as *const u64).read_unaligned(),
+        }
+    }
+}
+
+#[inline]
+unsafe fn store(p: *mut u8, size: usize, v: u64) {
+    // SAFETY: the caller guarantees `p .. p+size` is inside a writable guest RAM mapping.
+    unsafe {
+        match size {
+            1 => *p = v as u8,
+            2 => (p as *mut u16).write_unaligned(v as u16),
+            4 => (p as *mut u32).write_unaligned(v as u32),
+            _ => (p as *mut u64).write_unaligned(v),
+        }
+    }
+}
+
+impl Cpu {
+    /// Reads `size` (1, 2, 4, 8) bytes at linear `lin` with the current privilege.
+    #[inline(always)]
+    pub fn read(&mut self, lin: u64, size: usize) -> X<u64> {
+        let user = self.cpl == 3;
+        self.read_as(lin, size, user)
+    }
+
+    #[inline(always)]
+    pub fn write(&mut self, lin: u64, size: usize, v: u64) -> X<()> {
+        let user = self.cpl == 3;
+        self.write_as(lin, size, v, user)
+    }
+
+    #[inline(always)]
+    pub fn read_as(&mut self, lin: u64, size: usize, user: bool) -> X<u64> {
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        if e.read == lin & PAGE_MASK && (lin & 0xfff) as usize + size <= 0x1000 {
+            // SAFETY: a read tag is only installed for a page wholly inside a RAM region.
+            return Ok(unsafe { load(lin.wrapping_add(e.addend) as *const u8, size) });
+        }
+        self.read_slow(lin, size, user)
+    }
+
+    #[inline(always)]
+    pub fn write_as(&mut self, lin: u64, size: usize, v: u64, user: bool) -> X<()> {
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        if e.write == lin & PAGE_MASK && (lin & 0xfff) as usize + size <= 0x1000 {
+            // SAFETY: a write tag is only installed for a writable RAM page without code.
+            unsafe { store(lin.wrapping_add(e.addend) as *mut u8, size, v) };
+            return Ok(());
+        }
+        self.write_slow(lin, size, v, user)
+    }
+
+    #[cold]
+    fn read_slow(&mut self, lin: u64, size: usize, user: bool) -> X<u64> {
+        if (lin & 0xfff) as usize + size > 0x1000 {
+            let mut v = 0;
+            for i in 0..size {
+                v |= self.read_as(lin.wrapping_add(i as u64), 1, user)? << (8 * i);
+            }
+            return Ok(v);
+        }
+        let pa = self.translate(lin, Acc::R, user)?;
+        Ok(self.phys_read(pa, size))
+    }
+
+    #[cold]
+    fn write_slow(&mut self, lin: u64, size: usize, v: u64, user: bool) -> X<()> {
+        if (lin & 0xfff) as usize + size > 0x1000 {
+            // Both pages must be writable before any byte lands.
+            self.translate(lin, Acc::W, user)?;
+            self.translate(lin.wrapping_add(size as u64 - 1), Acc::W, user)?;
+            for i in 0..size {
+                let pa = self.translate(lin.wrapping_add(i as u64), Acc::W, user)?;
+                self.phys_write(pa, 1, v >> (8 * i));
+            }
+            return Ok(());
+        }
+        let pa = self.translate(lin, Acc::W, user)?;
+        self.phys_write(pa, size, v);
+        Ok(())
+    }
+
+    /// 16 bytes, for SSE moves and FXSAVE.
+    pub fn read128(&mut self, lin: u64) -> X<u128> {
+        let lo = self.read(lin, 8)?;
+        let hi = self.read(lin.wrapping_add(8), 8)?;
+        Ok(lo as u128 | (hi as u128) << 64)
+    }
+
+    pub fn write128(&mut self, lin: u64, v: u128) -> X<()> {
+        // Probe the second half first so a fault leaves memory untouched.
+        self.read(lin.wrapping_add(15), 1)?;
+        self.write(lin, 8, v as u64)?;
+        self.write(lin.wrapping_add(8), 8, (v >> 64) as u64)
+    }
+
+    /// Reads guest-physical memory, RAM or device.
+    pub fn phys_read(&mut self, pa: u64, size: usize) -> u64 {
+        if let Some((p, _)) = self.env.mem.host_ptr(pa, size as u64) {
+            // SAFETY: host_ptr checked the range lies in one RAM region.
+            return unsafe { load(p, size) };
+        }
+        if let Some(v) = self.platform_mmio_read(pa, size) {
+            return v;
+        }
+        let mut b = [0u8; 8];
+        self.env.ops.mmio_read(pa, &mut b[..size]);
+        u64::from_le_bytes(b)
+    }
+
+    pub fn phys_write(&mut self, pa: u64, size: usize, v: u64) {
+        if let Some((p, r)) = self.env.mem.host_ptr(pa, size as u64) {
+            if !r.read_only {
+                // SAFETY: host_ptr checked the range lies in one writable RAM region.
+                unsafe { store(p, size, v) };
+                if r.note_write(pa) {
+                    self.brk = true;
+                }
+                return;
+            }
+        }
+        if self.platform_mmio_write(pa, size, v) {
+            return;
+        }
+        let b = v.to_le_bytes();
+        self.env.ops.mmio_write(pa, &b[..size]);
+    }
+
+    fn pte_read(&self, pa: u64) -> u64 {
+        match self.env.mem.host_ptr(pa, 8) {
+            // SAFETY: inside one RAM region.
+            Some((p, _)) => unsafe { load(p, 8) },
+            None => 0,
+        }
+    }
+
+    fn pte_set(&self, pa: u64, bits: u64) {
+        if let Some((p, r)) = self.env.mem.host_ptr(pa, 8) {
+            if !r.read_only {
+                let a = p as *const std::sync::atomic::AtomicU64;
+                // SAFETY: 8-byte aligned PTE inside RAM; other vCPUs may update A/D bits at
+                // the same time, hence the atomic OR.
+                unsafe { (*a).fetch_or(bits, std::sync::atomic::Ordering::Relaxed) };
+                r.note_write(pa);
+            }
+        }
+    }
+
+    fn pf<T>(&mut self, lin: u64, present: bool, acc: Acc, user: bool) -> X<T> {
+        self.cr2 = lin;
+        let mut code = present as u32;
+        if acc == Acc::W {
+            code |= 2;
+        }
+        if user {
+            code |= 4;
+        }
+        if acc == Acc::X && (self.efer & EFER_NXE != 0 || self.cr4 & CR4_PAE != 0) {
+            code |= 16;
+        }
+        fault(PF, Some(code))
+    }
+
+    /// Walks the page tables for `lin`, sets accessed/dirty bits and fills the TLB.
+    /// Returns the physical address.
+    pub fn translate(&mut self, lin: u64, acc: Acc, user: bool) -> X<u64> {
+        let w = if self.cr0 & CR0_PG == 0 {
+            let lin = if self.long_mode() {
+                lin
+            } else {
+                lin & 0xffff_ffff
+            };
+            Walk {
+                phys: lin & PAGE_MASK,
+                write: true,
+                exec: true,
+                dirty: true,
+                global: false,
+            }
+        } else {
+            self.walk(lin, acc, user)?
+        };
+        let pa = w.phys | (lin & 0xfff);
+        self.fill(lin, &w, user);
+        Ok(pa)
+    }
+
+    fn fill(&mut self, lin: u64, w: &Walk, user: bool) {
+        let page = lin & PAGE_MASK;
+        let Some((host, r)) = self.env.mem.host_ptr(w.phys, 0x1000) else {
+            return;
+        };
+        let idx = ((lin >> 12) as usize) & (TLB_SIZE - 1);
+        let off = ((w.phys - r.gpa) / 0x1000) as usize;
+        let has_code = r.code[off].load(std::sync::atomic::Ordering::Acquire) & 1 != 0;
+        let writable = w.write && w.dirty && !r.read_only && !has_code;
+        if writable && r.log_dirty {
+            r.dirty[off / 64].fetch_or(1 << (off % 64), std::sync::atomic::Ordering::Relaxed);
+        }
+        let e = &mut self.tlb.e[user as usize][idx];
+        *e = Entry {
+            read: page,
+            write: if writable { page } else { NONE },
+            exec: if w.exec { page } else { NONE },
+            addend: (host as u64).wrapping_sub(page),
+            global: w.global,
+        };
+    }
+
+    fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> X<Walk> {
+        let wp = self.cr0 & CR0_WP != 0;
+        let nxe = self.efer & EFER_NXE != 0;
+        let mut write = true;
+        let mut usr = true;
+        let mut exec = true;
+        // (pte address, pte value) of every level, to set A/D bits after the checks pass.
+        let mut path: [(u64, u64); 4] = [(0, 0); 4];
+        let mut n = 0;
+        let (leaf, phys, big) = if self.long_mode() || self.cr4 & CR4_PAE != 0 {
+            let levels: &[u32] = if self.long_mode() {
+                let top = lin as i64 >> 47;
+                if top != 0 && top != -1 {
+                    return gp(0);
+                }
+                &[39, 30, 21, 12]
+            } else {
+                &[30, 21, 12]
+            };
+            let mut table = self.cr3 & ADDR;
+            if !self.long_mode() {
+                table = self.cr3 & 0xffff_ffe0;
+            }
+            let mut found = None;
+            for (li, &shift) in levels.iter().enumerate() {
+                let idx = (lin >> shift)
+                    & if shift == 30 && !self.long_mode() {
+                        3
+                    } else {
+                        511
+                    };
+                let pa = table + idx * 8;
+                let e = self.pte_read(pa);
+                if e & P == 0 {
+                    return self.pf(lin, false, acc, user);
+                }
+                let pdpt_legacy = !self.long_mode() && li == 0;
+                if !pdpt_legacy {
+                    write &= e & RW != 0;
+                    usr &= e & US != 0;
+                    if nxe {
+                        exec &= e & XD == 0;
+                    }
+                    path[n] = (pa, e);
+                    n += 1;
+                }
+                if shift == 12 || (e & PS != 0 && (shift == 21 || shift == 30) && !pdpt_legacy) {
+                    let size_mask = (1u64 << shift) - 1;
+                    let base = e & ADDR & !size_mask;
+                    found = Some((e, base | (lin & size_mask & PAGE_MASK), shift > 12));
+                    break;
+                }
+                table = e & ADDR;
+            }
+            match found {
+                Some(f) => f,
+                None => return self.pf(lin, false, acc, user),
+            }
+        } else {
+            let pde_pa = (self.cr3 & 0xffff_f000) + ((lin >> 22) & 0x3ff) * 4;
+            let pde = self.pte_read(pde_pa) & 0xffff_ffff;
+            if pde & P == 0 {
+                return self.pf(lin, false, acc, user);
+            }
+            write &= pde & RW != 0;
+            usr &= pde & US != 0;
+            path[0] = (pde_pa, pde);
+            n = 1;
+            if pde & PS != 0 && self.cr4 & CR4_PSE != 0 {
+                let base = (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32;
+                (pde, base | (lin & 0x3f_f000), true)
+            } else {
+                let pte_pa = (pde & 0xffff_f000) + ((lin >> 12) & 0x3ff) * 4;
+                let pte = self.pte_read(pte_pa) & 0xffff_ffff;
+                if pte & P == 0 {
+                    return self.pf(lin, false, acc, user);
+                }
+                write &= pte & RW != 0;
+                usr &= pte & US != 0;
+                path[1] = (pte_pa, pte);
+                n = 2;
+                (pte, pte & 0xffff_f000, false)
+            }
+        };
+        let _ = big;
+        if user && !usr {
+            return self.pf(lin, true, acc, user);
+        }
+        // Supervisor writes ignore R/W unless CR0.WP.
+        let write_ok = write || (!user && !wp);
+        if acc == Acc::W && !write_ok {
+            return self.pf(lin, true, acc, user);
+        }
+        if acc == Acc::X && !exec {
+            return self.pf(lin, true, acc, user);
+        }
+        let legacy32 = !(self.long_mode() || self.cr4 & CR4_PAE != 0);
+        for &(pa, e) in &path[..n] {
+            if e & A == 0 {
+                self.pte_set_sized(pa, A, legacy32);
+            }
+        }
+        let mut dirty = leaf & D != 0;
+        if acc == Acc::W && !dirty {
+            let (pa, _) = path[n - 1];
+            self.pte_set_sized(pa, D, legacy32);
+            dirty = true;
+        }
+        Ok(Walk {
+            phys,
+            write: write_ok,
+            exec,
+            dirty,
+            global: leaf & G != 0 && self.cr4 & CR4_PGE != 0,
+        })
+    }
+
+    fn pte_set_sized(&self, pa: u64, bits: u64, legacy32: bool) {
+        if legacy32 {
+            // A 4-byte entry: OR into the aligned 8-byte word that contains it.
+            let word = pa & !7;
+            let shift = (pa & 4) * 8;
+            self.pte_set(word, bits << shift);
+        } else {
+            self.pte_set(pa, bits);
+        }
+    }
+
+    /// Translates an instruction fetch at linear `lin`: the host pointer of its page (if RAM),
+    /// and the physical address.
+    pub fn fetch_page(&mut self, lin: u64) -> X<u64> {
+        let user = self.cpl == 3;
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        if e.exec == lin & PAGE_MASK {
+            // The TLB hit gives the host address; the physical one is needed for the cache key.
+            let host = lin.wrapping_add(e.addend);
+            if let Some(pa) = self.host_to_phys(host) {
+                return Ok(pa);
+            }
+        }
+        self.translate(lin, Acc::X, user)
+    }
+
+    fn host_to_phys(&self, host: u64) -> Option<u64> {
+        self.env.mem.regions.iter().find_map(|r| {
+            let off = host.wrapping_sub(r.host as u64);
+            (off < r.size).then_some(r.gpa + off)
+        })
+    }
+}

@@ -1,0 +1,8 @@
+//! Platform devices the software CPU provides itself, as KVM's in-kernel irqchip does:
+//! local APICs and the I/O APIC.
+//!
+//! Lock order: the VM's I/O APIC lock may be held while taking a local APIC's lock, never the
+//! other way round (a level EOI releases the local APIC before it reaches the I/O APIC).
+
+pub mod ioapic;
+pub mod lapic;

@@ -1,0 +1,401 @@
+//! One software vCPU behind the `Vcpu` trait: the dispatch loop (blocks, interrupts, timers,
+//! kicks, INIT/SIPI, HLT) and register access for the VMM.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corefour_hypervisor::{
+    CpuState, HypervisorError, Regs, Result, SpecialRegs, Vcpu, VcpuKicker, VmExit, VmOps,
+};
+
+use crate::cpu::*;
+use crate::flags;
+use crate::platform::lapic::Lapic;
+use crate::vm::{Kicker, Link, Shared};
+
+/// How many instructions may run between looks at timers and interrupts.
+const POLL_INSNS: u64 = 8192;
+
+pub struct EmuVcpu {
+    pub cpu: Cpu,
+    link: Arc<Link>,
+    /// An application processor waits for INIT-SIPI, as on KVM with an in-kernel APIC.
+    wait_sipi: bool,
+    irq_ready: bool,
+}
+
+/// The serialised form of a vCPU for snapshots.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Snapshot {
+    regs: Regs,
+    sregs: SpecialRegs,
+    msr: Msrs,
+    fpu: Fpu,
+    dr: [u64; 8],
+    lapic: Lapic,
+    wait_sipi: bool,
+}
+
+impl EmuVcpu {
+    pub fn new(shared: Arc<Shared>, index: u32, ops: Arc<dyn VmOps>) -> Self {
+        let mem = shared.mem.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let link = shared.links[index as usize].clone();
+        let cpu = Cpu::new(Env {
+            mem,
+            ops,
+            vm: shared,
+            id: index,
+        });
+        EmuVcpu {
+            cpu,
+            link,
+            wait_sipi: index != 0,
+            irq_ready: false,
+        }
+    }
+
+    fn resync(&mut self, epoch: u64) {
+        let mem = self
+            .cpu
+            .env
+            .vm
+            .mem
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !Arc::ptr_eq(&mem, &self.cpu.env.mem) {
+            // The cache holds pointers into the old map: drop it before the map goes.
+            self.cpu.cache.clear();
+            self.cpu.env.mem = mem;
+        }
+        self.cpu.tlb.flush_all();
+        self.cpu.epoch = epoch;
+    }
+
+    /// Timers, INIT/SIPI, NMI; refreshes whether an interrupt is ready.
+    fn poll(&mut self) -> Option<VmExit> {
+        self.link.hint.store(false, Ordering::Release);
+        let now = self.cpu.env.vm.now_ns();
+        let mut l = self.link.lapic();
+        l.poll_timer(now);
+        let init = std::mem::take(&mut l.init);
+        let sipi = l.sipi.take();
+        let nmi = std::mem::take(&mut l.nmi);
+        self.irq_ready = l.pending().is_some();
+        drop(l);
+        if init {
+            self.init_reset();
+        }
+        if let Some(v) = sipi {
+            if self.wait_sipi {
+                self.wait_sipi = false;
+                let cs = &mut self.cpu.seg[CS];
+                cs.selector = (v as u16) << 8;
+                cs.base = (v as u64) << 12;
+                self.cpu.rip = 0;
+                self.cpu.update_mode();
+            }
+        }
+        if nmi && !self.wait_sipi {
+            if let Some(e) = self.raise(Fault {
+                vector: NMI,
+                code: None,
+            }) {
+                return Some(e);
+            }
+        }
+        self.cpu.poll_at = self.cpu.icount + POLL_INSNS;
+        None
+    }
+
+    /// INIT: back to the reset state, waiting for a SIPI.
+    fn init_reset(&mut self) {
+        let env = Env {
+            mem: self.cpu.env.mem.clone(),
+            ops: self.cpu.env.ops.clone(),
+            vm: self.cpu.env.vm.clone(),
+            id: self.cpu.env.id,
+        };
+        let epoch = self.cpu.epoch;
+        self.cpu = Cpu::new(env);
+        self.cpu.epoch = epoch;
+        self.wait_sipi = true;
+    }
+
+    /// Delivers an exception, escalating to #DF and to a shutdown (triple fault).
+    fn raise(&mut self, f: Fault) -> Option<VmExit> {
+        match self.cpu.deliver(f.vector, f.code, false) {
+            Ok(()) => None,
+            Err(Stop::Fault(_)) if f.vector == DF => Some(VmExit::Shutdown),
+            Err(Stop::Fault(_)) => match self.cpu.deliver(DF, Some(0), false) {
+                Ok(()) => None,
+                Err(Stop::Exit(e)) => Some(e),
+                Err(_) => Some(VmExit::Shutdown),
+            },
+            Err(Stop::Exit(e)) => Some(e),
+            Err(Stop::Halt) => None,
+        }
+    }
+
+    fn take_interrupt(&mut self) -> Option<VmExit> {
+        let v = self.link.lapic().ack();
+        self.irq_ready = self.link.lapic().pending().is_some();
+        let v = v?;
+        match self.cpu.deliver(v, None, false) {
+            Ok(()) => None,
+            Err(Stop::Fault(f)) => self.raise(f),
+            Err(Stop::Exit(e)) => Some(e),
+            Err(Stop::Halt) => None,
+        }
+    }
+
+    /// HLT with interrupts on: sleep until one is ready, a kick, or INIT/SIPI.
+    fn halt_wait(&mut self) -> Option<VmExit> {
+        loop {
+            if let Some(e) = self.poll() {
+                return Some(e);
+            }
+            if self.irq_ready || self.wait_sipi {
+                return None;
+            }
+            if self.link.kick.load(Ordering::Acquire) {
+                return None;
+            }
+            let now = self.cpu.env.vm.now_ns();
+            let l = self.link.lapic();
+            let next = match (l.deadline, l.tsc_deadline) {
+                (Some(d), _) => Some(d),
+                (None, t) if t != 0 => Some(t),
+                _ => None,
+            };
+            drop(l);
+            let wait = next.map_or(Duration::from_millis(50), |d| {
+                Duration::from_nanos(d.saturating_sub(now))
+            });
+            self.link.sleep(wait.min(Duration::from_millis(50)));
+        }
+    }
+
+    /// Runs one decoded block; returns an exit if the VMM must see one.
+    #[inline]
+    fn step_block(&mut self) -> Option<VmExit> {
+        let b = match self.cpu.block() {
+            Ok(b) => b,
+            Err(Stop::Fault(f)) => return self.raise(f),
+            Err(Stop::Exit(e)) => return Some(e),
+            Err(Stop::Halt) => return None,
+        };
+        for ins in b.ins.iter() {
+            self.cpu.cur_ip = ins.ip();
+            self.cpu.rip = ins.next_ip();
+            match self.cpu.exec(ins) {
+                Ok(()) => {}
+                Err(Stop::Fault(f)) => {
+                    self.cpu.rip = ins.ip();
+                    return self.raise(f);
+                }
+                Err(Stop::Halt) => {
+                    self.cpu.icount += 1;
+                    if self.cpu.rflags & flags::IF == 0 {
+                        return Some(VmExit::Halt);
+                    }
+                    return self.halt_wait();
+                }
+                Err(Stop::Exit(e)) => {
+                    self.cpu.rip = ins.ip();
+                    return Some(e);
+                }
+            }
+            self.cpu.icount += 1;
+            if self.cpu.brk {
+                self.cpu.brk = false;
+                break;
+            }
+        }
+        None
+    }
+
+    /// Instructions retired so far (for MIPS figures).
+    pub fn instructions(&self) -> u64 {
+        self.cpu.icount
+    }
+}
+
+impl Vcpu for EmuVcpu {
+    fn regs(&self) -> Result<Regs> {
+        let c = &self.cpu;
+        let g = &c.gpr;
+        let mut f = c.rflags;
+        if c.lazy.op != flags::Op::Valid {
+            f = (f & !flags::ARITH) | c.lazy.compute();
+        }
+        Ok(Regs {
+            rax: g[0],
+            rcx: g[1],
+            rdx: g[2],
+            rbx: g[3],
+            rsp: g[4],
+            rbp: g[5],
+            rsi: g[6],
+            rdi: g[7],
+            r8: g[8],
+            r9: g[9],
+            r10: g[10],
+            r11: g[11],
+            r12: g[12],
+            r13: g[13],
+            r14: g[14],
+            r15: g[15],
+            rip: c.rip,
+            rflags: f,
+        })
+    }
+
+    fn set_regs(&mut self, r: &Regs) -> Result<()> {
+        let c = &mut self.cpu;
+        c.gpr = [
+            r.rax, r.rcx, r.rdx, r.rbx, r.rsp, r.rbp, r.rsi, r.rdi, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15,
+        ];
+        c.rip = r.rip;
+        c.lazy.op = flags::Op::Valid;
+        c.rflags = (r.rflags & 0x3f_7fd7) | 2;
+        c.update_mode();
+        // The VMM giving an AP its registers starts it directly (as the KVM backend does by
+        // making every vCPU runnable); untouched APs keep waiting for INIT/SIPI.
+        self.wait_sipi = false;
+        Ok(())
+    }
+
+    fn sregs(&self) -> Result<SpecialRegs> {
+        let c = &self.cpu;
+        Ok(SpecialRegs {
+            es: c.seg[ES],
+            cs: c.seg[CS],
+            ss: c.seg[SS],
+            ds: c.seg[DS],
+            fs: c.seg[FS],
+            gs: c.seg[GS],
+            tr: c.tr,
+            ldt: c.ldt,
+            gdt: c.gdt,
+            idt: c.idt,
+            cr0: c.cr0,
+            cr2: c.cr2,
+            cr3: c.cr3,
+            cr4: c.cr4,
+            cr8: (c.tpr() >> 4) as u64,
+            efer: c.efer,
+            apic_base: c.apic_base(),
+        })
+    }
+
+    fn set_sregs(&mut self, s: &SpecialRegs) -> Result<()> {
+        if s.efer & EFER_LMA != 0 && (s.cr0 & CR0_PG == 0 || s.cr4 & CR4_PAE == 0) {
+            return Err(HypervisorError::GuestState(
+                "EFER.LMA is set without CR0.PG and CR4.PAE".into(),
+            ));
+        }
+        let c = &mut self.cpu;
+        c.seg = [s.es, s.cs, s.ss, s.ds, s.fs, s.gs];
+        c.tr = s.tr;
+        c.ldt = s.ldt;
+        c.gdt = s.gdt;
+        c.idt = s.idt;
+        c.cr0 = s.cr0;
+        c.cr2 = s.cr2;
+        c.cr3 = s.cr3;
+        c.cr4 = s.cr4;
+        c.efer = s.efer;
+        if s.apic_base != 0 {
+            c.set_apic_base(s.apic_base).map_err(|_| {
+                HypervisorError::GuestState(format!("APIC base {:#x} is not valid", s.apic_base))
+            })?;
+        }
+        c.set_tpr((s.cr8 as u8 & 0xf) << 4);
+        c.tlb.flush_all();
+        c.update_mode();
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<VmExit> {
+        let vm = self.cpu.env.vm.clone();
+        loop {
+            let e = vm.epoch.load(Ordering::Acquire);
+            if e != self.cpu.epoch {
+                self.resync(e);
+            }
+            if self.link.kick.swap(false, Ordering::AcqRel) {
+                return Ok(VmExit::Interrupted);
+            }
+            if self.cpu.icount >= self.cpu.poll_at || self.link.hint.load(Ordering::Acquire) {
+                if let Some(x) = self.poll() {
+                    return Ok(x);
+                }
+            }
+            if self.wait_sipi {
+                self.link.sleep(Duration::from_millis(50));
+                continue;
+            }
+            if self.irq_ready && self.cpu.rflags & flags::IF != 0 && !self.cpu.shadow {
+                if let Some(x) = self.take_interrupt() {
+                    return Ok(x);
+                }
+            }
+            self.cpu.shadow = false;
+            if let Some(x) = self.step_block() {
+                return Ok(x);
+            }
+        }
+    }
+
+    fn kicker(&self) -> Arc<dyn VcpuKicker> {
+        Arc::new(Kicker(self.link.clone()))
+    }
+
+    fn save_state(&self) -> Result<CpuState> {
+        let snap = Snapshot {
+            regs: self.regs()?,
+            sregs: self.sregs()?,
+            msr: self.cpu.msr.clone(),
+            fpu: self.cpu.fpu.clone(),
+            dr: self.cpu.dr,
+            lapic: self.link.lapic().clone(),
+            wait_sipi: self.wait_sipi,
+        };
+        let payload = serde_json::to_vec(&snap)
+            .map_err(|e| HypervisorError::GuestState(format!("serialising vCPU state: {e}")))?;
+        Ok(CpuState {
+            backend: "emu".into(),
+            payload,
+        })
+    }
+
+    fn restore_state(&mut self, state: &CpuState) -> Result<()> {
+        if state.backend != "emu" {
+            return Err(HypervisorError::Invalid(format!(
+                "vCPU state was saved by the {} backend, not emu",
+                state.backend
+            )));
+        }
+        let snap: Snapshot = serde_json::from_slice(&state.payload)
+            .map_err(|e| HypervisorError::GuestState(format!("vCPU state is corrupt: {e}")))?;
+        let id = self.link.lapic().id;
+        if snap.lapic.id != id {
+            return Err(HypervisorError::GuestState(format!(
+                "vCPU state is for APIC {} but this vCPU is APIC {id}",
+                snap.lapic.id
+            )));
+        }
+        self.set_sregs(&snap.sregs)?;
+        self.set_regs(&snap.regs)?;
+        self.cpu.msr = snap.msr;
+        self.cpu.fpu = snap.fpu;
+        self.cpu.dr = snap.dr;
+        *self.link.lapic() = snap.lapic;
+        self.wait_sipi = snap.wait_sipi;
+        self.cpu.poll_at = 0;
+        Ok(())
+    }
+}

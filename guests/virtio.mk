@@ -1,0 +1,22 @@
+# The virtio test guests (build/vblk.elf, vrng.elf, vnet.elf): `make -C guests -f virtio.mk`.
+# Reuses the main Makefile's flags, runtime and rules; only adds the virtio driver library.
+include Makefile
+
+VGUESTS := vblk vrng vnet
+.DEFAULT_GOAL := virtio
+
+virtio: $(VGUESTS:%=$(B)/%.elf)
+
+$(B)/virtio/virtio.o: virtio/virtio.c virtio/virtio.h include/c4.h | $(B)/virtio
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(VGUESTS:%=$(B)/%.o): $(B)/%.o: %.c virtio/virtio.h include/c4.h | $(B)
+	$(CC) $(CFLAGS) -I. -c $< -o $@
+
+$(VGUESTS:%=$(B)/%.elf): $(B)/%.elf: $(B)/%.o $(B)/virtio/virtio.o $(RT) link.ld
+	$(LD) $(LDFLAGS) -o $@ $< $(B)/virtio/virtio.o $(RT)
+
+$(B)/virtio:
+	mkdir -p $@
+
+.PHONY: virtio

@@ -1,0 +1,124 @@
+/* virtio-mmio v2 driver core for the test guests; see virtio.h. */
+#include "virtio.h"
+
+static struct vq queues[VIRTIO_MMIO_SLOTS][VQ_MAX] __attribute__((aligned(4096)));
+
+static inline u32 rd(struct vdev *d, u32 off) { return *(volatile u32 *)(d->base + off); }
+static inline void wr(struct vdev *d, u32 off, u32 v) { *(volatile u32 *)(d->base + off) = v; }
+static inline void barrier(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+u32 virtio_status(struct vdev *d) { return rd(d, 0x70); }
+
+u8 virtio_config8(struct vdev *d, u32 off) { return d->base[0x100 + off]; }
+
+int virtio_init(struct vdev *d, u32 device_id, u32 nqueues)
+{
+    int slot = -1;
+    for (int i = 0; i < VIRTIO_MMIO_SLOTS; i++) {
+        volatile u8 *b = (volatile u8 *)(VIRTIO_MMIO_BASE + (u64)i * VIRTIO_MMIO_STRIDE);
+        if (*(volatile u32 *)b == 0x74726976 && *(volatile u32 *)(b + 4) == 2 &&
+            *(volatile u32 *)(b + 8) == device_id) {
+            slot = i;
+            break;
+        }
+    }
+    if (slot < 0)
+        return -1;
+    if (nqueues > VQ_MAX)
+        return -2;
+    d->base = (volatile u8 *)(VIRTIO_MMIO_BASE + (u64)slot * VIRTIO_MMIO_STRIDE);
+    d->device_id = device_id;
+    d->nqueues = nqueues;
+    wr(d, 0x70, 0);
+    wr(d, 0x70, 1);
+    wr(d, 0x70, 1 | 2);
+    wr(d, 0x14, 1);
+    if (!(rd(d, 0x10) & 1)) /* VERSION_1 is bit 32 */
+        return -3;
+    wr(d, 0x24, 0);
+    wr(d, 0x20, 0);
+    wr(d, 0x24, 1);
+    wr(d, 0x20, 1);
+    wr(d, 0x70, 1 | 2 | 8);
+    if (!(rd(d, 0x70) & 8))
+        return -4;
+    for (u32 i = 0; i < nqueues; i++) {
+        struct vq *q = &queues[slot][i];
+        d->q[i] = q;
+        wr(d, 0x30, i);
+        if (rd(d, 0x34) < VQ_SIZE)
+            return -5;
+        wr(d, 0x38, VQ_SIZE);
+        u64 desc = (u64)&q->desc, avail = (u64)&q->avail, used = (u64)&q->used;
+        wr(d, 0x80, (u32)desc);
+        wr(d, 0x84, (u32)(desc >> 32));
+        wr(d, 0x90, (u32)avail);
+        wr(d, 0x94, (u32)(avail >> 32));
+        wr(d, 0xa0, (u32)used);
+        wr(d, 0xa4, (u32)(used >> 32));
+        wr(d, 0x44, 1);
+    }
+    wr(d, 0x70, 1 | 2 | 8 | 4);
+    if (rd(d, 0x70) & (64 | 128))
+        return -6;
+    return 0;
+}
+
+int virtio_offer(struct vdev *d, u32 qi, const struct vbuf *bufs, u32 n)
+{
+    struct vq *q = d->q[qi];
+    if (!n || n > VQ_SIZE)
+        return -1;
+    u16 head = q->next_desc;
+    for (u32 i = 0; i < n; i++) {
+        u16 at = (u16)((head + i) % VQ_SIZE);
+        q->desc[at].addr = (u64)bufs[i].addr;
+        q->desc[at].len = bufs[i].len;
+        q->desc[at].flags = (u16)((bufs[i].device_writes ? VRING_DESC_F_WRITE : 0) |
+                                  (i + 1 < n ? VRING_DESC_F_NEXT : 0));
+        q->desc[at].next = (u16)((head + i + 1) % VQ_SIZE);
+    }
+    q->next_desc = (u16)((head + n) % VQ_SIZE);
+    q->avail.ring[q->avail.idx % VQ_SIZE] = head;
+    barrier();
+    q->avail.idx++;
+    barrier();
+    wr(d, 0x50, qi);
+    return head;
+}
+
+int virtio_poll_used(struct vdev *d, u32 qi, u32 *id, u32 *len)
+{
+    struct vq *q = d->q[qi];
+    barrier();
+    if (*(volatile u16 *)&q->used.idx == q->last_used)
+        return 0;
+    barrier();
+    struct vring_used_elem e = q->used.ring[q->last_used % VQ_SIZE];
+    q->last_used++;
+    *id = e.id;
+    *len = e.len;
+    return 1;
+}
+
+long virtio_transfer(struct vdev *d, u32 qi, const struct vbuf *bufs, u32 n, u64 spins)
+{
+    int head = virtio_offer(d, qi, bufs, n);
+    if (head < 0)
+        return -1;
+    u32 id, len;
+    for (u64 i = 0; i < spins; i++) {
+        if (virtio_poll_used(d, qi, &id, &len))
+            return (id == (u32)head) ? (long)len : -2;
+        __asm__ volatile("pause");
+    }
+    return -1;
+}
+
+void put_hex_bytes(const u8 *p, u32 n)
+{
+    for (u32 i = 0; i < n; i++) {
+        c4_putc("0123456789abcdef"[p[i] >> 4]);
+        c4_putc("0123456789abcdef"[p[i] & 15]);
+    }
+}

@@ -1,0 +1,87 @@
+/* A minimal virtio-mmio (version 2) driver library for the corefour test guests: find a
+ * device, negotiate VERSION_1, set up split queues in static memory, submit chains and poll the
+ * used ring (no interrupts needed). Runs in ring 0 or ring 3 (all access is MMIO and memory).
+ * Device windows: VIRTIO.md. */
+#ifndef C4_VIRTIO_H
+#define C4_VIRTIO_H
+
+#include "c4.h"
+
+#define VIRTIO_MMIO_BASE 0xd1000000ul
+#define VIRTIO_MMIO_STRIDE 0x1000ul
+#define VIRTIO_MMIO_SLOTS 8
+
+#define VIRTIO_ID_NET 1
+#define VIRTIO_ID_BLOCK 2
+#define VIRTIO_ID_RNG 4
+
+#define VQ_SIZE 16
+#define VQ_MAX 2
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+
+struct vring_desc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+};
+
+struct vring_used_elem {
+    u32 id;
+    u32 len;
+};
+
+struct vq {
+    struct vring_desc desc[VQ_SIZE] __attribute__((aligned(16)));
+    struct {
+        u16 flags;
+        u16 idx;
+        u16 ring[VQ_SIZE];
+        u16 used_event;
+    } avail __attribute__((aligned(2)));
+    struct {
+        u16 flags;
+        u16 idx;
+        struct vring_used_elem ring[VQ_SIZE];
+        u16 avail_event;
+    } used __attribute__((aligned(4)));
+    u16 next_desc;
+    u16 last_used;
+};
+
+struct vdev {
+    volatile u8 *base;
+    u32 device_id;
+    u32 nqueues;
+    struct vq *q[VQ_MAX];
+};
+
+/* Finds the first device of `device_id` and brings it to DRIVER_OK with `nqueues` queues.
+ * Returns 0, or a negative step number on failure (printed by the caller). */
+int virtio_init(struct vdev *d, u32 device_id, u32 nqueues);
+
+/* One buffer of a chain. */
+struct vbuf {
+    void *addr;
+    u32 len;
+    int device_writes;
+};
+
+/* Puts a chain on queue `q`, notifies, and polls until the device returns it (or `spins` run
+ * out: then returns -1). Returns the used length. */
+long virtio_transfer(struct vdev *d, u32 q, const struct vbuf *bufs, u32 n, u64 spins);
+
+/* Offers a chain without waiting; virtio_poll_used collects completions. */
+int virtio_offer(struct vdev *d, u32 q, const struct vbuf *bufs, u32 n);
+/* Returns 1 and fills id/len if the device returned a chain on `q`, else 0. */
+int virtio_poll_used(struct vdev *d, u32 q, u32 *id, u32 *len);
+
+/* Config space access (device-specific fields at offset 0x100). */
+u8 virtio_config8(struct vdev *d, u32 off);
+u32 virtio_status(struct vdev *d);
+
+void put_hex_bytes(const u8 *p, u32 n);
+
+#endif
