@@ -6,9 +6,9 @@
 
 mod convert;
 mod kick;
+pub mod state;
 mod vcpu;
 mod vm;
-pub mod state;
 
 use std::fs::OpenOptions;
 use std::os::fd::{FromRawFd, IntoRawFd};
