@@ -10,9 +10,10 @@ use corefour_container as ct;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Directory for container state (runc: /run/runc).
-    #[arg(long, global = true, default_value = ct::DEFAULT_STATE_ROOT)]
-    root: PathBuf,
+    /// Directory for container state (default /run/corefour-oci; for a non-root user
+    /// $XDG_RUNTIME_DIR/corefour-oci).
+    #[arg(long, global = true)]
+    root: Option<PathBuf>,
     /// Write errors to this file as well (containerd reads it).
     #[arg(long, global = true)]
     log: Option<PathBuf>,
@@ -183,8 +184,19 @@ fn create_opts(root: &Path, a: &CreateArgs) -> ct::container_create::CreateOptio
     }
 }
 
+fn default_root() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from(ct::DEFAULT_STATE_ROOT);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("corefour-oci"),
+        _ => std::env::temp_dir().join(format!("corefour-oci-{}", nix::unistd::geteuid())),
+    }
+}
+
 fn dispatch(args: Args) -> anyhow::Result<i32> {
-    let root = args.root.as_path();
+    let root_buf = args.root.clone().unwrap_or_else(default_root);
+    let root = root_buf.as_path();
     match *args.cmd {
         Cmd::Create(a) => {
             ct::container_create::create(&create_opts(root, &a))?;

@@ -533,3 +533,73 @@ fn spec_writes_a_valid_config() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn rootless_as_nobody() {
+    if !can_run() {
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skip: setpriv (util-linux) missing");
+        return;
+    }
+    let env = Env::new("rootless");
+    let mut spec = serde_json::to_value(corefour_container::spec::default_spec(true)).unwrap();
+    // default_spec(true) maps the caller's IDs; the test runs the runtime as nobody (65534).
+    spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 65534, "size": 1}]);
+    spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 65534, "size": 1}]);
+    spec["process"]["terminal"] = json!(false);
+    spec["process"]["args"] = json!(["sh", "-c", "id -u; cat /proc/self/uid_map; echo pid=$$"]);
+    std::fs::write(
+        env.bundle.join("config.json"),
+        serde_json::to_vec(&spec).unwrap(),
+    )
+    .unwrap();
+    let state = env.dir.join("nobody-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let chown = Command::new("chown")
+        .arg("65534:65534")
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let out = Command::new("/usr/bin/setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            BIN,
+            "oci",
+            "--root",
+        ])
+        .arg(&state)
+        .args(["run", "--bundle"])
+        .arg(&env.bundle)
+        .arg(env.id("rootless"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("clone the container init") {
+        eprintln!(
+            "skip: this host does not let unprivileged users create user namespaces: {stderr}"
+        );
+        return;
+    }
+    assert!(out.status.success(), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "0", "{text}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", "65534", "1"]
+    );
+    assert_eq!(lines[2], "pid=1");
+    assert_eq!(
+        std::fs::read_dir(&state).unwrap().count(),
+        0,
+        "state left behind"
+    );
+}

@@ -140,8 +140,22 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
         cg_cfg.root = opts.cgroup_root.clone();
     }
     let cg = crate::cgroups::manager(&cg_cfg)?;
-    cg.create(linux.resources().as_ref())?;
-    cleanup.cgroup = Some(cg);
+    match cg.create(linux.resources().as_ref()) {
+        Ok(()) => cleanup.cgroup = Some(cg),
+        // Rootless and no limits asked for: run without a cgroup of our own, as runc does.
+        Err(e)
+            if e.is_permission()
+                && !nix::unistd::geteuid().is_root()
+                && !has_limits(linux.resources().as_ref()) =>
+        {
+            let _ = cg.remove();
+            cg_cfg.disabled = true;
+        }
+        Err(e) => {
+            let _ = cg.remove();
+            return Err(e.into());
+        }
+    }
 
     let sock_path = dir.join(INIT_SOCKET);
     let listener = UnixListener::bind(&sock_path)
@@ -267,6 +281,17 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
     }
     cleanup.disarm();
     Ok(state)
+}
+
+fn has_limits(r: Option<&oci_spec::runtime::LinuxResources>) -> bool {
+    r.is_some_and(|r| {
+        r.memory().is_some()
+            || r.cpu().is_some()
+            || r.pids().is_some()
+            || r.block_io().is_some()
+            || r.hugepage_limits().is_some()
+            || r.unified().as_ref().is_some_and(|u| !u.is_empty())
+    })
 }
 
 /// Writes the PID atomically (temp + rename), as containerd expects.
