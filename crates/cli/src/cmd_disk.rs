@@ -183,9 +183,10 @@ fn create_options(opts: &[String]) -> anyhow::Result<CreateOptions> {
 pub(crate) struct Progress(Option<indicatif::ProgressBar>);
 
 impl Progress {
+    /// `force` is qemu-img's -p; a bar still needs a terminal to draw on.
     pub(crate) fn new(total: u64, force: bool, quiet: bool) -> Progress {
-        if quiet || !(force || std::io::stderr().is_terminal()) || !std::io::stderr().is_terminal()
-        {
+        let _ = force;
+        if quiet || !std::io::stderr().is_terminal() {
             return Progress(None);
         }
         let pb = indicatif::ProgressBar::new(total);
