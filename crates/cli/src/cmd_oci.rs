@@ -181,6 +181,7 @@ fn create_opts(root: &Path, a: &CreateArgs) -> ct::container_create::CreateOptio
         console_socket: a.console_socket.clone(),
         cgroup_root: None,
         stdio: None,
+        console_fd: None,
     }
 }
 
