@@ -340,7 +340,31 @@ fn list(root: &Path, format: &str, quiet: bool) -> anyhow::Result<()> {
 
 /// `run`: create + start; in the foreground wait for the init (our child) and delete.
 fn run_container(root: &Path, a: &CreateArgs, detach: bool, keep: bool) -> anyhow::Result<i32> {
-    let st = ct::container_create::create(&create_opts(root, a))?;
+    let mut opts = create_opts(root, a);
+    // A terminal in the foreground without --console-socket: this process holds the pty master
+    // and connects it to our own stdin/stdout, as `runc run` does.
+    let wants_tty = std::fs::read(a.bundle.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["process"]["terminal"] == serde_json::json!(true));
+    let mut console_rx = None;
+    if wants_tty && a.console_socket.is_none() && !detach {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (rx, tx) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        opts.console_fd = Some(std::sync::Arc::new(tx));
+        console_rx = Some(rx);
+    }
+    let st = ct::container_create::create(&opts)?;
+    drop(opts);
+    let master = match console_rx {
+        Some(rx) => Some(ct::console::recv_fd(std::os::fd::AsRawFd::as_raw_fd(&rx))?),
+        None => None,
+    };
     if let Err(e) = ct::container_start::start(root, &a.id) {
         let _ = ct::container_delete::delete(root, &a.id, true);
         return Err(e.into());
@@ -348,11 +372,67 @@ fn run_container(root: &Path, a: &CreateArgs, detach: bool, keep: bool) -> anyho
     if detach {
         return Ok(0);
     }
+    if let Some(m) = master {
+        proxy_tty(m);
+    }
     let code = wait_child(st.oci.pid);
     if !keep {
         ct::container_delete::delete(root, &a.id, true)?;
     }
     Ok(code)
+}
+
+/// Copies stdin to the pty master and the master to stdout until the container closes its tty.
+fn proxy_tty(master: std::os::fd::OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(stdin.as_fd()).ok();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw);
+    }
+    let mut master = std::fs::File::from(master);
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 8192];
+    let mut stdin_open = true;
+    loop {
+        let mut fds = vec![PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+        if stdin_open {
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+        }
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let rev: Vec<PollFlags> = fds
+            .iter()
+            .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+            .collect();
+        drop(fds);
+        if rev[0].intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            match master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+            }
+        }
+        if stdin_open && rev[1].intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
+            match stdin.lock().read(&mut buf) {
+                Ok(0) | Err(_) => stdin_open = false,
+                Ok(n) => {
+                    let _ = master.write_all(&buf[..n]);
+                }
+            }
+        }
+    }
+    if let Some(t) = &saved {
+        let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, t);
+    }
 }
 
 fn wait_child(pid: i32) -> i32 {

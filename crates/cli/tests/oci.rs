@@ -603,3 +603,50 @@ fn rootless_as_nobody() {
         "state left behind"
     );
 }
+
+#[test]
+fn terminal_in_the_foreground() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::new("tty");
+    env.config["process"]["terminal"] = json!(true);
+    let (code, out, err) = env.run(
+        "tty",
+        &["sh", "-c", "tty; [ -t 0 ] && echo stdin-is-tty; exit 4"],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(out.contains("/dev/pts/0"), "{out}");
+    assert!(out.contains("stdin-is-tty"), "{out}");
+    // create with a terminal and no console socket is refused with the fix in the message.
+    env.write();
+    let (code, _, err) = env.oci(&["create", &env.id("tty2")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--console-socket"), "{err}");
+}
+
+#[test]
+fn process_user_and_groups() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::new("user");
+    env.config["process"]["user"] =
+        json!({"uid": 1000, "gid": 1000, "additionalGids": [44], "umask": 63});
+    env.config["process"]["capabilities"] = json!({});
+    let (code, out, err) = env.run(
+        "user",
+        &[
+            "sh",
+            "-c",
+            "id -u; id -g; id -G; umask; grep CapEff /proc/self/status",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1000");
+    assert_eq!(lines[1], "1000");
+    assert!(lines[2].split_whitespace().any(|g| g == "44"), "{out}");
+    assert_eq!(lines[3], "0077");
+    assert_eq!(lines[4], "CapEff:\t0000000000000000");
+}
