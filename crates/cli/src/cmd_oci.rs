@@ -372,6 +372,7 @@ fn run_container(root: &Path, a: &CreateArgs, detach: bool, keep: bool) -> anyho
     if detach {
         return Ok(0);
     }
+    forward_signals(st.oci.pid);
     if let Some(m) = master {
         proxy_tty(m);
     }
@@ -432,6 +433,45 @@ fn proxy_tty(master: std::os::fd::OwnedFd) {
     }
     if let Some(t) = &saved {
         let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, t);
+    }
+}
+
+static FORWARD_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: i32) {
+    let pid = FORWARD_PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc_kill(pid, sig) };
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// While `run` waits in the foreground, the signals a terminal or supervisor sends go to the
+/// container's init instead of ending us (runc does the same).
+fn forward_signals(pid: i32) {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    FORWARD_PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+    let act = SigAction::new(
+        SigHandler::Handler(forward),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+    ] {
+        // SAFETY: the handler only reads an atomic and calls kill(2).
+        let _ = unsafe { sigaction(s, &act) };
     }
 }
 

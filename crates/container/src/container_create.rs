@@ -145,7 +145,14 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
         cg_cfg.root = opts.cgroup_root.clone();
     }
     let cg = crate::cgroups::manager(&cg_cfg)?;
-    match cg.create(linux.resources().as_ref()) {
+    // As runc does, the config's device nodes are allowed by the device cgroup too.
+    let mut resources = linux.resources().clone();
+    if let (Some(r), Some(devs)) = (resources.as_mut(), linux.devices()) {
+        if let Some(rules) = r.devices_mut() {
+            rules.extend(devs.iter().map(oci_spec::runtime::LinuxDeviceCgroup::from));
+        }
+    }
+    match cg.create(resources.as_ref()) {
         Ok(()) => cleanup.cgroup = Some(cg),
         // Rootless and no limits asked for: run without a cgroup of our own, as runc does.
         Err(e)
