@@ -208,6 +208,7 @@ async fn console(
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     // Sent in chunks of at most 1 MiB, so a long log never sits in memory whole.
     let follow = q.follow;
+    let started = tokio::time::Instant::now();
     let stream = futures_util::stream::unfold(
         (d, name, path, q.offset),
         move |(d, name, path, mut off)| async move {
@@ -225,7 +226,14 @@ async fn console(
                     return None;
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(100));
+                // Fine-grained while a VM boots (a bench waits for its first line), coarse for a
+                // long-lived follower.
+                let cap = if started.elapsed() < Duration::from_secs(1) {
+                    4
+                } else {
+                    100
+                };
+                backoff = (backoff * 2).min(Duration::from_millis(cap));
             }
         },
     );
