@@ -63,6 +63,13 @@ enum Cmd {
         progress: bool,
         #[arg(short = 'q')]
         quiet: bool,
+        /// Output cache mode as in qemu-img: unsafe (default, no fsync), writeback, none or
+        /// directsync (all three fsync the output before exiting).
+        #[arg(short = 't', default_value = "unsafe")]
+        cache: String,
+        /// Parallel reader threads (like qemu-img's -m).
+        #[arg(short = 'm', default_value_t = 4)]
+        threads: usize,
         #[arg(long)]
         json: bool,
         source: PathBuf,
@@ -274,10 +281,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             options,
             progress,
             quiet,
+            cache,
+            threads,
             json,
             source,
             output,
         } => {
+            let sync = match cache.as_str() {
+                "unsafe" => false,
+                "writeback" | "none" | "directsync" | "writethrough" => true,
+                other => bail!(
+                    "-t must be unsafe, writeback, writethrough, none or directsync, not '{other}'"
+                ),
+            };
             let out_format = Format::parse(&out_format)?;
             let opts = create_options(&options)?;
             if opts.backing_file.is_some() {
@@ -286,18 +302,23 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             if same_file(&source, &output) {
                 bail!("source and output are the same file");
             }
-            let mut src = open(
-                &source,
-                Open {
-                    format: fmt_opt(&format)?,
-                    write: false,
-                },
-            )?;
-            let bar = Progress::new(src.size(), progress, quiet);
+            let src_open = Open {
+                format: fmt_opt(&format)?,
+                write: false,
+            };
+            let total = open(&source, src_open)?.size();
+            let bar = Progress::new(total, progress, quiet);
             let t = std::time::Instant::now();
-            let stats = convert::convert(src.reader(), &output, out_format, &opts, &mut |d, _| {
-                bar.set(d)
-            });
+            let stats = convert::convert_path(
+                &source,
+                src_open,
+                &output,
+                out_format,
+                &opts,
+                sync,
+                threads,
+                &mut |d, _| bar.set(d),
+            );
             bar.finish();
             let stats = match stats {
                 Ok(s) => s,

@@ -179,6 +179,7 @@ fn create_opts(root: &Path, a: &CreateArgs) -> ct::container_create::CreateOptio
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
         cgroup_root: None,
+        stdio: None,
     }
 }
 

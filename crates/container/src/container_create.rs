@@ -26,6 +26,8 @@ pub struct CreateOptions {
     pub console_socket: Option<PathBuf>,
     /// Hierarchy root override for tests (see `CgroupConfig::root`).
     pub cgroup_root: Option<PathBuf>,
+    /// Where the init's stdout and stderr go (stdin becomes /dev/null); inherited when unset.
+    pub stdio: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Removes what a failed create left: the init, the cgroup, the state directory.
@@ -168,6 +170,12 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
+    // In a new or joined user namespace the init may not be allowed to write host cgroup files.
+    let cgroup_join = match &cleanup.cgroup {
+        Some(c) if !plan.has(LinuxNamespaceType::User) => c.self_join_files(),
+        _ => Vec::new(),
+    };
+    let parent_adds_task = cgroup_join.is_empty();
     let mut pid = clone_child(clone_flags)?;
     if pid == 0 {
         drop(parent_ch);
@@ -183,6 +191,8 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
             caps,
             seccomp,
             cgroup_v2: cg_cfg.version == Version::V2,
+            cgroup_join,
+            stdio: opts.stdio.clone(),
         });
     }
     cleanup.child = Some(pid);
@@ -197,7 +207,7 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
             linux.gid_mappings().as_deref().unwrap_or(&[]),
         )?;
     }
-    if let Some(cg) = &cleanup.cgroup {
+    if let (Some(cg), true) = (&cleanup.cgroup, parent_adds_task) {
         cg.add_task(pid)?;
     }
     parent_ch.send(&Msg::Pid(pid))?;

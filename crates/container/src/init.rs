@@ -28,6 +28,9 @@ pub struct InitArgs {
     pub caps: Option<Sets>,
     pub seccomp: Option<libseccomp::ScmpFilterContext>,
     pub cgroup_v2: bool,
+    /// v1 `tasks` files to write "0" into (see `CgroupManager::self_join_files`).
+    pub cgroup_join: Vec<PathBuf>,
+    pub stdio: Option<std::sync::Arc<OwnedFd>>,
 }
 
 /// Entry point in the child. Reports any failure to the parent, then exits.
@@ -67,6 +70,18 @@ fn setup(a: &mut InitArgs) -> Result<(), ContainerError> {
             m => return Err(crate::sync::SyncError::Unexpected(m).into()),
         }
     }
+    if let Some(out) = &a.stdio {
+        let null = std::fs::File::open("/dev/null")
+            .map_err(|e| ContainerError::io("open /dev/null", e))?;
+        // SAFETY: dup2 onto the stdio numbers from descriptors we own.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(out.as_raw_fd(), 1);
+            libc::dup2(out.as_raw_fd(), 2);
+        }
+    }
+    // Before any namespace change: the host's cgroupfs is still reachable and we are still root there.
+    crate::cgroups::join_self(&a.cgroup_join)?;
     let user_joined = a.plan.joins(LinuxNamespaceType::User);
     for (kind, path) in &a.plan.join {
         if *kind == LinuxNamespaceType::Pid && !user_joined {

@@ -21,6 +21,7 @@ pub mod hooks;
 pub mod init;
 pub mod mounts;
 pub mod namespaces;
+pub mod network;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;
@@ -28,6 +29,8 @@ pub mod signal;
 pub mod spec;
 pub mod state;
 pub mod sync;
+pub mod system;
+pub mod templates;
 mod util;
 
 pub use error::ContainerError;

@@ -4,12 +4,13 @@
 use std::path::PathBuf;
 
 use corefour_vmm::config::{BackendKind, DiskConfig, NetConfig, VmConfig};
+use corefour_vmm::virtio_devices::RateLimitConfig;
 
 use crate::inventory::VmRecord;
 
 /// The VMM's config for a stored VM. CPU pinning and limits are not VMM settings: the daemon
-/// enforces them through the VM's cgroup and thread affinity. Rate limits are kept in the
-/// inventory until the VMM's virtio devices take them.
+/// enforces them through the VM's cgroup and thread affinity. Disk and NIC rate limits go to the
+/// VMM as token buckets for its virtio devices.
 pub fn build(rec: &VmRecord) -> VmConfig {
     let mut cfg = VmConfig::new(&rec.spec.kernel);
     cfg.cmdline = rec.spec.cmdline.clone().unwrap_or_default();
@@ -24,6 +25,9 @@ pub fn build(rec: &VmRecord) -> VmConfig {
         .map(|d| DiskConfig {
             path: PathBuf::from(&d.path),
             read_only: d.read_only,
+            direct: false,
+            serial: None,
+            rate_limit: rate_limit(d.rate_limit.as_ref()),
         })
         .collect();
     cfg.nets = rec
@@ -32,9 +36,24 @@ pub fn build(rec: &VmRecord) -> VmConfig {
         .map(|n| NetConfig {
             tap: n.tap.clone(),
             mac: Some(n.mac.clone()),
+            rx_rate_limit: rate_limit(n.rate_limit.as_ref()),
+            tx_rate_limit: rate_limit(n.rate_limit.as_ref()),
         })
         .collect();
     cfg
+}
+
+/// The API's limit as the VMM's token bucket: a burst of one second's worth.
+fn rate_limit(r: Option<&corefour_api::RateLimit>) -> RateLimitConfig {
+    let r = r.cloned().unwrap_or_default();
+    let bytes = r.bytes_per_sec.unwrap_or(0);
+    let ops = r.ops_per_sec.unwrap_or(0);
+    RateLimitConfig {
+        bytes_per_sec: bytes,
+        bytes_burst: bytes,
+        ops_per_sec: ops,
+        ops_burst: ops,
+    }
 }
 
 pub fn render(rec: &VmRecord) -> Vec<u8> {

@@ -17,6 +17,7 @@ pub mod migration;
 pub mod signals;
 pub mod snapshot;
 pub mod vcpu_thread;
+pub mod virtio_devices;
 
 pub use builder::{RunOptions, RunReport, Vmm, VmmError};
 pub use config::{BackendKind, VmConfig};

@@ -39,6 +39,9 @@ pub struct Args {
     /// Random 4 KiB operations per random test.
     #[arg(long, default_value_t = 40_000)]
     random_ops: u64,
+    /// Random 4 KiB operations per random test with O_DIRECT (each waits for the disk).
+    #[arg(long, default_value_t = 4_000)]
+    direct_random_ops: u64,
     /// Skip the network part (it needs root, tun and `ip`).
     #[arg(long)]
     no_net: bool,
@@ -87,12 +90,12 @@ pub(super) fn progress(msg: &str) {
 
 fn print_table(rows: &[Row], qd: usize) {
     println!(
-        "{:<28} {:>12} {:>10} {:>12} {:>10} {:>7}  peer",
+        "{:<32} {:>12} {:>10} {:>12} {:>10} {:>7}  peer",
         "test", "virtio MB/s", "kIOPS", "peer MB/s", "kIOPS", "ratio"
     );
     for r in rows {
         println!(
-            "{:<28} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>6.2}x  {}",
+            "{:<32} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>6.2}x  {}",
             r.test,
             r.virtio_bps / 1e6,
             r.virtio_iops / 1e3,
@@ -102,7 +105,7 @@ fn print_table(rows: &[Row], qd: usize) {
             r.peer
         );
     }
-    println!("(virtio-blk: in-process driver, queue depth {qd}, buffered I/O on both sides; goal >= 0.90x)");
+    println!("(virtio-blk: in-process driver, queue depth {qd}; `buffered` through the host page cache on both sides, `direct` with O_DIRECT on both; goal >= 0.90x)");
 }
 
 #[derive(Clone, Copy)]
@@ -179,47 +182,100 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
         f.sync_all()?;
     }
     let mut rows = Vec::new();
-    for p in [
-        Pattern::SeqRead,
-        Pattern::SeqWrite,
-        Pattern::RandRead,
-        Pattern::RandWrite,
-    ] {
-        progress(p.name());
-        let offsets = p.offsets(size, args.random_ops);
-        // Warm both paths once (page cache, thread start), then measure each.
-        let host = host_run(&path, p, &offsets, args.queue_depth)?;
-        let dev = device_run(&path, p, &offsets, args.queue_depth)?;
-        let host = host_run(&path, p, &offsets, args.queue_depth)?.min(host);
-        let dev = device_run(&path, p, &offsets, args.queue_depth)?.min(dev);
-        let bytes = offsets.len() as f64 * p.block() as f64;
-        let ops = offsets.len() as f64;
-        rows.push(Row {
-            test: p.name().to_string(),
-            virtio_bps: bytes / dev.as_secs_f64(),
-            virtio_iops: ops / dev.as_secs_f64(),
-            peer_bps: bytes / host.as_secs_f64(),
-            peer_iops: ops / host.as_secs_f64(),
-            ratio: host.as_secs_f64() / dev.as_secs_f64(),
-            peer: "host pread/pwrite, same file".into(),
-        });
+    for direct in [false, true] {
+        for p in [
+            Pattern::SeqRead,
+            Pattern::SeqWrite,
+            Pattern::RandRead,
+            Pattern::RandWrite,
+        ] {
+            let mode = if direct { "direct" } else { "buffered" };
+            let name = format!("{} {mode}", p.name());
+            progress(&name);
+            let ops = if direct {
+                args.direct_random_ops
+            } else {
+                args.random_ops
+            };
+            let offsets = p.offsets(size, ops);
+            // Warm both paths once (page cache, thread start), then measure each.
+            let run = |f: &dyn Fn() -> anyhow::Result<Duration>| -> anyhow::Result<Duration> {
+                let a = f()?;
+                Ok(f()?.min(a))
+            };
+            let host = run(&|| host_run(&path, p, &offsets, args.queue_depth, direct))?;
+            let dev = run(&|| device_run(&path, p, &offsets, args.queue_depth, direct))?;
+            let bytes = offsets.len() as f64 * p.block() as f64;
+            let n = offsets.len() as f64;
+            rows.push(Row {
+                test: name,
+                virtio_bps: bytes / dev.as_secs_f64(),
+                virtio_iops: n / dev.as_secs_f64(),
+                peer_bps: bytes / host.as_secs_f64(),
+                peer_iops: n / host.as_secs_f64(),
+                ratio: host.as_secs_f64() / dev.as_secs_f64(),
+                peer: format!("host pread/pwrite, same file, {mode}"),
+            });
+        }
     }
     drop(disk);
     Ok(rows)
 }
 
-fn host_run(path: &Path, p: Pattern, offsets: &[u64], qd: usize) -> anyhow::Result<Duration> {
-    let f = OpenOptions::new().read(true).write(true).open(path)?;
+/// A page-aligned host buffer (O_DIRECT needs aligned memory).
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> anyhow::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096)?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            bail!("cannot allocate {len} bytes");
+        }
+        Ok(Self { ptr, layout })
+    }
+    fn slice(&mut self, at: usize, len: usize) -> &mut [u8] {
+        assert!(at + len <= self.layout.size());
+        // SAFETY: in bounds of our allocation (checked above), uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+fn host_run(
+    path: &Path,
+    p: Pattern,
+    offsets: &[u64],
+    qd: usize,
+    direct: bool,
+) -> anyhow::Result<Duration> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .with_context(|| format!("opening {} (direct: {direct})", path.display()))?;
     // Dirty pages from the previous run are written back before the clock starts.
     f.sync_all()?;
     // As many buffers as the device path has in flight, used in turn: the same memory
     // footprint (and cache behaviour) as the guest buffers.
     let bs = p.block() as usize;
     let qd = qd.clamp(1, 64);
-    let mut bufs = vec![0xa5u8; bs * qd];
+    let mut bufs = AlignedBuf::new(bs * qd)?;
     let t = Instant::now();
     for (i, &off) in offsets.iter().enumerate() {
-        let b = &mut bufs[(i % qd) * bs..(i % qd + 1) * bs];
+        let b = bufs.slice((i % qd) * bs, bs);
         if p.write() {
             f.write_all_at(b, off)?;
         } else {
@@ -229,7 +285,13 @@ fn host_run(path: &Path, p: Pattern, offsets: &[u64], qd: usize) -> anyhow::Resu
     Ok(t.elapsed())
 }
 
-fn device_run(path: &Path, p: Pattern, offsets: &[u64], qd: usize) -> anyhow::Result<Duration> {
+fn device_run(
+    path: &Path,
+    p: Pattern,
+    offsets: &[u64],
+    qd: usize,
+    direct: bool,
+) -> anyhow::Result<Duration> {
     let bs = p.block();
     let qd = qd.clamp(1, 64);
     const HDRS: u64 = 0x10_0000;
@@ -242,6 +304,7 @@ fn device_run(path: &Path, p: Pattern, offsets: &[u64], qd: usize) -> anyhow::Re
     let irq = Arc::new(CountingIrq::default());
     let dev = Block::new(&BlockConfig {
         path: path.to_path_buf(),
+        direct,
         ..Default::default()
     })?;
     let t = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone())?;

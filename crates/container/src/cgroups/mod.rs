@@ -83,6 +83,10 @@ pub trait CgroupManager {
     fn create(&self, resources: Option<&LinuxResources>) -> Result<(), CgroupError>;
     /// Moves a process into the cgroup.
     fn add_task(&self, pid: i32) -> Result<(), CgroupError>;
+    /// Files the container init writes "0" into to move itself (v1 `tasks`): a thread moving
+    /// itself skips the global threadgroup lock, whose RCU grace period otherwise costs
+    /// milliseconds per migration. Empty when the parent must call `add_task`.
+    fn self_join_files(&self) -> Vec<PathBuf>;
     /// Writes new limits to an existing cgroup.
     fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError>;
     fn freeze(&self, frozen: bool) -> Result<(), CgroupError>;
@@ -121,6 +125,12 @@ impl CgroupManager for Manager {
         match self {
             Manager::V1(m) => m.add_task(pid),
             Manager::V2(m) => m.add_task(pid),
+        }
+    }
+    fn self_join_files(&self) -> Vec<PathBuf> {
+        match self {
+            Manager::V1(m) => m.self_join_files(),
+            Manager::V2(_) => Vec::new(),
         }
     }
     fn update(&self, r: &LinuxResources) -> Result<(), CgroupError> {
@@ -164,6 +174,14 @@ pub(crate) fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupErr
         ),
         _ => CgroupError::Io { path, cause },
     })
+}
+
+/// Moves the calling thread into every cgroup in `files` (v1 `tasks` files; see `self_join_files`).
+pub fn join_self(files: &[PathBuf]) -> Result<(), CgroupError> {
+    for f in files {
+        crate::util::write_file(f, "0").map_err(io_err(f))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn read_pids(file: &Path) -> Result<Vec<i32>, CgroupError> {
