@@ -30,6 +30,9 @@ pub struct Args {
     /// Internal: the shim jails the VMM as this uid/gid.
     #[arg(long, hide = true)]
     jail_uid: Option<u32>,
+    /// Internal: the shim joins the VM's cgroup through these cgroup.procs files.
+    #[arg(long, hide = true)]
+    cgroup_procs: Vec<PathBuf>,
     /// Internal: run as the shim that starts and waits for one VM's VMM.
     #[arg(long, hide = true, value_name = "VM_DIR")]
     vmm_shim: Option<PathBuf>,
@@ -44,7 +47,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         None => exe.clone(),
     };
     if let Some(dir) = args.vmm_shim {
-        return corefour_daemon::shim::run(&dir, &vmm_exe, args.jail_uid).map_err(Into::into);
+        return corefour_daemon::shim::run(&dir, &vmm_exe, args.jail_uid, &args.cgroup_procs)
+            .map_err(Into::into);
     }
     let state_dir = absolute(&args.state_dir)?;
     let socket = absolute(&args.socket)?;

@@ -1210,3 +1210,97 @@ fn a_vmm_started_just_before_the_daemon_died_is_adopted() {
         "{v}"
     );
 }
+
+fn sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_guest_reads_and_writes_its_disk_through_the_daemon() {
+    let Some(vblk) = guest("vblk") else {
+        eprintln!("skipped: virtio guests not built (make -C guests -f virtio.mk)");
+        return;
+    };
+    if !real_vmm() {
+        eprintln!("skipped: `corefour vmm` is not built into this binary");
+        return;
+    }
+    let d = Daemon::start("disk");
+    let img = d.dir.0.join("disk.img");
+    let mut data = vec![0u8; 4096];
+    data[..16].copy_from_slice(b"0123456789abcdef");
+    std::fs::write(&img, &data).unwrap();
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "disk-a", "kernel": vblk, "start": true,
+                     "disks": [{"path": img, "rate_limit": {"bytes_per_sec": 10000000}}]})
+            .to_string(),
+        ),
+    );
+    let v = d.wait_state("disk-a", "stopped", Duration::from_secs(60));
+    let console = String::from_utf8(d.cli(&["console", "disk-a"]).stdout).unwrap();
+    assert_eq!(v["exit_code"], 0, "{v}\n{console}");
+    assert!(
+        console.contains("SECTOR0 30313233343536373839616263646566"),
+        "{console}"
+    );
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(&after[512..520], b"COREFOUR");
+}
+
+#[test]
+fn a_guest_pings_a_host_across_the_daemon_bridge() {
+    let Some(vnet) = guest("vnet") else {
+        eprintln!("skipped: virtio guests not built (make -C guests -f virtio.mk)");
+        return;
+    };
+    if !real_vmm() || !is_root() || !Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: needs root, /dev/net/tun and `corefour vmm`");
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let (ns, br, va, vb) = (
+        format!("c4t{id}"),
+        format!("c4b{id}"),
+        format!("c4v{id}a"),
+        format!("c4v{id}b"),
+    );
+    // The test host lives in its own network namespace, linked to the bridge by a veth pair.
+    let setup = format!(
+        "ip netns add {ns} && ip link add {br} type bridge && ip link set {br} up && \
+         ip link add {va} type veth peer name {vb} && ip link set {vb} netns {ns} && \
+         ip link set {va} master {br} up && ip -n {ns} addr add 10.77.0.1/24 dev {vb} && \
+         ip -n {ns} link set {vb} up && ip -n {ns} link set lo up"
+    );
+    let cleanup = format!(
+        "ip netns del {ns} 2>/dev/null; ip link del {va} 2>/dev/null; ip link del {br} 2>/dev/null"
+    );
+    if !sh(&setup) {
+        sh(&cleanup);
+        eprintln!("skipped: cannot build the test network (ip netns, veth, bridge)");
+        return;
+    }
+    let d = Daemon::start("vnet");
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "vnet-a", "kernel": vnet, "start": true, "nets": [{"bridge": br}]})
+                .to_string(),
+        ),
+    );
+    let v = d.wait_state("vnet-a", "stopped", Duration::from_secs(60));
+    let console = String::from_utf8(d.cli(&["console", "vnet-a"]).stdout).unwrap();
+    sh(&cleanup);
+    assert_eq!(v["exit_code"], 0, "{v}\n{console}");
+    assert!(
+        console.contains("VNET ping reply from 10.77.0.1"),
+        "{console}"
+    );
+}

@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
@@ -41,6 +41,12 @@ pub enum ShimError {
     #[error("cannot start the VMM {exe}: {source}")]
     Spawn {
         exe: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot join the VM's cgroup through {path}: {source}")]
+    Cgroup {
+        path: String,
         #[source]
         source: std::io::Error,
     },
@@ -101,7 +107,24 @@ pub fn read_exit(vm_dir: &Path) -> Option<ExitRecord> {
 /// Runs in the shim process: starts `vmm_exe vmm --config vm.json --api-sock vmm.sock` with its
 /// output appended to console.log, reports the VMM pid on stdout (a pipe to the daemon), waits,
 /// and records the exit. Returns the shim's own exit code.
-pub fn run(vm_dir: &Path, vmm_exe: &Path, jail_uid: Option<u32>) -> Result<i32, ShimError> {
+pub fn run(
+    vm_dir: &Path,
+    vmm_exe: &Path,
+    jail_uid: Option<u32>,
+    cgroup_procs: &[PathBuf],
+) -> Result<i32, ShimError> {
+    // Its own session: no terminal or process-group signal aimed at the daemon reaches the VM.
+    // SAFETY: setsid has no preconditions; failing (already a group leader) changes nothing.
+    unsafe {
+        libc::setsid();
+    }
+    cloexec_from_3();
+    for p in cgroup_procs {
+        std::fs::write(p, std::process::id().to_string()).map_err(|source| ShimError::Cgroup {
+            path: p.display().to_string(),
+            source,
+        })?;
+    }
     // The shim outlives terminal hang-ups and a daemon's Ctrl-C: it must record the exit.
     // SAFETY: setting signal dispositions to SIG_IGN has no preconditions.
     unsafe {

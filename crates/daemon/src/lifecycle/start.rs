@@ -1,6 +1,5 @@
 //! `POST /v1/vms/{name}/start`: cgroup, taps, config file, then the shim that runs the VMM.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -146,22 +145,10 @@ impl Daemon {
             .append(true)
             .open(&console_path)
             .map_err(|e| DaemonError::io(format!("cannot open {}", console_path.display()), e))?;
-        // cgroup.procs files opened here (O_CLOEXEC, so they do not leak into the VMM); the child
-        // writes "0" to each — "the writing process" — before exec, so the shim and the VMM it
-        // forks are inside the cgroup from their first instruction.
-        let mut procs = Vec::new();
-        if let Some(cg) = cgroup {
-            for p in cg.paths() {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(p.join("cgroup.procs"))
-                    .map_err(|e| {
-                        DaemonError::io(format!("cannot open {}/cgroup.procs", p.display()), e)
-                    })?;
-                procs.push(f);
-            }
-        }
-        let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        // No pre_exec hook here: without one, std spawns with posix_spawn (vfork-like) instead of
+        // fork()ing the whole multi-threaded daemon. The shim makes its own session and joins the
+        // VM's cgroup itself, before it starts the VMM, so the VMM is inside from its first
+        // instruction.
         let mut cmd = tokio::process::Command::new(&self.cfg.exe);
         cmd.arg("daemon")
             .arg("--vmm-shim")
@@ -171,30 +158,18 @@ impl Daemon {
         if let Some(uid) = jail_uid {
             cmd.arg("--jail-uid").arg(uid.to_string());
         }
+        if let Some(cg) = cgroup {
+            for p in cg.paths() {
+                cmd.arg("--cgroup-procs").arg(p.join("cgroup.procs"));
+            }
+        }
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(console)
             .kill_on_drop(false);
-        // SAFETY: runs between fork and exec; setsid and write are async-signal-safe and the fds
-        // stay open in the parent (`procs`) until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                for &fd in &proc_fds {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                crate::shim::cloexec_from_3();
-                Ok(())
-            });
-        }
         let mut child = cmd
             .spawn()
             .map_err(|e| start_err(format!("cannot run {}: {e}", self.cfg.exe.display())))?;
-        drop(procs);
         let shim_pid = child.id().map(|p| p as i32).unwrap_or(0);
         let Some(stdout) = child.stdout.take() else {
             return Err(start_err("the shim has no stdout pipe".into()));
