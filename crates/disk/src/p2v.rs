@@ -315,6 +315,7 @@ pub fn from_tree(tree: &Path, out: &Path, format: Format, size: Option<u64>) -> 
                 out,
                 format,
                 &CreateOptions::default(),
+                true,
                 &mut |_, _| {},
             )?;
         }

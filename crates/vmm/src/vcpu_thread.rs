@@ -26,6 +26,13 @@ pub fn spawn(
 }
 
 fn run_loop(index: u32, mut vcpu: Box<dyn Vcpu>, control: &Control) {
+    drive(index, vcpu.as_mut(), control);
+    // The final state, for differential tests (KVM vs the software CPU): after a debug exit
+    // the vCPU stops right after its OUT, since `finish` kicks it before it runs again.
+    control.record_regs(index, vcpu.regs().ok());
+}
+
+fn drive(index: u32, vcpu: &mut dyn Vcpu, control: &Control) {
     while control.wait_runnable() == Directive::Run {
         let outcome = match vcpu.run() {
             Ok(VmExit::Interrupted) => continue,

@@ -23,6 +23,8 @@ impl Daemon {
         self.release(name);
         // Directory first, row second: a crash in between leaves a row whose directory `start`
         // recreates, never a directory nobody owns.
+        crate::jail::remove_root(&self.vm_dir(name))
+            .map_err(|e| DaemonError::Conflict(format!("cannot delete VM {name:?}: {e}")))?;
         remove_dir_if_exists(&self.vm_dir(name))?;
         self.inv.delete_vm(name)?;
         drop(g);
