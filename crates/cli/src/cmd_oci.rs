@@ -248,8 +248,8 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
             env,
             cwd,
             user,
-            tty: _,
-            console_socket: _,
+            tty,
+            console_socket,
             id,
             command,
         } => {
@@ -273,7 +273,11 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
                     ))
                 })
                 .transpose()?;
-            let opts = ct::container_exec::ExecOptions {
+            let wants_tty = tty
+                || process
+                    .as_ref()
+                    .is_some_and(|p: &ct::oci_spec::runtime::Process| p.terminal() == Some(true));
+            let mut opts = ct::container_exec::ExecOptions {
                 args: command,
                 env,
                 cwd,
@@ -281,8 +285,38 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
                 process,
                 detach,
                 pid_file,
+                tty,
+                console_socket,
+                console_fd: None,
             };
-            return Ok(ct::container_exec::exec(root, &id, &opts)?);
+            // A terminal in the foreground without --console-socket: proxy it here, as run does.
+            let mut rx = None;
+            if wants_tty && opts.console_socket.is_none() && !detach {
+                use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+                let (r, t) = socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )?;
+                opts.console_fd = Some(std::sync::Arc::new(t));
+                rx = Some(r);
+            }
+            let mut proxy: Option<std::thread::JoinHandle<()>> = None;
+            let code = ct::container_exec::exec_with(root, &id, &opts, &mut |_pid| {
+                if let Some(r) = rx.take() {
+                    proxy = Some(std::thread::spawn(move || {
+                        if let Ok(m) = ct::console::recv_fd(std::os::fd::AsRawFd::as_raw_fd(&r)) {
+                            proxy_tty(m);
+                        }
+                    }));
+                }
+            })?;
+            drop(opts);
+            if let Some(p) = proxy {
+                let _ = p.join();
+            }
+            return Ok(code);
         }
         Cmd::Update {
             resources,
