@@ -281,17 +281,19 @@ fn vnet_arps_and_pings_a_test_host_through_a_bridge() {
         }
     };
     let arg = format!("{},mac=06:c4:00:00:00:42", net.tap);
-    let o = run_guest("vnet", &["--net", &arg]);
-    let s = out(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "stdout:\n{s}\nstderr:\n{}",
-        err(&o)
-    );
-    assert!(s.contains("VNET mac 06c400000042"), "{s}");
-    assert!(s.contains("VNET arp "), "{s}");
-    assert!(s.contains("VNET ping reply from 10.77.0.1"), "{s}");
+    for transport in ["mmio", "pci"] {
+        let o = run_guest("vnet", &["--net", &arg, "--virtio-transport", transport]);
+        let s = out(&o);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{transport}: stdout:\n{s}\nstderr:\n{}",
+            err(&o)
+        );
+        assert!(s.contains("VNET mac 06c400000042"), "{s}");
+        assert!(s.contains("VNET arp "), "{s}");
+        assert!(s.contains("VNET ping reply from 10.77.0.1"), "{s}");
+    }
 }
 
 #[test]
