@@ -55,10 +55,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
     },
-    /// Show the container's console output (its init's stdout and stderr).
+    /// Attach to the container's console (Ctrl-] detaches); with --log, print what it wrote.
     Console {
         name: String,
-        /// Keep printing new output until interrupted.
+        /// Print the console log instead of attaching.
+        #[arg(long)]
+        log: bool,
+        /// With --log: keep printing new output until the container stops.
         #[arg(short, long)]
         follow: bool,
     },
@@ -131,7 +134,18 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             }
         }
         Cmd::Exec { name, command } => return Ok(sys.exec(&name, &command)?),
-        Cmd::Console { name, follow } => console(&sys, &name, follow)?,
+        Cmd::Console { name, log, follow } => {
+            let sock = sys.console_socket(&name);
+            if log || follow || !sock.exists() {
+                if !log && !follow {
+                    sys.info(&name)?;
+                    eprintln!("{name} has no interactive console (not running, or its init has no tty); its log:");
+                }
+                console(&sys, &name, follow)?;
+            } else {
+                attach(&name, &sock)?;
+            }
+        }
         Cmd::Stop { name, timeout } => sys.stop(&name, Duration::from_secs(timeout))?,
         Cmd::Delete { name, force } => sys.delete(&name, force)?,
         Cmd::List => {
@@ -240,4 +254,78 @@ fn console(sys: &System, name: &str, follow: bool) -> anyhow::Result<()> {
         let pos = f.stream_position()?;
         f.seek(std::io::SeekFrom::Start(pos))?;
     }
+}
+
+/// Proxies the terminal to the console monitor's socket; Ctrl-] detaches. With a non-tty stdin
+/// (scripts), input is sent as it is and the output is drained briefly after stdin ends.
+fn attach(name: &str, sock: &std::path::Path) -> anyhow::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    let mut conn = std::os::unix::net::UnixStream::connect(sock)
+        .with_context(|| format!("connect to {}", sock.display()))?;
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(stdin.as_fd()).ok();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw)?;
+        eprint!("Connected to the console of {name}; Ctrl-] detaches.\r\n");
+    }
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 8192];
+    let mut stdin_open = true;
+    let mut drain_deadline: Option<std::time::Instant> = None;
+    let result = (|| -> anyhow::Result<()> {
+        loop {
+            let timeout = match drain_deadline {
+                Some(d) => PollTimeout::try_from(
+                    d.saturating_duration_since(std::time::Instant::now())
+                        .as_millis() as i32,
+                )
+                .unwrap_or(PollTimeout::ZERO),
+                None => PollTimeout::NONE,
+            };
+            let mut fds = vec![PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+            if stdin_open {
+                fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+            }
+            let n = poll(&mut fds, timeout)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let rev: Vec<PollFlags> = fds
+                .iter()
+                .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+                .collect();
+            drop(fds);
+            if rev[0].intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
+                let n = conn.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                out.write_all(&buf[..n])?;
+                out.flush()?;
+            }
+            if stdin_open && rev[1].intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
+                let n = stdin.lock().read(&mut buf)?;
+                if n == 0 {
+                    stdin_open = false;
+                    drain_deadline =
+                        Some(std::time::Instant::now() + std::time::Duration::from_millis(1500));
+                    continue;
+                }
+                if saved.is_some() && buf[..n].contains(&0x1d) {
+                    return Ok(());
+                }
+                conn.write_all(&buf[..n])?;
+            }
+        }
+    })();
+    if let Some(t) = &saved {
+        let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, t);
+        eprintln!();
+    }
+    result
 }

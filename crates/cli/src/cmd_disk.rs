@@ -183,9 +183,10 @@ fn create_options(opts: &[String]) -> anyhow::Result<CreateOptions> {
 pub(crate) struct Progress(Option<indicatif::ProgressBar>);
 
 impl Progress {
+    /// `force` is qemu-img's -p; a bar still needs a terminal to draw on.
     pub(crate) fn new(total: u64, force: bool, quiet: bool) -> Progress {
-        if quiet || !(force || std::io::stderr().is_terminal()) || !std::io::stderr().is_terminal()
-        {
+        let _ = force;
+        if quiet || !std::io::stderr().is_terminal() {
             return Progress(None);
         }
         let pb = indicatif::ProgressBar::new(total);
@@ -481,42 +482,30 @@ fn check(
         Some("all") => Repair::All,
         Some(o) => bail!("-r must be leaks or all, not '{o}'"),
     };
-    let probe = open(
-        file,
-        Open {
-            format,
-            write: false,
-        },
-    );
-    let format = match (&probe, format) {
-        (_, Some(f)) => f,
-        (Ok(img), None) => img.format(),
-        // A corrupt image may fail to open normally; try to check it as qcow2 anyway.
-        (Err(_), None) => Format::Qcow2,
+    let format = match format {
+        Some(f) => f,
+        None => {
+            let f = std::fs::File::open(file)
+                .with_context(|| format!("{}: cannot open", file.display()))?;
+            let storage = corefour_disk::storage::FileStorage::new(f);
+            corefour_disk::probe(&storage, file)?
+        }
     };
     if format != Format::Qcow2 {
-        probe?;
+        open(
+            file,
+            Open {
+                format: Some(format),
+                write: false,
+            },
+        )?;
         println!(
             "{}: {format} images have no metadata to check",
             file.display()
         );
         return Ok(0);
     }
-    drop(probe);
-    let mut q = if repair == Repair::None {
-        match open(
-            file,
-            Open {
-                format: Some(Format::Qcow2),
-                write: false,
-            },
-        )? {
-            corefour_disk::Image::Qcow2(q) => q,
-            _ => bail!("not a qcow2 image"),
-        }
-    } else {
-        Box::new(Qcow2::open_for_repair(file)?)
-    };
+    let mut q = Qcow2::open_for_check(file, repair != Repair::None)?;
     let r = q.check(repair)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -283,3 +283,53 @@ fn debian_template() {
     assert!(out.trim().starts_with("12"), "{out}");
     t.ok(&["delete", "--force", &n]);
 }
+
+#[test]
+fn console_attaches_to_the_init_shell() {
+    if !can_run() {
+        return;
+    }
+    let mut t = Ct::new("cons");
+    let n = t.name("c");
+    t.ok(&["create", &n]);
+    t.ok(&["start", &n]);
+    let sock = t.base.join("containers").join(&n).join("console.sock");
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "console socket never appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut child = Command::new(BIN)
+        .args(["ct", "console", &n])
+        .env("COREFOUR_CT_DIR", &t.base)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"echo answer=$((6*7)); hostname\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("answer=42"), "{text}");
+    assert!(text.contains(&n), "{text}");
+    // The log keeps what the console printed.
+    let log = t.ok(&["console", "--log", &n]);
+    assert!(log.contains("answer=42"), "{log}");
+    t.ok(&["stop", "--timeout", "5", &n]);
+    let t0 = std::time::Instant::now();
+    while sock.exists() {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "console monitor did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

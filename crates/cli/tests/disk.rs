@@ -538,6 +538,24 @@ fn check_finds_and_repairs_leaks_like_qemu() {
     ok(&["disk", "check", "-r", "leaks", s(&q)]);
     assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(0));
     assert_eq!(run(&["disk", "check", s(&q)]).status.code(), Some(0));
+    // Checking needs only the image itself, not its backing file.
+    let top = dir.path().join("orphan.qcow2");
+    qemu_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        s(&q),
+        s(&top),
+    ]);
+    std::fs::remove_file(&q).unwrap();
+    assert_eq!(run(&["disk", "check", s(&top)]).status.code(), Some(0));
+    let o = run(&["disk", "info", s(&top)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open backing file"));
 }
 
 fn sha256_of(p: &Path) -> String {

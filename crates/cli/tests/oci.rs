@@ -533,3 +533,199 @@ fn spec_writes_a_valid_config() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn rootless_as_nobody() {
+    if !can_run() {
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skip: setpriv (util-linux) missing");
+        return;
+    }
+    let env = Env::new("rootless");
+    let mut spec = serde_json::to_value(corefour_container::spec::default_spec(true)).unwrap();
+    // default_spec(true) maps the caller's IDs; the test runs the runtime as nobody (65534).
+    spec["linux"]["uidMappings"] = json!([{"containerID": 0, "hostID": 65534, "size": 1}]);
+    spec["linux"]["gidMappings"] = json!([{"containerID": 0, "hostID": 65534, "size": 1}]);
+    spec["process"]["terminal"] = json!(false);
+    spec["process"]["args"] = json!(["sh", "-c", "id -u; cat /proc/self/uid_map; echo pid=$$"]);
+    std::fs::write(
+        env.bundle.join("config.json"),
+        serde_json::to_vec(&spec).unwrap(),
+    )
+    .unwrap();
+    let state = env.dir.join("nobody-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let chown = Command::new("chown")
+        .arg("65534:65534")
+        .arg(&state)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let out = Command::new("/usr/bin/setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            BIN,
+            "oci",
+            "--root",
+        ])
+        .arg(&state)
+        .args(["run", "--bundle"])
+        .arg(&env.bundle)
+        .arg(env.id("rootless"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("clone the container init") {
+        eprintln!(
+            "skip: this host does not let unprivileged users create user namespaces: {stderr}"
+        );
+        return;
+    }
+    assert!(out.status.success(), "{stderr}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "0", "{text}");
+    assert_eq!(
+        lines[1].split_whitespace().collect::<Vec<_>>(),
+        ["0", "65534", "1"]
+    );
+    assert_eq!(lines[2], "pid=1");
+    assert_eq!(
+        std::fs::read_dir(&state).unwrap().count(),
+        0,
+        "state left behind"
+    );
+}
+
+#[test]
+fn terminal_in_the_foreground() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::new("tty");
+    env.config["process"]["terminal"] = json!(true);
+    let (code, out, err) = env.run(
+        "tty",
+        &["sh", "-c", "tty; [ -t 0 ] && echo stdin-is-tty; exit 4"],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(out.contains("/dev/pts/0"), "{out}");
+    assert!(out.contains("stdin-is-tty"), "{out}");
+    // create with a terminal and no console socket is refused with the fix in the message.
+    env.write();
+    let (code, _, err) = env.oci(&["create", &env.id("tty2")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--console-socket"), "{err}");
+}
+
+#[test]
+fn process_user_and_groups() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::new("user");
+    env.config["process"]["user"] =
+        json!({"uid": 1000, "gid": 1000, "additionalGids": [44], "umask": 63});
+    env.config["process"]["capabilities"] = json!({});
+    let (code, out, err) = env.run(
+        "user",
+        &[
+            "sh",
+            "-c",
+            "id -u; id -g; id -G; umask; grep CapEff /proc/self/status",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1000");
+    assert_eq!(lines[1], "1000");
+    assert!(lines[2].split_whitespace().any(|g| g == "44"), "{out}");
+    assert_eq!(lines[3], "0077");
+    assert_eq!(lines[4], "CapEff:\t0000000000000000");
+}
+
+#[test]
+fn cpu_quota_throttles_and_devices_cgroup_denies() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::new("cpudev");
+    env.config["linux"]["resources"]["cpu"] = json!({"quota": 5000, "period": 100000});
+    env.config["linux"]["resources"]["devices"] = json!([{"allow": false, "access": "rwm"}]);
+    env.config["linux"]["devices"] =
+        json!([{"path": "/dev/kmsg", "type": "c", "major": 1, "minor": 11, "fileMode": 420}]);
+    // CAP_MKNOD is granted, so a refused mknod can only be the device cgroup's doing.
+    for set in ["bounding", "effective", "permitted"] {
+        env.config["process"]["capabilities"][set]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("CAP_MKNOD"));
+    }
+    let script = "i=0; while [ $i -lt 30000 ]; do i=$((i+1)); done; \
+                  grep nr_throttled /sys/fs/cgroup/cpu/cpu.stat 2>/dev/null || grep nr_throttled /sys/fs/cgroup/cpu.stat; \
+                  mknod /tmp/mem c 1 1 2>/dev/null || echo mem-denied; mknod /tmp/zero c 1 5 && echo zero-ok; \
+                  test -c /dev/kmsg && echo kmsg-listed";
+    let (code, out, err) = env.run("cpudev", &["sh", "-c", script]);
+    assert_eq!(code, 0, "{err}");
+    let throttled: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("nr_throttled "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no nr_throttled in {out}"));
+    assert!(throttled > 0, "a 5% quota must throttle a busy loop: {out}");
+    assert!(out.contains("mem-denied"), "{out}");
+    assert!(out.contains("zero-ok"), "{out}");
+    assert!(out.contains("kmsg-listed"), "{out}");
+}
+
+#[test]
+fn run_forwards_signals_to_the_container() {
+    if !can_run() {
+        return;
+    }
+    let mut env = Env::new("sig");
+    env.args(&[
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 9' TERM; while :; do sleep 0.1; done",
+    ])
+    .write();
+    let id = env.id("sig");
+    let out = env.dir.join("sig-out");
+    let mut child = Command::new(BIN)
+        .arg("oci")
+        .arg("--root")
+        .arg(&env.root)
+        .args(["run", "--bundle"])
+        .arg(&env.bundle)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !env.root.join(&id).exists() || env.status(&id) != "running" {
+        assert!(t.elapsed() < Duration::from_secs(10), "never running");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(9));
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "got-term");
+    assert!(
+        !env.root.join(&id).exists(),
+        "run must delete the container after it exits"
+    );
+}

@@ -48,7 +48,7 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), ContainerError> 
         }
         Err(e) => return Err(e.into()),
     };
-    st.refresh();
+    st.refresh_in(root);
     match st.oci.status {
         Status::Running | Status::Paused if !force => {
             return Err(ContainerError::WrongStatus {

@@ -19,6 +19,7 @@ pub mod devices;
 mod error;
 pub mod hooks;
 pub mod init;
+pub mod monitor;
 pub mod mounts;
 pub mod namespaces;
 pub mod network;

@@ -117,13 +117,15 @@ impl ContainerState {
         }
     }
 
-    /// The live status: the recorded one, corrected by whether the init still runs and the freezer.
-    pub fn refresh(&mut self) {
+    /// The live status: the recorded one, corrected by whether the init still runs, whether
+    /// `start` consumed the init socket, and the freezer. Needs the state root to find the socket.
+    pub fn refresh_in(&mut self, root: &Path) {
         let alive = self.init_alive();
+        let started = !Self::dir(root, &self.oci.id).join(INIT_SOCKET).exists();
         self.oci.status = match (self.oci.status, alive) {
             (_, false) => Status::Stopped,
             (Status::Creating, true) => Status::Creating,
-            (Status::Created, true) => Status::Created,
+            (Status::Created, true) if !started => Status::Created,
             (_, true) => {
                 if crate::cgroups::manager(&self.cgroup)
                     .map(|m| m.is_frozen())

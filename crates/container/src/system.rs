@@ -238,18 +238,27 @@ impl System {
                     .map_err(|e| ct_err(e.to_string()))?;
             }
             let dir = self.dir(name);
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("console.log"))
-                .map_err(|e| ContainerError::io("open console.log", e))?;
-            let st = crate::container_create::create(&crate::container_create::CreateOptions {
+            let terminal = std::fs::read(dir.join("config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| v["process"]["terminal"] == json!(true));
+            let mut opts = crate::container_create::CreateOptions {
                 id: name.into(),
                 bundle: dir.clone(),
                 state_root: self.run_root(),
-                stdio: Some(Arc::new(OwnedFd::from(log))),
                 ..Default::default()
-            })?;
+            };
+            if terminal {
+                opts.console_fd = Some(Arc::new(crate::monitor::spawn(&dir)?));
+            } else {
+                let log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("console.log"))
+                    .map_err(|e| ContainerError::io("open console.log", e))?;
+                opts.stdio = Some(Arc::new(OwnedFd::from(log)));
+            }
+            let st = crate::container_create::create(&opts)?;
             crate::container_start::start(&self.run_root(), name)?;
             Ok(st.oci.pid)
         })();
@@ -338,6 +347,10 @@ impl System {
             .collect()
     }
 
+    pub fn console_socket(&self, name: &str) -> PathBuf {
+        self.dir(name).join(crate::monitor::SOCKET)
+    }
+
     pub fn console_log(&self, name: &str) -> PathBuf {
         self.dir(name).join("console.log")
     }
@@ -383,7 +396,8 @@ fn bundle_config(cfg: &CtConfig, lower: &Path) -> serde_json::Value {
         "CAP_NET_ADMIN",
         "CAP_SYS_BOOT"
     ]);
-    spec["process"]["terminal"] = json!(false);
+    // busybox init runs a shell on its console: give it a pty the console monitor holds.
+    spec["process"]["terminal"] = json!(has_busybox_init);
     spec["process"]["args"] = args;
     spec["process"]["env"] = json!([
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",

@@ -229,8 +229,8 @@ fn data_chunks(src: &mut dyn BlockRead) -> Result<Vec<(u64, usize)>> {
 
 /// Converts the image at `src` (opened with `open`, once per reader thread) into a new image
 /// at `out`. Several threads read in parallel, as qemu-img keeps several requests in flight;
-/// raw output is written by the readers directly, qcow2 output by one writer in guest order
-/// so the new image is laid out sequentially.
+/// one writer writes in guest order, so a new qcow2 is laid out sequentially. (Writing raw
+/// output from the readers too measured no faster: writers of one file share its inode lock.)
 #[allow(clippy::too_many_arguments)]
 pub fn convert_path(
     src: &Path,
@@ -263,7 +263,6 @@ pub fn convert_path(
         virtual_size: size,
         ..Default::default()
     };
-    let raw_out = format == Format::Raw;
     // Credits bound how far readers run ahead of the in-order writer.
     let window = threads * 2;
     let (credit_tx, credit_rx) = mpsc::sync_channel::<()>(window);
@@ -271,22 +270,14 @@ pub fn convert_path(
         let _ = credit_tx.send(());
     }
     let credit_rx = std::sync::Mutex::new(credit_rx);
-    let (tx, rx) = mpsc::sync_channel::<Result<(usize, Vec<u8>, u64)>>(window);
+    let pool: std::sync::Mutex<Vec<Vec<u8>>> = Default::default();
+    let (tx, rx) = mpsc::sync_channel::<Result<(usize, Vec<u8>)>>(window);
     let result = std::thread::scope(|s| -> Result<()> {
         let mut handles = Vec::new();
         for _ in 0..threads {
             let tx = tx.clone();
-            let (next, abort, chunks, credit_rx) = (&next, &abort, &chunks, &credit_rx);
-            let mut own_out = if raw_out {
-                Some(
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(out)
-                        .map_err(|e| DiskError::io(out, "open", 0, e)),
-                )
-            } else {
-                None
-            };
+            let (next, abort, chunks, credit_rx, pool) =
+                (&next, &abort, &chunks, &credit_rx, &pool);
             handles.push(s.spawn(move || {
                 let mut img = match crate::open(src, open) {
                     Ok(i) => i,
@@ -296,58 +287,33 @@ pub fn convert_path(
                         return;
                     }
                 };
-                let out_file = match own_out.take() {
-                    Some(Ok(f)) => Some(RawImage::open(
-                        out,
-                        Box::new(crate::storage::FileStorage::new(f)),
-                        true,
-                    )),
-                    Some(Err(e)) => {
-                        let _ = tx.send(Err(e));
-                        abort.store(true, Ordering::Relaxed);
-                        return;
-                    }
-                    None => None,
-                };
-                let mut out_img = match out_file {
-                    Some(Ok(r)) => Some(r),
-                    Some(Err(e)) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                    None => None,
-                };
                 loop {
                     if abort.load(Ordering::Relaxed) {
                         return;
                     }
-                    if out_img.is_none() {
-                        // In-order writer: wait for a credit before taking the next chunk.
-                        let got = credit_rx.lock().map(|r| r.recv().is_ok()).unwrap_or(false);
-                        if !got {
-                            return;
-                        }
+                    // The writer goes in guest order: wait for a credit before taking a chunk.
+                    let got = credit_rx.lock().map(|r| r.recv().is_ok()).unwrap_or(false);
+                    if !got {
+                        return;
                     }
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(off, len)) = chunks.get(i) else {
                         return;
                     };
-                    let mut buf = vec![0u8; len];
+                    // Reuse buffers: fresh 2 MiB allocations are mmap/munmap pairs whose page
+                    // faults and TLB shootdowns cost more than the copy itself.
+                    let mut buf = pool
+                        .lock()
+                        .ok()
+                        .and_then(|mut p| p.pop())
+                        .unwrap_or_default();
+                    buf.resize(len, 0);
                     if let Err(e) = img.read_at(&mut buf, off) {
                         abort.store(true, Ordering::Relaxed);
                         let _ = tx.send(Err(e));
                         return;
                     }
-                    let msg = match &mut out_img {
-                        Some(o) => match write_nonzero(o, &buf, off, gran) {
-                            Ok(n) => Ok((i, Vec::new(), n)),
-                            Err(e) => {
-                                abort.store(true, Ordering::Relaxed);
-                                Err(e)
-                            }
-                        },
-                        None => Ok((i, buf, 0)),
-                    };
+                    let msg = Ok((i, buf));
                     if tx.send(msg).is_err() {
                         return;
                     }
@@ -367,12 +333,9 @@ pub fn convert_path(
                     result = Err(e);
                     break;
                 }
-                Ok((i, buf, written)) => {
+                Ok((i, buf)) => {
                     stats.bytes_read += chunks[i].1 as u64;
-                    if raw_out {
-                        stats.bytes_written += written;
-                        done += chunks[i].1 as u64;
-                    } else {
+                    {
                         pending.insert(i, buf);
                         while let Some(b) = pending.remove(&next_write) {
                             let off = chunks[next_write].0;
@@ -385,6 +348,9 @@ pub fn convert_path(
                                 }
                             }
                             done += b.len() as u64;
+                            if let Ok(mut p) = pool.lock() {
+                                p.push(b);
+                            }
                             next_write += 1;
                             let _ = credit_tx.send(());
                         }

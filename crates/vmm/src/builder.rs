@@ -107,8 +107,13 @@ impl Vmm {
         let control = Control::new(config.vcpus);
         let events: Arc<dyn GuestEvents> = control.clone();
         let virtio = crate::virtio_devices::create(&config, &mem, &vm)?;
-        let (ops, serial) =
-            machine::build_with(&vm, console.clone(), events, virtio.mmio, virtio.pio)?;
+        let mut pio = virtio.pio;
+        if plan.linux.is_some() {
+            let pm = Arc::new(crate::acpi::PmRegisters::new(events.clone()));
+            let base = u64::from(crate::acpi::PM_BASE_PORT);
+            pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
+        }
+        let (ops, serial) = machine::build_with(&vm, console.clone(), events, virtio.mmio, pio)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let mut vcpu = vm

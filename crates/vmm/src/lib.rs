@@ -3,6 +3,7 @@
 //! The VMM names only the `corefour_hypervisor` traits; `backend` is the one place that picks
 //! KVM or the software CPU. guests/CONTRACT.md is the guest-facing side of `layout` and `boot`.
 
+pub mod acpi;
 pub mod api_client;
 pub mod api_server;
 pub mod backend;

@@ -294,7 +294,7 @@ fn bench(
         Format::Raw,
     )?;
 
-    // Random 4 KiB I/O: a fully allocated qcow2 (converted from the random raw) vs the raw.
+    // Random 4 KiB I/O: a fully allocated qcow2 and a raw copy, both converted from the random raw.
     let q = dir.join("bench-io.qcow2");
     ours_convert(&random, &q, Format::Qcow2)?;
     let mut qi = open(
@@ -304,8 +304,11 @@ fn bench(
             write: true,
         },
     )?;
+    // The raw side gets a copy made the same way, so both files share a page-cache history.
+    let rcopy = dir.join("bench-io.raw");
+    ours_convert(&random, &rcopy, Format::Raw)?;
     let mut ri = open(
-        &random,
+        &rcopy,
         Open {
             format: Some(Format::Raw),
             write: true,

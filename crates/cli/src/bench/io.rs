@@ -74,11 +74,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             Err(e) => eprintln!("corefour: net part skipped: {e:#}"),
         }
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&rows)? + "\n"
     } else {
-        print_table(&rows, args.queue_depth);
-    }
+        table(&rows, args.queue_depth)
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     Ok(0)
 }
 
@@ -88,13 +90,17 @@ pub(super) fn progress(msg: &str) {
     }
 }
 
-fn print_table(rows: &[Row], qd: usize) {
-    println!(
+fn table(rows: &[Row], qd: usize) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
         "{:<32} {:>12} {:>10} {:>12} {:>10} {:>7}  peer",
         "test", "virtio MB/s", "kIOPS", "peer MB/s", "kIOPS", "ratio"
     );
     for r in rows {
-        println!(
+        let _ = writeln!(
+            t,
             "{:<32} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>6.2}x  {}",
             r.test,
             r.virtio_bps / 1e6,
@@ -105,7 +111,11 @@ fn print_table(rows: &[Row], qd: usize) {
             r.peer
         );
     }
-    println!("(virtio-blk: in-process driver, queue depth {qd}; `buffered` through the host page cache on both sides, `direct` with O_DIRECT on both; goal >= 0.90x)");
+    let _ = writeln!(
+        t,
+        "(virtio-blk: in-process driver, queue depth {qd}; `buffered` through the host page cache on both sides, `direct` with O_DIRECT on both; goal >= 0.90x)"
+    );
+    t
 }
 
 #[derive(Clone, Copy)]
@@ -300,6 +310,11 @@ fn device_run(
     let mem_size = (DATA + qd as u64 * bs + 0xfff) & !0xfff;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
         .context("allocating guest memory")?;
+    // A running guest's buffers are resident; fault them in before the clock starts.
+    mem.write_slice(
+        &vec![0u8; (qd.clamp(1, 64) as u64 * bs) as usize],
+        GuestAddress(DATA),
+    )?;
     File::open(path)?.sync_all()?;
     let irq = Arc::new(CountingIrq::default());
     let dev = Block::new(&BlockConfig {

@@ -56,7 +56,7 @@ pub fn populate(rootfs: &Path) -> Result<(), TemplateError> {
         ("etc/hosts", "127.0.0.1 localhost\n"),
         (
             "etc/inittab",
-            "::restart:/sbin/init\n::ctrlaltdel:/sbin/reboot\n",
+            "::respawn:-/bin/sh\n::restart:/sbin/init\n::ctrlaltdel:/sbin/reboot\n",
         ),
     ];
     for (p, text) in files {
