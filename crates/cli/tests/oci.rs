@@ -728,7 +728,9 @@ fn run_forwards_signals_to_the_container() {
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while !env.root.join(&id).exists() || env.status(&id) != "running" {
+    // The state directory appears at the start of create, state.json at its end: poll until
+    // `state` answers and says running.
+    while !env.oci(&["state", &id]).1.contains("\"running\"") {
         assert!(t.elapsed() < Duration::from_secs(10), "never running");
         std::thread::sleep(Duration::from_millis(20));
     }
