@@ -108,6 +108,22 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 "none" => None,
                 other => anyhow::bail!("--net {other:?}: use bridge or none"),
             };
+            let cached = args
+                .dir
+                .join("templates")
+                .join(&template)
+                .join(".complete")
+                .exists();
+            if !cached && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                let how = if template == "debian" {
+                    "debootstrap, a few minutes"
+                } else {
+                    "busybox-static"
+                };
+                eprintln!(
+                    "building the {template} template once ({how}); later containers reuse it"
+                );
+            }
             let cfg = sys.create(&CreateRequest {
                 name,
                 template,

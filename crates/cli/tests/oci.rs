@@ -517,7 +517,16 @@ fn pause_resume_and_exec() {
     let (code, out, _) = env.oci(&["ps", "--format", "json", &id]);
     assert_eq!(code, 0);
     assert!(out.starts_with('['));
-    assert_eq!(env.oci(&["delete", "--force", &id]).0, 0);
+    // kill --all reaches every process in the cgroup, not only the init.
+    let (code, _, err) = env.oci(&["exec", "--detach", &id, "sleep", "50"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = env.oci(&["ps", "--format", "json", &id]);
+    let pids: Vec<i32> = serde_json::from_str(&out).unwrap();
+    assert!(pids.len() >= 2, "{out}");
+    let (code, _, err) = env.oci(&["kill", "--all", &id, "9"]);
+    assert_eq!(code, 0, "{err}");
+    env.wait_status(&id, "stopped");
+    assert_eq!(env.oci(&["delete", &id]).0, 0);
     assert!(!cgroup_exists(&id));
 }
 
@@ -728,7 +737,9 @@ fn run_forwards_signals_to_the_container() {
         .spawn()
         .unwrap();
     let t = Instant::now();
-    while !env.root.join(&id).exists() || env.status(&id) != "running" {
+    // The state directory appears at the start of create, state.json at its end: poll until
+    // `state` answers and says running.
+    while !env.oci(&["state", &id]).1.contains("\"running\"") {
         assert!(t.elapsed() < Duration::from_secs(10), "never running");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -134,6 +134,9 @@ fn measure(
     runs: usize,
 ) -> anyhow::Result<(Vec<Duration>, Vec<Duration>, Vec<Duration>)> {
     let (mut c, mut s, mut d) = (Vec::new(), Vec::new(), Vec::new());
+    if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("bench ct: {} x {} ...", p.name, runs + 2);
+    }
     let base = |cmd: &mut Command| {
         cmd.args(p.prefix).arg("--root").arg(&p.root);
     };
