@@ -96,6 +96,25 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Change the cgroup limits of a running container (runc update).
+    Update {
+        /// A JSON file of linux.resources (`-` for stdin) replacing the flags below.
+        #[arg(short, long)]
+        resources: Option<PathBuf>,
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        pids_limit: Option<i64>,
+        #[arg(long)]
+        cpu_quota: Option<i64>,
+        #[arg(long)]
+        cpu_period: Option<u64>,
+        #[arg(long)]
+        cpu_share: Option<u64>,
+        #[arg(long)]
+        cpuset_cpus: Option<String>,
+        id: String,
+    },
     /// Freeze every process of the container.
     Pause { id: String },
     /// Thaw a paused container.
@@ -229,8 +248,8 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
             env,
             cwd,
             user,
-            tty: _,
-            console_socket: _,
+            tty,
+            console_socket,
             id,
             command,
         } => {
@@ -254,7 +273,11 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
                     ))
                 })
                 .transpose()?;
-            let opts = ct::container_exec::ExecOptions {
+            let wants_tty = tty
+                || process
+                    .as_ref()
+                    .is_some_and(|p: &ct::oci_spec::runtime::Process| p.terminal() == Some(true));
+            let mut opts = ct::container_exec::ExecOptions {
                 args: command,
                 env,
                 cwd,
@@ -262,8 +285,95 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
                 process,
                 detach,
                 pid_file,
+                tty,
+                console_socket,
+                console_fd: None,
             };
-            return Ok(ct::container_exec::exec(root, &id, &opts)?);
+            // A terminal in the foreground without --console-socket: proxy it here, as run does.
+            let mut rx = None;
+            if wants_tty && opts.console_socket.is_none() && !detach {
+                use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+                let (r, t) = socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )?;
+                opts.console_fd = Some(std::sync::Arc::new(t));
+                rx = Some(r);
+            }
+            let mut proxy: Option<std::thread::JoinHandle<()>> = None;
+            let code = ct::container_exec::exec_with(root, &id, &opts, &mut |_pid| {
+                if let Some(r) = rx.take() {
+                    proxy = Some(std::thread::spawn(move || {
+                        if let Ok(m) = ct::console::recv_fd(std::os::fd::AsRawFd::as_raw_fd(&r)) {
+                            proxy_tty(m);
+                        }
+                    }));
+                }
+            })?;
+            drop(opts);
+            if let Some(p) = proxy {
+                let _ = p.join();
+            }
+            return Ok(code);
+        }
+        Cmd::Update {
+            resources,
+            memory,
+            pids_limit,
+            cpu_quota,
+            cpu_period,
+            cpu_share,
+            cpuset_cpus,
+            id,
+        } => {
+            use ct::cgroups::CgroupManager;
+            let r: ct::oci_spec::runtime::LinuxResources = match resources {
+                Some(p) => {
+                    let text = if p.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&p)
+                            .with_context(|| format!("read {}", p.display()))?
+                    };
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{}: malformed resources JSON", p.display()))?
+                }
+                None => {
+                    let mut v = serde_json::json!({});
+                    if let Some(m) = memory {
+                        let bytes = ct::cgroups::parse_size(&m)
+                            .with_context(|| format!("--memory {m:?}: use a size like 256M"))?;
+                        v["memory"] = serde_json::json!({"limit": bytes});
+                    }
+                    if let Some(p) = pids_limit {
+                        v["pids"] = serde_json::json!({"limit": p});
+                    }
+                    let mut cpu = serde_json::json!({});
+                    if let Some(q) = cpu_quota {
+                        cpu["quota"] = q.into();
+                    }
+                    if let Some(p) = cpu_period {
+                        cpu["period"] = p.into();
+                    }
+                    if let Some(s) = cpu_share {
+                        cpu["shares"] = s.into();
+                    }
+                    if let Some(c) = cpuset_cpus {
+                        cpu["cpus"] = c.into();
+                    }
+                    if cpu.as_object().is_some_and(|o| !o.is_empty()) {
+                        v["cpu"] = cpu;
+                    }
+                    serde_json::from_value(v)?
+                }
+            };
+            let st = ct::container_state::load(root, &id)?;
+            if st.oci.status == ct::state::Status::Stopped {
+                bail!("container {id} is stopped; nothing to update");
+            }
+            ct::cgroups::manager(&st.cgroup)?.update(&r)?;
         }
         Cmd::Pause { id } => ct::container_pause::pause(root, &id)?,
         Cmd::Resume { id } => ct::container_pause::resume(root, &id)?,

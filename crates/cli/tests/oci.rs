@@ -488,6 +488,23 @@ fn pause_resume_and_exec() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "box");
     assert_ne!(lines[1], "1", "exec must not be the container's init");
+    let (code, out, err) = env.oci(&["exec", "-t", &id, "sh", "-c", "tty; exit 3"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(out.starts_with("/dev/pts/"), "{out}");
+    let (code, _, err) = env.oci(&["update", "--pids-limit", "7", "--memory", "32M", &id]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = env.oci(&[
+        "exec",
+        &id,
+        "sh",
+        "-c",
+        "cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["7", "33554432"],
+        "{out}"
+    );
     let (code, _, err) = env.oci(&["pause", &id]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(env.status(&id), "paused");

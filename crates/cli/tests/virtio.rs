@@ -281,17 +281,19 @@ fn vnet_arps_and_pings_a_test_host_through_a_bridge() {
         }
     };
     let arg = format!("{},mac=06:c4:00:00:00:42", net.tap);
-    let o = run_guest("vnet", &["--net", &arg]);
-    let s = out(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "stdout:\n{s}\nstderr:\n{}",
-        err(&o)
-    );
-    assert!(s.contains("VNET mac 06c400000042"), "{s}");
-    assert!(s.contains("VNET arp "), "{s}");
-    assert!(s.contains("VNET ping reply from 10.77.0.1"), "{s}");
+    for transport in ["mmio", "pci"] {
+        let o = run_guest("vnet", &["--net", &arg, "--virtio-transport", transport]);
+        let s = out(&o);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{transport}: stdout:\n{s}\nstderr:\n{}",
+            err(&o)
+        );
+        assert!(s.contains("VNET mac 06c400000042"), "{s}");
+        assert!(s.contains("VNET arp "), "{s}");
+        assert!(s.contains("VNET ping reply from 10.77.0.1"), "{s}");
+    }
 }
 
 #[test]
@@ -399,4 +401,72 @@ fn vballoon_returns_inflated_memory_to_the_host() {
         a - b >= 15 * 1024,
         "16 MiB inflated should leave guest RAM: {a} KiB -> {b} KiB"
     );
+}
+
+fn http(sock: &Path, req: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect API socket");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn balloon_target_through_the_vmm_api() {
+    need_kvm!();
+    // `hang` idles until shut down; the devices do not need a driver to be configured.
+    let k = {
+        let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
+        let st = Command::new("flock")
+            .arg(&lock)
+            .args(["make", "-s", "-C"])
+            .arg(repo().join("guests"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        repo().join("guests/build/hang.elf")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .args([
+            "vmm",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--balloon",
+            "4",
+            "--timeout",
+            "30s",
+        ])
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let get = "GET /balloon HTTP/1.1\r\nConnection: close\r\n\r\n";
+    let r = http(&sock, get);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("\"target_mib\":4"), "{r}");
+    let r = http(
+        &sock,
+        "PUT /balloon?target_mib=12 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    assert!(http(&sock, get).contains("\"target_mib\":12"));
+    let r = http(
+        &sock,
+        "PUT /balloon?target_mib=lots HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    http(
+        &sock,
+        "PUT /vm/shutdown HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }

@@ -35,6 +35,8 @@ pub mod templates;
 mod util;
 
 pub use error::ContainerError;
+/// The spec types, for callers that build or parse configs.
+pub use oci_spec;
 
 /// Where `corefour oci` keeps container state unless `--root` says otherwise (runc uses /run/runc).
 pub const DEFAULT_STATE_ROOT: &str = "/run/corefour-oci";

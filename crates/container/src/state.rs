@@ -166,6 +166,29 @@ mod tests {
     }
 
     #[test]
+    fn corrupt_state_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("c1")).unwrap();
+        std::fs::write(
+            root.path().join("c1").join(STATE_FILE),
+            b"{\"ociVersion\": 1",
+        )
+        .unwrap();
+        let e = ContainerState::load(root.path(), "c1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("corrupt state file") && e.contains("delete --force"),
+            "{e}"
+        );
+        assert!(ContainerState::load(root.path(), "nope").unwrap().is_none());
+        // delete --force clears what it cannot parse.
+        assert!(crate::container_delete::delete(root.path(), "c1", false).is_err());
+        crate::container_delete::delete(root.path(), "c1", true).unwrap();
+        assert!(!root.path().join("c1").exists());
+    }
+
+    #[test]
     fn oci_state_json_shape() {
         let s = OciState {
             oci_version: "1.0.2".into(),

@@ -251,7 +251,21 @@ pub fn convert_path(
     let size = crate::DiskSize::size(&first);
     let chunks = data_chunks(first.reader())?;
     drop(first);
-    let mut dst = create_output(out, format, size, qcow2)?;
+    let data_total: u64 = chunks.iter().map(|c| c.1 as u64).sum();
+    let mut out_img = match format {
+        Format::Qcow2 => {
+            let mut q = Qcow2::create(out, Some(size), qcow2)?;
+            // Data plus its L2 tables and refcounts (well under 1/64 of the data).
+            q.reserve_tail(data_total + data_total / 64 + (4 << 20))?;
+            Output::Qcow2(Box::new(q))
+        }
+        Format::Raw => Output::Raw(RawImage::create(out, size)?),
+        other => {
+            return Err(DiskError::Invalid(format!(
+                "cannot write {other} images; use -O raw or -O qcow2"
+            )))
+        }
+    };
     let threads = threads.clamp(1, 16).min(chunks.len().max(1));
     let gran = match format {
         Format::Qcow2 => qcow2.cluster_size as usize,
@@ -273,6 +287,7 @@ pub fn convert_path(
     let pool: std::sync::Mutex<Vec<Vec<u8>>> = Default::default();
     let (tx, rx) = mpsc::sync_channel::<Result<(usize, Vec<u8>)>>(window);
     let result = std::thread::scope(|s| -> Result<()> {
+        let dst = out_img.writer();
         let mut handles = Vec::new();
         for _ in 0..threads {
             let tx = tx.clone();
@@ -324,7 +339,6 @@ pub fn convert_path(
         let mut pending: std::collections::BTreeMap<usize, Vec<u8>> = Default::default();
         let mut next_write = 0usize;
         let mut done = 0u64;
-        let data_total: u64 = chunks.iter().map(|c| c.1 as u64).sum();
         let mut result = Ok(());
         for msg in rx.iter() {
             match msg {
@@ -339,7 +353,7 @@ pub fn convert_path(
                         pending.insert(i, buf);
                         while let Some(b) = pending.remove(&next_write) {
                             let off = chunks[next_write].0;
-                            match write_nonzero(&mut *dst, &b, off, gran) {
+                            match write_nonzero(dst, &b, off, gran) {
                                 Ok(n) => stats.bytes_written += n,
                                 Err(e) => {
                                     abort.store(true, Ordering::Relaxed);
@@ -373,10 +387,27 @@ pub fn convert_path(
         }
         result
     });
+    if let Output::Qcow2(q) = &mut out_img {
+        q.trim_tail()?;
+    }
     result?;
     progress(size, size);
     if sync {
-        dst.flush()?;
+        out_img.writer().flush()?;
     }
     Ok(stats)
+}
+
+enum Output {
+    Raw(RawImage),
+    Qcow2(Box<Qcow2>),
+}
+
+impl Output {
+    fn writer(&mut self) -> &mut dyn BlockWrite {
+        match self {
+            Output::Raw(r) => r,
+            Output::Qcow2(q) => &mut **q,
+        }
+    }
 }

@@ -39,6 +39,8 @@ pub struct VmInfo {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub backend: &'static str,
+    /// The virtio-balloon, if the VM has one (`/balloon`, see virtio_devices::balloon_api).
+    pub balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
 }
 
 #[derive(Serialize)]
@@ -265,6 +267,16 @@ fn route(req: &Request, info: &VmInfo, control: &Arc<Control>) -> Response {
                 after: Some(Box::new(move || c.finish(Outcome::Shutdown))),
             }
         }
+        (method, "/balloon") => {
+            let query = req.path.split_once('?').map_or("", |(_, q)| q);
+            let (status, body) =
+                crate::virtio_devices::balloon_api(info.balloon.as_ref(), method, query);
+            Response {
+                status,
+                body,
+                after: None,
+            }
+        }
         (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown") => {
             fault(400, format!("{} is not allowed on {path}", req.method))
         }
@@ -347,7 +359,7 @@ mod tests {
             let (mut client, server) = UnixStream::pair().unwrap();
             client.write_all(&bytes).unwrap();
             client.shutdown(std::net::Shutdown::Write).unwrap();
-            let info = VmInfo { vcpus: 1, memory_mib: 1, backend: "kvm" };
+            let info = VmInfo { vcpus: 1, memory_mib: 1, backend: "kvm", balloon: None };
             let control = Control::new(1);
             // A pause with no vCPU thread would wait; keep the fake VM stopping instead.
             control.finish(Outcome::Shutdown);
@@ -375,6 +387,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             backend: "kvm",
+            balloon: None,
         };
         let h = start(&sock, info.clone(), control.clone()).unwrap();
         assert!(matches!(

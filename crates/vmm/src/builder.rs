@@ -83,6 +83,7 @@ pub struct Vmm {
     _vm: Arc<dyn Vm>,
     mem: GuestMem,
     control: Arc<Control>,
+    balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
     console: Console,
     serial: Arc<corefour_devices::legacy::Serial>,
 }
@@ -131,6 +132,7 @@ impl Vmm {
             _vm: vm,
             mem,
             control,
+            balloon: virtio.balloon,
             console,
             serial,
         })
@@ -157,6 +159,7 @@ impl Vmm {
                     vcpus: self.config.vcpus,
                     memory_mib: self.config.memory_mib,
                     backend: self.backend,
+                    balloon: self.balloon.clone(),
                 },
                 self.control.clone(),
             )?),

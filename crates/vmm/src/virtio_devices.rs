@@ -300,6 +300,79 @@ pub fn create(
     Ok(out)
 }
 
+/// The balloon's API resource: `GET /balloon` reports it, `PUT /balloon?target_mib=N` sets the
+/// target (the guest driver then inflates or deflates). Returns (HTTP status, JSON body).
+pub fn balloon_api(
+    handle: Option<&BalloonHandle>,
+    method: &str,
+    query: &str,
+) -> (u16, Option<String>) {
+    let fault = |status, msg: String| {
+        (
+            status,
+            Some(serde_json::json!({ "fault_message": msg }).to_string()),
+        )
+    };
+    let Some(h) = handle else {
+        return fault(
+            404,
+            "this VM has no balloon (start it with --balloon)".into(),
+        );
+    };
+    match method {
+        "GET" => {
+            let s = h.status();
+            let stats: serde_json::Map<String, serde_json::Value> = s
+                .stats
+                .iter()
+                .map(|(tag, v)| (stat_name(*tag), serde_json::Value::from(*v)))
+                .collect();
+            let body = serde_json::json!({
+                "target_mib": u64::from(s.target_pages) / 256,
+                "actual_mib": u64::from(s.actual_pages) / 256,
+                "inflated_mib": s.inflated_pages / 256,
+                "stats": stats,
+            });
+            (200, Some(body.to_string()))
+        }
+        "PUT" => {
+            let target = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("target_mib="))
+                .and_then(|v| v.parse::<u64>().ok());
+            match target {
+                Some(mib) => match u32::try_from(mib.saturating_mul(256)) {
+                    Ok(pages) => {
+                        h.set_target_pages(pages);
+                        (204, None)
+                    }
+                    Err(_) => fault(400, format!("target_mib={mib} is too large")),
+                },
+                None => fault(400, "want PUT /balloon?target_mib=N".into()),
+            }
+        }
+        other => fault(400, format!("{other} is not allowed on /balloon")),
+    }
+}
+
+/// Statistic tags of the virtio spec (5.5.6.3).
+fn stat_name(tag: u16) -> String {
+    match tag {
+        0 => "swap_in",
+        1 => "swap_out",
+        2 => "major_faults",
+        3 => "minor_faults",
+        4 => "free_memory",
+        5 => "total_memory",
+        6 => "available_memory",
+        7 => "disk_caches",
+        8 => "hugetlb_allocations",
+        9 => "hugetlb_failures",
+        _ => return format!("tag_{tag}"),
+    }
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,5 +396,23 @@ mod tests {
             "",
             "PCI devices are found by enumeration"
         );
+    }
+
+    #[test]
+    fn balloon_api_sets_and_reports_the_target() {
+        assert_eq!(balloon_api(None, "GET", "").0, 404);
+        let b = Balloon::new(256, None);
+        let h = b.handle();
+        let (st, body) = balloon_api(Some(&h), "GET", "");
+        assert_eq!(st, 200);
+        assert!(body.unwrap_or_default().contains("\"target_mib\":1"));
+        assert_eq!(balloon_api(Some(&h), "PUT", "target_mib=64").0, 204);
+        assert_eq!(h.status().target_pages, 64 * 256);
+        assert_eq!(balloon_api(Some(&h), "PUT", "target_mib=x").0, 400);
+        assert_eq!(
+            balloon_api(Some(&h), "PUT", "target_mib=99999999999").0,
+            400
+        );
+        assert_eq!(balloon_api(Some(&h), "POST", "").0, 400);
     }
 }

@@ -438,8 +438,8 @@ impl PciFunction for VirtioPciDevice {
             o if o < ISR_OFF => self.common_read(o - COMMON_OFF, data),
             o if o < DEVICE_OFF => {
                 data.fill(0);
-                if o == ISR_OFF {
-                    data[0] = self.core.interrupt().read_and_clear() as u8;
+                if let (ISR_OFF, Some(b)) = (o, data.first_mut()) {
+                    *b = self.core.interrupt().read_and_clear() as u8;
                 }
             }
             o if o < NOTIFY_OFF => {
