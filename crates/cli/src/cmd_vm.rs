@@ -97,6 +97,9 @@ struct CreateArgs {
     /// Guest memory: 64M, 1G, 256MiB (a bare number is MiB).
     #[arg(long, default_value = "64M")]
     memory: String,
+    /// Boot-time balloon target (memory the guest is asked to give back), e.g. 64M.
+    #[arg(long)]
+    balloon: Option<String>,
     /// CPU backend: auto, kvm or emu.
     #[arg(long, default_value = "auto")]
     backend: String,
@@ -416,6 +419,7 @@ fn create(api: &Api, c: CreateArgs, json: bool) -> anyhow::Result<i32> {
             .transpose()?,
         vcpus: c.vcpus,
         memory_mib: parse_mib(&c.memory)?,
+        balloon_mib: c.balloon.as_deref().map(parse_mib).transpose()?,
         backend: c.backend.clone(),
         cpu_pin: c
             .cpu_pin
@@ -564,6 +568,9 @@ fn print_info(v: &VmInfo) {
     }
     println!("vcpus:       {}", v.vcpus);
     println!("memory:      {} MiB", v.memory_mib);
+    if let Some(b) = v.balloon_mib {
+        println!("balloon:     {b} MiB");
+    }
     println!("backend:     {}", v.backend);
     if !v.cpu_pin.is_empty() {
         println!("cpu pin:     {:?}", v.cpu_pin);

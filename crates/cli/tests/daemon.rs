@@ -301,7 +301,7 @@ fn create_list_info_delete() {
         Method::POST,
         "/v1/vms",
         Some(
-            &json!({"name": "crud-b", "kernel": some_file(), "vcpus": 2, "memory_mib": 128,
+            &json!({"name": "crud-b", "kernel": some_file(), "vcpus": 2, "memory_mib": 128, "balloon_mib": 32,
                      "cpu_quota_pct": 50, "nets": [{"bridge": "c4test0"}]})
             .to_string(),
         ),
@@ -326,6 +326,7 @@ fn create_list_info_delete() {
         (json!(2), json!(128))
     );
     assert!(b["nics"][0]["mac"].as_str().unwrap().starts_with("02:c4:"));
+    assert_eq!(b["balloon_mib"], 32);
     assert_eq!(d.req(Method::DELETE, "/v1/vms/crud-a", None).0, 204);
     assert_eq!(d.req(Method::GET, "/v1/vms/crud-a", None).0, 404);
     assert_eq!(d.req(Method::DELETE, "/v1/vms/crud-a", None).0, 404);

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use corefour_vmm::config::{BackendKind, DiskConfig, NetConfig, VmConfig};
-use corefour_vmm::virtio_devices::RateLimitConfig;
+use corefour_vmm::virtio_devices::{BalloonConfig, RateLimitConfig};
 
 use crate::inventory::VmRecord;
 
@@ -17,6 +17,10 @@ pub fn build(rec: &VmRecord) -> VmConfig {
     cfg.initrd = rec.spec.initrd.as_ref().map(PathBuf::from);
     cfg.vcpus = rec.spec.vcpus;
     cfg.memory_mib = rec.spec.memory_mib;
+    cfg.balloon = rec.spec.balloon_mib.map(|target_mib| BalloonConfig {
+        target_mib,
+        stats_interval_secs: None,
+    });
     cfg.backend = rec.spec.backend.parse().unwrap_or(BackendKind::Auto);
     cfg.disks = rec
         .spec
@@ -68,7 +72,7 @@ mod tests {
     fn the_vmm_reads_back_what_the_daemon_writes() {
         let spec = serde_json::from_value(serde_json::json!({
             "name": "a", "kernel": "/k", "cmdline": "x=1", "vcpus": 2, "memory_mib": 32,
-            "backend": "emu", "disks": [{"path": "/d", "read_only": true}], "cpu_pin": [0]
+            "backend": "emu", "balloon_mib": 8, "disks": [{"path": "/d", "read_only": true}], "cpu_pin": [0]
         }))
         .unwrap();
         let rec = VmRecord {
@@ -91,6 +95,7 @@ mod tests {
         let back = VmConfig::from_json(&text, std::path::Path::new("vm.json")).unwrap();
         assert_eq!(back, build(&rec));
         assert_eq!(back.backend, BackendKind::Emu);
+        assert_eq!(back.balloon.map(|b| b.target_mib), Some(8));
         assert_eq!(back.cmdline, "x=1");
         assert_eq!(back.nets[0].tap, "c4t1n0");
         assert!(back.disks[0].read_only);

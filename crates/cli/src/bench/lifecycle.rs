@@ -182,6 +182,7 @@ fn api_path(
                 initrd: None,
                 vcpus: 1,
                 memory_mib: 16,
+                balloon_mib: None,
                 backend: "auto".into(),
                 cpu_pin: vec![],
                 cpu_quota_pct: None,

@@ -195,6 +195,7 @@ pub fn to_info(r: VmRecord) -> VmInfo {
         initrd: r.spec.initrd,
         vcpus: r.spec.vcpus,
         memory_mib: r.spec.memory_mib,
+        balloon_mib: r.spec.balloon_mib,
         backend: r.spec.backend,
         cpu_pin: r.spec.cpu_pin,
         cpu_quota_pct: r.spec.cpu_quota_pct,
