@@ -10,6 +10,9 @@ use clap::Subcommand;
 mod ct;
 mod emu;
 mod lifecycle;
+// The Linux boot timing for bench/emu.rs (qemu TCG peer and corefour emu on the same fixture).
+#[allow(dead_code)]
+pub(crate) mod linux_peer;
 mod vmm;
 
 #[derive(clap::Args)]
