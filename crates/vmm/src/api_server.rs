@@ -64,7 +64,20 @@ impl Drop for ApiHandle {
     }
 }
 
-pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHandle, ApiError> {
+/// The requests that need the whole VM (memory, vCPUs, devices) rather than its run state:
+/// snapshots and migration. Each returns the JSON to answer with, or (status, message).
+pub trait StateApi: Send + Sync {
+    fn snapshot(&self, body: &[u8]) -> Result<serde_json::Value, (u16, String)>;
+    /// On success the VM lives elsewhere: the server ends this VMM after answering.
+    fn migrate(&self, body: &[u8]) -> Result<serde_json::Value, (u16, String)>;
+}
+
+pub fn start(
+    path: &Path,
+    info: VmInfo,
+    control: Arc<Control>,
+    state: Option<Arc<dyn StateApi>>,
+) -> Result<ApiHandle, ApiError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse {
@@ -92,7 +105,7 @@ pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHand
                     // One client at a time is plenty for a per-VM socket; a stuck client is
                     // cut off by the timeout instead of blocking the daemon forever.
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                    serve(conn, &info, &control);
+                    serve(conn, &info, &control, state.as_deref());
                 }
             }
         })
@@ -107,6 +120,7 @@ pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHand
 struct Request {
     method: String,
     path: String,
+    body: Vec<u8>,
     close: bool,
 }
 
@@ -162,6 +176,7 @@ fn read_request(r: &mut BufReader<UnixStream>) -> Result<Option<Request>, String
     Ok(Some(Request {
         method: req.method.unwrap_or("").to_string(),
         path: req.path.unwrap_or("").to_string(),
+        body,
         close,
     }))
 }
@@ -197,7 +212,20 @@ fn control_error(e: ControlError) -> Response {
     }
 }
 
-fn route(req: &Request, info: &VmInfo, control: &Arc<Control>) -> Response {
+fn json_ok(v: serde_json::Value) -> Response {
+    Response {
+        status: 200,
+        body: Some(v.to_string()),
+        after: None,
+    }
+}
+
+fn route(
+    req: &Request,
+    info: &VmInfo,
+    control: &Arc<Control>,
+    state: Option<&dyn StateApi>,
+) -> Response {
     let path = req.path.split('?').next().unwrap_or("");
     match (req.method.as_str(), path) {
         ("GET", "/vm") => {
@@ -229,9 +257,30 @@ fn route(req: &Request, info: &VmInfo, control: &Arc<Control>) -> Response {
                 after: Some(Box::new(move || c.finish(Outcome::Shutdown))),
             }
         }
-        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown") => {
-            fault(400, format!("{} is not allowed on {path}", req.method))
-        }
+        ("PUT", "/vm/snapshot") => match state {
+            Some(st) => st
+                .snapshot(&req.body)
+                .map_or_else(|(code, msg)| fault(code, msg), json_ok),
+            None => fault(400, "snapshots are not available on this VMM"),
+        },
+        ("PUT", "/vm/migrate") => match state {
+            Some(st) => match st.migrate(&req.body) {
+                Ok(v) => {
+                    let c = control.clone();
+                    Response {
+                        status: 200,
+                        body: Some(v.to_string()),
+                        after: Some(Box::new(move || c.finish(Outcome::Shutdown))),
+                    }
+                }
+                Err((code, msg)) => fault(code, msg),
+            },
+            None => fault(400, "migration is not available on this VMM"),
+        },
+        (
+            _,
+            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate",
+        ) => fault(400, format!("{} is not allowed on {path}", req.method)),
         _ => fault(404, format!("no such resource: {path}")),
     }
 }
@@ -266,7 +315,7 @@ fn write_response(w: &mut UnixStream, resp: &Response, close: bool) -> std::io::
     w.flush()
 }
 
-fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>) {
+fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>, state: Option<&dyn StateApi>) {
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };
@@ -275,7 +324,7 @@ fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>) {
         match read_request(&mut reader) {
             Ok(None) => return,
             Ok(Some(req)) => {
-                let resp = route(&req, info, control);
+                let resp = route(&req, info, control, state);
                 let ok = write_response(&mut writer, &resp, req.close).is_ok();
                 if let Some(after) = resp.after {
                     after();
@@ -315,7 +364,7 @@ mod tests {
             let control = Control::new(1);
             // A pause with no vCPU thread would wait; keep the fake VM stopping instead.
             control.finish(Outcome::Shutdown);
-            serve(server, &info, &control);
+            serve(server, &info, &control, None);
             let mut out = Vec::new();
             let _ = client.read_to_end(&mut out);
         }
@@ -340,9 +389,9 @@ mod tests {
             memory_mib: 64,
             backend: "kvm",
         };
-        let h = start(&sock, info.clone(), control.clone()).unwrap();
+        let h = start(&sock, info.clone(), control.clone(), None).unwrap();
         assert!(matches!(
-            start(&sock, info, control.clone()),
+            start(&sock, info, control.clone(), None),
             Err(ApiError::InUse { .. })
         ));
 

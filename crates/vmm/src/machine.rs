@@ -17,6 +17,14 @@ use crate::layout::{SERIAL_MMIO_ADDR, SERIAL_MMIO_LEN, SYS_MMIO_ADDR, SYS_MMIO_L
 pub struct Machine {
     pio: Bus,
     mmio: Bus,
+    serial: Arc<Serial>,
+}
+
+impl Machine {
+    /// COM1, whose state goes into snapshots.
+    pub fn serial(&self) -> &Arc<Serial> {
+        &self.serial
+    }
 }
 
 impl VmOps for Machine {
@@ -66,7 +74,7 @@ pub fn build(
     });
     let serial = Arc::new(Serial::new(console, Some(irq)));
     pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
-    mmio.insert(serial, SERIAL_MMIO_ADDR, SERIAL_MMIO_LEN)?;
+    mmio.insert(serial.clone(), SERIAL_MMIO_ADDR, SERIAL_MMIO_LEN)?;
     pio.insert(
         Arc::new(DebugExitPort::new(events.clone())),
         u64::from(DEBUG_EXIT_PORT),
@@ -82,5 +90,5 @@ pub fn build(
         u64::from(I8042_BASE),
         I8042_LEN,
     )?;
-    Ok(Arc::new(Machine { pio, mmio }))
+    Ok(Arc::new(Machine { pio, mmio, serial }))
 }
