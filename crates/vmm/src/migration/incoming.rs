@@ -13,7 +13,7 @@ use crate::memory;
 use crate::snapshot::format;
 use crate::snapshot::machine_state::MachineState;
 use crate::snapshot::memfile;
-use crate::snapshot::restore::{assemble, host_regions};
+use crate::snapshot::restore::{host_regions, load, prepare};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IncomingError {
@@ -84,13 +84,18 @@ pub fn receive(
                 .into(),
         ));
     }
+    // Everything that does not need the final state happens now, while the source still runs.
+    let prepared = match prepare(config, &mem, console) {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(&mut conn, e.to_string())),
+    };
     conn.ready()?;
     let frame = conn.receive_memory(&host)?;
     let state: MachineState = match format::decode(format::KIND_MIGRATION_STATE, &frame) {
         Ok(s) => s,
         Err(e) => return Err(refuse(&mut conn, e.to_string())),
     };
-    let vmm = match assemble(&state, mem, console) {
+    let vmm = match load(prepared, &state, mem) {
         Ok(v) => v,
         Err(e) => return Err(refuse(&mut conn, e.to_string())),
     };

@@ -303,6 +303,8 @@ impl MigrationSource for StateHandle {
         }
         // Start from a clean log; a later diff snapshot is no longer possible.
         t.last_snapshot = None;
+        // One-time backend work (opening /dev/kvm for the MSR list) now, not in the downtime.
+        let _ = self.vm.save_state();
         self.take_dirty_all().map(|_| ())
     }
     fn take_dirty(&self, index: usize) -> Result<Vec<u64>, String> {

@@ -133,26 +133,29 @@ pub fn restore(
 }
 
 /// Builds a VM around `mem` and loads `state` into it; nothing runs yet.
-pub fn assemble(
-    state: &MachineState,
-    mem: GuestMem,
-    console: Console,
-) -> Result<Vmm, RestoreError> {
+pub fn assemble(state: &MachineState, mem: GuestMem, console: Console) -> Result<Vmm, RestoreError> {
     let config: VmConfig = serde_json::from_value(state.config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;
+    let p = prepare(config, &mem, console)?;
+    load(p, state, mem)
+}
+
+/// A VM created for a config, memory registered, devices and vCPUs made, no state loaded:
+/// a migration target gets this far before the source stops, so it is not downtime.
+pub struct Prepared {
+    config: VmConfig,
+    backend: &'static str,
+    vm: Arc<dyn corefour_hypervisor::Vm>,
+    control: Arc<Control>,
+    machine: Arc<machine::Machine>,
+    vcpus: Vec<Box<dyn corefour_hypervisor::Vcpu>>,
+    console: Console,
+}
+
+pub fn prepare(config: VmConfig, mem: &GuestMem, console: Console) -> Result<Prepared, RestoreError> {
     config
         .validate()
         .map_err(|e| RestoreError::Config(e.to_string()))?;
-    if state.vcpus.len() != config.vcpus as usize {
-        return Err(RestoreError::Config(format!(
-            "{} vCPU states for {} vCPUs",
-            state.vcpus.len(),
-            config.vcpus
-        )));
-    }
-    if state.vm.backend != "kvm" {
-        return Err(RestoreError::Backend(state.vm.backend.clone()));
-    }
     let t = Instant::now();
     let tr = |what: &str| {
         if std::env::var_os("C4_TRACE").is_some() {
@@ -160,7 +163,6 @@ pub fn assemble(
         }
     };
     let picked = backend::open(BackendKind::Kvm).map_err(VmmError::from)?;
-    tr("backend open");
     let name = picked.hypervisor.name();
     let vm = picked
         .hypervisor
@@ -170,45 +172,79 @@ pub fn assemble(
             source,
         })?;
     tr("vm created");
-    memory::register(&mem, vm.as_ref()).map_err(VmmError::from)?;
+    memory::register(mem, vm.as_ref()).map_err(VmmError::from)?;
     tr("memory registered");
-    vm.restore_state(&state.vm)
+    let control = Control::new(config.vcpus);
+    let events: Arc<dyn GuestEvents> = control.clone();
+    let machine = machine::build(&vm, console.clone(), events).map_err(VmmError::from)?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let vcpu = vm
+            .create_vcpu(index, machine.clone())
+            .map_err(|source| VmmError::CreateVcpu { index, source })?;
+        control.add_kicker(vcpu.kicker());
+        vcpus.push(vcpu);
+    }
+    tr("vcpus created");
+    Ok(Prepared {
+        config,
+        backend: name,
+        vm,
+        control,
+        machine,
+        vcpus,
+        console,
+    })
+}
+
+/// Loads the saved state into a prepared VM.
+pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, RestoreError> {
+    let config: VmConfig = serde_json::from_value(state.config.clone())
+        .map_err(|e| RestoreError::Config(e.to_string()))?;
+    if config != p.config {
+        return Err(RestoreError::Config(
+            "the saved state's config differs from the one the VM was prepared for".into(),
+        ));
+    }
+    if state.vcpus.len() != p.vcpus.len() {
+        return Err(RestoreError::Config(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            p.vcpus.len()
+        )));
+    }
+    if state.vm.backend != "kvm" {
+        return Err(RestoreError::Backend(state.vm.backend.clone()));
+    }
+    p.vm.restore_state(&state.vm)
         .map_err(|e| RestoreError::State {
             what: "the VM (irqchip, PIT, clock)".into(),
             reason: e.to_string(),
         })?;
-    tr("vm restored");
-    let control = Control::new(config.vcpus);
-    let events: Arc<dyn GuestEvents> = control.clone();
-    let ops = machine::build(&vm, console.clone(), events).map_err(VmmError::from)?;
-    ops.serial()
+    p.machine
+        .serial()
         .restore(&(&state.devices.serial).into())
         .map_err(|reason| RestoreError::State {
             what: "the serial port".into(),
             reason,
         })?;
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    for (index, s) in (0u32..).zip(&state.vcpus) {
-        let mut vcpu = vm
-            .create_vcpu(index, ops.clone())
-            .map_err(|source| VmmError::CreateVcpu { index, source })?;
+    let mut vcpus = Vec::with_capacity(p.vcpus.len());
+    for ((index, mut vcpu), s) in (0u32..).zip(p.vcpus).zip(&state.vcpus) {
         vcpu.restore_state(s).map_err(|e| RestoreError::State {
             what: format!("vCPU {index}"),
             reason: e.to_string(),
         })?;
-        control.add_kicker(vcpu.kicker());
         vcpus.push(Arc::new(Mutex::new(vcpu)));
     }
-    tr("vcpus restored");
     Ok(Vmm {
-        config,
-        backend: name,
+        config: p.config,
+        backend: p.backend,
         backend_why: "restored from saved state".into(),
         vcpus,
-        machine: ops,
-        vm,
+        machine: p.machine,
+        vm: p.vm,
         mem,
-        control,
-        console,
+        control: p.control,
+        console: p.console,
     })
 }
