@@ -7,6 +7,7 @@ mod io_net;
 use clap::Subcommand;
 
 mod lifecycle;
+mod migrate;
 mod vmm;
 
 #[derive(clap::Args)]
@@ -23,6 +24,8 @@ enum Target {
     Io(io::Args),
     /// Create, boot and destroy N VMs through the daemon API vs raw `corefour vmm` one-shots.
     Lifecycle(lifecycle::Args),
+    /// Live-migration total time and downtime (idle and busy guest), snapshot restore time.
+    Migrate(migrate::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -30,5 +33,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Target::Vmm(a) => vmm::run(a),
         Target::Io(a) => io::run(a),
         Target::Lifecycle(a) => lifecycle::run(a),
+        Target::Migrate(a) => migrate::run(a),
     }
 }

@@ -133,7 +133,11 @@ pub fn restore(
 }
 
 /// Builds a VM around `mem` and loads `state` into it; nothing runs yet.
-pub fn assemble(state: &MachineState, mem: GuestMem, console: Console) -> Result<Vmm, RestoreError> {
+pub fn assemble(
+    state: &MachineState,
+    mem: GuestMem,
+    console: Console,
+) -> Result<Vmm, RestoreError> {
     let config: VmConfig = serde_json::from_value(state.config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;
     let p = prepare(config, &mem, console)?;
@@ -152,7 +156,11 @@ pub struct Prepared {
     console: Console,
 }
 
-pub fn prepare(config: VmConfig, mem: &GuestMem, console: Console) -> Result<Prepared, RestoreError> {
+pub fn prepare(
+    config: VmConfig,
+    mem: &GuestMem,
+    console: Console,
+) -> Result<Prepared, RestoreError> {
     config
         .validate()
         .map_err(|e| RestoreError::Config(e.to_string()))?;
