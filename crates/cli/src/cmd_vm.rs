@@ -41,6 +41,17 @@ enum Cmd {
     Pause { names: Vec<String> },
     /// Resume paused VMs.
     Resume { names: Vec<String> },
+    /// Snapshot a running VM (vCPUs, devices, memory) into a directory; restore it with
+    /// `corefour vmm --restore DIR`.
+    Snapshot {
+        name: String,
+        /// Absolute path of a new or empty directory (default: in the VM's state directory).
+        #[arg(long)]
+        path: Option<std::path::PathBuf>,
+        /// Only the pages written since this VM's previous snapshot.
+        #[arg(long)]
+        diff: bool,
+    },
     /// Delete VMs (running ones only with --force).
     Delete {
         names: Vec<String>,
@@ -275,6 +286,29 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Kill { names } => each(&api, &names, json, "kill", None),
         Cmd::Pause { names } => each(&api, &names, json, "pause", None),
         Cmd::Resume { names } => each(&api, &names, json, "resume", None),
+        Cmd::Snapshot { name, path, diff } => {
+            let path = match path {
+                Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+                p => p,
+            };
+            let body = serde_json::to_vec(&serde_json::json!({"path": path, "diff": diff}))?;
+            let r: serde_json::Value = api.call(
+                hyper_method::Method::POST,
+                &format!("/v1/vms/{}/snapshot", encode(&name)),
+                Some(body),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{name}: snapshot in {} ({} bytes of memory written, paused {:.1} ms)",
+                    r["path"].as_str().unwrap_or("?"),
+                    r["memory_bytes_written"],
+                    r["paused_ms"].as_f64().unwrap_or(0.0)
+                );
+            }
+            Ok(0)
+        }
         Cmd::Delete { names, force } => {
             need_names(&names)?;
             for n in &names {

@@ -349,3 +349,94 @@ fn damaged_snapshots_are_refused_with_a_reason() {
     assert_eq!(code, Some(1));
     assert!(err.contains("checksum"), "{err}");
 }
+
+/// `corefour vm snapshot` through a real daemon: the VM it runs is snapshotted, and the
+/// snapshot restores into a VMM whose output continues the daemon VM's console.
+#[test]
+fn daemon_vm_snapshot_restores_and_continues() {
+    need_kvm!();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: the daemon test needs root (cgroups, state dir)");
+        return;
+    }
+    let kernel = guest("counter");
+    let t = Tmp::new("daemon");
+    let sock = t.0.join("d.sock");
+    let log = std::fs::File::create(t.0.join("daemon.log")).unwrap();
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--state-dir")
+        .arg(t.0.join("state"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let vm = |args: &[&str]| {
+        let o = Command::new(env!("CARGO_BIN_EXE_corefour"))
+            .arg("vm")
+            .args(args)
+            .env("COREFOUR_SOCKET", &sock)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let k = kernel.to_str().unwrap();
+    let (ok, _, err) = vm(&[
+        "create",
+        "snapvm",
+        "--kernel",
+        k,
+        "--cmdline",
+        "spin=1000000",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = vm(&["start", "snapvm"]);
+    assert!(ok, "{err}");
+    let t0 = Instant::now();
+    while count_lines(&vm(&["console", "snapvm"]).1) < 3 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the VM printed nothing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, _, err) = vm(&["pause", "snapvm"]);
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(200));
+    let before = vm(&["console", "snapvm"]).1;
+    let snap = t.0.join("vmsnap");
+    let (ok, out, err) = vm(&["snapshot", "snapvm", "--path", snap.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("snapshot in"), "{out}");
+    let (ok, _, err) = vm(&["snapshot", "nosuchvm"]);
+    assert!(!ok && !err.is_empty());
+    let _ = vm(&["delete", "--force", "snapvm"]);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+
+    let out = t.0.join("restored.out");
+    let r = Vmm::start(
+        &["--restore", snap.to_str().unwrap()],
+        &t.0.join("r.sock"),
+        &out,
+    );
+    r.wait_lines(3);
+    let (code, err) = r.shutdown();
+    assert_eq!(code, 0, "{err}");
+    assert_continues(&before, &std::fs::read_to_string(&out).unwrap());
+}

@@ -368,8 +368,8 @@ fn measure(a: &Args, dir: &Path, counter: &Path, dirtier: &Path) -> anyhow::Resu
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<58} {:>10} {:>10} {:>7}  {:<10} {}",
-        "metric (ms)", "corefour", "baseline", "ratio", "goal", "baseline is"
+        "{:<58} {:>10} {:>10} {:>7}  {:<10} baseline is",
+        "metric (ms)", "corefour", "baseline", "ratio", "goal"
     );
     for r in rows {
         let b = r.baseline.map_or("-".into(), |b| format!("{b:.2}"));
