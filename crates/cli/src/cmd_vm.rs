@@ -471,12 +471,27 @@ fn create(api: &Api, c: CreateArgs, json: bool) -> anyhow::Result<i32> {
             .collect::<anyhow::Result<_>>()?,
         start: c.start,
     };
+    // Many VMs on a terminal: a progress bar instead of a line each.
+    let bar = (names.len() > 1 && !json && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| {
+            let pb = indicatif::ProgressBar::new(names.len() as u64);
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} VMs {msg}")
+            {
+                pb.set_style(style);
+            }
+            pb
+        });
     let mut made = Vec::new();
     for name in names {
         req.name = name;
         let vm = api.create(&req)?;
-        if !json {
-            println!(
+        match &bar {
+            Some(pb) => {
+                pb.set_message(vm.name.clone());
+                pb.inc(1);
+            }
+            None if !json => println!(
                 "created {}{}",
                 vm.name,
                 if c.start {
@@ -484,9 +499,15 @@ fn create(api: &Api, c: CreateArgs, json: bool) -> anyhow::Result<i32> {
                 } else {
                     String::new()
                 }
-            );
+            ),
+            None => {}
         }
         made.push(vm);
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+        let (first, last) = (&made[0].name, &made[made.len() - 1].name);
+        println!("created {} VMs: {first} .. {last}", made.len());
     }
     if json {
         if made.len() == 1 {

@@ -1,13 +1,19 @@
-//! `corefour vmm`: run one VM in the foreground. Serial output goes to stdout; notes and errors
-//! to stderr. Exit code: the guest's debug-exit code, 1 VMM error, 2 guest reset/triple fault,
+//! `corefour vmm`: run one VM in the foreground. Serial output goes to stdout, stdin goes to the
+//! guest's serial input; notes and errors to stderr. Exit code: the guest's debug-exit code, 1 VMM error, 2 guest reset/triple fault,
 //! 3 timeout, 0 after an API/SIGTERM shutdown.
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use corefour_vmm::config::{parse_duration, parse_memory_mib};
 use corefour_vmm::{BackendKind, Console, RunOptions, VmConfig, Vmm};
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Serial output goes to stdout and stdin to the guest's serial input.\n\
+Exit status: the guest's debug-exit code (port 0xf4), 1 VMM error, 2 guest reset or triple \
+fault, 3 --timeout, 0 after PUT /vm/shutdown or SIGTERM. Guest ABI: guests/CONTRACT.md"
+)]
 pub struct Args {
     /// Guest kernel: an ELF64 x86-64 executable, or a flat binary named *.bin (loaded at 1 MiB).
     #[arg(long, value_name = "FILE")]
@@ -45,6 +51,11 @@ pub struct Args {
     /// Wait for a live migration on HOST:PORT (PUT /vm/migrate on the source) and run it.
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["kernel", "config"])]
     incoming: Option<String>,
+    /// Write every vCPU's final registers to FILE as JSON (for KVM vs software-CPU comparisons).
+    #[arg(long, value_name = "FILE")]
+    dump_regs: Option<PathBuf>,
+    #[command(flatten)]
+    virtio: crate::cmd_vmm_virtio::VirtioArgs,
     /// Print the VMM's resident memory at exit on stderr (used by `corefour bench vmm`).
     #[arg(long, hide = true)]
     stats: bool,
@@ -73,6 +84,7 @@ fn config_from(a: &Args) -> anyhow::Result<VmConfig> {
     if let Some(b) = &a.backend {
         c.backend = b.parse::<BackendKind>()?;
     }
+    a.virtio.apply(&mut c)?;
     Ok(c)
 }
 
@@ -133,6 +145,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             timeout,
             api_sock: a.api_sock.clone(),
             handle_signals: true,
+            forward_stdin: true,
         })
         .map_err(flat)?;
     if a.stats {
@@ -142,6 +155,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             report.anon_bytes / 1024,
             report.guest_resident_bytes / 1024
         );
+    }
+    if let Some(path) = &a.dump_regs {
+        let json = serde_json::to_string_pretty(&report.final_regs)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write registers to {}", path.display()))?;
     }
     if let Some(msg) = report.outcome.message() {
         eprintln!("corefour: {msg}");

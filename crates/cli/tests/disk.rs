@@ -538,6 +538,24 @@ fn check_finds_and_repairs_leaks_like_qemu() {
     ok(&["disk", "check", "-r", "leaks", s(&q)]);
     assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(0));
     assert_eq!(run(&["disk", "check", s(&q)]).status.code(), Some(0));
+    // Checking needs only the image itself, not its backing file.
+    let top = dir.path().join("orphan.qcow2");
+    qemu_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        s(&q),
+        s(&top),
+    ]);
+    std::fs::remove_file(&q).unwrap();
+    assert_eq!(run(&["disk", "check", s(&top)]).status.code(), Some(0));
+    let o = run(&["disk", "info", s(&top)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open backing file"));
 }
 
 fn sha256_of(p: &Path) -> String {
@@ -679,6 +697,61 @@ fn import_physical_from_tree_reports_guest_needs() {
     );
     let cat = Command::new("debugfs")
         .args(["-R", "cat /etc/hostname", s(&raw)])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "p2v-guest\n");
+
+    // A live root has other filesystems mounted inside it; they stay out of the image. The
+    // tmpfs is mounted in a private mount namespace so the host never sees it.
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false);
+    if !is_root || Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("SKIP submount half: needs root and unshare (util-linux)");
+        return;
+    }
+    std::fs::create_dir_all(tree.join("proc")).unwrap();
+    let out2 = d.join("live.qcow2");
+    let script = r#"mount -t tmpfs none "$1/proc" && echo secret > "$1/proc/mounted-file" && exec "$2" disk import-physical --json --from-tree "$1" "$3""#;
+    let o = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&tree)
+        .arg(env!("CARGO_BIN_EXE_corefour"))
+        .arg(&out2)
+        .output()
+        .unwrap();
+    if !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("mount:") {
+        eprintln!(
+            "SKIP submount half: cannot mount here: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        return;
+    }
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        r["findings"].to_string().contains("left out 1 filesystem"),
+        "{r}"
+    );
+    let raw2 = d.join("live.raw");
+    qemu_ok(&["convert", "-O", "raw", s(&out2), s(&raw2)]);
+    let ls = Command::new("debugfs")
+        .args(["-R", "ls /proc", s(&raw2)])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&ls.stdout).contains("mounted-file"));
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /etc/hostname", s(&raw2)])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "p2v-guest\n");

@@ -105,11 +105,7 @@ fn smp_matches_kvm() {
         let o = same_on_both("smp", &["--vcpus", n], true);
         assert_eq!(o.status.code(), Some(0));
         let want = format!("smp: all {n} cpus checked in");
-        assert!(
-            lines(&o, false).iter().any(|l| *l == want),
-            "{:?}",
-            lines(&o, false)
-        );
+        assert!(lines(&o, false).contains(&want), "{:?}", lines(&o, false));
     }
 }
 

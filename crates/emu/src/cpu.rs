@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use corefour_hypervisor::{DescriptorTable, Segment, VmExit, VmOps};
 
-use crate::decode::Cache;
 use crate::mem::PhysMem;
 use crate::vm::Shared;
 
@@ -147,7 +146,6 @@ pub struct Env {
 
 pub struct Cpu {
     pub env: Env,
-    pub cache: Cache,
     /// The VM-wide epoch this vCPU's TLB and decode cache were filled under.
     pub epoch: u64,
     pub gpr: [u64; 16],
@@ -189,7 +187,6 @@ impl Cpu {
     pub fn new(env: Env) -> Self {
         let mut c = Cpu {
             env,
-            cache: Cache::default(),
             epoch: 0,
             gpr: [0; 16],
             rip: 0xfff0,
@@ -349,6 +346,31 @@ impl Cpu {
             if let Some(r) = r {
                 return r ^ (cc & 1 != 0);
             }
+        }
+        if self.lazy.op == Op::Logic {
+            // CF = OF = 0 after logic ops.
+            let bits = self.lazy.bits;
+            let r = self.lazy.r & flags::mask(bits);
+            let sign = r >> (bits - 1) & 1 != 0;
+            let v = match cc >> 1 {
+                0 | 1 => false,
+                2 | 3 => r == 0,
+                4 | 6 => sign,
+                5 => flags::parity(r) != 0,
+                _ => r == 0 || sign,
+            };
+            return v ^ (cc & 1 != 0);
+        }
+        if self.lazy.op != Op::Valid && matches!(cc >> 1, 2 | 4) {
+            // ZF and SF come straight from the result for every lazy operation.
+            let bits = self.lazy.bits;
+            let r = self.lazy.r & flags::mask(bits);
+            let v = if cc >> 1 == 2 {
+                r == 0
+            } else {
+                r >> (bits - 1) & 1 != 0
+            };
+            return v ^ (cc & 1 != 0);
         }
         let f = self.flags();
         let r = match cc >> 1 {

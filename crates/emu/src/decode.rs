@@ -5,12 +5,12 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, FlowControl, Instruction};
 
 use crate::cpu::*;
-use crate::mmu::Acc;
+use crate::exec::fast::Handler;
+use crate::mmu::{Acc, TLB_SIZE};
 
 const MAX_BLOCK: usize = 64;
 const MAX_BLOCKS: usize = 1 << 16;
@@ -22,11 +22,27 @@ pub struct Block {
     /// The page's version word; it lives in a `Region` that the cache never outlives (the
     /// cache is cleared whenever the memory map changes).
     ver_ptr: *const AtomicU32,
-    /// Where the block's bytes live in host memory and a copy of them: the VMM's devices may
-    /// write guest RAM (DMA) without passing through the CPU, so a block also checks its bytes.
+    /// Where the block's bytes live in host memory, how many there are, and its first and
+    /// last (up to) 8 bytes: the VMM's devices may write guest RAM (DMA) without passing
+    /// through the CPU, so a block also checks that its ends still hold the same bytes. Two
+    /// loads instead of a full compare: new code landing on a page differs at the ends but
+    /// for vanishingly rare coincidences.
     src: *const u8,
-    bytes: Vec<u8>,
-    pub ins: Vec<Instruction>,
+    len: usize,
+    head: u64,
+    tail: u64,
+    pub ins: Vec<Op>,
+}
+
+/// A decoded instruction and the handler that executes it.
+pub struct Op {
+    pub f: Handler,
+    pub i: Instruction,
+}
+
+fn op(i: Instruction, bits: u32) -> Op {
+    let f = crate::exec::fast::select1(&i).unwrap_or_else(|| crate::exec::fast::select(&i, bits));
+    Op { f, i }
 }
 
 // SAFETY: `ver_ptr` points at an atomic inside the VM's `PhysMem`, which outlives the block
@@ -41,7 +57,30 @@ impl Block {
         // SAFETY: see the field's comment; `src .. src+len` lies in the same region.
         unsafe {
             (*self.ver_ptr).load(Ordering::Acquire) == self.ver
-                && std::slice::from_raw_parts(self.src, self.bytes.len()) == self.bytes.as_slice()
+                && ends(self.src, self.len) == (self.head, self.tail)
+        }
+    }
+}
+
+/// The first and last up-to-8 bytes of `p .. p+len`.
+///
+/// # Safety
+/// `p .. p+len` must be readable.
+#[inline]
+unsafe fn ends(p: *const u8, len: usize) -> (u64, u64) {
+    // SAFETY: the caller guarantees the range is readable.
+    unsafe {
+        if len >= 8 {
+            (
+                (p as *const u64).read_unaligned(),
+                (p.add(len - 8) as *const u64).read_unaligned(),
+            )
+        } else {
+            let mut v = 0u64;
+            for k in 0..len {
+                v |= (*p.add(k) as u64) << (8 * k);
+            }
+            (v, v)
         }
     }
 }
@@ -64,40 +103,103 @@ impl Hasher for AddrHasher {
     }
 }
 
-#[derive(Default)]
+const FAST: usize = 4096;
+
+/// Decoded blocks of one vCPU: a direct-mapped array in front of a hash map, both keyed by
+/// the host address of the block's first byte (unique per guest-physical byte) and code size.
 pub struct Cache {
-    map: HashMap<u64, Arc<Block>, BuildHasherDefault<AddrHasher>>,
+    map: HashMap<u64, Box<Block>, BuildHasherDefault<AddrHasher>>,
+    /// (key, block) pairs; a pointer is into a `Box` in `map` and is reset whenever that entry
+    /// is replaced or the map is cleared.
+    fast: Box<[(u64, *const Block)]>,
+}
+
+// SAFETY: the raw pointers point into boxes owned by `map` in the same struct.
+unsafe impl Send for Cache {}
+
+impl Default for Cache {
+    fn default() -> Self {
+        Cache {
+            map: HashMap::default(),
+            fast: vec![(u64::MAX, std::ptr::null()); FAST].into_boxed_slice(),
+        }
+    }
 }
 
 impl Cache {
     pub fn clear(&mut self) {
         self.map.clear();
+        self.fast.fill((u64::MAX, std::ptr::null()));
+    }
+
+    /// The decoded block at the CPU's RIP.
+    #[inline]
+    pub fn lookup(&mut self, cpu: &mut Cpu) -> X<&Block> {
+        let lin = cpu.lin(CS, cpu.rip);
+        let user = cpu.cpl == 3;
+        let e = &cpu.tlb.x[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        let host = if e.exec == lin & !0xfff {
+            lin.wrapping_add(e.addend)
+        } else {
+            cpu.translate(lin, Acc::X, user)?;
+            let e = &cpu.tlb.x[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+            if e.exec != lin & !0xfff {
+                // Not RAM, or a page the TLB cannot hold: decode without caching.
+                let b = cpu.decode_block(lin, None)?;
+                self.map.insert(u64::MAX, Box::new(b));
+                self.fast.fill((u64::MAX, std::ptr::null()));
+                return Ok(&self.map[&u64::MAX]);
+            }
+            lin.wrapping_add(e.addend)
+        };
+        let key = host ^ ((cpu.bits as u64) << 58);
+        let slot = (host as usize >> 1) & (FAST - 1);
+        let (k, p) = self.fast[slot];
+        if k == key && !p.is_null() {
+            // SAFETY: see `fast`.
+            let b = unsafe { &*p };
+            if b.rip == cpu.rip && b.valid() {
+                return Ok(b);
+            }
+        }
+        if let Some(b) = self.map.get(&key) {
+            if b.rip == cpu.rip && b.valid() {
+                self.fast[slot] = (key, &**b as *const Block);
+                // SAFETY: the box lives in `map` until replaced or cleared.
+                return Ok(unsafe { &*(&**b as *const Block) });
+            }
+        }
+        let b = Box::new(cpu.decode_block(lin, Some(host))?);
+        if b.ver_ptr.is_null() {
+            self.map.insert(u64::MAX, b);
+            self.fast.fill((u64::MAX, std::ptr::null()));
+            return Ok(&self.map[&u64::MAX]);
+        }
+        if self.map.len() >= MAX_BLOCKS {
+            self.clear();
+        }
+        let p = &*b as *const Block;
+        self.map.insert(key, b);
+        self.fast[slot] = (key, p);
+        // SAFETY: just inserted; lives until replaced or cleared.
+        Ok(unsafe { &*p })
     }
 }
 
 impl Cpu {
-    /// The decoded block at the current RIP.
-    pub fn block(&mut self) -> X<Arc<Block>> {
-        let lin = self.lin(CS, self.rip);
-        let pa = self.fetch_page(lin)?;
-        let key = pa ^ ((self.bits as u64) << 58);
-        if let Some(b) = self.cache.map.get(&key) {
-            if b.rip == self.rip && b.valid() {
-                return Ok(b.clone());
-            }
-        }
-        let b = Arc::new(self.decode_block(lin, pa)?);
-        if !b.ver_ptr.is_null() {
-            if self.cache.map.len() >= MAX_BLOCKS {
-                self.cache.map.clear();
-            }
-            self.cache.map.insert(key, b.clone());
-        }
-        Ok(b)
-    }
-
-    fn decode_block(&mut self, lin: u64, pa: u64) -> X<Block> {
+    fn decode_block(&mut self, lin: u64, host: Option<u64>) -> X<Block> {
         let mem = self.env.mem.clone();
+        let Some(host) = host else {
+            return self.decode_straddling(lin);
+        };
+        let pa = mem
+            .regions
+            .iter()
+            .find_map(|r| {
+                let off = host.wrapping_sub(r.host as u64);
+                (off < r.size).then_some(r.gpa + off)
+            })
+            .unwrap_or(u64::MAX);
         let Some(r) = mem.find(pa) else {
             return Err(Stop::Exit(corefour_hypervisor::VmExit::Unhandled(format!(
                 "instruction fetch from {pa:#x}, which is not RAM"
@@ -126,21 +228,25 @@ impl Cpu {
                 }
                 break;
             }
-            ins.push(i);
+            ins.push(op(i, self.bits));
             if i.is_invalid() || i.flow_control() != FlowControl::Next {
                 break;
             }
         }
         let len = ins.last().map_or(0, |l| {
-            (l.next_ip().wrapping_sub(self.rip) as usize).min(bytes.len())
+            (l.i.next_ip().wrapping_sub(self.rip) as usize).min(bytes.len())
         });
+        // SAFETY: `len <= bytes.len()`.
+        let (head, tail) = unsafe { ends(bytes.as_ptr(), len) };
         Ok(Block {
             rip: self.rip,
             bits: self.bits,
             ver,
             ver_ptr: ver_word,
             src: bytes.as_ptr(),
-            bytes: bytes[..len].to_vec(),
+            len,
+            head,
+            tail,
             ins,
         })
     }
@@ -177,8 +283,10 @@ impl Cpu {
             ver: 0,
             ver_ptr: std::ptr::null(),
             src: std::ptr::null(),
-            bytes: Vec::new(),
-            ins: vec![i],
+            len: 0,
+            head: 0,
+            tail: 0,
+            ins: vec![op(i, self.bits)],
         })
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::cpu::*;
 
-pub const TLB_BITS: u32 = 8;
+pub const TLB_BITS: u32 = 10;
 pub const TLB_SIZE: usize = 1 << TLB_BITS;
 const NONE: u64 = 1;
 const PAGE_MASK: u64 = !0xfff;
@@ -27,26 +27,29 @@ const EMPTY: Entry = Entry {
     global: false,
 };
 
-/// Two sets: supervisor accesses and user (CPL 3) accesses.
+/// Data entries (`e`) and instruction-fetch entries (`x`, so code and the data it touches
+/// never evict each other), each in two sets: supervisor and user (CPL 3) accesses.
 pub struct Tlb {
     pub e: Box<[[Entry; TLB_SIZE]; 2]>,
+    pub x: Box<[[Entry; TLB_SIZE]; 2]>,
 }
 
 impl Tlb {
     pub fn new() -> Self {
         Tlb {
             e: Box::new([[EMPTY; TLB_SIZE]; 2]),
+            x: Box::new([[EMPTY; TLB_SIZE]; 2]),
         }
     }
 
     pub fn flush_all(&mut self) {
-        for set in self.e.iter_mut() {
+        for set in self.e.iter_mut().chain(self.x.iter_mut()) {
             set.fill(EMPTY);
         }
     }
 
     pub fn flush_nonglobal(&mut self) {
-        for set in self.e.iter_mut() {
+        for set in self.e.iter_mut().chain(self.x.iter_mut()) {
             for e in set.iter_mut() {
                 if !e.global {
                     *e = EMPTY;
@@ -57,7 +60,7 @@ impl Tlb {
 
     pub fn flush_page(&mut self, va: u64) {
         let i = ((va >> 12) as usize) & (TLB_SIZE - 1);
-        for set in self.e.iter_mut() {
+        for set in self.e.iter_mut().chain(self.x.iter_mut()) {
             if set[i].read == va & PAGE_MASK
                 || set[i].write == va & PAGE_MASK
                 || set[i].exec == va & PAGE_MASK
@@ -292,11 +295,11 @@ impl Cpu {
             self.walk(lin, acc, user)?
         };
         let pa = w.phys | (lin & 0xfff);
-        self.fill(lin, &w, user);
+        self.fill(lin, &w, user, acc == Acc::X);
         Ok(pa)
     }
 
-    fn fill(&mut self, lin: u64, w: &Walk, user: bool) {
+    fn fill(&mut self, lin: u64, w: &Walk, user: bool, fetch: bool) {
         let page = lin & PAGE_MASK;
         let Some((host, r)) = self.env.mem.host_ptr(w.phys, 0x1000) else {
             return;
@@ -308,14 +311,24 @@ impl Cpu {
         if writable && r.log_dirty {
             r.dirty[off / 64].fetch_or(1 << (off % 64), std::sync::atomic::Ordering::Relaxed);
         }
-        let e = &mut self.tlb.e[user as usize][idx];
-        *e = Entry {
-            read: page,
-            write: if writable { page } else { NONE },
-            exec: if w.exec { page } else { NONE },
-            addend: (host as u64).wrapping_sub(page),
-            global: w.global,
-        };
+        let addend = (host as u64).wrapping_sub(page);
+        if fetch {
+            self.tlb.x[user as usize][idx] = Entry {
+                read: NONE,
+                write: NONE,
+                exec: if w.exec { page } else { NONE },
+                addend,
+                global: w.global,
+            };
+        } else {
+            self.tlb.e[user as usize][idx] = Entry {
+                read: page,
+                write: if writable { page } else { NONE },
+                exec: NONE,
+                addend,
+                global: w.global,
+            };
+        }
     }
 
     fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> X<Walk> {
@@ -444,27 +457,5 @@ impl Cpu {
         } else {
             self.pte_set(pa, bits);
         }
-    }
-
-    /// Translates an instruction fetch at linear `lin`: the host pointer of its page (if RAM),
-    /// and the physical address.
-    pub fn fetch_page(&mut self, lin: u64) -> X<u64> {
-        let user = self.cpl == 3;
-        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
-        if e.exec == lin & PAGE_MASK {
-            // The TLB hit gives the host address; the physical one is needed for the cache key.
-            let host = lin.wrapping_add(e.addend);
-            if let Some(pa) = self.host_to_phys(host) {
-                return Ok(pa);
-            }
-        }
-        self.translate(lin, Acc::X, user)
-    }
-
-    fn host_to_phys(&self, host: u64) -> Option<u64> {
-        self.env.mem.regions.iter().find_map(|r| {
-            let off = host.wrapping_sub(r.host as u64);
-            (off < r.size).then_some(r.gpa + off)
-        })
     }
 }

@@ -10,6 +10,7 @@ use corefour_hypervisor::{
 };
 
 use crate::cpu::*;
+use crate::decode::Cache;
 use crate::flags;
 use crate::platform::lapic::Lapic;
 use crate::vm::{Kicker, Link, Shared};
@@ -19,6 +20,7 @@ const POLL_INSNS: u64 = 8192;
 
 pub struct EmuVcpu {
     pub cpu: Cpu,
+    cache: Cache,
     link: Arc<Link>,
     /// An application processor waits for INIT-SIPI, as on KVM with an in-kernel APIC.
     wait_sipi: bool,
@@ -49,6 +51,7 @@ impl EmuVcpu {
         });
         EmuVcpu {
             cpu,
+            cache: Cache::default(),
             link,
             wait_sipi: index != 0,
             irq_ready: false,
@@ -66,7 +69,7 @@ impl EmuVcpu {
             .clone();
         if !Arc::ptr_eq(&mem, &self.cpu.env.mem) {
             // The cache holds pointers into the old map: drop it before the map goes.
-            self.cpu.cache.clear();
+            self.cache.clear();
             self.cpu.env.mem = mem;
         }
         self.cpu.tlb.flush_all();
@@ -180,16 +183,17 @@ impl EmuVcpu {
     /// Runs one decoded block; returns an exit if the VMM must see one.
     #[inline]
     fn step_block(&mut self) -> Option<VmExit> {
-        let b = match self.cpu.block() {
+        let b = match self.cache.lookup(&mut self.cpu) {
             Ok(b) => b,
             Err(Stop::Fault(f)) => return self.raise(f),
             Err(Stop::Exit(e)) => return Some(e),
             Err(Stop::Halt) => return None,
         };
-        for ins in b.ins.iter() {
+        for op in b.ins.iter() {
+            let ins = &op.i;
             self.cpu.cur_ip = ins.ip();
             self.cpu.rip = ins.next_ip();
-            match self.cpu.exec(ins) {
+            match (op.f)(&mut self.cpu, ins) {
                 Ok(()) => {}
                 Err(Stop::Fault(f)) => {
                     self.cpu.rip = ins.ip();
@@ -326,7 +330,9 @@ impl Vcpu for EmuVcpu {
             if e != self.cpu.epoch {
                 self.resync(e);
             }
-            if self.link.kick.swap(false, Ordering::AcqRel) {
+            if self.link.kick.load(Ordering::Relaxed)
+                && self.link.kick.swap(false, Ordering::AcqRel)
+            {
                 return Ok(VmExit::Interrupted);
             }
             if self.cpu.icount >= self.cpu.poll_at || self.link.hint.load(Ordering::Acquire) {

@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::control::{Control, ControlError, Outcome};
 
 const MAX_HEAD: usize = 16 * 1024;
+const MAX_CONNECTIONS: usize = 16;
 const MAX_BODY: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,30 @@ struct VmState<'a> {
     memory_mib: u64,
     backend: &'a str,
     pid: u32,
+}
+
+/// One of MAX_CONNECTIONS connection slots, given back on drop.
+struct Slot(Arc<(Mutex<usize>, Condvar)>);
+
+impl Slot {
+    fn take(active: &Arc<(Mutex<usize>, Condvar)>) -> Slot {
+        let (count, cv) = &**active;
+        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= MAX_CONNECTIONS {
+            n = cv.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Slot(active.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (count, cv) = &*self.0;
+        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        *n -= 1;
+        cv.notify_one();
+    }
 }
 
 /// Stops the server and removes the socket file when dropped.
@@ -93,6 +118,7 @@ pub fn start(
     })?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let active = Arc::new((Mutex::new(0usize), Condvar::new()));
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(256 * 1024)
@@ -101,12 +127,22 @@ pub fn start(
                 if stop2.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Ok(conn) = conn {
-                    // One client at a time is plenty for a per-VM socket; a stuck client is
-                    // cut off by the timeout instead of blocking the daemon forever.
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                    serve(conn, &info, &control, state.as_deref());
-                }
+                let Ok(conn) = conn else { continue };
+                // A thread per connection: an HTTP client keeps idle connections open in its
+                // pool, and one of those must not hold up the next request. A connection that
+                // stays idle is closed after the timeout; past MAX_CONNECTIONS new ones wait.
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let slot = Slot::take(&active);
+                let (info, control, state) = (info.clone(), control.clone(), state.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .stack_size(128 * 1024)
+                    .spawn(move || {
+                        let _slot = slot;
+                        serve(conn, &info, &control, state.as_deref());
+                    });
+                // Without a thread the connection is dropped; the client sees it closed.
+                drop(spawned);
             }
         })
         .map_err(ApiError::Thread)?;
@@ -395,6 +431,8 @@ mod tests {
             Err(ApiError::InUse { .. })
         ));
 
+        // An idle keep-alive connection (as a client's pool holds) must not block others.
+        let _idle = UnixStream::connect(&sock).unwrap();
         let get = "GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
         let r = request(&sock, get);
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");

@@ -30,6 +30,14 @@ pub fn spawn(
 }
 
 fn run_loop(index: u32, vcpu: SharedVcpu, control: &Control) {
+    drive(index, &vcpu, control);
+    // The final state, for differential tests (KVM vs the software CPU): after a debug exit
+    // the vCPU stops right after its OUT, since `finish` kicks it before it runs again.
+    let regs = vcpu.lock().unwrap_or_else(|p| p.into_inner()).regs().ok();
+    control.record_regs(index, regs);
+}
+
+fn drive(index: u32, vcpu: &SharedVcpu, control: &Control) {
     while control.wait_runnable() == Directive::Run {
         let result = vcpu.lock().unwrap_or_else(|p| p.into_inner()).run();
         let outcome = match result {

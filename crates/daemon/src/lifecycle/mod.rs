@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub exe: PathBuf,
     /// The binary run as `VMM_EXE vmm --config ... --api-sock ...` (normally `exe` itself).
     pub vmm_exe: PathBuf,
+    /// Run each VMM jailed (chroot, namespaces, unprivileged uid): see `jail`.
+    pub jail: bool,
 }
 
 /// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.
@@ -182,7 +184,7 @@ impl Daemon {
     }
 
     fn api_sock(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join(crate::shim::API_SOCK)
+        crate::jail::api_sock(&self.vm_dir(name))
     }
 }
 

@@ -20,9 +20,11 @@ pub mod driver;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod rate_limiter;
 pub mod rng;
 pub mod tap;
+mod transport;
 pub mod vsock;
 pub mod worker;
 

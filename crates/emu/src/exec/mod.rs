@@ -4,6 +4,7 @@
 
 mod alu;
 mod ctrl;
+pub mod fast;
 mod sse;
 mod string;
 mod system;

@@ -152,6 +152,7 @@ pub struct Prepared {
     vm: Arc<dyn corefour_hypervisor::Vm>,
     control: Arc<Control>,
     machine: Arc<machine::Machine>,
+    serial: Arc<corefour_devices::legacy::Serial>,
     vcpus: Vec<Box<dyn corefour_hypervisor::Vcpu>>,
     console: Console,
 }
@@ -184,7 +185,10 @@ pub fn prepare(
     tr("memory registered");
     let control = Control::new(config.vcpus);
     let events: Arc<dyn GuestEvents> = control.clone();
-    let machine = machine::build(&vm, console.clone(), events).map_err(VmmError::from)?;
+    if let Some(why) = super::handle::unsupported(&config) {
+        return Err(RestoreError::Config(why));
+    }
+    let (machine, serial) = machine::build(&vm, console.clone(), events).map_err(VmmError::from)?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
         let vcpu = vm
@@ -200,6 +204,7 @@ pub fn prepare(
         vm,
         control,
         machine,
+        serial,
         vcpus,
         console,
     })
@@ -229,8 +234,7 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             what: "the VM (irqchip, PIT, clock)".into(),
             reason: e.to_string(),
         })?;
-    p.machine
-        .serial()
+    p.serial
         .restore(&(&state.devices.serial).into())
         .map_err(|reason| RestoreError::State {
             what: "the serial port".into(),
@@ -249,7 +253,8 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
         backend: p.backend,
         backend_why: "restored from saved state".into(),
         vcpus,
-        machine: p.machine,
+        _machine: p.machine,
+        serial: p.serial,
         vm: p.vm,
         mem,
         control: p.control,
