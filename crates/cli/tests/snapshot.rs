@@ -440,3 +440,141 @@ fn daemon_vm_snapshot_restores_and_continues() {
     assert_eq!(code, 0, "{err}");
     assert_continues(&before, &std::fs::read_to_string(&out).unwrap());
 }
+
+fn start_daemon(t: &Tmp) -> (Child, PathBuf) {
+    let sock = t.0.join("d.sock");
+    let log = std::fs::File::create(t.0.join("daemon.log")).unwrap();
+    let daemon = Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .arg("daemon")
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--state-dir")
+        .arg(t.0.join("state"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "daemon did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (daemon, sock)
+}
+
+fn vm_cli(sock: &Path, args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .arg("vm")
+        .args(args)
+        .env("COREFOUR_SOCKET", sock)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// `corefour vm export` / `import` through a daemon: the imported VM has the same kernel and a
+/// byte-identical, still sparse disk; a tampered or truncated archive registers nothing.
+#[test]
+fn export_import_round_trip_and_refusals() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP: the daemon test needs root (cgroups, state dir)");
+        return;
+    }
+    let kernel = guest("counter");
+    let t = Tmp::new("export");
+    let (mut daemon, sock) = start_daemon(&t);
+    let vm = |args: &[&str]| vm_cli(&sock, args);
+    let disk = t.0.join("root.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(256 << 20).unwrap();
+        f.write_all_at(b"DISK-MARKER", 100 << 20).unwrap();
+    }
+    let (ok, _, err) = vm(&[
+        "create",
+        "ex1",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let archive = t.0.join("ex1.tar.zst");
+    let (ok, out, err) = vm(&["export", "ex1", archive.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("exported ex1"), "{out}");
+    assert!(
+        std::fs::metadata(&archive).unwrap().len() < 1 << 20,
+        "a sparse 256 MiB disk exports small"
+    );
+    let dir = t.0.join("imported");
+    let (ok, out, err) = vm(&[
+        "import",
+        archive.to_str().unwrap(),
+        "--name",
+        "ex2",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("imported ex2"), "{out}");
+    let (ok, info, err) = vm(&["--json", "info", "ex2"]);
+    assert!(ok, "{err}");
+    let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+    let new_disk = PathBuf::from(info["disks"][0]["path"].as_str().unwrap());
+    assert!(new_disk.starts_with(&dir), "{info}");
+    assert_eq!(
+        std::fs::read(&new_disk).unwrap(),
+        std::fs::read(&disk).unwrap()
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&new_disk).unwrap().blocks() * 512 < 1 << 20);
+    assert_eq!(
+        std::fs::read(info["kernel"].as_str().unwrap()).unwrap(),
+        std::fs::read(&kernel).unwrap()
+    );
+
+    // Tampered and truncated archives: refused, nothing registered, nothing left unpacked.
+    let bytes = std::fs::read(&archive).unwrap();
+    let mut tampered = bytes.clone();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 0x20;
+    let cases = [
+        ("tampered", tampered),
+        ("truncated", bytes[..bytes.len() * 2 / 3].to_vec()),
+    ];
+    for (what, data) in cases {
+        let bad = t.0.join(format!("{what}.tar.zst"));
+        std::fs::write(&bad, data).unwrap();
+        let d = t.0.join(format!("{what}-dir"));
+        let (ok, _, err) = vm(&[
+            "import",
+            bad.to_str().unwrap(),
+            "--name",
+            what,
+            "--dir",
+            d.to_str().unwrap(),
+        ]);
+        assert!(!ok, "{what} archive was accepted");
+        assert!(err.contains("nothing was registered"), "{err}");
+        assert!(!d.exists(), "{what}: staging left behind");
+        let (_, list, _) = vm(&["--json", "list"]);
+        assert!(
+            !list.contains(&format!("\"{what}\"")),
+            "{what} got registered: {list}"
+        );
+    }
+    let _ = vm(&["delete", "--force", "ex1"]);
+    let _ = vm(&["delete", "--force", "ex2"]);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+}
