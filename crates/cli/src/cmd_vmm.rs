@@ -42,6 +42,15 @@ pub struct Args {
     /// Serve the VMM API (HTTP over this Unix socket): GET /vm, PUT /vm/{pause,resume,shutdown}.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Restore the VM saved in this snapshot directory (PUT /vm/snapshot) instead of booting.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "config", "incoming"])]
+    restore: Option<PathBuf>,
+    /// With --restore: check the memory file checksums first (reads all of it).
+    #[arg(long, requires = "restore")]
+    verify: bool,
+    /// Wait for a live migration on HOST:PORT (PUT /vm/migrate on the source) and run it.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["kernel", "config"])]
+    incoming: Option<String>,
     /// Write every vCPU's final registers to FILE as JSON (for KVM vs software-CPU comparisons).
     #[arg(long, value_name = "FILE")]
     dump_regs: Option<PathBuf>,
@@ -81,7 +90,11 @@ fn config_from(a: &Args) -> anyhow::Result<VmConfig> {
 
 /// Returns the process exit code.
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let config = config_from(&a)?;
+    let config = if a.restore.is_some() || a.incoming.is_some() {
+        VmConfig::new(PathBuf::new())
+    } else {
+        config_from(&a)?
+    };
     let timeout = match &a.timeout {
         Some(t) => Some(parse_duration(t)?),
         None => config.timeout(),
@@ -89,7 +102,39 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // The library's errors carry their cause in the message already; anyhow's chain would
     // print it twice.
     let flat = |e: corefour_vmm::VmmError| anyhow::anyhow!("{e}");
-    let vmm = Vmm::build(config, Console::stdout()).map_err(flat)?;
+    let mut incoming = None;
+    let vmm = if let Some(dir) = &a.restore {
+        let (vmm, t) = corefour_vmm::snapshot::restore::restore(dir, Console::stdout(), a.verify)
+            .map_err(|e| anyhow::anyhow!("restore {}: {e}", dir.display()))?;
+        eprintln!(
+            "corefour vmm: restored {} in {:.2} ms ({} layer{})",
+            dir.display(),
+            t.total_ms,
+            t.layers,
+            if t.layers == 1 { "" } else { "s" }
+        );
+        vmm
+    } else if let Some(addr) = &a.incoming {
+        let r = corefour_vmm::migration::incoming::receive(
+            addr,
+            Console::stdout(),
+            std::time::Duration::from_secs(10),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!(
+            "corefour vmm: migration from {} received in {:.1} ms",
+            r.conn.peer, r.receive_ms
+        );
+        incoming = Some(r.conn);
+        r.vmm
+    } else {
+        Vmm::build(config, Console::stdout()).map_err(flat)?
+    };
+    if let Some(mut conn) = incoming {
+        // The vCPU threads start inside `run` right after this.
+        conn.started()
+            .map_err(|e| anyhow::anyhow!("migration: cannot confirm the start: {e}"))?;
+    }
     eprintln!(
         "corefour vmm: backend {} ({})",
         vmm.backend(),

@@ -31,6 +31,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{name}/kill"),
     ("post", "/v1/vms/{name}/pause"),
     ("post", "/v1/vms/{name}/resume"),
+    ("post", "/v1/vms/{name}/snapshot"),
     ("get", "/v1/vms/{name}/console"),
     ("get", "/v1/events"),
 ];
@@ -51,6 +52,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/kill", post(kill_vm))
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/events", get(events))
         .fallback(no_route)
@@ -133,6 +135,19 @@ async fn delete_vm(
     let q: DeleteQuery = parse_query(q)?;
     d.delete(&name, q.force).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn snapshot_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: crate::lifecycle::SnapshotRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        parse_body(&body, "snapshot")?
+    };
+    Ok(Json(d.snapshot(&name, req).await?).into_response())
 }
 
 async fn start_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {

@@ -175,6 +175,14 @@ impl Vcpu for KvmVcpu {
         }
     }
 
+    fn save_state(&self) -> Result<corefour_hypervisor::CpuState> {
+        crate::state::save_vcpu_state(&self.fd, None)
+    }
+
+    fn restore_state(&mut self, state: &corefour_hypervisor::CpuState) -> Result<()> {
+        crate::state::restore_vcpu_state(&self.fd, state)
+    }
+
     fn kicker(&self) -> Arc<dyn VcpuKicker> {
         Arc::new(KvmKicker(self.kick.clone()))
     }

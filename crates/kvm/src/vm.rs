@@ -159,6 +159,15 @@ impl Vm for KvmVm {
             .map_err(|e| os_err("KVM_GET_DIRTY_LOG", e))
     }
 
+    fn save_state(&self) -> Result<corefour_hypervisor::CpuState> {
+        let pit = self.irqchip && self.fd.check_extension(Cap::Pit2);
+        crate::state::save_vm_state(&self.fd, self.irqchip, pit)
+    }
+
+    fn restore_state(&self, state: &corefour_hypervisor::CpuState) -> Result<()> {
+        crate::state::restore_vm_state(&self.fd, state)
+    }
+
     fn backend_name(&self) -> &'static str {
         "kvm"
     }

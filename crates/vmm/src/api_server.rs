@@ -91,7 +91,20 @@ impl Drop for ApiHandle {
     }
 }
 
-pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHandle, ApiError> {
+/// The requests that need the whole VM (memory, vCPUs, devices) rather than its run state:
+/// snapshots and migration. Each returns the JSON to answer with, or (status, message).
+pub trait StateApi: Send + Sync {
+    fn snapshot(&self, body: &[u8]) -> Result<serde_json::Value, (u16, String)>;
+    /// On success the VM lives elsewhere: the server ends this VMM after answering.
+    fn migrate(&self, body: &[u8]) -> Result<serde_json::Value, (u16, String)>;
+}
+
+pub fn start(
+    path: &Path,
+    info: VmInfo,
+    control: Arc<Control>,
+    state: Option<Arc<dyn StateApi>>,
+) -> Result<ApiHandle, ApiError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse {
@@ -122,13 +135,13 @@ pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHand
                 // stays idle is closed after the timeout; past MAX_CONNECTIONS new ones wait.
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
                 let slot = Slot::take(&active);
-                let (info, control) = (info.clone(), control.clone());
+                let (info, control, state) = (info.clone(), control.clone(), state.clone());
                 let spawned = std::thread::Builder::new()
                     .name("api-conn".into())
                     .stack_size(128 * 1024)
                     .spawn(move || {
                         let _slot = slot;
-                        serve(conn, &info, &control);
+                        serve(conn, &info, &control, state.as_deref());
                     });
                 // Without a thread the connection is dropped; the client sees it closed.
                 drop(spawned);
@@ -145,6 +158,7 @@ pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHand
 struct Request {
     method: String,
     path: String,
+    body: Vec<u8>,
     close: bool,
 }
 
@@ -200,6 +214,7 @@ fn read_request(r: &mut BufReader<UnixStream>) -> Result<Option<Request>, String
     Ok(Some(Request {
         method: req.method.unwrap_or("").to_string(),
         path: req.path.unwrap_or("").to_string(),
+        body,
         close,
     }))
 }
@@ -235,7 +250,20 @@ fn control_error(e: ControlError) -> Response {
     }
 }
 
-fn route(req: &Request, info: &VmInfo, control: &Arc<Control>) -> Response {
+fn json_ok(v: serde_json::Value) -> Response {
+    Response {
+        status: 200,
+        body: Some(v.to_string()),
+        after: None,
+    }
+}
+
+fn route(
+    req: &Request,
+    info: &VmInfo,
+    control: &Arc<Control>,
+    state: Option<&dyn StateApi>,
+) -> Response {
     let path = req.path.split('?').next().unwrap_or("");
     match (req.method.as_str(), path) {
         ("GET", "/vm") => {
@@ -277,9 +305,30 @@ fn route(req: &Request, info: &VmInfo, control: &Arc<Control>) -> Response {
                 after: None,
             }
         }
-        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown") => {
-            fault(400, format!("{} is not allowed on {path}", req.method))
-        }
+        ("PUT", "/vm/snapshot") => match state {
+            Some(st) => st
+                .snapshot(&req.body)
+                .map_or_else(|(code, msg)| fault(code, msg), json_ok),
+            None => fault(400, "snapshots are not available on this VMM"),
+        },
+        ("PUT", "/vm/migrate") => match state {
+            Some(st) => match st.migrate(&req.body) {
+                Ok(v) => {
+                    let c = control.clone();
+                    Response {
+                        status: 200,
+                        body: Some(v.to_string()),
+                        after: Some(Box::new(move || c.finish(Outcome::Shutdown))),
+                    }
+                }
+                Err((code, msg)) => fault(code, msg),
+            },
+            None => fault(400, "migration is not available on this VMM"),
+        },
+        (
+            _,
+            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate",
+        ) => fault(400, format!("{} is not allowed on {path}", req.method)),
         _ => fault(404, format!("no such resource: {path}")),
     }
 }
@@ -314,7 +363,7 @@ fn write_response(w: &mut UnixStream, resp: &Response, close: bool) -> std::io::
     w.flush()
 }
 
-fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>) {
+fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>, state: Option<&dyn StateApi>) {
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };
@@ -323,7 +372,7 @@ fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>) {
         match read_request(&mut reader) {
             Ok(None) => return,
             Ok(Some(req)) => {
-                let resp = route(&req, info, control);
+                let resp = route(&req, info, control, state);
                 let ok = write_response(&mut writer, &resp, req.close).is_ok();
                 if let Some(after) = resp.after {
                     after();
@@ -363,7 +412,7 @@ mod tests {
             let control = Control::new(1);
             // A pause with no vCPU thread would wait; keep the fake VM stopping instead.
             control.finish(Outcome::Shutdown);
-            serve(server, &info, &control);
+            serve(server, &info, &control, None);
             let mut out = Vec::new();
             let _ = client.read_to_end(&mut out);
         }
@@ -389,9 +438,9 @@ mod tests {
             backend: "kvm",
             balloon: None,
         };
-        let h = start(&sock, info.clone(), control.clone()).unwrap();
+        let h = start(&sock, info.clone(), control.clone(), None).unwrap();
         assert!(matches!(
-            start(&sock, info, control.clone()),
+            start(&sock, info, control.clone(), None),
             Err(ApiError::InUse { .. })
         ));
 

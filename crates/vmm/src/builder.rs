@@ -1,11 +1,11 @@
 //! Building one VM from its config, then running it to its outcome.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corefour_devices::{Console, GuestEvents};
-use corefour_hypervisor::{HypervisorError, Vcpu, Vm};
+use corefour_hypervisor::{HypervisorError, Vm};
 
 use crate::backend::{self, BackendError};
 use crate::boot::{self, BootError, BootPlan};
@@ -13,6 +13,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::control::{Control, Outcome};
 use crate::machine;
 use crate::memory::{self, GuestMem, MemoryError};
+use crate::vcpu_thread::SharedVcpu;
 use crate::{api_server, signals, vcpu_thread};
 
 #[derive(Debug, thiserror::Error)]
@@ -75,17 +76,18 @@ pub struct RunReport {
 
 /// A VM ready to run: memory loaded, vCPUs at the entry, devices on the buses.
 pub struct Vmm {
-    config: VmConfig,
-    backend: &'static str,
-    backend_why: String,
+    pub(crate) config: VmConfig,
+    pub(crate) backend: &'static str,
+    pub(crate) backend_why: String,
     // Field order is drop order: vCPUs go before the VM, the VM before the memory it maps.
-    vcpus: Vec<Box<dyn Vcpu>>,
-    _vm: Arc<dyn Vm>,
-    mem: GuestMem,
-    control: Arc<Control>,
-    balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
-    console: Console,
-    serial: Arc<corefour_devices::legacy::Serial>,
+    pub(crate) vcpus: Vec<SharedVcpu>,
+    pub(crate) _machine: Arc<machine::Machine>,
+    pub(crate) vm: Arc<dyn Vm>,
+    pub(crate) mem: GuestMem,
+    pub(crate) control: Arc<Control>,
+    pub(crate) balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
+    pub(crate) console: Console,
+    pub(crate) serial: Arc<corefour_devices::legacy::Serial>,
 }
 
 impl Vmm {
@@ -122,14 +124,15 @@ impl Vmm {
                 .map_err(|source| VmmError::CreateVcpu { index, source })?;
             boot::setup_vcpu(vcpu.as_mut(), &plan, index)?;
             control.add_kicker(vcpu.kicker());
-            vcpus.push(vcpu);
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
         }
         Ok(Self {
             config,
             backend: name,
             backend_why: picked.why,
             vcpus,
-            _vm: vm,
+            _machine: ops,
+            vm,
             mem,
             control,
             balloon: virtio.balloon,
@@ -162,6 +165,7 @@ impl Vmm {
                     balloon: self.balloon.clone(),
                 },
                 self.control.clone(),
+                Some(Arc::new(crate::snapshot::handle::StateHandle::new(&self))),
             )?),
             None => None,
         };

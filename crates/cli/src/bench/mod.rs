@@ -13,6 +13,7 @@ mod lifecycle;
 // The Linux boot timing for bench/emu.rs (qemu TCG peer and corefour emu on the same fixture).
 #[allow(dead_code)]
 pub(crate) mod linux_peer;
+mod migrate;
 mod vmm;
 
 #[derive(clap::Args)]
@@ -35,6 +36,8 @@ enum Target {
     Ct(ct::Args),
     /// Software CPU: guest MIPS on a guest CPU loop, with KVM on the same loop.
     Emu(emu::Args),
+    /// Live-migration total time and downtime (idle and busy guest), snapshot restore time.
+    Migrate(migrate::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -45,5 +48,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Target::Disk(a) => disk::run(a),
         Target::Ct(a) => ct::run(a),
         Target::Emu(a) => emu::run(a),
+        Target::Migrate(a) => migrate::run(a),
     }
 }

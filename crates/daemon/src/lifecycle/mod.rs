@@ -13,6 +13,9 @@ mod reconcile;
 mod set;
 mod start;
 mod stop;
+mod vm_snapshot;
+
+pub use vm_snapshot::SnapshotRequest;
 
 pub use stop::DEFAULT_STOP_TIMEOUT;
 mod watch;
