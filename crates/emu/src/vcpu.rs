@@ -25,6 +25,10 @@ pub struct EmuVcpu {
     /// An application processor waits for INIT-SIPI, as on KVM with an in-kernel APIC.
     wait_sipi: bool,
     irq_ready: bool,
+    /// The last blocks entered, printed with traced exceptions (COREFOUR_EMU_TRACE_UNIMPL).
+    recent: [u64; 16],
+    recent_at: usize,
+    recent_end: u64,
 }
 
 /// The serialised form of a vCPU for snapshots.
@@ -55,6 +59,9 @@ impl EmuVcpu {
             link,
             wait_sipi: index != 0,
             irq_ready: false,
+            recent: [0; 16],
+            recent_at: 0,
+            recent_end: 0,
         }
     }
 
@@ -128,6 +135,28 @@ impl EmuVcpu {
 
     /// Delivers an exception, escalating to #DF and to a shutdown (triple fault).
     fn raise(&mut self, f: Fault) -> Option<VmExit> {
+        if self.cpu.env.vm.trace_unimpl && f.vector != PF {
+            let lin = self.cpu.lin(CS, self.cpu.rip);
+            let bytes: Vec<String> = (0..12)
+                .map(|k| match self.cpu.read_as(lin + k, 1, false) {
+                    Ok(b) => format!("{b:02x}"),
+                    Err(_) => "??".into(),
+                })
+                .collect();
+            let trail: Vec<String> = (0..16)
+                .map(|k| format!("{:#x}", self.recent[(self.recent_at + k) % 16]))
+                .collect();
+            eprintln!("emu: last blocks: {}", trail.join(" "));
+            eprintln!(
+                "emu: exception {} code {:?} at rip {:#x} (cpl {}, cr2 {:#x}) bytes {}",
+                f.vector,
+                f.code,
+                self.cpu.rip,
+                self.cpu.cpl,
+                self.cpu.cr2,
+                bytes.join(" ")
+            );
+        }
         match self.cpu.deliver(f.vector, f.code, false) {
             Ok(()) => None,
             Err(Stop::Fault(_)) if f.vector == DF => Some(VmExit::Shutdown),
@@ -189,6 +218,12 @@ impl EmuVcpu {
             Err(Stop::Exit(e)) => return Some(e),
             Err(Stop::Halt) => return None,
         };
+        if self.cpu.env.vm.trace_unimpl && b.rip != self.recent_end {
+            // Only jumps: a block that falls through from the previous one is not recorded.
+            self.recent[self.recent_at] = b.rip;
+            self.recent_at = (self.recent_at + 1) % 16;
+        }
+        self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
         for op in b.ins.iter() {
             let ins = &op.i;
             self.cpu.cur_ip = ins.ip();

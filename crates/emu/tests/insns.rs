@@ -440,3 +440,20 @@ fn triple_fault_is_a_shutdown() {
     m.vcpu.set_sregs(&s).unwrap();
     assert_eq!(m.run(), VmExit::Shutdown);
 }
+
+#[test]
+fn enter_leave_frames() {
+    let (m, e) = run64(|a| {
+        a.mov(rbp, 0x1234u64)?;
+        a.enter(0x20, 0)?;
+        a.mov(rbx, rbp)?;
+        a.mov(rcx, rsp)?;
+        a.leave()?;
+        a.hlt()
+    });
+    assert_eq!(e, VmExit::Halt);
+    let r = m.regs();
+    assert_eq!(r.rbx, STACK - 8);
+    assert_eq!(r.rcx, STACK - 8 - 0x20);
+    assert_eq!((r.rbp, r.rsp), (0x1234, STACK));
+}

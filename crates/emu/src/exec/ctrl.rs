@@ -145,7 +145,11 @@ impl Cpu {
                 Ok(())
             }
             M::Leave => {
-                let size = i.stack_pointer_increment().unsigned_abs() as usize;
+                let size = match i.code() {
+                    iced_x86::Code::Leavew => 2,
+                    iced_x86::Code::Leaved => 4,
+                    _ => 8,
+                };
                 let m = self.sp_mask();
                 let old = self.gpr[4];
                 self.gpr[4] = (self.gpr[4] & !m) | (self.gpr[5] & m);

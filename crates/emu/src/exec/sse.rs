@@ -166,7 +166,14 @@ impl Cpu {
             | M::Fxrstor
             | M::Fxrstor64
             | M::Ldmxcsr
-            | M::Stmxcsr => {
+            | M::Stmxcsr
+            | M::Fild
+            | M::Fld1
+            | M::Fldz
+            | M::Ffree
+            | M::Fstp
+            | M::Fincstp
+            | M::Fdecstp => {
                 return Some(self.fpu_ctl(i, m));
             }
             _ => {}
@@ -222,6 +229,51 @@ impl Cpu {
                 self.fpu.ftw = 0;
                 Ok(())
             }
+            // A minimal x87 stack: enough for the kernel's AMD FXSAVE-leak workaround (FILD
+            // after EMMS) and simple loads and pops.
+            M::Fild | M::Fld1 | M::Fldz => {
+                self.x87_ok()?;
+                let v = match m {
+                    M::Fld1 => 1.0,
+                    M::Fldz => 0.0,
+                    _ => {
+                        let a = self.ea(i);
+                        let size = i.memory_size().size();
+                        let raw = self.read(a, size)?;
+                        let sh = 64 - 8 * size as u32;
+                        (((raw << sh) as i64) >> sh) as f64
+                    }
+                };
+                self.fpu.top = (self.fpu.top + 7) & 7;
+                self.fpu.st[self.fpu.top as usize] = v;
+                self.fpu.ftw |= 1 << self.fpu.top;
+                Ok(())
+            }
+            M::Fstp if i.op_kind(0) == OpKind::Register => {
+                self.x87_ok()?;
+                let k = (i.op0_register() as usize - Register::ST0 as usize) as u8;
+                let src = self.fpu.st[self.fpu.top as usize];
+                self.fpu.st[((self.fpu.top + k) & 7) as usize] = src;
+                self.fpu.ftw &= !(1 << self.fpu.top);
+                self.fpu.top = (self.fpu.top + 1) & 7;
+                Ok(())
+            }
+            M::Ffree => {
+                self.x87_ok()?;
+                let k = (i.op0_register() as usize - Register::ST0 as usize) as u8;
+                self.fpu.ftw &= !(1 << ((self.fpu.top + k) & 7));
+                Ok(())
+            }
+            M::Fincstp | M::Fdecstp => {
+                self.x87_ok()?;
+                self.fpu.top = if m == M::Fincstp {
+                    (self.fpu.top + 1) & 7
+                } else {
+                    (self.fpu.top + 7) & 7
+                };
+                Ok(())
+            }
+            M::Fstp => self.unimplemented(i),
             M::Ldmxcsr | M::Stmxcsr => {
                 if self.cr4 & CR4_OSFXSR == 0 {
                     return ud();
