@@ -194,7 +194,7 @@ mod tests {
         assert!(t >= Duration::from_millis(150), "{t:?}");
         assert_eq!(b.exit_code, Some(7));
         let mut c = Command::new("sh");
-        c.args(["-c", "echo nothing; sleep 5"]);
+        c.args(["-c", "echo nothing; exec sleep 5"]);
         let b = time_to_marker(c, Duration::from_millis(300)).unwrap();
         assert_eq!((b.to_marker, b.exit_code), (None, None));
         assert!(b.output.contains("nothing"));
