@@ -3,18 +3,17 @@
 
 use crate::error::DiskError;
 use crate::host::HostFile;
-use crate::{check_range, Extent, ExtentKind, Result};
+use crate::{check_range, DiskSize, Extent, ExtentKind, Result};
 
 /// A virtual disk cut into equal blocks, each either absent (reads as zeros) or stored whole at
 /// one file offset.
-pub(crate) trait BlockMap {
+pub(crate) trait BlockMap: DiskSize {
     /// Whether consecutive blocks stored back to back in the file may be reported as one extent
     /// with its host offset. False for formats that keep per-block metadata between data blocks
     /// (vhd's sector bitmaps): their data runs merge on allocation alone and carry no offset.
     const HOST_OFFSETS: bool = true;
 
     fn host(&self) -> &HostFile;
-    fn virtual_size(&self) -> u64;
     fn block_size(&self) -> u64;
     /// File offset of block `b`, or None if it reads as zeros.
     fn locate(&self, b: u64) -> Result<Option<u64>>;
@@ -22,7 +21,7 @@ pub(crate) trait BlockMap {
 
 /// Reads `buf.len()` guest bytes at `offset`, block by block.
 pub(crate) fn read<M: BlockMap>(m: &M, buf: &mut [u8], offset: u64) -> Result<()> {
-    check_range(&m.host().path, offset, buf.len() as u64, m.virtual_size())?;
+    check_range(&m.host().path, offset, buf.len() as u64, m.size())?;
     let bs = m.block_size();
     let mut pos = 0;
     while pos < buf.len() {
@@ -41,7 +40,7 @@ pub(crate) fn read<M: BlockMap>(m: &M, buf: &mut [u8], offset: u64) -> Result<()
 /// The run of blocks starting at `offset` that share one kind (and, with host offsets, lie back
 /// to back in the file), at most `max_len` bytes and never past the disk's end.
 pub(crate) fn extent<M: BlockMap>(m: &M, offset: u64, max_len: u64) -> Result<Extent> {
-    let max_len = max_len.min(m.virtual_size().saturating_sub(offset));
+    let max_len = max_len.min(m.size().saturating_sub(offset));
     let bs = m.block_size();
     let b0 = offset / bs;
     let h0 = m.locate(b0)?;
@@ -92,4 +91,82 @@ pub(crate) fn past_end(host: &HostFile, b: u64, off: u64, file_len: u64) -> Disk
         0,
         format!("block {b} maps to {off:#x}, past the end of the file ({file_len:#x})"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+    use std::path::Path;
+
+    /// Four 16-byte blocks over a 64-byte file: 0 at 0, 1 at 16, 2 absent, 3 at 48; the disk is
+    /// 60 bytes, so the last block is cut short.
+    struct Toy<const OFFSETS: bool> {
+        host: HostFile,
+        map: [Option<u64>; 4],
+    }
+
+    impl<const OFFSETS: bool> DiskSize for Toy<OFFSETS> {
+        fn size(&self) -> u64 {
+            60
+        }
+    }
+
+    impl<const OFFSETS: bool> BlockMap for Toy<OFFSETS> {
+        const HOST_OFFSETS: bool = OFFSETS;
+        fn host(&self) -> &HostFile {
+            &self.host
+        }
+        fn block_size(&self) -> u64 {
+            16
+        }
+        fn locate(&self, b: u64) -> Result<Option<u64>> {
+            Ok(self.map[b as usize])
+        }
+    }
+
+    fn toy<const OFFSETS: bool>(map: [Option<u64>; 4]) -> Toy<OFFSETS> {
+        let data = (0..64u8).collect();
+        Toy {
+            host: HostFile::new(Path::new("toy"), "toy", Box::new(MemStorage::new(data))),
+            map,
+        }
+    }
+
+    #[test]
+    fn reads_across_blocks_with_holes_as_zeros() {
+        let t = toy::<true>([Some(0), Some(16), None, Some(48)]);
+        let mut buf = [0xffu8; 40];
+        read(&t, &mut buf, 10).unwrap();
+        let want: Vec<u8> = (10..32).chain([0; 16]).chain(48..50).collect();
+        assert_eq!(&buf[..], &want[..]);
+        assert!(
+            read(&t, &mut [0u8; 2], 59).is_err(),
+            "read past the disk's end"
+        );
+    }
+
+    #[test]
+    fn extents_merge_contiguous_runs_and_stop_at_the_end() {
+        let t = toy::<true>([Some(0), Some(16), None, Some(48)]);
+        let e = extent(&t, 4, 100).unwrap();
+        assert_eq!(
+            (e.kind, e.length, e.offset),
+            (ExtentKind::Data, 28, Some(4))
+        );
+        let e = extent(&t, 32, 100).unwrap();
+        assert_eq!((e.kind, e.length, e.offset), (ExtentKind::Zero, 16, None));
+        let e = extent(&t, 50, 100).unwrap();
+        assert_eq!(
+            (e.kind, e.length, e.offset),
+            (ExtentKind::Data, 10, Some(50))
+        );
+        // Blocks stored out of order are separate runs when offsets are reported...
+        let t = toy::<true>([Some(16), Some(0), None, None]);
+        assert_eq!(extent(&t, 0, 100).unwrap().length, 16);
+        // ...and one run, with no offset, when they are not.
+        let t = toy::<false>([Some(16), Some(0), None, None]);
+        let e = extent(&t, 0, 100).unwrap();
+        assert_eq!((e.kind, e.length, e.offset), (ExtentKind::Data, 32, None));
+    }
 }

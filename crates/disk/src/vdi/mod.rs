@@ -91,9 +91,6 @@ impl BlockMap for Vdi {
     fn host(&self) -> &HostFile {
         &self.host
     }
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
     fn block_size(&self) -> u64 {
         self.block_size
     }

@@ -168,9 +168,6 @@ impl BlockMap for Vhd {
     fn host(&self) -> &HostFile {
         &self.host
     }
-    fn virtual_size(&self) -> u64 {
-        self.size
-    }
     fn block_size(&self) -> u64 {
         self.block_size
     }
