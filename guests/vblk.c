@@ -71,7 +71,7 @@ static void run(void *arg)
     request(&d, T_FLUSH, 0, 0);
     c4_puts("vblk: ok sectors=");
     c4_put_dec(capacity);
-    c4_putc('\n');
+    c4_puts(d.pci ? " transport=pci\n" : " transport=mmio\n");
     c4_exit(0);
 }
 
@@ -80,5 +80,6 @@ void c4_main(const struct c4_boot_info *info, u32 cpu)
     (void)info;
     if (cpu != 0)
         c4_halt();
+    virtio_pci_probe();
     c4_enter_user(run, 0, user_stack + sizeof user_stack);
 }

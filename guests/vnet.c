@@ -8,8 +8,8 @@
 #define HDR 12
 #define FRAME 1536
 #define RXBUFS 8
-#define ROUNDS 4
-#define WAIT_SPINS 400000000ul
+#define ROUNDS 40
+#define WAIT_SPINS 20000000ul
 
 static u8 user_stack[16384] __attribute__((aligned(16)));
 static u8 rx[RXBUFS][FRAME] __attribute__((aligned(64)));
@@ -201,5 +201,6 @@ void c4_main(const struct c4_boot_info *info, u32 cpu)
     (void)info;
     if (cpu != 0)
         c4_halt();
+    virtio_pci_probe();
     c4_enter_user(run, 0, user_stack + sizeof user_stack);
 }

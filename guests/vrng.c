@@ -48,5 +48,6 @@ void c4_main(const struct c4_boot_info *info, u32 cpu)
     (void)info;
     if (cpu != 0)
         c4_halt();
+    virtio_pci_probe();
     c4_enter_user(run, 0, user_stack + sizeof user_stack);
 }

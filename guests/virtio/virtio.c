@@ -7,12 +7,122 @@ static inline u32 rd(struct vdev *d, u32 off) { return *(volatile u32 *)(d->base
 static inline void wr(struct vdev *d, u32 off, u32 v) { *(volatile u32 *)(d->base + off) = v; }
 static inline void barrier(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
-u32 virtio_status(struct vdev *d) { return rd(d, 0x70); }
+u32 virtio_status(struct vdev *d) { return d->pci ? d->common[0x14] : rd(d, 0x70); }
 
-u8 virtio_config8(struct vdev *d, u32 off) { return d->base[0x100 + off]; }
+u8 virtio_config8(struct vdev *d, u32 off) { return d->pci ? d->devcfg[off] : d->base[0x100 + off]; }
+
+static volatile u8 *config_base(struct vdev *d) { return d->pci ? d->devcfg : d->base + 0x100; }
+u32 virtio_config32(struct vdev *d, u32 off) { return *(volatile u32 *)(config_base(d) + off); }
+void virtio_config_write32(struct vdev *d, u32 off, u32 v) { *(volatile u32 *)(config_base(d) + off) = v; }
+
+/* ---- PCI ---- */
+
+struct pci_fn {
+    u32 device_id;
+    u64 bar;
+    u32 common, isr, devcfg, notify, mult;
+};
+static struct pci_fn pci_fns[VIRTIO_MMIO_SLOTS];
+static u32 pci_count;
+
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u32 inl(u16 port)
+{
+    u32 v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static u32 cfg_read(u32 slot, u32 reg)
+{
+    outl(0xcf8, 0x80000000u | (slot << 11) | (reg & 0xfc));
+    return inl(0xcfc);
+}
+static u8 cfg_read8(u32 slot, u32 reg) { return (u8)(cfg_read(slot, reg) >> ((reg & 3) * 8)); }
+
+void virtio_pci_probe(void)
+{
+    for (u32 slot = 0; slot < 32 && pci_count < VIRTIO_MMIO_SLOTS; slot++) {
+        u32 id = cfg_read(slot, 0);
+        if ((id & 0xffff) != 0x1af4 || (id >> 16) < 0x1040)
+            continue;
+        struct pci_fn *f = &pci_fns[pci_count];
+        f->device_id = (id >> 16) - 0x1040;
+        f->bar = ((u64)cfg_read(slot, 0x14) << 32) | (cfg_read(slot, 0x10) & ~0xful);
+        f->common = f->isr = f->devcfg = f->notify = ~0u;
+        u32 at = cfg_read8(slot, 0x34);
+        for (int guard = 0; at && guard < 48; guard++) {
+            if (cfg_read8(slot, at) == 0x09 && cfg_read8(slot, at + 4) == 0) {
+                u32 off = cfg_read(slot, at + 8);
+                switch (cfg_read8(slot, at + 3)) {
+                case 1: f->common = off; break;
+                case 2: f->notify = off; f->mult = cfg_read(slot, at + 16); break;
+                case 3: f->isr = off; break;
+                case 4: f->devcfg = off; break;
+                }
+            }
+            at = cfg_read8(slot, at + 1);
+        }
+        if (f->common != ~0u && f->notify != ~0u && f->devcfg != ~0u && f->isr != ~0u)
+            pci_count++;
+    }
+}
+
+static int virtio_pci_init(struct vdev *d, const struct pci_fn *f, u32 nqueues, int index)
+{
+    volatile u8 *bar = (volatile u8 *)f->bar;
+    d->pci = 1;
+    d->base = bar;
+    d->common = bar + f->common;
+    d->isr = bar + f->isr;
+    d->devcfg = bar + f->devcfg;
+    d->notify = bar + f->notify;
+    d->notify_mult = f->mult;
+    d->device_id = f->device_id;
+    d->nqueues = nqueues;
+    volatile u8 *c = d->common;
+    c[0x14] = 0;
+    c[0x14] = 1;
+    c[0x14] = 1 | 2;
+    *(volatile u32 *)(c + 0x00) = 1;
+    if (!(*(volatile u32 *)(c + 0x04) & 1))
+        return -3;
+    *(volatile u32 *)(c + 0x08) = 0;
+    *(volatile u32 *)(c + 0x0c) = 0;
+    *(volatile u32 *)(c + 0x08) = 1;
+    *(volatile u32 *)(c + 0x0c) = 1;
+    c[0x14] = 1 | 2 | 8;
+    if (!(c[0x14] & 8))
+        return -4;
+    if (*(volatile u16 *)(c + 0x12) < nqueues)
+        return -5;
+    for (u32 i = 0; i < nqueues; i++) {
+        struct vq *q = &queues[index][i];
+        d->q[i] = q;
+        *(volatile u16 *)(c + 0x16) = (u16)i;
+        if (*(volatile u16 *)(c + 0x18) < VQ_SIZE)
+            return -5;
+        *(volatile u16 *)(c + 0x18) = VQ_SIZE;
+        *(volatile u64 *)(c + 0x20) = (u64)&q->desc;
+        *(volatile u64 *)(c + 0x28) = (u64)&q->avail;
+        *(volatile u64 *)(c + 0x30) = (u64)&q->used;
+        *(volatile u16 *)(c + 0x1c) = 1;
+    }
+    c[0x14] = 1 | 2 | 8 | 4;
+    if (c[0x14] & (64 | 128))
+        return -6;
+    return 0;
+}
+
+/* ---- MMIO ---- */
 
 int virtio_init(struct vdev *d, u32 device_id, u32 nqueues)
 {
+    if (nqueues > VQ_MAX)
+        return -2;
+    for (u32 i = 0; i < pci_count; i++)
+        if (pci_fns[i].device_id == device_id)
+            return virtio_pci_init(d, &pci_fns[i], nqueues, (int)i);
+    d->pci = 0;
     int slot = -1;
     for (int i = 0; i < VIRTIO_MMIO_SLOTS; i++) {
         volatile u8 *b = (volatile u8 *)(VIRTIO_MMIO_BASE + (u64)i * VIRTIO_MMIO_STRIDE);
@@ -83,7 +193,11 @@ int virtio_offer(struct vdev *d, u32 qi, const struct vbuf *bufs, u32 n)
     barrier();
     q->avail.idx++;
     barrier();
-    wr(d, 0x50, qi);
+    if (d->pci)
+        /* queue_notify_off is the queue index in this VMM; read it for other devices. */
+        *(volatile u16 *)(d->notify + qi * d->notify_mult) = (u16)qi;
+    else
+        wr(d, 0x50, qi);
     return head;
 }
 

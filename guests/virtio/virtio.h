@@ -14,9 +14,11 @@
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_BALLOON 5
+#define VIRTIO_ID_VSOCK 19
 
 #define VQ_SIZE 16
-#define VQ_MAX 2
+#define VQ_MAX 3
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
@@ -52,13 +54,22 @@ struct vq {
 };
 
 struct vdev {
-    volatile u8 *base;
+    volatile u8 *base; /* virtio-mmio window, or the PCI BAR */
+    int pci;
+    volatile u8 *common, *isr, *devcfg, *notify; /* PCI regions inside the BAR */
+    u32 notify_mult;
     u32 device_id;
     u32 nqueues;
     struct vq *q[VQ_MAX];
 };
 
-/* Finds the first device of `device_id` and brings it to DRIVER_OK with `nqueues` queues.
+/* Enumerates PCI bus 0 through ports 0xcf8/0xcfc and remembers the virtio functions (BAR and
+ * capability offsets). Ring 0 only (IN/OUT); call it from c4_main before c4_enter_user. With
+ * no PCI host bridge it finds nothing and virtio_init falls back to virtio-mmio. */
+void virtio_pci_probe(void);
+
+/* Finds the first device of `device_id` (a probed PCI function first, then the virtio-mmio
+ * windows) and brings it to DRIVER_OK with `nqueues` queues.
  * Returns 0, or a negative step number on failure (printed by the caller). */
 int virtio_init(struct vdev *d, u32 device_id, u32 nqueues);
 
@@ -80,6 +91,8 @@ int virtio_poll_used(struct vdev *d, u32 q, u32 *id, u32 *len);
 
 /* Config space access (device-specific fields at offset 0x100). */
 u8 virtio_config8(struct vdev *d, u32 off);
+u32 virtio_config32(struct vdev *d, u32 off);
+void virtio_config_write32(struct vdev *d, u32 off, u32 v);
 u32 virtio_status(struct vdev *d);
 
 void put_hex_bytes(const u8 *p, u32 n);

@@ -18,6 +18,9 @@ pub struct VmCreate {
     pub vcpus: u32,
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
+    /// Boot-time virtio-balloon target: memory the guest is asked to give back (MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_mib: Option<u64>,
     /// "auto", "kvm" or "emu".
     #[serde(default = "default_backend")]
     pub backend: String,
@@ -160,6 +163,8 @@ pub struct VmInfo {
     pub initrd: Option<String>,
     pub vcpus: u32,
     pub memory_mib: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_mib: Option<u64>,
     pub backend: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpu_pin: Vec<u32>,

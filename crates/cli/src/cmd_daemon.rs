@@ -23,6 +23,16 @@ pub struct Args {
     /// corefour binary).
     #[arg(long, value_name = "BINARY")]
     vmm_binary: Option<PathBuf>,
+    /// Run each VMM jailed: chroot, own mount/PID/IPC/UTS (and, without NICs, network)
+    /// namespaces, an unprivileged uid, besides the seccomp filter every VMM gets.
+    #[arg(long)]
+    jail: bool,
+    /// Internal: the shim jails the VMM as this uid/gid.
+    #[arg(long, hide = true)]
+    jail_uid: Option<u32>,
+    /// Internal: the shim joins the VM's cgroup through these cgroup.procs files.
+    #[arg(long, hide = true)]
+    cgroup_procs: Vec<PathBuf>,
     /// Internal: run as the shim that starts and waits for one VM's VMM.
     #[arg(long, hide = true, value_name = "VM_DIR")]
     vmm_shim: Option<PathBuf>,
@@ -37,7 +47,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         None => exe.clone(),
     };
     if let Some(dir) = args.vmm_shim {
-        return corefour_daemon::shim::run(&dir, &vmm_exe).map_err(Into::into);
+        return corefour_daemon::shim::run(&dir, &vmm_exe, args.jail_uid, &args.cgroup_procs)
+            .map_err(Into::into);
     }
     let state_dir = absolute(&args.state_dir)?;
     let socket = absolute(&args.socket)?;
@@ -47,6 +58,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         group: args.group,
         exe,
         vmm_exe,
+        jail: args.jail,
         log_level: args.log_level,
     })?;
     Ok(0)

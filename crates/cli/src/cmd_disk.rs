@@ -63,6 +63,13 @@ enum Cmd {
         progress: bool,
         #[arg(short = 'q')]
         quiet: bool,
+        /// Output cache mode as in qemu-img: unsafe (default, no fsync), writeback, none or
+        /// directsync (all three fsync the output before exiting).
+        #[arg(short = 't', default_value = "unsafe")]
+        cache: String,
+        /// Parallel reader threads (like qemu-img's -m).
+        #[arg(short = 'm', default_value_t = 4)]
+        threads: usize,
         #[arg(long)]
         json: bool,
         source: PathBuf,
@@ -176,9 +183,10 @@ fn create_options(opts: &[String]) -> anyhow::Result<CreateOptions> {
 pub(crate) struct Progress(Option<indicatif::ProgressBar>);
 
 impl Progress {
+    /// `force` is qemu-img's -p; a bar still needs a terminal to draw on.
     pub(crate) fn new(total: u64, force: bool, quiet: bool) -> Progress {
-        if quiet || !(force || std::io::stderr().is_terminal()) || !std::io::stderr().is_terminal()
-        {
+        let _ = force;
+        if quiet || !std::io::stderr().is_terminal() {
             return Progress(None);
         }
         let pb = indicatif::ProgressBar::new(total);
@@ -274,10 +282,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             options,
             progress,
             quiet,
+            cache,
+            threads,
             json,
             source,
             output,
         } => {
+            let sync = match cache.as_str() {
+                "unsafe" => false,
+                "writeback" | "none" | "directsync" | "writethrough" => true,
+                other => bail!(
+                    "-t must be unsafe, writeback, writethrough, none or directsync, not '{other}'"
+                ),
+            };
             let out_format = Format::parse(&out_format)?;
             let opts = create_options(&options)?;
             if opts.backing_file.is_some() {
@@ -286,18 +303,23 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             if same_file(&source, &output) {
                 bail!("source and output are the same file");
             }
-            let mut src = open(
-                &source,
-                Open {
-                    format: fmt_opt(&format)?,
-                    write: false,
-                },
-            )?;
-            let bar = Progress::new(src.size(), progress, quiet);
+            let src_open = Open {
+                format: fmt_opt(&format)?,
+                write: false,
+            };
+            let total = open(&source, src_open)?.size();
+            let bar = Progress::new(total, progress, quiet);
             let t = std::time::Instant::now();
-            let stats = convert::convert(src.reader(), &output, out_format, &opts, &mut |d, _| {
-                bar.set(d)
-            });
+            let stats = convert::convert_path(
+                &source,
+                src_open,
+                &output,
+                out_format,
+                &opts,
+                sync,
+                threads,
+                &mut |d, _| bar.set(d),
+            );
             bar.finish();
             let stats = match stats {
                 Ok(s) => s,
@@ -460,42 +482,30 @@ fn check(
         Some("all") => Repair::All,
         Some(o) => bail!("-r must be leaks or all, not '{o}'"),
     };
-    let probe = open(
-        file,
-        Open {
-            format,
-            write: false,
-        },
-    );
-    let format = match (&probe, format) {
-        (_, Some(f)) => f,
-        (Ok(img), None) => img.format(),
-        // A corrupt image may fail to open normally; try to check it as qcow2 anyway.
-        (Err(_), None) => Format::Qcow2,
+    let format = match format {
+        Some(f) => f,
+        None => {
+            let f = std::fs::File::open(file)
+                .with_context(|| format!("{}: cannot open", file.display()))?;
+            let storage = corefour_disk::storage::FileStorage::new(f);
+            corefour_disk::probe(&storage, file)?
+        }
     };
     if format != Format::Qcow2 {
-        probe?;
+        open(
+            file,
+            Open {
+                format: Some(format),
+                write: false,
+            },
+        )?;
         println!(
             "{}: {format} images have no metadata to check",
             file.display()
         );
         return Ok(0);
     }
-    drop(probe);
-    let mut q = if repair == Repair::None {
-        match open(
-            file,
-            Open {
-                format: Some(Format::Qcow2),
-                write: false,
-            },
-        )? {
-            corefour_disk::Image::Qcow2(q) => q,
-            _ => bail!("not a qcow2 image"),
-        }
-    } else {
-        Box::new(Qcow2::open_for_repair(file)?)
-    };
+    let mut q = Qcow2::open_for_check(file, repair != Repair::None)?;
     let r = q.check(repair)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -10,9 +10,10 @@ use corefour_container as ct;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Directory for container state (runc: /run/runc).
-    #[arg(long, global = true, default_value = ct::DEFAULT_STATE_ROOT)]
-    root: PathBuf,
+    /// Directory for container state (default /run/corefour-oci; for a non-root user
+    /// $XDG_RUNTIME_DIR/corefour-oci).
+    #[arg(long, global = true)]
+    root: Option<PathBuf>,
     /// Write errors to this file as well (containerd reads it).
     #[arg(long, global = true)]
     log: Option<PathBuf>,
@@ -94,6 +95,25 @@ enum Cmd {
         id: String,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
+    },
+    /// Change the cgroup limits of a running container (runc update).
+    Update {
+        /// A JSON file of linux.resources (`-` for stdin) replacing the flags below.
+        #[arg(short, long)]
+        resources: Option<PathBuf>,
+        #[arg(long)]
+        memory: Option<String>,
+        #[arg(long)]
+        pids_limit: Option<i64>,
+        #[arg(long)]
+        cpu_quota: Option<i64>,
+        #[arg(long)]
+        cpu_period: Option<u64>,
+        #[arg(long)]
+        cpu_share: Option<u64>,
+        #[arg(long)]
+        cpuset_cpus: Option<String>,
+        id: String,
     },
     /// Freeze every process of the container.
     Pause { id: String },
@@ -179,11 +199,24 @@ fn create_opts(root: &Path, a: &CreateArgs) -> ct::container_create::CreateOptio
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
         cgroup_root: None,
+        stdio: None,
+        console_fd: None,
+    }
+}
+
+fn default_root() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from(ct::DEFAULT_STATE_ROOT);
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("corefour-oci"),
+        _ => std::env::temp_dir().join(format!("corefour-oci-{}", nix::unistd::geteuid())),
     }
 }
 
 fn dispatch(args: Args) -> anyhow::Result<i32> {
-    let root = args.root.as_path();
+    let root_buf = args.root.clone().unwrap_or_else(default_root);
+    let root = root_buf.as_path();
     match *args.cmd {
         Cmd::Create(a) => {
             ct::container_create::create(&create_opts(root, &a))?;
@@ -215,8 +248,8 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
             env,
             cwd,
             user,
-            tty: _,
-            console_socket: _,
+            tty,
+            console_socket,
             id,
             command,
         } => {
@@ -240,7 +273,11 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
                     ))
                 })
                 .transpose()?;
-            let opts = ct::container_exec::ExecOptions {
+            let wants_tty = tty
+                || process
+                    .as_ref()
+                    .is_some_and(|p: &ct::oci_spec::runtime::Process| p.terminal() == Some(true));
+            let mut opts = ct::container_exec::ExecOptions {
                 args: command,
                 env,
                 cwd,
@@ -248,8 +285,95 @@ fn dispatch(args: Args) -> anyhow::Result<i32> {
                 process,
                 detach,
                 pid_file,
+                tty,
+                console_socket,
+                console_fd: None,
             };
-            return Ok(ct::container_exec::exec(root, &id, &opts)?);
+            // A terminal in the foreground without --console-socket: proxy it here, as run does.
+            let mut rx = None;
+            if wants_tty && opts.console_socket.is_none() && !detach {
+                use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+                let (r, t) = socketpair(
+                    AddressFamily::Unix,
+                    SockType::Stream,
+                    None,
+                    SockFlag::SOCK_CLOEXEC,
+                )?;
+                opts.console_fd = Some(std::sync::Arc::new(t));
+                rx = Some(r);
+            }
+            let mut proxy: Option<std::thread::JoinHandle<()>> = None;
+            let code = ct::container_exec::exec_with(root, &id, &opts, &mut |_pid| {
+                if let Some(r) = rx.take() {
+                    proxy = Some(std::thread::spawn(move || {
+                        if let Ok(m) = ct::console::recv_fd(std::os::fd::AsRawFd::as_raw_fd(&r)) {
+                            proxy_tty(m);
+                        }
+                    }));
+                }
+            })?;
+            drop(opts);
+            if let Some(p) = proxy {
+                let _ = p.join();
+            }
+            return Ok(code);
+        }
+        Cmd::Update {
+            resources,
+            memory,
+            pids_limit,
+            cpu_quota,
+            cpu_period,
+            cpu_share,
+            cpuset_cpus,
+            id,
+        } => {
+            use ct::cgroups::CgroupManager;
+            let r: ct::oci_spec::runtime::LinuxResources = match resources {
+                Some(p) => {
+                    let text = if p.as_os_str() == "-" {
+                        std::io::read_to_string(std::io::stdin())?
+                    } else {
+                        std::fs::read_to_string(&p)
+                            .with_context(|| format!("read {}", p.display()))?
+                    };
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{}: malformed resources JSON", p.display()))?
+                }
+                None => {
+                    let mut v = serde_json::json!({});
+                    if let Some(m) = memory {
+                        let bytes = ct::cgroups::parse_size(&m)
+                            .with_context(|| format!("--memory {m:?}: use a size like 256M"))?;
+                        v["memory"] = serde_json::json!({"limit": bytes});
+                    }
+                    if let Some(p) = pids_limit {
+                        v["pids"] = serde_json::json!({"limit": p});
+                    }
+                    let mut cpu = serde_json::json!({});
+                    if let Some(q) = cpu_quota {
+                        cpu["quota"] = q.into();
+                    }
+                    if let Some(p) = cpu_period {
+                        cpu["period"] = p.into();
+                    }
+                    if let Some(s) = cpu_share {
+                        cpu["shares"] = s.into();
+                    }
+                    if let Some(c) = cpuset_cpus {
+                        cpu["cpus"] = c.into();
+                    }
+                    if cpu.as_object().is_some_and(|o| !o.is_empty()) {
+                        v["cpu"] = cpu;
+                    }
+                    serde_json::from_value(v)?
+                }
+            };
+            let st = ct::container_state::load(root, &id)?;
+            if st.oci.status == ct::state::Status::Stopped {
+                bail!("container {id} is stopped; nothing to update");
+            }
+            ct::cgroups::manager(&st.cgroup)?.update(&r)?;
         }
         Cmd::Pause { id } => ct::container_pause::pause(root, &id)?,
         Cmd::Resume { id } => ct::container_pause::resume(root, &id)?,
@@ -326,7 +450,31 @@ fn list(root: &Path, format: &str, quiet: bool) -> anyhow::Result<()> {
 
 /// `run`: create + start; in the foreground wait for the init (our child) and delete.
 fn run_container(root: &Path, a: &CreateArgs, detach: bool, keep: bool) -> anyhow::Result<i32> {
-    let st = ct::container_create::create(&create_opts(root, a))?;
+    let mut opts = create_opts(root, a);
+    // A terminal in the foreground without --console-socket: this process holds the pty master
+    // and connects it to our own stdin/stdout, as `runc run` does.
+    let wants_tty = std::fs::read(a.bundle.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_slice::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["process"]["terminal"] == serde_json::json!(true));
+    let mut console_rx = None;
+    if wants_tty && a.console_socket.is_none() && !detach {
+        use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+        let (rx, tx) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )?;
+        opts.console_fd = Some(std::sync::Arc::new(tx));
+        console_rx = Some(rx);
+    }
+    let st = ct::container_create::create(&opts)?;
+    drop(opts);
+    let master = match console_rx {
+        Some(rx) => Some(ct::console::recv_fd(std::os::fd::AsRawFd::as_raw_fd(&rx))?),
+        None => None,
+    };
     if let Err(e) = ct::container_start::start(root, &a.id) {
         let _ = ct::container_delete::delete(root, &a.id, true);
         return Err(e.into());
@@ -334,11 +482,107 @@ fn run_container(root: &Path, a: &CreateArgs, detach: bool, keep: bool) -> anyho
     if detach {
         return Ok(0);
     }
+    forward_signals(st.oci.pid);
+    if let Some(m) = master {
+        proxy_tty(m);
+    }
     let code = wait_child(st.oci.pid);
     if !keep {
         ct::container_delete::delete(root, &a.id, true)?;
     }
     Ok(code)
+}
+
+/// Copies stdin to the pty master and the master to stdout until the container closes its tty.
+fn proxy_tty(master: std::os::fd::OwnedFd) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    let saved = tcgetattr(stdin.as_fd()).ok();
+    if let Some(t) = &saved {
+        let mut raw = t.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, &raw);
+    }
+    let mut master = std::fs::File::from(master);
+    let mut out = std::io::stdout();
+    let mut buf = [0u8; 8192];
+    let mut stdin_open = true;
+    loop {
+        let mut fds = vec![PollFd::new(master.as_fd(), PollFlags::POLLIN)];
+        if stdin_open {
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+        }
+        if poll(&mut fds, PollTimeout::NONE).is_err() {
+            continue;
+        }
+        let rev: Vec<PollFlags> = fds
+            .iter()
+            .map(|f| f.revents().unwrap_or(PollFlags::empty()))
+            .collect();
+        drop(fds);
+        if rev[0].intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR) {
+            match master.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let _ = out.write_all(&buf[..n]);
+                    let _ = out.flush();
+                }
+            }
+        }
+        if stdin_open && rev[1].intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
+            match stdin.lock().read(&mut buf) {
+                Ok(0) | Err(_) => stdin_open = false,
+                Ok(n) => {
+                    let _ = master.write_all(&buf[..n]);
+                }
+            }
+        }
+    }
+    if let Some(t) = &saved {
+        let _ = tcsetattr(stdin.as_fd(), SetArg::TCSANOW, t);
+    }
+}
+
+static FORWARD_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: i32) {
+    let pid = FORWARD_PID.load(std::sync::atomic::Ordering::Relaxed);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc_kill(pid, sig) };
+    }
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+/// While `run` waits in the foreground, the signals a terminal or supervisor sends go to the
+/// container's init instead of ending us (runc does the same).
+fn forward_signals(pid: i32) {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    FORWARD_PID.store(pid, std::sync::atomic::Ordering::Relaxed);
+    let act = SigAction::new(
+        SigHandler::Handler(forward),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+    ] {
+        // SAFETY: the handler only reads an atomic and calls kill(2).
+        let _ = unsafe { sigaction(s, &act) };
+    }
 }
 
 fn wait_child(pid: i32) -> i32 {

@@ -41,6 +41,36 @@ enum Cmd {
     Pause { names: Vec<String> },
     /// Resume paused VMs.
     Resume { names: Vec<String> },
+    /// Export a stopped VM (config, kernel, disks, optional memory snapshot) to FILE.tar.zst,
+    /// with the SHA-256 of every member in its manifest.
+    Export {
+        name: String,
+        file: PathBuf,
+        /// Also include this snapshot directory (from `corefour vm snapshot`).
+        #[arg(long, value_name = "DIR")]
+        snapshot: Option<PathBuf>,
+    },
+    /// Import an exported VM: every checksum is verified before the VM is registered.
+    Import {
+        file: PathBuf,
+        /// Register it under this name instead of the exported one.
+        #[arg(long)]
+        name: Option<String>,
+        /// Where to unpack its files (default /var/lib/corefour/imports/NAME-TIME).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Snapshot a running VM (vCPUs, devices, memory) into a directory; restore it with
+    /// `corefour vmm --restore DIR`.
+    Snapshot {
+        name: String,
+        /// Absolute path of a new or empty directory (default: in the VM's state directory).
+        #[arg(long)]
+        path: Option<std::path::PathBuf>,
+        /// Only the pages written since this VM's previous snapshot.
+        #[arg(long)]
+        diff: bool,
+    },
     /// Delete VMs (running ones only with --force).
     Delete {
         names: Vec<String>,
@@ -97,6 +127,9 @@ struct CreateArgs {
     /// Guest memory: 64M, 1G, 256MiB (a bare number is MiB).
     #[arg(long, default_value = "64M")]
     memory: String,
+    /// Boot-time balloon target (memory the guest is asked to give back), e.g. 64M.
+    #[arg(long)]
+    balloon: Option<String>,
     /// CPU backend: auto, kvm or emu.
     #[arg(long, default_value = "auto")]
     backend: String,
@@ -246,7 +279,7 @@ pub(crate) mod hyper_method {
 
 /// Names are validated by the daemon; percent-encode the few bytes a path segment cannot carry so
 /// that even a hostile name reaches it intact and gets a clear 400.
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     let mut out = String::new();
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
@@ -275,6 +308,37 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Kill { names } => each(&api, &names, json, "kill", None),
         Cmd::Pause { names } => each(&api, &names, json, "pause", None),
         Cmd::Resume { names } => each(&api, &names, json, "resume", None),
+        Cmd::Export {
+            name,
+            file,
+            snapshot,
+        } => crate::cmd_vm_export::export(&api, &name, &file, snapshot.as_deref(), json),
+        Cmd::Import { file, name, dir } => {
+            crate::cmd_vm_export::import(&api, &file, name.as_deref(), dir.as_deref(), json)
+        }
+        Cmd::Snapshot { name, path, diff } => {
+            let path = match path {
+                Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
+                p => p,
+            };
+            let body = serde_json::to_vec(&serde_json::json!({"path": path, "diff": diff}))?;
+            let r: serde_json::Value = api.call(
+                hyper_method::Method::POST,
+                &format!("/v1/vms/{}/snapshot", encode(&name)),
+                Some(body),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{name}: snapshot in {} ({} bytes of memory written, paused {:.1} ms)",
+                    r["path"].as_str().unwrap_or("?"),
+                    r["memory_bytes_written"],
+                    r["paused_ms"].as_f64().unwrap_or(0.0)
+                );
+            }
+            Ok(0)
+        }
         Cmd::Delete { names, force } => {
             need_names(&names)?;
             for n in &names {
@@ -416,6 +480,7 @@ fn create(api: &Api, c: CreateArgs, json: bool) -> anyhow::Result<i32> {
             .transpose()?,
         vcpus: c.vcpus,
         memory_mib: parse_mib(&c.memory)?,
+        balloon_mib: c.balloon.as_deref().map(parse_mib).transpose()?,
         backend: c.backend.clone(),
         cpu_pin: c
             .cpu_pin
@@ -437,12 +502,27 @@ fn create(api: &Api, c: CreateArgs, json: bool) -> anyhow::Result<i32> {
             .collect::<anyhow::Result<_>>()?,
         start: c.start,
     };
+    // Many VMs on a terminal: a progress bar instead of a line each.
+    let bar = (names.len() > 1 && !json && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(|| {
+            let pb = indicatif::ProgressBar::new(names.len() as u64);
+            if let Ok(style) =
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} VMs {msg}")
+            {
+                pb.set_style(style);
+            }
+            pb
+        });
     let mut made = Vec::new();
     for name in names {
         req.name = name;
         let vm = api.create(&req)?;
-        if !json {
-            println!(
+        match &bar {
+            Some(pb) => {
+                pb.set_message(vm.name.clone());
+                pb.inc(1);
+            }
+            None if !json => println!(
                 "created {}{}",
                 vm.name,
                 if c.start {
@@ -450,9 +530,15 @@ fn create(api: &Api, c: CreateArgs, json: bool) -> anyhow::Result<i32> {
                 } else {
                     String::new()
                 }
-            );
+            ),
+            None => {}
         }
         made.push(vm);
+    }
+    if let Some(pb) = bar {
+        pb.finish_and_clear();
+        let (first, last) = (&made[0].name, &made[made.len() - 1].name);
+        println!("created {} VMs: {first} .. {last}", made.len());
     }
     if json {
         if made.len() == 1 {
@@ -543,6 +629,9 @@ fn print_info(v: &VmInfo) {
     }
     println!("vcpus:       {}", v.vcpus);
     println!("memory:      {} MiB", v.memory_mib);
+    if let Some(b) = v.balloon_mib {
+        println!("balloon:     {b} MiB");
+    }
     println!("backend:     {}", v.backend);
     if !v.cpu_pin.is_empty() {
         println!("cpu pin:     {:?}", v.cpu_pin);

@@ -1,13 +1,19 @@
-//! `corefour vmm`: run one VM in the foreground. Serial output goes to stdout; notes and errors
-//! to stderr. Exit code: the guest's debug-exit code, 1 VMM error, 2 guest reset/triple fault,
+//! `corefour vmm`: run one VM in the foreground. Serial output goes to stdout, stdin goes to the
+//! guest's serial input; notes and errors to stderr. Exit code: the guest's debug-exit code, 1 VMM error, 2 guest reset/triple fault,
 //! 3 timeout, 0 after an API/SIGTERM shutdown.
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use corefour_vmm::config::{parse_duration, parse_memory_mib};
 use corefour_vmm::{BackendKind, Console, RunOptions, VmConfig, Vmm};
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Serial output goes to stdout and stdin to the guest's serial input.\n\
+Exit status: the guest's debug-exit code (port 0xf4), 1 VMM error, 2 guest reset or triple \
+fault, 3 --timeout, 0 after PUT /vm/shutdown or SIGTERM. Guest ABI: guests/CONTRACT.md"
+)]
 pub struct Args {
     /// Guest kernel: an ELF64 x86-64 executable, or a flat binary named *.bin (loaded at 1 MiB).
     #[arg(long, value_name = "FILE")]
@@ -36,6 +42,20 @@ pub struct Args {
     /// Serve the VMM API (HTTP over this Unix socket): GET /vm, PUT /vm/{pause,resume,shutdown}.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Restore the VM saved in this snapshot directory (PUT /vm/snapshot) instead of booting.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "config", "incoming"])]
+    restore: Option<PathBuf>,
+    /// With --restore: check the memory file checksums first (reads all of it).
+    #[arg(long, requires = "restore")]
+    verify: bool,
+    /// Wait for a live migration on HOST:PORT (PUT /vm/migrate on the source) and run it.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["kernel", "config"])]
+    incoming: Option<String>,
+    /// Write every vCPU's final registers to FILE as JSON (for KVM vs software-CPU comparisons).
+    #[arg(long, value_name = "FILE")]
+    dump_regs: Option<PathBuf>,
+    #[command(flatten)]
+    virtio: crate::cmd_vmm_virtio::VirtioArgs,
     /// Print the VMM's resident memory at exit on stderr (used by `corefour bench vmm`).
     #[arg(long, hide = true)]
     stats: bool,
@@ -64,12 +84,17 @@ fn config_from(a: &Args) -> anyhow::Result<VmConfig> {
     if let Some(b) = &a.backend {
         c.backend = b.parse::<BackendKind>()?;
     }
+    a.virtio.apply(&mut c)?;
     Ok(c)
 }
 
 /// Returns the process exit code.
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let config = config_from(&a)?;
+    let config = if a.restore.is_some() || a.incoming.is_some() {
+        VmConfig::new(PathBuf::new())
+    } else {
+        config_from(&a)?
+    };
     let timeout = match &a.timeout {
         Some(t) => Some(parse_duration(t)?),
         None => config.timeout(),
@@ -77,7 +102,39 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // The library's errors carry their cause in the message already; anyhow's chain would
     // print it twice.
     let flat = |e: corefour_vmm::VmmError| anyhow::anyhow!("{e}");
-    let vmm = Vmm::build(config, Console::stdout()).map_err(flat)?;
+    let mut incoming = None;
+    let vmm = if let Some(dir) = &a.restore {
+        let (vmm, t) = corefour_vmm::snapshot::restore::restore(dir, Console::stdout(), a.verify)
+            .map_err(|e| anyhow::anyhow!("restore {}: {e}", dir.display()))?;
+        eprintln!(
+            "corefour vmm: restored {} in {:.2} ms ({} layer{})",
+            dir.display(),
+            t.total_ms,
+            t.layers,
+            if t.layers == 1 { "" } else { "s" }
+        );
+        vmm
+    } else if let Some(addr) = &a.incoming {
+        let r = corefour_vmm::migration::incoming::receive(
+            addr,
+            Console::stdout(),
+            std::time::Duration::from_secs(10),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        eprintln!(
+            "corefour vmm: migration from {} received in {:.1} ms",
+            r.conn.peer, r.receive_ms
+        );
+        incoming = Some(r.conn);
+        r.vmm
+    } else {
+        Vmm::build(config, Console::stdout()).map_err(flat)?
+    };
+    if let Some(mut conn) = incoming {
+        // The vCPU threads start inside `run` right after this.
+        conn.started()
+            .map_err(|e| anyhow::anyhow!("migration: cannot confirm the start: {e}"))?;
+    }
     eprintln!(
         "corefour vmm: backend {} ({})",
         vmm.backend(),
@@ -88,6 +145,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             timeout,
             api_sock: a.api_sock.clone(),
             handle_signals: true,
+            forward_stdin: true,
         })
         .map_err(flat)?;
     if a.stats {
@@ -97,6 +155,11 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             report.anon_bytes / 1024,
             report.guest_resident_bytes / 1024
         );
+    }
+    if let Some(path) = &a.dump_regs {
+        let json = serde_json::to_string_pretty(&report.final_regs)?;
+        std::fs::write(path, json + "\n")
+            .with_context(|| format!("cannot write registers to {}", path.display()))?;
     }
     if let Some(msg) = report.outcome.message() {
         eprintln!("corefour: {msg}");

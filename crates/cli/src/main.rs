@@ -8,7 +8,9 @@ mod cmd_disk;
 mod cmd_host;
 mod cmd_oci;
 mod cmd_vm;
+mod cmd_vm_export;
 mod cmd_vmm;
+mod cmd_vmm_virtio;
 
 use clap::{Parser, Subcommand};
 
@@ -28,7 +30,7 @@ enum Command {
     /// Check whether this host can virtualize, and how.
     Host(cmd_host::Args),
     /// Run one VM in the foreground (Firecracker-style).
-    Vmm(cmd_vmm::Args),
+    Vmm(Box<cmd_vmm::Args>),
     /// Manage VMs through the daemon.
     Vm(cmd_vm::Args),
     /// Inspect, create, convert and check disk images.
@@ -47,7 +49,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Host(a) => cmd_host::run(a),
-        Command::Vmm(a) => cmd_vmm::run(a),
+        Command::Vmm(a) => cmd_vmm::run(*a),
         Command::Vm(a) => cmd_vm::run(a),
         Command::Disk(a) => cmd_disk::run(a),
         Command::Ct(a) => cmd_ct::run(a),

@@ -56,6 +56,7 @@ struct Daemon {
     sock: PathBuf,
     child: Option<Child>,
     vmm_binary: Option<PathBuf>,
+    extra: Vec<String>,
     client: Client,
 }
 
@@ -65,6 +66,10 @@ impl Daemon {
     }
 
     fn start_with(tag: &str, vmm_binary: Option<PathBuf>) -> Daemon {
+        Daemon::start_full(tag, vmm_binary, &[])
+    }
+
+    fn start_full(tag: &str, vmm_binary: Option<PathBuf>, extra: &[&str]) -> Daemon {
         let dir = TempDir::new(tag);
         let sock = dir.0.join("d.sock");
         let mut d = Daemon {
@@ -72,6 +77,7 @@ impl Daemon {
             sock,
             child: None,
             vmm_binary,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
             client: Client::new().unwrap(),
         };
         d.spawn();
@@ -102,6 +108,7 @@ impl Daemon {
         if let Some(v) = &self.vmm_binary {
             cmd.arg("--vmm-binary").arg(v);
         }
+        cmd.args(&self.extra);
         self.child = Some(cmd.spawn().unwrap());
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
@@ -234,6 +241,20 @@ fn fake_vmm(dir: &Path) -> PathBuf {
     p
 }
 
+/// Waits until the fake VMM has announced itself `n` times in the VM's console log.
+fn wait_console(d: &Daemon, name: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let console = d.ok(Method::GET, &format!("/v1/vms/{name}/console"), None);
+        let text = console.as_str().unwrap_or_default().to_string();
+        if text.matches("fake vmm up: vmm --config").count() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{text}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn guest(name: &str) -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../guests/build")
@@ -280,7 +301,7 @@ fn create_list_info_delete() {
         Method::POST,
         "/v1/vms",
         Some(
-            &json!({"name": "crud-b", "kernel": some_file(), "vcpus": 2, "memory_mib": 128,
+            &json!({"name": "crud-b", "kernel": some_file(), "vcpus": 2, "memory_mib": 128, "balloon_mib": 32,
                      "cpu_quota_pct": 50, "nets": [{"bridge": "c4test0"}]})
             .to_string(),
         ),
@@ -305,6 +326,7 @@ fn create_list_info_delete() {
         (json!(2), json!(128))
     );
     assert!(b["nics"][0]["mac"].as_str().unwrap().starts_with("02:c4:"));
+    assert_eq!(b["balloon_mib"], 32);
     assert_eq!(d.req(Method::DELETE, "/v1/vms/crud-a", None).0, 204);
     assert_eq!(d.req(Method::GET, "/v1/vms/crud-a", None).0, 404);
     assert_eq!(d.req(Method::DELETE, "/v1/vms/crud-a", None).0, 404);
@@ -654,6 +676,7 @@ fn a_vmm_that_dies_is_marked_stopped_with_the_reason() {
     assert_eq!(v["state"], "running", "{v}");
     let pid = v["pid"].as_i64().unwrap();
     assert!(pid_alive(pid));
+    wait_console(&d, "died-a", 1);
     sigkill(pid);
     let v = d.wait_state("died-a", "stopped", Duration::from_secs(10));
     assert_eq!(v["stop_reason"], "killed by signal 9 (SIGKILL)", "{v}");
@@ -662,16 +685,7 @@ fn a_vmm_that_dies_is_marked_stopped_with_the_reason() {
     let v = d.ok(Method::POST, "/v1/vms/died-a/start", None);
     assert_eq!(v["state"], "running");
     // The console log keeps both runs' output.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let console = d.ok(Method::GET, "/v1/vms/died-a/console", None);
-        let text = console.as_str().unwrap_or_default().to_string();
-        if text.matches("fake vmm up: vmm --config").count() == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{text}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_console(&d, "died-a", 2);
     let v = d.ok(Method::POST, "/v1/vms/died-a/kill", None);
     assert_eq!(v["state"], "stopped");
     assert!(v["stop_reason"].as_str().unwrap().contains("SIGKILL"));
@@ -951,4 +965,343 @@ fn nics_get_a_tap_in_the_managed_bridge_while_running() {
         );
     }
     let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+}
+
+#[test]
+fn jailed_vmm_runs_chrooted_unprivileged_in_its_own_namespaces() {
+    let (Some(hello), Some(pioloop)) = (guest("hello"), guest("pioloop")) else {
+        eprintln!("skipped: guests not built (make -C guests)");
+        return;
+    };
+    if !real_vmm() || !is_root() {
+        eprintln!("skipped: needs root and `corefour vmm` built into this binary");
+        return;
+    }
+    let d = Daemon::start_full("jail", None, &["--jail"]);
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "jail-hello", "kernel": hello, "start": true}).to_string()),
+    );
+    let v = d.wait_state("jail-hello", "stopped", Duration::from_secs(30));
+    assert_eq!(v["stop_reason"], "guest exited with code 0", "{v}");
+    let out = d.cli(&["console", "jail-hello"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Hello from corefour guest"),
+        "{out:?}"
+    );
+
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "jail-loop", "kernel": pioloop, "cmdline": "n=100000000000", "start": true}).to_string()),
+    );
+    let pid = v["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or("")
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let uid: u32 = field("Uid:")[0].parse().unwrap();
+    assert!(
+        uid >= 100_000,
+        "the VMM runs as an unprivileged uid: {status}"
+    );
+    assert_eq!(
+        field("NSpid:").last().map(String::as_str),
+        Some("1"),
+        "own PID namespace: {status}"
+    );
+    assert_eq!(field("Seccomp:"), ["2"], "seccomp filter: {status}");
+    for ns in ["mnt", "net", "pid_for_children", "uts"] {
+        let mine = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        let its = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        if ns != "pid_for_children" {
+            assert_ne!(mine, its, "{ns} namespace shared with the host");
+        }
+    }
+    let root = d.state_dir().join("vms/jail-loop/root");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/root")).unwrap(),
+        root
+    );
+    // The API socket inside the jail carries pause and resume.
+    assert_eq!(
+        d.ok(Method::POST, "/v1/vms/jail-loop/pause", None)["state"],
+        "paused"
+    );
+    assert_eq!(
+        d.ok(Method::POST, "/v1/vms/jail-loop/resume", None)["state"],
+        "running"
+    );
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms/jail-loop/stop",
+        Some(r#"{"timeout_secs": 10}"#),
+    );
+    assert_eq!(
+        v["stop_reason"], "shut down on request (exit code 0)",
+        "{v}"
+    );
+    assert!(
+        !root.exists(),
+        "the jail root is removed once the VMM is gone"
+    );
+}
+
+#[test]
+fn console_follow_streams_until_the_vm_stops() {
+    let t = TempDir::new("fakevmm");
+    let d = Daemon::start_with("follow", Some(fake_vmm(&t.0)));
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "follow-a", "kernel": some_file(), "start": true}).to_string()),
+    );
+    let pid = v["pid"].as_i64().unwrap();
+    let mut follower = Command::new(EXE)
+        .args(["vm", "console", "follow-a", "--follow"])
+        .env("COREFOUR_SOCKET", &d.sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_console(&d, "follow-a", 1);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        follower.try_wait().unwrap().is_none(),
+        "follow ended while the VM runs"
+    );
+    sigkill(pid);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = follower.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "follow did not end after the VM stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut follower.stdout.take().unwrap(), &mut out).unwrap();
+    assert!(out.contains("fake vmm up: vmm --config"), "{out:?}");
+}
+
+#[test]
+fn socket_group_option_opens_it_to_that_group() {
+    let d = Daemon::start_full("group", None, &["--group", "root"]);
+    let meta = std::fs::metadata(&d.sock).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+    let out = Command::new(EXE)
+        .args(["daemon", "--group", "no-such-group-c4", "--socket"])
+        .arg(d.dir.0.join("x.sock"))
+        .arg("--state-dir")
+        .arg(d.dir.0.join("x"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown group"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn kill_9_of_the_daemon_mid_creates_loses_no_acknowledged_vm() {
+    let mut d = Daemon::start("midop");
+    let acked = std::sync::Mutex::new(Vec::new());
+    let sock = d.sock.clone();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (sock, acked) = (&sock, &acked);
+            s.spawn(move || {
+                let c = Client::new().unwrap();
+                for i in 0.. {
+                    let name = format!("midop-{t}-{i}");
+                    match c.call(
+                        sock,
+                        Method::POST,
+                        "/v1/vms",
+                        Some(create_body(&name).into_bytes()),
+                    ) {
+                        Ok((st, _)) if st.as_u16() == 201 => acked.lock().unwrap().push(name),
+                        Ok((st, b)) => panic!("{st} {}", String::from_utf8_lossy(&b)),
+                        Err(_) => return, // the daemon is gone
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        d.kill9();
+    });
+    d.spawn();
+    let list = d.ok(Method::GET, "/v1/vms", None);
+    let names: std::collections::BTreeSet<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names.len(),
+        list.as_array().unwrap().len(),
+        "duplicated rows"
+    );
+    let acked = acked.into_inner().unwrap();
+    assert!(!acked.is_empty());
+    for n in &acked {
+        assert!(
+            names.contains(n),
+            "{n} was acknowledged but is gone after kill -9"
+        );
+    }
+    // At most one create per thread was in flight: recorded or not, never half.
+    assert!(
+        names.len() <= acked.len() + 4,
+        "{} rows for {} acknowledged creates",
+        names.len(),
+        acked.len()
+    );
+    // Every VM, including one whose directory the crash may have missed, still works.
+    for n in &names {
+        assert_eq!(d.req(Method::DELETE, &format!("/v1/vms/{n}"), None).0, 204);
+    }
+    assert_eq!(d.ok(Method::GET, "/v1/vms", None), json!([]));
+}
+
+#[test]
+fn a_vmm_started_just_before_the_daemon_died_is_adopted() {
+    let t = TempDir::new("fakevmm");
+    let mut d = Daemon::start_with("adopt", Some(fake_vmm(&t.0)));
+    let v = d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(&json!({"name": "adopt-a", "kernel": some_file(), "start": true}).to_string()),
+    );
+    let pid = v["pid"].as_i64().unwrap();
+    d.kill9();
+    // Make the inventory look as if the daemon died before recording the start.
+    {
+        let inv =
+            corefour_daemon::inventory::Inventory::open(&d.state_dir().join("inventory.db"), "c4x")
+                .unwrap();
+        inv.set_stopped("adopt-a", "simulated: start not recorded", None)
+            .unwrap();
+    }
+    d.spawn();
+    let v = d.ok(Method::GET, "/v1/vms/adopt-a", None);
+    assert_eq!(
+        (v["state"].clone(), v["pid"].as_i64()),
+        (json!("running"), Some(pid)),
+        "{v}"
+    );
+    // Watched like any other: its end is recorded.
+    sigkill(pid);
+    let v = d.wait_state("adopt-a", "stopped", Duration::from_secs(10));
+    assert!(
+        v["stop_reason"].as_str().unwrap().contains("SIGKILL"),
+        "{v}"
+    );
+}
+
+fn sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", cmd])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_guest_reads_and_writes_its_disk_through_the_daemon() {
+    let Some(vblk) = guest("vblk") else {
+        eprintln!("skipped: virtio guests not built (make -C guests -f virtio.mk)");
+        return;
+    };
+    if !real_vmm() {
+        eprintln!("skipped: `corefour vmm` is not built into this binary");
+        return;
+    }
+    let d = Daemon::start("disk");
+    let img = d.dir.0.join("disk.img");
+    let mut data = vec![0u8; 4096];
+    data[..16].copy_from_slice(b"0123456789abcdef");
+    std::fs::write(&img, &data).unwrap();
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "disk-a", "kernel": vblk, "start": true,
+                     "disks": [{"path": img, "rate_limit": {"bytes_per_sec": 10000000}}]})
+            .to_string(),
+        ),
+    );
+    let v = d.wait_state("disk-a", "stopped", Duration::from_secs(60));
+    let console = String::from_utf8(d.cli(&["console", "disk-a"]).stdout).unwrap();
+    assert_eq!(v["exit_code"], 0, "{v}\n{console}");
+    assert!(
+        console.contains("SECTOR0 30313233343536373839616263646566"),
+        "{console}"
+    );
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(&after[512..520], b"COREFOUR");
+}
+
+#[test]
+fn a_guest_pings_a_host_across_the_daemon_bridge() {
+    let Some(vnet) = guest("vnet") else {
+        eprintln!("skipped: virtio guests not built (make -C guests -f virtio.mk)");
+        return;
+    };
+    if !real_vmm() || !is_root() || !Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: needs root, /dev/net/tun and `corefour vmm`");
+        return;
+    }
+    let id = std::process::id() % 100_000;
+    let (ns, br, va, vb) = (
+        format!("c4t{id}"),
+        format!("c4b{id}"),
+        format!("c4v{id}a"),
+        format!("c4v{id}b"),
+    );
+    // The test host lives in its own network namespace, linked to the bridge by a veth pair.
+    let setup = format!(
+        "ip netns add {ns} && ip link add {br} type bridge && ip link set {br} up && \
+         ip link add {va} type veth peer name {vb} && ip link set {vb} netns {ns} && \
+         ip link set {va} master {br} up && ip -n {ns} addr add 10.77.0.1/24 dev {vb} && \
+         ip -n {ns} link set {vb} up && ip -n {ns} link set lo up"
+    );
+    let cleanup = format!(
+        "ip netns del {ns} 2>/dev/null; ip link del {va} 2>/dev/null; ip link del {br} 2>/dev/null"
+    );
+    if !sh(&setup) {
+        sh(&cleanup);
+        eprintln!("skipped: cannot build the test network (ip netns, veth, bridge)");
+        return;
+    }
+    let d = Daemon::start("vnet");
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "vnet-a", "kernel": vnet, "start": true, "nets": [{"bridge": br}]})
+                .to_string(),
+        ),
+    );
+    let v = d.wait_state("vnet-a", "stopped", Duration::from_secs(60));
+    let console = String::from_utf8(d.cli(&["console", "vnet-a"]).stdout).unwrap();
+    sh(&cleanup);
+    assert_eq!(v["exit_code"], 0, "{v}\n{console}");
+    assert!(
+        console.contains("VNET ping reply from 10.77.0.1"),
+        "{console}"
+    );
 }

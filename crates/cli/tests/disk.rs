@@ -44,6 +44,43 @@ fn have_qemu() -> bool {
     Command::new("qemu-img").arg("--version").output().is_ok()
 }
 
+/// A scratch directory for a test that needs qemu-img, or None (with the reason printed).
+fn qemu_tempdir() -> Option<tempfile::TempDir> {
+    if !have_qemu() {
+        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
+        return None;
+    }
+    Some(tempfile::tempdir().unwrap())
+}
+
+/// `qemu-img convert <lead> <opts> src dst`.
+fn qemu_convert(lead: &[&str], opts: &[&str], src: &Path, dst: &Path) {
+    let mut a = vec!["convert"];
+    a.extend_from_slice(lead);
+    a.extend_from_slice(opts);
+    a.push(s(src));
+    a.push(s(dst));
+    qemu_ok(&a);
+}
+
+/// Runs qemu-io on an image (e.g. `-c "write -P 0x61 0 1M"`).
+fn qemu_io(args: &[&str]) {
+    Command::new("qemu-io").args(args).output().unwrap();
+}
+
+/// `corefour` with JSON output, parsed.
+fn ok_json(args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&ok(args)).unwrap()
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -101,20 +138,12 @@ const SOURCES: &[(&str, &str, &[&str])] = &[
 
 #[test]
 fn convert_every_format_pair_against_qemu_img() {
-    if !have_qemu() {
-        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = qemu_tempdir() else { return };
     let d = dir.path();
     let src = make_source(d);
     for (name, fmt, opts) in SOURCES {
         let img = d.join(format!("in-{name}.{fmt}"));
-        let mut a = vec!["convert", "-O", fmt];
-        a.extend_from_slice(opts);
-        a.push(s(&src));
-        a.push(s(&img));
-        qemu_ok(&a);
+        qemu_convert(&["-O", fmt], opts, &src, &img);
         for out_fmt in ["raw", "qcow2"] {
             let out = d.join(format!("out-{name}.{out_fmt}"));
             // qemu-img's output read by us...
@@ -144,11 +173,7 @@ fn convert_every_format_pair_against_qemu_img() {
                 );
                 // qemu-img turns our qcow2 into every format, and that still compares equal.
                 let again = d.join(format!("again-{name}.{fmt}"));
-                let mut a = vec!["convert", "-f", "qcow2", "-O", fmt];
-                a.extend_from_slice(opts);
-                a.push(s(&out));
-                a.push(s(&again));
-                qemu_ok(&a);
+                qemu_convert(&["-f", "qcow2", "-O", fmt], opts, &out, &again);
                 qemu_ok(&["compare", "-f", "raw", "-F", fmt, s(&src), s(&again)]);
             }
             std::fs::remove_file(&out).unwrap();
@@ -158,25 +183,18 @@ fn convert_every_format_pair_against_qemu_img() {
 
 #[test]
 fn convert_keeps_sparse_sources_sparse() {
-    if !have_qemu() {
-        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
-        return;
-    }
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = qemu_tempdir() else { return };
     let d = dir.path();
     let q = d.join("sparse.qcow2");
     qemu_ok(&["create", "-q", "-f", "qcow2", s(&q), "1G"]);
-    Command::new("qemu-io")
-        .args([
-            "-c",
-            "write -P 0x61 100M 1M",
-            "-c",
-            "write -z 200M 64M",
-            s(&q),
-        ])
-        .output()
-        .unwrap();
+    qemu_io(&[
+        "-c",
+        "write -P 0x61 100M 1M",
+        "-c",
+        "write -z 200M 64M",
+        s(&q),
+    ]);
     let raw = d.join("out.raw");
     ok(&["disk", "convert", "-O", "raw", s(&q), s(&raw)]);
     let m = std::fs::metadata(&raw).unwrap();
@@ -192,8 +210,7 @@ fn convert_keeps_sparse_sources_sparse() {
     assert!(std::fs::metadata(&q2).unwrap().len() < 4 << 20);
     qemu_ok(&["compare", s(&q), s(&q2)]);
     // Map agrees with qemu-img about where data is.
-    let ours: serde_json::Value =
-        serde_json::from_str(&ok(&["disk", "map", "--json", s(&q2)])).unwrap();
+    let ours = ok_json(&["disk", "map", "--json", s(&q2)]);
     let data: u64 = ours
         .as_array()
         .unwrap()
@@ -206,18 +223,11 @@ fn convert_keeps_sparse_sources_sparse() {
 
 #[test]
 fn backing_chain_info_map_convert() {
-    if !have_qemu() {
-        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = qemu_tempdir() else { return };
     let d = dir.path();
     let base = d.join("base.qcow2");
     qemu_ok(&["create", "-q", "-f", "qcow2", s(&base), "16M"]);
-    Command::new("qemu-io")
-        .args(["-c", "write -P 0x11 0 4M", s(&base)])
-        .output()
-        .unwrap();
+    qemu_io(&["-c", "write -P 0x11 0 4M", s(&base)]);
     // The middle layer is ours, created qemu-img style with -b/-F and a relative name.
     ok(&[
         "disk",
@@ -231,10 +241,7 @@ fn backing_chain_info_map_convert() {
         "qcow2",
         s(&d.join("mid.qcow2")),
     ]);
-    Command::new("qemu-io")
-        .args(["-c", "write -P 0x22 1M 1M", s(&d.join("mid.qcow2"))])
-        .output()
-        .unwrap();
+    qemu_io(&["-c", "write -P 0x22 1M 1M", s(&d.join("mid.qcow2"))]);
     let top = d.join("top.qcow2");
     ok(&[
         "disk",
@@ -247,25 +254,20 @@ fn backing_chain_info_map_convert() {
         s(&top),
         "24M",
     ]);
-    Command::new("qemu-io")
-        .args([
-            "-c",
-            "write -P 0x33 1536K 64K",
-            "-c",
-            "write -P 0x44 20M 64K",
-            s(&top),
-        ])
-        .output()
-        .unwrap();
+    qemu_io(&[
+        "-c",
+        "write -P 0x33 1536K 64K",
+        "-c",
+        "write -P 0x44 20M 64K",
+        s(&top),
+    ]);
     assert_eq!(qemu(&["check", s(&top)]).status.code(), Some(0));
-    let info: serde_json::Value =
-        serde_json::from_str(&ok(&["disk", "info", "--backing-chain", "--json", s(&top)])).unwrap();
+    let info = ok_json(&["disk", "info", "--backing-chain", "--json", s(&top)]);
     let chain = info.as_array().unwrap();
     assert_eq!(chain.len(), 3);
     assert_eq!(chain[0]["virtual-size"], 24 << 20);
     assert_eq!(chain[1]["backing-filename"], "base.qcow2");
-    let map: serde_json::Value =
-        serde_json::from_str(&ok(&["disk", "map", "--output", "json", s(&top)])).unwrap();
+    let map = ok_json(&["disk", "map", "--output", "json", s(&top)]);
     let depths: Vec<u64> = map
         .as_array()
         .unwrap()
@@ -286,11 +288,7 @@ fn backing_chain_info_map_convert() {
 
 #[test]
 fn backing_file_loop_is_an_error() {
-    if !have_qemu() {
-        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = qemu_tempdir() else { return };
     let d = dir.path();
     let a = d.join("a.qcow2");
     let b = d.join("b.qcow2");
@@ -333,11 +331,7 @@ fn patched(src: &Path, dst: &Path, off: u64, bytes: &[u8]) {
 
 #[test]
 fn corrupt_images_fail_cleanly_and_are_never_written() {
-    if !have_qemu() {
-        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = qemu_tempdir() else { return };
     let d = dir.path();
     let src = make_source(d);
     let good = d.join("good.qcow2");
@@ -404,11 +398,7 @@ fn corrupt_images_fail_cleanly_and_are_never_written() {
         .filter(|s| s.0 != "raw" && !s.0.contains("flat") && !s.0.contains("split"))
     {
         let img = d.join(format!("t-{name}.{fmt}"));
-        let mut a = vec!["convert", "-O", fmt];
-        a.extend_from_slice(opts);
-        a.push(s(&src));
-        a.push(s(&img));
-        qemu_ok(&a);
+        qemu_convert(&["-O", fmt], opts, &src, &img);
         for cut in [100u64, 700, 70_000] {
             let data = std::fs::read(&img).unwrap();
             if (cut as usize) >= data.len() {
@@ -439,11 +429,7 @@ fn corrupt_images_fail_cleanly_and_are_never_written() {
 
 #[test]
 fn create_check_resize_with_qemu_habits() {
-    if !have_qemu() {
-        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = qemu_tempdir() else { return };
     let d = dir.path();
     let q = d.join("n.qcow2");
     ok(&[
@@ -461,22 +447,17 @@ fn create_check_resize_with_qemu_habits() {
     assert_eq!(info["virtual-size"], 1536u64 << 20);
     assert_eq!(info["cluster-size"], 4096);
     assert_eq!(info["format-specific"]["data"]["compat"], "0.10");
-    Command::new("qemu-io")
-        .args(["-c", "write -P 0x77 1G 1M", s(&q)])
-        .output()
-        .unwrap();
+    qemu_io(&["-c", "write -P 0x77 1G 1M", s(&q)]);
     ok(&["disk", "resize", s(&q), "+2G"]);
     assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(0));
-    let info: serde_json::Value =
-        serde_json::from_str(&ok(&["disk", "info", "--json", s(&q)])).unwrap();
+    let info = ok_json(&["disk", "info", "--json", s(&q)]);
     assert_eq!(info["virtual-size"], (1536u64 << 20) + (2 << 30));
     let o = run(&["disk", "resize", s(&q), "1G"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--shrink"));
     ok(&["disk", "resize", "--shrink", s(&q), "1G"]);
     assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(0));
-    let c: serde_json::Value =
-        serde_json::from_str(&ok(&["disk", "check", "--json", s(&q)])).unwrap();
+    let c = ok_json(&["disk", "check", "--json", s(&q)]);
     assert_eq!(c["corruptions"], 0);
     assert_eq!(c["leaks"], 0);
     // A raw image grows and shrinks too.
@@ -509,17 +490,10 @@ fn create_check_resize_with_qemu_habits() {
 
 #[test]
 fn check_finds_and_repairs_leaks_like_qemu() {
-    if !have_qemu() {
-        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = qemu_tempdir() else { return };
     let q = dir.path().join("leak.qcow2");
     qemu_ok(&["create", "-q", "-f", "qcow2", s(&q), "8M"]);
-    Command::new("qemu-io")
-        .args(["-c", "write 0 1M", s(&q)])
-        .output()
-        .unwrap();
+    qemu_io(&["-c", "write 0 1M", s(&q)]);
     // Leak one cluster: bump the refcount of a cluster past the end of the used space.
     let mut d = std::fs::read(&q).unwrap();
     let clusters = d.len() as u64 / 65536;
@@ -538,6 +512,24 @@ fn check_finds_and_repairs_leaks_like_qemu() {
     ok(&["disk", "check", "-r", "leaks", s(&q)]);
     assert_eq!(qemu(&["check", s(&q)]).status.code(), Some(0));
     assert_eq!(run(&["disk", "check", s(&q)]).status.code(), Some(0));
+    // Checking needs only the image itself, not its backing file.
+    let top = dir.path().join("orphan.qcow2");
+    qemu_ok(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "qcow2",
+        "-b",
+        s(&q),
+        s(&top),
+    ]);
+    std::fs::remove_file(&q).unwrap();
+    assert_eq!(run(&["disk", "check", s(&top)]).status.code(), Some(0));
+    let o = run(&["disk", "info", s(&top)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open backing file"));
 }
 
 fn sha256_of(p: &Path) -> String {
@@ -551,22 +543,11 @@ fn sha256_of(p: &Path) -> String {
 
 #[test]
 fn import_physical_from_image_and_loop_device() {
-    if !have_qemu() {
-        eprintln!("SKIP: qemu-img not installed (apt-get install qemu-utils)");
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+    let Some(dir) = qemu_tempdir() else { return };
     let d = dir.path();
     let src = make_source(d);
     let out = d.join("p2v.qcow2");
-    let r: serde_json::Value = serde_json::from_str(&ok(&[
-        "disk",
-        "import-physical",
-        "--json",
-        s(&src),
-        s(&out),
-    ]))
-    .unwrap();
+    let r = ok_json(&["disk", "import-physical", "--json", s(&src), s(&out)]);
     assert_eq!(r["sha256"], sha256_of(&src));
     assert_eq!(r["verified"], true);
     assert!(r["bytes_written"].as_u64().unwrap() < 4 << 20);
@@ -574,12 +555,7 @@ fn import_physical_from_image_and_loop_device() {
     assert_eq!(qemu(&["check", s(&out)]).status.code(), Some(0));
 
     // A real block device: a loop device over the same bytes.
-    let is_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0"))
-        .unwrap_or(false);
-    if !is_root {
+    if !is_root() {
         eprintln!("SKIP loop-device half: needs root for losetup");
         return;
     }
@@ -640,15 +616,14 @@ fn import_physical_from_tree_reports_guest_needs() {
     );
     w("boot/initrd.img-6.1.0-test", "070701 no virtio here");
     let out = d.join("tree.qcow2");
-    let r: serde_json::Value = serde_json::from_str(&ok(&[
+    let r = ok_json(&[
         "disk",
         "import-physical",
         "--json",
         "--from-tree",
         s(&tree),
         s(&out),
-    ]))
-    .unwrap();
+    ]);
     assert_eq!(r["filesystem_uuid"], uuid, "root UUID from fstab is kept");
     let text = r["findings"].to_string();
     assert!(text.contains("/dev/sdb1"), "{text}");
@@ -679,6 +654,56 @@ fn import_physical_from_tree_reports_guest_needs() {
     );
     let cat = Command::new("debugfs")
         .args(["-R", "cat /etc/hostname", s(&raw)])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "p2v-guest\n");
+
+    // A live root has other filesystems mounted inside it; they stay out of the image. The
+    // tmpfs is mounted in a private mount namespace so the host never sees it.
+    if !is_root() || Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("SKIP submount half: needs root and unshare (util-linux)");
+        return;
+    }
+    std::fs::create_dir_all(tree.join("proc")).unwrap();
+    let out2 = d.join("live.qcow2");
+    let script = r#"mount -t tmpfs none "$1/proc" && echo secret > "$1/proc/mounted-file" && exec "$2" disk import-physical --json --from-tree "$1" "$3""#;
+    let o = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
+        .arg(&tree)
+        .arg(env!("CARGO_BIN_EXE_corefour"))
+        .arg(&out2)
+        .output()
+        .unwrap();
+    if !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("mount:") {
+        eprintln!(
+            "SKIP submount half: cannot mount here: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        return;
+    }
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        r["findings"].to_string().contains("left out 1 filesystem"),
+        "{r}"
+    );
+    let raw2 = d.join("live.raw");
+    qemu_ok(&["convert", "-O", "raw", s(&out2), s(&raw2)]);
+    let ls = Command::new("debugfs")
+        .args(["-R", "ls /proc", s(&raw2)])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&ls.stdout).contains("mounted-file"));
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /etc/hostname", s(&raw2)])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&cat.stdout), "p2v-guest\n");

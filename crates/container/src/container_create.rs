@@ -26,6 +26,10 @@ pub struct CreateOptions {
     pub console_socket: Option<PathBuf>,
     /// Hierarchy root override for tests (see `CgroupConfig::root`).
     pub cgroup_root: Option<PathBuf>,
+    /// An already-connected console socket (instead of `console_socket`).
+    pub console_fd: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
+    /// Where the init's stdout and stderr go (stdin becomes /dev/null); inherited when unset.
+    pub stdio: Option<std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Removes what a failed create left: the init, the cgroup, the state directory.
@@ -92,7 +96,10 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
         .process()
         .as_ref()
         .ok_or_else(|| ContainerError::Init("process is missing".into()))?;
-    if process.terminal() == Some(true) && opts.console_socket.is_none() {
+    if process.terminal() == Some(true)
+        && opts.console_socket.is_none()
+        && opts.console_fd.is_none()
+    {
         return Err(ContainerError::Init(
             "process.terminal is true: pass --console-socket (or set terminal to false)".into(),
         ));
@@ -138,17 +145,42 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
         cg_cfg.root = opts.cgroup_root.clone();
     }
     let cg = crate::cgroups::manager(&cg_cfg)?;
-    cg.create(linux.resources().as_ref())?;
-    cleanup.cgroup = Some(cg);
+    // As runc does, the config's device nodes are allowed by the device cgroup too.
+    let mut resources = linux.resources().clone();
+    if let (Some(r), Some(devs)) = (resources.as_mut(), linux.devices()) {
+        if let Some(rules) = r.devices_mut() {
+            rules.extend(devs.iter().map(oci_spec::runtime::LinuxDeviceCgroup::from));
+        }
+    }
+    match cg.create(resources.as_ref()) {
+        Ok(()) => cleanup.cgroup = Some(cg),
+        // Rootless and no limits asked for: run without a cgroup of our own, as runc does.
+        Err(e)
+            if e.is_permission()
+                && !nix::unistd::geteuid().is_root()
+                && !has_limits(linux.resources().as_ref()) =>
+        {
+            let _ = cg.remove();
+            cg_cfg.disabled = true;
+        }
+        Err(e) => {
+            let _ = cg.remove();
+            return Err(e.into());
+        }
+    }
 
     let sock_path = dir.join(INIT_SOCKET);
     let listener = UnixListener::bind(&sock_path)
         .map_err(|e| ContainerError::io(format!("bind {}", sock_path.display()), e))?;
-    let console = opts
-        .console_socket
-        .as_deref()
-        .map(crate::console::connect_socket)
-        .transpose()?;
+    let console = match (&opts.console_socket, &opts.console_fd) {
+        (Some(p), _) => Some(crate::console::connect_socket(p)?),
+        (None, Some(fd)) => Some(
+            std::os::fd::AsFd::as_fd(fd.as_ref())
+                .try_clone_to_owned()
+                .map_err(|e| ContainerError::io("duplicate the console socket", e))?,
+        ),
+        (None, None) => None,
+    };
     let (parent_ch, child_ch) = Channel::pair()?;
 
     let user_joined = plan.joins(LinuxNamespaceType::User);
@@ -168,6 +200,12 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
 
+    // In a new or joined user namespace the init may not be allowed to write host cgroup files.
+    let cgroup_join = match &cleanup.cgroup {
+        Some(c) if !plan.has(LinuxNamespaceType::User) => c.self_join_files(),
+        _ => Vec::new(),
+    };
+    let parent_adds_task = cgroup_join.is_empty();
     let mut pid = clone_child(clone_flags)?;
     if pid == 0 {
         drop(parent_ch);
@@ -183,6 +221,8 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
             caps,
             seccomp,
             cgroup_v2: cg_cfg.version == Version::V2,
+            cgroup_join,
+            stdio: opts.stdio.clone(),
         });
     }
     cleanup.child = Some(pid);
@@ -197,7 +237,7 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
             linux.gid_mappings().as_deref().unwrap_or(&[]),
         )?;
     }
-    if let Some(cg) = &cleanup.cgroup {
+    if let (Some(cg), true) = (&cleanup.cgroup, parent_adds_task) {
         cg.add_task(pid)?;
     }
     parent_ch.send(&Msg::Pid(pid))?;
@@ -257,6 +297,17 @@ pub fn create(opts: &CreateOptions) -> Result<ContainerState, ContainerError> {
     }
     cleanup.disarm();
     Ok(state)
+}
+
+fn has_limits(r: Option<&oci_spec::runtime::LinuxResources>) -> bool {
+    r.is_some_and(|r| {
+        r.memory().is_some()
+            || r.cpu().is_some()
+            || r.pids().is_some()
+            || r.block_io().is_some()
+            || r.hugepage_limits().is_some()
+            || r.unified().as_ref().is_some_and(|u| !u.is_empty())
+    })
 }
 
 /// Writes the PID atomically (temp + rename), as containerd expects.

@@ -43,12 +43,14 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<(), ContainerError> 
             return Err(ContainerError::NotFound(id.into()));
         }
         Err(e) if force => {
+            // Nothing in it can be trusted (no PID, no cgroup path): drop the directory.
+            eprintln!("corefour: warning: {e}; removing {}", dir.display());
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
+            return Ok(());
         }
         Err(e) => return Err(e.into()),
     };
-    st.refresh();
+    st.refresh_in(root);
     match st.oci.status {
         Status::Running | Status::Paused if !force => {
             return Err(ContainerError::WrongStatus {

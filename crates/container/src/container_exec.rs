@@ -24,6 +24,11 @@ pub struct ExecOptions {
     pub process: Option<Process>,
     pub detach: bool,
     pub pid_file: Option<std::path::PathBuf>,
+    /// Give the process a terminal (`-t`); the config's process.json may ask for one too.
+    pub tty: bool,
+    /// Where the pty master goes: a socket path (`--console-socket`) or a connected fd.
+    pub console_socket: Option<std::path::PathBuf>,
+    pub console_fd: Option<std::sync::Arc<OwnedFd>>,
 }
 
 /// Order matters: user first (it owns the others), mount last (it changes our root).
@@ -46,6 +51,17 @@ fn same_ns(pid: i32, name: &str) -> bool {
 
 /// Runs the process; returns its exit code (128+signal when killed), or 0 when detached.
 pub fn exec(root: &Path, id: &str, opts: &ExecOptions) -> Result<i32, ContainerError> {
+    exec_with(root, id, opts, &mut |_| {})
+}
+
+/// As `exec`; `started` runs in this process once the process exists (with its PID), before the
+/// wait: the place to start threads (none may exist while we fork).
+pub fn exec_with(
+    root: &Path,
+    id: &str,
+    opts: &ExecOptions,
+    started: &mut dyn FnMut(i32),
+) -> Result<i32, ContainerError> {
     let st = crate::container_state::load(root, id)?;
     if st.oci.status != Status::Running {
         return Err(ContainerError::WrongStatus {
@@ -68,7 +84,7 @@ pub fn exec(root: &Path, id: &str, opts: &ExecOptions) -> Result<i32, ContainerE
             return Err(ContainerError::Init("exec: name a command to run".into()));
         }
         process.set_args(Some(opts.args.clone()));
-        process.set_terminal(Some(false));
+        process.set_terminal(Some(opts.tty));
         let mut env = process.env().clone().unwrap_or_default();
         for kv in &opts.env {
             let key = kv.split('=').next().unwrap_or("");
@@ -108,6 +124,23 @@ pub fn exec(root: &Path, id: &str, opts: &ExecOptions) -> Result<i32, ContainerE
         fds.push((f.into(), *flag));
     }
     let cg = crate::cgroups::manager(&st.cgroup)?;
+    let console = if process.terminal() == Some(true) {
+        match (&opts.console_socket, &opts.console_fd) {
+            (Some(p), _) => Some(crate::console::connect_socket(p)?),
+            (None, Some(fd)) => Some(
+                fd.as_fd()
+                    .try_clone_to_owned()
+                    .map_err(|e| ContainerError::io("duplicate the console socket", e))?,
+            ),
+            (None, None) => {
+                return Err(ContainerError::Init(
+                    "a terminal needs --console-socket".into(),
+                ))
+            }
+        }
+    } else {
+        None
+    };
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| ContainerError::sys("pipe", e))?;
 
@@ -115,7 +148,16 @@ pub fn exec(root: &Path, id: &str, opts: &ExecOptions) -> Result<i32, ContainerE
     match unsafe { fork() }.map_err(|e| ContainerError::sys("fork", e))? {
         ForkResult::Child => {
             drop(rd);
-            let code = match exec_child(&cg, &fds, &process, caps, seccomp, opts.detach, &wr) {
+            let code = match exec_child(
+                &cg,
+                &fds,
+                &process,
+                caps,
+                seccomp,
+                opts.detach,
+                &wr,
+                console,
+            ) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("corefour: exec: {e}");
@@ -130,9 +172,11 @@ pub fn exec(root: &Path, id: &str, opts: &ExecOptions) -> Result<i32, ContainerE
             let mut buf = [0u8; 4];
             let got = nix::unistd::read(&rd, &mut buf).unwrap_or(0);
             if got == 4 {
+                let pid = i32::from_le_bytes(buf);
                 if let Some(pf) = &opts.pid_file {
-                    crate::container_create::write_pid_file(pf, i32::from_le_bytes(buf))?;
+                    crate::container_create::write_pid_file(pf, pid)?;
                 }
+                started(pid);
             }
             let code = wait_code(child)?;
             Ok(code)
@@ -152,6 +196,7 @@ fn wait_code(pid: Pid) -> Result<i32, ContainerError> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn exec_child(
     cg: &crate::cgroups::Manager,
     fds: &[(OwnedFd, CloneFlags)],
@@ -160,6 +205,7 @@ fn exec_child(
     seccomp: Option<libseccomp::ScmpFilterContext>,
     detach: bool,
     wr: &OwnedFd,
+    console: Option<OwnedFd>,
 ) -> Result<i32, ContainerError> {
     cg.add_task(std::process::id() as i32)?;
     for (fd, flag) in fds {
@@ -176,6 +222,16 @@ fn exec_child(
             wait_code(child)
         }
         ForkResult::Child => {
+            if let Some(sock) = console {
+                // The container's /dev/ptmx: we are in its mount namespace now.
+                let (master, slave) = crate::console::open_pty()?;
+                crate::console::send_fd(
+                    std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    std::os::fd::AsRawFd::as_raw_fd(&master),
+                )?;
+                drop(master);
+                crate::console::become_tty(&slave)?;
+            }
             let env = process.env().clone().unwrap_or_default();
             let argv = process.args().clone().unwrap_or_default();
             let exe = crate::process::find_executable(

@@ -16,7 +16,7 @@ pub fn list(root: &Path) -> Result<Vec<ContainerState>, ContainerError> {
         let name = ent.file_name().to_string_lossy().into_owned();
         // A directory without a state file is a create in progress (or a crash): skip it.
         if let Ok(Some(mut st)) = ContainerState::load(root, &name) {
-            st.refresh();
+            st.refresh_in(root);
             out.push(st);
         }
     }

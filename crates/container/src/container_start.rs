@@ -23,17 +23,18 @@ pub fn start(root: &Path, id: &str) -> Result<ContainerState, ContainerError> {
             e,
         )
     })?;
+    // The socket file marks "created": gone means started (see `ContainerState::refresh_in`).
+    let _ = std::fs::remove_file(&sock);
     conn.write_all(b"S")
         .map_err(|e| ContainerError::io("release the container init", e))?;
     // EOF arrives when the init's exec closes the socket; any bytes before it are an error message.
     let mut msg = String::new();
     let _ = conn.read_to_string(&mut msg);
-    let _ = std::fs::remove_file(&sock);
     if !msg.is_empty() {
         return Err(ContainerError::Init(msg));
     }
+    // No state write: with the init socket gone, `refresh` reports a live init as running.
     st.oci.status = Status::Running;
-    st.save(root)?;
     if let Some(h) = st.hooks.as_ref().and_then(|h| h.poststart().clone()) {
         // The spec says a failing poststart hook is only a warning.
         if let Err(e) = crate::hooks::run("poststart", &h, &st.oci) {

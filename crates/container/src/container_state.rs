@@ -12,6 +12,6 @@ pub fn load(root: &Path, id: &str) -> Result<ContainerState, ContainerError> {
     }
     let mut st =
         ContainerState::load(root, id)?.ok_or_else(|| ContainerError::NotFound(id.into()))?;
-    st.refresh();
+    st.refresh_in(root);
     Ok(st)
 }

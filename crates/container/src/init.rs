@@ -28,6 +28,9 @@ pub struct InitArgs {
     pub caps: Option<Sets>,
     pub seccomp: Option<libseccomp::ScmpFilterContext>,
     pub cgroup_v2: bool,
+    /// v1 `tasks` files to write "0" into (see `CgroupManager::self_join_files`).
+    pub cgroup_join: Vec<PathBuf>,
+    pub stdio: Option<std::sync::Arc<OwnedFd>>,
 }
 
 /// Entry point in the child. Reports any failure to the parent, then exits.
@@ -67,6 +70,18 @@ fn setup(a: &mut InitArgs) -> Result<(), ContainerError> {
             m => return Err(crate::sync::SyncError::Unexpected(m).into()),
         }
     }
+    if let Some(out) = &a.stdio {
+        let null = std::fs::File::open("/dev/null")
+            .map_err(|e| ContainerError::io("open /dev/null", e))?;
+        // SAFETY: dup2 onto the stdio numbers from descriptors we own.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), 0);
+            libc::dup2(out.as_raw_fd(), 1);
+            libc::dup2(out.as_raw_fd(), 2);
+        }
+    }
+    // Before any namespace change: the host's cgroupfs is still reachable and we are still root there.
+    crate::cgroups::join_self(&a.cgroup_join)?;
     let user_joined = a.plan.joins(LinuxNamespaceType::User);
     for (kind, path) in &a.plan.join {
         if *kind == LinuxNamespaceType::Pid && !user_joined {
@@ -170,6 +185,18 @@ fn setup(a: &mut InitArgs) -> Result<(), ContainerError> {
     let argv_c = crate::process::cstrings(&argv)?;
     let env_c = crate::process::cstrings(&env)?;
 
+    let nnp = process.no_new_privileges() == Some(true);
+    let start_hooks = hooks
+        .start_container()
+        .as_ref()
+        .is_some_and(|h| !h.is_empty());
+    // Drop privileges before `Ready` when nothing privileged is left to do after `start` (no
+    // startContainer hooks, and no seccomp filter that would have to be loaded before the drop):
+    // failures then surface at create, and `start` only has to release an exec.
+    let early = !start_hooks && (nnp || a.seccomp.is_none());
+    if early {
+        drop_privileges(a, &process)?;
+    }
     a.sync.send(&Msg::Ready)?;
 
     // Wait for `start`: it connects and sends one byte.
@@ -186,7 +213,7 @@ fn setup(a: &mut InitArgs) -> Result<(), ContainerError> {
         }
     };
     if let Err(e) = finish_and_exec(
-        a, &process, &hooks, host_pid, &exe_c[0], &argv_c, &env_c, &conn,
+        a, &process, &hooks, host_pid, early, &exe_c[0], &argv_c, &env_c, &conn,
     ) {
         let _ = conn.write_all(e.to_string().as_bytes());
         // SAFETY: exit of the failed init.
@@ -195,32 +222,11 @@ fn setup(a: &mut InitArgs) -> Result<(), ContainerError> {
     unreachable_exit()
 }
 
-fn unreachable_exit() -> Result<(), ContainerError> {
-    Err(ContainerError::Init("execve returned".into()))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn finish_and_exec(
+/// seccomp (when it must precede the drop), bounding set, user, capabilities, cwd.
+fn drop_privileges(
     a: &InitArgs,
     process: &oci_spec::runtime::Process,
-    hooks: &oci_spec::runtime::Hooks,
-    host_pid: i32,
-    exe: &std::ffi::CString,
-    argv: &[std::ffi::CString],
-    env: &[std::ffi::CString],
-    conn: &UnixStream,
 ) -> Result<(), ContainerError> {
-    // The start connection must close on exec: that EOF tells `start` the process runs.
-    nix::fcntl::fcntl(
-        conn,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| ContainerError::sys("cloexec", e))?;
-    if let Some(h) = hooks.start_container() {
-        let mut st = hook_state(a, host_pid);
-        st.status = Status::Running;
-        crate::hooks::run("startContainer", h, &st)?;
-    }
     let nnp = process.no_new_privileges() == Some(true);
     if !nnp {
         // Without no_new_privs the filter needs CAP_SYS_ADMIN: load it while we still have it.
@@ -240,6 +246,40 @@ fn finish_and_exec(
     }
     nix::unistd::chdir(process.cwd())
         .map_err(|e| ContainerError::sys(format!("chdir {}", process.cwd().display()), e))?;
+    Ok(())
+}
+
+fn unreachable_exit() -> Result<(), ContainerError> {
+    Err(ContainerError::Init("execve returned".into()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_and_exec(
+    a: &InitArgs,
+    process: &oci_spec::runtime::Process,
+    hooks: &oci_spec::runtime::Hooks,
+    host_pid: i32,
+    privileges_dropped: bool,
+    exe: &std::ffi::CString,
+    argv: &[std::ffi::CString],
+    env: &[std::ffi::CString],
+    conn: &UnixStream,
+) -> Result<(), ContainerError> {
+    // The start connection must close on exec: that EOF tells `start` the process runs.
+    nix::fcntl::fcntl(
+        conn,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| ContainerError::sys("cloexec", e))?;
+    if let Some(h) = hooks.start_container() {
+        let mut st = hook_state(a, host_pid);
+        st.status = Status::Running;
+        crate::hooks::run("startContainer", h, &st)?;
+    }
+    let nnp = process.no_new_privileges() == Some(true);
+    if !privileges_dropped {
+        drop_privileges(a, process)?;
+    }
     if nnp {
         // SAFETY: prctl with integer arguments.
         if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {

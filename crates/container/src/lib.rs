@@ -19,8 +19,10 @@ pub mod devices;
 mod error;
 pub mod hooks;
 pub mod init;
+pub mod monitor;
 pub mod mounts;
 pub mod namespaces;
+pub mod network;
 pub mod process;
 pub mod rootfs;
 pub mod seccomp;
@@ -28,9 +30,13 @@ pub mod signal;
 pub mod spec;
 pub mod state;
 pub mod sync;
+pub mod system;
+pub mod templates;
 mod util;
 
 pub use error::ContainerError;
+/// The spec types, for callers that build or parse configs.
+pub use oci_spec;
 
 /// Where `corefour oci` keeps container state unless `--root` says otherwise (runc uses /run/runc).
 pub const DEFAULT_STATE_ROOT: &str = "/run/corefour-oci";

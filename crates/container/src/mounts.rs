@@ -230,17 +230,22 @@ fn mount_cgroup(dest: &Path, o: &Options, v2: bool) -> Result<(), ContainerError
         Some("mode=755"),
     )
     .map_err(|e| ContainerError::sys(format!("mount tmpfs on {}", dest.display()), e))?;
-    for (name, _) in crate::cgroups::v1::hierarchies() {
+    for (name, host) in crate::cgroups::v1::hierarchies() {
         let sub = dest.join(name.trim_start_matches("name="));
         let _ = std::fs::create_dir_all(&sub);
-        mount(
+        if let Err(e) = mount(
             Some("cgroup"),
             &sub,
             Some("cgroup"),
             flags,
             Some(name.as_str()),
-        )
-        .map_err(|e| ContainerError::sys(format!("mount cgroup {name} on {}", sub.display()), e))?;
+        ) {
+            // A v1 hierarchy cannot be mounted from a user namespace: bind the host's instead.
+            let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+            mount(Some(&host), &sub, None::<&str>, bind, None::<&str>).map_err(|_| {
+                ContainerError::sys(format!("mount cgroup {name} on {}", sub.display()), e)
+            })?;
+        }
     }
     if flags.contains(MsFlags::MS_RDONLY) {
         let _ = mount(

@@ -110,6 +110,10 @@ pub fn write_id_maps(
         crate::util::write_file(&path, &text).map_err(|cause| NamespaceError::Map { path, cause })
     };
     w("uid_map", map_text(uid))?;
+    if !nix::unistd::geteuid().is_root() {
+        // An unprivileged writer may only map its own gid, and only after giving up setgroups.
+        w("setgroups", "deny".into())?;
+    }
     w("gid_map", map_text(gid))
 }
 

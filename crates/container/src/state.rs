@@ -117,13 +117,15 @@ impl ContainerState {
         }
     }
 
-    /// The live status: the recorded one, corrected by whether the init still runs and the freezer.
-    pub fn refresh(&mut self) {
+    /// The live status: the recorded one, corrected by whether the init still runs, whether
+    /// `start` consumed the init socket, and the freezer. Needs the state root to find the socket.
+    pub fn refresh_in(&mut self, root: &Path) {
         let alive = self.init_alive();
+        let started = !Self::dir(root, &self.oci.id).join(INIT_SOCKET).exists();
         self.oci.status = match (self.oci.status, alive) {
             (_, false) => Status::Stopped,
             (Status::Creating, true) => Status::Creating,
-            (Status::Created, true) => Status::Created,
+            (Status::Created, true) if !started => Status::Created,
             (_, true) => {
                 if crate::cgroups::manager(&self.cgroup)
                     .map(|m| m.is_frozen())
@@ -161,6 +163,29 @@ mod tests {
         assert!(!validate_id(""));
         assert!(!validate_id("a/b"));
         assert!(!validate_id(&"x".repeat(129)));
+    }
+
+    #[test]
+    fn corrupt_state_is_a_clear_error() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("c1")).unwrap();
+        std::fs::write(
+            root.path().join("c1").join(STATE_FILE),
+            b"{\"ociVersion\": 1",
+        )
+        .unwrap();
+        let e = ContainerState::load(root.path(), "c1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("corrupt state file") && e.contains("delete --force"),
+            "{e}"
+        );
+        assert!(ContainerState::load(root.path(), "nope").unwrap().is_none());
+        // delete --force clears what it cannot parse.
+        assert!(crate::container_delete::delete(root.path(), "c1", false).is_err());
+        crate::container_delete::delete(root.path(), "c1", true).unwrap();
+        assert!(!root.path().join("c1").exists());
     }
 
     #[test]

@@ -104,6 +104,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn garbage_never_panics() {
+        let mut x = 0x1234_5678u32;
+        for len in 0..64 {
+            let mut b = vec![0u8; len];
+            for v in b.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *v = x as u8;
+            }
+            let _ = Msg::decode(&b);
+        }
+        assert_eq!(Msg::decode(b"P\x01"), None);
+        assert_eq!(Msg::decode(b""), None);
+    }
+
+    #[test]
     fn roundtrip() {
         let (a, b) = Channel::pair().unwrap();
         for m in [

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod client;
 pub mod error;
 pub mod inventory;
+pub mod jail;
 pub mod lifecycle;
 pub mod names;
 pub mod network;

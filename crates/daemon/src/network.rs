@@ -74,14 +74,23 @@ pub fn ensure_bridge(name: &str) -> Result<(), NetworkError> {
     ip(&["link", "set", name, "up"])
 }
 
-/// Creates a tap device attached to `bridge` (replacing a leftover one of the same name).
-pub fn create_tap(tap: &str, bridge: &str) -> Result<(), NetworkError> {
+/// Creates a tap device attached to `bridge` (replacing a leftover one of the same name); with
+/// `owner`, that unprivileged user (a jailed VMM) may attach to it.
+pub fn create_tap(tap: &str, bridge: &str, owner: Option<u32>) -> Result<(), NetworkError> {
     validate_ifname(tap)?;
     ensure_bridge(bridge)?;
     if link_exists(tap) {
         let _ = ip(&["link", "del", tap]);
     }
-    ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+    match owner {
+        Some(uid) => {
+            let uid = uid.to_string();
+            ip(&[
+                "tuntap", "add", "dev", tap, "mode", "tap", "user", &uid, "group", &uid,
+            ])?
+        }
+        None => ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?,
+    }
     ip(&["link", "set", tap, "master", bridge, "up"])
 }
 

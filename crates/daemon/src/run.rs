@@ -17,6 +17,8 @@ pub struct RunOptions {
     pub exe: PathBuf,
     /// The binary run as `VMM vmm --config ... --api-sock ...`.
     pub vmm_exe: PathBuf,
+    /// Jail every VMM (chroot, namespaces, unprivileged uid).
+    pub jail: bool,
     /// error, warn, info, debug or trace.
     pub log_level: String,
 }
@@ -51,6 +53,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             state_dir: opts.state_dir.clone(),
             exe: opts.exe.clone(),
             vmm_exe: opts.vmm_exe.clone(),
+            jail: opts.jail,
         })
         .await?;
         tracing::info!(

@@ -14,7 +14,6 @@ use axum::{Json, Router};
 use corefour_api::{StopRequest, VmCreate, VmLimits};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::error::DaemonError;
 use crate::lifecycle::Daemon;
@@ -32,6 +31,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{name}/kill"),
     ("post", "/v1/vms/{name}/pause"),
     ("post", "/v1/vms/{name}/resume"),
+    ("post", "/v1/vms/{name}/snapshot"),
     ("get", "/v1/vms/{name}/console"),
     ("get", "/v1/events"),
 ];
@@ -52,6 +52,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/kill", post(kill_vm))
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/events", get(events))
         .fallback(no_route)
@@ -136,6 +137,19 @@ async fn delete_vm(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn snapshot_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: crate::lifecycle::SnapshotRequest = if body.is_empty() {
+        Default::default()
+    } else {
+        parse_body(&body, "snapshot")?
+    };
+    Ok(Json(d.snapshot(&name, req).await?).into_response())
+}
+
 async fn start_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
     Ok(Json(d.start(&name).await?).into_response())
 }
@@ -206,60 +220,76 @@ async fn console(
     let q: ConsoleQuery = parse_query(q)?;
     let path = d.console_path(&name)?;
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if !q.follow {
-        let mut data = match tokio::fs::read(&path).await {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                return Err(DaemonError::io(
-                    format!("cannot read {}", path.display()),
-                    e,
-                ))
-            }
-        };
-        let off = usize::try_from(q.offset)
-            .unwrap_or(usize::MAX)
-            .min(data.len());
-        data.drain(..off);
-        return Ok((text, data).into_response());
-    }
+    // Sent in chunks of at most 1 MiB, so a long log never sits in memory whole.
+    let follow = q.follow;
+    let started = tokio::time::Instant::now();
     let stream = futures_util::stream::unfold(
-        (d, name, path, q.offset, false),
-        |(d, name, path, mut off, finished)| async move {
-            if finished {
-                return None;
-            }
+        (d, name, LogTail::new(path, q.offset)),
+        move |(d, name, mut tail)| async move {
             let mut backoff = Duration::from_millis(2);
             loop {
                 // Read the activity flag before the file: output written before the VMM exited is
                 // then always seen by the read that follows.
-                let active = d.is_active(&name);
-                let chunk = read_from(&path, off).await;
+                let active = follow && d.is_active(&name);
+                let chunk = tail.read();
                 if !chunk.is_empty() {
-                    off += chunk.len() as u64;
-                    return Some((Ok::<_, std::io::Error>(chunk), (d, name, path, off, false)));
+                    return Some((Ok::<_, std::io::Error>(chunk), (d, name, tail)));
                 }
                 if !active {
                     return None;
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(100));
+                // Fine-grained while a VM boots (a bench waits for its first line), coarse for a
+                // long-lived follower.
+                let cap = if started.elapsed() < Duration::from_secs(1) {
+                    4
+                } else {
+                    100
+                };
+                backoff = (backoff * 2).min(Duration::from_millis(cap));
             }
         },
     );
     Ok((text, Body::from_stream(stream)).into_response())
 }
 
-async fn read_from(path: &Path, off: u64) -> Vec<u8> {
-    let Ok(mut f) = tokio::fs::File::open(path).await else {
-        return Vec::new();
-    };
-    if f.seek(std::io::SeekFrom::Start(off)).await.is_err() {
-        return Vec::new();
+/// A console log read from an offset on, the file kept open between reads. Plain std I/O: a read
+/// of a local file that is being appended to does not block, and tokio's file type would cost a
+/// blocking-pool round trip per poll.
+struct LogTail {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+    off: u64,
+}
+
+impl LogTail {
+    fn new(path: PathBuf, off: u64) -> LogTail {
+        LogTail {
+            path,
+            file: None,
+            off,
+        }
     }
-    let mut buf = Vec::new();
-    let _ = (&mut f).take(1 << 20).read_to_end(&mut buf).await;
-    buf
+
+    /// Up to 1 MiB of new bytes (empty: nothing new yet, or no log yet).
+    fn read(&mut self) -> Vec<u8> {
+        use std::io::{Read, Seek};
+        if self.file.is_none() {
+            let Ok(mut f) = std::fs::File::open(&self.path) else {
+                return Vec::new();
+            };
+            if f.seek(std::io::SeekFrom::Start(self.off)).is_err() {
+                return Vec::new();
+            }
+            self.file = Some(f);
+        }
+        let mut buf = Vec::new();
+        if let Some(f) = &mut self.file {
+            let _ = f.take(1 << 20).read_to_end(&mut buf);
+        }
+        self.off += buf.len() as u64;
+        buf
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

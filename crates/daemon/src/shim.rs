@@ -7,7 +7,7 @@
 
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
@@ -16,6 +16,19 @@ pub const EXIT_FILE: &str = "exit";
 pub const CONFIG_FILE: &str = "vm.json";
 pub const API_SOCK: &str = "vmm.sock";
 pub const CONSOLE_LOG: &str = "console.log";
+/// "SHIM_PID SHIM_START VMM_PID", written by the shim once the VMM runs.
+pub const PIDS_FILE: &str = "pids";
+
+/// The pids a shim recorded in `vm_dir`, if any.
+pub fn read_pids(vm_dir: &Path) -> Option<crate::inventory::Pids> {
+    let text = std::fs::read_to_string(vm_dir.join(PIDS_FILE)).ok()?;
+    let mut f = text.split_whitespace();
+    Some(crate::inventory::Pids {
+        shim_pid: f.next()?.parse().ok()?,
+        shim_start: f.next()?.parse().ok()?,
+        vmm_pid: f.next()?.parse().ok()?,
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShimError {
@@ -31,6 +44,16 @@ pub enum ShimError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot join the VM's cgroup through {path}: {source}")]
+    Cgroup {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    #[error("cannot make a PID namespace for the jailed VMM: {0}")]
+    Namespace(#[source] std::io::Error),
     #[error("cannot wait for the VMM: {0}")]
     Wait(#[source] std::io::Error),
     #[error("cannot record the VMM's exit status in {path}: {source}")]
@@ -66,6 +89,16 @@ impl ExitRecord {
     }
 }
 
+/// Marks every fd from 3 up close-on-exec, so nothing the parent inherited (a build's jobserver
+/// pipe, a caller's sockets) leaks into a VMM. Async-signal-safe: one syscall.
+pub fn cloexec_from_3() {
+    const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+    // SAFETY: close_range takes plain integers; with CLOEXEC it only sets a flag on open fds.
+    unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+    }
+}
+
 pub fn read_exit(vm_dir: &Path) -> Option<ExitRecord> {
     let text = std::fs::read_to_string(vm_dir.join(EXIT_FILE)).ok()?;
     serde_json::from_str(&text).ok()
@@ -74,7 +107,24 @@ pub fn read_exit(vm_dir: &Path) -> Option<ExitRecord> {
 /// Runs in the shim process: starts `vmm_exe vmm --config vm.json --api-sock vmm.sock` with its
 /// output appended to console.log, reports the VMM pid on stdout (a pipe to the daemon), waits,
 /// and records the exit. Returns the shim's own exit code.
-pub fn run(vm_dir: &Path, vmm_exe: &Path) -> Result<i32, ShimError> {
+pub fn run(
+    vm_dir: &Path,
+    vmm_exe: &Path,
+    jail_uid: Option<u32>,
+    cgroup_procs: &[PathBuf],
+) -> Result<i32, ShimError> {
+    // Its own session: no terminal or process-group signal aimed at the daemon reaches the VM.
+    // SAFETY: setsid has no preconditions; failing (already a group leader) changes nothing.
+    unsafe {
+        libc::setsid();
+    }
+    cloexec_from_3();
+    for p in cgroup_procs {
+        std::fs::write(p, std::process::id().to_string()).map_err(|source| ShimError::Cgroup {
+            path: p.display().to_string(),
+            source,
+        })?;
+    }
     // The shim outlives terminal hang-ups and a daemon's Ctrl-C: it must record the exit.
     // SAFETY: setting signal dispositions to SIG_IGN has no preconditions.
     unsafe {
@@ -97,15 +147,35 @@ pub fn run(vm_dir: &Path, vmm_exe: &Path) -> Result<i32, ShimError> {
         source,
     })?;
     let _ = std::fs::remove_file(vm_dir.join(EXIT_FILE));
-    let mut cmd = Command::new(vmm_exe);
-    cmd.arg("vmm")
-        .arg("--config")
-        .arg(vm_dir.join(CONFIG_FILE))
-        .arg("--api-sock")
-        .arg(vm_dir.join(API_SOCK))
-        .stdin(Stdio::null())
-        .stdout(console)
-        .stderr(console2);
+    let jail = match jail_uid {
+        Some(uid) => {
+            let j = crate::jail::prepare(vm_dir, vmm_exe, uid)?;
+            crate::jail::new_pid_namespace().map_err(ShimError::Namespace)?;
+            Some(j)
+        }
+        None => None,
+    };
+    let mut cmd = match &jail {
+        Some(j) => {
+            let mut c = Command::new(&j.exe_inside);
+            c.arg("vmm")
+                .arg("--config")
+                .arg(&j.config_inside)
+                .arg("--api-sock")
+                .arg(&j.sock_inside);
+            c
+        }
+        None => {
+            let mut c = Command::new(vmm_exe);
+            c.arg("vmm")
+                .arg("--config")
+                .arg(vm_dir.join(CONFIG_FILE))
+                .arg("--api-sock")
+                .arg(vm_dir.join(API_SOCK));
+            c
+        }
+    };
+    cmd.stdin(Stdio::null()).stdout(console).stderr(console2);
     // The VMM gets default signal dispositions back (SIGTERM means graceful shutdown to it).
     // SAFETY: the closure runs between fork and exec and only calls async-signal-safe `signal`.
     unsafe {
@@ -114,14 +184,30 @@ pub fn run(vm_dir: &Path, vmm_exe: &Path) -> Result<i32, ShimError> {
             libc::signal(libc::SIGINT, libc::SIG_DFL);
             libc::signal(libc::SIGTERM, libc::SIG_DFL);
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            cloexec_from_3();
             Ok(())
         });
     }
+    if let Some(j) = jail {
+        // SAFETY: `enter` only makes raw syscalls on data prepared before the fork (see jail.rs).
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || j.enter());
+        }
+    }
+    // Last: the filter denies the mount/chroot calls the jail needs.
     crate::seccomp::apply_to(&mut cmd);
     let mut child = cmd.spawn().map_err(|source| ShimError::Spawn {
         exe: vmm_exe.display().to_string(),
         source,
     })?;
+    // For a daemon that dies before it records this start: the next one adopts the VM from here.
+    let me = std::process::id() as i32;
+    let pids = format!(
+        "{me} {} {}\n",
+        crate::lifecycle::start_time(me).unwrap_or(0),
+        child.id()
+    );
+    let _ = std::fs::write(vm_dir.join(PIDS_FILE), pids);
     {
         let mut out = std::io::stdout().lock();
         // The daemon may have died meanwhile; the VM runs on regardless.

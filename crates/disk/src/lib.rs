@@ -5,6 +5,7 @@
 //! ([`Discard`]) and resize ([`Resizable`]). [`Image`] is the opened image of any format, and
 //! hands out the capabilities it has.
 
+mod blockmap;
 mod error;
 mod host;
 pub mod storage;

@@ -206,8 +206,11 @@ impl TreeReport {
     }
 }
 
+/// Counts the tree's own filesystem only: other filesystems mounted below it (/proc, /sys, a
+/// separate /home) are not copied either.
 fn tree_usage(dir: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).map(|m| m.dev()).unwrap_or(0);
     let (mut bytes, mut files) = (0u64, 0u64);
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -221,12 +224,37 @@ fn tree_usage(dir: &Path) -> (u64, u64) {
             files += 1;
             // Round every file up to a 4 KiB block, plus an inode's worth.
             bytes += m.size().div_ceil(4096) * 4096 + 256;
-            if m.is_dir() {
+            if m.is_dir() && m.dev() == dev {
                 stack.push(e.path());
             }
         }
     }
     (bytes, files)
+}
+
+/// Mount points strictly below `tree`, from /proc/self/mountinfo.
+fn submounts(tree: &Path) -> Vec<PathBuf> {
+    let Ok(canon) = std::fs::canonicalize(tree) else {
+        return Vec::new();
+    };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let unescape = |s: &str| {
+        s.replace("\\040", " ")
+            .replace("\\011", "\t")
+            .replace("\\012", "\n")
+            .replace("\\134", "\\")
+    };
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape(m)))
+        .filter(|m| m.starts_with(&canon) && *m != canon)
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// The root filesystem's UUID from the tree's fstab, so the new filesystem can keep it.
@@ -279,8 +307,36 @@ pub fn from_tree(tree: &Path, out: &Path, format: Format, size: Option<u64>) -> 
     let _cleanup = RemoveOnDrop(tmp.clone());
     RawImage::create(&tmp, size)?;
     let keep_uuid = fstab_root_uuid(tree);
-    let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-L", "root", "-d"]).arg(tree);
+    let mounts = submounts(tree);
+    let mnt = tmp.with_extension("root");
+    let _cleanup_mnt = RemoveDirOnDrop(mnt.clone());
+    let mut cmd = if mounts.is_empty() {
+        let mut c = Command::new("mkfs.ext4");
+        c.args(["-q", "-F", "-L", "root", "-d"]).arg(tree);
+        c
+    } else {
+        // A running system's root has /proc, /sys, /dev... mounted inside it. A non-recursive
+        // bind mount shows only the tree's own filesystem; doing it in a private mount
+        // namespace leaves the host's mount table untouched.
+        // SAFETY: geteuid only reads the process's credentials.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(DiskError::Invalid(format!(
+                "{} has other filesystems mounted below it ({}); run as root so only its own filesystem is copied",
+                tree.display(),
+                mounts.iter().take(5).map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        std::fs::create_dir_all(&mnt).map_err(|e| DiskError::io(&mnt, "mkdir", 0, e))?;
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$1" "$2" && shift 2 && exec mkfs.ext4 "$@""#)
+            .arg("sh")
+            .arg(tree)
+            .arg(&mnt)
+            .args(["-q", "-F", "-L", "root", "-d"])
+            .arg(&mnt);
+        c
+    };
     if let Some(u) = &keep_uuid {
         cmd.args(["-U", u]);
     }
@@ -315,11 +371,24 @@ pub fn from_tree(tree: &Path, out: &Path, format: Format, size: Option<u64>) -> 
                 out,
                 format,
                 &CreateOptions::default(),
+                true,
                 &mut |_, _| {},
             )?;
         }
     }
     let mut findings = Vec::new();
+    if !mounts.is_empty() {
+        finding(
+            &mut findings,
+            "ok",
+            "filesystems",
+            format!(
+                "left out {} filesystem(s) mounted below the tree ({}); give separate ones (e.g. /home) their own disk",
+                mounts.len(),
+                mounts.iter().take(8).map(|m| m.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
     inspect_fstab(tree, &uuid, keep_uuid.is_some(), &mut findings);
     inspect_drivers(tree, &mut findings);
     inspect_network(tree, &mut findings);
@@ -333,6 +402,13 @@ pub fn from_tree(tree: &Path, out: &Path, format: Format, size: Option<u64>) -> 
         files,
         findings,
     })
+}
+
+struct RemoveDirOnDrop(PathBuf);
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -96,6 +96,10 @@ fn kill9_mid_write_leaves_consistent_image() {
                 }
             }
         }
+        // Land the kill at a random point inside a later write, not right after an ack.
+        std::thread::sleep(std::time::Duration::from_micros(
+            Rng(round + 11).below(3000),
+        ));
         child.kill().unwrap(); // SIGKILL
         for line in lines.map_while(Result::ok) {
             if let Some(n) = line.strip_prefix("ACK ") {

@@ -91,6 +91,15 @@ pub trait Vm: Send + Sync {
 
     /// A short name for messages: "kvm", "emu".
     fn backend_name(&self) -> &'static str;
+
+    /// VM-wide state beyond the vCPUs (in-kernel irqchip, PIT, clock), for snapshots and
+    /// migration (opaque to the VMM).
+    fn save_state(&self) -> Result<CpuState> {
+        Err(HypervisorError::Unsupported("VM state save"))
+    }
+    fn restore_state(&self, _state: &CpuState) -> Result<()> {
+        Err(HypervisorError::Unsupported("VM state restore"))
+    }
 }
 
 /// One virtual CPU.

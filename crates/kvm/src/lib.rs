@@ -96,3 +96,58 @@ impl Hypervisor for Kvm {
         "kvm"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corefour_hypervisor::{VmExit, VmOps};
+
+    struct NoDevices;
+    impl VmOps for NoDevices {
+        fn pio_read(&self, _: u16, d: &mut [u8]) {
+            d.fill(0xff);
+        }
+        fn pio_write(&self, _: u16, _: &[u8]) {}
+        fn mmio_read(&self, _: u64, d: &mut [u8]) {
+            d.fill(0xff);
+        }
+        fn mmio_write(&self, _: u64, _: &[u8]) {}
+    }
+
+    fn kvm() -> Option<Kvm> {
+        match Kvm::new() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("SKIP: KVM unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn vcpu_counts_are_checked() {
+        let Some(k) = kvm() else { return };
+        assert!(matches!(k.create_vm(0), Err(HypervisorError::Invalid(_))));
+        assert!(matches!(
+            k.create_vm(k.max_vcpus() + 1),
+            Err(HypervisorError::Invalid(_))
+        ));
+        let vm = k.create_vm(2).unwrap();
+        assert_eq!(vm.backend_name(), "kvm");
+        assert!(vm.create_vcpu(2, Arc::new(NoDevices)).is_err());
+    }
+
+    #[test]
+    fn a_kick_before_run_makes_run_return_interrupted() {
+        let Some(k) = kvm() else { return };
+        let vm = k.create_vm(1).unwrap();
+        let mut vcpu = vm.create_vcpu(0, Arc::new(NoDevices)).unwrap();
+        let kicker = vcpu.kicker();
+        kicker.kick();
+        assert_eq!(vcpu.run().unwrap(), VmExit::Interrupted);
+        // The kick is consumed: registers are still readable and the kicker outlives the vCPU.
+        assert!(vcpu.regs().is_ok());
+        drop(vcpu);
+        kicker.kick();
+    }
+}

@@ -139,15 +139,24 @@ fn msrs_of(indices: &[u32]) -> Result<Msrs> {
         .map_err(|e| HypervisorError::Invalid(format!("too many MSRs ({}): {e:?}", entries.len())))
 }
 
+/// The candidates a vCPU actually returned last time: probing costs an ioctl per refused
+/// MSR, and the second save (the one inside a migration's downtime) should not pay it again.
+static READABLE: std::sync::Mutex<Option<Vec<u32>>> = std::sync::Mutex::new(None);
+
 /// Reads every readable MSR, dropping the ones this vCPU refuses.
 fn read_msrs(fd: &VcpuFd) -> Result<Vec<kvm_msr_entry>> {
-    let mut indices = msr_candidates()?.to_vec();
+    let cached = READABLE.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut indices = match cached {
+        Some(v) => v,
+        None => msr_candidates()?.to_vec(),
+    };
     loop {
         let mut msrs = msrs_of(&indices)?;
         let n = fd
             .get_msrs(&mut msrs)
             .map_err(|e| os_err("KVM_GET_MSRS", e))?;
         if n >= indices.len() {
+            *READABLE.lock().unwrap_or_else(|p| p.into_inner()) = Some(indices);
             return Ok(msrs.as_slice().to_vec());
         }
         indices.remove(n);
@@ -270,6 +279,8 @@ pub fn restore_vcpu(fd: &VcpuFd, s: &KvmVcpuState) -> Result<()> {
 
 /// Saves the VM-wide state. `irqchip`/`pit` say whether the VM has them (as created).
 pub fn save_vm(fd: &VmFd, irqchip: bool, pit: bool) -> Result<KvmVmState> {
+    // Opens /dev/kvm once per process; do it here, outside any vCPU pause, when possible.
+    msr_candidates()?;
     let mut irqchips = Vec::new();
     if irqchip {
         for chip_id in [

@@ -1,11 +1,13 @@
 //! One KVM vCPU: registers, CPUID, and the KVM_RUN loop that hands port and MMIO accesses to
 //! the VMM's `VmOps`.
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use corefour_hypervisor::{Regs, Result, SpecialRegs, Vcpu, VcpuKicker, VmExit, VmOps};
 use kvm_bindings::{
-    kvm_mp_state, CpuId, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_mp_state, kvm_sregs, CpuId, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
@@ -17,6 +19,10 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     ops: Arc<dyn VmOps>,
     kick: Arc<KickState>,
+    /// The special registers as last read or written while the vCPU did not run: `set_sregs`
+    /// needs KVM's full struct (the neutral type lacks the interrupt bitmap), and every vCPU
+    /// ioctl costs a vcpu_load, which is slow on nested kvm_pvm.
+    sregs: Cell<Option<kvm_sregs>>,
 }
 
 /// The supported CPUID, with this vCPU's APIC id where the guest looks for it.
@@ -58,7 +64,20 @@ impl KvmVcpu {
             fd,
             ops,
             kick: KickState::new(immediate_exit),
+            sregs: Cell::new(None),
         })
+    }
+
+    fn kvm_sregs(&self) -> Result<kvm_sregs> {
+        if let Some(s) = self.sregs.get() {
+            return Ok(s);
+        }
+        let s = self
+            .fd
+            .get_sregs()
+            .map_err(|e| os_err("KVM_GET_SREGS", e))?;
+        self.sregs.set(Some(s));
+        Ok(s)
     }
 
     fn internal_error(&mut self) -> String {
@@ -94,25 +113,23 @@ impl Vcpu for KvmVcpu {
     }
 
     fn sregs(&self) -> Result<SpecialRegs> {
-        let s = self
-            .fd
-            .get_sregs()
-            .map_err(|e| os_err("KVM_GET_SREGS", e))?;
+        let s = self.kvm_sregs()?;
         Ok(sregs_from_kvm(&s))
     }
 
     fn set_sregs(&mut self, sregs: &SpecialRegs) -> Result<()> {
-        let mut k = self
-            .fd
-            .get_sregs()
-            .map_err(|e| os_err("KVM_GET_SREGS", e))?;
+        let mut k = self.kvm_sregs()?;
         sregs_to_kvm(sregs, &mut k);
+        self.sregs.set(None);
         self.fd
             .set_sregs(&k)
-            .map_err(|e| os_err("KVM_SET_SREGS", e))
+            .map_err(|e| os_err("KVM_SET_SREGS", e))?;
+        self.sregs.set(Some(k));
+        Ok(())
     }
 
     fn run(&mut self) -> Result<VmExit> {
+        self.sregs.set(None);
         self.kick.set_thread();
         loop {
             let ops = &*self.ops;
@@ -156,6 +173,14 @@ impl Vcpu for KvmVcpu {
             };
             return Ok(exit);
         }
+    }
+
+    fn save_state(&self) -> Result<corefour_hypervisor::CpuState> {
+        crate::state::save_vcpu_state(&self.fd, None)
+    }
+
+    fn restore_state(&mut self, state: &corefour_hypervisor::CpuState) -> Result<()> {
+        crate::state::restore_vcpu_state(&self.fd, state)
     }
 
     fn kicker(&self) -> Arc<dyn VcpuKicker> {

@@ -1,6 +1,7 @@
 //! One KVM VM: memory slots, the in-kernel irqchip and PIT, vCPU creation.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use corefour_hypervisor::{HypervisorError, MemoryRegion, Result, Vcpu, Vm, VmOps};
 use kvm_bindings::{
@@ -18,10 +19,14 @@ const TSS_ADDR: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
 pub struct KvmVm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
     cpuid: CpuId,
     vcpus: u32,
     irqchip: bool,
+    /// KVM_CREATE_PIT2 starts a kernel thread, which on a loaded host can take milliseconds; it
+    /// runs beside the VMM's memory registration (an SRCU grace period, also milliseconds) and
+    /// is waited for before the first vCPU is created.
+    pit: Mutex<Option<JoinHandle<Result<()>>>>,
 }
 
 impl KvmVm {
@@ -35,14 +40,32 @@ impl KvmVm {
         // IOAPIC; the PIT gives it a timer. Both are optional for the test guests, so a host
         // without them still runs (HLT then comes back as `VmExit::Halt`).
         let irqchip = fd.check_extension(Cap::Irqchip) && fd.create_irq_chip().is_ok();
-        if irqchip && fd.check_extension(Cap::Pit2) {
-            let pit = kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
+        let fd = Arc::new(fd);
+        let pit = if irqchip && fd.check_extension(Cap::Pit2) {
+            let fd = fd.clone();
+            let create = move || {
+                let pit = kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                };
+                fd.create_pit2(pit)
+                    .map_err(|e| os_err("KVM_CREATE_PIT2", e))
             };
-            fd.create_pit2(pit)
-                .map_err(|e| os_err("KVM_CREATE_PIT2", e))?;
-        }
+            match std::thread::Builder::new()
+                .name("kvm-pit".into())
+                .stack_size(64 * 1024)
+                .spawn(create.clone())
+            {
+                Ok(t) => Some(t),
+                // No thread to spare: create it here.
+                Err(_) => {
+                    create()?;
+                    None
+                }
+            }
+        } else {
+            None
+        };
         // Long mode needs CPUID set on each vCPU first (kvm_pvm refuses EFER.LMA otherwise).
         let cpuid = sys
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -52,7 +75,21 @@ impl KvmVm {
             cpuid,
             vcpus,
             irqchip,
+            pit: Mutex::new(pit),
         })
+    }
+
+    /// Waits for the PIT (see `pit`), reporting its error once.
+    fn pit_ready(&self) -> Result<()> {
+        let pending = self.pit.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match pending {
+            None => Ok(()),
+            Some(t) => t.join().unwrap_or_else(|_| {
+                Err(HypervisorError::Invalid(
+                    "the PIT creation thread failed".into(),
+                ))
+            }),
+        }
     }
 
     /// Whether HLT waits in the kernel for an interrupt (true) or exits to the VMM.
@@ -89,6 +126,7 @@ impl Vm for KvmVm {
                 self.vcpus
             )));
         }
+        self.pit_ready()?;
         let fd = self
             .fd
             .create_vcpu(u64::from(index))
@@ -119,6 +157,15 @@ impl Vm for KvmVm {
         self.fd
             .get_dirty_log(slot, size)
             .map_err(|e| os_err("KVM_GET_DIRTY_LOG", e))
+    }
+
+    fn save_state(&self) -> Result<corefour_hypervisor::CpuState> {
+        let pit = self.irqchip && self.fd.check_extension(Cap::Pit2);
+        crate::state::save_vm_state(&self.fd, self.irqchip, pit)
+    }
+
+    fn restore_state(&self, state: &corefour_hypervisor::CpuState) -> Result<()> {
+        crate::state::restore_vm_state(&self.fd, state)
     }
 
     fn backend_name(&self) -> &'static str {

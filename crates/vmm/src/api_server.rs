@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::control::{Control, ControlError, Outcome};
 
 const MAX_HEAD: usize = 16 * 1024;
+const MAX_CONNECTIONS: usize = 16;
 const MAX_BODY: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,8 @@ pub struct VmInfo {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub backend: &'static str,
+    /// The virtio-balloon, if the VM has one (`/balloon`, see virtio_devices::balloon_api).
+    pub balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
 }
 
 #[derive(Serialize)]
@@ -47,6 +50,30 @@ struct VmState<'a> {
     memory_mib: u64,
     backend: &'a str,
     pid: u32,
+}
+
+/// One of MAX_CONNECTIONS connection slots, given back on drop.
+struct Slot(Arc<(Mutex<usize>, Condvar)>);
+
+impl Slot {
+    fn take(active: &Arc<(Mutex<usize>, Condvar)>) -> Slot {
+        let (count, cv) = &**active;
+        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        while *n >= MAX_CONNECTIONS {
+            n = cv.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+        *n += 1;
+        Slot(active.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let (count, cv) = &*self.0;
+        let mut n = count.lock().unwrap_or_else(|p| p.into_inner());
+        *n -= 1;
+        cv.notify_one();
+    }
 }
 
 /// Stops the server and removes the socket file when dropped.
@@ -64,7 +91,20 @@ impl Drop for ApiHandle {
     }
 }
 
-pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHandle, ApiError> {
+/// The requests that need the whole VM (memory, vCPUs, devices) rather than its run state:
+/// snapshots and migration. Each returns the JSON to answer with, or (status, message).
+pub trait StateApi: Send + Sync {
+    fn snapshot(&self, body: &[u8]) -> Result<serde_json::Value, (u16, String)>;
+    /// On success the VM lives elsewhere: the server ends this VMM after answering.
+    fn migrate(&self, body: &[u8]) -> Result<serde_json::Value, (u16, String)>;
+}
+
+pub fn start(
+    path: &Path,
+    info: VmInfo,
+    control: Arc<Control>,
+    state: Option<Arc<dyn StateApi>>,
+) -> Result<ApiHandle, ApiError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(ApiError::InUse {
@@ -80,6 +120,7 @@ pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHand
     })?;
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
+    let active = Arc::new((Mutex::new(0usize), Condvar::new()));
     std::thread::Builder::new()
         .name("api".into())
         .stack_size(256 * 1024)
@@ -88,12 +129,22 @@ pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHand
                 if stop2.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Ok(conn) = conn {
-                    // One client at a time is plenty for a per-VM socket; a stuck client is
-                    // cut off by the timeout instead of blocking the daemon forever.
-                    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-                    serve(conn, &info, &control);
-                }
+                let Ok(conn) = conn else { continue };
+                // A thread per connection: an HTTP client keeps idle connections open in its
+                // pool, and one of those must not hold up the next request. A connection that
+                // stays idle is closed after the timeout; past MAX_CONNECTIONS new ones wait.
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                let slot = Slot::take(&active);
+                let (info, control, state) = (info.clone(), control.clone(), state.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("api-conn".into())
+                    .stack_size(128 * 1024)
+                    .spawn(move || {
+                        let _slot = slot;
+                        serve(conn, &info, &control, state.as_deref());
+                    });
+                // Without a thread the connection is dropped; the client sees it closed.
+                drop(spawned);
             }
         })
         .map_err(ApiError::Thread)?;
@@ -107,6 +158,7 @@ pub fn start(path: &Path, info: VmInfo, control: Arc<Control>) -> Result<ApiHand
 struct Request {
     method: String,
     path: String,
+    body: Vec<u8>,
     close: bool,
 }
 
@@ -162,6 +214,7 @@ fn read_request(r: &mut BufReader<UnixStream>) -> Result<Option<Request>, String
     Ok(Some(Request {
         method: req.method.unwrap_or("").to_string(),
         path: req.path.unwrap_or("").to_string(),
+        body,
         close,
     }))
 }
@@ -197,7 +250,20 @@ fn control_error(e: ControlError) -> Response {
     }
 }
 
-fn route(req: &Request, info: &VmInfo, control: &Arc<Control>) -> Response {
+fn json_ok(v: serde_json::Value) -> Response {
+    Response {
+        status: 200,
+        body: Some(v.to_string()),
+        after: None,
+    }
+}
+
+fn route(
+    req: &Request,
+    info: &VmInfo,
+    control: &Arc<Control>,
+    state: Option<&dyn StateApi>,
+) -> Response {
     let path = req.path.split('?').next().unwrap_or("");
     match (req.method.as_str(), path) {
         ("GET", "/vm") => {
@@ -229,9 +295,40 @@ fn route(req: &Request, info: &VmInfo, control: &Arc<Control>) -> Response {
                 after: Some(Box::new(move || c.finish(Outcome::Shutdown))),
             }
         }
-        (_, "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown") => {
-            fault(400, format!("{} is not allowed on {path}", req.method))
+        (method, "/balloon") => {
+            let query = req.path.split_once('?').map_or("", |(_, q)| q);
+            let (status, body) =
+                crate::virtio_devices::balloon_api(info.balloon.as_ref(), method, query);
+            Response {
+                status,
+                body,
+                after: None,
+            }
         }
+        ("PUT", "/vm/snapshot") => match state {
+            Some(st) => st
+                .snapshot(&req.body)
+                .map_or_else(|(code, msg)| fault(code, msg), json_ok),
+            None => fault(400, "snapshots are not available on this VMM"),
+        },
+        ("PUT", "/vm/migrate") => match state {
+            Some(st) => match st.migrate(&req.body) {
+                Ok(v) => {
+                    let c = control.clone();
+                    Response {
+                        status: 200,
+                        body: Some(v.to_string()),
+                        after: Some(Box::new(move || c.finish(Outcome::Shutdown))),
+                    }
+                }
+                Err((code, msg)) => fault(code, msg),
+            },
+            None => fault(400, "migration is not available on this VMM"),
+        },
+        (
+            _,
+            "/vm" | "/vm/pause" | "/vm/resume" | "/vm/shutdown" | "/vm/snapshot" | "/vm/migrate",
+        ) => fault(400, format!("{} is not allowed on {path}", req.method)),
         _ => fault(404, format!("no such resource: {path}")),
     }
 }
@@ -266,7 +363,7 @@ fn write_response(w: &mut UnixStream, resp: &Response, close: bool) -> std::io::
     w.flush()
 }
 
-fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>) {
+fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>, state: Option<&dyn StateApi>) {
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };
@@ -275,7 +372,7 @@ fn serve(conn: UnixStream, info: &VmInfo, control: &Arc<Control>) {
         match read_request(&mut reader) {
             Ok(None) => return,
             Ok(Some(req)) => {
-                let resp = route(&req, info, control);
+                let resp = route(&req, info, control, state);
                 let ok = write_response(&mut writer, &resp, req.close).is_ok();
                 if let Some(after) = resp.after {
                     after();
@@ -311,11 +408,11 @@ mod tests {
             let (mut client, server) = UnixStream::pair().unwrap();
             client.write_all(&bytes).unwrap();
             client.shutdown(std::net::Shutdown::Write).unwrap();
-            let info = VmInfo { vcpus: 1, memory_mib: 1, backend: "kvm" };
+            let info = VmInfo { vcpus: 1, memory_mib: 1, backend: "kvm", balloon: None };
             let control = Control::new(1);
             // A pause with no vCPU thread would wait; keep the fake VM stopping instead.
             control.finish(Outcome::Shutdown);
-            serve(server, &info, &control);
+            serve(server, &info, &control, None);
             let mut out = Vec::new();
             let _ = client.read_to_end(&mut out);
         }
@@ -339,13 +436,16 @@ mod tests {
             vcpus: 1,
             memory_mib: 64,
             backend: "kvm",
+            balloon: None,
         };
-        let h = start(&sock, info.clone(), control.clone()).unwrap();
+        let h = start(&sock, info.clone(), control.clone(), None).unwrap();
         assert!(matches!(
-            start(&sock, info, control.clone()),
+            start(&sock, info, control.clone(), None),
             Err(ApiError::InUse { .. })
         ));
 
+        // An idle keep-alive connection (as a client's pool holds) must not block others.
+        let _idle = UnixStream::connect(&sock).unwrap();
         let get = "GET /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
         let r = request(&sock, get);
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");

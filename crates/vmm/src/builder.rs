@@ -1,11 +1,11 @@
 //! Building one VM from its config, then running it to its outcome.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use corefour_devices::{Console, GuestEvents};
-use corefour_hypervisor::{HypervisorError, Vcpu, Vm};
+use corefour_hypervisor::{HypervisorError, Vm};
 
 use crate::backend::{self, BackendError};
 use crate::boot::{self, BootError, BootPlan};
@@ -13,6 +13,7 @@ use crate::config::{ConfigError, VmConfig};
 use crate::control::{Control, Outcome};
 use crate::machine;
 use crate::memory::{self, GuestMem, MemoryError};
+use crate::vcpu_thread::SharedVcpu;
 use crate::{api_server, signals, vcpu_thread};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub enum VmmError {
         #[source]
         source: HypervisorError,
     },
+    #[error(transparent)]
+    Virtio(#[from] crate::virtio_devices::VirtioSetupError),
     #[error("cannot place devices: {0}")]
     Devices(#[from] corefour_devices::BusError),
     #[error("cannot start a vCPU thread: {0}")]
@@ -54,6 +57,8 @@ pub struct RunOptions {
     pub api_sock: Option<PathBuf>,
     /// Route SIGTERM/SIGINT to a graceful shutdown (the CLI sets it; tests in-process do not).
     pub handle_signals: bool,
+    /// Feed the process's stdin to the guest's COM1.
+    pub forward_stdin: bool,
 }
 
 /// What the run produced.
@@ -65,25 +70,31 @@ pub struct RunReport {
     pub rss_bytes: u64,
     pub anon_bytes: u64,
     pub guest_resident_bytes: u64,
+    /// Each vCPU's registers when it stopped (None where the backend could not say).
+    pub final_regs: Vec<Option<corefour_hypervisor::Regs>>,
 }
 
 /// A VM ready to run: memory loaded, vCPUs at the entry, devices on the buses.
 pub struct Vmm {
-    config: VmConfig,
-    backend: &'static str,
-    backend_why: String,
+    pub(crate) config: VmConfig,
+    pub(crate) backend: &'static str,
+    pub(crate) backend_why: String,
     // Field order is drop order: vCPUs go before the VM, the VM before the memory it maps.
-    vcpus: Vec<Box<dyn Vcpu>>,
-    _vm: Arc<dyn Vm>,
-    mem: GuestMem,
-    control: Arc<Control>,
-    console: Console,
+    pub(crate) vcpus: Vec<SharedVcpu>,
+    pub(crate) _machine: Arc<machine::Machine>,
+    pub(crate) vm: Arc<dyn Vm>,
+    pub(crate) mem: GuestMem,
+    pub(crate) control: Arc<Control>,
+    pub(crate) balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
+    pub(crate) console: Console,
+    pub(crate) serial: Arc<corefour_devices::legacy::Serial>,
 }
 
 impl Vmm {
     /// Checks the config, loads the guest and creates the VM; nothing runs yet.
     pub fn build(config: VmConfig, console: Console) -> Result<Self, VmmError> {
         config.validate()?;
+        let config = crate::virtio_devices::add_to_cmdline(config);
         let mem = memory::allocate(config.memory_mib)?;
         let plan: BootPlan = boot::prepare(&mem, &config)?;
         let picked = backend::open(config.backend)?;
@@ -98,7 +109,14 @@ impl Vmm {
         memory::register(&mem, vm.as_ref())?;
         let control = Control::new(config.vcpus);
         let events: Arc<dyn GuestEvents> = control.clone();
-        let ops = machine::build(&vm, console.clone(), events)?;
+        let virtio = crate::virtio_devices::create(&config, &mem, &vm)?;
+        let mut pio = virtio.pio;
+        if plan.linux.is_some() {
+            let pm = Arc::new(crate::acpi::PmRegisters::new(events.clone()));
+            let base = u64::from(crate::acpi::PM_BASE_PORT);
+            pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
+        }
+        let (ops, serial) = machine::build_with(&vm, console.clone(), events, virtio.mmio, pio)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let mut vcpu = vm
@@ -106,17 +124,20 @@ impl Vmm {
                 .map_err(|source| VmmError::CreateVcpu { index, source })?;
             boot::setup_vcpu(vcpu.as_mut(), &plan, index)?;
             control.add_kicker(vcpu.kicker());
-            vcpus.push(vcpu);
+            vcpus.push(Arc::new(Mutex::new(vcpu)));
         }
         Ok(Self {
             config,
             backend: name,
             backend_why: picked.why,
             vcpus,
-            _vm: vm,
+            _machine: ops,
+            vm,
             mem,
             control,
+            balloon: virtio.balloon,
             console,
+            serial,
         })
     }
 
@@ -132,7 +153,7 @@ impl Vmm {
     /// Runs the VM until the guest exits, resets, times out or is shut down.
     pub fn run(mut self, opts: RunOptions) -> Result<RunReport, VmmError> {
         if opts.handle_signals {
-            signals::route_to(self.control.clone())?;
+            signals::block()?;
         }
         let api = match &opts.api_sock {
             Some(path) => Some(api_server::start(
@@ -141,13 +162,19 @@ impl Vmm {
                     vcpus: self.config.vcpus,
                     memory_mib: self.config.memory_mib,
                     backend: self.backend,
+                    balloon: self.balloon.clone(),
                 },
                 self.control.clone(),
+                Some(Arc::new(crate::snapshot::handle::StateHandle::new(&self))),
             )?),
             None => None,
         };
         let mut threads = Vec::new();
-        for (index, vcpu) in (0u32..).zip(self.vcpus.drain(..)) {
+        // vCPU threads first, helpers after: on a loaded host a new thread can wait
+        // milliseconds for a CPU, and the guest's first instruction should not queue behind
+        // threads that only wait for signals or input. (Each vCPU keeps its own thread named
+        // vcpuN: the daemon pins them by name.)
+        for (index, vcpu) in (0u32..).zip(std::mem::take(&mut self.vcpus)) {
             match vcpu_thread::spawn(index, vcpu, self.control.clone()) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
@@ -155,6 +182,14 @@ impl Vmm {
                     return Err(VmmError::Thread(e));
                 }
             }
+        }
+        if opts.handle_signals {
+            if let Err(e) = signals::spawn_handler(self.control.clone()) {
+                self.control.finish(Outcome::Error(e.to_string()));
+            }
+        }
+        if opts.forward_stdin {
+            machine::forward_input(self.serial.clone(), std::io::stdin());
         }
         let console = self.console.clone();
         let outcome = self
@@ -176,6 +211,7 @@ impl Vmm {
             rss_bytes: self_status_bytes("VmRSS:"),
             anon_bytes: self_status_bytes("RssAnon:"),
             guest_resident_bytes: memory::resident_bytes(&self.mem),
+            final_regs: self.control.final_regs(),
         })
     }
 }

@@ -75,6 +75,14 @@ pub struct DiskConfig {
     pub path: PathBuf,
     #[serde(default)]
     pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    #[serde(default)]
+    pub direct: bool,
+    /// virtio-blk serial (GET_ID), at most 20 bytes.
+    #[serde(default)]
+    pub serial: Option<String>,
+    #[serde(default)]
+    pub rate_limit: crate::virtio_devices::RateLimitConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +91,10 @@ pub struct NetConfig {
     pub tap: String,
     #[serde(default)]
     pub mac: Option<String>,
+    #[serde(default)]
+    pub rx_rate_limit: crate::virtio_devices::RateLimitConfig,
+    #[serde(default)]
+    pub tx_rate_limit: crate::virtio_devices::RateLimitConfig,
 }
 
 /// One VM. Field names are the contract with the daemon (notes/vmm-contract.md).
@@ -106,6 +118,16 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     #[serde(default)]
     pub nets: Vec<NetConfig>,
+    /// virtio-rng fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
+    #[serde(default)]
+    pub vsock: Option<crate::virtio_devices::VsockConfig>,
+    #[serde(default)]
+    pub balloon: Option<crate::virtio_devices::BalloonConfig>,
+    /// How virtio devices attach: virtio-mmio windows (default) or PCI functions.
+    #[serde(default)]
+    pub virtio_transport: crate::virtio_devices::VirtioTransport,
 }
 
 fn default_vcpus() -> u32 {
@@ -128,6 +150,10 @@ impl VmConfig {
             timeout_secs: None,
             disks: Vec::new(),
             nets: Vec::new(),
+            rng: false,
+            vsock: None,
+            balloon: None,
+            virtio_transport: Default::default(),
         }
     }
 
@@ -156,12 +182,6 @@ impl VmConfig {
         }
         if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
             return Err(ConfigError::MemoryRange(self.memory_mib));
-        }
-        if !self.disks.is_empty() {
-            return Err(ConfigError::NotYet("disks"));
-        }
-        if !self.nets.is_empty() {
-            return Err(ConfigError::NotYet("network interfaces"));
         }
         Ok(())
     }
@@ -265,8 +285,11 @@ mod tests {
         c.disks.push(DiskConfig {
             path: "d.img".into(),
             read_only: false,
+            direct: false,
+            serial: None,
+            rate_limit: Default::default(),
         });
-        assert!(matches!(c.validate(), Err(ConfigError::NotYet(_))));
+        assert!(c.validate().is_ok(), "disks are supported (virtio-blk)");
     }
 
     #[test]

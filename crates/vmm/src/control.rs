@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use corefour_devices::GuestEvents;
-use corefour_hypervisor::VcpuKicker;
+use corefour_hypervisor::{Regs, VcpuKicker};
 
 /// How the VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +98,7 @@ pub struct Control {
     state: Mutex<State>,
     cv: Condvar,
     kickers: Mutex<Vec<Arc<dyn VcpuKicker>>>,
+    final_regs: Mutex<Vec<Option<Regs>>>,
 }
 
 const PAUSE_WAIT: Duration = Duration::from_secs(5);
@@ -114,7 +115,24 @@ impl Control {
             }),
             cv: Condvar::new(),
             kickers: Mutex::new(Vec::new()),
+            final_regs: Mutex::new(vec![None; vcpus as usize]),
         })
+    }
+
+    /// Keeps a vCPU's registers as it leaves.
+    pub fn record_regs(&self, index: u32, regs: Option<Regs>) {
+        let mut v = self.final_regs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = v.get_mut(index as usize) {
+            *slot = regs;
+        }
+    }
+
+    /// Every vCPU's registers as it left (None where unknown).
+    pub fn final_regs(&self) -> Vec<Option<Regs>> {
+        self.final_regs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -3,6 +3,7 @@
 //! The VMM names only the `corefour_hypervisor` traits; `backend` is the one place that picks
 //! KVM or the software CPU. guests/CONTRACT.md is the guest-facing side of `layout` and `boot`.
 
+pub mod acpi;
 pub mod api_client;
 pub mod api_server;
 pub mod backend;
@@ -17,6 +18,7 @@ pub mod migration;
 pub mod signals;
 pub mod snapshot;
 pub mod vcpu_thread;
+pub mod virtio_devices;
 
 pub use builder::{RunOptions, RunReport, Vmm, VmmError};
 pub use config::{BackendKind, VmConfig};

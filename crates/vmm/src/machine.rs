@@ -53,20 +53,41 @@ impl IrqLine for GsiLine {
 }
 
 /// Builds the legacy PC devices: COM1 (+ MMIO mirror), debug-exit port and page, i8042.
+/// Returns the buses and COM1 (for console input).
 pub fn build(
     vm: &Arc<dyn Vm>,
     console: Console,
     events: Arc<dyn GuestEvents>,
-) -> Result<Arc<Machine>, BusError> {
+) -> Result<(Arc<Machine>, Arc<Serial>), BusError> {
+    build_with(vm, console, events, Vec::new(), Vec::new())
+}
+
+/// A device to add to a bus: (device, base, length).
+pub type BusEntry = (Arc<dyn corefour_devices::BusDevice>, u64, u64);
+
+/// As `build`, plus extra devices on the MMIO and port buses (the virtio transports).
+pub fn build_with(
+    vm: &Arc<dyn Vm>,
+    console: Console,
+    events: Arc<dyn GuestEvents>,
+    extra_mmio: Vec<BusEntry>,
+    extra_pio: Vec<BusEntry>,
+) -> Result<(Arc<Machine>, Arc<Serial>), BusError> {
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
+    for (dev, base, len) in extra_mmio {
+        mmio.insert(dev, base, len)?;
+    }
+    for (dev, base, len) in extra_pio {
+        pio.insert(dev, base, len)?;
+    }
     let irq: Arc<dyn IrqLine> = Arc::new(GsiLine {
         vm: vm.clone(),
         gsi: COM1_IRQ,
     });
     let serial = Arc::new(Serial::new(console, Some(irq)));
     pio.insert(serial.clone(), u64::from(COM1_PORT), 8)?;
-    mmio.insert(serial, SERIAL_MMIO_ADDR, SERIAL_MMIO_LEN)?;
+    mmio.insert(serial.clone(), SERIAL_MMIO_ADDR, SERIAL_MMIO_LEN)?;
     pio.insert(
         Arc::new(DebugExitPort::new(events.clone())),
         u64::from(DEBUG_EXIT_PORT),
@@ -82,5 +103,32 @@ pub fn build(
         u64::from(I8042_BASE),
         I8042_LEN,
     )?;
-    Ok(Arc::new(Machine { pio, mmio }))
+    Ok((Arc::new(Machine { pio, mmio }), serial))
+}
+
+/// Copies what arrives on `input` into COM1's receive FIFO until EOF, waiting while the guest
+/// has not drained the FIFO (it holds 64 bytes). Runs on its own thread; never joined (a read
+/// blocked on a terminal must not hold up the VMM's exit).
+pub fn forward_input(serial: Arc<Serial>, mut input: impl std::io::Read + Send + 'static) {
+    let spawned = std::thread::Builder::new()
+        .name("serial-in".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            let mut buf = [0u8; 256];
+            while let Ok(n) = input.read(&mut buf) {
+                if n == 0 {
+                    return;
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let taken = serial.enqueue_input(rest);
+                    rest = &rest[taken..];
+                    if taken == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+        });
+    // Without the thread the guest simply gets no input.
+    drop(spawned);
 }

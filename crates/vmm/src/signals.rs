@@ -24,14 +24,21 @@ fn term_set() -> libc::sigset_t {
     }
 }
 
-/// Must run before any vCPU thread starts, so they inherit the mask.
-pub fn route_to(control: Arc<Control>) -> Result<(), SignalError> {
+/// Blocks SIGTERM/SIGINT in the calling thread. Call it before any other thread starts, so
+/// all of them inherit the mask; signals that arrive before `spawn_handler` stay pending.
+pub fn block() -> Result<(), SignalError> {
     let set = term_set();
     // SAFETY: `set` is a valid signal set; blocking signals in this thread has no other effect.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if rc != 0 {
         return Err(SignalError::Mask(std::io::Error::from_raw_os_error(rc)));
     }
+    Ok(())
+}
+
+/// Starts the thread that turns SIGTERM/SIGINT into `Outcome::Shutdown`.
+pub fn spawn_handler(control: Arc<Control>) -> Result<(), SignalError> {
+    let set = term_set();
     std::thread::Builder::new()
         .name("signals".into())
         .stack_size(64 * 1024)

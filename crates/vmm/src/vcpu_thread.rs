@@ -1,6 +1,6 @@
 //! One thread per vCPU: run until something the VMM must decide on, then decide.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use corefour_hypervisor::{Vcpu, VmExit};
@@ -10,9 +10,13 @@ use crate::control::{Control, Directive, Outcome};
 /// vCPU threads do little besides the run call; a small stack keeps the VMM's footprint small.
 const STACK: usize = 256 * 1024;
 
+/// A vCPU shared between its thread (which locks it around each run) and the snapshot code
+/// (which locks it while the VM is paused, when the thread is parked outside `run`).
+pub type SharedVcpu = Arc<Mutex<Box<dyn Vcpu>>>;
+
 pub fn spawn(
     index: u32,
-    vcpu: Box<dyn Vcpu>,
+    vcpu: SharedVcpu,
     control: Arc<Control>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -25,9 +29,18 @@ pub fn spawn(
         })
 }
 
-fn run_loop(index: u32, mut vcpu: Box<dyn Vcpu>, control: &Control) {
+fn run_loop(index: u32, vcpu: SharedVcpu, control: &Control) {
+    drive(index, &vcpu, control);
+    // The final state, for differential tests (KVM vs the software CPU): after a debug exit
+    // the vCPU stops right after its OUT, since `finish` kicks it before it runs again.
+    let regs = vcpu.lock().unwrap_or_else(|p| p.into_inner()).regs().ok();
+    control.record_regs(index, regs);
+}
+
+fn drive(index: u32, vcpu: &SharedVcpu, control: &Control) {
     while control.wait_runnable() == Directive::Run {
-        let outcome = match vcpu.run() {
+        let result = vcpu.lock().unwrap_or_else(|p| p.into_inner()).run();
+        let outcome = match result {
             Ok(VmExit::Interrupted) => continue,
             Ok(VmExit::Halt) => {
                 control.halt_forever();

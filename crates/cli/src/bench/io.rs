@@ -39,6 +39,9 @@ pub struct Args {
     /// Random 4 KiB operations per random test.
     #[arg(long, default_value_t = 40_000)]
     random_ops: u64,
+    /// Random 4 KiB operations per random test with O_DIRECT (each waits for the disk).
+    #[arg(long, default_value_t = 4_000)]
+    direct_random_ops: u64,
     /// Skip the network part (it needs root, tun and `ip`).
     #[arg(long)]
     no_net: bool,
@@ -71,11 +74,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             Err(e) => eprintln!("corefour: net part skipped: {e:#}"),
         }
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+    let text = if args.json {
+        serde_json::to_string_pretty(&rows)? + "\n"
     } else {
-        print_table(&rows, args.queue_depth);
-    }
+        table(&rows, args.queue_depth)
+    };
+    // A closed pipe (`| head`) is not an error worth a panic.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     Ok(0)
 }
 
@@ -85,14 +90,18 @@ pub(super) fn progress(msg: &str) {
     }
 }
 
-fn print_table(rows: &[Row], qd: usize) {
-    println!(
-        "{:<28} {:>12} {:>10} {:>12} {:>10} {:>7}  peer",
+fn table(rows: &[Row], qd: usize) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "{:<32} {:>12} {:>10} {:>12} {:>10} {:>7}  peer",
         "test", "virtio MB/s", "kIOPS", "peer MB/s", "kIOPS", "ratio"
     );
     for r in rows {
-        println!(
-            "{:<28} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>6.2}x  {}",
+        let _ = writeln!(
+            t,
+            "{:<32} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>6.2}x  {}",
             r.test,
             r.virtio_bps / 1e6,
             r.virtio_iops / 1e3,
@@ -102,7 +111,11 @@ fn print_table(rows: &[Row], qd: usize) {
             r.peer
         );
     }
-    println!("(virtio-blk: in-process driver, queue depth {qd}, buffered I/O on both sides; goal >= 0.90x)");
+    let _ = writeln!(
+        t,
+        "(virtio-blk: in-process driver, queue depth {qd}; `buffered` through the host page cache on both sides, `direct` with O_DIRECT on both; goal >= 0.90x)"
+    );
+    t
 }
 
 #[derive(Clone, Copy)]
@@ -179,47 +192,101 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
         f.sync_all()?;
     }
     let mut rows = Vec::new();
-    for p in [
-        Pattern::SeqRead,
-        Pattern::SeqWrite,
-        Pattern::RandRead,
-        Pattern::RandWrite,
-    ] {
-        progress(p.name());
-        let offsets = p.offsets(size, args.random_ops);
-        // Warm both paths once (page cache, thread start), then measure each.
-        let host = host_run(&path, p, &offsets, args.queue_depth)?;
-        let dev = device_run(&path, p, &offsets, args.queue_depth)?;
-        let host = host_run(&path, p, &offsets, args.queue_depth)?.min(host);
-        let dev = device_run(&path, p, &offsets, args.queue_depth)?.min(dev);
-        let bytes = offsets.len() as f64 * p.block() as f64;
-        let ops = offsets.len() as f64;
-        rows.push(Row {
-            test: p.name().to_string(),
-            virtio_bps: bytes / dev.as_secs_f64(),
-            virtio_iops: ops / dev.as_secs_f64(),
-            peer_bps: bytes / host.as_secs_f64(),
-            peer_iops: ops / host.as_secs_f64(),
-            ratio: host.as_secs_f64() / dev.as_secs_f64(),
-            peer: "host pread/pwrite, same file".into(),
-        });
+    for direct in [false, true] {
+        for p in [
+            Pattern::SeqRead,
+            Pattern::SeqWrite,
+            Pattern::RandRead,
+            Pattern::RandWrite,
+        ] {
+            let mode = if direct { "direct" } else { "buffered" };
+            let name = format!("{} {mode}", p.name());
+            progress(&name);
+            let ops = if direct {
+                args.direct_random_ops
+            } else {
+                args.random_ops
+            };
+            let offsets = p.offsets(size, ops);
+            // Host and device take turns, three times each, and each keeps its best time: a
+            // burst of load on this shared machine then hits both sides, not one.
+            let mut host = Duration::MAX;
+            let mut dev = Duration::MAX;
+            for _ in 0..3 {
+                host = host.min(host_run(&path, p, &offsets, args.queue_depth, direct)?);
+                dev = dev.min(device_run(&path, p, &offsets, args.queue_depth, direct)?);
+            }
+            let bytes = offsets.len() as f64 * p.block() as f64;
+            let n = offsets.len() as f64;
+            rows.push(Row {
+                test: name,
+                virtio_bps: bytes / dev.as_secs_f64(),
+                virtio_iops: n / dev.as_secs_f64(),
+                peer_bps: bytes / host.as_secs_f64(),
+                peer_iops: n / host.as_secs_f64(),
+                ratio: host.as_secs_f64() / dev.as_secs_f64(),
+                peer: format!("host pread/pwrite, same file, {mode}"),
+            });
+        }
     }
     drop(disk);
     Ok(rows)
 }
 
-fn host_run(path: &Path, p: Pattern, offsets: &[u64], qd: usize) -> anyhow::Result<Duration> {
-    let f = OpenOptions::new().read(true).write(true).open(path)?;
+/// A page-aligned host buffer (O_DIRECT needs aligned memory).
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> anyhow::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 4096)?;
+        // SAFETY: non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            bail!("cannot allocate {len} bytes");
+        }
+        Ok(Self { ptr, layout })
+    }
+    fn slice(&mut self, at: usize, len: usize) -> &mut [u8] {
+        assert!(at + len <= self.layout.size());
+        // SAFETY: in bounds of our allocation (checked above), uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), len) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in `new`.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+fn host_run(
+    path: &Path,
+    p: Pattern,
+    offsets: &[u64],
+    qd: usize,
+    direct: bool,
+) -> anyhow::Result<Duration> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+        .open(path)
+        .with_context(|| format!("opening {} (direct: {direct})", path.display()))?;
     // Dirty pages from the previous run are written back before the clock starts.
     f.sync_all()?;
     // As many buffers as the device path has in flight, used in turn: the same memory
     // footprint (and cache behaviour) as the guest buffers.
     let bs = p.block() as usize;
     let qd = qd.clamp(1, 64);
-    let mut bufs = vec![0xa5u8; bs * qd];
+    let mut bufs = AlignedBuf::new(bs * qd)?;
     let t = Instant::now();
     for (i, &off) in offsets.iter().enumerate() {
-        let b = &mut bufs[(i % qd) * bs..(i % qd + 1) * bs];
+        let b = bufs.slice((i % qd) * bs, bs);
         if p.write() {
             f.write_all_at(b, off)?;
         } else {
@@ -229,7 +296,13 @@ fn host_run(path: &Path, p: Pattern, offsets: &[u64], qd: usize) -> anyhow::Resu
     Ok(t.elapsed())
 }
 
-fn device_run(path: &Path, p: Pattern, offsets: &[u64], qd: usize) -> anyhow::Result<Duration> {
+fn device_run(
+    path: &Path,
+    p: Pattern,
+    offsets: &[u64],
+    qd: usize,
+    direct: bool,
+) -> anyhow::Result<Duration> {
     let bs = p.block();
     let qd = qd.clamp(1, 64);
     const HDRS: u64 = 0x10_0000;
@@ -238,10 +311,16 @@ fn device_run(path: &Path, p: Pattern, offsets: &[u64], qd: usize) -> anyhow::Re
     let mem_size = (DATA + qd as u64 * bs + 0xfff) & !0xfff;
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
         .context("allocating guest memory")?;
+    // A running guest's buffers are resident; fault them in before the clock starts.
+    mem.write_slice(
+        &vec![0u8; (qd.clamp(1, 64) as u64 * bs) as usize],
+        GuestAddress(DATA),
+    )?;
     File::open(path)?.sync_all()?;
     let irq = Arc::new(CountingIrq::default());
     let dev = Block::new(&BlockConfig {
         path: path.to_path_buf(),
+        direct,
         ..Default::default()
     })?;
     let t = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone())?;

@@ -151,7 +151,17 @@ fn fan_out(
 }
 
 /// Through the daemon: POST /v1/vms (start), follow the console to the first line, DELETE (force).
-fn api_path(sock: &Path, kernel: &str, n: usize, par: usize, tag: &str) -> anyhow::Result<Run> {
+/// Per-phase latencies of the API path: create+start, boot to the first line, delete.
+type Phases = std::sync::Mutex<[Vec<Duration>; 3]>;
+
+fn api_path(
+    sock: &Path,
+    kernel: &str,
+    n: usize,
+    par: usize,
+    tag: &str,
+    phases: &Phases,
+) -> anyhow::Result<Run> {
     fan_out(n, par, |i| {
         thread_local! {
             static API: std::cell::RefCell<Option<Api>> = const { std::cell::RefCell::new(None) };
@@ -172,6 +182,7 @@ fn api_path(sock: &Path, kernel: &str, n: usize, par: usize, tag: &str) -> anyho
                 initrd: None,
                 vcpus: 1,
                 memory_mib: 16,
+                balloon_mib: None,
                 backend: "auto".into(),
                 cpu_pin: vec![],
                 cpu_quota_pct: None,
@@ -180,7 +191,9 @@ fn api_path(sock: &Path, kernel: &str, n: usize, par: usize, tag: &str) -> anyho
                 nets: vec![],
                 start: true,
             };
+            let t0 = Instant::now();
             api.create(&req)?;
+            let t1 = Instant::now();
             let mut seen = Vec::new();
             api.follow_console(&name, |b| {
                 seen.extend_from_slice(b);
@@ -203,7 +216,13 @@ fn api_path(sock: &Path, kernel: &str, n: usize, par: usize, tag: &str) -> anyho
                     String::from_utf8_lossy(&seen)
                 );
             }
-            api.delete(&name, true)
+            let t2 = Instant::now();
+            api.delete(&name, true)?;
+            let mut p = phases.lock().unwrap_or_else(|e| e.into_inner());
+            p[0].push(t1 - t0);
+            p[1].push(t2 - t1);
+            p[2].push(t2.elapsed());
+            Ok(())
         })
     })
 }
@@ -262,10 +281,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     // Warm up both paths (page cache, first-exec costs) outside the measurement.
     raw_path(&exe, &kernel, par.min(4), par)?;
-    api_path(&sock, &kernel, par.min(4), par, "warm")?;
+    api_path(&sock, &kernel, par.min(4), par, "warm", &Phases::default())?;
 
     let raw = raw_path(&exe, &kernel, n, par)?;
-    let api = api_path(&sock, &kernel, n, par, "run")?;
+    let phases = Phases::default();
+    let api = api_path(&sock, &kernel, n, par, "run", &phases)?;
+    let phases = phases.into_inner().unwrap_or_else(|e| e.into_inner());
+    let p50 = |v: &[Duration]| {
+        let mut v = v.to_vec();
+        v.sort();
+        v.get(v.len() / 2).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
     let ratio = api.per_sec(n) / raw.per_sec(n);
 
     if args.json {
@@ -300,6 +326,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 r.pct(0.99)
             );
         }
+        println!(
+            "API phases, p50: create+start {:.1} ms, boot to first line {:.1} ms, delete {:.1} ms",
+            p50(&phases[0]),
+            p50(&phases[1]),
+            p50(&phases[2])
+        );
         println!("ratio API / raw: {ratio:.2}x  (goal: >= 100 VMs/s through the API)");
     }
     Ok(0)

@@ -1,13 +1,19 @@
 //! `corefour bench TARGET`: each benchmark prints a table with its peer or baseline measured in the
 //! same run, and the ratio.
 
+mod disk;
 mod io;
 mod io_net;
 
 use clap::Subcommand;
 
+mod ct;
 mod emu;
 mod lifecycle;
+// The Linux boot timing for bench/emu.rs (qemu TCG peer and corefour emu on the same fixture).
+#[allow(dead_code)]
+pub(crate) mod linux_peer;
+mod migrate;
 mod vmm;
 
 #[derive(clap::Args)]
@@ -24,8 +30,14 @@ enum Target {
     Io(io::Args),
     /// Create, boot and destroy N VMs through the daemon API vs raw `corefour vmm` one-shots.
     Lifecycle(lifecycle::Args),
+    /// Disk image conversion vs qemu-img convert, and random 4 KiB I/O through qcow2 vs raw.
+    Disk(disk::Args),
+    /// OCI runtime: create+start+delete of a busybox /bin/true bundle vs runc and crun.
+    Ct(ct::Args),
     /// Software CPU: guest MIPS on a guest CPU loop, with KVM on the same loop.
     Emu(emu::Args),
+    /// Live-migration total time and downtime (idle and busy guest), snapshot restore time.
+    Migrate(migrate::Args),
 }
 
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -33,6 +45,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Target::Vmm(a) => vmm::run(a),
         Target::Io(a) => io::run(a),
         Target::Lifecycle(a) => lifecycle::run(a),
+        Target::Disk(a) => disk::run(a),
+        Target::Ct(a) => ct::run(a),
         Target::Emu(a) => emu::run(a),
+        Target::Migrate(a) => migrate::run(a),
     }
 }

@@ -54,7 +54,9 @@ struct Sample {
 /// Runs `cmd` to completion: time to its first stdout byte, and the "rss_kib=.. guest_resident_kib=.."
 /// it prints on stderr.
 fn first_byte_and_rss(mut cmd: Command) -> anyhow::Result<Sample> {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("cannot run {cmd:?}"))?;
     let mut out = child.stdout.take().context("no stdout")?;
@@ -91,7 +93,9 @@ fn first_byte_and_rss(mut cmd: Command) -> anyhow::Result<Sample> {
 
 /// Wall time of `cmd` from spawn to exit (it must succeed).
 fn wall(mut cmd: Command) -> anyhow::Result<Duration> {
-    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let start = Instant::now();
     let o = cmd
         .spawn()

@@ -23,6 +23,13 @@ pub enum CgroupError {
     Busy { path: PathBuf, ms: u64 },
 }
 
+impl CgroupError {
+    /// The kernel said no for lack of permission (a rootless caller).
+    pub fn is_permission(&self) -> bool {
+        matches!(self, CgroupError::Io { cause, .. } if matches!(cause.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS)))
+    }
+}
+
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
     move |cause| CgroupError::Io {
         path: path.to_path_buf(),
@@ -45,6 +52,9 @@ pub struct CgroupConfig {
     /// The hierarchy root (tests point this at a scratch directory); /sys/fs/cgroup when unset.
     #[serde(default)]
     pub root: Option<PathBuf>,
+    /// Rootless without cgroup write access and without resource limits: no cgroup at all.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 impl CgroupConfig {
@@ -62,6 +72,7 @@ impl CgroupConfig {
             version: detect(),
             path,
             root: None,
+            disabled: false,
         }
     }
 }
@@ -83,6 +94,10 @@ pub trait CgroupManager {
     fn create(&self, resources: Option<&LinuxResources>) -> Result<(), CgroupError>;
     /// Moves a process into the cgroup.
     fn add_task(&self, pid: i32) -> Result<(), CgroupError>;
+    /// Files the container init writes "0" into to move itself (v1 `tasks`): a thread moving
+    /// itself skips the global threadgroup lock, whose RCU grace period otherwise costs
+    /// milliseconds per migration. Empty when the parent must call `add_task`.
+    fn self_join_files(&self) -> Vec<PathBuf>;
     /// Writes new limits to an existing cgroup.
     fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError>;
     fn freeze(&self, frozen: bool) -> Result<(), CgroupError>;
@@ -97,6 +112,9 @@ pub trait CgroupManager {
 pub enum Manager {
     V1(v1::Manager),
     V2(v2::Manager),
+    /// A rootless container the user may not give a cgroup: every operation is a no-op except
+    /// freezing, which cannot be done.
+    Disabled,
 }
 
 pub fn manager(cfg: &CgroupConfig) -> Result<Manager, CgroupError> {
@@ -115,42 +133,59 @@ impl CgroupManager for Manager {
         match self {
             Manager::V1(m) => m.create(r),
             Manager::V2(m) => m.create(r),
+            Manager::Disabled => Ok(()),
         }
     }
     fn add_task(&self, pid: i32) -> Result<(), CgroupError> {
         match self {
             Manager::V1(m) => m.add_task(pid),
             Manager::V2(m) => m.add_task(pid),
+            Manager::Disabled => Ok(()),
+        }
+    }
+    fn self_join_files(&self) -> Vec<PathBuf> {
+        match self {
+            Manager::V1(m) => m.self_join_files(),
+            Manager::V2(_) | Manager::Disabled => Vec::new(),
         }
     }
     fn update(&self, r: &LinuxResources) -> Result<(), CgroupError> {
         match self {
             Manager::V1(m) => m.update(r),
             Manager::V2(m) => m.update(r),
+            Manager::Disabled => Err(CgroupError::Invalid(
+                "this rootless container has no cgroup".into(),
+            )),
         }
     }
     fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
         match self {
             Manager::V1(m) => m.freeze(frozen),
             Manager::V2(m) => m.freeze(frozen),
+            Manager::Disabled => Err(CgroupError::Invalid(
+                "this rootless container has no cgroup to freeze".into(),
+            )),
         }
     }
     fn is_frozen(&self) -> bool {
         match self {
             Manager::V1(m) => m.is_frozen(),
             Manager::V2(m) => m.is_frozen(),
+            Manager::Disabled => false,
         }
     }
     fn pids(&self) -> Result<Vec<i32>, CgroupError> {
         match self {
             Manager::V1(m) => m.pids(),
             Manager::V2(m) => m.pids(),
+            Manager::Disabled => Ok(Vec::new()),
         }
     }
     fn remove(&self) -> Result<(), CgroupError> {
         match self {
             Manager::V1(m) => m.remove(),
             Manager::V2(m) => m.remove(),
+            Manager::Disabled => Ok(()),
         }
     }
 }
@@ -164,6 +199,14 @@ pub(crate) fn write(dir: &Path, file: &str, value: &str) -> Result<(), CgroupErr
         ),
         _ => CgroupError::Io { path, cause },
     })
+}
+
+/// Moves the calling thread into every cgroup in `files` (v1 `tasks` files; see `self_join_files`).
+pub fn join_self(files: &[PathBuf]) -> Result<(), CgroupError> {
+    for f in files {
+        crate::util::write_file(f, "0").map_err(io_err(f))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn read_pids(file: &Path) -> Result<Vec<i32>, CgroupError> {

@@ -312,6 +312,10 @@ impl Manager {
         Ok(())
     }
 
+    pub fn self_join_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|(_, d)| d.join("tasks")).collect()
+    }
+
     pub fn update(&self, r: &LinuxResources) -> Result<(), CgroupError> {
         self.apply_all(r)
     }

@@ -64,6 +64,14 @@ fn validate(mut req: VmCreate) -> Result<VmCreate, DaemonError> {
             req.memory_mib
         )));
     }
+    if let Some(b) = req.balloon_mib {
+        if b >= req.memory_mib {
+            return Err(DaemonError::BadRequest(format!(
+                "balloon_mib {b} must be below memory_mib {}",
+                req.memory_mib
+            )));
+        }
+    }
     if !matches!(req.backend.as_str(), "auto" | "kvm" | "emu") {
         return Err(DaemonError::BadRequest(format!(
             "backend {:?} is unknown: use auto, kvm or emu",
@@ -173,6 +181,7 @@ mod tests {
             serde_json::json!({"kernel": "/nonexistent"}),
             serde_json::json!({"vcpus": 0}),
             serde_json::json!({"memory_mib": 0}),
+            serde_json::json!({"memory_mib": 64, "balloon_mib": 64}),
             serde_json::json!({"backend": "xen"}),
             serde_json::json!({"cpu_pin": [4096]}),
             serde_json::json!({"cpu_weight": 0}),

@@ -13,6 +13,9 @@ mod reconcile;
 mod set;
 mod start;
 mod stop;
+mod vm_snapshot;
+
+pub use vm_snapshot::SnapshotRequest;
 
 pub use stop::DEFAULT_STOP_TIMEOUT;
 mod watch;
@@ -37,6 +40,8 @@ pub struct DaemonConfig {
     pub exe: PathBuf,
     /// The binary run as `VMM_EXE vmm --config ... --api-sock ...` (normally `exe` itself).
     pub vmm_exe: PathBuf,
+    /// Run each VMM jailed (chroot, namespaces, unprivileged uid): see `jail`.
+    pub jail: bool,
 }
 
 /// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.
@@ -179,7 +184,7 @@ impl Daemon {
     }
 
     fn api_sock(&self, name: &str) -> PathBuf {
-        self.vm_dir(name).join(crate::shim::API_SOCK)
+        crate::jail::api_sock(&self.vm_dir(name))
     }
 }
 
@@ -193,6 +198,7 @@ pub fn to_info(r: VmRecord) -> VmInfo {
         initrd: r.spec.initrd,
         vcpus: r.spec.vcpus,
         memory_mib: r.spec.memory_mib,
+        balloon_mib: r.spec.balloon_mib,
         backend: r.spec.backend,
         cpu_pin: r.spec.cpu_pin,
         cpu_quota_pct: r.spec.cpu_quota_pct,

@@ -17,11 +17,25 @@ use crate::shim;
 
 impl Daemon {
     pub(super) async fn reconcile_all(self: &Arc<Self>) -> Result<(), DaemonError> {
-        for rec in self.inv.list_vms()? {
-            if !rec.state.is_active() {
-                continue;
-            }
+        for mut rec in self.inv.list_vms()? {
             let name = rec.name.clone();
+            if !rec.state.is_active() {
+                // A daemon killed between spawning a VMM and recording it leaves a live shim and
+                // a row that says otherwise: adopt the VM.
+                match shim::read_pids(&self.vm_dir(&name)) {
+                    Some(p) if proc::process_alive(p.shim_pid, p.shim_start) => {
+                        self.inv.set_running(&name, p)?;
+                        self.inv.add_event(
+                            &name,
+                            "reconciled",
+                            "adopted a VMM started just before the daemon died",
+                        )?;
+                        rec.state = VmState::Running;
+                        rec.pids = Some(p);
+                    }
+                    _ => continue,
+                }
+            }
             let shim_alive = rec
                 .pids
                 .is_some_and(|p| proc::process_alive(p.shim_pid, p.shim_start));

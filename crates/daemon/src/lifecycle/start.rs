@@ -1,6 +1,5 @@
 //! `POST /v1/vms/{name}/start`: cgroup, taps, config file, then the shim that runs the VMM.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -36,11 +35,21 @@ impl Daemon {
         std::fs::write(&cfg_path, crate::vmm_config::render(&rec))
             .map_err(|e| DaemonError::io(format!("cannot write {}", cfg_path.display()), e))?;
         let _ = std::fs::remove_file(dir.join(shim::API_SOCK));
+        let _ = std::fs::remove_file(dir.join(shim::PIDS_FILE));
+        // A jail left from an earlier run (also when this daemon does not jail) goes.
+        crate::jail::remove_root(&dir).map_err(|e| DaemonError::Start {
+            name: name.to_string(),
+            message: e.to_string(),
+        })?;
+        let jail_uid = self
+            .cfg
+            .jail
+            .then(|| crate::jail::JAIL_ID_BASE + u32::try_from(rec.id).unwrap_or(0));
 
         let cgroup = self.make_cgroup(&rec)?;
         let mut taps = Vec::new();
         for nic in &rec.nics {
-            if let Err(e) = network::create_tap(&nic.tap, &nic.bridge) {
+            if let Err(e) = network::create_tap(&nic.tap, &nic.bridge, jail_uid) {
                 taps.iter().for_each(|t: &&str| network::delete_tap(t));
                 if let Some(c) = &cgroup {
                     c.remove();
@@ -49,7 +58,7 @@ impl Daemon {
             }
             taps.push(nic.tap.as_str());
         }
-        match self.spawn_shim(&dir, cgroup.as_ref()).await {
+        match self.spawn_shim(&dir, cgroup.as_ref(), jail_uid).await {
             Ok((child, pids)) => {
                 self.inv.set_running(name, pids)?;
                 let (tx, rx) = tokio::sync::watch::channel(false);
@@ -120,6 +129,7 @@ impl Daemon {
         &self,
         dir: &Path,
         cgroup: Option<&VmCgroup>,
+        jail_uid: Option<u32>,
     ) -> Result<(tokio::process::Child, Pids), DaemonError> {
         let name = dir
             .file_name()
@@ -135,51 +145,31 @@ impl Daemon {
             .append(true)
             .open(&console_path)
             .map_err(|e| DaemonError::io(format!("cannot open {}", console_path.display()), e))?;
-        // cgroup.procs files opened here (O_CLOEXEC, so they do not leak into the VMM); the child
-        // writes "0" to each — "the writing process" — before exec, so the shim and the VMM it
-        // forks are inside the cgroup from their first instruction.
-        let mut procs = Vec::new();
-        if let Some(cg) = cgroup {
-            for p in cg.paths() {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(p.join("cgroup.procs"))
-                    .map_err(|e| {
-                        DaemonError::io(format!("cannot open {}/cgroup.procs", p.display()), e)
-                    })?;
-                procs.push(f);
-            }
-        }
-        let proc_fds: Vec<i32> = procs.iter().map(|f| f.as_raw_fd()).collect();
+        // No pre_exec hook here: without one, std spawns with posix_spawn (vfork-like) instead of
+        // fork()ing the whole multi-threaded daemon. The shim makes its own session and joins the
+        // VM's cgroup itself, before it starts the VMM, so the VMM is inside from its first
+        // instruction.
         let mut cmd = tokio::process::Command::new(&self.cfg.exe);
         cmd.arg("daemon")
             .arg("--vmm-shim")
             .arg(dir)
             .arg("--vmm-binary")
-            .arg(&self.cfg.vmm_exe)
-            .stdin(Stdio::null())
+            .arg(&self.cfg.vmm_exe);
+        if let Some(uid) = jail_uid {
+            cmd.arg("--jail-uid").arg(uid.to_string());
+        }
+        if let Some(cg) = cgroup {
+            for p in cg.paths() {
+                cmd.arg("--cgroup-procs").arg(p.join("cgroup.procs"));
+            }
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(console)
             .kill_on_drop(false);
-        // SAFETY: runs between fork and exec; setsid and write are async-signal-safe and the fds
-        // stay open in the parent (`procs`) until spawn returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                for &fd in &proc_fds {
-                    if libc::write(fd, b"0".as_ptr().cast(), 1) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
         let mut child = cmd
             .spawn()
             .map_err(|e| start_err(format!("cannot run {}: {e}", self.cfg.exe.display())))?;
-        drop(procs);
         let shim_pid = child.id().map(|p| p as i32).unwrap_or(0);
         let Some(stdout) = child.stdout.take() else {
             return Err(start_err("the shim has no stdout pipe".into()));

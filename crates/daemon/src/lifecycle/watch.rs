@@ -128,5 +128,11 @@ impl Daemon {
             }
         }
         let _ = std::fs::remove_file(self.vm_dir(name).join(shim::API_SOCK));
+        let _ = std::fs::remove_file(self.vm_dir(name).join(shim::PIDS_FILE));
+        // The jail's mounts lived in the VMM's own mount namespace and are gone with it; what is
+        // left are empty mount points and the rewritten config.
+        if let Err(e) = crate::jail::remove_root(&self.vm_dir(name)) {
+            tracing::warn!(vm = name, "jail left in place: {e}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use crate::events::GuestEvents;
 
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// Read from offset 8 of the MMIO window: lets a guest check the device is there.
-pub const MMIO_EXIT_MAGIC: u32 = 0x4334_4558; // "XE4C" little-endian: 'C','4','E','X' read as bytes
+pub const MMIO_EXIT_MAGIC: u32 = 0x4334_4558; // in memory order, the bytes "XE4C"
 
 fn value(data: &[u8]) -> u32 {
     let mut b = [0u8; 4];

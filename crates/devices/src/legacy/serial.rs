@@ -33,13 +33,42 @@ type Uart = vm_superio::Serial<IrqTrigger, NoEvents, Console>;
 /// cannot use IN/OUT) on the MMIO bus.
 pub struct Serial {
     uart: Mutex<Uart>,
+    // Kept to rebuild the UART from a snapshot.
+    console: Console,
+    irq: Option<Arc<dyn IrqLine>>,
 }
+
+/// The UART's registers and input FIFO, for snapshots (see `Serial::save`).
+pub use vm_superio::serial::SerialState;
 
 impl Serial {
     pub fn new(console: Console, irq: Option<Arc<dyn IrqLine>>) -> Self {
         Self {
-            uart: Mutex::new(vm_superio::Serial::new(IrqTrigger(irq), console)),
+            uart: Mutex::new(vm_superio::Serial::new(
+                IrqTrigger(irq.clone()),
+                console.clone(),
+            )),
+            console,
+            irq,
         }
+    }
+
+    /// The registers and pending input, for a snapshot.
+    pub fn save(&self) -> SerialState {
+        self.uart().state()
+    }
+
+    /// Loads registers saved by `save` (from an untrusted file: an oversized FIFO is refused).
+    pub fn restore(&self, state: &SerialState) -> Result<(), String> {
+        let uart = vm_superio::Serial::from_state(
+            state,
+            IrqTrigger(self.irq.clone()),
+            NoEvents,
+            self.console.clone(),
+        )
+        .map_err(|e| format!("serial state: {e:?}"))?;
+        *self.uart() = uart;
+        Ok(())
     }
 
     fn uart(&self) -> std::sync::MutexGuard<'_, Uart> {

@@ -47,6 +47,14 @@ pub struct BalloonHandle {
     shared: Arc<Mutex<Shared>>,
 }
 
+impl std::fmt::Debug for BalloonHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BalloonHandle")
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
 impl BalloonHandle {
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())

@@ -7,7 +7,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -71,6 +71,9 @@ pub enum BlockError {
 pub struct BlockConfig {
     pub path: PathBuf,
     pub read_only: bool,
+    /// O_DIRECT: bypass the host page cache (QEMU's cache=none). Guest buffers that are not
+    /// 512-byte aligned go through an aligned bounce buffer.
+    pub direct: bool,
     /// At most 20 bytes; derived from the file's device and inode when unset.
     pub serial: Option<String>,
     pub rate_limit: RateLimit,
@@ -92,12 +95,13 @@ impl BlockConfig {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             match k {
                 "ro" | "readonly" => c.read_only = true,
+                "direct" => c.direct = true,
                 "rw" => c.read_only = false,
                 "serial" => c.serial = Some(v.to_string()),
                 _ => {
                     if !c.rate_limit.parse_option(k, v)? {
                         return Err(format!(
-                            "unknown disk option `{k}` (known: ro, serial=, bytes=, bytes_burst=, ops=, ops_burst=)"
+                            "unknown disk option `{k}` (known: ro, direct, serial=, bytes=, bytes_burst=, ops=, ops_burst=)"
                         ));
                     }
                 }
@@ -111,6 +115,7 @@ pub struct Block {
     file: Arc<File>,
     sectors: u64,
     read_only: bool,
+    direct: bool,
     serial: [u8; ID_BYTES],
     rate_limit: RateLimit,
 }
@@ -121,6 +126,7 @@ impl Block {
             OpenOptions::new()
                 .read(true)
                 .write(!config.read_only)
+                .custom_flags(if config.direct { libc::O_DIRECT } else { 0 })
                 .open(path)
                 .map_err(|source| BlockError::Open {
                     path: path.to_path_buf(),
@@ -150,6 +156,7 @@ impl Block {
             file: Arc::new(file),
             sectors: len as u64 / SECTOR_SIZE,
             read_only: config.read_only,
+            direct: config.direct,
             serial,
             rate_limit: config.rate_limit,
         })
@@ -206,6 +213,7 @@ impl VirtioDevice for Block {
             file: self.file.clone(),
             sectors: self.sectors,
             read_only: self.read_only,
+            direct: self.direct,
             serial: self.serial,
             limiter: RateLimiter::new(self.rate_limit),
             throttled_until: None,
@@ -220,6 +228,7 @@ pub struct BlockHandler {
     file: Arc<File>,
     sectors: u64,
     read_only: bool,
+    direct: bool,
     serial: [u8; ID_BYTES],
     limiter: RateLimiter,
     throttled_until: Option<Instant>,
@@ -242,6 +251,7 @@ impl BlockHandler {
             file,
             sectors: self.sectors,
             read_only: self.read_only,
+            direct: self.direct,
             serial: &self.serial,
         };
         let mut throttle = None;
@@ -302,6 +312,7 @@ struct RequestCtx<'a> {
     file: &'a File,
     sectors: u64,
     read_only: bool,
+    direct: bool,
     serial: &'a [u8; ID_BYTES],
 }
 
@@ -405,7 +416,7 @@ impl RequestCtx<'_> {
         let off = self.check_range(sector, len)?;
         let iov = chain::iovecs(self.mem, &chain.writable, 0, len, Permissions::Write)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        rw_all(self.file.as_raw_fd(), iov, off, Dir::Read)
+        self.transfer(iov, off, Dir::Read)
     }
 
     fn write(&self, chain: &Chain, sector: u64, len: usize) -> io::Result<()> {
@@ -418,7 +429,17 @@ impl RequestCtx<'_> {
             Permissions::Read,
         )
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        rw_all(self.file.as_raw_fd(), iov, off, Dir::Write)
+        self.transfer(iov, off, Dir::Write)
+    }
+
+    fn transfer(&self, iov: Vec<libc::iovec>, off: u64, dir: Dir) -> io::Result<()> {
+        let aligned = |v: &libc::iovec| {
+            (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
+        };
+        if !self.direct || iov.iter().all(aligned) {
+            return rw_all(self.file.as_raw_fd(), iov, off, dir);
+        }
+        bounce(self.file.as_raw_fd(), &iov, off, dir)
     }
 
     fn segments(&self, chain: &Chain, ty: u32, len: usize) -> io::Result<()> {
@@ -464,6 +485,57 @@ impl RequestCtx<'_> {
         }
         Ok(())
     }
+}
+
+/// An O_DIRECT transfer for guest buffers that are not sector aligned: through one aligned
+/// host buffer. Offset and total length are sector multiples (checked by the caller).
+fn bounce(fd: libc::c_int, iov: &[libc::iovec], off: u64, dir: Dir) -> io::Result<()> {
+    let total: usize = iov.iter().map(|v| v.iov_len).sum();
+    let layout = std::alloc::Layout::from_size_align(total.max(1), 4096)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    struct Aligned(*mut u8, std::alloc::Layout);
+    impl Drop for Aligned {
+        fn drop(&mut self) {
+            // SAFETY: allocated below with this very layout.
+            unsafe { std::alloc::dealloc(self.0, self.1) }
+        }
+    }
+    // SAFETY: the layout has a non-zero size.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    if ptr.is_null() {
+        return Err(io::Error::new(io::ErrorKind::OutOfMemory, "bounce buffer"));
+    }
+    let buf = Aligned(ptr, layout);
+    let whole = vec![libc::iovec {
+        iov_base: buf.0.cast(),
+        iov_len: total,
+    }];
+    let copy = |to_guest: bool| {
+        let mut at = 0usize;
+        for v in iov {
+            // SAFETY: `v` points into guest memory the caller checked, `buf` holds `total`
+            // bytes, and the two never overlap.
+            unsafe {
+                if to_guest {
+                    std::ptr::copy_nonoverlapping(buf.0.add(at), v.iov_base.cast(), v.iov_len);
+                } else {
+                    std::ptr::copy_nonoverlapping(v.iov_base.cast(), buf.0.add(at), v.iov_len);
+                }
+            }
+            at += v.iov_len;
+        }
+    };
+    match dir {
+        Dir::Read => {
+            rw_all(fd, whole, off, Dir::Read)?;
+            copy(true);
+        }
+        Dir::Write => {
+            copy(false);
+            rw_all(fd, whole, off, Dir::Write)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_zeroes(file: &File, mut off: u64, mut len: u64) -> io::Result<()> {
@@ -564,6 +636,7 @@ mod tests {
         assert_eq!(c.rate_limit.bytes_per_sec, 10 << 20);
         assert_eq!(c.rate_limit.ops_per_sec, 100);
         assert!(BlockConfig::parse("/tmp/d.img,bogus").is_err());
+        assert!(BlockConfig::parse("/tmp/d.img,direct").unwrap().direct);
         assert!(BlockConfig::parse("").is_err());
     }
 }

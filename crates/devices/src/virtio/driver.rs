@@ -102,6 +102,34 @@ pub struct MmioDriver<'a> {
     /// Next free guest address for [`MmioDriver::alloc`].
     heap: u64,
     pub features: u64,
+    /// Where notifications go: None = the MMIO QueueNotify register; Some((base, multiplier))
+    /// = a 16-bit write of the queue index at `base + q * multiplier` (virtio-pci).
+    pub notify_at: Option<(u64, u64)>,
+}
+
+impl DriverQueue {
+    /// Lays out a queue of `size` at `at` (zeroed, as a driver allocates it); returns it and
+    /// the next page-aligned free address.
+    pub fn layout(mem: &GuestMemoryMmap, at: u64, size: u16) -> Result<(Self, u64), DriverError> {
+        let n = u64::from(size);
+        let desc = at;
+        let avail = desc + 16 * n;
+        let used = (avail + 6 + 2 * n + 3) & !3;
+        let end = (used + 6 + 8 * n + 4095) & !4095;
+        mem.write_slice(&vec![0u8; (end - desc) as usize], GuestAddress(desc))?;
+        Ok((
+            DriverQueue {
+                size,
+                desc: GuestAddress(desc),
+                avail: GuestAddress(avail),
+                used: GuestAddress(used),
+                next_desc: 0,
+                avail_idx: 0,
+                last_used: 0,
+            },
+            end,
+        ))
+    }
 }
 
 impl<'a> MmioDriver<'a> {
@@ -123,6 +151,7 @@ impl<'a> MmioDriver<'a> {
             queues: Vec::new(),
             heap,
             features: 0,
+            notify_at: None,
         };
         if d.r(0) != 0x7472_6976 || d.r(4) != 2 {
             return Err(DriverError::NotVirtio);
@@ -152,14 +181,9 @@ impl<'a> MmioDriver<'a> {
                 return Err(DriverError::NoQueue(i));
             }
             let size = size.min(max as u16);
-            let n = u64::from(size);
-            let desc = at;
-            let avail = desc + 16 * n;
-            let used = (avail + 6 + 2 * n + 3) & !3;
-            at = (used + 6 + 8 * n + 4095) & !4095;
-            // Fresh rings start zeroed, as a driver would allocate them.
-            d.mem
-                .write_slice(&vec![0u8; (at - desc) as usize], GuestAddress(desc))?;
+            let (dq, next) = DriverQueue::layout(&d.mem, at, size)?;
+            at = next;
+            let (desc, avail, used) = (dq.desc.0, dq.avail.0, dq.used.0);
             d.w(0x38, u32::from(size));
             d.w(0x80, desc as u32);
             d.w(0x84, (desc >> 32) as u32);
@@ -168,15 +192,7 @@ impl<'a> MmioDriver<'a> {
             d.w(0xa0, used as u32);
             d.w(0xa4, (used >> 32) as u32);
             d.w(0x44, 1);
-            d.queues.push(DriverQueue {
-                size,
-                desc: GuestAddress(desc),
-                avail: GuestAddress(avail),
-                used: GuestAddress(used),
-                next_desc: 0,
-                avail_idx: 0,
-                last_used: 0,
-            });
+            d.queues.push(dq);
         }
         d.w(0x70, s | status::DRIVER_OK);
         let st = d.r(0x70);
@@ -287,7 +303,31 @@ impl<'a> MmioDriver<'a> {
     }
 
     pub fn notify(&self, q: usize) {
-        self.w(0x50, q as u32);
+        match self.notify_at {
+            Some((base, mult)) => self
+                .dev
+                .write(base + q as u64 * mult, &(q as u16).to_le_bytes()),
+            None => self.w(0x50, q as u32),
+        }
+    }
+
+    /// A driver over queues set up by other means (the PCI test does its own handshake).
+    pub fn with_queues(
+        dev: &'a dyn BusDevice,
+        mem: GuestMemoryMmap,
+        queues: Vec<DriverQueue>,
+        heap: u64,
+        features: u64,
+        notify_at: (u64, u64),
+    ) -> Self {
+        MmioDriver {
+            dev,
+            mem,
+            queues,
+            heap,
+            features,
+            notify_at: Some(notify_at),
+        }
     }
 
     /// A chain of `bufs` (address, length, device-writable), linked in order, published and

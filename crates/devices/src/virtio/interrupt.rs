@@ -12,6 +12,8 @@ pub const INT_VRING: u32 = 1;
 pub const INT_CONFIG: u32 = 2;
 
 pub struct Interrupt {
+    /// Level-triggered (PCI INTx: asserted until the driver reads the ISR) or edge.
+    level: bool,
     isr: AtomicU32,
     needs_reset: AtomicBool,
     config_generation: AtomicU32,
@@ -19,8 +21,19 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An edge-triggered interrupt (virtio-mmio).
     pub fn new(line: Arc<dyn IrqLine>) -> Self {
+        Self::with_mode(line, false)
+    }
+
+    /// A level-triggered interrupt (virtio-pci INTx): asserted while any ISR bit is set.
+    pub fn new_level(line: Arc<dyn IrqLine>) -> Self {
+        Self::with_mode(line, true)
+    }
+
+    fn with_mode(line: Arc<dyn IrqLine>, level: bool) -> Self {
         Self {
+            level,
             isr: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
             config_generation: AtomicU32::new(0),
@@ -31,14 +44,29 @@ impl Interrupt {
     /// A used ring was updated (and the driver wants to hear about it).
     pub fn signal_used(&self) {
         self.isr.fetch_or(INT_VRING, Ordering::SeqCst);
-        self.line.trigger();
+        self.raise();
     }
 
     /// The device's config space changed.
     pub fn signal_config(&self) {
         self.config_generation.fetch_add(1, Ordering::SeqCst);
         self.isr.fetch_or(INT_CONFIG, Ordering::SeqCst);
-        self.line.trigger();
+        self.raise();
+    }
+
+    fn raise(&self) {
+        if self.level {
+            self.line.set_level(true);
+        } else {
+            self.line.trigger();
+        }
+    }
+
+    /// Reads and clears the ISR (virtio-pci semantics), deasserting the line.
+    pub fn read_and_clear(&self) -> u32 {
+        let v = self.isr.swap(0, Ordering::SeqCst);
+        self.line.set_level(false);
+        v
     }
 
     /// The device hit something it cannot continue from: the driver must reset it.

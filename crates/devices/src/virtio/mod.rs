@@ -3,7 +3,10 @@
 //! A device (`blk`, `net`, `rng`, `vsock`, `balloon`) implements [`VirtioDevice`]: it describes
 //! itself (type, features, queue sizes, config space) and, when the driver sets DRIVER_OK, turns
 //! into a [`QueueHandler`] that a [`worker`] thread drives from queue notifications and the
-//! device's own file descriptors. A transport (`mmio`) owns the guest-visible registers.
+//! device's own file descriptors. A transport owns the guest-visible registers: `mmio`
+//! (virtio-mmio v2) or `pci` (modern virtio-pci behind a host bridge); both drive the same
+//! status machine in `transport`. `driver` is a driver written in host code, for tests, fuzz
+//! targets and `corefour bench io`.
 //!
 //! Guest memory and queues reach a device only at activation (the `activate` arguments), so an
 //! inactive device has nothing it could touch.
@@ -20,9 +23,11 @@ pub mod driver;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod rate_limiter;
 pub mod rng;
 pub mod tap;
+mod transport;
 pub mod vsock;
 pub mod worker;
 

@@ -2,9 +2,32 @@
 //! the caller, so eviction never loses anything and needs no write-back.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Keys are cluster-aligned host offsets, already well spread; SipHash would cost more than
+/// the lookup it protects on the random-read path (no untrusted party picks the key set
+/// adversarially beyond the image itself, whose table count is bounded by the cache size).
+#[derive(Default)]
+pub struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | *b as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (v >> 9).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type FastMap<V> = HashMap<u64, V, BuildHasherDefault<OffsetHasher>>;
 
 pub struct L2Cache {
-    tables: HashMap<u64, Vec<u64>>,
+    tables: FastMap<Vec<u64>>,
     order: VecDeque<u64>,
     capacity: usize,
 }
@@ -12,7 +35,7 @@ pub struct L2Cache {
 impl L2Cache {
     pub fn new(capacity: usize) -> Self {
         L2Cache {
-            tables: HashMap::new(),
+            tables: FastMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
         }

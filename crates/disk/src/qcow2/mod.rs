@@ -104,15 +104,20 @@ impl Qcow2 {
     }
 
     /// Opens an image for `check -r`: writable even when marked corrupt or holding snapshots
-    /// (repair only touches refcounts and flags).
+    /// (repair only touches refcounts and flags), and without its backing file.
     pub fn open_for_repair(path: &Path) -> Result<Qcow2> {
+        Self::open_for_check(path, true)
+    }
+
+    /// Opens an image for `check`, without its backing chain; `write` allows repairs.
+    pub fn open_for_check(path: &Path, write: bool) -> Result<Qcow2> {
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
+            .write(write)
             .open(path)
             .map_err(|e| DiskError::io(path, "open", 0, e))?;
         let storage = Box::new(crate::storage::FileStorage::new(file));
-        Self::open_inner(path, storage, true, true, &mut Vec::new())
+        Self::open_inner(path, storage, write, true, &mut Vec::new())
     }
 
     fn open_inner(
@@ -164,6 +169,9 @@ impl Qcow2 {
         }
 
         let backing = match &h.backing_file {
+            // Checking and repairing look at this file's metadata only; a missing backing
+            // file must not stop them.
+            Some(_) if repair => None,
             Some(name) if !name.is_empty() => {
                 let bpath = resolve_backing(path, name);
                 let format = match &h.backing_format {

@@ -302,6 +302,27 @@ impl Resizable for Qcow2 {
 }
 
 impl Qcow2 {
+    /// Extends the host file by `bytes` past the allocation point without allocating anything,
+    /// so a long sequential fill (convert) writes inside the file instead of growing it with
+    /// every request. The space reads as zeros; [`Qcow2::trim_tail`] gives back what is unused.
+    pub fn reserve_tail(&mut self, bytes: u64) -> Result<()> {
+        self.ensure_writable()?;
+        let want = self.next_free.saturating_add(bytes);
+        if want > self.host.len()? {
+            self.host.set_len(want)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the host file back to the last byte written (undoing [`Qcow2::reserve_tail`]).
+    pub fn trim_tail(&mut self) -> Result<()> {
+        self.ensure_writable()?;
+        if self.host.len()? > self.file_len {
+            self.host.set_len(self.file_len)?;
+        }
+        Ok(())
+    }
+
     /// The refcount of the cluster at host offset `host` (for tests and check).
     pub fn host_refcount(&mut self, host: u64) -> Result<u64> {
         self.refcount(host >> self.cluster_bits)

@@ -1,8 +1,9 @@
 //! VirtualBox VDI import (read-only): dynamic and fixed images, version 1.1 headers.
 
+use crate::blockmap::{self, past_end, read_table, BlockMap};
 use crate::host::{le32, le64, HostFile};
 use crate::storage::Storage;
-use crate::{check_range, BlockRead, DiskSize, Extent, ExtentKind, Format, ImageInfo, Result};
+use crate::{BlockRead, DiskSize, Extent, Format, ImageInfo, Result};
 use std::path::Path;
 
 const SIGNATURE: u32 = 0xbeda_107f;
@@ -73,9 +74,7 @@ impl Vdi {
                 format!("block map at {bmap_offset:#x} ({blocks} entries) lies outside the file"),
             ));
         }
-        let mut raw = vec![0u8; (blocks * 4) as usize];
-        host.read_exact(&mut raw, bmap_offset, "block map")?;
-        let bmap = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+        let bmap = read_table(&host, bmap_offset, blocks, 4, "block map", le32)?;
         Ok(Vdi {
             host,
             size,
@@ -86,22 +85,23 @@ impl Vdi {
             file_len,
         })
     }
+}
 
-    /// Host offset of block `b`, or None if it reads as zeros.
-    fn block(&self, b: u64) -> Result<Option<u64>> {
+impl BlockMap for Vdi {
+    fn host(&self) -> &HostFile {
+        &self.host
+    }
+    fn block_size(&self) -> u64 {
+        self.block_size
+    }
+    fn locate(&self, b: u64) -> Result<Option<u64>> {
         let e = self.bmap.get(b as usize).copied().unwrap_or(BLOCK_FREE);
         if e == BLOCK_FREE || e == BLOCK_ZERO {
             return Ok(None);
         }
         let off = self.data_offset + e as u64 * self.block_size;
         if off >= self.file_len {
-            return Err(self.host.corrupt(
-                0,
-                format!(
-                    "block {b} maps to {off:#x}, past the end of the file ({:#x})",
-                    self.file_len
-                ),
-            ));
+            return Err(past_end(&self.host, b, off, self.file_len));
         }
         Ok(Some(off))
     }
@@ -115,53 +115,11 @@ impl DiskSize for Vdi {
 
 impl BlockRead for Vdi {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(&self.host.path, offset, buf.len() as u64, self.size)?;
-        let mut pos = 0;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let b = off / self.block_size;
-            let inb = off % self.block_size;
-            let n = ((self.block_size - inb) as usize).min(buf.len() - pos);
-            match self.block(b)? {
-                None => buf[pos..pos + n].fill(0),
-                Some(h) => self.host.read_data(&mut buf[pos..pos + n], h + inb)?,
-            }
-            pos += n;
-        }
-        Ok(())
+        blockmap::read(self, buf, offset)
     }
 
     fn extent(&mut self, offset: u64, max_len: u64) -> Result<Extent> {
-        let max_len = max_len.min(self.size.saturating_sub(offset));
-        let bs = self.block_size;
-        let b0 = offset / bs;
-        let h0 = self.block(b0)?;
-        let mut len = (bs - offset % bs).min(max_len);
-        let mut b = b0 + 1;
-        while len < max_len {
-            let h = self.block(b)?;
-            let same = match (h0, h) {
-                (None, None) => true,
-                (Some(a), Some(x)) => x == a + (b - b0) * bs,
-                _ => false,
-            };
-            if !same {
-                break;
-            }
-            len = (len + bs).min(max_len);
-            b += 1;
-        }
-        Ok(Extent {
-            start: offset,
-            length: len,
-            kind: if h0.is_some() {
-                ExtentKind::Data
-            } else {
-                ExtentKind::Zero
-            },
-            depth: 0,
-            offset: h0.map(|h| h + offset % bs),
-        })
+        blockmap::extent(self, offset, max_len)
     }
 
     fn info(&self) -> ImageInfo {

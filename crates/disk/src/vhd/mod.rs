@@ -1,5 +1,6 @@
 //! VHD (Virtual PC / Hyper-V gen 1, qemu's "vpc") import (read-only): fixed and dynamic disks.
 
+use crate::blockmap::{self, past_end, read_table, BlockMap};
 use crate::host::{be16, be32, be64, HostFile};
 use crate::storage::Storage;
 use crate::{check_range, BlockRead, DiskSize, Extent, ExtentKind, Format, ImageInfo, Result};
@@ -140,9 +141,7 @@ impl Vhd {
                         ),
                     ));
                 }
-                let mut raw = vec![0u8; (entries * 4) as usize];
-                host.read_exact(&mut raw, table, "block allocation table")?;
-                let bat = raw.chunks_exact(4).map(|c| be32(c, 0)).collect();
+                let bat = read_table(&host, table, entries, 4, "block allocation table", be32)?;
                 let bitmap_size = (block_size / 512).div_ceil(8).div_ceil(512) * 512;
                 Ok(Vhd {
                     host,
@@ -160,21 +159,26 @@ impl Vhd {
             t => Err(host.corrupt(at + 60, format!("disk type {t}"))),
         }
     }
+}
 
-    fn block(&self, b: u64) -> Result<Option<u64>> {
+impl BlockMap for Vhd {
+    /// Each block's sector bitmap sits between data blocks, so runs carry no host offset.
+    const HOST_OFFSETS: bool = false;
+
+    fn host(&self) -> &HostFile {
+        &self.host
+    }
+    fn block_size(&self) -> u64 {
+        self.block_size
+    }
+    fn locate(&self, b: u64) -> Result<Option<u64>> {
         let e = self.bat.get(b as usize).copied().unwrap_or(BAT_FREE);
         if e == BAT_FREE {
             return Ok(None);
         }
         let off = e as u64 * 512 + self.bitmap_size;
         if off >= self.file_len {
-            return Err(self.host.corrupt(
-                0,
-                format!(
-                    "block {b} maps to {off:#x}, past the end of the file ({:#x})",
-                    self.file_len
-                ),
-            ));
+            return Err(past_end(&self.host, b, off, self.file_len));
         }
         Ok(Some(off))
     }
@@ -188,23 +192,11 @@ impl DiskSize for Vhd {
 
 impl BlockRead for Vhd {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(&self.host.path, offset, buf.len() as u64, self.size)?;
         if self.disk_type == TYPE_FIXED {
+            check_range(&self.host.path, offset, buf.len() as u64, self.size)?;
             return self.host.read_data(buf, offset);
         }
-        let mut pos = 0;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let b = off / self.block_size;
-            let inb = off % self.block_size;
-            let n = ((self.block_size - inb) as usize).min(buf.len() - pos);
-            match self.block(b)? {
-                None => buf[pos..pos + n].fill(0),
-                Some(h) => self.host.read_data(&mut buf[pos..pos + n], h + inb)?,
-            }
-            pos += n;
-        }
-        Ok(())
+        blockmap::read(self, buf, offset)
     }
 
     fn extent(&mut self, offset: u64, max_len: u64) -> Result<Extent> {
@@ -218,31 +210,7 @@ impl BlockRead for Vhd {
                 offset: Some(offset),
             });
         }
-        let bs = self.block_size;
-        let b0 = offset / bs;
-        let h0 = self.block(b0)?;
-        let mut len = (bs - offset % bs).min(max_len);
-        let mut b = b0 + 1;
-        while len < max_len {
-            let h = self.block(b)?;
-            let same = h0.is_some() == h.is_some();
-            if !same {
-                break;
-            }
-            len = (len + bs).min(max_len);
-            b += 1;
-        }
-        Ok(Extent {
-            start: offset,
-            length: len,
-            kind: if h0.is_some() {
-                ExtentKind::Data
-            } else {
-                ExtentKind::Zero
-            },
-            depth: 0,
-            offset: None,
-        })
+        blockmap::extent(self, offset, max_len)
     }
 
     fn info(&self) -> ImageInfo {

@@ -2,9 +2,10 @@
 //! are CRC-32C checked; an image with a pending log is refused (replaying it would write to the
 //! source).
 
+use crate::blockmap::{self, read_table, BlockMap};
 use crate::host::{le16, le32, le64, HostFile};
 use crate::storage::Storage;
-use crate::{check_range, BlockRead, DiskSize, Extent, ExtentKind, Format, ImageInfo, Result};
+use crate::{BlockRead, DiskSize, Extent, Format, ImageInfo, Result};
 use std::path::Path;
 
 const KIB64: u64 = 64 * 1024;
@@ -239,9 +240,7 @@ impl Vhdx {
                 format!("BAT region of {bat_len} bytes cannot hold {total} entries"),
             ));
         }
-        let mut raw = vec![0u8; (total * 8) as usize];
-        host.read_exact(&mut raw, bat_off, "BAT")?;
-        let bat = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
+        let bat = read_table(&host, bat_off, total, 8, "BAT", le64)?;
         Ok(Vhdx {
             host,
             size,
@@ -252,8 +251,16 @@ impl Vhdx {
             logical_sector,
         })
     }
+}
 
-    fn block(&self, b: u64) -> Result<Option<u64>> {
+impl BlockMap for Vhdx {
+    fn host(&self) -> &HostFile {
+        &self.host
+    }
+    fn block_size(&self) -> u64 {
+        self.block_size
+    }
+    fn locate(&self, b: u64) -> Result<Option<u64>> {
         let idx = b + b / self.chunk_ratio;
         let e = self.bat.get(idx as usize).copied().unwrap_or(0);
         let state = e & 7;
@@ -282,53 +289,11 @@ impl DiskSize for Vhdx {
 
 impl BlockRead for Vhdx {
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<()> {
-        check_range(&self.host.path, offset, buf.len() as u64, self.size)?;
-        let mut pos = 0;
-        while pos < buf.len() {
-            let off = offset + pos as u64;
-            let b = off / self.block_size;
-            let inb = off % self.block_size;
-            let n = ((self.block_size - inb) as usize).min(buf.len() - pos);
-            match self.block(b)? {
-                None => buf[pos..pos + n].fill(0),
-                Some(h) => self.host.read_data(&mut buf[pos..pos + n], h + inb)?,
-            }
-            pos += n;
-        }
-        Ok(())
+        blockmap::read(self, buf, offset)
     }
 
     fn extent(&mut self, offset: u64, max_len: u64) -> Result<Extent> {
-        let max_len = max_len.min(self.size.saturating_sub(offset));
-        let bs = self.block_size;
-        let b0 = offset / bs;
-        let h0 = self.block(b0)?;
-        let mut len = (bs - offset % bs).min(max_len);
-        let mut b = b0 + 1;
-        while len < max_len {
-            let h = self.block(b)?;
-            let same = match (h0, h) {
-                (None, None) => true,
-                (Some(a), Some(x)) => x == a + (b - b0) * bs,
-                _ => false,
-            };
-            if !same {
-                break;
-            }
-            len = (len + bs).min(max_len);
-            b += 1;
-        }
-        Ok(Extent {
-            start: offset,
-            length: len,
-            kind: if h0.is_some() {
-                ExtentKind::Data
-            } else {
-                ExtentKind::Zero
-            },
-            depth: 0,
-            offset: h0.map(|h| h + offset % bs),
-        })
+        blockmap::extent(self, offset, max_len)
     }
 
     fn info(&self) -> ImageInfo {

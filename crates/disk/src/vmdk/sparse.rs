@@ -1,6 +1,7 @@
 //! A VMDK sparse extent ("KDMV" header): grain directory -> grain tables -> grains, optionally
 //! deflate-compressed grains with markers (streamOptimized).
 
+use crate::blockmap::read_table;
 use crate::host::{le32, le64, HostFile};
 use crate::{ExtentKind, Result};
 use std::collections::HashMap;
@@ -90,9 +91,7 @@ impl SparseExtent {
                 ),
             ));
         }
-        let mut raw = vec![0u8; (gd_entries * 4) as usize];
-        host.read_exact(&mut raw, gd_off, "grain directory")?;
-        let gd = raw.chunks_exact(4).map(|c| le32(c, 0)).collect();
+        let gd = read_table(&host, gd_off, gd_entries, 4, "grain directory", le32)?;
         Ok(SparseExtent {
             host,
             capacity,
@@ -136,13 +135,11 @@ impl SparseExtent {
                     ),
                 ));
             }
-            let mut raw = vec![0u8; (self.gtes * 4) as usize];
-            self.host.read_exact(&mut raw, off, "grain table")?;
+            let gt = read_table(&self.host, off, self.gtes, 4, "grain table", le32)?;
             if self.gts.len() >= 64 {
                 self.gts.clear();
             }
-            self.gts
-                .insert(gdi, raw.chunks_exact(4).map(|c| le32(c, 0)).collect());
+            self.gts.insert(gdi, gt);
         }
         Ok(self.gts[&gdi][(g % self.gtes) as usize])
     }
@@ -151,7 +148,8 @@ impl SparseExtent {
         e == 0 || (e == GTE_ZEROED && self.flags & FLAG_ZERO_GRAIN != 0)
     }
 
-    fn grain_data(&mut self, g: u64, e: u32) -> Result<&[u8]> {
+    /// File offset of grain `g` whose table entry is `e`, checked against the file's end.
+    fn grain_offset(&self, g: u64, e: u32) -> Result<u64> {
         let off = e as u64 * 512;
         if off >= self.file_len {
             return Err(self.host.corrupt(
@@ -162,6 +160,11 @@ impl SparseExtent {
                 ),
             ));
         }
+        Ok(off)
+    }
+
+    fn grain_data(&mut self, g: u64, e: u32) -> Result<&[u8]> {
+        let off = self.grain_offset(g, e)?;
         if self.last_grain.as_ref().map(|l| l.0) != Some(g) {
             let mut hdr = [0u8; 12];
             self.host
@@ -204,16 +207,7 @@ impl SparseExtent {
                 let data = self.grain_data(g, e)?;
                 out.copy_from_slice(&data[in_grain as usize..in_grain as usize + n]);
             } else {
-                let host = e as u64 * 512;
-                if host >= self.file_len {
-                    return Err(self.host.corrupt(
-                        host,
-                        format!(
-                            "grain {g} points past the end of the file ({:#x})",
-                            self.file_len
-                        ),
-                    ));
-                }
+                let host = self.grain_offset(g, e)?;
                 self.host.read_data(out, host + in_grain)?;
             }
             pos += n;

@@ -20,6 +20,8 @@ pub use image::ImageError;
 pub enum BootError {
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Linux(#[from] linux::LinuxError),
     #[error(
         "memory too small: {have_mib} MiB given, the image, initrd and {vcpus} vCPU stacks need \
          {need_kib} KiB (raise --memory)"
@@ -53,8 +55,8 @@ pub struct BootPlan {
     pub entry: u64,
     pub stacks_base: u64,
     pub vcpus: u32,
-    /// A Linux bzImage entered through the 64-bit boot protocol (see `linux`).
-    pub linux: bool,
+    /// Set for a Linux bzImage: the boot protocol's registers instead of the guest contract's.
+    pub linux: Option<linux::LinuxPlan>,
 }
 
 /// Loads the kernel (and initrd), writes the boot-info page, command line, GDT and page tables.
@@ -120,14 +122,14 @@ pub fn prepare(mem: &GuestMem, config: &VmConfig) -> Result<BootPlan, BootError>
         entry: loaded.entry,
         stacks_base,
         vcpus: config.vcpus,
-        linux: false,
+        linux: None,
     })
 }
 
 /// Sets vCPU `index` at the entry in long mode with its stack and registers per the contract.
 pub fn setup_vcpu(vcpu: &mut dyn Vcpu, plan: &BootPlan, index: u32) -> Result<(), BootError> {
-    if plan.linux {
-        return linux::setup_vcpu(vcpu, plan, index);
+    if let Some(l) = &plan.linux {
+        return linux::setup_vcpu(vcpu, plan, l, index);
     }
     longmode::setup_vcpu(vcpu, plan, index).map_err(|source| BootError::Vcpu { index, source })
 }

@@ -10,13 +10,16 @@
 
 pub mod dirty;
 pub mod format;
+pub mod handle;
+pub mod machine_state;
 pub mod memfile;
+pub mod restore;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use corefour_hypervisor::CpuState;
 use serde::{Deserialize, Serialize};
+
+pub use machine_state::MachineState;
 
 use dirty::PageRun;
 use memfile::{MemFileInfo, RamRegion};
@@ -56,14 +59,9 @@ pub struct VmSnapshot {
     /// The corefour release that wrote it (informational; the frame carries the format version).
     pub writer: String,
     pub created_unix_ms: u64,
-    /// The VMM's config (kernel, vCPUs, memory...), as its own serde form.
-    pub config: serde_json::Value,
     pub memory: MemoryRecord,
-    /// VM-wide backend state (irqchip, PIT, clock).
-    pub vm: CpuState,
-    pub vcpus: Vec<CpuState>,
-    /// Device state by device name, each in the device's own serde form.
-    pub devices: BTreeMap<String, serde_json::Value>,
+    /// Config, backend VM state, vCPUs, devices.
+    pub machine: MachineState,
 }
 
 impl VmSnapshot {
@@ -89,7 +87,7 @@ impl VmSnapshot {
         if let Some(d) = &s.memory.diff {
             memfile::validate_runs(&s.memory.regions, &d.runs)?;
         }
-        if s.vcpus.is_empty() {
+        if s.machine.vcpus.is_empty() {
             return Err(invalid("no vCPU state".into()));
         }
         memfile::open_checked(&dir.join(MEMORY_FILE), s.memory.file.size)?;

@@ -1,0 +1,387 @@
+//! `corefour bench migrate`: live-migration total time and downtime for an idle and a busy
+//! (memory-writing) guest over loopback TCP, and snapshot restore time; each against a
+//! baseline measured in the same run:
+//! - migration total vs a plain copy of the guest's memory size over loopback TCP (what moving
+//!   the memory costs with no VMM in the way);
+//! - restore vs reading the snapshot's memory file into RAM (what a restore that copies
+//!   memory, instead of mapping it MAP_PRIVATE, would pay at least).
+
+use std::io::{IsTerminal, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Runs per measurement (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// Where `make -C guests` put counter.elf and dirtier.elf.
+    #[arg(long, default_value = "guests/build")]
+    guests: PathBuf,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Row {
+    metric: String,
+    unit: &'static str,
+    corefour: f64,
+    baseline: Option<f64>,
+    baseline_is: &'static str,
+    ratio: Option<f64>,
+    goal: &'static str,
+    met: Option<bool>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+struct Child2 {
+    child: Child,
+}
+impl Drop for Child2 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn me() -> anyhow::Result<PathBuf> {
+    std::env::current_exe().context("cannot find the corefour binary")
+}
+
+fn wait_path(p: &Path, what: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while !p.exists() {
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!("{what} did not appear within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn wait_text(p: &Path, text: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while !std::fs::read_to_string(p)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("{} never showed {text:?}", p.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn put(sock: &Path, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    let r = corefour_vmm::api_client::call(sock, "PUT", path, body, Duration::from_secs(300))?;
+    Ok((r.status, r.body))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts a source VM running `kernel` and waits until it printed `ready`.
+fn source(
+    dir: &Path,
+    kernel: &Path,
+    cmdline: &str,
+    mib: u64,
+    ready: &str,
+) -> anyhow::Result<(Child2, PathBuf)> {
+    let sock = dir.join("src.sock");
+    let out = dir.join("src.out");
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(me()?)
+        .arg("vmm")
+        .arg("--kernel")
+        .arg(kernel)
+        .args([
+            "--memory",
+            &format!("{mib}M"),
+            "--cmdline",
+            cmdline,
+            "--timeout",
+            "300s",
+        ])
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the source VMM")?;
+    let c = Child2 { child };
+    wait_path(&sock, "the source's API socket")?;
+    wait_text(&out, ready)?;
+    Ok((c, sock))
+}
+
+#[derive(serde::Deserialize)]
+struct Report {
+    total_ms: f64,
+    downtime_ms: f64,
+    rounds: u32,
+    pages_sent: u64,
+}
+
+fn migrate_once(
+    dir: &Path,
+    kernel: &Path,
+    cmdline: &str,
+    mib: u64,
+    ready: &str,
+) -> anyhow::Result<Report> {
+    let port = free_port()?;
+    let tsock = dir.join("dst.sock");
+    let terr = dir.join("dst.err");
+    let _ = std::fs::remove_file(&tsock);
+    let target = Command::new(me()?)
+        .args(["vmm", "--incoming", &format!("127.0.0.1:{port}")])
+        .arg("--api-sock")
+        .arg(&tsock)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&terr)?)
+        .spawn()
+        .context("cannot start the target VMM")?;
+    let mut target = Child2 { child: target };
+    wait_text(&terr, "waiting for a migration")?;
+    let (mut src, ssock) = source(dir, kernel, cmdline, mib, ready)?;
+    let (code, body) = put(
+        &ssock,
+        "/vm/migrate",
+        Some(&format!(
+            r#"{{"to": "127.0.0.1:{port}", "max_downtime_ms": 10}}"#
+        )),
+    )?;
+    if code != 200 {
+        bail!("migration failed ({code}): {body}");
+    }
+    let r: Report = serde_json::from_str(&body).context("migration report")?;
+    wait_path(&tsock, "the target's API socket")?;
+    let _ = put(&tsock, "/vm/shutdown", None);
+    let _ = target.child.wait();
+    let _ = src.child.wait();
+    Ok(r)
+}
+
+/// Milliseconds to push `bytes` through a loopback TCP connection (1 MiB writes).
+fn tcp_copy_ms(bytes: u64) -> anyhow::Result<f64> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let rx = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                return Ok(n);
+            }
+            n += k as u64;
+        }
+    });
+    // Non-zero data, so nothing can shortcut it.
+    let buf: Vec<u8> = (0..1usize << 20).map(|i| (i * 31) as u8).collect();
+    let t = Instant::now();
+    let mut s = TcpStream::connect(addr)?;
+    let mut sent = 0u64;
+    while sent < bytes {
+        s.write_all(&buf)?;
+        sent += buf.len() as u64;
+    }
+    drop(s);
+    let got = rx
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    if got != sent {
+        bail!("loopback copy lost bytes ({got} of {sent})");
+    }
+    Ok(ms)
+}
+
+fn restore_once(snap: &Path) -> anyhow::Result<f64> {
+    let o = Command::new(me()?)
+        .args(["vmm", "--restore"])
+        .arg(snap)
+        .args(["--timeout", "100ms"])
+        .stdout(Stdio::null())
+        .output()
+        .context("cannot run corefour vmm --restore")?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    let ms = err
+        .lines()
+        .find_map(|l| l.split_once(" in ").and_then(|(_, r)| r.split_once(" ms")))
+        .and_then(|(n, _)| n.trim().parse::<f64>().ok())
+        .with_context(|| format!("restore printed no timing: {err}"))?;
+    Ok(ms)
+}
+
+pub fn run(a: Args) -> anyhow::Result<i32> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let counter = a.guests.join("counter.elf");
+    let dirtier = a.guests.join("dirtier.elf");
+    for g in [&counter, &dirtier] {
+        if !g.exists() {
+            bail!("{} is missing: run `make -C guests` first", g.display());
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("corefour-bench-migrate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = measure(&a, &dir, &counter, &dirtier);
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    Ok(0)
+}
+
+fn measure(a: &Args, dir: &Path, counter: &Path, dirtier: &Path) -> anyhow::Result<Vec<Row>> {
+    let tty = std::io::stderr().is_terminal();
+    let note = |s: &str| {
+        if tty {
+            eprintln!("bench migrate: {s}");
+        }
+    };
+    let mib = a.memory_mib;
+    let (mut idle_total, mut idle_down, mut busy_total, mut busy_down, mut tcp) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let mut busy_rounds = vec![];
+    let mut busy_pages = vec![];
+    for i in 0..a.runs {
+        note(&format!("run {}/{}: idle guest", i + 1, a.runs));
+        let r = migrate_once(dir, counter, "spin=100000000", mib, "counter: start")?;
+        idle_total.push(r.total_ms);
+        idle_down.push(r.downtime_ms);
+        note("busy guest");
+        let r = migrate_once(dir, dirtier, "ws=64 spin=2000", mib, "dirtier: pass")?;
+        busy_total.push(r.total_ms);
+        busy_down.push(r.downtime_ms);
+        busy_rounds.push(f64::from(r.rounds));
+        busy_pages.push(r.pages_sent as f64);
+        tcp.push(tcp_copy_ms(mib << 20)?);
+    }
+    note("snapshot restore");
+    let (mut src, sock) = source(dir, counter, "spin=100000000", mib, "counter: start")?;
+    let snap = dir.join("snap");
+    let (code, body) = put(
+        &sock,
+        "/vm/snapshot",
+        Some(&format!(r#"{{"path": "{}"}}"#, snap.display())),
+    )?;
+    if code != 200 {
+        bail!("snapshot failed ({code}): {body}");
+    }
+    let _ = put(&sock, "/vm/shutdown", None);
+    let _ = src.child.wait();
+    let (mut restore, mut read) = (vec![], vec![]);
+    for _ in 0..a.runs.max(5) {
+        restore.push(restore_once(&snap)?);
+        let t = Instant::now();
+        let bytes = std::fs::read(snap.join("memory.bin"))?;
+        read.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(bytes);
+    }
+    let tcp_ms = median(tcp);
+    let row = |metric: String,
+               v: f64,
+               base: Option<f64>,
+               baseline_is: &'static str,
+               goal: &'static str,
+               limit: Option<f64>| Row {
+        metric,
+        unit: "ms",
+        corefour: v,
+        baseline: base,
+        baseline_is,
+        ratio: base.map(|b| v / b),
+        goal,
+        met: limit.map(|l| v <= l),
+    };
+    Ok(vec![
+        row(
+            format!("migration total, idle {mib} MiB"),
+            median(idle_total),
+            Some(tcp_ms),
+            "TCP copy of the memory size",
+            "",
+            None,
+        ),
+        row(
+            "migration downtime, idle".into(),
+            median(idle_down),
+            None,
+            "",
+            "<= 10 ms",
+            Some(10.0),
+        ),
+        row(
+            format!(
+                "migration total, busy (64 MiB ws, {:.0} rounds, {:.0} pages)",
+                median(busy_rounds),
+                median(busy_pages)
+            ),
+            median(busy_total),
+            Some(tcp_ms),
+            "TCP copy of the memory size",
+            "",
+            None,
+        ),
+        row(
+            "migration downtime, busy".into(),
+            median(busy_down),
+            None,
+            "",
+            "",
+            None,
+        ),
+        row(
+            "snapshot restore (to runnable)".into(),
+            median(restore),
+            Some(median(read)),
+            "read of memory.bin into RAM",
+            "<= 5 ms",
+            Some(5.0),
+        ),
+    ])
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<58} {:>10} {:>10} {:>7}  {:<10} baseline is",
+        "metric (ms)", "corefour", "baseline", "ratio", "goal"
+    );
+    for r in rows {
+        let b = r.baseline.map_or("-".into(), |b| format!("{b:.2}"));
+        let ratio = r.ratio.map_or("-".into(), |x| format!("{x:.2}x"));
+        let goal = match r.met {
+            Some(true) => format!("{} ok", r.goal),
+            Some(false) => format!("{} MISSED", r.goal),
+            None => r.goal.to_string(),
+        };
+        println!(
+            "{:<58} {:>10.2} {:>10} {:>7}  {:<10} {}",
+            r.metric, r.corefour, b, ratio, goal, r.baseline_is
+        );
+    }
+}

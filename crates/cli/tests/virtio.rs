@@ -1,0 +1,472 @@
+//! virtio devices end to end: the guests in guests/ (vblk, vrng, vnet; built with
+//! `make -C guests -f virtio.mk`) drive virtio-mmio devices through the real `corefour vmm` on
+//! KVM. Without /dev/kvm (or, for the network test, root and tun) the tests print why and skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn guest(name: &str) -> PathBuf {
+    // Same lock as the other guest-building tests: one make at a time in guests/.
+    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
+    let st = Command::new("flock")
+        .arg(&lock)
+        .args(["make", "-s", "-C"])
+        .arg(repo().join("guests"))
+        .args(["-f", "virtio.mk"])
+        .status()
+        .expect("run flock make -C guests -f virtio.mk");
+    assert!(st.success(), "make -C guests -f virtio.mk failed");
+    let p = repo().join("guests/build").join(format!("{name}.elf"));
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+fn kvm_missing() -> Option<String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => None,
+        Err(e) => Some(format!("/dev/kvm is not usable ({e})")),
+    }
+}
+
+macro_rules! need_kvm {
+    () => {
+        if let Some(why) = kvm_missing() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
+
+fn vmm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .arg("vmm")
+        .args(args)
+        .output()
+        .expect("run corefour vmm")
+}
+
+fn run_guest(name: &str, extra: &[&str]) -> Output {
+    let k = guest(name);
+    let mut args = vec!["--kernel", k.to_str().unwrap(), "--timeout", "30s"];
+    args.extend_from_slice(extra);
+    vmm(&args)
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn disk_image(dir: &Path) -> PathBuf {
+    let p = dir.join("disk.img");
+    let mut d = vec![0u8; 1 << 20];
+    for (i, b) in d[..16].iter_mut().enumerate() {
+        *b = 0xa0 + i as u8;
+    }
+    d[512..1024].fill(0x77);
+    std::fs::write(&p, &d).unwrap();
+    p
+}
+
+#[test]
+fn vblk_reads_sector0_and_writes_sector1() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk_image(dir.path());
+    let o = run_guest("vblk", &["--disk", img.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out(&o),
+        err(&o)
+    );
+    assert!(
+        out(&o)
+            .lines()
+            .any(|l| l == "SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
+        "stdout:\n{}",
+        out(&o)
+    );
+    let d = std::fs::read(&img).unwrap();
+    assert_eq!(&d[512..520], b"COREFOUR");
+    assert!(
+        d[520..1024].iter().all(|&b| b == 0x77),
+        "rest of sector 1 kept"
+    );
+    assert_eq!(d.len(), 1 << 20);
+}
+
+#[test]
+fn vblk_and_vrng_over_virtio_pci() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk_image(dir.path());
+    let o = run_guest(
+        "vblk",
+        &["--disk", img.to_str().unwrap(), "--virtio-transport", "pci"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out(&o),
+        err(&o)
+    );
+    assert!(
+        out(&o).contains("SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
+        "{}",
+        out(&o)
+    );
+    assert!(out(&o).contains("transport=pci"), "{}", out(&o));
+    assert_eq!(&std::fs::read(&img).unwrap()[512..520], b"COREFOUR");
+    let o = run_guest("vrng", &["--rng", "--virtio-transport", "pci"]);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{}", out(&o));
+    let o = run_guest("vrng", &["--rng", "--virtio-transport", "isa"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(err(&o).contains("unknown virtio transport"), "{}", err(&o));
+}
+
+#[test]
+fn vblk_read_only_disk_refuses_the_write() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk_image(dir.path());
+    let before = std::fs::read(&img).unwrap();
+    let arg = format!("{},ro", img.display());
+    let o = run_guest("vblk", &["--disk", &arg]);
+    assert_eq!(o.status.code(), Some(1), "stdout:\n{}", out(&o));
+    assert!(out(&o).contains("SECTOR0 a0a1"), "reads still work");
+    assert!(
+        out(&o).contains("vblk: FAIL status for type 0x1"),
+        "{}",
+        out(&o)
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), before);
+}
+
+#[test]
+fn vblk_from_vm_json_disks() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let img = disk_image(dir.path());
+    let k = guest("vblk");
+    let cfg = dir.path().join("vm.json");
+    let json = serde_json::json!({
+        "kernel": k,
+        "memory_mib": 32,
+        "disks": [{ "path": img, "serial": "c4-test" }],
+        "timeout_secs": 30
+    });
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    let o = vmm(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "stderr:\n{}", err(&o));
+    assert_eq!(&std::fs::read(&img).unwrap()[512..520], b"COREFOUR");
+}
+
+#[test]
+fn bad_disk_arguments_fail_with_one_clear_line() {
+    let o = vmm(&["--kernel", "/nonexistent.elf", "--disk", "x.img,bogus"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        err(&o).contains("unknown disk option `bogus`"),
+        "{}",
+        err(&o)
+    );
+    need_kvm!();
+    let o = run_guest("vblk", &["--disk", "/nonexistent/disk.img"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = err(&o);
+    assert!(e.contains("cannot open disk /nonexistent/disk.img"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn vrng_reads_random_bytes() {
+    need_kvm!();
+    let o = run_guest("vrng", &["--rng"]);
+    assert_eq!(o.status.code(), Some(0), "stdout:\n{}", out(&o));
+    let lines: Vec<_> = out(&o)
+        .lines()
+        .filter(|l| l.starts_with("RNG "))
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_ne!(lines[0], lines[1]);
+    // Without the device the guest finds nothing and says so.
+    let o = run_guest("vrng", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(out(&o).contains("vrng: FAIL init step"), "{}", out(&o));
+}
+
+/// A bridge with a tap for the VM and a veth into a namespace holding the test host
+/// 10.77.0.1; removed on drop.
+struct TestNet {
+    ns: String,
+    br: String,
+    tap: String,
+}
+
+impl TestNet {
+    fn sh(args: &[&str]) -> Result<(), String> {
+        let o = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("ip: {e}"))?;
+        if o.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ))
+        }
+    }
+
+    fn new() -> Result<Self, String> {
+        let id = std::process::id() % 100_000;
+        let n = TestNet {
+            ns: format!("c4vnh{id}"),
+            br: format!("c4vnb{id}"),
+            tap: format!("c4vnt{id}"),
+        };
+        let (vh, vp) = (format!("c4vnv{id}"), format!("c4vnp{id}"));
+        Self::sh(&["netns", "add", &n.ns])?;
+        Self::sh(&["link", "add", &n.br, "type", "bridge"])?;
+        Self::sh(&["link", "set", &n.br, "up"])?;
+        Self::sh(&[
+            "link", "add", &vh, "type", "veth", "peer", "name", &vp, "netns", &n.ns,
+        ])?;
+        Self::sh(&["link", "set", &vh, "master", &n.br, "up"])?;
+        Self::sh(&["-n", &n.ns, "addr", "add", "10.77.0.1/24", "dev", &vp])?;
+        Self::sh(&["-n", &n.ns, "link", "set", &vp, "up"])?;
+        Self::sh(&["tuntap", "add", "dev", &n.tap, "mode", "tap"])?;
+        Self::sh(&["link", "set", &n.tap, "master", &n.br, "up"])?;
+        Ok(n)
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        let _ = Self::sh(&["link", "del", &self.tap]);
+        let _ = Self::sh(&["link", "del", &self.br]);
+        let _ = Self::sh(&["netns", "del", &self.ns]);
+    }
+}
+
+#[test]
+fn vnet_arps_and_pings_a_test_host_through_a_bridge() {
+    need_kvm!();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIP: needs root and /dev/net/tun for tap, bridge and netns");
+        return;
+    }
+    let net = match TestNet::new() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("SKIP: cannot build the test network: {e}");
+            return;
+        }
+    };
+    let arg = format!("{},mac=06:c4:00:00:00:42", net.tap);
+    for transport in ["mmio", "pci"] {
+        let o = run_guest("vnet", &["--net", &arg, "--virtio-transport", transport]);
+        let s = out(&o);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{transport}: stdout:\n{s}\nstderr:\n{}",
+            err(&o)
+        );
+        assert!(s.contains("VNET mac 06c400000042"), "{s}");
+        assert!(s.contains("VNET arp "), "{s}");
+        assert!(s.contains("VNET ping reply from 10.77.0.1"), "{s}");
+    }
+}
+
+#[test]
+fn vvsock_talks_both_ways_over_unix_sockets() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::process::Stdio;
+    need_kvm!();
+    let k = guest("vvsock");
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("v.sock");
+    // Guest-initiated connections to port 5000 land here.
+    let listener = UnixListener::bind(format!("{}_5000", uds.display())).unwrap();
+    let host5000 = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        s.write_all(b"hello from host\n").unwrap();
+        line
+    });
+    let vsock = format!("7,{}", uds.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .args([
+            "vmm",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--vsock",
+            &vsock,
+            "--timeout",
+            "30s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            break;
+        }
+        seen.push_str(&line);
+        if line.starts_with("VSOCK listening 1234") {
+            break;
+        }
+    }
+    assert!(seen.contains("VSOCK from host: hello from host"), "{seen}");
+    assert_eq!(host5000.join().unwrap(), "hello from guest\n");
+    // Host-initiated: CONNECT to the guest's port 1234.
+    let mut s = UnixStream::connect(&uds).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    s.write_all(b"CONNECT 1234\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "{ok:?}");
+    s.write_all(b"ping\n").unwrap();
+    let mut pong = [0u8; 5];
+    r.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"pong\n");
+    drop(r);
+    drop(s);
+    let st = child.wait().unwrap();
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(st.code(), Some(0), "{seen}{rest}");
+    assert!(rest.contains("VSOCK got: ping"), "{rest}");
+    assert!(rest.contains("vvsock: ok"), "{rest}");
+}
+
+/// Guest RAM resident at exit, from `corefour vmm --stats`.
+fn guest_resident_kib(o: &Output) -> u64 {
+    err(o)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("guest_resident_kib="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no stats in {}", err(o)))
+}
+
+#[test]
+fn vballoon_returns_inflated_memory_to_the_host() {
+    need_kvm!();
+    let full = run_guest(
+        "vballoon",
+        &["--balloon", "0", "--stats", "--cmdline", "touch=24"],
+    );
+    assert_eq!(full.status.code(), Some(0), "{}", out(&full));
+    let ballooned = run_guest(
+        "vballoon",
+        &["--balloon", "16", "--stats", "--cmdline", "touch=24"],
+    );
+    assert_eq!(ballooned.status.code(), Some(0), "{}", out(&ballooned));
+    assert!(
+        out(&ballooned).contains("VBALLOON target=4096 inflated=4096"),
+        "{}",
+        out(&ballooned)
+    );
+    let (a, b) = (guest_resident_kib(&full), guest_resident_kib(&ballooned));
+    assert!(a >= 24 * 1024, "the guest touched 24 MiB: {a} KiB");
+    assert!(
+        a - b >= 15 * 1024,
+        "16 MiB inflated should leave guest RAM: {a} KiB -> {b} KiB"
+    );
+}
+
+fn http(sock: &Path, req: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect API socket");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn balloon_target_through_the_vmm_api() {
+    need_kvm!();
+    // `hang` idles until shut down; the devices do not need a driver to be configured.
+    let k = {
+        let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
+        let st = Command::new("flock")
+            .arg(&lock)
+            .args(["make", "-s", "-C"])
+            .arg(repo().join("guests"))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        repo().join("guests/build/hang.elf")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .args([
+            "vmm",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--balloon",
+            "4",
+            "--timeout",
+            "30s",
+        ])
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !sock.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let get = "GET /balloon HTTP/1.1\r\nConnection: close\r\n\r\n";
+    let r = http(&sock, get);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains("\"target_mib\":4"), "{r}");
+    let r = http(
+        &sock,
+        "PUT /balloon?target_mib=12 HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+    assert!(http(&sock, get).contains("\"target_mib\":12"));
+    let r = http(
+        &sock,
+        "PUT /balloon?target_mib=lots HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    http(
+        &sock,
+        "PUT /vm/shutdown HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}

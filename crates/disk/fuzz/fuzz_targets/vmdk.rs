@@ -1,0 +1,9 @@
+//! Arbitrary bytes as a vmdk image: open, map, read.
+#![no_main]
+
+use corefour_disk::{fuzzing::exercise, Format};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    exercise(Format::Vmdk, data, false);
+});

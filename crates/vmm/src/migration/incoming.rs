@@ -1,0 +1,113 @@
+//! `corefour vmm --incoming HOST:PORT`: wait for one migration and build the VM from it.
+
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use corefour_devices::Console;
+
+use super::protocol::ProtocolError;
+use super::receive::Incoming;
+use crate::builder::Vmm;
+use crate::config::VmConfig;
+use crate::memory;
+use crate::snapshot::format;
+use crate::snapshot::machine_state::MachineState;
+use crate::snapshot::memfile;
+use crate::snapshot::restore::{host_regions, load, prepare};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("incoming migration failed: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("incoming migration refused: {0}")]
+    Refused(String),
+}
+
+/// A VM received from a source, loaded and committed; call `started` once it runs.
+pub struct Received {
+    pub vmm: Vmm,
+    pub conn: Incoming,
+    pub receive_ms: f64,
+}
+
+/// Listens on `addr`, accepts one migration and builds the VM. The source keeps its copy until
+/// this side has loaded the state and the source commits.
+pub fn receive(
+    addr: &str,
+    console: Console,
+    io_timeout: Duration,
+) -> Result<Received, IncomingError> {
+    let listener = TcpListener::bind(addr).map_err(|source| IncomingError::Listen {
+        addr: addr.into(),
+        source,
+    })?;
+    eprintln!("corefour vmm: waiting for a migration on {addr}");
+    let (mut conn, hello) = Incoming::accept(&listener, io_timeout)?;
+    let t = Instant::now();
+    let refuse = |conn: &mut Incoming, why: String| {
+        conn.refuse(&why);
+        IncomingError::Refused(why)
+    };
+    let config: VmConfig = match serde_json::from_value(hello.config.clone()) {
+        Ok(c) => c,
+        Err(e) => return Err(refuse(&mut conn, format!("VM config: {e}"))),
+    };
+    if let Err(e) = config.validate() {
+        return Err(refuse(&mut conn, e.to_string()));
+    }
+    let mem = match memory::allocate(config.memory_mib) {
+        Ok(m) => m,
+        Err(e) => return Err(refuse(&mut conn, e.to_string())),
+    };
+    let layout = hello.regions.clone();
+    if let Err(e) = memfile::validate(&layout) {
+        return Err(refuse(&mut conn, e.to_string()));
+    }
+    let host = host_regions(&mem, &layout);
+    // The memory this VMM builds for the config must match the source's layout.
+    let same = host.len() == layout.len()
+        && vm_memory_layout(&mem)
+            == layout
+                .iter()
+                .map(|r| (r.guest_phys_addr, r.size))
+                .collect::<Vec<_>>();
+    if !same {
+        return Err(refuse(
+            &mut conn,
+            "the source's memory layout differs from what this corefour builds for the config"
+                .into(),
+        ));
+    }
+    // Everything that does not need the final state happens now, while the source still runs.
+    let prepared = match prepare(config, &mem, console) {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(&mut conn, e.to_string())),
+    };
+    conn.ready()?;
+    let frame = conn.receive_memory(&host)?;
+    let state: MachineState = match format::decode(format::KIND_MIGRATION_STATE, &frame) {
+        Ok(s) => s,
+        Err(e) => return Err(refuse(&mut conn, e.to_string())),
+    };
+    let vmm = match load(prepared, &state, mem) {
+        Ok(v) => v,
+        Err(e) => return Err(refuse(&mut conn, e.to_string())),
+    };
+    conn.loaded_wait_commit()?;
+    Ok(Received {
+        vmm,
+        conn,
+        receive_ms: t.elapsed().as_secs_f64() * 1e3,
+    })
+}
+
+fn vm_memory_layout(mem: &memory::GuestMem) -> Vec<(u64, u64)> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+}

@@ -1,0 +1,265 @@
+//! Building a VM from saved state instead of booting it: from a snapshot directory (memory
+//! mapped MAP_PRIVATE from the snapshot file, so nothing is copied) or from memory a migration
+//! filled.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use corefour_devices::{Console, GuestEvents};
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use super::machine_state::MachineState;
+use super::memfile::{self, HostRegion, RamRegion};
+use super::{SnapshotError, VmSnapshot, MEMORY_FILE};
+use crate::backend;
+use crate::builder::{Vmm, VmmError};
+use crate::config::{BackendKind, VmConfig};
+use crate::control::Control;
+use crate::machine;
+use crate::memory::{self, GuestMem};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("snapshot config is not valid: {0}")]
+    Config(String),
+    #[error("cannot map the snapshot memory {path}: {reason}")]
+    Map { path: String, reason: String },
+    #[error("the snapshot was taken on the {0} backend; only KVM snapshots can be restored")]
+    Backend(String),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("cannot restore {what}: {reason}")]
+    State { what: String, reason: String },
+}
+
+/// How the restore went, for the CLI's note and `corefour bench migrate`.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTiming {
+    pub total_ms: f64,
+    pub layers: usize,
+}
+
+/// Maps `regions` of `file` privately as guest memory.
+fn map_private(path: &Path, file: &File, regions: &[RamRegion]) -> Result<GuestMem, RestoreError> {
+    let map_err = |reason: String| RestoreError::Map {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut out = Vec::with_capacity(regions.len());
+    for r in regions {
+        let f = file.try_clone().map_err(|e| map_err(e.to_string()))?;
+        let mmap = MmapRegion::build(
+            Some(FileOffset::new(f, r.file_offset)),
+            r.size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| map_err(e.to_string()))?;
+        let region = GuestRegionMmap::new(mmap, GuestAddress(r.guest_phys_addr))
+            .ok_or_else(|| map_err("region wraps the guest address space".into()))?;
+        out.push(region);
+    }
+    GuestMem::from_regions(out).map_err(|e| map_err(e.to_string()))
+}
+
+pub(crate) fn host_regions(mem: &GuestMem, layout: &[RamRegion]) -> Vec<HostRegion> {
+    mem.iter()
+        .zip(layout)
+        .filter_map(|(r, region)| {
+            let host = mem.get_host_address(r.start_addr()).ok()?;
+            Some(HostRegion {
+                region: *region,
+                host_addr: host as usize,
+            })
+        })
+        .collect()
+}
+
+/// Restores the VM saved in `dir` (applying its chain of diff snapshots). With `verify`, the
+/// memory files' checksums are checked first (reads every byte: slower, for untrusted copies).
+pub fn restore(
+    dir: &Path,
+    console: Console,
+    verify: bool,
+) -> Result<(Vmm, RestoreTiming), RestoreError> {
+    let t = Instant::now();
+    let chain = VmSnapshot::chain(dir)?;
+    let Some((top_dir, top)) = chain.last() else {
+        return Err(RestoreError::Config("empty snapshot chain".into()));
+    };
+    let _ = top_dir;
+    let regions = top.memory.regions.clone();
+    let mut files = Vec::with_capacity(chain.len());
+    for (d, s) in &chain {
+        let path = d.join(MEMORY_FILE);
+        let f = memfile::open_checked(&path, s.memory.file.size).map_err(SnapshotError::from)?;
+        if verify {
+            let runs = s.memory.diff.as_ref().map(|d| d.runs.as_slice());
+            memfile::verify(&path, &f, &s.memory.regions, runs, s.memory.file.crc32)
+                .map_err(SnapshotError::from)?;
+        }
+        files.push((path, f));
+    }
+    let (base_path, base_file) = &files[0];
+    let mem = map_private(base_path, base_file, &regions)?;
+    let host = host_regions(&mem, &regions);
+    for ((path, f), (_, s)) in files.iter().zip(&chain).skip(1) {
+        if let Some(d) = &s.memory.diff {
+            // SAFETY: `host` maps `mem`'s private regions, laid out as the diff's (checked by
+            // `chain`), and no vCPU runs yet.
+            unsafe { memfile::overlay_diff(path, f, &host, &d.runs) }
+                .map_err(SnapshotError::from)?;
+        }
+    }
+    if std::env::var_os("C4_TRACE").is_some() {
+        eprintln!(
+            "trace: memory mapped at {:.2} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    let vmm = assemble(&top.machine, mem, console)?;
+    Ok((
+        vmm,
+        RestoreTiming {
+            total_ms: t.elapsed().as_secs_f64() * 1e3,
+            layers: chain.len(),
+        },
+    ))
+}
+
+/// Builds a VM around `mem` and loads `state` into it; nothing runs yet.
+pub fn assemble(
+    state: &MachineState,
+    mem: GuestMem,
+    console: Console,
+) -> Result<Vmm, RestoreError> {
+    let config: VmConfig = serde_json::from_value(state.config.clone())
+        .map_err(|e| RestoreError::Config(e.to_string()))?;
+    let p = prepare(config, &mem, console)?;
+    load(p, state, mem)
+}
+
+/// A VM created for a config, memory registered, devices and vCPUs made, no state loaded:
+/// a migration target gets this far before the source stops, so it is not downtime.
+pub struct Prepared {
+    config: VmConfig,
+    backend: &'static str,
+    vm: Arc<dyn corefour_hypervisor::Vm>,
+    control: Arc<Control>,
+    machine: Arc<machine::Machine>,
+    serial: Arc<corefour_devices::legacy::Serial>,
+    vcpus: Vec<Box<dyn corefour_hypervisor::Vcpu>>,
+    console: Console,
+}
+
+pub fn prepare(
+    config: VmConfig,
+    mem: &GuestMem,
+    console: Console,
+) -> Result<Prepared, RestoreError> {
+    config
+        .validate()
+        .map_err(|e| RestoreError::Config(e.to_string()))?;
+    let t = Instant::now();
+    let tr = |what: &str| {
+        if std::env::var_os("C4_TRACE").is_some() {
+            eprintln!("trace: {what} at {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
+        }
+    };
+    let picked = backend::open(BackendKind::Kvm).map_err(VmmError::from)?;
+    let name = picked.hypervisor.name();
+    let vm = picked
+        .hypervisor
+        .create_vm(config.vcpus)
+        .map_err(|source| VmmError::CreateVm {
+            backend: name,
+            source,
+        })?;
+    tr("vm created");
+    memory::register(mem, vm.as_ref()).map_err(VmmError::from)?;
+    tr("memory registered");
+    let control = Control::new(config.vcpus);
+    let events: Arc<dyn GuestEvents> = control.clone();
+    if let Some(why) = super::handle::unsupported(&config) {
+        return Err(RestoreError::Config(why));
+    }
+    let (machine, serial) = machine::build(&vm, console.clone(), events).map_err(VmmError::from)?;
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let vcpu = vm
+            .create_vcpu(index, machine.clone())
+            .map_err(|source| VmmError::CreateVcpu { index, source })?;
+        control.add_kicker(vcpu.kicker());
+        vcpus.push(vcpu);
+    }
+    tr("vcpus created");
+    Ok(Prepared {
+        config,
+        backend: name,
+        vm,
+        control,
+        machine,
+        serial,
+        vcpus,
+        console,
+    })
+}
+
+/// Loads the saved state into a prepared VM.
+pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, RestoreError> {
+    let config: VmConfig = serde_json::from_value(state.config.clone())
+        .map_err(|e| RestoreError::Config(e.to_string()))?;
+    if config != p.config {
+        return Err(RestoreError::Config(
+            "the saved state's config differs from the one the VM was prepared for".into(),
+        ));
+    }
+    if state.vcpus.len() != p.vcpus.len() {
+        return Err(RestoreError::Config(format!(
+            "{} vCPU states for {} vCPUs",
+            state.vcpus.len(),
+            p.vcpus.len()
+        )));
+    }
+    if state.vm.backend != "kvm" {
+        return Err(RestoreError::Backend(state.vm.backend.clone()));
+    }
+    p.vm.restore_state(&state.vm)
+        .map_err(|e| RestoreError::State {
+            what: "the VM (irqchip, PIT, clock)".into(),
+            reason: e.to_string(),
+        })?;
+    p.serial
+        .restore(&(&state.devices.serial).into())
+        .map_err(|reason| RestoreError::State {
+            what: "the serial port".into(),
+            reason,
+        })?;
+    let mut vcpus = Vec::with_capacity(p.vcpus.len());
+    for ((index, mut vcpu), s) in (0u32..).zip(p.vcpus).zip(&state.vcpus) {
+        vcpu.restore_state(s).map_err(|e| RestoreError::State {
+            what: format!("vCPU {index}"),
+            reason: e.to_string(),
+        })?;
+        vcpus.push(Arc::new(Mutex::new(vcpu)));
+    }
+    Ok(Vmm {
+        config: p.config,
+        backend: p.backend,
+        backend_why: "restored from saved state".into(),
+        vcpus,
+        _machine: p.machine,
+        serial: p.serial,
+        vm: p.vm,
+        mem,
+        control: p.control,
+        // Snapshots refuse VMs with virtio devices (snapshot/handle.rs), so no balloon here.
+        balloon: None,
+        console: p.console,
+    })
+}
