@@ -13,8 +13,10 @@ mod reconcile;
 mod set;
 mod start;
 mod stop;
+mod vm_clone;
 mod vm_snapshot;
 
+pub use vm_clone::CloneRequest;
 pub use vm_snapshot::SnapshotRequest;
 
 pub use stop::DEFAULT_STOP_TIMEOUT;
