@@ -80,6 +80,13 @@ enum Cmd {
         #[arg(long)]
         start: bool,
     },
+    /// Start a stopped VM from one of its snapshots instead of booting it.
+    Restore {
+        name: String,
+        /// The snapshot directory (from `corefour vm snapshot`).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
     /// Delete VMs (running ones only with --force).
     Delete {
         names: Vec<String>,
@@ -355,6 +362,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string(&v)?);
             } else {
                 println!("{}: cloned from {src} ({})", v.name, v.state);
+            }
+            Ok(0)
+        }
+        Cmd::Restore { name, from } => {
+            let from = std::path::absolute(&from)?;
+            let body = serde_json::to_vec(&serde_json::json!({"path": from}))?;
+            let v = api.verb(&name, "restore", Some(body))?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{}: restored from {} ({})", v.name, from.display(), v.state);
             }
             Ok(0)
         }
