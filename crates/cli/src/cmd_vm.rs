@@ -71,6 +71,22 @@ enum Cmd {
         #[arg(long)]
         diff: bool,
     },
+    /// Clone a stopped VM: new name and MACs; each writable disk becomes a qcow2 overlay on the
+    /// source's (copy-on-write, nothing copied).
+    Clone {
+        src: String,
+        dst: String,
+        /// Start the clone once it is registered.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Start a stopped VM from one of its snapshots instead of booting it.
+    Restore {
+        name: String,
+        /// The snapshot directory (from `corefour vm snapshot`).
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+    },
     /// Delete VMs (running ones only with --force).
     Delete {
         names: Vec<String>,
@@ -336,6 +352,27 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     r["memory_bytes_written"],
                     r["paused_ms"].as_f64().unwrap_or(0.0)
                 );
+            }
+            Ok(0)
+        }
+        Cmd::Clone { src, dst, start } => {
+            let body = serde_json::to_vec(&serde_json::json!({"name": dst, "start": start}))?;
+            let v = api.verb(&src, "clone", Some(body))?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{}: cloned from {src} ({})", v.name, v.state);
+            }
+            Ok(0)
+        }
+        Cmd::Restore { name, from } => {
+            let from = std::path::absolute(&from)?;
+            let body = serde_json::to_vec(&serde_json::json!({"path": from}))?;
+            let v = api.verb(&name, "restore", Some(body))?;
+            if json {
+                println!("{}", serde_json::to_string(&v)?);
+            } else {
+                println!("{}: restored from {} ({})", v.name, from.display(), v.state);
             }
             Ok(0)
         }

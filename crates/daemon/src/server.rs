@@ -32,6 +32,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{name}/pause"),
     ("post", "/v1/vms/{name}/resume"),
     ("post", "/v1/vms/{name}/snapshot"),
+    ("post", "/v1/vms/{name}/clone"),
+    ("post", "/v1/vms/{name}/restore"),
     ("get", "/v1/vms/{name}/console"),
     ("get", "/v1/events"),
 ];
@@ -53,6 +55,8 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
+        .route("/v1/vms/{name}/clone", post(clone_vm))
+        .route("/v1/vms/{name}/restore", post(restore_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/events", get(events))
         .fallback(no_route)
@@ -148,6 +152,25 @@ async fn snapshot_vm(
         parse_body(&body, "snapshot")?
     };
     Ok(Json(d.snapshot(&name, req).await?).into_response())
+}
+
+async fn clone_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: crate::lifecycle::CloneRequest = parse_body(&body, "clone")?;
+    let info = d.clone_vm(&name, req).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn restore_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: crate::lifecycle::RestoreRequest = parse_body(&body, "restore")?;
+    Ok(Json(d.restore(&name, req).await?).into_response())
 }
 
 async fn start_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {

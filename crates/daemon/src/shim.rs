@@ -167,11 +167,12 @@ pub fn run(
         }
         None => {
             let mut c = Command::new(vmm_exe);
-            c.arg("vmm")
-                .arg("--config")
-                .arg(vm_dir.join(CONFIG_FILE))
-                .arg("--api-sock")
-                .arg(vm_dir.join(API_SOCK));
+            c.arg("vmm");
+            match crate::lifecycle::take_restore_marker(vm_dir) {
+                Some(snap) => c.arg("--restore").arg(snap),
+                None => c.arg("--config").arg(vm_dir.join(CONFIG_FILE)),
+            };
+            c.arg("--api-sock").arg(vm_dir.join(API_SOCK));
             c
         }
     };

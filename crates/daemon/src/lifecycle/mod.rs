@@ -13,8 +13,12 @@ mod reconcile;
 mod set;
 mod start;
 mod stop;
+mod vm_clone;
+mod vm_restore;
 mod vm_snapshot;
 
+pub use vm_clone::CloneRequest;
+pub use vm_restore::{take_restore_marker, RestoreRequest};
 pub use vm_snapshot::SnapshotRequest;
 
 pub use stop::DEFAULT_STOP_TIMEOUT;

@@ -1,0 +1,373 @@
+//! `corefour vm clone`, driven through the real binary and a daemon with its own state dir.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use corefour_daemon::client::blocking::Client;
+use corefour_daemon::client::Method;
+use serde_json::{json, Value};
+
+const EXE: &str = env!("CARGO_BIN_EXE_corefour");
+
+/// One daemon with its own socket and state dir (under a temporary directory).
+struct Daemon {
+    dir: tempfile::TempDir,
+    sock: PathBuf,
+    child: Child,
+    client: Client,
+}
+
+impl Daemon {
+    fn start(vmm_binary: Option<&Path>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let mut cmd = Command::new(EXE);
+        cmd.arg("daemon")
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(v) = vmm_binary {
+            cmd.arg("--vmm-binary").arg(v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("daemon exited with {st}");
+            }
+            assert!(Instant::now() < deadline, "daemon did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon {
+            dir,
+            sock,
+            child,
+            client: Client::new().unwrap(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    fn req(&self, method: Method, uri: &str, body: Option<&str>) -> (u16, Value) {
+        let (status, bytes) = self
+            .client
+            .call(&self.sock, method, uri, body.map(|b| b.as_bytes().to_vec()))
+            .unwrap();
+        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status.as_u16(), v)
+    }
+
+    fn ok(&self, method: Method, uri: &str, body: Option<&str>) -> Value {
+        let (s, v) = self.req(method.clone(), uri, body);
+        assert!(
+            (200..300).contains(&s),
+            "{method} {uri} -> {s} {v}\n{}",
+            self.log()
+        );
+        v
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(EXE)
+            .arg("vm")
+            .args(args)
+            .env("COREFOUR_SOCKET", &self.sock)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok((_, b)) = self.client.call(&self.sock, Method::GET, "/v1/vms", None) {
+            if let Ok(Value::Array(vms)) = serde_json::from_slice::<Value>(&b) {
+                for vm in vms {
+                    if let Some(n) = vm["name"].as_str() {
+                        let _ = self.client.call(
+                            &self.sock,
+                            Method::DELETE,
+                            &format!("/v1/vms/{n}?force=true"),
+                            None,
+                        );
+                    }
+                }
+            }
+        }
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// A stand-in VMM that announces itself and idles, for tests that need no guest.
+fn fake_vmm(dir: &Path) -> PathBuf {
+    let p = dir.join("fake-vmm");
+    std::fs::write(&p, "#!/bin/sh\necho \"fake vmm up: $*\"\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn read_disk(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut img = corefour_disk::open(
+        path,
+        corefour_disk::Open {
+            format: None,
+            write: false,
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; len];
+    img.reader().read_at(&mut buf, offset).unwrap();
+    buf
+}
+
+#[test]
+fn clone_overlays_disks_with_new_identity() {
+    let tools = tempfile::tempdir().unwrap();
+    let d = Daemon::start(Some(&fake_vmm(tools.path())));
+    // A 1 MiB raw disk: 0x5a everywhere.
+    let base = tools.path().join("base.raw");
+    std::fs::write(&base, vec![0x5au8; 1 << 20]).unwrap();
+    let base = base.canonicalize().unwrap();
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "src", "kernel": EXE, "disks": [{"path": base}],
+                    "nets": [{"bridge": "c4clonebr"}]})
+            .to_string(),
+        ),
+    );
+
+    let out = d.cli(&["--json", "clone", "src", "dst"]);
+    assert!(out.status.success(), "{out:?}\n{}", d.log());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "dst");
+    assert_eq!(v["state"], "created");
+    let src = d.ok(Method::GET, "/v1/vms/src", None);
+    assert_ne!(v["nics"][0]["mac"], src["nics"][0]["mac"], "fresh MAC: {v}");
+    assert_ne!(v["nics"][0]["tap"], src["nics"][0]["tap"], "own tap: {v}");
+    let overlay = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
+    assert_ne!(overlay, base);
+
+    // The overlay is a qcow2 backed by the source's disk: nothing was copied.
+    let info = Command::new(EXE)
+        .args(["disk", "info", "--json"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "{info:?}");
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("qcow2"), "{text}");
+    assert!(
+        text.contains(base.to_str().unwrap()),
+        "backing file: {text}"
+    );
+    assert!(std::fs::metadata(&overlay).unwrap().len() < 1 << 20);
+    assert_eq!(read_disk(&overlay, 4096, 16), vec![0x5au8; 16]);
+
+    // A write in the clone stays in the clone.
+    {
+        let mut img = corefour_disk::open(
+            &overlay,
+            corefour_disk::Open {
+                format: None,
+                write: true,
+            },
+        )
+        .unwrap();
+        let w = img.writer().unwrap();
+        w.write_at(&[0xa5u8; 4096], 0).unwrap();
+        w.flush().unwrap();
+    }
+    assert_eq!(read_disk(&overlay, 0, 8), vec![0xa5u8; 8]);
+    assert_eq!(read_disk(&overlay, 8192, 8), vec![0x5au8; 8]);
+    assert_eq!(std::fs::read(&base).unwrap(), vec![0x5au8; 1 << 20]);
+
+    // Errors: a taken name, a missing source, its own name, a malformed body.
+    let (s, e) = d.req(
+        Method::POST,
+        "/v1/vms/src/clone",
+        Some(r#"{"name": "dst"}"#),
+    );
+    assert_eq!(s, 409, "{e}");
+    let (s, _) = d.req(Method::POST, "/v1/vms/nope/clone", Some(r#"{"name": "x"}"#));
+    assert_eq!(s, 404);
+    let (s, _) = d.req(
+        Method::POST,
+        "/v1/vms/src/clone",
+        Some(r#"{"name": "src"}"#),
+    );
+    assert_eq!(s, 400);
+    let (s, e) = d.req(Method::POST, "/v1/vms/src/clone", Some(r#"{"nam": "y"}"#));
+    assert_eq!(s, 400, "{e}");
+    assert!(d.req(Method::GET, "/v1/vms/y", None).0 == 404);
+    // Deleting the clone removes its overlay, never the source's disk.
+    d.ok(Method::DELETE, "/v1/vms/dst", None);
+    assert!(!overlay.exists());
+    assert!(base.exists());
+}
+
+#[test]
+fn running_source_is_refused_and_clone_runs_independently() {
+    let tools = tempfile::tempdir().unwrap();
+    let d = Daemon::start(Some(&fake_vmm(tools.path())));
+    let base = tools.path().join("b.raw");
+    std::fs::write(&base, vec![0u8; 65536]).unwrap();
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "a", "kernel": EXE, "disks": [{"path": base}], "start": true})
+                .to_string(),
+        ),
+    );
+    let out = d.cli(&["clone", "a", "b"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stop it first"), "{err}");
+    assert_eq!(
+        d.req(Method::GET, "/v1/vms/b", None).0,
+        404,
+        "nothing registered"
+    );
+
+    d.ok(Method::POST, "/v1/vms/a/kill", None);
+    let out = d.cli(&["clone", "a", "b", "--start"]);
+    assert!(out.status.success(), "{out:?}\n{}", d.log());
+    d.ok(Method::POST, "/v1/vms/a/start", None);
+    let a = d.ok(Method::GET, "/v1/vms/a", None);
+    let b = d.ok(Method::GET, "/v1/vms/b", None);
+    assert_eq!(a["state"], "running", "{a}");
+    assert_eq!(b["state"], "running", "{b}");
+    assert_ne!(a["pid"], b["pid"]);
+    // The clone's VMM was given the overlay, the source's its own disk.
+    let cfg = std::fs::read_to_string(d.dir.path().join("state/vms/b/vm.json")).unwrap();
+    assert!(cfg.contains("disk0.qcow2"), "{cfg}");
+}
+
+fn guest(name: &str) -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../guests/build")
+        .join(format!("{name}.elf"));
+    p.exists().then(|| p.canonicalize().unwrap())
+}
+
+/// The `N` of every complete `count=N` line.
+fn counts(text: &str) -> Vec<u64> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("count="))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// `text` with every "corefour vmm: ...\n" message cut out.
+fn without_vmm_lines(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("corefour vmm:") {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].split_once('\n').map_or("", |(_, r)| r);
+    }
+    out.push_str(rest);
+    out
+}
+
+fn console(d: &Daemon, name: &str) -> String {
+    let out = d.cli(&["console", name]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_counts(d: &Daemon, name: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = console(d, name);
+        if pred(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{text}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn restore_continues_the_counter() {
+    let Some(counter) = guest("counter") else {
+        eprintln!("skipped: guests not built (make -C guests)");
+        return;
+    };
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let d = Daemon::start(None);
+    let tmp = tempfile::tempdir().unwrap();
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "c", "kernel": counter, "cmdline": "spin=1000000", "start": true})
+                .to_string(),
+        ),
+    );
+    wait_counts(&d, "c", |t| counts(t).len() >= 5);
+    d.ok(Method::POST, "/v1/vms/c/pause", None);
+    std::thread::sleep(Duration::from_millis(200));
+    let snap = tmp.path().join("snap");
+    let out = d.cli(&["snapshot", "c", "--path", snap.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    d.ok(Method::POST, "/v1/vms/c/kill", None);
+    let before = console(&d, "c");
+    let last = *counts(&before).last().unwrap();
+
+    // Restoring a running VM is refused; a stopped one continues its count.
+    let out = d.cli(&["restore", "c", "--from", snap.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}\n{}", d.log());
+    let (s, e) = d.req(
+        Method::POST,
+        "/v1/vms/c/restore",
+        Some(&json!({"path": snap}).to_string()),
+    );
+    assert_eq!(s, 409, "{e}");
+    let text = wait_counts(&d, "c", |t| {
+        t.len() > before.len() && counts(&t[before.len()..]).len() >= 3
+    });
+    let after = &text[before.len()..];
+    assert!(after.contains("restored"), "{after}");
+    // The VMM's own lines can land in the middle of a guest line; without them the guest's
+    // output must read as one run: no count missing, none repeated.
+    let guest_only = without_vmm_lines(&text);
+    let all = counts(&guest_only);
+    assert!(
+        all.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count has a gap or repeat:\n{guest_only}"
+    );
+    assert!(*all.last().unwrap() >= last + 3, "{after}");
+
+    // A plain start afterwards boots again (the restore applies once).
+    d.ok(Method::POST, "/v1/vms/c/kill", None);
+    let (s, e) = d.req(
+        Method::POST,
+        "/v1/vms/c/restore",
+        Some(r#"{"path": "relative/snap"}"#),
+    );
+    assert_eq!(s, 400, "{e}");
+    let mark = console(&d, "c").len();
+    d.ok(Method::POST, "/v1/vms/c/start", None);
+    let text = wait_counts(&d, "c", |t| {
+        t.len() > mark && !counts(&t[mark..]).is_empty()
+    });
+    assert!(counts(&text[mark..])[0] <= 1, "{}", &text[mark..]);
+}
