@@ -15,7 +15,7 @@ const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 
 /// Flip to true when the software CPU boots the fixture (crates/emu): the emu test then asserts
 /// the marker and the clean power-off instead of probing how far the boot gets.
-const EMU_BOOTS_LINUX: bool = false;
+const EMU_BOOTS_LINUX: bool = true;
 
 fn fixture() -> Option<(PathBuf, PathBuf)> {
     let dir = std::env::var_os("COREFOUR_LINUX_CACHE").map_or_else(

@@ -2,16 +2,36 @@
 //! in-kernel irqchip would take them), everything else to the VMM through `VmOps`.
 
 use crate::cpu::*;
+use crate::platform::pic::Pic;
+use crate::platform::pit::Pit;
 use crate::platform::{ioapic, lapic};
 
 impl Cpu {
     pub fn pio_in(&mut self, port: u16, size: usize) -> u64 {
+        if size == 1 && Pit::handles(port) {
+            let now = self.env.vm.now_ns();
+            return self.env.vm.pit().read(port, now) as u64;
+        }
+        if size == 1 && Pic::handles(port) {
+            return self.env.vm.pic().read(port) as u64;
+        }
         let mut b = [0u8; 4];
         self.env.ops.pio_read(port, &mut b[..size]);
         u32::from_le_bytes(b) as u64
     }
 
     pub fn pio_out(&mut self, port: u16, size: usize, v: u64) {
+        if size == 1 && Pit::handles(port) {
+            let now = self.env.vm.now_ns();
+            self.env.vm.pit().write(port, v as u8, now);
+            // A newly loaded channel 0 count must be seen by the next poll.
+            self.poll_at = 0;
+            return;
+        }
+        if size == 1 && Pic::handles(port) {
+            self.env.vm.pic().write(port, v as u8);
+            return;
+        }
         let b = (v as u32).to_le_bytes();
         self.env.ops.pio_write(port, &b[..size]);
     }

@@ -87,6 +87,9 @@ impl EmuVcpu {
     fn poll(&mut self) -> Option<VmExit> {
         self.link.hint.store(false, Ordering::Release);
         let now = self.cpu.env.vm.now_ns();
+        if self.cpu.env.id == 0 {
+            self.cpu.env.vm.poll_pit(now);
+        }
         let mut l = self.link.lapic();
         l.poll_timer(now);
         let init = std::mem::take(&mut l.init);
@@ -202,6 +205,15 @@ impl EmuVcpu {
                 _ => None,
             };
             drop(l);
+            let pit = if self.cpu.env.id == 0 {
+                self.cpu.env.vm.pit().next_irq()
+            } else {
+                None
+            };
+            let next = match (next, pit) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let wait = next.map_or(Duration::from_millis(50), |d| {
                 Duration::from_nanos(d.saturating_sub(now))
             });

@@ -10,6 +10,8 @@ use corefour_hypervisor::{HypervisorError, MemoryRegion, Result, Vcpu, VcpuKicke
 use crate::mem::{PhysMem, Region};
 use crate::platform::ioapic::{Ioapic, Route};
 use crate::platform::lapic::{Ipi, Lapic};
+use crate::platform::pic::Pic;
+use crate::platform::pit::Pit;
 
 /// What other threads share with one vCPU.
 pub struct Link {
@@ -62,6 +64,8 @@ pub struct Shared {
     pub trace_unimpl: bool,
     pub links: Vec<Arc<Link>>,
     pub ioapic: Mutex<Ioapic>,
+    pub pit: Mutex<Pit>,
+    pub pic: Mutex<Pic>,
 }
 
 impl Shared {
@@ -114,6 +118,32 @@ impl Shared {
 
     pub fn ioapic_write(&self, off: u64, v: u32) {
         let r = self.ioapic().write(off, v);
+        if let Some(r) = r {
+            self.deliver_route(r);
+        }
+    }
+
+    pub fn pit(&self) -> MutexGuard<'_, Pit> {
+        self.pit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn pic(&self) -> MutexGuard<'_, Pic> {
+        self.pic.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Raises IRQ0 if PIT channel 0 reached its count: an edge on I/O APIC pin 2 (the MADT's
+    /// IRQ0 override) and on the PIC's line 0.
+    pub fn poll_pit(&self, now: u64) {
+        if !self.pit().poll(now) {
+            return;
+        }
+        self.pic().raise(0);
+        let r = {
+            let mut io = self.ioapic();
+            let r = io.set_line(2, true);
+            io.set_line(2, false);
+            r
+        };
         if let Some(r) = r {
             self.deliver_route(r);
         }
@@ -178,6 +208,8 @@ impl EmuVm {
                 trace_unimpl,
                 links: (0..vcpus).map(|k| Arc::new(Link::new(k as u8))).collect(),
                 ioapic: Mutex::new(Ioapic::default()),
+                pit: Mutex::new(Pit::default()),
+                pic: Mutex::new(Pic::default()),
             }),
         })
     }

@@ -1,8 +1,10 @@
 //! Platform devices the software CPU provides itself, as KVM's in-kernel irqchip does:
-//! local APICs and the I/O APIC.
+//! local APICs, the I/O APIC, and the legacy 8254 PIT and 8259 PIC pair.
 //!
 //! Lock order: the VM's I/O APIC lock may be held while taking a local APIC's lock, never the
 //! other way round (a level EOI releases the local APIC before it reaches the I/O APIC).
 
 pub mod ioapic;
 pub mod lapic;
+pub mod pic;
+pub mod pit;
