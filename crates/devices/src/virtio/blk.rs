@@ -603,49 +603,55 @@ fn lock(img: &SharedImage) -> io::Result<std::sync::MutexGuard<'_, corefour_disk
         .map_err(|_| io::Error::other("disk image lock poisoned by an earlier failure"))
 }
 
-/// A transfer through the format layer: one host buffer between the guest's descriptors and
-/// `read_at`/`write_at`. Offset and length were range-checked against the virtual size.
+/// Bounce-buffer size for the format layer: bounds the host memory one request can make the
+/// device allocate, whatever length the guest's descriptors claim.
+const IMAGE_CHUNK: usize = 1 << 20;
+
+/// A transfer through the format layer: chunks of at most [`IMAGE_CHUNK`] bytes pass through
+/// one host buffer between the guest's descriptors and `read_at`/`write_at`. Offset and length
+/// were range-checked against the virtual size.
 fn image_transfer(img: &SharedImage, iov: &[libc::iovec], off: u64, dir: Dir) -> io::Result<()> {
     let total: usize = iov.iter().map(|v| v.iov_len).sum();
-    let mut buf = vec![0u8; total];
+    let mut buf = vec![0u8; total.min(IMAGE_CHUNK)];
     let mut img = lock(img)?;
-    match dir {
-        Dir::Read => {
+    // Cursor into the iovecs: (index, offset inside it).
+    let (mut vi, mut vo) = (0usize, 0usize);
+    let mut done = 0usize;
+    while done < total {
+        let n = (total - done).min(buf.len());
+        let chunk = &mut buf[..n];
+        if let Dir::Read = dir {
             img.reader()
-                .read_at(&mut buf, off)
+                .read_at(chunk, off + done as u64)
                 .map_err(io::Error::other)?;
-            let mut at = 0usize;
-            for v in iov {
-                // SAFETY: `v` points into guest memory checked by `chain::iovecs` and kept
-                // mapped by the handler; `buf` holds `total` bytes and does not overlap it.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        buf.as_ptr().add(at),
-                        v.iov_base.cast(),
-                        v.iov_len,
-                    )
-                };
-                at += v.iov_len;
+        }
+        let mut at = 0usize;
+        while at < n {
+            let v = &iov[vi];
+            let k = (v.iov_len - vo).min(n - at);
+            // SAFETY: `v` points into guest memory checked by `chain::iovecs` and kept mapped
+            // by the handler; `k` stays inside both it and `chunk`, which never overlap.
+            unsafe {
+                let g = v.iov_base.cast::<u8>().add(vo);
+                match dir {
+                    Dir::Read => std::ptr::copy_nonoverlapping(chunk.as_ptr().add(at), g, k),
+                    Dir::Write => std::ptr::copy_nonoverlapping(g, chunk.as_mut_ptr().add(at), k),
+                }
+            }
+            at += k;
+            vo += k;
+            if vo == v.iov_len {
+                vi += 1;
+                vo = 0;
             }
         }
-        Dir::Write => {
-            let mut at = 0usize;
-            for v in iov {
-                // SAFETY: as above, in the other direction.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        v.iov_base.cast::<u8>(),
-                        buf.as_mut_ptr().add(at),
-                        v.iov_len,
-                    )
-                };
-                at += v.iov_len;
-            }
+        if let Dir::Write = dir {
             img.writer()
                 .map_err(io::Error::other)?
-                .write_at(&buf, off)
+                .write_at(chunk, off + done as u64)
                 .map_err(io::Error::other)?;
         }
+        done += n;
     }
     Ok(())
 }
