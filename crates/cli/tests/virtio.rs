@@ -107,6 +107,66 @@ fn vblk_reads_sector0_and_writes_sector1() {
     assert_eq!(d.len(), 1 << 20);
 }
 
+fn disk_cmd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .arg("disk")
+        .args(args)
+        .output()
+        .expect("run corefour disk")
+}
+
+#[test]
+fn vblk_on_a_qcow2_overlay_reads_the_base_and_writes_the_overlay() {
+    need_kvm!();
+    let dir = tempfile::tempdir().unwrap();
+    let base = disk_image(dir.path());
+    let before = std::fs::read(&base).unwrap();
+    let overlay = dir.path().join("overlay.qcow2");
+    let o = disk_cmd(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        overlay.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "disk create: {}", err(&o));
+    let o = run_guest("vblk", &["--disk", overlay.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "stdout:\n{}\nstderr:\n{}",
+        out(&o),
+        err(&o)
+    );
+    assert!(
+        out(&o)
+            .lines()
+            .any(|l| l == "SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
+        "the guest sees the base's bytes, not the qcow2 header; stdout:\n{}",
+        out(&o)
+    );
+    assert_eq!(std::fs::read(&base).unwrap(), before, "base unchanged");
+    let flat = dir.path().join("flat.raw");
+    let o = disk_cmd(&[
+        "convert",
+        "-O",
+        "raw",
+        overlay.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "disk convert: {}", err(&o));
+    let d = std::fs::read(&flat).unwrap();
+    assert_eq!(&d[..16], &before[..16]);
+    assert_eq!(&d[512..520], b"COREFOUR");
+    assert!(
+        d[520..1024].iter().all(|&b| b == 0x77),
+        "rest of sector 1 kept"
+    );
+}
+
 #[test]
 fn vblk_and_vrng_over_virtio_pci() {
     need_kvm!();

@@ -3,13 +3,17 @@
 //!
 //! Requests run synchronously on the device's worker thread with preadv/pwritev straight into
 //! guest memory (no bounce buffer), which keeps throughput close to the host file's.
+//!
+//! Images in another format (qcow2 with its backing chain; vmdk, vdi, vhd, vhdx read-only) are
+//! detected when the device opens its file and served through `corefour_disk` instead: a bounce
+//! buffer between the guest's descriptors and the format layer.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use virtio_queue::{DescriptorChain, Queue};
@@ -64,6 +68,30 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot open disk image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: corefour_disk::DiskError,
+    },
+}
+
+/// A non-raw image shared between the device and its handler; the format layer keeps
+/// metadata caches that need exclusive access, hence the lock.
+type SharedImage = Arc<Mutex<corefour_disk::Image>>;
+
+/// Probes the format without O_DIRECT (its small unaligned header read would fail with it).
+fn probe_format(path: &Path) -> Result<corefour_disk::Format, BlockError> {
+    let image_err = |source| BlockError::Image {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(|source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let storage = corefour_disk::storage::FileStorage::new(file);
+    corefour_disk::probe(&storage, path).map_err(image_err)
 }
 
 /// How to attach a disk.
@@ -113,6 +141,7 @@ impl BlockConfig {
 
 pub struct Block {
     file: Arc<File>,
+    image: Option<SharedImage>,
     sectors: u64,
     read_only: bool,
     direct: bool,
@@ -133,7 +162,34 @@ impl Block {
                     source,
                 })
         };
-        let file = open(&config.path)?;
+        let format = probe_format(&config.path)?;
+        // Formats corefour cannot write are attached read-only whatever the config asks.
+        let read_only = config.read_only || !format.writable();
+        let image = if format == corefour_disk::Format::Raw {
+            None
+        } else {
+            let img = corefour_disk::open(
+                &config.path,
+                corefour_disk::Open {
+                    format: Some(format),
+                    write: !read_only,
+                },
+            )
+            .map_err(|source| BlockError::Image {
+                path: config.path.clone(),
+                source,
+            })?;
+            Some(img)
+        };
+        let file = if image.is_some() {
+            // Only for the default serial and as a placeholder fd; the image holds its own.
+            File::open(&config.path).map_err(|source| BlockError::Open {
+                path: config.path.clone(),
+                source,
+            })?
+        } else {
+            open(&config.path)?
+        };
         let size_err = |source| BlockError::Size {
             path: config.path.clone(),
             source,
@@ -152,10 +208,15 @@ impl Block {
             .unwrap_or_else(|| format!("c4-{:x}-{:x}", meta.dev(), meta.ino()));
         let n = id.len().min(ID_BYTES);
         serial[..n].copy_from_slice(&id.as_bytes()[..n]);
+        let bytes = match &image {
+            Some(img) => corefour_disk::DiskSize::size(img),
+            None => len as u64,
+        };
         Ok(Self {
             file: Arc::new(file),
-            sectors: len as u64 / SECTOR_SIZE,
-            read_only: config.read_only,
+            image: image.map(|i| Arc::new(Mutex::new(i))),
+            sectors: bytes / SECTOR_SIZE,
+            read_only,
             direct: config.direct,
             serial,
             rate_limit: config.rate_limit,
@@ -211,6 +272,7 @@ impl VirtioDevice for Block {
             queue,
             interrupt: a.interrupt,
             file: self.file.clone(),
+            image: self.image.clone(),
             sectors: self.sectors,
             read_only: self.read_only,
             direct: self.direct,
@@ -226,6 +288,7 @@ pub struct BlockHandler {
     queue: Queue,
     interrupt: Arc<Interrupt>,
     file: Arc<File>,
+    image: Option<SharedImage>,
     sectors: u64,
     read_only: bool,
     direct: bool,
@@ -249,6 +312,7 @@ impl BlockHandler {
         let req = RequestCtx {
             mem,
             file,
+            image: self.image.as_ref(),
             sectors: self.sectors,
             read_only: self.read_only,
             direct: self.direct,
@@ -310,6 +374,7 @@ impl QueueHandler for BlockHandler {
 struct RequestCtx<'a> {
     mem: &'a GuestMemoryMmap,
     file: &'a File,
+    image: Option<&'a SharedImage>,
     sectors: u64,
     read_only: bool,
     direct: bool,
@@ -367,6 +432,7 @@ impl RequestCtx<'_> {
             T_OUT if self.read_only => (S_IOERR, 0),
             T_OUT => (status_of(self.write(&chain, sector, data_r)), 0),
             T_FLUSH if self.read_only => (S_OK, 0),
+            T_FLUSH if self.image.is_some() => (status_of(self.with_writer(|w| w.flush())), 0),
             // SAFETY: fdatasync on an fd we own.
             T_FLUSH => (
                 status_of(cvt(unsafe { libc::fdatasync(self.file.as_raw_fd()) })),
@@ -433,6 +499,9 @@ impl RequestCtx<'_> {
     }
 
     fn transfer(&self, iov: Vec<libc::iovec>, off: u64, dir: Dir) -> io::Result<()> {
+        if let Some(img) = self.image {
+            return image_transfer(img, &iov, off, dir);
+        }
         let aligned = |v: &libc::iovec| {
             (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
         };
@@ -464,6 +533,10 @@ impl RequestCtx<'_> {
             let bytes = u64::from(n) * SECTOR_SIZE;
             let off = self.check_range(sector, bytes as usize)?;
             let unmap = ty == T_DISCARD || flags & 1 != 0;
+            if self.image.is_some() {
+                self.image_zero(off, bytes, unmap)?;
+                continue;
+            }
             let mode = if unmap {
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
             } else {
@@ -485,6 +558,102 @@ impl RequestCtx<'_> {
         }
         Ok(())
     }
+}
+
+impl RequestCtx<'_> {
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut dyn corefour_disk::BlockWrite) -> corefour_disk::Result<T>,
+    ) -> io::Result<T> {
+        let img = self
+            .image
+            .ok_or_else(|| io::Error::other("no image backend"))?;
+        let mut img = lock(img)?;
+        let w = img.writer().map_err(io::Error::other)?;
+        f(w).map_err(io::Error::other)
+    }
+
+    /// Discard and write-zeroes on a formatted image: the format's discard (the range then
+    /// reads as zeros) where it has one, else zeros written through the format.
+    fn image_zero(&self, off: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let img = self
+            .image
+            .ok_or_else(|| io::Error::other("no image backend"))?;
+        let mut img = lock(img)?;
+        if unmap {
+            if let Ok(d) = img.discarder() {
+                return d.discard(off, len).map_err(io::Error::other);
+            }
+        }
+        let w = img.writer().map_err(io::Error::other)?;
+        let zeros = vec![0u8; len.min(1 << 16) as usize];
+        let (mut off, mut len) = (off, len);
+        while len > 0 {
+            let n = len.min(zeros.len() as u64) as usize;
+            w.write_at(&zeros[..n], off).map_err(io::Error::other)?;
+            off += n as u64;
+            len -= n as u64;
+        }
+        Ok(())
+    }
+}
+
+fn lock(img: &SharedImage) -> io::Result<std::sync::MutexGuard<'_, corefour_disk::Image>> {
+    img.lock()
+        .map_err(|_| io::Error::other("disk image lock poisoned by an earlier failure"))
+}
+
+/// Bounce-buffer size for the format layer: bounds the host memory one request can make the
+/// device allocate, whatever length the guest's descriptors claim.
+const IMAGE_CHUNK: usize = 1 << 20;
+
+/// A transfer through the format layer: chunks of at most [`IMAGE_CHUNK`] bytes pass through
+/// one host buffer between the guest's descriptors and `read_at`/`write_at`. Offset and length
+/// were range-checked against the virtual size.
+fn image_transfer(img: &SharedImage, iov: &[libc::iovec], off: u64, dir: Dir) -> io::Result<()> {
+    let total: usize = iov.iter().map(|v| v.iov_len).sum();
+    let mut buf = vec![0u8; total.min(IMAGE_CHUNK)];
+    let mut img = lock(img)?;
+    // Cursor into the iovecs: (index, offset inside it).
+    let (mut vi, mut vo) = (0usize, 0usize);
+    let mut done = 0usize;
+    while done < total {
+        let n = (total - done).min(buf.len());
+        let chunk = &mut buf[..n];
+        if let Dir::Read = dir {
+            img.reader()
+                .read_at(chunk, off + done as u64)
+                .map_err(io::Error::other)?;
+        }
+        let mut at = 0usize;
+        while at < n {
+            let v = &iov[vi];
+            let k = (v.iov_len - vo).min(n - at);
+            // SAFETY: `v` points into guest memory checked by `chain::iovecs` and kept mapped
+            // by the handler; `k` stays inside both it and `chunk`, which never overlap.
+            unsafe {
+                let g = v.iov_base.cast::<u8>().add(vo);
+                match dir {
+                    Dir::Read => std::ptr::copy_nonoverlapping(chunk.as_ptr().add(at), g, k),
+                    Dir::Write => std::ptr::copy_nonoverlapping(g, chunk.as_mut_ptr().add(at), k),
+                }
+            }
+            at += k;
+            vo += k;
+            if vo == v.iov_len {
+                vi += 1;
+                vo = 0;
+            }
+        }
+        if let Dir::Write = dir {
+            img.writer()
+                .map_err(io::Error::other)?
+                .write_at(chunk, off + done as u64)
+                .map_err(io::Error::other)?;
+        }
+        done += n;
+    }
+    Ok(())
 }
 
 /// An O_DIRECT transfer for guest buffers that are not sector aligned: through one aligned
