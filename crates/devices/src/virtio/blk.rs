@@ -80,8 +80,23 @@ pub enum BlockError {
 /// metadata caches that need exclusive access, hence the lock.
 type SharedImage = Arc<Mutex<corefour_disk::Image>>;
 
+/// File name endings whose contents are probed for an image format. Any other file is raw,
+/// whatever it holds: a guest can write a qcow2 header naming a host file as its backing file
+/// into a raw disk, and probing that on the next boot would hand the host file to the guest
+/// (QEMU's format-probing hole). The guest cannot rename the host file, so the name is safe.
+const PROBED_SUFFIXES: &[&str] = &["qcow2", "qcow", "vmdk", "vdi", "vhd", "vpc", "vhdx"];
+
+fn probed_by_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| PROBED_SUFFIXES.iter().any(|s| e.eq_ignore_ascii_case(s)))
+}
+
 /// Probes the format without O_DIRECT (its small unaligned header read would fail with it).
 fn probe_format(path: &Path) -> Result<corefour_disk::Format, BlockError> {
+    if !probed_by_name(path) {
+        return Ok(corefour_disk::Format::Raw);
+    }
     let image_err = |source| BlockError::Image {
         path: path.to_path_buf(),
         source,
@@ -807,5 +822,27 @@ mod tests {
         assert!(BlockConfig::parse("/tmp/d.img,bogus").is_err());
         assert!(BlockConfig::parse("/tmp/d.img,direct").unwrap().direct);
         assert!(BlockConfig::parse("").is_err());
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+
+    #[test]
+    fn only_image_suffixes_are_probed() {
+        // A raw disk holding a qcow2 header stays raw unless its name says it is an image.
+        let dir = std::env::temp_dir().join(format!("c4-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut header = vec![0u8; 4096];
+        header[..4].copy_from_slice(b"QFI\xfb");
+        header[4..8].copy_from_slice(&3u32.to_be_bytes());
+        let raw = dir.join("disk.img");
+        std::fs::write(&raw, &header).unwrap();
+        assert_eq!(probe_format(&raw).unwrap(), corefour_disk::Format::Raw);
+        assert!(probed_by_name(Path::new("/x/disk0.QCOW2")));
+        assert!(!probed_by_name(Path::new("/x/disk0.raw")));
+        assert!(!probed_by_name(Path::new("/x/disk0")));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
