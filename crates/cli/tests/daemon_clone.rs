@@ -1,121 +1,15 @@
 //! `corefour vm clone`, driven through the real binary and a daemon with its own state dir.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use corefour_daemon::client::blocking::Client;
 use corefour_daemon::client::Method;
 use serde_json::{json, Value};
 
-const EXE: &str = env!("CARGO_BIN_EXE_corefour");
-
-/// One daemon with its own socket and state dir (under a temporary directory).
-struct Daemon {
-    dir: tempfile::TempDir,
-    sock: PathBuf,
-    child: Child,
-    client: Client,
-}
-
-impl Daemon {
-    fn start(vmm_binary: Option<&Path>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("d.sock");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let mut cmd = Command::new(EXE);
-        cmd.arg("daemon")
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        if let Some(v) = vmm_binary {
-            cmd.arg("--vmm-binary").arg(v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("daemon exited with {st}");
-            }
-            assert!(Instant::now() < deadline, "daemon did not listen");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Daemon {
-            dir,
-            sock,
-            child,
-            client: Client::new().unwrap(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    fn req(&self, method: Method, uri: &str, body: Option<&str>) -> (u16, Value) {
-        let (status, bytes) = self
-            .client
-            .call(&self.sock, method, uri, body.map(|b| b.as_bytes().to_vec()))
-            .unwrap();
-        let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status.as_u16(), v)
-    }
-
-    fn ok(&self, method: Method, uri: &str, body: Option<&str>) -> Value {
-        let (s, v) = self.req(method.clone(), uri, body);
-        assert!(
-            (200..300).contains(&s),
-            "{method} {uri} -> {s} {v}\n{}",
-            self.log()
-        );
-        v
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(EXE)
-            .arg("vm")
-            .args(args)
-            .env("COREFOUR_SOCKET", &self.sock)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok((_, b)) = self.client.call(&self.sock, Method::GET, "/v1/vms", None) {
-            if let Ok(Value::Array(vms)) = serde_json::from_slice::<Value>(&b) {
-                for vm in vms {
-                    if let Some(n) = vm["name"].as_str() {
-                        let _ = self.client.call(
-                            &self.sock,
-                            Method::DELETE,
-                            &format!("/v1/vms/{n}?force=true"),
-                            None,
-                        );
-                    }
-                }
-            }
-        }
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let _ = self.child.wait();
-    }
-}
-
-/// A stand-in VMM that announces itself and idles, for tests that need no guest.
-fn fake_vmm(dir: &Path) -> PathBuf {
-    let p = dir.join("fake-vmm");
-    std::fs::write(&p, "#!/bin/sh\necho \"fake vmm up: $*\"\nexec sleep 600\n").unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
+#[path = "common/daemon.rs"]
+mod harness;
+use harness::*;
 
 fn read_disk(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut img = corefour_disk::open(
@@ -134,7 +28,7 @@ fn read_disk(path: &Path, offset: u64, len: usize) -> Vec<u8> {
 #[test]
 fn clone_overlays_disks_with_new_identity() {
     let tools = tempfile::tempdir().unwrap();
-    let d = Daemon::start(Some(&fake_vmm(tools.path())));
+    let d = Daemon::start_with("clone", Some(fake_vmm(tools.path())));
     // A 1 MiB raw disk: 0x5a everywhere.
     let base = tools.path().join("base.raw");
     std::fs::write(&base, vec![0x5au8; 1 << 20]).unwrap();
@@ -221,7 +115,7 @@ fn clone_overlays_disks_with_new_identity() {
 #[test]
 fn running_source_is_refused_and_clone_runs_independently() {
     let tools = tempfile::tempdir().unwrap();
-    let d = Daemon::start(Some(&fake_vmm(tools.path())));
+    let d = Daemon::start_with("clone", Some(fake_vmm(tools.path())));
     let base = tools.path().join("b.raw");
     std::fs::write(&base, vec![0u8; 65536]).unwrap();
     d.ok(
@@ -252,15 +146,8 @@ fn running_source_is_refused_and_clone_runs_independently() {
     assert_eq!(b["state"], "running", "{b}");
     assert_ne!(a["pid"], b["pid"]);
     // The clone's VMM was given the overlay, the source's its own disk.
-    let cfg = std::fs::read_to_string(d.dir.path().join("state/vms/b/vm.json")).unwrap();
+    let cfg = std::fs::read_to_string(d.state_dir().join("vms/b/vm.json")).unwrap();
     assert!(cfg.contains("disk0.qcow2"), "{cfg}");
-}
-
-fn guest(name: &str) -> Option<PathBuf> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../guests/build")
-        .join(format!("{name}.elf"));
-    p.exists().then(|| p.canonicalize().unwrap())
 }
 
 /// The `N` of every complete `count=N` line.
@@ -312,7 +199,7 @@ fn restore_continues_the_counter() {
         eprintln!("skipped: no /dev/kvm");
         return;
     }
-    let d = Daemon::start(None);
+    let d = Daemon::start("clone");
     let tmp = tempfile::tempdir().unwrap();
     d.ok(
         Method::POST,
