@@ -86,10 +86,11 @@ impl Vmm {
             sock: sock.to_path_buf(),
         };
         let t = Instant::now();
-        while !sock.exists() {
+        // The socket file appears at bind(), a moment before listen(): wait until it accepts.
+        while std::os::unix::net::UnixStream::connect(sock).is_err() {
             assert!(
                 t.elapsed() < Duration::from_secs(20),
-                "API socket never appeared"
+                "API socket never accepted a connection"
             );
             std::thread::sleep(Duration::from_millis(5));
         }

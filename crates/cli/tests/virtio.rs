@@ -506,7 +506,10 @@ fn balloon_target_through_the_vmm_api() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !sock.exists() && std::time::Instant::now() < deadline {
+    // The socket file appears at bind(), a moment before listen(): wait until it accepts.
+    while std::os::unix::net::UnixStream::connect(&sock).is_err()
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
     let get = "GET /balloon HTTP/1.1\r\nConnection: close\r\n\r\n";
