@@ -67,6 +67,17 @@ fn err(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// The guest ended with `code`; on failure both streams are shown.
+fn assert_exit(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "stdout:\n{}\nstderr:\n{}",
+        out(o),
+        err(o)
+    );
+}
+
 fn disk_image(dir: &Path) -> PathBuf {
     let p = dir.join("disk.img");
     let mut d = vec![0u8; 1 << 20];
@@ -84,13 +95,7 @@ fn vblk_reads_sector0_and_writes_sector1() {
     let dir = tempfile::tempdir().unwrap();
     let img = disk_image(dir.path());
     let o = run_guest("vblk", &["--disk", img.to_str().unwrap()]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "stdout:\n{}\nstderr:\n{}",
-        out(&o),
-        err(&o)
-    );
+    assert_exit(&o, 0);
     assert!(
         out(&o)
             .lines()
@@ -134,13 +139,7 @@ fn vblk_on_a_qcow2_overlay_reads_the_base_and_writes_the_overlay() {
     ]);
     assert!(o.status.success(), "disk create: {}", err(&o));
     let o = run_guest("vblk", &["--disk", overlay.to_str().unwrap()]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "stdout:\n{}\nstderr:\n{}",
-        out(&o),
-        err(&o)
-    );
+    assert_exit(&o, 0);
     assert!(
         out(&o)
             .lines()
@@ -176,13 +175,7 @@ fn vblk_and_vrng_over_virtio_pci() {
         "vblk",
         &["--disk", img.to_str().unwrap(), "--virtio-transport", "pci"],
     );
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "stdout:\n{}\nstderr:\n{}",
-        out(&o),
-        err(&o)
-    );
+    assert_exit(&o, 0);
     assert!(
         out(&o).contains("SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
         "{}",
