@@ -21,6 +21,7 @@ use corefour_devices::virtio::net::{parse_mac, Net, NetConfig as DevNetConfig};
 use corefour_devices::virtio::pci::{PciBarWindow, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use corefour_devices::virtio::rate_limiter::RateLimit;
 use corefour_devices::virtio::rng::Rng;
+use corefour_devices::virtio::state::SaveRestore;
 use corefour_devices::virtio::tap::TapError;
 use corefour_devices::virtio::vsock::{Vsock, VsockConfig as DevVsockConfig};
 use corefour_devices::virtio::{MmioTransport, VirtioDevice};
@@ -151,6 +152,8 @@ pub struct VirtioDevices {
     /// (kind, base or PCI slot, gsi), for logs and tests.
     pub placed: Vec<(&'static str, u64, u32)>,
     pub balloon: Option<BalloonHandle>,
+    /// Every device's transport, in creation order: what snapshots save and restore.
+    pub saveable: Vec<Arc<dyn SaveRestore>>,
 }
 
 fn count(config: &VmConfig) -> usize {
@@ -275,14 +278,16 @@ pub fn create(
         match &mut root {
             Some(root) => {
                 // GSIs 5..23 fit the u8 interrupt-line register.
-                let (pci_slot, _) = root
+                let (pci_slot, function) = root
                     .add_virtio(dev, mem.clone(), line, gsi as u8)
                     .map_err(err)?;
+                out.saveable.push(function);
                 out.placed.push((kind, pci_slot as u64, gsi));
             }
             None => {
-                let transport = MmioTransport::new(dev, mem.clone(), line).map_err(err)?;
-                out.mmio.push((Arc::new(transport), base, MMIO_SIZE));
+                let transport = Arc::new(MmioTransport::new(dev, mem.clone(), line).map_err(err)?);
+                out.saveable.push(transport.clone());
+                out.mmio.push((transport, base, MMIO_SIZE));
                 out.placed.push((kind, base, gsi));
             }
         }
