@@ -293,6 +293,24 @@ impl VirtioPciDevice {
         self.core.is_activated()
     }
 
+    /// Each queue's notify address at the BAR's current place and the eventfd a write there
+    /// signals: what to register as ioeventfds (any width, no datamatch). A guest that later
+    /// moves the BAR notifies through the bus again (a slower path, still correct).
+    pub fn notify_events(&self) -> Vec<(u64, std::sync::Arc<vmm_sys_util::eventfd::EventFd>)> {
+        let bar = self.cfg().bar;
+        self.core
+            .queue_events()
+            .iter()
+            .enumerate()
+            .map(|(i, ev)| {
+                (
+                    bar + NOTIFY_OFF + i as u64 * u64::from(NOTIFY_MULTIPLIER),
+                    ev.clone(),
+                )
+            })
+            .collect()
+    }
+
     fn common_read(&self, offset: u64, data: &mut [u8]) {
         let r = self.core.lock();
         let sel = r.queue_sel as usize;
