@@ -192,3 +192,31 @@ fn an_inactive_device_round_trips() {
     let d = MmioDriver::init(&t, rig.mem.clone(), 1, 64, common::RINGS, HEAP, u64::MAX);
     assert!(d.is_ok());
 }
+
+#[test]
+fn pages_a_device_writes_are_in_the_device_log() {
+    use corefour_devices::virtio::dirty;
+    let file = disk(8);
+    let rig = Rig::new(block(file.path()));
+    let mut d = rig.driver(1, 64);
+    dirty::start(common::MEM_SIZE as u64);
+    // A read: the data buffer and status byte are device-writable.
+    let h = d.alloc(16);
+    d.mem.write_slice(&[0u8; 16], h).unwrap();
+    let data = GuestAddress(0x80_0000);
+    let st = GuestAddress(0x90_0000);
+    let head = d
+        .submit(0, &[(h, 16, false), (data, 4096, true), (st, 1, true)])
+        .unwrap();
+    let (id, _) = d.wait_used(0, T).expect("read completed");
+    assert_eq!(id, u32::from(head));
+    let map = dirty::region(0, common::MEM_SIZE as u64);
+    let bit = |addr: u64| map[(addr >> 12) as usize / 64] & (1 << ((addr >> 12) % 64)) != 0;
+    assert!(bit(data.0) && bit(st.0), "device-written pages are logged");
+    // The used ring is written by the device model: the saved state names it.
+    let saved = rig.transport.save_state().unwrap();
+    let rings = saved.used_rings();
+    assert_eq!(rings.len(), 1);
+    assert_eq!(rings[0].1, 6 + 8 * 64);
+    rig.transport.resume_saved();
+}

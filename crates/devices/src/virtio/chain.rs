@@ -62,6 +62,8 @@ impl Chain {
                 len: d.len(),
             };
             if d.is_write_only() {
+                // Before the device writes it: migration and diff snapshots resend it.
+                super::dirty::mark(d.addr().0, u64::from(d.len()));
                 out.writable.push(b);
             } else if !out.writable.is_empty() {
                 out.error.get_or_insert(ChainError::ReadAfterWrite);
