@@ -357,7 +357,16 @@ fn kill9_of_the_daemon_is_reconciled() {
         .args(["-9", &pb.to_string()])
         .status()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // The shim records the exit (after cleaning up) while no daemon listens.
+    let rec = d.ct_base().join("containers").join(&b).join("exit.json");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !rec.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the shim never recorded the exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     d.0.spawn();
     let va = d.info(&a);
     assert_eq!(va["state"], "running", "{va}");

@@ -75,6 +75,19 @@ impl Cts {
         Ok(cts)
     }
 
+    /// Called on a graceful exit: containers keep running, but an unused cgroup parent goes.
+    pub fn shutdown(&self) {
+        let mut roots: Vec<PathBuf> = corefour_container::cgroups::v1::hierarchies()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        roots.push(PathBuf::from(corefour_container::cgroups::CGROUP_ROOT));
+        for r in roots {
+            // rmdir fails while any container's cgroup is still inside: that is the point.
+            let _ = std::fs::remove_dir(r.join(&self.cgroup_parent));
+        }
+    }
+
     pub fn sys(&self) -> System {
         System::with_cgroup_parent(&self.base, &self.cgroup_parent)
     }
