@@ -76,7 +76,7 @@ impl CtDaemon {
     }
 
     fn ct_base(&self) -> PathBuf {
-        self.0.state_dir().join("ct")
+        self.0.state_dir().join("cts")
     }
 }
 
@@ -529,4 +529,57 @@ fn move_between_daemons() {
     let o = d2.ct(&["exec", &a, "--", "cat", "/root/m"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "moved-data\n");
     assert!(!d1.ct_base().join("containers").join(&a).exists());
+}
+
+/// Deletes a test bridge on drop.
+struct Bridge(String);
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+#[test]
+fn bridge_networking_through_the_daemon() {
+    if !can_run() {
+        return;
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        eprintln!("skip: no `ip` (Debian package iproute2)");
+        return;
+    }
+    let d = CtDaemon::start("ct-net");
+    let pid = std::process::id();
+    let br = Bridge(format!("c4n{}", pid % 1_000_000));
+    let subnet = format!("10.234.{}.0/24", pid % 250);
+    let (a, b) = (uniq("neta"), uniq("netb"));
+    let mut addrs = Vec::new();
+    for n in [&a, &b] {
+        let i = d.json(&[
+            "create", n, "--net", "bridge", "--bridge", &br.0, "--subnet", &subnet, "--start",
+        ]);
+        assert_eq!(i["state"], "running", "{i}");
+        assert_eq!(i["net"]["bridge"], br.0.as_str());
+        addrs.push(i["address"].as_str().unwrap().to_string());
+    }
+    assert_ne!(addrs[0], addrs[1]);
+    let o = d.ct(&["exec", &a, "--", "ping", "-c", "1", "-W", "3", &addrs[1]]);
+    assert!(
+        o.status.success(),
+        "ping {} from {a}: {}{}",
+        addrs[1],
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Stopped, the container's netns and veth are gone; started again, it has the same address.
+    d.ok(&["stop", &b, "--timeout", "5"]);
+    assert!(!Path::new(&format!("/run/netns/corefour-{b}")).exists());
+    let i = d.json(&["start", &b]);
+    assert_eq!(i["address"].as_str(), Some(addrs[1].as_str()));
+    let o = d.ct(&["exec", &b, "--", "ping", "-c", "1", "-W", "3", &addrs[0]]);
+    assert!(o.status.success(), "ping after restart");
 }

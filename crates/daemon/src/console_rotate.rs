@@ -48,7 +48,10 @@ fn logs(state_dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for (dir, file) in [
         (state_dir.join("vms"), crate::shim::CONSOLE_LOG),
-        (state_dir.join("ct").join("containers"), "console.log"),
+        (
+            state_dir.join(crate::ct::CT_DIR).join("containers"),
+            "console.log",
+        ),
     ] {
         if let Ok(rd) = std::fs::read_dir(dir) {
             out.extend(rd.flatten().map(|e| e.path().join(file)));

@@ -27,6 +27,9 @@ use rows::CtRecord;
 
 pub use verbs::DEFAULT_STOP_TIMEOUT;
 
+/// The daemon's container directory under its state directory.
+pub const CT_DIR: &str = "cts";
+
 /// Cgroup parent of the daemon's containers (VMs have their own).
 const CGROUP_PARENT: &str = "corefour-cts";
 
@@ -55,7 +58,8 @@ impl Cts {
         state_dir: &Path,
         exe: &Path,
     ) -> Result<Arc<Cts>, DaemonError> {
-        let base = state_dir.join("ct");
+        // Not the daemonless default (/var/lib/corefour/ct): the two never share containers.
+        let base = state_dir.join(CT_DIR);
         std::fs::create_dir_all(&base)
             .map_err(|e| DaemonError::io(format!("cannot create {}", base.display()), e))?;
         let cgroup_parent = match crate::lifecycle::host_tag(state_dir) {
