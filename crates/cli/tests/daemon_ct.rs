@@ -583,3 +583,64 @@ fn bridge_networking_through_the_daemon() {
     let o = d.ct(&["exec", &b, "--", "ping", "-c", "1", "-W", "3", &addrs[0]]);
     assert!(o.status.success(), "ping after restart");
 }
+
+#[test]
+fn concurrent_creates_and_deletes_share_one_template_build() {
+    if !can_run() {
+        return;
+    }
+    // A fresh daemon: the template is not cached, so the first creates race to build it.
+    let d = CtDaemon::start("ct-conc");
+    let names: Vec<String> = (0..6).map(|i| uniq(&format!("cc{i}"))).collect();
+    std::thread::scope(|s| {
+        for n in &names {
+            let d = &d;
+            s.spawn(move || {
+                let (st, v) = d.0.req(
+                    Method::POST,
+                    "/v1/cts",
+                    Some(&format!(r#"{{"name":"{n}","start":true}}"#)),
+                );
+                assert_eq!(st, 201, "{n}: {v}");
+            });
+        }
+        // The same name from two clients at once: exactly one wins.
+        let dup = uniq("dup");
+        let codes: Vec<u16> = (0..2)
+            .map(|_| {
+                let (d, dup) = (&d, dup.clone());
+                s.spawn(move || {
+                    d.0.req(
+                        Method::POST,
+                        "/v1/cts",
+                        Some(&format!(r#"{{"name":"{dup}"}}"#)),
+                    )
+                    .0
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        let mut codes = codes;
+        codes.sort();
+        assert_eq!(codes, [201, 409]);
+    });
+    let listed = d.names();
+    for n in &names {
+        assert!(listed.contains(n), "{n} missing from {listed:?}");
+        assert_eq!(d.info(n)["state"], "running");
+    }
+    assert_eq!(listed.len(), names.len() + 1);
+    std::thread::scope(|s| {
+        for n in &names {
+            let d = &d;
+            s.spawn(move || {
+                let (st, v) =
+                    d.0.req(Method::DELETE, &format!("/v1/cts/{n}?force=true"), None);
+                assert_eq!(st, 204, "{n}: {v}");
+            });
+        }
+    });
+    assert_eq!(d.names().len(), 1);
+}

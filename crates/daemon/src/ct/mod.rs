@@ -49,6 +49,9 @@ pub struct Cts {
     running: Mutex<HashMap<String, CtHandle>>,
     stop_requested: Mutex<HashSet<String>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a template is built: the runtime builds in a directory named by pid, which
+    /// two creates in this one process would share.
+    template_build: tokio::sync::Mutex<()>,
 }
 
 impl Cts {
@@ -74,6 +77,7 @@ impl Cts {
             running: Mutex::new(HashMap::new()),
             stop_requested: Mutex::new(HashSet::new()),
             locks: Mutex::new(HashMap::new()),
+            template_build: tokio::sync::Mutex::new(()),
         });
         cts.reconcile_all().await?;
         Ok(cts)
@@ -90,6 +94,15 @@ impl Cts {
             // rmdir fails while any container's cgroup is still inside: that is the point.
             let _ = std::fs::remove_dir(r.join(&self.cgroup_parent));
         }
+    }
+
+    /// The template-build lock when `template` is not cached yet (None when it is).
+    async fn template_guard(&self, template: &str) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        let done = self.base.join("templates").join(template).join(".complete");
+        if done.exists() {
+            return None;
+        }
+        Some(self.template_build.lock().await)
     }
 
     pub fn sys(&self) -> System {

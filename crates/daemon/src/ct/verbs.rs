@@ -76,6 +76,13 @@ pub(super) fn create_request(spec: &CtCreate) -> CreateRequest {
 /// Validates a create request before anything is made.
 pub(super) fn validate(spec: &CtCreate) -> Result<(), DaemonError> {
     crate::names::validate_name(&spec.name)?;
+    if !corefour_container::templates::NAMES.contains(&spec.template.as_str()) {
+        return Err(DaemonError::BadRequest(format!(
+            "unknown template {:?}: use one of {}",
+            spec.template,
+            corefour_container::templates::NAMES.join(", ")
+        )));
+    }
     check_limits(
         spec.cpu_quota_pct,
         spec.cpu_weight,
@@ -113,6 +120,7 @@ impl Cts {
         let _g = self.op_lock(&name).await;
         // The row first: the schema, not a check, keeps names unique among all instances.
         self.inv().insert_ct(&spec, "defined")?;
+        let _building = self.template_guard(&spec.template).await;
         let sys = self.sys();
         let req = create_request(&spec);
         let made = blocking(move || sys.create(&req).map_err(ct_error)).await;
