@@ -21,6 +21,7 @@ use corefour_devices::virtio::net::{parse_mac, Net, NetConfig as DevNetConfig};
 use corefour_devices::virtio::pci::{PciBarWindow, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use corefour_devices::virtio::rate_limiter::RateLimit;
 use corefour_devices::virtio::rng::Rng;
+use corefour_devices::virtio::state::SaveRestore;
 use corefour_devices::virtio::tap::TapError;
 use corefour_devices::virtio::vsock::{Vsock, VsockConfig as DevVsockConfig};
 use corefour_devices::virtio::{MmioTransport, VirtioDevice};
@@ -153,6 +154,8 @@ pub struct VirtioDevices {
     pub balloon: Option<BalloonHandle>,
     /// Which notifications and interrupts skip the VMM's vCPU exit handling.
     pub eventfds: crate::virtio_eventfd::EventfdUse,
+    /// Every device's transport, in creation order: what snapshots save and restore.
+    pub saveable: Vec<Arc<dyn SaveRestore>>,
 }
 
 fn count(config: &VmConfig) -> usize {
@@ -285,20 +288,22 @@ pub fn create(
                     &pci_dev.notify_events(),
                     &mut out.eventfds,
                 );
+                out.saveable.push(pci_dev);
                 out.placed.push((kind, pci_slot as u64, gsi));
             }
             None => {
                 // virtio-mmio interrupts are edges: an irqfd carries them as they are.
                 let line = crate::virtio_eventfd::edge_irqfd(vm.as_ref(), gsi, &mut out.eventfds)
                     .unwrap_or(line);
-                let transport = MmioTransport::new(dev, mem.clone(), line).map_err(err)?;
+                let transport = Arc::new(MmioTransport::new(dev, mem.clone(), line).map_err(err)?);
                 crate::virtio_eventfd::register_mmio_notify(
                     vm.as_ref(),
                     base,
                     transport.queue_events(),
                     &mut out.eventfds,
                 );
-                out.mmio.push((Arc::new(transport), base, MMIO_SIZE));
+                out.saveable.push(transport.clone());
+                out.mmio.push((transport, base, MMIO_SIZE));
                 out.placed.push((kind, base, gsi));
             }
         }
