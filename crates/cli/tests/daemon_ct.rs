@@ -529,6 +529,43 @@ fn move_between_daemons() {
     let o = d2.ct(&["exec", &a, "--", "cat", "/root/m"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout), "moved-data\n");
     assert!(!d1.ct_base().join("containers").join(&a).exists());
+
+    // Back to the first daemon as to another host: through `ssh HOST corefour ct ...`, here a
+    // stand-in ssh that runs the command locally against that daemon's socket.
+    let ssh = d1.0.dir.0.join("fake-ssh");
+    std::fs::write(
+        &ssh,
+        format!(
+            "#!/bin/sh\nshift\nCOREFOUR_SOCKET={} exec \"$@\"\n",
+            d1.0.sock.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&ssh, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let via = |ssh_cmd: &Path| {
+        Command::new(EXE)
+            .args(["ct", "move", &a, "--to", "ssh://testhost", "--json"])
+            .env("COREFOUR_SOCKET", &d2.0.sock)
+            .env("COREFOUR_SSH", ssh_cmd)
+            .env("COREFOUR_REMOTE_BIN", EXE)
+            .env_remove("COREFOUR_CT_DIR")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // An ssh that fails: nothing changes.
+    let o = via(Path::new("/bin/false"));
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nothing was changed"));
+    assert_eq!(d2.info(&a)["state"], "running");
+    let o = via(&ssh);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m["to"], "ssh://testhost");
+    assert!(!d2.names().contains(&a));
+    assert_eq!(d1.info(&a)["state"], "running");
+    let o = d1.ct(&["exec", &a, "--", "cat", "/root/m"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "moved-data\n");
 }
 
 /// Deletes a test bridge on drop.
