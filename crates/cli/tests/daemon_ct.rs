@@ -558,6 +558,33 @@ fn move_between_daemons() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nothing was changed"));
     assert_eq!(d2.info(&a)["state"], "running");
+    // A target that answers but fails the import, after the source has stopped: the source
+    // starts again and the target keeps nothing.
+    let flaky = d1.0.dir.0.join("flaky-ssh");
+    std::fs::write(
+        &flaky,
+        format!(
+            "#!/bin/sh\nshift\nif [ \"$3\" = import ]; then cat >/dev/null; echo 'corefour: no space left on device' >&2; exit 1; fi\nCOREFOUR_SOCKET={} exec \"$@\"\n",
+            d1.0.sock.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&flaky, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let pid_before = d2.info(&a)["pid"].as_i64().unwrap();
+    let o = via(&flaky);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no space left") && err.contains("restarted"),
+        "{err}"
+    );
+    let v = d2.info(&a);
+    assert_eq!(v["state"], "running", "the source was not restarted: {v}");
+    assert_ne!(v["pid"].as_i64(), Some(pid_before));
+    assert!(!d1.names().contains(&a));
+    let o = d2.ct(&["exec", &a, "--", "cat", "/root/m"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "moved-data\n");
+
     let o = via(&ssh);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let m: Value = serde_json::from_slice(&o.stdout).unwrap();
