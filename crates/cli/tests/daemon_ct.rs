@@ -332,6 +332,14 @@ fn lifecycle_limits_console_events_and_api_errors() {
     let o = d.ct(&["info", &a]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains(&a));
+
+    // Files a killed daemon left without a row (a create it did not finish) do not block the
+    // name.
+    let orphan = d.ct_base().join("containers").join(&a);
+    std::fs::create_dir_all(orphan.join("upper")).unwrap();
+    let c = d.json(&["create", &a]);
+    assert_eq!(c["state"], "created");
+    assert!(orphan.join("ct.json").exists());
 }
 
 fn pid_is_zombie_or_other(pid: i64) -> bool {

@@ -253,6 +253,7 @@ impl Cts {
         };
         let tarball = staging.join(ROOTFS_MEMBER);
         let made = blocking(move || {
+            super::verbs::remove_orphan(&sys, &req.name);
             sys.create_with(&req, layers, |upper| {
                 unpack(&tarball, upper).map_err(|e| {
                     corefour_container::ContainerError::Init(format!(
