@@ -205,6 +205,14 @@ fn lifecycle_limits_console_events_and_api_errors() {
             (96 << 20).to_string()
         );
     }
+    // The process limit, too.
+    if !v2 {
+        let pids = cgroup_dir("pids", &a).expect("the container's pids cgroup");
+        assert_eq!(read(&pids.join("pids.max")), "64");
+        d.ok(&["set", &a, "--pids", "32"]);
+        assert_eq!(read(&pids.join("pids.max")), "32");
+        assert_eq!(d.info(&a)["pids"], 32);
+    }
     // Removing the quota lifts it at once.
     d.ok(&["set", &a, "--cpu-quota", "0"]);
     if !v2 {
