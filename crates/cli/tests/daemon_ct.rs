@@ -80,8 +80,38 @@ impl CtDaemon {
     }
 }
 
+/// The daemon's container cgroup parent (its state directory's tag, as the daemon computes it).
+fn cgroup_parent(state_dir: &Path) -> String {
+    let h = state_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+    format!("corefour-cts-{:04x}", h & 0xffff)
+}
+
 impl Drop for CtDaemon {
     fn drop(&mut self) {
+        let cleanup = self.0.child.is_some();
+        self.delete_all();
+        self.0.terminate();
+        if cleanup {
+            // The daemon removes its cgroup parent on exit; a test that failed midway may not
+            // get there.
+            let parent = cgroup_parent(&self.0.state_dir());
+            if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+                for h in rd.flatten() {
+                    let _ = std::fs::remove_dir(h.path().join(&parent));
+                }
+            }
+        }
+    }
+}
+
+impl CtDaemon {
+    fn delete_all(&self) {
         if self.0.child.is_some() {
             if let Ok((_, b)) = self
                 .0

@@ -90,9 +90,18 @@ impl Cts {
             .map(|(_, p)| p)
             .collect();
         roots.push(PathBuf::from(corefour_container::cgroups::CGROUP_ROOT));
+        // rmdir fails while any container's cgroup is still inside: that is the point. A cgroup
+        // whose last task is still exiting reads busy for a moment: a few retries for that.
         for r in roots {
-            // rmdir fails while any container's cgroup is still inside: that is the point.
-            let _ = std::fs::remove_dir(r.join(&self.cgroup_parent));
+            let dir = r.join(&self.cgroup_parent);
+            for _ in 0..20 {
+                match std::fs::remove_dir(&dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(25))
+                    }
+                    _ => break,
+                }
+            }
         }
     }
 
