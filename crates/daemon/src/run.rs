@@ -56,12 +56,13 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             jail: opts.jail,
         })
         .await?;
+        let cts = crate::ct::Cts::open(Arc::clone(&d), &opts.state_dir, &opts.exe).await?;
         tracing::info!(
             socket = %opts.socket.display(),
             state_dir = %opts.state_dir.display(),
             "corefour daemon listening"
         );
-        server::serve(listener, Arc::clone(&d))
+        server::serve(listener, Arc::clone(&d), cts)
             .await
             .map_err(RunError::Io)?;
         d.shutdown();

@@ -20,6 +20,7 @@ use crate::config::{BackendKind, VmConfig};
 use crate::control::Control;
 use crate::machine;
 use crate::memory::{self, GuestMem};
+use corefour_devices::virtio::state::SaveRestore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -153,6 +154,8 @@ pub struct Prepared {
     control: Arc<Control>,
     machine: Arc<machine::Machine>,
     serial: Arc<corefour_devices::legacy::Serial>,
+    virtio: Vec<Arc<dyn SaveRestore>>,
+    balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
     vcpus: Vec<Box<dyn corefour_hypervisor::Vcpu>>,
     console: Console,
 }
@@ -185,10 +188,17 @@ pub fn prepare(
     tr("memory registered");
     let control = Control::new(config.vcpus);
     let events: Arc<dyn GuestEvents> = control.clone();
-    if let Some(why) = super::handle::unsupported(&config) {
-        return Err(RestoreError::Config(why));
+    // Disks, taps and sockets are opened again from the config; the devices stay inactive
+    // until `load` puts their state back.
+    let virtio = crate::virtio_devices::create(&config, mem, &vm).map_err(VmmError::from)?;
+    let mut pio = virtio.pio;
+    if crate::boot::linux::is_bzimage(&config.kernel) {
+        let pm = Arc::new(crate::acpi::PmRegisters::new(events.clone()));
+        let base = u64::from(crate::acpi::PM_BASE_PORT);
+        pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
     }
-    let (machine, serial) = machine::build(&vm, console.clone(), events).map_err(VmmError::from)?;
+    let (machine, serial) = machine::build_with(&vm, console.clone(), events, virtio.mmio, pio)
+        .map_err(VmmError::from)?;
     let mut vcpus = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
         let vcpu = vm
@@ -205,6 +215,8 @@ pub fn prepare(
         control,
         machine,
         serial,
+        virtio: virtio.saveable,
+        balloon: virtio.balloon,
         vcpus,
         console,
     })
@@ -240,6 +252,16 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             what: "the serial port".into(),
             reason,
         })?;
+    if state.devices.virtio.len() != p.virtio.len() {
+        return Err(RestoreError::State {
+            what: "the virtio devices".into(),
+            reason: format!(
+                "the saved state holds {} virtio devices, the config has {}",
+                state.devices.virtio.len(),
+                p.virtio.len()
+            ),
+        });
+    }
     let mut vcpus = Vec::with_capacity(p.vcpus.len());
     for ((index, mut vcpu), s) in (0u32..).zip(p.vcpus).zip(&state.vcpus) {
         vcpu.restore_state(s).map_err(|e| RestoreError::State {
@@ -247,6 +269,13 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             reason: e.to_string(),
         })?;
         vcpus.push(Arc::new(Mutex::new(vcpu)));
+    }
+    // Last: a restarted device may interrupt at once, into the restored irqchip.
+    for (i, (dev, s)) in p.virtio.iter().zip(&state.devices.virtio).enumerate() {
+        dev.restore_state(s).map_err(|e| RestoreError::State {
+            what: format!("virtio device {i} ({})", s.device.name()),
+            reason: e.to_string(),
+        })?;
     }
     Ok(Vmm {
         config: p.config,
@@ -258,8 +287,8 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
         vm: p.vm,
         mem,
         control: p.control,
-        // Snapshots refuse VMs with virtio devices (snapshot/handle.rs), so no balloon here.
-        balloon: None,
+        balloon: p.balloon,
+        virtio: p.virtio,
         console: p.console,
     })
 }
