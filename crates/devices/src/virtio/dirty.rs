@@ -3,7 +3,7 @@
 //! random bytes written through the host mapping).
 //!
 //! Every buffer a device may write reaches it as a device-writable descriptor, and every
-//! device parses its chains with [`super::chain::Chain::parse`]; that is where pages are
+//! device parses its chains with [`super::chain::Chain::parse_into`]; that is where pages are
 //! marked, before the device writes them. The log is cumulative: bits are only cleared by
 //! [`start`]/[`clear`], called while the devices are parked, so a page marked before its write
 //! can never be missed by a reader that looks after the devices parked.
