@@ -220,3 +220,36 @@ fn pages_a_device_writes_are_in_the_device_log() {
     assert_eq!(rings[0].1, 6 + 8 * 64);
     rig.transport.resume_saved();
 }
+
+#[test]
+fn a_restored_vsock_tells_the_guest_its_transport_was_reset() {
+    use corefour_devices::virtio::vsock::{Vsock, VsockConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let vsock = |cid| {
+        Box::new(Vsock::new(VsockConfig {
+            cid,
+            uds_path: dir.path().join("v.sock"),
+        }))
+    };
+    let rig = Rig::new(vsock(42));
+    let mut d = rig.driver(3, 64);
+    // The guest keeps one buffer on the event queue, as Linux does.
+    let ev = d.alloc(8);
+    d.mem.write_slice(&[0xffu8; 8], ev).unwrap();
+    let head = d.submit(2, &[(ev, 8, true)]).unwrap();
+    assert!(d.wait_used(2, Duration::from_millis(100)).is_none());
+    let saved = rig.transport.save_state().unwrap();
+    assert_eq!(saved.queues.len(), 3);
+    assert!(matches!(saved.device, DeviceSnap::Vsock { cid: 42 }));
+
+    // Restored, with a new CID (as a clone would be): one TRANSPORT_RESET event (id 0).
+    let fresh = MmioTransport::new(vsock(43), rig.mem.clone(), rig.irq.clone()).unwrap();
+    fresh.restore_state(&saved).unwrap();
+    d.dev = &fresh;
+    let (id, len) = d.wait_used(2, T).expect("reset event");
+    assert_eq!((id, len), (u32::from(head), 4));
+    assert_eq!(d.mem.read_obj::<u32>(ev).unwrap(), 0);
+    let mut cid = [0u8; 8];
+    corefour_devices::BusDevice::read(&fresh, 0x100, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), 43);
+}
