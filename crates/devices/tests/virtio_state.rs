@@ -253,3 +253,44 @@ fn a_restored_vsock_tells_the_guest_its_transport_was_reset() {
     corefour_devices::BusDevice::read(&fresh, 0x100, &mut cid);
     assert_eq!(u64::from_le_bytes(cid), 43);
 }
+
+#[test]
+fn a_restored_balloon_keeps_its_sizes_and_the_held_stats_buffer() {
+    use corefour_devices::virtio::balloon::Balloon;
+    let dev = Balloon::new(0, Some(Duration::from_secs(3600)));
+    let handle = dev.handle();
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(3, 64);
+    handle.set_target_pages(64);
+    // The driver reports `actual` and lends a stats buffer, which the device keeps.
+    corefour_devices::BusDevice::write(&*rig.transport, 0x104, &48u32.to_le_bytes());
+    let stats = d.alloc(10);
+    d.mem.write_slice(&[0u8; 10], stats).unwrap();
+    let head = d.submit(2, &[(stats, 10, false)]).unwrap();
+    let t = std::time::Instant::now();
+    while handle.status().stats_updated.is_none() {
+        assert!(t.elapsed() < T, "stats buffer never taken");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let saved = rig.transport.save_state().unwrap();
+    assert_eq!(
+        saved.device,
+        DeviceSnap::Balloon {
+            target_pages: 64,
+            actual_pages: 48
+        }
+    );
+    // The held buffer goes back to the avail side, so a restored device takes it again.
+    assert_eq!(saved.queues[2].next_avail, 0);
+
+    let dev = Balloon::new(0, Some(Duration::from_millis(50)));
+    let h2 = dev.handle();
+    let fresh = MmioTransport::new(Box::new(dev), rig.mem.clone(), rig.irq.clone()).unwrap();
+    fresh.restore_state(&saved).unwrap();
+    let s = h2.status();
+    assert_eq!((s.target_pages, s.actual_pages), (64, 48));
+    // The restored device holds the buffer again and returns it when it wants fresh stats.
+    d.dev = &fresh;
+    let (id, _) = d.wait_used(2, T).expect("stats buffer returned");
+    assert_eq!(id, u32::from(head));
+}
