@@ -335,6 +335,10 @@ impl MessageInterrupts for Msix {
         self.signal(|s| s.queue_vectors.clone())
     }
 
+    fn used_queue(&self, queue: usize) -> bool {
+        self.signal(|s| vec![s.queue_vectors.get(queue).copied().unwrap_or(NO_VECTOR)])
+    }
+
     fn config(&self) -> bool {
         self.signal(|s| vec![s.config_vector])
     }
@@ -389,6 +393,11 @@ mod tests {
         assert_eq!(sent.take(), vec![(0xfee0_1000, 0x42), (0xfee0_2000, 0x43)]);
         assert!(m.config());
         assert_eq!(sent.take(), vec![(0xfee0_0000, 0x41)]);
+        // One queue named: only its vector.
+        assert!(m.used_queue(1));
+        assert_eq!(sent.take(), vec![(0xfee0_2000, 0x43)]);
+        assert!(m.used_queue(7), "a queue the device lacks sends nothing");
+        assert!(sent.take().is_empty());
         // Both queues on one vector: one message.
         m.set_queue_vector(1, 1);
         assert!(m.used());
