@@ -463,6 +463,24 @@ mod tests {
     }
 
     #[test]
+    fn acpi_describes_the_devices_create_builds() {
+        let mut c = VmConfig::new("k");
+        c.rng = true;
+        c.balloon = Some(BalloonConfig::default());
+        let a = acpi_devices(&c);
+        assert_eq!(a.virtio_mmio, vec![(0xd100_0000, 5), (0xd100_1000, 6)]);
+        assert_eq!(a.pci, None);
+        c.virtio_transport = VirtioTransport::Pci;
+        let a = acpi_devices(&c);
+        assert!(a.virtio_mmio.is_empty());
+        let pci = a.pci.expect("a PCI root bridge");
+        assert_eq!(pci.mem_window, PCI_BAR_WINDOW);
+        // Slot 0 is the host bridge; devices follow in creation order with their GSIs.
+        assert_eq!(pci.intx, vec![(1, 5), (2, 6)]);
+        assert!(acpi_devices(&VmConfig::new("k")).virtio_mmio.is_empty());
+    }
+
+    #[test]
     fn balloon_api_sets_and_reports_the_target() {
         assert_eq!(balloon_api(None, "GET", "").0, 404);
         let b = Balloon::new(256, None);
