@@ -432,3 +432,23 @@ impl VcpuKicker for Kicker {
         self.0.notify();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_msi_lands_in_the_addressed_local_apic() {
+        let vm = EmuVm::new(2, false).unwrap();
+        for l in &vm.shared.links {
+            l.lapic().write(0xf0, 0x1ff, 0); // software-enable
+        }
+        // Physical destination 1, fixed delivery, vector 0x45.
+        vm.signal_msi(0xfee0_1000, 0x45).unwrap();
+        assert_eq!(vm.shared.links[0].lapic().pending(), None);
+        assert_eq!(vm.shared.links[1].lapic().pending(), Some(0x45));
+        // Outside the APIC window: refused, nothing delivered.
+        assert!(vm.signal_msi(0xdead_0000, 0x46).is_err());
+        assert_eq!(vm.shared.links[0].lapic().pending(), None);
+    }
+}

@@ -149,6 +149,10 @@ pub struct PciSnap {
     pub bar: u64,
     pub interrupt_line: u8,
     pub device_feature_select: u32,
+    /// The MSI-X table, pending bits and vector assignment (absent: no MSI-X, or a snapshot
+    /// from before MSI-X existed).
+    #[serde(default)]
+    pub msix: Option<super::pci_msix::MsixSnap>,
 }
 
 /// A virtio device with its transport.

@@ -653,7 +653,7 @@ impl VsockHandler {
             },
         )?;
         if notify {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used_queue(1);
         }
         self.process_rx(poller)
     }
@@ -686,7 +686,7 @@ impl VsockHandler {
             },
         )?;
         if notify {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used_queue(0);
         }
         // Out of RX buffers with work left: wait for the guest to add some.
         self.rx_waiting = !idle && self.st.has_rx_work();
