@@ -34,6 +34,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{name}/snapshot"),
     ("post", "/v1/vms/{name}/clone"),
     ("post", "/v1/vms/{name}/restore"),
+    ("post", "/v1/vms/{name}/migrate"),
     ("get", "/v1/vms/{name}/console"),
     ("get", "/v1/events"),
 ];
@@ -58,6 +59,7 @@ pub fn router(d: Arc<Daemon>, cts: Arc<crate::ct::Cts>) -> Router {
         .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/vms/{name}/restore", post(restore_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/events", get(events))
         .fallback(no_route)
@@ -173,6 +175,15 @@ async fn restore_vm(
 ) -> ApiResult<Response> {
     let req: crate::lifecycle::RestoreRequest = parse_body(&body, "restore")?;
     Ok(Json(d.restore(&name, req).await?).into_response())
+}
+
+async fn migrate_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: crate::lifecycle::MigrateRequest = parse_body(&body, "migrate")?;
+    Ok(Json(d.migrate(&name, req).await?).into_response())
 }
 
 async fn start_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
@@ -311,6 +322,14 @@ impl LogTail {
         let mut buf = Vec::new();
         if let Some(f) = &mut self.file {
             let _ = f.take(1 << 20).read_to_end(&mut buf);
+            // Shorter than where we are: the log was rotated (copied away and truncated in
+            // place, see console_rotate); go on from its new start.
+            if buf.is_empty() && f.metadata().is_ok_and(|m| m.len() < self.off) {
+                self.off = 0;
+                if f.seek(std::io::SeekFrom::Start(0)).is_ok() {
+                    let _ = f.take(1 << 20).read_to_end(&mut buf);
+                }
+            }
         }
         self.off += buf.len() as u64;
         buf
@@ -436,6 +455,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn log_tail_starts_over_after_a_rotation() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        std::fs::write(&p, b"first part\n").unwrap();
+        let mut tail = LogTail::new(p.clone(), 0);
+        assert_eq!(tail.read(), b"first part\n");
+        assert!(tail.read().is_empty());
+        crate::console_rotate::rotate_if_larger(&p, 4).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"new"))
+            .unwrap();
+        assert_eq!(tail.read(), b"new");
     }
 
     #[test]

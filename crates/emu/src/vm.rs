@@ -359,6 +359,24 @@ impl Vm for EmuVm {
         Ok(())
     }
 
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        if address >> 20 != 0xfee {
+            return Err(HypervisorError::Invalid(format!(
+                "MSI address {address:#x} is not in the local APIC range 0xfee00000"
+            )));
+        }
+        // Address: destination ID in bits 19:12, destination mode in bit 2. Data: vector and
+        // delivery mode. MSIs are edges: nothing to EOI back to an I/O APIC.
+        self.shared.deliver_route(Route {
+            vector: data as u8,
+            mode: ((data >> 8) & 7) as u8,
+            logical: address & (1 << 2) != 0,
+            dest: (address >> 12) as u8,
+            level: false,
+        });
+        Ok(())
+    }
+
     fn dirty_log(&self, slot: u32, _size: u64) -> Result<Vec<u64>> {
         let mem = self
             .shared

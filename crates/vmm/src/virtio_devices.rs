@@ -19,6 +19,7 @@ use corefour_devices::virtio::blk::{Block, BlockConfig, BlockError};
 use corefour_devices::virtio::mmio::MMIO_SIZE;
 use corefour_devices::virtio::net::{parse_mac, Net, NetConfig as DevNetConfig};
 use corefour_devices::virtio::pci::{PciBarWindow, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
+use corefour_devices::virtio::pci_msix::MsiSink;
 use corefour_devices::virtio::rate_limiter::RateLimit;
 use corefour_devices::virtio::rng::Rng;
 use corefour_devices::virtio::state::SaveRestore;
@@ -29,6 +30,7 @@ use corefour_devices::IrqLine;
 use corefour_hypervisor::Vm;
 use serde::{Deserialize, Serialize};
 
+use crate::acpi::{AcpiDevices, PciHostBridge};
 use crate::config::VmConfig;
 use crate::machine::BusEntry;
 use crate::memory::GuestMem;
@@ -183,6 +185,26 @@ pub fn add_to_cmdline(mut config: VmConfig) -> VmConfig {
     config
 }
 
+/// What the DSDT says about the virtio devices `create` will build for `config`: the mmio
+/// windows as `LNRO0005` devices, or the PCI host bridge with each slot's INTA# GSI.
+pub fn acpi_devices(config: &VmConfig) -> AcpiDevices {
+    let n = count(config).min(MAX_VIRTIO_DEVICES);
+    match config.virtio_transport {
+        VirtioTransport::Mmio => AcpiDevices {
+            virtio_mmio: (0..n).map(slot).collect(),
+            pci: None,
+        },
+        VirtioTransport::Pci => AcpiDevices {
+            virtio_mmio: Vec::new(),
+            pci: Some(PciHostBridge {
+                mem_window: PCI_BAR_WINDOW,
+                // PciRoot::add_virtio puts device i in slot i + 1 (the host bridge is slot 0).
+                intx: (0..n).map(|i| ((i + 1) as u8, slot(i).1)).collect(),
+            }),
+        },
+    }
+}
+
 fn slot(i: usize) -> (u64, u32) {
     (
         VIRTIO_MMIO_BASE + i as u64 * MMIO_SIZE,
@@ -204,6 +226,19 @@ impl IrqLine for GsiEdge {
     }
     fn set_level(&self, level: bool) {
         let _ = self.vm.set_irq_line(self.gsi, level);
+    }
+}
+
+/// MSI-X messages from PCI functions, through the backend (KVM_SIGNAL_MSI or the software
+/// CPU's local APICs). A message the backend refuses (an address outside the APIC range the
+/// guest programmed) is dropped, as a bus write to nowhere would be.
+struct BackendMsi {
+    vm: Arc<dyn Vm>,
+}
+
+impl MsiSink for BackendMsi {
+    fn send(&self, address: u64, data: u32) {
+        let _ = self.vm.signal_msi(address, data);
     }
 }
 
@@ -269,8 +304,10 @@ pub fn create(
         out.balloon = Some(balloon.handle());
         devs.push(("balloon", Box::new(balloon)));
     }
-    let mut root = (config.virtio_transport == VirtioTransport::Pci)
-        .then(|| PciRoot::new(PCI_BAR_WINDOW.0, PCI_BAR_WINDOW.1));
+    let mut root = (config.virtio_transport == VirtioTransport::Pci).then(|| {
+        PciRoot::new(PCI_BAR_WINDOW.0, PCI_BAR_WINDOW.1)
+            .with_msi(Arc::new(BackendMsi { vm: vm.clone() }))
+    });
     for (i, (kind, dev)) in devs.into_iter().enumerate() {
         let (base, gsi) = slot(i);
         let line: Arc<dyn IrqLine> = Arc::new(GsiEdge {

@@ -24,6 +24,7 @@ pub mod interrupt;
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod pci_msix;
 pub mod rate_limiter;
 pub mod rng;
 pub mod state;
