@@ -80,6 +80,18 @@ enum Cmd {
         #[arg(long)]
         start: bool,
     },
+    /// Live-migrate a running VM to another corefour daemon (started there with
+    /// --migration-listen). Disks must be on shared storage (the same paths on the target). On
+    /// any failure the VM keeps running here and the target keeps nothing.
+    Migrate {
+        name: String,
+        /// The target daemon: HOST or HOST:PORT (default port 4747).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        to: String,
+        /// Downtime target for the last copy: 10ms, 1s.
+        #[arg(long, default_value = "10ms", value_name = "DURATION")]
+        max_downtime: String,
+    },
     /// Start a stopped VM from one of its snapshots instead of booting it.
     Restore {
         name: String,
@@ -365,6 +377,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Migrate {
+            name,
+            to,
+            max_downtime,
+        } => crate::cmd_vm_migrate::migrate(&api, &name, &to, &max_downtime, json),
         Cmd::Restore { name, from } => {
             let from = std::path::absolute(&from)?;
             let body = serde_json::to_vec(&serde_json::json!({"path": from}))?;

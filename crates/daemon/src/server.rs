@@ -34,6 +34,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{name}/snapshot"),
     ("post", "/v1/vms/{name}/clone"),
     ("post", "/v1/vms/{name}/restore"),
+    ("post", "/v1/vms/{name}/migrate"),
     ("get", "/v1/vms/{name}/console"),
     ("get", "/v1/events"),
 ];
@@ -58,6 +59,7 @@ pub fn router(d: Arc<Daemon>, cts: Arc<crate::ct::Cts>) -> Router {
         .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/vms/{name}/restore", post(restore_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/events", get(events))
         .fallback(no_route)
@@ -173,6 +175,15 @@ async fn restore_vm(
 ) -> ApiResult<Response> {
     let req: crate::lifecycle::RestoreRequest = parse_body(&body, "restore")?;
     Ok(Json(d.restore(&name, req).await?).into_response())
+}
+
+async fn migrate_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: crate::lifecycle::MigrateRequest = parse_body(&body, "migrate")?;
+    Ok(Json(d.migrate(&name, req).await?).into_response())
 }
 
 async fn start_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {

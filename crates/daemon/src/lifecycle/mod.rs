@@ -14,10 +14,14 @@ mod set;
 mod start;
 mod stop;
 mod vm_clone;
+mod vm_migrate;
 mod vm_restore;
 mod vm_snapshot;
 
 pub use vm_clone::CloneRequest;
+pub use vm_migrate::{
+    serve_migrations, take_incoming_marker, MigrateRequest, DEFAULT_MIGRATION_PORT,
+};
 pub use vm_restore::{take_restore_marker, RestoreRequest};
 pub use vm_snapshot::SnapshotRequest;
 
