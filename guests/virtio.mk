@@ -2,7 +2,7 @@
 # Reuses the main Makefile's flags, runtime and rules; only adds the virtio driver library.
 include Makefile
 
-VGUESTS := vblk vrng vnet vvsock vballoon
+VGUESTS := vblk vrng vnet vvsock vballoon vblkloop
 .DEFAULT_GOAL := virtio
 
 virtio: $(VGUESTS:%=$(B)/%.elf)

@@ -2,26 +2,13 @@
 //! the same serial output and exit code as on KVM (the oracle). Without /dev/kvm the emu runs
 //! are still checked against the guests' known output.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest(name: &str) -> PathBuf {
-    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
-    let st = Command::new("flock")
-        .arg(&lock)
-        .args(["make", "-s", "-C"])
-        .arg(repo().join("guests"))
-        .status()
-        .expect("run flock make -C guests");
-    assert!(st.success(), "make -C guests failed");
-    let p = repo().join("guests/build").join(format!("{name}.elf"));
-    assert!(p.exists(), "{} was not built", p.display());
-    p
-}
+#[path = "common/guests.rs"]
+#[macro_use]
+mod guests;
+use guests::guest;
 
 fn kvm_usable() -> bool {
     std::fs::OpenOptions::new()

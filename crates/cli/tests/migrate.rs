@@ -8,21 +8,10 @@ use std::time::{Duration, Instant};
 
 use corefour_vmm::api_client::call;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest(name: &str) -> PathBuf {
-    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
-    let st = Command::new("flock")
-        .arg(&lock)
-        .args(["make", "-s", "-C"])
-        .arg(repo().join("guests"))
-        .status()
-        .expect("run flock make -C guests");
-    assert!(st.success(), "make -C guests failed");
-    repo().join("guests/build").join(format!("{name}.elf"))
-}
+#[path = "common/guests.rs"]
+#[macro_use]
+mod guests;
+use guests::guest;
 
 /// Why these tests cannot run here, if they cannot.
 fn missing() -> Option<String> {

@@ -9,41 +9,10 @@ use std::time::{Duration, Instant};
 
 use corefour_vmm::api_client::call;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest(name: &str) -> PathBuf {
-    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
-    let st = Command::new("flock")
-        .arg(&lock)
-        .args(["make", "-s", "-C"])
-        .arg(repo().join("guests"))
-        .status()
-        .expect("run flock make -C guests");
-    assert!(st.success(), "make -C guests failed");
-    let p = repo().join("guests/build").join(format!("{name}.elf"));
-    assert!(p.exists(), "{} was not built", p.display());
-    p
-}
-
-fn kvm_missing() -> Option<String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .err()
-        .map(|e| format!("/dev/kvm is not usable ({e})"))
-}
-
-macro_rules! need_kvm {
-    () => {
-        if let Some(why) = kvm_missing() {
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
-}
+#[path = "common/guests.rs"]
+#[macro_use]
+mod guests;
+use guests::guest;
 
 struct Tmp(PathBuf);
 impl Tmp {

@@ -5,45 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest(name: &str) -> PathBuf {
-    // Same lock as the other guest-building tests: one make at a time in guests/.
-    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
-    let st = Command::new("flock")
-        .arg(&lock)
-        .args(["make", "-s", "-C"])
-        .arg(repo().join("guests"))
-        .args(["-f", "virtio.mk"])
-        .status()
-        .expect("run flock make -C guests -f virtio.mk");
-    assert!(st.success(), "make -C guests -f virtio.mk failed");
-    let p = repo().join("guests/build").join(format!("{name}.elf"));
-    assert!(p.exists(), "{} was not built", p.display());
-    p
-}
-
-fn kvm_missing() -> Option<String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => None,
-        Err(e) => Some(format!("/dev/kvm is not usable ({e})")),
-    }
-}
-
-macro_rules! need_kvm {
-    () => {
-        if let Some(why) = kvm_missing() {
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
-}
+#[path = "common/guests.rs"]
+#[macro_use]
+mod guests;
+use guests::{repo, virtio_guest as guest};
 
 fn vmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_corefour"))

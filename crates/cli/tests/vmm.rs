@@ -4,50 +4,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest(name: &str) -> PathBuf {
-    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
-    let st = Command::new("flock")
-        .arg(&lock)
-        .args(["make", "-s", "-C"])
-        .arg(repo().join("guests"))
-        .status()
-        .expect("run flock make -C guests");
-    assert!(st.success(), "make -C guests failed");
-    let p = repo().join("guests/build").join(format!("{name}.elf"));
-    assert!(p.exists(), "{} was not built", p.display());
-    p
-}
-
-/// Why KVM tests cannot run here, if they cannot.
-fn kvm_missing() -> Option<String> {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => None,
-        Err(e) => Some(format!(
-            "/dev/kvm is not usable ({e}); `corefour host check` says more"
-        )),
-    }
-}
-
-macro_rules! need_kvm {
-    () => {
-        if let Some(why) = kvm_missing() {
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
-}
+#[path = "common/guests.rs"]
+#[macro_use]
+mod guests;
+use guests::{guest, repo};
 
 fn corefour() -> Command {
     Command::new(env!("CARGO_BIN_EXE_corefour"))

@@ -144,7 +144,7 @@ impl Inventory {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll back
         // on drop), so a poisoned lock is safe to keep using.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -339,7 +339,7 @@ impl Inventory {
         Ok(rec)
     }
 
-    fn update(
+    pub(crate) fn update(
         &self,
         name: &str,
         sql: &str,
@@ -477,7 +477,7 @@ fn finish_record(conn: &Connection, raw: RawVm) -> Result<VmRecord, InventoryErr
     })
 }
 
-fn insert_event(
+pub(crate) fn insert_event(
     conn: &Connection,
     instance: &str,
     kind: &str,
@@ -501,11 +501,15 @@ fn insert_event(
 
 /// Runs one statement through SQLite's statement cache (parsing SQL was a visible share of the
 /// daemon's time per VM in `corefour bench lifecycle`).
-fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+pub(crate) fn exec(
+    conn: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute(p)
 }
 
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
+pub(crate) fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation)
 }
 

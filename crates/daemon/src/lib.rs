@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod ct;
 pub mod error;
 pub mod inventory;
 pub mod jail;

@@ -64,6 +64,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             jail: opts.jail,
         })
         .await?;
+        let cts = crate::ct::Cts::open(Arc::clone(&d), &opts.state_dir, &opts.exe).await?;
         if let Some(addr) = &opts.migration_listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -79,7 +80,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             state_dir = %opts.state_dir.display(),
             "corefour daemon listening"
         );
-        server::serve(listener, Arc::clone(&d))
+        server::serve(listener, Arc::clone(&d), cts)
             .await
             .map_err(RunError::Io)?;
         d.shutdown();

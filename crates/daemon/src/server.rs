@@ -42,7 +42,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 type AppState = State<Arc<Daemon>>;
 type ApiResult<T> = Result<T, DaemonError>;
 
-pub fn router(d: Arc<Daemon>) -> Router {
+pub fn router(d: Arc<Daemon>, cts: Arc<crate::ct::Cts>) -> Router {
+    let ct_routes = crate::ct::routes::router(cts);
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/v1/vms", get(list_vms).post(create_vm))
@@ -63,6 +64,7 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/events", get(events))
         .fallback(no_route)
         .with_state(d)
+        .merge(ct_routes)
 }
 
 async fn no_route(uri: axum::http::Uri, method: axum::http::Method) -> DaemonError {
@@ -74,15 +76,15 @@ async fn no_route(uri: axum::http::Uri, method: axum::http::Method) -> DaemonErr
 
 /// Parses a JSON body with serde's own message ("unknown field `vcpu`, expected one of ...") and a
 /// 400, where axum's extractor would answer 422 with a generic text.
-fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> ApiResult<T> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> ApiResult<T> {
     serde_json::from_slice(body)
         .map_err(|e| DaemonError::BadRequest(format!("invalid {what} request body: {e}")))
 }
 
 /// Query strings are parsed by hand for the same reason: one error format, with the field named.
-type QueryMap = std::collections::BTreeMap<String, String>;
+pub(crate) type QueryMap = std::collections::BTreeMap<String, String>;
 
-fn parse_query<T: DeserializeOwned>(q: QueryMap) -> ApiResult<T> {
+pub(crate) fn parse_query<T: DeserializeOwned>(q: QueryMap) -> ApiResult<T> {
     // Query values arrive as strings; let numbers and booleans through as such.
     let obj = q
         .into_iter()
@@ -290,14 +292,14 @@ async fn console(
 /// A console log read from an offset on, the file kept open between reads. Plain std I/O: a read
 /// of a local file that is being appended to does not block, and tokio's file type would cost a
 /// blocking-pool round trip per poll.
-struct LogTail {
+pub(crate) struct LogTail {
     path: PathBuf,
     file: Option<std::fs::File>,
     off: u64,
 }
 
 impl LogTail {
-    fn new(path: PathBuf, off: u64) -> LogTail {
+    pub(crate) fn new(path: PathBuf, off: u64) -> LogTail {
         LogTail {
             path,
             file: None,
@@ -306,7 +308,7 @@ impl LogTail {
     }
 
     /// Up to 1 MiB of new bytes (empty: nothing new yet, or no log yet).
-    fn read(&mut self) -> Vec<u8> {
+    pub(crate) fn read(&mut self) -> Vec<u8> {
         use std::io::{Read, Seek};
         if self.file.is_none() {
             let Ok(mut f) = std::fs::File::open(&self.path) else {
@@ -399,8 +401,12 @@ fn lookup_group(name: &str) -> Option<u32> {
 
 /// Serves until SIGINT or SIGTERM. VMs keep running when the daemon exits; the next daemon finds
 /// them again.
-pub async fn serve(listener: tokio::net::UnixListener, d: Arc<Daemon>) -> std::io::Result<()> {
-    let app = router(d);
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    d: Arc<Daemon>,
+    cts: Arc<crate::ct::Cts>,
+) -> std::io::Result<()> {
+    let app = router(d, cts);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let mut term =
@@ -424,7 +430,8 @@ mod tests {
     #[test]
     fn openapi_covers_every_route() {
         let doc: serde_json::Value = serde_json::from_str(corefour_api::OPENAPI_JSON).unwrap();
-        for (method, path) in ROUTES {
+        let all: Vec<_> = ROUTES.iter().chain(crate::ct::routes::ROUTES).collect();
+        for (method, path) in all.iter().copied() {
             assert!(
                 doc["paths"][path][method].is_object(),
                 "openapi.json lacks {method} {path}"
@@ -435,7 +442,7 @@ mod tests {
         for (p, ops) in paths {
             for m in ops.as_object().unwrap().keys() {
                 assert!(
-                    ROUTES.contains(&(m.as_str(), p.as_str())),
+                    all.contains(&&(m.as_str(), p.as_str())),
                     "openapi.json describes {m} {p}, which the daemon does not serve"
                 );
             }

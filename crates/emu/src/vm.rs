@@ -5,7 +5,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use corefour_hypervisor::{HypervisorError, MemoryRegion, Result, Vcpu, VcpuKicker, Vm, VmOps};
+use corefour_hypervisor::eventfd::{IoEventTable, IrqfdPump};
+use corefour_hypervisor::{
+    Datamatch, EventFd, HypervisorError, IoEventAddress, MemoryRegion, Result, Vcpu, VcpuKicker,
+    Vm, VmOps,
+};
 
 use crate::mem::{PhysMem, Region};
 use crate::platform::ioapic::{Ioapic, Route};
@@ -66,6 +70,8 @@ pub struct Shared {
     pub ioapic: Mutex<Ioapic>,
     pub pit: Mutex<Pit>,
     pub pic: Mutex<Pic>,
+    /// ioeventfds: consulted on every port and MMIO write before the VMM's callbacks.
+    pub ioevents: IoEventTable,
 }
 
 impl Shared {
@@ -149,6 +155,22 @@ impl Shared {
         }
     }
 
+    /// An edge on I/O APIC pin `pin` (an irqfd write).
+    pub fn pulse_line(&self, pin: usize) {
+        if pin >= crate::platform::ioapic::PINS {
+            return;
+        }
+        let r = {
+            let mut io = self.ioapic();
+            let r = io.set_line(pin, true);
+            io.set_line(pin, false);
+            r
+        };
+        if let Some(r) = r {
+            self.deliver_route(r);
+        }
+    }
+
     pub fn level_eoi(&self, vector: u8) {
         let again = self.ioapic().eoi(vector);
         for r in again {
@@ -189,6 +211,8 @@ impl Shared {
 /// A VM of the software backend.
 pub struct EmuVm {
     pub shared: Arc<Shared>,
+    /// The thread that turns irqfd writes into I/O APIC edges, started by the first irqfd.
+    irqfds: Mutex<Option<IrqfdPump>>,
 }
 
 impl EmuVm {
@@ -210,7 +234,9 @@ impl EmuVm {
                 ioapic: Mutex::new(Ioapic::default()),
                 pit: Mutex::new(Pit::default()),
                 pic: Mutex::new(Pic::default()),
+                ioevents: IoEventTable::default(),
             }),
+            irqfds: Mutex::new(None),
         })
     }
 }
@@ -267,6 +293,56 @@ impl Vm for EmuVm {
             index,
             ops,
         )))
+    }
+
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Datamatch,
+        event: &EventFd,
+    ) -> Result<()> {
+        self.shared.ioevents.register(addr, datamatch, event)
+    }
+
+    fn unregister_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Datamatch,
+        _event: &EventFd,
+    ) -> Result<()> {
+        self.shared.ioevents.unregister(addr, datamatch)
+    }
+
+    fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        if gsi as usize >= crate::platform::ioapic::PINS {
+            return Err(HypervisorError::Invalid(format!(
+                "interrupt line {gsi} does not exist (0..23)"
+            )));
+        }
+        let mut pump = self.irqfds.lock().unwrap_or_else(|e| e.into_inner());
+        if pump.is_none() {
+            // The pump holds only a weak reference: it must not keep a dropped VM alive.
+            let shared = Arc::downgrade(&self.shared);
+            *pump = Some(IrqfdPump::new(move |gsi| {
+                if let Some(s) = shared.upgrade() {
+                    s.pulse_line(gsi as usize);
+                }
+            })?);
+        }
+        match pump.as_ref() {
+            Some(p) => p.register(event, gsi),
+            None => Err(HypervisorError::Unsupported("irqfd")),
+        }
+    }
+
+    fn unregister_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        let pump = self.irqfds.lock().unwrap_or_else(|e| e.into_inner());
+        match pump.as_ref() {
+            Some(p) => p.unregister(event, gsi),
+            None => Err(HypervisorError::Invalid(format!(
+                "no irqfd registered for GSI {gsi}"
+            ))),
+        }
     }
 
     fn set_irq_line(&self, irq: u32, level: bool) -> Result<()> {

@@ -6,9 +6,9 @@
 //! - `pci`: PCI functions 00:01.0 onwards behind a host bridge (ports 0xcf8/0xcfc), BARs
 //!   pre-assigned in `PCI_BAR_WINDOW`, legacy INTx on the same GSIs. Found by enumeration.
 //!
-//! Queue notifications reach the device worker through the MMIO exit (the transport writes the
-//! queue's eventfd); interrupts go through `Vm::set_irq_line`. The `hypervisor` traits have no
-//! ioeventfd/irqfd yet, which is where KVM would skip the exit round trip.
+//! Queue notifications reach the device worker through an ioeventfd and virtio-mmio interrupts
+//! go out through an irqfd where the backend has them (`virtio_eventfd`); otherwise through
+//! the MMIO exit (the transport writes the queue's eventfd) and `Vm::set_irq_line`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use corefour_devices::virtio::net::{parse_mac, Net, NetConfig as DevNetConfig};
 use corefour_devices::virtio::pci::{PciBarWindow, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
 use corefour_devices::virtio::rate_limiter::RateLimit;
 use corefour_devices::virtio::rng::Rng;
+use corefour_devices::virtio::state::SaveRestore;
 use corefour_devices::virtio::tap::TapError;
 use corefour_devices::virtio::vsock::{Vsock, VsockConfig as DevVsockConfig};
 use corefour_devices::virtio::{MmioTransport, VirtioDevice};
@@ -151,6 +152,10 @@ pub struct VirtioDevices {
     /// (kind, base or PCI slot, gsi), for logs and tests.
     pub placed: Vec<(&'static str, u64, u32)>,
     pub balloon: Option<BalloonHandle>,
+    /// Which notifications and interrupts skip the VMM's vCPU exit handling.
+    pub eventfds: crate::virtio_eventfd::EventfdUse,
+    /// Every device's transport, in creation order: what snapshots save and restore.
+    pub saveable: Vec<Arc<dyn SaveRestore>>,
 }
 
 fn count(config: &VmConfig) -> usize {
@@ -275,14 +280,30 @@ pub fn create(
         match &mut root {
             Some(root) => {
                 // GSIs 5..23 fit the u8 interrupt-line register.
-                let (pci_slot, _) = root
+                let (pci_slot, pci_dev) = root
                     .add_virtio(dev, mem.clone(), line, gsi as u8)
                     .map_err(err)?;
+                crate::virtio_eventfd::register_pci_notify(
+                    vm.as_ref(),
+                    &pci_dev.notify_events(),
+                    &mut out.eventfds,
+                );
+                out.saveable.push(pci_dev);
                 out.placed.push((kind, pci_slot as u64, gsi));
             }
             None => {
-                let transport = MmioTransport::new(dev, mem.clone(), line).map_err(err)?;
-                out.mmio.push((Arc::new(transport), base, MMIO_SIZE));
+                // virtio-mmio interrupts are edges: an irqfd carries them as they are.
+                let line = crate::virtio_eventfd::edge_irqfd(vm.as_ref(), gsi, &mut out.eventfds)
+                    .unwrap_or(line);
+                let transport = Arc::new(MmioTransport::new(dev, mem.clone(), line).map_err(err)?);
+                crate::virtio_eventfd::register_mmio_notify(
+                    vm.as_ref(),
+                    base,
+                    transport.queue_events(),
+                    &mut out.eventfds,
+                );
+                out.saveable.push(transport.clone());
+                out.mmio.push((transport, base, MMIO_SIZE));
                 out.placed.push((kind, base, gsi));
             }
         }

@@ -45,6 +45,9 @@ pub struct Args {
     /// Skip the network part (it needs root, tun and `ip`).
     #[arg(long)]
     no_net: bool,
+    /// Run only the blk tests whose name contains this text (e.g. "rand read 4K buffered").
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
     /// Print results as JSON.
     #[arg(long)]
     json: bool,
@@ -201,6 +204,13 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
         ] {
             let mode = if direct { "direct" } else { "buffered" };
             let name = format!("{} {mode}", p.name());
+            if args
+                .only
+                .as_ref()
+                .is_some_and(|o| !name.contains(o.as_str()))
+            {
+                continue;
+            }
             progress(&name);
             let ops = if direct {
                 args.direct_random_ops

@@ -74,7 +74,7 @@ const CGROUP_PARENT: &str = "corefour-vms";
 
 /// Host-global names (cgroups, taps) of a daemon with a non-default state directory carry a short
 /// tag of that directory, so two daemons (as tests run them) never collide.
-fn host_tag(state_dir: &Path) -> Option<String> {
+pub(crate) fn host_tag(state_dir: &Path) -> Option<String> {
     if state_dir == Path::new(crate::DEFAULT_STATE_DIR) {
         return None;
     }

@@ -9,6 +9,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::chain::{self, Chain, Outcome};
+use super::state::{DeviceSnap, QueueSnap, StateError};
 use super::worker::Poller;
 use super::{
     device_type, ActivateError, Activation, DeviceError, Interrupt, QueueHandler, VirtioDevice,
@@ -148,6 +149,31 @@ impl VirtioDevice for Balloon {
         let mut s = self.handle.lock();
         s.interrupt = None;
         s.status.actual_pages = 0;
+    }
+    fn save_device(&self) -> DeviceSnap {
+        let s = self.handle.lock();
+        DeviceSnap::Balloon {
+            target_pages: s.status.target_pages,
+            actual_pages: s.status.actual_pages,
+        }
+    }
+    fn restore_device(&mut self, saved: &DeviceSnap) -> Result<(), StateError> {
+        let DeviceSnap::Balloon {
+            target_pages,
+            actual_pages,
+        } = saved
+        else {
+            return Err(StateError::Mismatch(format!(
+                "saved {} state for a balloon device",
+                saved.name()
+            )));
+        };
+        let mut s = self.handle.lock();
+        s.status.target_pages = *target_pages;
+        s.status.actual_pages = *actual_pages;
+        // The pages the guest gave up are part of the memory image (zero or not present).
+        s.status.inflated_pages = u64::from(*actual_pages);
+        Ok(())
     }
 }
 
@@ -294,6 +320,20 @@ impl BalloonHandler {
 }
 
 impl QueueHandler for BalloonHandler {
+    fn queue_states(&self) -> Vec<QueueSnap> {
+        let mut out = vec![QueueSnap::of(&self.inflate), QueueSnap::of(&self.deflate)];
+        if let Some(q) = &self.stats {
+            let mut s = QueueSnap::of(q);
+            if self.held_stats.is_some() {
+                // The stats buffer we hold goes back to the avail side: a restored device
+                // takes it again, and the driver keeps reporting.
+                s.next_avail = s.next_avail.wrapping_sub(1);
+            }
+            out.push(s);
+        }
+        out
+    }
+
     fn queue_notified(&mut self, queue: usize, _p: &Poller) -> Result<(), DeviceError> {
         match queue {
             0 => self.process_pages(true),

@@ -21,6 +21,7 @@ use vm_memory::{GuestMemoryMmap, Permissions};
 
 use super::chain::{self, Chain, Outcome};
 use super::rate_limiter::{RateLimit, RateLimiter};
+use super::state::{DeviceSnap, QueueSnap, StateError};
 use super::worker::Poller;
 use super::{
     device_type, ActivateError, Activation, DeviceError, Interrupt, QueueHandler, VirtioDevice,
@@ -296,6 +297,45 @@ impl VirtioDevice for Block {
             throttled_until: None,
         }))
     }
+
+    fn save_device(&self) -> DeviceSnap {
+        DeviceSnap::Block {
+            sectors: self.sectors,
+            read_only: self.read_only,
+        }
+    }
+
+    fn restore_device(&mut self, saved: &DeviceSnap) -> Result<(), StateError> {
+        let DeviceSnap::Block { sectors, read_only } = saved else {
+            return Err(StateError::Mismatch(format!(
+                "saved {} state for a blk device",
+                saved.name()
+            )));
+        };
+        if *sectors != self.sectors {
+            return Err(StateError::Mismatch(format!(
+                "the disk has {} sectors now but {sectors} when the state was saved: \
+                 restore with the disk image as it was",
+                self.sectors
+            )));
+        }
+        if *read_only != self.read_only {
+            return Err(StateError::Mismatch(format!(
+                "the disk was attached {} when saved and {} now",
+                if *read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
+                if self.read_only {
+                    "read-only"
+                } else {
+                    "read-write"
+                },
+            )));
+        }
+        Ok(())
+    }
 }
 
 pub struct BlockHandler {
@@ -355,6 +395,10 @@ impl BlockHandler {
 }
 
 impl QueueHandler for BlockHandler {
+    fn queue_states(&self) -> Vec<QueueSnap> {
+        vec![QueueSnap::of(&self.queue)]
+    }
+
     fn queue_notified(&mut self, _queue: usize, _p: &Poller) -> Result<(), DeviceError> {
         if self.throttled_until.is_some() {
             // The timer resumes the queue; working now would overrun the limit.

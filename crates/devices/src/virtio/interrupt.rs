@@ -102,3 +102,17 @@ impl Interrupt {
         self.line.set_level(false);
     }
 }
+
+impl Interrupt {
+    /// Puts back saved interrupt state (snapshot restore); a level-triggered line with bits
+    /// pending is asserted again, as it was when the state was saved.
+    pub fn restore(&self, isr: u32, config_generation: u32, needs_reset: bool) {
+        self.isr.store(isr, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+        if self.level && isr != 0 {
+            self.line.set_level(true);
+        }
+    }
+}

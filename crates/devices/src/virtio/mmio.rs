@@ -8,6 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::state::{SaveRestore, StateError, TransportSnap};
 use super::transport::{Core, Registers};
 use super::{read_config_bytes, Interrupt, VirtioDevice};
 use crate::{BusDevice, IrqLine};
@@ -172,5 +173,23 @@ fn queue_addr_reg(q: &Queue, offset: u64) -> u32 {
         a as u32
     } else {
         (a >> 32) as u32
+    }
+}
+
+impl SaveRestore for MmioTransport {
+    fn save_state(&self) -> Result<TransportSnap, StateError> {
+        self.core.save()
+    }
+    fn resume_saved(&self) {
+        self.core.resume_saved();
+    }
+    fn restore_state(&self, saved: &TransportSnap) -> Result<(), StateError> {
+        if saved.pci.is_some() {
+            return Err(StateError::Transport {
+                saved: "pci",
+                found: "mmio",
+            });
+        }
+        self.core.restore(saved)
     }
 }

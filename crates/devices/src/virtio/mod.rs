@@ -26,6 +26,7 @@ pub mod net;
 pub mod pci;
 pub mod rate_limiter;
 pub mod rng;
+pub mod state;
 pub mod tap;
 mod transport;
 pub mod vsock;
@@ -118,6 +119,11 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<Box<dyn QueueHandler>, ActivateError>;
     /// Called after the worker stopped on a driver reset, before queues are cleared.
     fn reset(&mut self) {}
+    /// The device fields a snapshot keeps (see [`state`]).
+    fn save_device(&self) -> state::DeviceSnap;
+    /// Puts saved fields back before the device is restarted; refuses state that does not
+    /// fit this device (another model, a disk that changed size).
+    fn restore_device(&mut self, saved: &state::DeviceSnap) -> Result<(), state::StateError>;
 }
 
 /// The running half of a device, driven by a [`worker::Worker`] thread.
@@ -131,6 +137,9 @@ pub trait QueueHandler: Send {
     }
     /// The driver notified queue `queue`.
     fn queue_notified(&mut self, queue: usize, poller: &worker::Poller) -> Result<(), DeviceError>;
+    /// The live state of every queue the handler was given, in queue order (for snapshots;
+    /// called only while the worker is parked between passes).
+    fn queue_states(&self) -> Vec<state::QueueSnap>;
     /// A watched fd became ready.
     fn fd_ready(
         &mut self,

@@ -10,6 +10,7 @@ use vm_memory::{GuestMemoryMmap, Permissions};
 
 use super::chain::{self, Chain, Outcome};
 use super::rate_limiter::{RateLimit, RateLimiter};
+use super::state::{DeviceSnap, QueueSnap, StateError};
 use super::tap::{Tap, TapError, VNET_HDR_LEN};
 use super::worker::Poller;
 use super::{
@@ -123,6 +124,30 @@ impl VirtioDevice for Net {
         c[..6].copy_from_slice(&self.mac);
         c[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
         c
+    }
+    fn save_device(&self) -> DeviceSnap {
+        DeviceSnap::Net {
+            mac: self.mac,
+            tap: self.tap.name().to_string(),
+        }
+    }
+    fn restore_device(&mut self, saved: &DeviceSnap) -> Result<(), StateError> {
+        let DeviceSnap::Net { mac, tap } = saved else {
+            return Err(StateError::Mismatch(format!(
+                "saved {} state for a net device",
+                saved.name()
+            )));
+        };
+        // The guest knows its MAC since it probed the device: keep it, also when it was
+        // generated. The tap is the one the config names now (a clone gets its own).
+        self.mac = *mac;
+        if tap != self.tap.name() {
+            tracing::info!(
+                "virtio-net: state saved on tap {tap}, attached to {}",
+                self.tap.name()
+            );
+        }
+        Ok(())
     }
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, ActivateError> {
         let got = a.queues.len();
@@ -258,6 +283,10 @@ impl NetHandler {
 }
 
 impl QueueHandler for NetHandler {
+    fn queue_states(&self) -> Vec<QueueSnap> {
+        vec![QueueSnap::of(&self.rx), QueueSnap::of(&self.tx)]
+    }
+
     fn fds(&self) -> Vec<(std::os::fd::RawFd, u64)> {
         use std::os::fd::AsRawFd;
         vec![(self.tap.as_raw_fd(), TAP_TOKEN)]

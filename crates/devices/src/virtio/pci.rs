@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
+use super::state::{PciSnap, SaveRestore, StateError, TransportSnap};
 use super::transport::{Core, Registers};
 use super::{read_config_bytes, Interrupt, VirtioDevice};
 use crate::{BusDevice, IrqLine};
@@ -292,6 +293,24 @@ impl VirtioPciDevice {
         self.core.is_activated()
     }
 
+    /// Each queue's notify address at the BAR's current place and the eventfd a write there
+    /// signals: what to register as ioeventfds (any width, no datamatch). A guest that later
+    /// moves the BAR notifies through the bus again (a slower path, still correct).
+    pub fn notify_events(&self) -> Vec<(u64, std::sync::Arc<vmm_sys_util::eventfd::EventFd>)> {
+        let bar = self.cfg().bar;
+        self.core
+            .queue_events()
+            .iter()
+            .enumerate()
+            .map(|(i, ev)| {
+                (
+                    bar + NOTIFY_OFF + i as u64 * u64::from(NOTIFY_MULTIPLIER),
+                    ev.clone(),
+                )
+            })
+            .collect()
+    }
+
     fn common_read(&self, offset: u64, data: &mut [u8]) {
         let r = self.core.lock();
         let sel = r.queue_sel as usize;
@@ -464,5 +483,45 @@ impl PciFunction for VirtioPciDevice {
             }
             _ => {}
         }
+    }
+}
+
+impl SaveRestore for VirtioPciDevice {
+    fn save_state(&self) -> Result<TransportSnap, StateError> {
+        let mut s = self.core.save()?;
+        let c = self.cfg();
+        s.pci = Some(PciSnap {
+            command: c.regs[1] as u16,
+            bar: c.bar,
+            interrupt_line: c.regs[15] as u8,
+            device_feature_select: self.device_feature_select.load(Ordering::SeqCst),
+        });
+        Ok(s)
+    }
+    fn resume_saved(&self) {
+        self.core.resume_saved();
+    }
+    fn restore_state(&self, saved: &TransportSnap) -> Result<(), StateError> {
+        let Some(p) = &saved.pci else {
+            return Err(StateError::Transport {
+                saved: "mmio",
+                found: "pci",
+            });
+        };
+        if p.bar % BAR_SIZE != 0 {
+            return Err(StateError::Mismatch(format!(
+                "saved BAR address {:#x} is not {BAR_SIZE:#x}-aligned",
+                p.bar
+            )));
+        }
+        self.core.restore(saved)?;
+        let mut c = self.cfg();
+        c.regs[1] = (c.regs[1] & 0xffff_0000) | (u32::from(p.command) & 0x0406);
+        c.bar = p.bar;
+        c.regs[15] = (c.regs[15] & !0xff) | u32::from(p.interrupt_line);
+        c.sizing = [false; 2];
+        self.device_feature_select
+            .store(p.device_feature_select, Ordering::SeqCst);
+        Ok(())
     }
 }

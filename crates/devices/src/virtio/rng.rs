@@ -7,6 +7,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::chain::{self, Chain, Outcome};
 use super::rate_limiter::{RateLimit, RateLimiter};
+use super::state::{DeviceSnap, QueueSnap, StateError};
 use super::worker::Poller;
 use super::{
     device_type, ActivateError, Activation, DeviceError, Interrupt, QueueHandler, VirtioDevice,
@@ -57,6 +58,18 @@ impl VirtioDevice for Rng {
             limiter: RateLimiter::new(self.rate_limit),
             throttled_until: None,
         }))
+    }
+    fn save_device(&self) -> DeviceSnap {
+        DeviceSnap::Rng
+    }
+    fn restore_device(&mut self, saved: &DeviceSnap) -> Result<(), StateError> {
+        match saved {
+            DeviceSnap::Rng => Ok(()),
+            other => Err(StateError::Mismatch(format!(
+                "saved {} state for an rng device",
+                other.name()
+            ))),
+        }
     }
 }
 
@@ -118,6 +131,9 @@ fn fill_random(buf: &mut [u8]) -> usize {
 }
 
 impl QueueHandler for RngHandler {
+    fn queue_states(&self) -> Vec<QueueSnap> {
+        vec![QueueSnap::of(&self.queue)]
+    }
     fn queue_notified(&mut self, _q: usize, _p: &Poller) -> Result<(), DeviceError> {
         if self.throttled_until.is_some() {
             return Ok(());

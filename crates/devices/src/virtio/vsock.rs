@@ -21,6 +21,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{self, Chain, Outcome};
+use super::state::{DeviceSnap, QueueSnap, StateError};
 use super::worker::Poller;
 use super::{
     device_type, ActivateError, Activation, DeviceError, Interrupt, QueueHandler, VirtioDevice,
@@ -155,10 +156,28 @@ impl VirtioDevice for Vsock {
     fn config(&self) -> Vec<u8> {
         self.config.cid.to_le_bytes().to_vec()
     }
+    fn save_device(&self) -> DeviceSnap {
+        DeviceSnap::Vsock {
+            cid: self.config.cid,
+        }
+    }
+    fn restore_device(&mut self, saved: &DeviceSnap) -> Result<(), StateError> {
+        match saved {
+            DeviceSnap::Vsock { cid } if *cid == self.config.cid => Ok(()),
+            DeviceSnap::Vsock { cid } => Err(StateError::Mismatch(format!(
+                "the guest knows vsock CID {cid}, the config now says {}",
+                self.config.cid
+            ))),
+            other => Err(StateError::Mismatch(format!(
+                "saved {} state for a vsock device",
+                other.name()
+            ))),
+        }
+    }
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, ActivateError> {
         let got = a.queues.len();
         let mut qs = a.queues.into_iter();
-        let (Some(rx), Some(tx), Some(_event)) = (qs.next(), qs.next(), qs.next()) else {
+        let (Some(rx), Some(tx), Some(event)) = (qs.next(), qs.next(), qs.next()) else {
             return Err(ActivateError::QueueCount { got, want: 3 });
         };
         // A stale socket file from an earlier run would make bind fail.
@@ -171,6 +190,7 @@ impl VirtioDevice for Vsock {
             mem: a.mem,
             rx,
             tx,
+            event,
             interrupt: a.interrupt,
             st: State {
                 cid: self.config.cid,
@@ -280,6 +300,8 @@ struct VsockHandler {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
+    /// Kept only so a snapshot carries its ring positions; nothing is sent on it yet.
+    event: Queue,
     interrupt: Arc<Interrupt>,
     st: State,
     rx_waiting: bool,
@@ -660,6 +682,14 @@ impl VsockHandler {
 }
 
 impl QueueHandler for VsockHandler {
+    fn queue_states(&self) -> Vec<QueueSnap> {
+        vec![
+            QueueSnap::of(&self.rx),
+            QueueSnap::of(&self.tx),
+            QueueSnap::of(&self.event),
+        ]
+    }
+
     fn fds(&self) -> Vec<(std::os::fd::RawFd, u64)> {
         vec![(self.st.listener.as_raw_fd(), LISTENER_TOKEN)]
     }

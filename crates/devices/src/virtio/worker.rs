@@ -3,13 +3,14 @@
 //! device's own fds (tap, sockets) and on a stop eventfd, and calls the [`QueueHandler`].
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::state::{QueueSnap, StateError};
 use super::{Interrupt, QueueHandler};
 
 /// Tokens at or above this are the worker's own (queue events and stop).
@@ -38,9 +39,45 @@ impl Poller {
     }
 }
 
+/// What the owner asks of the worker thread; `stop` (the eventfd) wakes it to look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    Run,
+    Park,
+    Stop,
+}
+
+/// The thread's side of a park: parked with the queue state it saw, or gone.
+#[derive(Default)]
+struct Parked {
+    queues: Option<Vec<QueueSnap>>,
+    exited: bool,
+}
+
+struct Ctl {
+    cmd: Command,
+    parked: Parked,
+}
+
+/// Shared between the owner and the thread; the condvar signals both ways.
+struct Control {
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+impl Control {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// How long `park` waits for the thread to finish its current pass.
+const PARK_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A running device worker; dropping it stops and joins the thread.
 pub struct Worker {
     stop: EventFd,
+    control: Arc<Control>,
     thread: Option<JoinHandle<Box<dyn QueueHandler>>>,
 }
 
@@ -54,6 +91,14 @@ impl Worker {
     ) -> std::io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let stop_clone = stop.try_clone()?;
+        let control = Arc::new(Control {
+            ctl: Mutex::new(Ctl {
+                cmd: Command::Run,
+                parked: Parked::default(),
+            }),
+            cv: Condvar::new(),
+        });
+        let thread_control = control.clone();
         let poller = Poller {
             epoll: Epoll::new()?,
         };
@@ -67,14 +112,69 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                run(&mut *handler, &poller, &queue_events, &interrupt);
+                run(
+                    &mut *handler,
+                    &poller,
+                    &queue_events,
+                    &interrupt,
+                    &stop_clone,
+                    &thread_control,
+                );
+                thread_control.lock().parked.exited = true;
+                thread_control.cv.notify_all();
                 drop(stop_clone);
                 handler
             })?;
         Ok(Self {
             stop,
+            control,
             thread: Some(thread),
         })
+    }
+
+    /// Stops the thread between two passes over its queues and returns their state. The
+    /// device touches neither guest memory nor its backend until [`Worker::unpark`]: every
+    /// request it took is complete and in the used ring.
+    pub fn park(&self) -> Result<Vec<QueueSnap>, StateError> {
+        let mut c = self.control.lock();
+        if c.parked.exited {
+            return Err(StateError::WorkerGone);
+        }
+        if let Some(q) = &c.parked.queues {
+            return Ok(q.clone());
+        }
+        c.cmd = Command::Park;
+        // Cannot fail short of counter overflow; the thread rereads `cmd` on every wake.
+        let _ = self.stop.write(1);
+        let deadline = Instant::now() + PARK_TIMEOUT;
+        loop {
+            if let Some(q) = &c.parked.queues {
+                return Ok(q.clone());
+            }
+            if c.parked.exited {
+                return Err(StateError::WorkerGone);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                c.cmd = Command::Run;
+                return Err(StateError::ParkTimeout(PARK_TIMEOUT.as_millis() as u64));
+            }
+            c = self
+                .control
+                .cv
+                .wait_timeout(c, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets a parked thread go on where it stopped.
+    pub fn unpark(&self) {
+        let mut c = self.control.lock();
+        if c.cmd == Command::Park {
+            c.cmd = Command::Run;
+            self.control.cv.notify_all();
+        }
     }
 
     /// Stops the thread and gives the handler back.
@@ -84,6 +184,8 @@ impl Worker {
 
     fn stop_inner(&mut self) -> Option<Box<dyn QueueHandler>> {
         let thread = self.thread.take()?;
+        self.control.lock().cmd = Command::Stop;
+        self.control.cv.notify_all();
         // The eventfd write can only fail on counter overflow, which a stop never reaches.
         let _ = self.stop.write(1);
         thread.join().ok()
@@ -118,11 +220,28 @@ fn poll(handler: &mut dyn QueueHandler, poller: &Poller) -> Result<(), super::De
     }
 }
 
+/// Acts on the owner's command after a wake on the stop eventfd; false means exit.
+fn obey(handler: &dyn QueueHandler, stop: &EventFd, control: &Control) -> bool {
+    let _ = stop.read();
+    let mut c = control.lock();
+    if c.cmd == Command::Park {
+        c.parked.queues = Some(handler.queue_states());
+        control.cv.notify_all();
+        while c.cmd == Command::Park {
+            c = control.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+        c.parked.queues = None;
+    }
+    c.cmd != Command::Stop
+}
+
 fn run(
     handler: &mut dyn QueueHandler,
     poller: &Poller,
     queue_events: &[Arc<EventFd>],
     interrupt: &Interrupt,
+    stop: &EventFd,
+    control: &Control,
 ) {
     let mut events = vec![EpollEvent::default(); 32];
     let mut failed = false;
@@ -154,7 +273,10 @@ fn run(
         for ev in &events[..n] {
             let token = ev.data();
             if token == STOP_TOKEN {
-                return;
+                if !obey(handler, stop, control) {
+                    return;
+                }
+                continue;
             }
             if failed {
                 // Drain notifications so a level-triggered fd does not spin us.

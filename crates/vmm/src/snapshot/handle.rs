@@ -2,6 +2,7 @@
 //! devices, shared with the running VMM.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,7 @@ use crate::control::{Control, ControlError};
 use crate::memory::GuestMem;
 use crate::migration::{self, MigrationSource, SendParams};
 use corefour_devices::legacy::Serial;
+use corefour_devices::virtio::state::{SaveRestore, TransportSnap};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,26 +68,21 @@ pub struct StateHandle {
     /// Weak: a vCPU goes away with its thread (its Drop detaches the kicker).
     vcpus: Vec<Weak<Mutex<Box<dyn Vcpu>>>>,
     serial: Arc<Serial>,
+    /// The virtio transports, in config order.
+    virtio: Vec<Arc<dyn SaveRestore>>,
+    /// A migration paused the VM and parked the virtio devices (see `take_dirty`).
+    devices_parked: AtomicBool,
     mem: GuestMem,
     control: Arc<Control>,
     /// Also serializes snapshot and migrate requests.
     track: Mutex<Track>,
 }
 
-/// Device state that snapshots do not carry yet: virtio queues live in guest memory but their
-/// device-side state (and a disk's in-flight requests) would be lost.
-pub fn unsupported(c: &VmConfig) -> Option<String> {
-    let virtio = !c.disks.is_empty()
-        || !c.nets.is_empty()
-        || c.rng
-        || c.vsock.is_some()
-        || c.balloon.is_some();
-    virtio.then(|| {
-        "snapshots and migration of VMs with virtio devices (disks, nets, rng, vsock, balloon) \
-         are not supported yet"
-            .to_string()
-    })
-}
+/// Why a diff snapshot of a VM with virtio devices is refused: KVM's dirty log sees only the
+/// vCPUs' writes, not the pages a device thread wrote (disk reads, used rings), so a diff
+/// would miss them.
+const DIFF_WITH_DEVICES: &str = "diff snapshots of VMs with virtio devices are not supported \
+     (device writes to guest memory are not in KVM's dirty log): take a full snapshot";
 
 fn err500(e: impl std::fmt::Display) -> (u16, String) {
     (500, e.to_string())
@@ -98,6 +95,8 @@ impl StateHandle {
             vm: v.vm.clone(),
             vcpus: v.vcpus.iter().map(Arc::downgrade).collect(),
             serial: v.serial.clone(),
+            virtio: v.virtio.clone(),
+            devices_parked: AtomicBool::new(false),
             mem: v.mem.clone(),
             control: v.control.clone(),
             track: Mutex::new(Track {
@@ -162,11 +161,30 @@ impl StateHandle {
             .collect()
     }
 
-    /// Backend, vCPU and device state; the VM must be paused.
-    pub fn capture(&self) -> Result<MachineState, String> {
-        if let Some(why) = unsupported(&self.config) {
-            return Err(why);
+    /// Parks every virtio device and returns its state; they stay parked (not touching guest
+    /// memory) until `resume_devices`.
+    fn save_devices(&self) -> Result<Vec<TransportSnap>, String> {
+        self.virtio
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.save_state()
+                    .map_err(|e| format!("cannot save virtio device {i}: {e}"))
+            })
+            .collect()
+    }
+
+    fn resume_devices(&self) {
+        for d in &self.virtio {
+            d.resume_saved();
         }
+        self.devices_parked.store(false, Ordering::SeqCst);
+    }
+
+    /// Backend, vCPU and device state; the VM must be paused. Virtio devices are left parked:
+    /// the caller resumes them (`resume_devices`) once memory is saved too.
+    pub fn capture(&self) -> Result<MachineState, String> {
+        let virtio = self.save_devices()?;
         let vm = self
             .vm
             .save_state()
@@ -189,6 +207,7 @@ impl StateHandle {
             vcpus,
             devices: DeviceStates {
                 serial: self.serial.save().into(),
+                virtio,
             },
         })
     }
@@ -205,8 +224,8 @@ impl StateHandle {
 
     /// Writes a snapshot of the VM into `dir` (which must not exist or be empty).
     pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotReport, (u16, String)> {
-        if let Some(why) = unsupported(&self.config) {
-            return Err((409, why));
+        if diff && !self.virtio.is_empty() {
+            return Err((409, DIFF_WITH_DEVICES.into()));
         }
         let mut track = self.lock();
         let parent =
@@ -238,6 +257,7 @@ impl StateHandle {
         let t = Instant::now();
         let result = self.write_snapshot(&dir, parent, &mut track);
         let paused = t.elapsed();
+        self.resume_devices();
         if must_resume {
             let _ = self.control.resume();
         }
@@ -331,6 +351,13 @@ impl MigrationSource for StateHandle {
     fn take_dirty(&self, index: usize) -> Result<Vec<u64>, String> {
         let r = self.regions();
         let h = r.get(index).ok_or("no such memory region")?;
+        if self.devices_parked.load(Ordering::SeqCst) {
+            // The stop-and-copy round of a VM with virtio devices: the pages device threads
+            // wrote during pre-copy are not in KVM's log, so every page goes again. Correct,
+            // at the price of a downtime that grows with guest memory.
+            let _ = self.vm.dirty_log(index as u32, h.region.size);
+            return Ok(super::dirty::all_dirty(h.region.size));
+        }
         self.vm
             .dirty_log(index as u32, h.region.size)
             .map_err(|e| format!("cannot read the dirty log: {e}"))
@@ -342,9 +369,21 @@ impl MigrationSource for StateHandle {
         }
     }
     fn pause(&self) -> Result<(), String> {
-        self.control.pause().map_err(|e| e.to_string())
+        self.control.pause().map_err(|e| e.to_string())?;
+        if self.virtio.is_empty() {
+            return Ok(());
+        }
+        // Devices stop writing guest memory before the last copy starts.
+        self.devices_parked.store(true, Ordering::SeqCst);
+        if let Err(e) = self.save_devices() {
+            self.resume_devices();
+            let _ = self.control.resume();
+            return Err(e);
+        }
+        Ok(())
     }
     fn resume(&self) -> Result<(), String> {
+        self.resume_devices();
         self.control.resume().map_err(|e| e.to_string())
     }
     fn state(&self) -> Result<Vec<u8>, String> {
@@ -376,9 +415,6 @@ impl StateApi for StateHandle {
         })?;
         if self.control.state_name() != "running" {
             return Err((409, "the VM must be running to migrate it".into()));
-        }
-        if let Some(why) = unsupported(&self.config) {
-            return Err((409, why));
         }
         let mut params = SendParams {
             max_downtime: Duration::from_millis(req.max_downtime_ms),

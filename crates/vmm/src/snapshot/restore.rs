@@ -20,6 +20,7 @@ use crate::config::{BackendKind, VmConfig};
 use crate::control::Control;
 use crate::machine;
 use crate::memory::{self, GuestMem};
+use corefour_devices::virtio::state::SaveRestore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -176,6 +177,8 @@ pub struct Prepared {
     control: Arc<Control>,
     machine: Arc<machine::Machine>,
     serial: Arc<corefour_devices::legacy::Serial>,
+    virtio: Vec<Arc<dyn SaveRestore>>,
+    balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
     vcpus: Vec<Box<dyn corefour_hypervisor::Vcpu>>,
     console: Console,
 }
@@ -205,9 +208,6 @@ fn prepare_with(
     config
         .validate()
         .map_err(|e| RestoreError::Config(e.to_string()))?;
-    if let Some(why) = super::handle::unsupported(&config) {
-        return Err(RestoreError::Config(why));
-    }
     let t = Instant::now();
     let picked = backend::open(BackendKind::Kvm).map_err(VmmError::from)?;
     let name = picked.hypervisor.name();
@@ -222,9 +222,18 @@ fn prepare_with(
     let t = Instant::now();
     let control = Control::new(config.vcpus);
     let events: Arc<dyn GuestEvents> = control.clone();
-    let make_vcpus = || -> Result<_, RestoreError> {
-        let (machine, serial) =
-            machine::build(&vm, console.clone(), events).map_err(VmmError::from)?;
+    // Disks, taps and sockets are opened again from the config; the devices stay inactive
+    // until `load` puts their state back. Nothing here needs guest memory registered.
+    let make_devices = || -> Result<_, RestoreError> {
+        let virtio = crate::virtio_devices::create(&config, mem, &vm).map_err(VmmError::from)?;
+        let mut pio = virtio.pio;
+        if crate::boot::linux::is_bzimage(&config.kernel) {
+            let pm = Arc::new(crate::acpi::PmRegisters::new(events.clone()));
+            let base = u64::from(crate::acpi::PM_BASE_PORT);
+            pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
+        }
+        let (machine, serial) = machine::build_with(&vm, console.clone(), events, virtio.mmio, pio)
+            .map_err(VmmError::from)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let vcpu = vm
@@ -233,17 +242,17 @@ fn prepare_with(
             control.add_kicker(vcpu.kicker());
             vcpus.push(vcpu);
         }
-        Ok((machine, serial, vcpus))
+        Ok((machine, serial, virtio.saveable, virtio.balloon, vcpus))
     };
     let register = || -> Result<(), RestoreError> {
         memory::register(mem, vm.as_ref()).map_err(|e| VmmError::from(e).into())
     };
-    let (machine, serial, vcpus) = if overlap {
+    let (machine, serial, virtio, balloon, vcpus) = if overlap {
         std::thread::scope(|s| {
             let reg = std::thread::Builder::new()
                 .name("mem-register".into())
                 .spawn_scoped(s, register);
-            let made = make_vcpus();
+            let made = make_devices();
             let registered = match reg {
                 Ok(h) => h.join().unwrap_or_else(|_| {
                     Err(RestoreError::State {
@@ -259,7 +268,7 @@ fn prepare_with(
         })?
     } else {
         register()?;
-        make_vcpus()?
+        make_devices()?
     };
     let setup_ms = ms(t);
     Ok((
@@ -270,6 +279,8 @@ fn prepare_with(
             control,
             machine,
             serial,
+            virtio,
+            balloon,
             vcpus,
             console,
         },
@@ -308,6 +319,16 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             what: "the serial port".into(),
             reason,
         })?;
+    if state.devices.virtio.len() != p.virtio.len() {
+        return Err(RestoreError::State {
+            what: "the virtio devices".into(),
+            reason: format!(
+                "the saved state holds {} virtio devices, the config has {}",
+                state.devices.virtio.len(),
+                p.virtio.len()
+            ),
+        });
+    }
     let mut vcpus = Vec::with_capacity(p.vcpus.len());
     for ((index, mut vcpu), s) in (0u32..).zip(p.vcpus).zip(&state.vcpus) {
         vcpu.restore_state(s).map_err(|e| RestoreError::State {
@@ -315,6 +336,13 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             reason: e.to_string(),
         })?;
         vcpus.push(Arc::new(Mutex::new(vcpu)));
+    }
+    // Last: a restarted device may interrupt at once, into the restored irqchip.
+    for (i, (dev, s)) in p.virtio.iter().zip(&state.devices.virtio).enumerate() {
+        dev.restore_state(s).map_err(|e| RestoreError::State {
+            what: format!("virtio device {i} ({})", s.device.name()),
+            reason: e.to_string(),
+        })?;
     }
     Ok(Vmm {
         config: p.config,
@@ -326,8 +354,8 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
         vm: p.vm,
         mem,
         control: p.control,
-        // Snapshots refuse VMs with virtio devices (snapshot/handle.rs), so no balloon here.
-        balloon: None,
+        balloon: p.balloon,
+        virtio: p.virtio,
         console: p.console,
     })
 }

@@ -1,0 +1,57 @@
+//! What the VMM-level tests share: the repo root, the test guests (built on demand, serialized
+//! with flock because nextest runs each test as its own process) and whether KVM can run here.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn build_and_find(makefile: Option<&str>, name: &str) -> PathBuf {
+    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
+    let mut cmd = Command::new("flock");
+    cmd.arg(&lock)
+        .args(["make", "-s", "-C"])
+        .arg(repo().join("guests"));
+    if let Some(f) = makefile {
+        cmd.args(["-f", f]);
+    }
+    let st = cmd.status().expect("run flock make -C guests");
+    assert!(st.success(), "make -C guests {makefile:?} failed");
+    let p = repo().join("guests/build").join(format!("{name}.elf"));
+    assert!(p.exists(), "{} was not built", p.display());
+    p
+}
+
+/// A guest from guests/Makefile.
+pub fn guest(name: &str) -> PathBuf {
+    build_and_find(None, name)
+}
+
+/// A guest from guests/virtio.mk (the virtio drivers).
+pub fn virtio_guest(name: &str) -> PathBuf {
+    build_and_find(Some("virtio.mk"), name)
+}
+
+/// Why KVM tests cannot run here, if they cannot.
+pub fn kvm_missing() -> Option<String> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .err()
+        .map(|e| format!("/dev/kvm is not usable ({e}); `corefour host check` says more"))
+}
+
+/// Returns from the test with a printed reason where KVM cannot run.
+#[allow(unused_macros)]
+macro_rules! need_kvm {
+    () => {
+        if let Some(why) = $crate::guests::kvm_missing() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
