@@ -115,6 +115,80 @@ pub struct CtExport {
 mod tests {
     use super::*;
 
+    /// Every field the types serialise is described in openapi.json, and nothing more.
+    #[test]
+    fn openapi_schemas_match_the_types() {
+        let doc: serde_json::Value = serde_json::from_str(crate::OPENAPI_JSON).unwrap();
+        let net = CtNet {
+            bridge: "b".into(),
+            subnet: "10.0.0.0/24".into(),
+        };
+        let full = [
+            (
+                "CtCreate",
+                serde_json::to_value(CtCreate {
+                    name: "a".into(),
+                    template: "busybox".into(),
+                    memory_bytes: Some(1),
+                    cpu_quota_pct: Some(1),
+                    cpu_weight: Some(1),
+                    pids: Some(1),
+                    net: Some(net.clone()),
+                    start: true,
+                })
+                .unwrap(),
+            ),
+            (
+                "CtInfo",
+                serde_json::to_value(CtInfo {
+                    name: "a".into(),
+                    state: VmState::Running,
+                    template: "busybox".into(),
+                    memory_bytes: Some(1),
+                    cpu_quota_pct: Some(1),
+                    cpu_weight: Some(1),
+                    pids: Some(1),
+                    net: Some(net.clone()),
+                    address: Some("10.0.0.2".into()),
+                    pid: Some(1),
+                    rootfs: "/r".into(),
+                    console_socket: Some("/s".into()),
+                    runtime_dir: "/d".into(),
+                    stop_reason: Some("x".into()),
+                    exit_code: Some(0),
+                    created_ms: 1,
+                })
+                .unwrap(),
+            ),
+            (
+                "CtLimits",
+                serde_json::to_value(CtLimits {
+                    cpu_quota_pct: Some(1),
+                    cpu_weight: Some(1),
+                    memory_bytes: Some(1),
+                    pids: Some(1),
+                })
+                .unwrap(),
+            ),
+            ("CtNet", serde_json::to_value(net).unwrap()),
+            (
+                "CtExport",
+                serde_json::to_value(CtExport { full: true }).unwrap(),
+            ),
+        ];
+        for (name, v) in full {
+            let schema = &doc["components"]["schemas"][name]["properties"];
+            let props: Vec<&String> = schema.as_object().unwrap().keys().collect();
+            let fields: Vec<&String> = v.as_object().unwrap().keys().collect();
+            for f in &fields {
+                assert!(props.contains(f), "{name}.{f} is not in openapi.json");
+            }
+            for p in &props {
+                assert!(fields.contains(p), "openapi.json {name}.{p} is no field");
+            }
+        }
+    }
+
     #[test]
     fn defaults_and_unknown_fields() {
         let c: CtCreate = serde_json::from_str(r#"{"name":"a"}"#).unwrap();

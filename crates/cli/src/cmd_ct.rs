@@ -193,6 +193,7 @@ enum Cmd {
     },
     /// Import an exported container: every checksum is verified before it is registered.
     Import {
+        /// The archive; `-` reads it from standard input.
         file: PathBuf,
         /// Register it under this name instead of the exported one.
         #[arg(long)]
@@ -205,9 +206,11 @@ enum Cmd {
     /// after the target confirms, and restarted if anything fails.
     Move {
         name: String,
-        /// The target daemon's socket.
+        /// The target: a daemon's socket on this host (a path), or `HOST` / `ssh://HOST` for
+        /// the daemon on another host, reached with `ssh HOST corefour ct ...` (COREFOUR_SSH and
+        /// COREFOUR_REMOTE_BIN override the two commands).
         #[arg(long)]
-        to: PathBuf,
+        to: String,
         /// Copy the whole root file system (the target then needs no template).
         #[arg(long)]
         full: bool,

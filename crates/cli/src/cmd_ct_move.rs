@@ -116,8 +116,28 @@ pub(crate) fn import(
     start: bool,
     json: bool,
 ) -> anyhow::Result<()> {
-    let info = send_archive(api, file, name, start)
-        .with_context(|| format!("import of {} failed", file.display()))?;
+    // From standard input (`ct move` to another host pipes it through ssh): spooled to a file
+    // first, since the daemon verifies the whole archive before it registers anything.
+    let spool = (file == Path::new("-")).then(|| {
+        std::env::temp_dir().join(format!("corefour-ct-import-{}.tar.zst", std::process::id()))
+    });
+    if let Some(sp) = &spool {
+        let mut out =
+            std::fs::File::create(sp).with_context(|| format!("cannot create {}", sp.display()))?;
+        let r = std::io::copy(&mut std::io::stdin().lock(), &mut out);
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(sp);
+            return Err(
+                anyhow::Error::from(e).context("cannot read the archive from standard input")
+            );
+        }
+    }
+    let path = spool.as_deref().unwrap_or(file);
+    let r = send_archive(api, path, name, start);
+    if let Some(sp) = &spool {
+        let _ = std::fs::remove_file(sp);
+    }
+    let info = r.with_context(|| format!("import of {} failed", file.display()))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&info)?);
     } else {
@@ -130,24 +150,131 @@ pub(crate) fn import(
     Ok(())
 }
 
+/// Where `ct move` sends a container.
+enum Target {
+    /// A daemon on this host, by its socket.
+    Local(CtApi),
+    /// The daemon on another host, through `ssh HOST corefour ct ...`.
+    Ssh { host: String },
+}
+
+impl Target {
+    fn parse(to: &str) -> anyhow::Result<Target> {
+        if let Some(host) = to.strip_prefix("ssh://") {
+            return Target::ssh(host);
+        }
+        if to.contains('/') || Path::new(to).exists() {
+            return Ok(Target::Local(CtApi::new(Path::new(to))?));
+        }
+        Target::ssh(to)
+    }
+
+    fn ssh(host: &str) -> anyhow::Result<Target> {
+        let ok = !host.is_empty()
+            && !host.starts_with('-')
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".-_@:[]".contains(c));
+        if !ok {
+            bail!("--to {host:?}: give a socket path, or a host name for ssh");
+        }
+        Ok(Target::Ssh {
+            host: host.to_string(),
+        })
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Target::Local(api) => api.socket.display().to_string(),
+            Target::Ssh { host } => format!("ssh://{host}"),
+        }
+    }
+
+    /// `ssh HOST corefour ct ARGS --json` with `stdin`; the remote stdout parsed as JSON.
+    fn remote<T: serde::de::DeserializeOwned>(
+        host: &str,
+        args: &[&str],
+        stdin: Option<&Path>,
+    ) -> anyhow::Result<T> {
+        let ssh = std::env::var("COREFOUR_SSH").unwrap_or_else(|_| "ssh".into());
+        let bin = std::env::var("COREFOUR_REMOTE_BIN").unwrap_or_else(|_| "corefour".into());
+        let mut cmd = std::process::Command::new(&ssh);
+        cmd.arg(host).arg(&bin).arg("ct").args(args).arg("--json");
+        cmd.stdin(match stdin {
+            Some(p) => std::process::Stdio::from(
+                std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
+            ),
+            None => std::process::Stdio::null(),
+        });
+        let out = cmd
+            .output()
+            .with_context(|| format!("cannot run {ssh} (set COREFOUR_SSH to the ssh command)"))?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            bail!(
+                "on {host}: {}",
+                err.lines()
+                    .last()
+                    .unwrap_or("the remote command failed")
+                    .trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("on {host}: `corefour ct {}` printed no JSON", args[0]))
+    }
+
+    fn list(&self) -> anyhow::Result<Vec<CtInfo>> {
+        match self {
+            Target::Local(api) => api.call(Method::GET, "/v1/cts", None),
+            Target::Ssh { host } => Self::remote(host, &["list"], None),
+        }
+    }
+
+    fn import(&self, file: &Path, start: bool) -> anyhow::Result<CtInfo> {
+        match self {
+            Target::Local(api) => send_archive(api, file, None, start),
+            Target::Ssh { host } => {
+                let mut args = vec!["import", "-"];
+                if start {
+                    args.push("--start");
+                }
+                Self::remote(host, &args, Some(file))
+            }
+        }
+    }
+
+    fn delete(&self, name: &str) {
+        match self {
+            Target::Local(api) => {
+                let _ = api.delete(name, true);
+            }
+            Target::Ssh { host } => {
+                let _ = Self::remote::<serde_json::Value>(host, &["delete", "--force", name], None);
+            }
+        }
+    }
+}
+
 /// Stop, copy, start on the target; delete the source only once the target runs it. On any
 /// failure before that the source is started again (if it ran) and the target keeps nothing.
 pub(crate) fn move_ct(
     src: &CtApi,
     name: &str,
-    to: &Path,
+    to: &str,
     full: bool,
     timeout: u64,
     json: bool,
 ) -> anyhow::Result<()> {
-    let dst = CtApi::new(to)?;
-    if std::fs::canonicalize(to).ok() == std::fs::canonicalize(&src.socket).ok() {
-        bail!("--to {} is the source daemon itself", to.display());
+    let dst = Target::parse(to)?;
+    if let Target::Local(d) = &dst {
+        if std::fs::canonicalize(&d.socket).ok() == std::fs::canonicalize(&src.socket).ok() {
+            bail!("--to {to} is the source daemon itself");
+        }
     }
     // Both daemons must answer before anything is stopped.
     let before = src.info(name)?;
-    let there: Vec<CtInfo> = dst
-        .call(Method::GET, "/v1/cts", None)
+    let there = dst
+        .list()
         .context("the target daemon does not answer; nothing was changed")?;
     if there.iter().any(|c| c.name == name) {
         bail!(
@@ -166,16 +293,15 @@ pub(crate) fn move_ct(
     ));
     let copied = (|| -> anyhow::Result<CtInfo> {
         fetch_archive(src, name, &tmp, full)?;
-        let info = send_archive(&dst, &tmp, None, was_running)?;
-        Ok(info)
+        dst.import(&tmp, was_running)
     })();
     let _ = std::fs::remove_file(&tmp);
     let info = match copied {
         Ok(i) => i,
         Err(e) => {
             // The import either registered nothing, or registered but could not start: make
-            // sure the target holds nothing of it (only if it was not there before).
-            let _ = dst.delete(name, true);
+            // sure the target holds nothing of it (it had no container of this name before).
+            dst.delete(name);
             if was_running {
                 if let Err(se) = src.verb(name, "start", None) {
                     return Err(e.context(format!(
@@ -194,7 +320,7 @@ pub(crate) fn move_ct(
     if let Err(e) = src.delete(name, true) {
         eprintln!(
             "corefour: warning: {name} now lives on {}, but deleting it on the source failed: {e:#}",
-            to.display()
+            dst.describe()
         );
     }
     let total = t0.elapsed();
@@ -203,7 +329,7 @@ pub(crate) fn move_ct(
             "{}",
             serde_json::json!({
                 "name": name,
-                "to": to,
+                "to": dst.describe(),
                 "state": info.state,
                 "total_ms": total.as_millis() as u64,
                 "downtime_ms": if was_running { downtime.as_millis() as u64 } else { 0 },
@@ -212,7 +338,7 @@ pub(crate) fn move_ct(
     } else {
         println!(
             "moved {name} to {} in {:.0} ms ({}, {})",
-            to.display(),
+            dst.describe(),
             total.as_secs_f64() * 1000.0,
             info.state,
             if was_running {

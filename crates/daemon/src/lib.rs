@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod console_rotate;
 pub mod ct;
 pub mod error;
 pub mod inventory;

@@ -65,6 +65,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         })
         .await?;
         let cts = crate::ct::Cts::open(Arc::clone(&d), &opts.state_dir, &opts.exe).await?;
+        crate::console_rotate::spawn(opts.state_dir.clone(), crate::console_rotate::MAX_BYTES);
         if let Some(addr) = &opts.migration_listen {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -80,10 +81,11 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             state_dir = %opts.state_dir.display(),
             "corefour daemon listening"
         );
-        server::serve(listener, Arc::clone(&d), cts)
+        server::serve(listener, Arc::clone(&d), Arc::clone(&cts))
             .await
             .map_err(RunError::Io)?;
         d.shutdown();
+        cts.shutdown();
         let _ = std::fs::remove_file(&opts.socket);
         Ok(())
     })

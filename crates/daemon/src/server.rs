@@ -322,6 +322,14 @@ impl LogTail {
         let mut buf = Vec::new();
         if let Some(f) = &mut self.file {
             let _ = f.take(1 << 20).read_to_end(&mut buf);
+            // Shorter than where we are: the log was rotated (copied away and truncated in
+            // place, see console_rotate); go on from its new start.
+            if buf.is_empty() && f.metadata().is_ok_and(|m| m.len() < self.off) {
+                self.off = 0;
+                if f.seek(std::io::SeekFrom::Start(0)).is_ok() {
+                    let _ = f.take(1 << 20).read_to_end(&mut buf);
+                }
+            }
         }
         self.off += buf.len() as u64;
         buf
@@ -447,6 +455,23 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn log_tail_starts_over_after_a_rotation() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        std::fs::write(&p, b"first part\n").unwrap();
+        let mut tail = LogTail::new(p.clone(), 0);
+        assert_eq!(tail.read(), b"first part\n");
+        assert!(tail.read().is_empty());
+        crate::console_rotate::rotate_if_larger(&p, 4).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"new"))
+            .unwrap();
+        assert_eq!(tail.read(), b"new");
     }
 
     #[test]

@@ -247,8 +247,13 @@ impl Cts {
         } else {
             Layers::Template
         };
+        let _building = match layers {
+            Layers::Template => self.template_guard(&spec.template).await,
+            Layers::FullRootfs => None,
+        };
         let tarball = staging.join(ROOTFS_MEMBER);
         let made = blocking(move || {
+            super::verbs::remove_orphan(&sys, &req.name);
             sys.create_with(&req, layers, |upper| {
                 unpack(&tarball, upper).map_err(|e| {
                     corefour_container::ContainerError::Init(format!(
@@ -270,5 +275,94 @@ impl Cts {
             return self.start(&name).await;
         }
         self.info(&name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str) -> CtCreate {
+        serde_json::from_value(serde_json::json!({"name": name, "pids": 10})).unwrap()
+    }
+
+    /// A container directory as `System::create` leaves it, without the template.
+    fn fake_container(base: &Path, name: &str) -> System {
+        let upper = base.join("containers").join(name).join("upper");
+        std::fs::create_dir_all(upper.join("root")).unwrap();
+        std::fs::write(upper.join("root/file"), b"payload").unwrap();
+        System::new(base)
+    }
+
+    #[test]
+    fn export_verifies_and_bad_archives_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let sys = fake_container(t.path(), "a");
+        let work = t.path().join("work");
+        std::fs::create_dir_all(&work).unwrap();
+        let out = t.path().join("a.tar.zst");
+        let m = export(&sys, &spec("a"), false, &work, &out).unwrap();
+        assert!(m.member(CONFIG_MEMBER).is_some() && m.member(ROOTFS_MEMBER).is_some());
+        let cfg = verify(&out, &t.path().join("s1")).unwrap();
+        assert_eq!(
+            (cfg.spec.name.as_str(), cfg.layers.as_str()),
+            ("a", "upper")
+        );
+        assert_eq!(cfg.spec.pids, Some(10));
+        let dst = t.path().join("unpacked");
+        std::fs::create_dir_all(&dst).unwrap();
+        unpack(&t.path().join("s1").join(ROOTFS_MEMBER), &dst).unwrap();
+        assert_eq!(std::fs::read(dst.join("root/file")).unwrap(), b"payload");
+
+        // Random bytes, a flipped byte, a cut archive: refused, staging removed.
+        let bytes = std::fs::read(&out).unwrap();
+        let mut seed = 0x9e37_79b9_u32;
+        for case in 0..12 {
+            let mut b = bytes.clone();
+            match case % 3 {
+                0 => {
+                    b = (0..bytes.len())
+                        .map(|_| {
+                            seed ^= seed << 13;
+                            seed ^= seed >> 17;
+                            seed ^= seed << 5;
+                            seed as u8
+                        })
+                        .collect()
+                }
+                1 => {
+                    let i = (seed as usize + case * 7919) % b.len();
+                    b[i] ^= 0x40;
+                }
+                _ => b.truncate(b.len() * case / 13),
+            }
+            let bad = t.path().join(format!("bad{case}.tar.zst"));
+            std::fs::write(&bad, &b).unwrap();
+            let staging = t.path().join(format!("st{case}"));
+            let e = verify(&bad, &staging).unwrap_err();
+            assert!(matches!(e, DaemonError::BadRequest(_)), "{e}");
+            assert!(!staging.exists());
+        }
+
+        // A valid archive of another format or version.
+        let other = t.path().join("other.tar.zst");
+        let cfg = serde_json::json!({"format": FORMAT, "version": 99, "spec": spec("a"), "layers": "upper"});
+        let members = vec![
+            Member {
+                name: CONFIG_MEMBER.into(),
+                kind: "ct-config".into(),
+                source: Source::Bytes(serde_json::to_vec(&cfg).unwrap()),
+                sparse: false,
+            },
+            Member {
+                name: ROOTFS_MEMBER.into(),
+                kind: "ct-rootfs".into(),
+                source: Source::Bytes(Vec::new()),
+                sparse: false,
+            },
+        ];
+        corefour_archive::export(&other, &members, serde_json::json!({}), &mut |_| {}).unwrap();
+        let e = verify(&other, &t.path().join("st-other")).unwrap_err();
+        assert!(e.to_string().contains("version 99"), "{e}");
     }
 }

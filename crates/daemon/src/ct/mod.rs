@@ -27,6 +27,9 @@ use rows::CtRecord;
 
 pub use verbs::DEFAULT_STOP_TIMEOUT;
 
+/// The daemon's container directory under its state directory.
+pub const CT_DIR: &str = "cts";
+
 /// Cgroup parent of the daemon's containers (VMs have their own).
 const CGROUP_PARENT: &str = "corefour-cts";
 
@@ -46,6 +49,9 @@ pub struct Cts {
     running: Mutex<HashMap<String, CtHandle>>,
     stop_requested: Mutex<HashSet<String>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while a template is built: the runtime builds in a directory named by pid, which
+    /// two creates in this one process would share.
+    template_build: tokio::sync::Mutex<()>,
 }
 
 impl Cts {
@@ -55,7 +61,8 @@ impl Cts {
         state_dir: &Path,
         exe: &Path,
     ) -> Result<Arc<Cts>, DaemonError> {
-        let base = state_dir.join("ct");
+        // Not the daemonless default (/var/lib/corefour/ct): the two never share containers.
+        let base = state_dir.join(CT_DIR);
         std::fs::create_dir_all(&base)
             .map_err(|e| DaemonError::io(format!("cannot create {}", base.display()), e))?;
         let cgroup_parent = match crate::lifecycle::host_tag(state_dir) {
@@ -70,9 +77,41 @@ impl Cts {
             running: Mutex::new(HashMap::new()),
             stop_requested: Mutex::new(HashSet::new()),
             locks: Mutex::new(HashMap::new()),
+            template_build: tokio::sync::Mutex::new(()),
         });
         cts.reconcile_all().await?;
         Ok(cts)
+    }
+
+    /// Called on a graceful exit: containers keep running, but an unused cgroup parent goes.
+    pub fn shutdown(&self) {
+        let mut roots: Vec<PathBuf> = corefour_container::cgroups::v1::hierarchies()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        roots.push(PathBuf::from(corefour_container::cgroups::CGROUP_ROOT));
+        // rmdir fails while any container's cgroup is still inside: that is the point. A cgroup
+        // whose last task is still exiting reads busy for a moment: a few retries for that.
+        for r in roots {
+            let dir = r.join(&self.cgroup_parent);
+            for _ in 0..20 {
+                match std::fs::remove_dir(&dir) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(25))
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// The template-build lock when `template` is not cached yet (None when it is).
+    async fn template_guard(&self, template: &str) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        let done = self.base.join("templates").join(template).join(".complete");
+        if done.exists() {
+            return None;
+        }
+        Some(self.template_build.lock().await)
     }
 
     pub fn sys(&self) -> System {

@@ -67,12 +67,15 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = tokio::net::UnixStream::connect(sock)
-        .await
-        .map_err(|source| TransferError::Connect {
+    let stream = crate::client::connect(sock).await.map_err(|e| match e {
+        crate::client::ClientError::Connect { path, source } => {
+            TransferError::Connect { path, source }
+        }
+        other => TransferError::Connect {
             path: sock.to_path_buf(),
-            source,
-        })?;
+            source: std::io::Error::other(other.to_string()),
+        },
+    })?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|source| TransferError::Http {

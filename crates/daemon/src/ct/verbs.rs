@@ -76,6 +76,13 @@ pub(super) fn create_request(spec: &CtCreate) -> CreateRequest {
 /// Validates a create request before anything is made.
 pub(super) fn validate(spec: &CtCreate) -> Result<(), DaemonError> {
     crate::names::validate_name(&spec.name)?;
+    if !corefour_container::templates::NAMES.contains(&spec.template.as_str()) {
+        return Err(DaemonError::BadRequest(format!(
+            "unknown template {:?}: use one of {}",
+            spec.template,
+            corefour_container::templates::NAMES.join(", ")
+        )));
+    }
     check_limits(
         spec.cpu_quota_pct,
         spec.cpu_weight,
@@ -113,9 +120,14 @@ impl Cts {
         let _g = self.op_lock(&name).await;
         // The row first: the schema, not a check, keeps names unique among all instances.
         self.inv().insert_ct(&spec, "defined")?;
+        let _building = self.template_guard(&spec.template).await;
         let sys = self.sys();
         let req = create_request(&spec);
-        let made = blocking(move || sys.create(&req).map_err(ct_error)).await;
+        let made = blocking(move || {
+            remove_orphan(&sys, &req.name);
+            sys.create(&req).map_err(ct_error)
+        })
+        .await;
         if let Err(e) = made {
             let _ = self.inv().delete_ct(&name, "creation failed");
             return Err(e);
@@ -296,7 +308,12 @@ impl Cts {
         let sys = self.sys();
         let n = name.to_string();
         blocking(move || match sys.delete(&n, true) {
-            Ok(()) | Err(corefour_container::ContainerError::NotFound(_)) => Ok(()),
+            Ok(()) => Ok(()),
+            // No ct.json: a create the daemon did not finish (killed midway); its files go too.
+            Err(corefour_container::ContainerError::NotFound(_)) => {
+                remove_orphan(&sys, &n);
+                Ok(())
+            }
             Err(e) => Err(ct_error(e)),
         })
         .await?;
@@ -357,6 +374,18 @@ impl Cts {
             ),
         )?;
         self.info(name)
+    }
+}
+
+/// Files of a container the inventory does not know (a daemon killed between writing them and
+/// recording them): the name is free in the inventory, so they belong to no one.
+pub(super) fn remove_orphan(sys: &corefour_container::system::System, name: &str) {
+    let dir = sys.dir(name);
+    if dir.exists() {
+        tracing::warn!(ct = name, "removing files left by an unfinished create");
+        let _ = sys.cleanup(name);
+        sys.unmount_rootfs(name);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 

@@ -295,6 +295,7 @@ impl VirtioDevice for Block {
             serial: self.serial,
             limiter: RateLimiter::new(self.rate_limit),
             throttled_until: None,
+            scratch: Scratch::default(),
         }))
     }
 
@@ -350,7 +351,19 @@ pub struct BlockHandler {
     serial: [u8; ID_BYTES],
     limiter: RateLimiter,
     throttled_until: Option<Instant>,
+    scratch: Scratch,
 }
+
+/// Buffers reused from request to request: the hot path allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    chain: Chain,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs are only scratch space; their pointers are rebuilt for every request
+// and never used after it, so moving the handler to its worker thread moves nothing live.
+unsafe impl Send for Scratch {}
 
 /// A request refused for now by the rate limiter.
 struct Throttled(Duration);
@@ -362,6 +375,7 @@ impl BlockHandler {
             queue,
             file,
             limiter,
+            scratch,
             ..
         } = self;
         let req = RequestCtx {
@@ -378,7 +392,7 @@ impl BlockHandler {
             queue,
             mem,
             0,
-            |c: DescriptorChain<&GuestMemoryMmap>| match req.handle(c, limiter) {
+            |c: DescriptorChain<&GuestMemoryMmap>| match req.handle(c, limiter, scratch) {
                 Ok(len) => Outcome::Done(len),
                 Err(Throttled(d)) => {
                     throttle = Some(Instant::now() + d);
@@ -446,8 +460,11 @@ impl RequestCtx<'_> {
         &self,
         c: DescriptorChain<&GuestMemoryMmap>,
         limiter: &mut RateLimiter,
+        scratch: &mut Scratch,
     ) -> Result<u32, Throttled> {
-        let chain = Chain::parse(self.mem, c);
+        scratch.chain.parse_into(self.mem, c);
+        let Scratch { chain, iov } = scratch;
+        let chain = &*chain;
         let wlen = chain.writable_len();
         if wlen == 0 {
             // No place for a status byte: return the chain untouched.
@@ -456,13 +473,13 @@ impl RequestCtx<'_> {
         let data_w = wlen - 1;
         if let Some(e) = &chain.error {
             tracing::debug!("virtio-blk: chain {} rejected: {e}", chain.head);
-            return Ok(self.finish(&chain, data_w, S_IOERR, 0));
+            return Ok(self.finish(chain, data_w, S_IOERR, 0));
         }
         let mut hdr = [0u8; HEADER_LEN];
         if chain.readable_len() < HEADER_LEN
             || chain::read_from(self.mem, &chain.readable, 0, &mut hdr) != HEADER_LEN
         {
-            return Ok(self.finish(&chain, data_w, S_IOERR, 0));
+            return Ok(self.finish(chain, data_w, S_IOERR, 0));
         }
         let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes([
@@ -481,7 +498,7 @@ impl RequestCtx<'_> {
             // Data in the wrong direction: a read with a device-readable payload or the reverse.
             T_IN if data_r > 0 => (S_IOERR, 0),
             T_OUT if data_w > 0 => (S_IOERR, 0),
-            T_IN => match self.read(&chain, sector, data_w) {
+            T_IN => match self.read(chain, sector, data_w, iov) {
                 Ok(()) => (S_OK, data_w),
                 Err(e) => {
                     tracing::debug!("virtio-blk: read at sector {sector}: {e}");
@@ -489,7 +506,7 @@ impl RequestCtx<'_> {
                 }
             },
             T_OUT if self.read_only => (S_IOERR, 0),
-            T_OUT => (status_of(self.write(&chain, sector, data_r)), 0),
+            T_OUT => (status_of(self.write(chain, sector, data_r, iov)), 0),
             T_FLUSH if self.read_only => (S_OK, 0),
             T_FLUSH if self.image.is_some() => (status_of(self.with_writer(|w| w.flush())), 0),
             // SAFETY: fdatasync on an fd we own.
@@ -503,10 +520,10 @@ impl RequestCtx<'_> {
                 (S_OK, n)
             }
             T_DISCARD | T_WRITE_ZEROES if self.read_only => (S_IOERR, 0),
-            T_DISCARD | T_WRITE_ZEROES => (status_of(self.segments(&chain, ty, data_r)), 0),
+            T_DISCARD | T_WRITE_ZEROES => (status_of(self.segments(chain, ty, data_r)), 0),
             _ => (S_UNSUPP, 0),
         };
-        Ok(self.finish(&chain, data_w, status, written))
+        Ok(self.finish(chain, data_w, status, written))
     }
 
     fn finish(&self, chain: &Chain, status_at: usize, status: u8, written: usize) -> u32 {
@@ -537,29 +554,42 @@ impl RequestCtx<'_> {
         Ok(sector * SECTOR_SIZE)
     }
 
-    fn read(&self, chain: &Chain, sector: u64, len: usize) -> io::Result<()> {
+    fn read(
+        &self,
+        chain: &Chain,
+        sector: u64,
+        len: usize,
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<()> {
         let off = self.check_range(sector, len)?;
-        let iov = chain::iovecs(self.mem, &chain.writable, 0, len, Permissions::Write)
+        chain::iovecs_into(self.mem, &chain.writable, 0, len, Permissions::Write, iov)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.transfer(iov, off, Dir::Read)
     }
 
-    fn write(&self, chain: &Chain, sector: u64, len: usize) -> io::Result<()> {
+    fn write(
+        &self,
+        chain: &Chain,
+        sector: u64,
+        len: usize,
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<()> {
         let off = self.check_range(sector, len)?;
-        let iov = chain::iovecs(
+        chain::iovecs_into(
             self.mem,
             &chain.readable,
             HEADER_LEN,
             len,
             Permissions::Read,
+            iov,
         )
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.transfer(iov, off, Dir::Write)
     }
 
-    fn transfer(&self, iov: Vec<libc::iovec>, off: u64, dir: Dir) -> io::Result<()> {
+    fn transfer(&self, iov: &mut [libc::iovec], off: u64, dir: Dir) -> io::Result<()> {
         if let Some(img) = self.image {
-            return image_transfer(img, &iov, off, dir);
+            return image_transfer(img, iov, off, dir);
         }
         let aligned = |v: &libc::iovec| {
             (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
@@ -567,7 +597,7 @@ impl RequestCtx<'_> {
         if !self.direct || iov.iter().all(aligned) {
             return rw_all(self.file.as_raw_fd(), iov, off, dir);
         }
-        bounce(self.file.as_raw_fd(), &iov, off, dir)
+        bounce(self.file.as_raw_fd(), iov, off, dir)
     }
 
     fn segments(&self, chain: &Chain, ty: u32, len: usize) -> io::Result<()> {
@@ -734,7 +764,7 @@ fn bounce(fd: libc::c_int, iov: &[libc::iovec], off: u64, dir: Dir) -> io::Resul
         return Err(io::Error::new(io::ErrorKind::OutOfMemory, "bounce buffer"));
     }
     let buf = Aligned(ptr, layout);
-    let whole = vec![libc::iovec {
+    let mut whole = [libc::iovec {
         iov_base: buf.0.cast(),
         iov_len: total,
     }];
@@ -755,12 +785,12 @@ fn bounce(fd: libc::c_int, iov: &[libc::iovec], off: u64, dir: Dir) -> io::Resul
     };
     match dir {
         Dir::Read => {
-            rw_all(fd, whole, off, Dir::Read)?;
+            rw_all(fd, &mut whole, off, Dir::Read)?;
             copy(true);
         }
         Dir::Write => {
             copy(false);
-            rw_all(fd, whole, off, Dir::Write)?;
+            rw_all(fd, &mut whole, off, Dir::Write)?;
         }
     }
     Ok(())
@@ -805,7 +835,7 @@ pub(crate) enum Dir {
 /// preadv/pwritev until every iovec is done (short transfers continue; EOF is an error).
 pub(crate) fn rw_all(
     fd: libc::c_int,
-    mut iov: Vec<libc::iovec>,
+    iov: &mut [libc::iovec],
     mut off: u64,
     dir: Dir,
 ) -> io::Result<()> {
