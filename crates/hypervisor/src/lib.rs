@@ -90,6 +90,12 @@ pub trait Vm: Send + Sync {
     /// Raises or lowers a platform interrupt line (GSI).
     fn set_irq_line(&self, irq: u32, level: bool) -> Result<()>;
 
+    /// Delivers a message-signalled interrupt: what a device's MSI/MSI-X write of `data` to
+    /// `address` (0xFEEx_xxxx, the local APICs) does on real hardware.
+    fn signal_msi(&self, _address: u64, _data: u32) -> Result<()> {
+        Err(HypervisorError::Unsupported("MSI delivery"))
+    }
+
     /// Returns and clears the dirty bitmap of a slot (one bit per 4 KiB page).
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>>;
 

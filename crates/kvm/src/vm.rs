@@ -153,6 +153,23 @@ impl Vm for KvmVm {
             .map_err(|e| os_err("KVM_IRQ_LINE", e))
     }
 
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::Unsupported("MSI without an irqchip"));
+        }
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        // 0 means the guest's APIC ignored the message (masked or no target): not an error.
+        self.fd
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| os_err("KVM_SIGNAL_MSI", e))
+    }
+
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>> {
         let size = usize::try_from(size)
             .map_err(|_| HypervisorError::Invalid(format!("slot size {size:#x} too large")))?;
