@@ -7,14 +7,16 @@ VGUESTS := vblk vrng vnet vvsock vballoon vblkloop
 
 virtio: $(VGUESTS:%=$(B)/%.elf)
 
-$(B)/virtio/virtio.o: virtio/virtio.c virtio/virtio.h include/c4.h | $(B)/virtio
+VLIB := $(B)/virtio/virtio.o $(B)/virtio/irq.o
+
+$(B)/virtio/%.o: virtio/%.c virtio/virtio.h virtio/irq.h include/c4.h | $(B)/virtio
 	$(CC) $(CFLAGS) -c $< -o $@
 
-$(VGUESTS:%=$(B)/%.o): $(B)/%.o: %.c virtio/virtio.h include/c4.h | $(B)
+$(VGUESTS:%=$(B)/%.o): $(B)/%.o: %.c virtio/virtio.h virtio/irq.h include/c4.h | $(B)
 	$(CC) $(CFLAGS) -I. -c $< -o $@
 
-$(VGUESTS:%=$(B)/%.elf): $(B)/%.elf: $(B)/%.o $(B)/virtio/virtio.o $(RT) link.ld
-	$(LD) $(LDFLAGS) -o $@ $< $(B)/virtio/virtio.o $(RT)
+$(VGUESTS:%=$(B)/%.elf): $(B)/%.elf: $(B)/%.o $(VLIB) $(RT) link.ld
+	$(LD) $(LDFLAGS) -o $@ $< $(VLIB) $(RT)
 
 $(B)/virtio:
 	mkdir -p $@

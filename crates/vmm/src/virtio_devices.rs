@@ -266,6 +266,7 @@ pub fn create(
             direct: d.direct,
             serial: d.serial.clone(),
             rate_limit: d.rate_limit.into(),
+            format: d.format.map(Into::into),
         })
         .map_err(|source| VirtioSetupError::Disk { index, source })?;
         devs.push(("blk", Box::new(blk)));

@@ -69,6 +69,12 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    #[error("disk {path} is declared format={declared} but its contents are {found}: correct format= (or convert the image with `corefour disk convert`)")]
+    FormatMismatch {
+        path: PathBuf,
+        declared: &'static str,
+        found: &'static str,
+    },
     #[error("cannot open disk image {path}: {source}")]
     Image {
         path: PathBuf,
@@ -93,11 +99,40 @@ fn probed_by_name(path: &Path) -> bool {
         .is_some_and(|e| PROBED_SUFFIXES.iter().any(|s| e.eq_ignore_ascii_case(s)))
 }
 
-/// Probes the format without O_DIRECT (its small unaligned header read would fail with it).
-fn probe_format(path: &Path) -> Result<corefour_disk::Format, BlockError> {
-    if !probed_by_name(path) {
-        return Ok(corefour_disk::Format::Raw);
+/// The image formats a disk can be declared as (`format=`).
+pub use corefour_disk::Format as DiskFormat;
+
+/// The format to open `path` as. Declared: the contents must agree (a qcow2 header on a disk
+/// declared raw is refused too: the guest would otherwise write into the image's metadata).
+/// Undeclared: by name, see [`PROBED_SUFFIXES`].
+fn resolve_format(path: &Path, declared: Option<DiskFormat>) -> Result<DiskFormat, BlockError> {
+    let Some(declared) = declared else {
+        if !probed_by_name(path) {
+            return Ok(DiskFormat::Raw);
+        }
+        return probe_format(path);
+    };
+    let found = probe_format(path)?;
+    if found != declared {
+        return Err(BlockError::FormatMismatch {
+            path: path.to_path_buf(),
+            declared: format_label(declared),
+            found: format_label(found),
+        });
     }
+    Ok(declared)
+}
+
+/// The name `format=` takes for a format (VHD is "vpc" inside the disk crate).
+pub fn format_label(f: DiskFormat) -> &'static str {
+    match f {
+        DiskFormat::Vpc => "vhd",
+        other => other.name(),
+    }
+}
+
+/// Probes the contents without O_DIRECT (its small unaligned header read would fail with it).
+fn probe_format(path: &Path) -> Result<corefour_disk::Format, BlockError> {
     let image_err = |source| BlockError::Image {
         path: path.to_path_buf(),
         source,
@@ -121,23 +156,31 @@ pub struct BlockConfig {
     /// At most 20 bytes; derived from the file's device and inode when unset.
     pub serial: Option<String>,
     pub rate_limit: RateLimit,
+    /// The image format; `None` guesses from the file name (see [`PROBED_SUFFIXES`]).
+    pub format: Option<DiskFormat>,
 }
 
 impl BlockConfig {
-    /// Parses `FILE[,ro][,serial=S][,bytes=N][,bytes_burst=N][,ops=N][,ops_burst=N]`.
+    /// Parses `[path=]FILE[,format=F][,ro][,direct][,serial=S][,bytes=N][,bytes_burst=N]
+    /// [,ops=N][,ops_burst=N]`; F is raw, qcow2, vmdk, vdi, vhd (or vpc) or vhdx.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let mut parts = s.split(',');
-        let path = parts
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or("empty disk path")?;
-        let mut c = BlockConfig {
-            path: PathBuf::from(path),
-            ..Default::default()
-        };
-        for p in parts {
+        let mut c = BlockConfig::default();
+        let mut path = None;
+        for (i, p) in s.split(',').enumerate() {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            if i == 0 && !p.contains('=') {
+                path = Some(p);
+                continue;
+            }
             match k {
+                "path" => path = Some(v),
+                "format" => {
+                    c.format = Some(DiskFormat::parse(v).map_err(|_| {
+                        format!(
+                            "unknown disk format `{v}` (known: raw, qcow2, vmdk, vdi, vhd, vhdx)"
+                        )
+                    })?)
+                }
                 "ro" | "readonly" => c.read_only = true,
                 "direct" => c.direct = true,
                 "rw" => c.read_only = false,
@@ -145,12 +188,13 @@ impl BlockConfig {
                 _ => {
                     if !c.rate_limit.parse_option(k, v)? {
                         return Err(format!(
-                            "unknown disk option `{k}` (known: ro, direct, serial=, bytes=, bytes_burst=, ops=, ops_burst=)"
+                            "unknown disk option `{k}` (known: path=, format=, ro, direct, serial=, bytes=, bytes_burst=, ops=, ops_burst=)"
                         ));
                     }
                 }
             }
         }
+        c.path = PathBuf::from(path.filter(|p| !p.is_empty()).ok_or("empty disk path")?);
         Ok(c)
     }
 }
@@ -178,7 +222,7 @@ impl Block {
                     source,
                 })
         };
-        let format = probe_format(&config.path)?;
+        let format = resolve_format(&config.path, config.format)?;
         // Formats corefour cannot write are attached read-only whatever the config asks.
         let read_only = config.read_only || !format.writable();
         let image = if format == corefour_disk::Format::Raw {
@@ -896,6 +940,19 @@ mod tests {
         assert!(BlockConfig::parse("/tmp/d.img,bogus").is_err());
         assert!(BlockConfig::parse("/tmp/d.img,direct").unwrap().direct);
         assert!(BlockConfig::parse("").is_err());
+        let c = BlockConfig::parse("path=/tmp/a,b.img,format=qcow2,ro").unwrap_err();
+        assert!(c.contains("unknown disk option `b.img`"), "{c}");
+        let c = BlockConfig::parse("path=/tmp/d.qcow2,format=vhd,ro").unwrap();
+        assert_eq!(c.path, PathBuf::from("/tmp/d.qcow2"));
+        assert_eq!(c.format, Some(DiskFormat::Vpc));
+        assert!(c.read_only);
+        assert_eq!(
+            BlockConfig::parse("/tmp/d,format=raw").unwrap().format,
+            Some(DiskFormat::Raw)
+        );
+        let e = BlockConfig::parse("/tmp/d,format=iso").unwrap_err();
+        assert!(e.contains("unknown disk format `iso`"), "{e}");
+        assert!(BlockConfig::parse("format=raw").is_err(), "no path");
     }
 }
 
@@ -913,10 +970,40 @@ mod probe_tests {
         header[4..8].copy_from_slice(&3u32.to_be_bytes());
         let raw = dir.join("disk.img");
         std::fs::write(&raw, &header).unwrap();
-        assert_eq!(probe_format(&raw).unwrap(), corefour_disk::Format::Raw);
+        assert_eq!(resolve_format(&raw, None).unwrap(), DiskFormat::Raw);
         assert!(probed_by_name(Path::new("/x/disk0.QCOW2")));
         assert!(!probed_by_name(Path::new("/x/disk0.raw")));
         assert!(!probed_by_name(Path::new("/x/disk0")));
+        // Declared formats are checked against the contents, whatever the name says.
+        let open = |path: &Path, format| {
+            Block::new(&BlockConfig {
+                path: path.to_path_buf(),
+                format,
+                read_only: true,
+                ..Default::default()
+            })
+        };
+        let e = open(&raw, Some(DiskFormat::Raw)).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("declared format=raw but its contents are qcow2"),
+            "{e}"
+        );
+        let plain = dir.join("plain.qcow2");
+        std::fs::write(&plain, vec![0u8; 4096]).unwrap();
+        let e = open(&plain, Some(DiskFormat::Qcow2)).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("declared format=qcow2 but its contents are raw"),
+            "{e}"
+        );
+        let b = open(&plain, Some(DiskFormat::Raw)).unwrap();
+        assert_eq!(b.sectors(), 8);
+        assert_eq!(
+            open(&plain, None).unwrap().sectors(),
+            8,
+            "undeclared: probed because of its name, found raw"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -188,6 +188,18 @@ pub trait SaveRestore: Send + Sync {
     fn restore_state(&self, saved: &TransportSnap) -> Result<(), StateError>;
 }
 
+impl TransportSnap {
+    /// Guest ranges a running device writes besides its buffers: each ready queue's used
+    /// ring (with `avail_event`), as (address, length).
+    pub fn used_rings(&self) -> Vec<(u64, u64)> {
+        self.queues
+            .iter()
+            .filter(|q| q.ready)
+            .map(|q| (q.used_ring, 6 + 8 * u64::from(q.size)))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
