@@ -183,6 +183,18 @@ fn vblk_waits_for_used_ring_interrupts() {
         );
         let d = std::fs::read(&img).unwrap();
         assert_eq!(&d[512..520], b"COREFOUR", "{backend}/{transport}");
+        // One queue notification through an ioeventfd on every backend here; the irqfd
+        // carries virtio-mmio's edge (PCI INTx is a level: set_irq_line).
+        let irqfds = if transport == "mmio" {
+            "1 irqfd"
+        } else {
+            "0 irqfds"
+        };
+        assert!(
+            err(&o).contains(&format!("virtio: 1 ioeventfd, {irqfds}")),
+            "{backend}/{transport}: {}",
+            err(&o)
+        );
     }
 }
 
