@@ -157,6 +157,10 @@ enum Cmd {
     },
     /// SIGKILL the containers' inits.
     Kill { names: Vec<String> },
+    /// Freeze every process of the containers (cgroup freezer).
+    Pause { names: Vec<String> },
+    /// Thaw paused containers.
+    Resume { names: Vec<String> },
     /// Delete stopped containers (--force stops them first).
     Delete {
         names: Vec<String>,
@@ -341,6 +345,12 @@ fn direct(sys: &System, cmd: Cmd, json: bool) -> anyhow::Result<i32> {
             sys.stop(one(&names, "stop")?, Duration::from_secs(t))?
         }
         Cmd::Kill { names } => sys.stop(one(&names, "kill")?, Duration::ZERO)?,
+        Cmd::Pause { names } => {
+            corefour_container::container_pause::pause(&sys.run_root(), one(&names, "pause")?)?
+        }
+        Cmd::Resume { names } => {
+            corefour_container::container_pause::resume(&sys.run_root(), one(&names, "resume")?)?
+        }
         Cmd::Delete { names, force } => sys.delete(one(&names, "delete")?, force)?,
         Cmd::Set(s) => {
             let zero_none_u = |v: u32| (v != 0).then_some(v);

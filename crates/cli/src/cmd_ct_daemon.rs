@@ -141,6 +141,8 @@ pub(crate) fn run(socket: &Path, cmd: Cmd, json: bool) -> anyhow::Result<i32> {
             each(&names, json, |n| api.stop(n, t))?
         }
         Cmd::Kill { names } => each(&names, json, |n| api.verb(n, "kill", None))?,
+        Cmd::Pause { names } => each(&names, json, |n| api.verb(n, "pause", None))?,
+        Cmd::Resume { names } => each(&names, json, |n| api.verb(n, "resume", None))?,
         Cmd::Delete { names, force } => {
             need(&names)?;
             for n in &names {

@@ -315,7 +315,10 @@ pub(crate) fn move_ct(
             )));
         }
     };
-    let downtime = stopped_at.elapsed();
+    // Out of service from the stop request until the target confirmed; of that, the copy and the
+    // start on the target after the source had stopped.
+    let downtime = t0.elapsed();
+    let copy = stopped_at.elapsed();
     // The target confirmed (registered, and running if it ran before): the source goes.
     if let Err(e) = src.delete(name, true) {
         eprintln!(
@@ -333,6 +336,7 @@ pub(crate) fn move_ct(
                 "state": info.state,
                 "total_ms": total.as_millis() as u64,
                 "downtime_ms": if was_running { downtime.as_millis() as u64 } else { 0 },
+                "copy_ms": copy.as_millis() as u64,
             })
         );
     } else {
@@ -342,7 +346,12 @@ pub(crate) fn move_ct(
             total.as_secs_f64() * 1000.0,
             info.state,
             if was_running {
-                format!("downtime {:.0} ms", downtime.as_secs_f64() * 1000.0)
+                format!(
+                    "downtime {:.0} ms: stop {:.0} ms, copy and start {:.0} ms",
+                    downtime.as_secs_f64() * 1000.0,
+                    (downtime - copy).as_secs_f64() * 1000.0,
+                    copy.as_secs_f64() * 1000.0
+                )
             } else {
                 "it was not running".into()
             }

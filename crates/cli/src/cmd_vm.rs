@@ -71,8 +71,10 @@ enum Cmd {
         #[arg(long)]
         diff: bool,
     },
-    /// Clone a stopped VM: new name and MACs; each writable disk becomes a qcow2 overlay on the
-    /// source's (copy-on-write, nothing copied).
+    /// Clone a VM: new name and MACs; each writable disk becomes a qcow2 overlay on the
+    /// source's (copy-on-write, nothing copied). A running source is snapshotted (a brief pause)
+    /// and the clone starts from that instant; with writable disks the source moves onto its own
+    /// overlay at the same instant, so the disk both read from no longer changes.
     Clone {
         src: String,
         dst: String,

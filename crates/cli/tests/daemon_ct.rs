@@ -324,6 +324,21 @@ fn lifecycle_limits_console_events_and_api_errors() {
     assert_eq!(st, 400);
     assert!(d.names().contains(&a));
 
+    // Pause freezes every process; resume thaws; a paused container still stops gracefully.
+    let p = d.json(&["pause", &a]);
+    assert_eq!(p["state"], "paused", "{p}");
+    let freezer = cgroup_dir("freezer", &a);
+    if let Some(f) = &freezer {
+        assert_eq!(read(&f.join("freezer.state")), "FROZEN");
+    }
+    let (st, _) = d.0.req(Method::POST, &format!("/v1/cts/{a}/pause"), None);
+    assert_eq!(st, 409, "pausing twice");
+    assert_eq!(d.json(&["resume", &a])["state"], "running");
+    if let Some(f) = &freezer {
+        assert_eq!(read(&f.join("freezer.state")), "THAWED");
+    }
+    d.ok(&["pause", &a]);
+
     // Graceful stop: the init shuts down on SIGTERM; the cgroup goes with it.
     let t0 = Instant::now();
     let s = d.json(&["stop", &a, "--timeout", "10"]);

@@ -249,7 +249,18 @@ fn counter_moves_between_daemons_without_gap_or_repeat() {
     need!();
     let h = Hosts::new("m", 81);
     let counter = guest("counter").unwrap();
-    start_vm(&h.a, "c", &counter, "spin=1000000", 64);
+    // Shared storage: both test hosts see the same file system, so the disk is at the same path.
+    let disk = h.a.dir.0.join("shared.raw");
+    std::fs::write(&disk, vec![0x42u8; 1 << 20]).unwrap();
+    h.a.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "c", "kernel": counter, "cmdline": "spin=1000000",
+                    "disks": [{"path": disk}], "start": true})
+            .to_string(),
+        ),
+    );
     wait_console(&h.a, "c", |t| counts(t).len() >= 5);
     let mut follower = follow(&h.a, "c");
     let out = h.a.cli(&[
@@ -279,6 +290,8 @@ fn counter_moves_between_daemons_without_gap_or_repeat() {
     assert!(!h.a.state_dir().join("vms/c").exists());
     let v = h.b.ok(Method::GET, "/v1/vms/c", None);
     assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["disks"][0]["path"], disk.to_str().unwrap(), "{v}");
+    assert!(disk.exists(), "the source must not delete shared storage");
     let events = h.b.ok(Method::GET, "/v1/events", None);
     assert!(events.to_string().contains("migrated"), "{events}");
     // The source's output up to its last instruction, then the target's: one count.

@@ -339,6 +339,35 @@ impl Inventory {
         Ok(rec)
     }
 
+    /// Points the VM's disks at new files (a running clone's source moves onto its overlays).
+    pub fn set_disk_paths(&self, name: &str, paths: &[String]) -> Result<VmRecord, InventoryError> {
+        let mut rec = self.get_vm(name)?;
+        for (d, p) in rec.spec.disks.iter_mut().zip(paths) {
+            d.path = p.clone();
+        }
+        let config = serde_json::to_string(&rec.spec).map_err(|e| InventoryError::Corrupt {
+            name: name.to_string(),
+            what: e.to_string(),
+        })?;
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        exec(
+            &tx,
+            "UPDATE instances SET config = ?2, updated_ms = ?3 WHERE name = ?1",
+            params![name, config, now_ms()],
+        )?;
+        for (i, p) in paths.iter().enumerate() {
+            exec(
+                &tx,
+                "UPDATE disks SET path = ?3 WHERE instance_id = ?1 AND idx = ?2",
+                params![rec.id, i as i64, p],
+            )?;
+        }
+        insert_event(&tx, name, "disks", &format!("now {}", paths.join(", ")))?;
+        tx.commit()?;
+        Ok(rec)
+    }
+
     pub(crate) fn update(
         &self,
         name: &str,

@@ -64,6 +64,8 @@ pub struct Shared {
     pub epoch: AtomicU64,
     atomic: Mutex<()>,
     start: Instant,
+    /// Added to the clock: a restored VM's time goes on from its snapshot's.
+    time_offset: AtomicU64,
     pub nvcpus: u32,
     pub trace_unimpl: bool,
     pub links: Vec<Arc<Link>>,
@@ -86,7 +88,8 @@ impl Shared {
 
     /// VM time in nanoseconds; the TSC and the APIC timers count it.
     pub fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        (self.start.elapsed().as_nanos() as u64)
+            .wrapping_add(self.time_offset.load(Ordering::Relaxed))
     }
 
     fn ioapic(&self) -> MutexGuard<'_, Ioapic> {
@@ -228,6 +231,7 @@ impl EmuVm {
                 epoch: AtomicU64::new(1),
                 atomic: Mutex::new(()),
                 start: Instant::now(),
+                time_offset: AtomicU64::new(0),
                 nvcpus: vcpus,
                 trace_unimpl,
                 links: (0..vcpus).map(|k| Arc::new(Link::new(k as u8))).collect(),
@@ -393,6 +397,30 @@ impl Vm for EmuVm {
     fn backend_name(&self) -> &'static str {
         "emu"
     }
+
+    fn save_state(&self) -> Result<corefour_hypervisor::CpuState> {
+        let s = &self.shared;
+        crate::platform::state::PlatformSnap {
+            now_ns: s.now_ns(),
+            ioapic: s.ioapic().clone(),
+            pit: s.pit().clone(),
+            pic: s.pic().clone(),
+        }
+        .encode()
+    }
+
+    fn restore_state(&self, state: &corefour_hypervisor::CpuState) -> Result<()> {
+        let snap = crate::platform::state::PlatformSnap::decode(state)?;
+        let s = &self.shared;
+        let elapsed = s.start.elapsed().as_nanos() as u64;
+        s.time_offset
+            .store(snap.now_ns.wrapping_sub(elapsed), Ordering::SeqCst);
+        *s.ioapic() = snap.ioapic;
+        *s.pit() = snap.pit;
+        *s.pic() = snap.pic;
+        s.bump_epoch();
+        Ok(())
+    }
 }
 
 /// Kicks one vCPU out of `run`.
@@ -402,5 +430,25 @@ impl VcpuKicker for Kicker {
     fn kick(&self) {
         self.0.kick.store(true, Ordering::Release);
         self.0.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_msi_lands_in_the_addressed_local_apic() {
+        let vm = EmuVm::new(2, false).unwrap();
+        for l in &vm.shared.links {
+            l.lapic().write(0xf0, 0x1ff, 0); // software-enable
+        }
+        // Physical destination 1, fixed delivery, vector 0x45.
+        vm.signal_msi(0xfee0_1000, 0x45).unwrap();
+        assert_eq!(vm.shared.links[0].lapic().pending(), None);
+        assert_eq!(vm.shared.links[1].lapic().pending(), Some(0x45));
+        // Outside the APIC window: refused, nothing delivered.
+        assert!(vm.signal_msi(0xdead_0000, 0x46).is_err());
+        assert_eq!(vm.shared.links[0].lapic().pending(), None);
     }
 }

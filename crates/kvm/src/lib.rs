@@ -138,6 +138,15 @@ mod tests {
     }
 
     #[test]
+    fn msis_go_to_the_in_kernel_irqchip() {
+        let Some(k) = kvm() else { return };
+        let vm = k.create_vm(1).unwrap();
+        let _vcpu = vm.create_vcpu(0, Arc::new(NoDevices)).unwrap();
+        // The APIC is still software-disabled, so KVM accepts the message and drops it.
+        vm.signal_msi(0xfee0_0000, 0x40).unwrap();
+    }
+
+    #[test]
     fn a_kick_before_run_makes_run_return_interrupted() {
         let Some(k) = kvm() else { return };
         let vm = k.create_vm(1).unwrap();

@@ -1,10 +1,16 @@
 //! The VM's virtio devices, in this order: disks, nets, rng, vsock, balloon; one GSI each from
 //! `VIRTIO_FIRST_GSI`.
 //! - `mmio` (default): each behind a virtio-mmio window (Firecracker style) from
-//!   `VIRTIO_MMIO_BASE` upwards. Linux learns of them from `virtio_mmio.device=4K@<base>:<gsi>`
-//!   entries this module appends to the command line; the test guests scan the windows.
-//! - `pci`: PCI functions 00:01.0 onwards behind a host bridge (ports 0xcf8/0xcfc), BARs
-//!   pre-assigned in `PCI_BAR_WINDOW`, legacy INTx on the same GSIs. Found by enumeration.
+//!   `VIRTIO_MMIO_BASE` upwards, edge-triggered on its GSI. Linux learns of them from the
+//!   DSDT (`LNRO0005` devices, see `acpi_devices`; what a distro kernel without
+//!   CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES needs) and from `virtio_mmio.device=4K@<base>:<gsi>`
+//!   entries this module appends to the command line (for kernels without ACPI; a kernel with
+//!   both finds each window twice and the second probe fails with EBUSY, harmlessly). The
+//!   test guests scan the windows.
+//! - `pci`: PCI functions 00:01.0 onwards behind a host bridge (ports 0xcf8/0xcfc, `\_SB.PCI0`
+//!   in the DSDT with a `_PRT`), BARs pre-assigned in `PCI_BAR_WINDOW`. MSI-X (one vector per
+//!   queue plus config) sent through `Vm::signal_msi`; legacy INTx on the same GSIs when the
+//!   driver leaves MSI-X off. Found by enumeration.
 //!
 //! Queue notifications reach the device worker through an ioeventfd and virtio-mmio interrupts
 //! go out through an irqfd where the backend has them (`virtio_eventfd`); otherwise through
@@ -455,6 +461,24 @@ mod tests {
             "",
             "PCI devices are found by enumeration"
         );
+    }
+
+    #[test]
+    fn acpi_describes_the_devices_create_builds() {
+        let mut c = VmConfig::new("k");
+        c.rng = true;
+        c.balloon = Some(BalloonConfig::default());
+        let a = acpi_devices(&c);
+        assert_eq!(a.virtio_mmio, vec![(0xd100_0000, 5), (0xd100_1000, 6)]);
+        assert_eq!(a.pci, None);
+        c.virtio_transport = VirtioTransport::Pci;
+        let a = acpi_devices(&c);
+        assert!(a.virtio_mmio.is_empty());
+        let pci = a.pci.expect("a PCI root bridge");
+        assert_eq!(pci.mem_window, PCI_BAR_WINDOW);
+        // Slot 0 is the host bridge; devices follow in creation order with their GSIs.
+        assert_eq!(pci.intx, vec![(1, 5), (2, 6)]);
+        assert!(acpi_devices(&VmConfig::new("k")).virtio_mmio.is_empty());
     }
 
     #[test]

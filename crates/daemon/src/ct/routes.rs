@@ -31,6 +31,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/cts/{name}/start"),
     ("post", "/v1/cts/{name}/stop"),
     ("post", "/v1/cts/{name}/kill"),
+    ("post", "/v1/cts/{name}/pause"),
+    ("post", "/v1/cts/{name}/resume"),
     ("get", "/v1/cts/{name}/console"),
     ("post", "/v1/cts/{name}/export"),
 ];
@@ -47,6 +49,8 @@ pub fn router(cts: Arc<Cts>) -> Router {
         .route("/v1/cts/{name}/start", post(start))
         .route("/v1/cts/{name}/stop", post(stop))
         .route("/v1/cts/{name}/kill", post(kill))
+        .route("/v1/cts/{name}/pause", post(pause))
+        .route("/v1/cts/{name}/resume", post(resume))
         .route("/v1/cts/{name}/console", get(console))
         .route("/v1/cts/{name}/export", post(export))
         .with_state(cts)
@@ -110,6 +114,14 @@ async fn stop(State(c): St, UrlPath(name): UrlPath<String>, body: Bytes) -> ApiR
 
 async fn kill(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
     Ok(Json(c.kill(&name).await?).into_response())
+}
+
+async fn pause(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    Ok(Json(c.pause(&name).await?).into_response())
+}
+
+async fn resume(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
+    Ok(Json(c.resume(&name).await?).into_response())
 }
 
 #[derive(Deserialize, Default)]

@@ -194,6 +194,22 @@ impl Inventory {
         )
     }
 
+    /// running <-> paused.
+    pub fn set_ct_state(&self, name: &str, state: VmState) -> Result<(), InventoryError> {
+        self.update(
+            name,
+            "UPDATE instances SET state = ?2, updated_ms = ?3 WHERE kind = 'ct' AND name = ?1",
+            params![name, state.as_str(), now_ms()],
+            (
+                match state {
+                    VmState::Paused => "paused",
+                    _ => "resumed",
+                },
+                state.as_str().to_string(),
+            ),
+        )
+    }
+
     pub fn set_ct_spec(&self, spec: &CtCreate, event: &str) -> Result<(), InventoryError> {
         let config = config_json(spec)?;
         self.update(

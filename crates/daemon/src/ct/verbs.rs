@@ -252,6 +252,7 @@ impl Cts {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string());
+        self.thaw_if_paused(name).await;
         signal(h.init_pid, libc::SIGTERM);
         if !wait_done(&h, timeout).await {
             tracing::info!(ct = name, "no exit within {timeout:?}: SIGKILL");
@@ -265,6 +266,68 @@ impl Cts {
         self.info(name)
     }
 
+    /// Freezes every process of the container (cgroup freezer).
+    pub async fn pause(self: &Arc<Self>, name: &str) -> Result<CtInfo, DaemonError> {
+        self.freeze(name, true).await
+    }
+
+    pub async fn resume(self: &Arc<Self>, name: &str) -> Result<CtInfo, DaemonError> {
+        self.freeze(name, false).await
+    }
+
+    async fn freeze(self: &Arc<Self>, name: &str, frozen: bool) -> Result<CtInfo, DaemonError> {
+        let _g = self.op_lock(name).await;
+        self.running_handle(name)?;
+        let rec = self.inv().get_ct(name)?;
+        let (want, verb) = if frozen {
+            (VmState::Running, "pause")
+        } else {
+            (VmState::Paused, "resume")
+        };
+        if rec.state != want {
+            return Err(DaemonError::Conflict(format!(
+                "container {name:?} is {}: cannot {verb} it",
+                rec.state
+            )));
+        }
+        let root = self.sys().run_root();
+        let n = name.to_string();
+        blocking(move || {
+            if frozen {
+                corefour_container::container_pause::pause(&root, &n)
+            } else {
+                corefour_container::container_pause::resume(&root, &n)
+            }
+            .map_err(ct_error)
+        })
+        .await?;
+        self.inv().set_ct_state(
+            name,
+            if frozen {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+        )?;
+        self.info(name)
+    }
+
+    /// A frozen init cannot act on a signal: thaw before stopping or killing.
+    async fn thaw_if_paused(&self, name: &str) {
+        if self
+            .inv()
+            .get_ct(name)
+            .is_ok_and(|r| r.state == VmState::Paused)
+        {
+            let root = self.sys().run_root();
+            let n = name.to_string();
+            let _ = blocking(move || {
+                corefour_container::container_pause::resume(&root, &n).map_err(ct_error)
+            })
+            .await;
+        }
+    }
+
     pub async fn kill(self: &Arc<Self>, name: &str) -> Result<CtInfo, DaemonError> {
         let _g = self.op_lock(name).await;
         let h = self.running_handle(name)?;
@@ -273,6 +336,7 @@ impl Cts {
     }
 
     async fn kill_and_wait(&self, name: &str, h: &CtHandle) -> Result<(), DaemonError> {
+        self.thaw_if_paused(name).await;
         signal(h.init_pid, libc::SIGKILL);
         if wait_done(h, KILL_GRACE).await {
             Ok(())

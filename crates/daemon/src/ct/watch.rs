@@ -209,6 +209,17 @@ impl Cts {
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(name.clone(), CtHandle { init_pid, done: rx });
             self.spawn_watcher(name.clone(), watched, tx);
+            // The freezer knows whether it is paused; the inventory may have missed a change.
+            if let Ok(i) = self.sys().info(&name) {
+                let live = if i.status == "paused" {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
+                if live != rec.state {
+                    self.inv().set_ct_state(&name, live)?;
+                }
+            }
             let how = if shim_alive {
                 ""
             } else {

@@ -80,6 +80,8 @@ impl Chain {
                 len: d.len(),
             };
             if d.is_write_only() {
+                // Before the device writes it: migration and diff snapshots resend it.
+                super::dirty::mark(d.addr().0, u64::from(d.len()));
                 self.writable.push(b);
             } else if !self.writable.is_empty() {
                 self.error.get_or_insert(ChainError::ReadAfterWrite);

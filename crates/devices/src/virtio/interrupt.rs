@@ -14,8 +14,12 @@ pub const INT_CONFIG: u32 = 2;
 /// Message-signalled interrupts that replace the line while the driver has them enabled
 /// (virtio-pci MSI-X, `pci_msix::Msix`). Each returns false when they are off.
 pub trait MessageInterrupts: Send + Sync {
-    /// A used ring changed.
+    /// A used ring changed (which one, the device did not say).
     fn used(&self) -> bool;
+    /// Queue `queue`'s used ring changed.
+    fn used_queue(&self, _queue: usize) -> bool {
+        self.used()
+    }
     /// The config space changed.
     fn config(&self) -> bool;
 }
@@ -61,6 +65,16 @@ impl Interrupt {
     /// A used ring was updated (and the driver wants to hear about it).
     pub fn signal_used(&self) {
         if self.messages.as_ref().is_some_and(|m| m.used()) {
+            return;
+        }
+        self.isr.fetch_or(INT_VRING, Ordering::SeqCst);
+        self.raise();
+    }
+
+    /// Queue `queue`'s used ring was updated: with per-queue MSI-X vectors only that queue's
+    /// fires (a driver counts a vector that fires with nothing new as spurious).
+    pub fn signal_used_queue(&self, queue: usize) {
+        if self.messages.as_ref().is_some_and(|m| m.used_queue(queue)) {
             return;
         }
         self.isr.fetch_or(INT_VRING, Ordering::SeqCst);

@@ -19,6 +19,7 @@
 pub mod balloon;
 pub mod blk;
 pub mod chain;
+pub mod dirty;
 pub mod driver;
 pub mod interrupt;
 pub mod mmio;

@@ -585,6 +585,7 @@ impl SaveRestore for VirtioPciDevice {
             bar: c.bar,
             interrupt_line: c.regs[15] as u8,
             device_feature_select: self.device_feature_select.load(Ordering::SeqCst),
+            msix: self.msix.as_ref().map(|m| m.save()),
         });
         Ok(s)
     }
@@ -603,6 +604,17 @@ impl SaveRestore for VirtioPciDevice {
                 "saved BAR address {:#x} is not {BAR_SIZE:#x}-aligned",
                 p.bar
             )));
+        }
+        match (&self.msix, &p.msix) {
+            (Some(m), Some(saved)) => m.restore(saved)?,
+            (None, None) => {}
+            // A snapshot from before MSI-X: the driver runs on INTx, as it did then.
+            (Some(_), None) => {}
+            (None, Some(_)) => {
+                return Err(StateError::Mismatch(
+                    "the snapshot has MSI-X state; this PCI function has no MSI-X".into(),
+                ))
+            }
         }
         self.core.restore(saved)?;
         let mut c = self.cfg();

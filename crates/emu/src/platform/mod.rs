@@ -8,3 +8,4 @@ pub mod ioapic;
 pub mod lapic;
 pub mod pic;
 pub mod pit;
+pub mod state;

@@ -20,6 +20,7 @@ use crate::control::{Control, ControlError};
 use crate::memory::GuestMem;
 use crate::migration::{self, MigrationSource, SendParams};
 use corefour_devices::legacy::Serial;
+use corefour_devices::virtio::dirty as device_dirty;
 use corefour_devices::virtio::state::{SaveRestore, TransportSnap};
 
 #[derive(Debug, Deserialize)]
@@ -78,11 +79,14 @@ pub struct StateHandle {
     track: Mutex<Track>,
 }
 
-/// Why a diff snapshot of a VM with virtio devices is refused: KVM's dirty log sees only the
-/// vCPUs' writes, not the pages a device thread wrote (disk reads, used rings), so a diff
-/// would miss them.
-const DIFF_WITH_DEVICES: &str = "diff snapshots of VMs with virtio devices are not supported \
-     (device writes to guest memory are not in KVM's dirty log): take a full snapshot";
+/// Used rings are written by the device model itself, not through a chain buffer: mark them.
+fn mark_used_rings(states: &[TransportSnap]) {
+    for s in states {
+        for (addr, len) in s.used_rings() {
+            device_dirty::mark(addr, len);
+        }
+    }
+}
 
 fn err500(e: impl std::fmt::Display) -> (u16, String) {
     (500, e.to_string())
@@ -131,7 +135,22 @@ impl StateHandle {
             .collect()
     }
 
+    /// Switches KVM's dirty log and, for virtio devices, the device log (`device_dirty`: KVM
+    /// sees only the vCPUs' writes) on or off.
     fn set_logging(&self, on: bool) -> Result<(), String> {
+        if !self.virtio.is_empty() {
+            if on {
+                let end = self
+                    .regions()
+                    .iter()
+                    .map(|h| h.region.guest_phys_addr + h.region.size)
+                    .max()
+                    .unwrap_or(0);
+                device_dirty::start(end);
+            } else {
+                device_dirty::stop();
+            }
+        }
         for (slot, h) in self.regions().iter().enumerate() {
             let r = MemoryRegion {
                 slot: slot as u32,
@@ -159,6 +178,22 @@ impl StateHandle {
                     .map_err(|e| format!("cannot read the dirty log: {e}"))
             })
             .collect()
+    }
+
+    /// KVM's dirty log merged with the pages the (parked) virtio devices wrote, whose used
+    /// rings `states` describe; the device log restarts empty.
+    fn take_dirty_with_devices(&self, states: &[TransportSnap]) -> Result<Vec<Vec<u64>>, String> {
+        let mut maps = self.take_dirty_all()?;
+        if self.virtio.is_empty() {
+            return Ok(maps);
+        }
+        mark_used_rings(states);
+        for (m, h) in maps.iter_mut().zip(self.regions()) {
+            let dev = device_dirty::region(h.region.guest_phys_addr, h.region.size);
+            super::dirty::merge(m, &dev);
+        }
+        device_dirty::clear();
+        Ok(maps)
     }
 
     /// Parks every virtio device and returns its state; they stay parked (not touching guest
@@ -224,9 +259,6 @@ impl StateHandle {
 
     /// Writes a snapshot of the VM into `dir` (which must not exist or be empty).
     pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotReport, (u16, String)> {
-        if diff && !self.virtio.is_empty() {
-            return Err((409, DIFF_WITH_DEVICES.into()));
-        }
         let mut track = self.lock();
         let parent =
             if diff {
@@ -287,7 +319,7 @@ impl StateHandle {
         let mem_path = dir.join(MEMORY_FILE);
         let (file, diff) = match parent {
             Some(parent) => {
-                let bitmaps = self.take_dirty_all()?;
+                let bitmaps = self.take_dirty_with_devices(&machine.devices.virtio)?;
                 // SAFETY: the regions map the VM's live memory, and the VM is paused.
                 let (info, runs) = unsafe { memfile::write_diff(&mem_path, &regions, &bitmaps) }
                     .map_err(|e| e.to_string())?;
@@ -296,7 +328,7 @@ impl StateHandle {
             None => {
                 if track.logging {
                     // Restart the log: the next diff is relative to this snapshot.
-                    self.take_dirty_all()?;
+                    self.take_dirty_with_devices(&[])?;
                 }
                 // SAFETY: as above.
                 let info = unsafe { memfile::write_full(&mem_path, &regions) }
@@ -352,11 +384,15 @@ impl MigrationSource for StateHandle {
         let r = self.regions();
         let h = r.get(index).ok_or("no such memory region")?;
         if self.devices_parked.load(Ordering::SeqCst) {
-            // The stop-and-copy round of a VM with virtio devices: the pages device threads
-            // wrote during pre-copy are not in KVM's log, so every page goes again. Correct,
-            // at the price of a downtime that grows with guest memory.
-            let _ = self.vm.dirty_log(index as u32, h.region.size);
-            return Ok(super::dirty::all_dirty(h.region.size));
+            // The stop-and-copy round: add every page a device wrote since pre-copy began
+            // (the device log is cumulative, and the devices are parked now).
+            let mut m = self
+                .vm
+                .dirty_log(index as u32, h.region.size)
+                .map_err(|e| format!("cannot read the dirty log: {e}"))?;
+            let dev = device_dirty::region(h.region.guest_phys_addr, h.region.size);
+            super::dirty::merge(&mut m, &dev);
+            return Ok(m);
         }
         self.vm
             .dirty_log(index as u32, h.region.size)
@@ -375,12 +411,17 @@ impl MigrationSource for StateHandle {
         }
         // Devices stop writing guest memory before the last copy starts.
         self.devices_parked.store(true, Ordering::SeqCst);
-        if let Err(e) = self.save_devices() {
-            self.resume_devices();
-            let _ = self.control.resume();
-            return Err(e);
+        match self.save_devices() {
+            Ok(states) => {
+                mark_used_rings(&states);
+                Ok(())
+            }
+            Err(e) => {
+                self.resume_devices();
+                let _ = self.control.resume();
+                Err(e)
+            }
         }
-        Ok(())
     }
     fn resume(&self) -> Result<(), String> {
         self.resume_devices();

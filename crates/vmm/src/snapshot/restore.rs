@@ -222,9 +222,9 @@ fn prepare_with(
     let t = Instant::now();
     let control = Control::new(config.vcpus);
     let events: Arc<dyn GuestEvents> = control.clone();
-    let make_vcpus = || -> Result<_, RestoreError> {
-        // Disks, taps and sockets are opened again from the config; the devices stay inactive
-        // until `load` puts their state back.
+    // Disks, taps and sockets are opened again from the config; the devices stay inactive
+    // until `load` puts their state back. Nothing here needs guest memory registered.
+    let make_devices = || -> Result<_, RestoreError> {
         let virtio = crate::virtio_devices::create(&config, mem, &vm).map_err(VmmError::from)?;
         let mut pio = virtio.pio;
         if crate::boot::linux::is_bzimage(&config.kernel) {
@@ -232,9 +232,8 @@ fn prepare_with(
             let base = u64::from(crate::acpi::PM_BASE_PORT);
             pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
         }
-        let (machine, serial) =
-            machine::build_with(&vm, console.clone(), events.clone(), virtio.mmio, pio)
-                .map_err(VmmError::from)?;
+        let (machine, serial) = machine::build_with(&vm, console.clone(), events, virtio.mmio, pio)
+            .map_err(VmmError::from)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let vcpu = vm
@@ -243,17 +242,17 @@ fn prepare_with(
             control.add_kicker(vcpu.kicker());
             vcpus.push(vcpu);
         }
-        Ok((machine, serial, vcpus, virtio.saveable, virtio.balloon))
+        Ok((machine, serial, virtio.saveable, virtio.balloon, vcpus))
     };
     let register = || -> Result<(), RestoreError> {
         memory::register(mem, vm.as_ref()).map_err(|e| VmmError::from(e).into())
     };
-    let (machine, serial, vcpus, virtio, balloon) = if overlap {
+    let (machine, serial, virtio, balloon, vcpus) = if overlap {
         std::thread::scope(|s| {
             let reg = std::thread::Builder::new()
                 .name("mem-register".into())
                 .spawn_scoped(s, register);
-            let made = make_vcpus();
+            let made = make_devices();
             let registered = match reg {
                 Ok(h) => h.join().unwrap_or_else(|_| {
                     Err(RestoreError::State {
@@ -269,7 +268,7 @@ fn prepare_with(
         })?
     } else {
         register()?;
-        make_vcpus()?
+        make_devices()?
     };
     let setup_ms = ms(t);
     Ok((
