@@ -4,7 +4,8 @@
 //! ACPI `LNRO0005` devices, interrupts through the I/O APIC), both boots at the same time.
 //!
 //! Each guest gets a virtio-blk disk holding an ext4 image made with `mkfs.ext4 -d`, a
-//! virtio-net NIC on a tap in a bridge shared with an `ip netns` test host, and virtio-rng.
+//! virtio-net NIC on a tap in a bridge shared with an `ip netns` test host, virtio-rng, and a
+//! virtio-balloon with a 16 MiB target.
 //! The fixture's initramfs is reused unchanged: a second newc archive holding our /init is
 //! appended to a copy of it (the kernel unpacks concatenated archives; later files win). That
 //! init mounts the disk, prints the known file and writes one back (checked on the host after
@@ -40,6 +41,15 @@ for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
     virtio-rng virtio_blk failover net_failover virtio_net; do
     insmod /lib/modules/virtio/$m.ko || echo "C4T-INSMOD-FAILED $m"
 done
+memfree() { sed -n 's/^MemFree: *\([0-9]*\) kB/\1/p' /proc/meminfo; }
+free0=$(memfree)
+insmod /lib/modules/virtio/virtio_balloon.ko || echo "C4T-INSMOD-FAILED virtio_balloon"
+n=0
+while [ $((free0 - $(memfree))) -lt 12288 ] && [ $n -lt 100 ]; do
+    sleep 0.1
+    n=$((n + 1))
+done
+echo "C4T-BALLOON-KB $((free0 - $(memfree)))"
 n=0
 while [ ! -b /dev/vda ] || [ ! -e /sys/class/net/eth0 ]; do
     [ $n -ge 100 ] && break
@@ -236,6 +246,7 @@ fn boot(kernel: &Path, initrd: &Path, g: &Guest, host_ip: &str) -> Run {
         .arg(&g.disk)
         .args(["--net", &format!("{},mac={}", g.tap, g.mac)])
         .arg("--rng")
+        .args(["--balloon", "16"])
         .args(["--virtio-transport", g.transport]);
     run(cmd, LIMIT)
 }
@@ -293,6 +304,17 @@ fn check(g: &Guest, r: &Run) {
         ctx()
     );
     assert!(s.contains("C4T-RNG-SRC virtio_rng."), "{}", ctx());
+    // The balloon's 16 MiB target: the driver took that much free memory from the guest.
+    let ballooned: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("C4T-BALLOON-KB "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        ballooned >= 12 * 1024,
+        "balloon inflated {ballooned} KiB: {}",
+        ctx()
+    );
     let rng = s
         .lines()
         .find_map(|l| l.strip_prefix("C4T-RNG "))
@@ -345,7 +367,7 @@ fn check(g: &Guest, r: &Run) {
 }
 
 #[test]
-fn linux_drives_virtio_blk_net_and_rng_over_pci_and_mmio() {
+fn linux_drives_virtio_blk_net_rng_and_balloon_over_pci_and_mmio() {
     let Some((kernel, fixture_initrd)) = fixture() else {
         eprintln!("SKIP: no fixture in .cache/linux; run tests/fixtures/linux/setup.sh");
         return;

@@ -30,8 +30,8 @@ pub enum RestoreError {
     Config(String),
     #[error("cannot map the snapshot memory {path}: {reason}")]
     Map { path: String, reason: String },
-    #[error("the snapshot was taken on the {0} backend; only KVM snapshots can be restored")]
-    Backend(String),
+    #[error("the state was saved on the {saved} backend, this VM runs on {found}")]
+    Backend { saved: String, found: &'static str },
     #[error(transparent)]
     Vmm(#[from] VmmError),
     #[error("cannot restore {what}: {reason}")]
@@ -136,7 +136,8 @@ pub fn restore(
     let map_ms = ms(t);
     let config: VmConfig = serde_json::from_value(top.machine.config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;
-    let p = prepare_with(config, &mem, console, !opts.serial_setup)?;
+    let kind = backend_of(&top.machine);
+    let p = prepare_with(config, &mem, console, !opts.serial_setup, kind)?;
     let t_state = Instant::now();
     let vmm = load(p.0, &top.machine, mem)?;
     Ok((
@@ -164,8 +165,17 @@ pub fn assemble(
 ) -> Result<Vmm, RestoreError> {
     let config: VmConfig = serde_json::from_value(state.config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;
-    let p = prepare(config, &mem, console)?;
-    load(p, state, mem)
+    let p = prepare_with(config, &mem, console, true, backend_of(state))?;
+    load(p.0, state, mem)
+}
+
+/// A snapshot restores on the backend that wrote it: the vCPU and irqchip state of KVM and of
+/// the software CPU are different formats (`load` checks they match).
+fn backend_of(state: &MachineState) -> BackendKind {
+    match state.vm.backend.as_str() {
+        "emu" => BackendKind::Emu,
+        _ => BackendKind::Kvm,
+    }
 }
 
 /// A VM created for a config, memory registered, devices and vCPUs made, no state loaded:
@@ -188,7 +198,7 @@ pub fn prepare(
     mem: &GuestMem,
     console: Console,
 ) -> Result<Prepared, RestoreError> {
-    prepare_with(config, mem, console, true).map(|p| p.0)
+    prepare_with(config, mem, console, true, BackendKind::Kvm).map(|p| p.0)
 }
 
 /// `prepare`, also returning how long creating the VM, and registering memory plus creating
@@ -204,12 +214,13 @@ fn prepare_with(
     mem: &GuestMem,
     console: Console,
     overlap: bool,
+    kind: BackendKind,
 ) -> Result<(Prepared, f64, f64), RestoreError> {
     config
         .validate()
         .map_err(|e| RestoreError::Config(e.to_string()))?;
     let t = Instant::now();
-    let picked = backend::open(BackendKind::Kvm).map_err(VmmError::from)?;
+    let picked = backend::open(kind).map_err(VmmError::from)?;
     let name = picked.hypervisor.name();
     let vm = picked
         .hypervisor
@@ -222,9 +233,9 @@ fn prepare_with(
     let t = Instant::now();
     let control = Control::new(config.vcpus);
     let events: Arc<dyn GuestEvents> = control.clone();
-    // Disks, taps and sockets are opened again from the config; the devices stay inactive
-    // until `load` puts their state back. Nothing here needs guest memory registered.
-    let make_devices = || -> Result<_, RestoreError> {
+    let make_vcpus = || -> Result<_, RestoreError> {
+        // Disks, taps and sockets are opened again from the config; the devices stay inactive
+        // until `load` puts their state back.
         let virtio = crate::virtio_devices::create(&config, mem, &vm).map_err(VmmError::from)?;
         let mut pio = virtio.pio;
         if crate::boot::linux::is_bzimage(&config.kernel) {
@@ -232,8 +243,9 @@ fn prepare_with(
             let base = u64::from(crate::acpi::PM_BASE_PORT);
             pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
         }
-        let (machine, serial) = machine::build_with(&vm, console.clone(), events, virtio.mmio, pio)
-            .map_err(VmmError::from)?;
+        let (machine, serial) =
+            machine::build_with(&vm, console.clone(), events.clone(), virtio.mmio, pio)
+                .map_err(VmmError::from)?;
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let vcpu = vm
@@ -242,17 +254,17 @@ fn prepare_with(
             control.add_kicker(vcpu.kicker());
             vcpus.push(vcpu);
         }
-        Ok((machine, serial, virtio.saveable, virtio.balloon, vcpus))
+        Ok((machine, serial, vcpus, virtio.saveable, virtio.balloon))
     };
     let register = || -> Result<(), RestoreError> {
         memory::register(mem, vm.as_ref()).map_err(|e| VmmError::from(e).into())
     };
-    let (machine, serial, virtio, balloon, vcpus) = if overlap {
+    let (machine, serial, vcpus, virtio, balloon) = if overlap {
         std::thread::scope(|s| {
             let reg = std::thread::Builder::new()
                 .name("mem-register".into())
                 .spawn_scoped(s, register);
-            let made = make_devices();
+            let made = make_vcpus();
             let registered = match reg {
                 Ok(h) => h.join().unwrap_or_else(|_| {
                     Err(RestoreError::State {
@@ -268,7 +280,7 @@ fn prepare_with(
         })?
     } else {
         register()?;
-        make_devices()?
+        make_vcpus()?
     };
     let setup_ms = ms(t);
     Ok((
@@ -305,8 +317,11 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             p.vcpus.len()
         )));
     }
-    if state.vm.backend != "kvm" {
-        return Err(RestoreError::Backend(state.vm.backend.clone()));
+    if state.vm.backend != p.backend {
+        return Err(RestoreError::Backend {
+            saved: state.vm.backend.clone(),
+            found: p.backend,
+        });
     }
     p.vm.restore_state(&state.vm)
         .map_err(|e| RestoreError::State {
