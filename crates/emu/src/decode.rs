@@ -233,6 +233,8 @@ impl Cpu {
                 break;
             }
         }
+        self.prof.decoded_blocks += 1;
+        self.prof.decoded_insns += ins.len() as u64;
         let len = ins.last().map_or(0, |l| {
             (l.i.next_ip().wrapping_sub(self.rip) as usize).min(bytes.len())
         });

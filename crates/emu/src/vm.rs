@@ -12,6 +12,7 @@ use crate::platform::ioapic::{Ioapic, Route};
 use crate::platform::lapic::{Ipi, Lapic};
 use crate::platform::pic::Pic;
 use crate::platform::pit::Pit;
+use crate::platform::rtc::Rtc;
 
 /// What other threads share with one vCPU.
 pub struct Link {
@@ -66,6 +67,7 @@ pub struct Shared {
     pub ioapic: Mutex<Ioapic>,
     pub pit: Mutex<Pit>,
     pub pic: Mutex<Pic>,
+    pub rtc: Mutex<Rtc>,
 }
 
 impl Shared {
@@ -125,6 +127,10 @@ impl Shared {
 
     pub fn pit(&self) -> MutexGuard<'_, Pit> {
         self.pit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn rtc(&self) -> MutexGuard<'_, Rtc> {
+        self.rtc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn pic(&self) -> MutexGuard<'_, Pic> {
@@ -210,6 +216,7 @@ impl EmuVm {
                 ioapic: Mutex::new(Ioapic::default()),
                 pit: Mutex::new(Pit::default()),
                 pic: Mutex::new(Pic::default()),
+                rtc: Mutex::new(Rtc::default()),
             }),
         })
     }
