@@ -100,7 +100,14 @@ impl EmuVcpu {
         let sipi = l.sipi.take();
         let nmi = std::mem::take(&mut l.nmi);
         self.irq_ready = l.pending().is_some();
+        let ext = self.cpu.env.id == 0 && l.accepts_pic();
         drop(l);
+        if ext && !self.irq_ready {
+            self.irq_ready = self.cpu.env.vm.pic().pending().is_some();
+        }
+        if init || sipi.is_some() {
+            self.cache.prev = std::ptr::null();
+        }
         if init {
             self.init_reset();
         }
@@ -175,6 +182,7 @@ impl EmuVcpu {
     /// Delivers an exception, escalating to #DF and to a shutdown (triple fault).
     fn raise(&mut self, f: Fault) -> Option<VmExit> {
         self.cpu.prof.exceptions += 1;
+        self.cache.prev = std::ptr::null();
         if self.cpu.env.vm.trace_unimpl && f.vector != PF {
             let lin = self.cpu.lin(CS, self.cpu.rip);
             let bytes: Vec<String> = (0..12)
@@ -210,11 +218,27 @@ impl EmuVcpu {
         }
     }
 
+    /// The 8259's vector if its output reaches this CPU (LINT0 ExtINT on the boot CPU) and it
+    /// has a request; it goes first, as on KVM.
+    fn take_extint(&mut self) -> Option<u8> {
+        if self.cpu.env.id != 0 || !self.link.lapic().accepts_pic() {
+            return None;
+        }
+        self.cpu.env.vm.pic().ack()
+    }
+
     fn take_interrupt(&mut self) -> Option<VmExit> {
-        let v = self.link.lapic().ack();
-        self.irq_ready = self.link.lapic().pending().is_some();
+        let v = match self.take_extint() {
+            Some(v) => Some(v),
+            None => self.link.lapic().ack(),
+        };
+        self.irq_ready = self.link.lapic().pending().is_some()
+            || (self.cpu.env.id == 0
+                && self.link.lapic().accepts_pic()
+                && self.cpu.env.vm.pic().pending().is_some());
         let v = v?;
         self.cpu.prof.interrupts += 1;
+        self.cache.prev = std::ptr::null();
         match self.cpu.deliver(v, None, false) {
             Ok(()) => None,
             Err(Stop::Fault(f)) => self.raise(f),
@@ -284,6 +308,7 @@ impl EmuVcpu {
             self.recent_at = (self.recent_at + 1) % 16;
         }
         self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
+        let bp = b as *const crate::decode::Block;
         for op in b.ins.iter() {
             let ins = &op.i;
             self.cpu.cur_ip = ins.ip();
@@ -309,9 +334,10 @@ impl EmuVcpu {
             self.cpu.icount += 1;
             if self.cpu.brk {
                 self.cpu.brk = false;
-                break;
+                return None;
             }
         }
+        self.cache.ran(bp);
         None
     }
 

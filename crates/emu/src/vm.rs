@@ -287,6 +287,14 @@ impl Vm for EmuVm {
         if let Some(r) = r {
             self.shared.deliver_route(r);
         }
+        if pin < 16 {
+            // The ISA lines also reach the 8259 pair, as on KVM's irqchip; the boot CPU takes
+            // them when its LINT0 is in ExtINT mode.
+            self.shared.pic().set_line(pin as u8, level);
+            if level {
+                self.shared.links[0].notify();
+            }
+        }
         Ok(())
     }
 

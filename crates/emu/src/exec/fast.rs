@@ -760,10 +760,20 @@ fn select_more(i: &Instruction, m: M) -> Option<Handler> {
             }
         }
         M::Mov if i.op_count() == 2 && mem(0) && !reg(1) => mov_m_imm,
-        M::Mov if i.op_count() == 2 && reg(0) && mem(1) && i.op0_register().is_gpr() => {
+        M::Mov
+            if i.op_count() == 2
+                && reg(0)
+                && mem(1)
+                && (i.op0_register().is_gpr8() || i.op0_register().is_gpr16()) =>
+        {
             mov_load_small
         }
-        M::Mov if i.op_count() == 2 && mem(0) && reg(1) && i.op1_register().is_gpr() => {
+        M::Mov
+            if i.op_count() == 2
+                && mem(0)
+                && reg(1)
+                && (i.op1_register().is_gpr8() || i.op1_register().is_gpr16()) =>
+        {
             mov_store_small
         }
         _ => return None,
