@@ -181,6 +181,8 @@ pub struct Cpu {
     /// Retired-instruction count at which timers and interrupts are looked at next.
     pub poll_at: u64,
     pub dr: [u64; 8],
+    /// COREFOUR_EMU_PROFILE counters (off unless the variable is set).
+    pub prof: crate::profile::Profile,
 }
 
 impl Cpu {
@@ -224,6 +226,7 @@ impl Cpu {
             cur_ip: 0,
             poll_at: 0,
             dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
+            prof: crate::profile::Profile::default(),
         };
         for (i, s) in c.seg.iter_mut().enumerate() {
             *s = Segment {
@@ -322,6 +325,7 @@ impl Cpu {
                     < (self.lazy.b & flags::mask(self.lazy.bits))
             }
             Op::Logic => false,
+            Op::Szp => self.lazy.b & flags::CF != 0,
             _ => self.flags() & flags::CF != 0,
         }
     }

@@ -2,6 +2,7 @@
 //! reused until the guest writes to that page: each block keeps the page's code version word
 //! and compares it on lookup. Blocks never cross a page and end at the first control transfer.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -32,6 +33,14 @@ pub struct Block {
     head: u64,
     tail: u64,
     pub ins: Vec<Op>,
+    /// The linear address of `rip` when decoded.
+    lin: u64,
+    /// Direct links to successor blocks (rip, block), valid while the cache's `gen` equals
+    /// `link_gen`: following one skips the hash lookup, and for a successor on the same page
+    /// (hence the same mapping, as nothing changed modes or mappings in between) the TLB.
+    links: [Cell<(u64, *const Block)>; 2],
+    link_gen: Cell<u64>,
+    link_next: Cell<u8>,
 }
 
 /// A decoded instruction and the handler that executes it.
@@ -46,12 +55,57 @@ fn op(i: Instruction, bits: u32) -> Op {
 }
 
 // SAFETY: `ver_ptr` points at an atomic inside the VM's `PhysMem`, which outlives the block
-// (the cache is cleared when the memory map is replaced); reads of it are atomic.
+// (the cache is cleared when the memory map is replaced); reads of it are atomic. The links
+// point at blocks of the same cache, which belongs to one vCPU thread.
 unsafe impl Send for Block {}
-// SAFETY: see `Send`.
-unsafe impl Sync for Block {}
 
 impl Block {
+    fn new(rip: u64, lin: u64, bits: u32, ins: Vec<Op>) -> Self {
+        Block {
+            rip,
+            bits,
+            ver: 0,
+            ver_ptr: std::ptr::null(),
+            src: std::ptr::null(),
+            len: 0,
+            head: 0,
+            tail: 0,
+            ins,
+            lin,
+            links: [
+                Cell::new((u64::MAX, std::ptr::null())),
+                Cell::new((u64::MAX, std::ptr::null())),
+            ],
+            link_gen: Cell::new(0),
+            link_next: Cell::new(0),
+        }
+    }
+
+    /// The linked successor at `rip`, if this block has one from the current generation.
+    #[inline]
+    fn linked(&self, rip: u64, gen: u64) -> Option<*const Block> {
+        if self.link_gen.get() != gen {
+            return None;
+        }
+        self.links
+            .iter()
+            .map(|l| l.get())
+            .find(|&(r, p)| r == rip && !p.is_null())
+            .map(|(_, p)| p)
+    }
+
+    fn link(&self, rip: u64, to: *const Block, gen: u64) {
+        if self.link_gen.get() != gen {
+            self.link_gen.set(gen);
+            for l in &self.links {
+                l.set((u64::MAX, std::ptr::null()));
+            }
+        }
+        let k = self.link_next.get() as usize & 1;
+        self.links[k].set((rip, to));
+        self.link_next.set(k as u8 ^ 1);
+    }
+
     #[inline]
     fn valid(&self) -> bool {
         // SAFETY: see the field's comment; `src .. src+len` lies in the same region.
@@ -103,7 +157,7 @@ impl Hasher for AddrHasher {
     }
 }
 
-const FAST: usize = 4096;
+const FAST: usize = 8192;
 
 /// Decoded blocks of one vCPU: a direct-mapped array in front of a hash map, both keyed by
 /// the host address of the block's first byte (unique per guest-physical byte) and code size.
@@ -112,6 +166,12 @@ pub struct Cache {
     /// (key, block) pairs; a pointer is into a `Box` in `map` and is reset whenever that entry
     /// is replaced or the map is cleared.
     fast: Box<[(u64, *const Block)]>,
+    /// Bumped whenever a block is dropped: links and `prev` from an older generation are void.
+    gen: u64,
+    /// The block that just ran to its end (no fault, interrupt or mode change after it), from
+    /// generation `prev_gen`: the next lookup tries its links first.
+    pub prev: *const Block,
+    prev_gen: u64,
 }
 
 // SAFETY: the raw pointers point into boxes owned by `map` in the same struct.
@@ -122,19 +182,79 @@ impl Default for Cache {
         Cache {
             map: HashMap::default(),
             fast: vec![(u64::MAX, std::ptr::null()); FAST].into_boxed_slice(),
+            gen: 1,
+            prev: std::ptr::null(),
+            prev_gen: 0,
         }
     }
+}
+
+#[inline]
+fn fast_slot(host: u64) -> usize {
+    ((host >> 1) ^ (host >> 14)) as usize & (FAST - 1)
 }
 
 impl Cache {
     pub fn clear(&mut self) {
         self.map.clear();
         self.fast.fill((u64::MAX, std::ptr::null()));
+        self.gen += 1;
+        self.prev = std::ptr::null();
     }
 
-    /// The decoded block at the CPU's RIP.
+    /// Marks `b` as the block that just ran to its end.
+    #[inline]
+    pub fn ran(&mut self, b: *const Block) {
+        self.prev = b;
+        self.prev_gen = self.gen;
+    }
+
+    /// The decoded block at the CPU's RIP: through the previous block's link when it has
+    /// one, else through the TLB and the cache (and then linked from the previous block).
     #[inline]
     pub fn lookup(&mut self, cpu: &mut Cpu) -> X<&Block> {
+        let prev = std::mem::replace(&mut self.prev, std::ptr::null());
+        let prev = if !prev.is_null() && self.prev_gen == self.gen {
+            // SAFETY: no block was dropped since `prev` ran (same generation).
+            Some(unsafe { &*prev })
+        } else {
+            None
+        };
+        if let Some(p) = prev {
+            if let Some(b) = p.linked(cpu.rip, self.gen) {
+                // SAFETY: a link of the current generation points at a live block.
+                let b = unsafe { &*b };
+                if b.bits == cpu.bits && (b.lin ^ p.lin) < 0x1000 && b.valid() {
+                    return Ok(b);
+                }
+                // Another page: only while the TLB still maps it to the same host page.
+                let lin = cpu.lin(CS, cpu.rip);
+                let e =
+                    &cpu.tlb.x[(cpu.cpl == 3) as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+                if b.bits == cpu.bits
+                    && b.lin == lin
+                    && e.exec == lin & !0xfff
+                    && lin.wrapping_add(e.addend) == b.src as u64
+                    && b.valid()
+                {
+                    return Ok(b);
+                }
+            }
+        }
+        let gen = self.gen;
+        let b: *const Block = self.lookup_slow(cpu)?;
+        // SAFETY: just returned by the cache; nothing was dropped since.
+        let b = unsafe { &*b };
+        if let Some(p) = prev {
+            // `prev` is only still alive if the lookup dropped nothing.
+            if self.gen == gen && !b.ver_ptr.is_null() && b.lin == cpu.lin(CS, cpu.rip) {
+                p.link(cpu.rip, b, self.gen);
+            }
+        }
+        Ok(b)
+    }
+
+    fn lookup_slow(&mut self, cpu: &mut Cpu) -> X<&Block> {
         let lin = cpu.lin(CS, cpu.rip);
         let user = cpu.cpl == 3;
         let e = &cpu.tlb.x[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
@@ -147,13 +267,14 @@ impl Cache {
                 // Not RAM, or a page the TLB cannot hold: decode without caching.
                 let b = cpu.decode_block(lin, None)?;
                 self.map.insert(u64::MAX, Box::new(b));
-                self.fast.fill((u64::MAX, std::ptr::null()));
+                // Nothing in `fast` points at the entry this replaces.
+                self.gen += 1;
                 return Ok(&self.map[&u64::MAX]);
             }
             lin.wrapping_add(e.addend)
         };
         let key = host ^ ((cpu.bits as u64) << 58);
-        let slot = (host as usize >> 1) & (FAST - 1);
+        let slot = fast_slot(host);
         let (k, p) = self.fast[slot];
         if k == key && !p.is_null() {
             // SAFETY: see `fast`.
@@ -172,14 +293,18 @@ impl Cache {
         let b = Box::new(cpu.decode_block(lin, Some(host))?);
         if b.ver_ptr.is_null() {
             self.map.insert(u64::MAX, b);
-            self.fast.fill((u64::MAX, std::ptr::null()));
+            // Nothing in `fast` points at the entry this replaces.
+            self.gen += 1;
             return Ok(&self.map[&u64::MAX]);
         }
         if self.map.len() >= MAX_BLOCKS {
             self.clear();
         }
         let p = &*b as *const Block;
-        self.map.insert(key, b);
+        if self.map.insert(key, b).is_some() {
+            // The stale block it replaced may be linked to.
+            self.gen += 1;
+        }
         self.fast[slot] = (key, p);
         // SAFETY: just inserted; lives until replaced or cleared.
         Ok(unsafe { &*p })
@@ -233,22 +358,21 @@ impl Cpu {
                 break;
             }
         }
+        self.prof.decoded_blocks += 1;
+        self.prof.decoded_insns += ins.len() as u64;
         let len = ins.last().map_or(0, |l| {
             (l.i.next_ip().wrapping_sub(self.rip) as usize).min(bytes.len())
         });
         // SAFETY: `len <= bytes.len()`.
         let (head, tail) = unsafe { ends(bytes.as_ptr(), len) };
-        Ok(Block {
-            rip: self.rip,
-            bits: self.bits,
-            ver,
-            ver_ptr: ver_word,
-            src: bytes.as_ptr(),
-            len,
-            head,
-            tail,
-            ins,
-        })
+        let mut b = Block::new(self.rip, lin, self.bits, ins);
+        b.ver = ver;
+        b.ver_ptr = ver_word;
+        b.src = bytes.as_ptr();
+        b.len = len;
+        b.head = head;
+        b.tail = tail;
+        Ok(b)
     }
 
     /// An instruction that crosses into the next page: decoded each time, never cached.
@@ -277,16 +401,6 @@ impl Cpu {
         }
         let mut d = Decoder::with_ip(self.bits, &buf[..n], self.rip, DecoderOptions::NONE);
         let i = d.decode();
-        Ok(Block {
-            rip: self.rip,
-            bits: self.bits,
-            ver: 0,
-            ver_ptr: std::ptr::null(),
-            src: std::ptr::null(),
-            len: 0,
-            head: 0,
-            tail: 0,
-            ins: vec![op(i, self.bits)],
-        })
+        Ok(Block::new(self.rip, lin, self.bits, vec![op(i, self.bits)]))
     }
 }

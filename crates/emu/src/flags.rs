@@ -31,6 +31,9 @@ pub enum Op {
     Logic,
     Inc,
     Dec,
+    /// SF/ZF/PF from the result; CF, OF and AF are the bits given in `b` (multiplies and
+    /// shifts, whose CF/OF are known when they execute and whose AF is carried over).
+    Szp,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -90,6 +93,17 @@ pub fn szp(r: u64, bits: u32) -> u64 {
 }
 
 impl Lazy {
+    /// AF as the last operation left it (`rflags` holds it when the flags are `Valid`).
+    #[inline]
+    pub fn af(&self, rflags: u64) -> u64 {
+        match self.op {
+            Op::Valid => rflags & AF,
+            Op::Logic => 0,
+            Op::Szp => self.b & AF,
+            _ => (self.a ^ self.b ^ self.r) & AF,
+        }
+    }
+
     /// The six arithmetic flags this operation produced.
     #[inline]
     pub fn compute(&self) -> u64 {
@@ -100,6 +114,7 @@ impl Lazy {
         match self.op {
             Op::Valid => return 0,
             Op::Logic => return f,
+            Op::Szp => return f | (self.b & (CF | OF | AF)),
             Op::Add | Op::Adc | Op::Inc => {
                 if (a ^ r) & (b ^ r) & sign != 0 {
                     f |= OF;
@@ -159,6 +174,25 @@ mod tests {
         assert_eq!(lz(Op::Sub, 32, 0, 1, u64::MAX, false), CF | SF | PF | AF);
         assert_eq!(lz(Op::Sub, 16, 0x8000, 1, 0x7fff, false), OF | PF | AF);
         assert_eq!(lz(Op::Sbb, 8, 5, 5, 0xff, true), CF | SF | PF | AF);
+    }
+
+    #[test]
+    fn szp_takes_cf_of_af_from_b() {
+        assert_eq!(
+            lz(Op::Szp, 32, 0, CF | OF | AF | ZF, 0, false),
+            CF | OF | AF | ZF | PF
+        );
+        assert_eq!(lz(Op::Szp, 8, 0, 0, 0x81, false), SF | PF);
+        let l = Lazy {
+            op: Op::Add,
+            bits: 8,
+            a: 0x0f,
+            b: 1,
+            r: 0x10,
+            c: false,
+        };
+        assert_eq!(l.af(0), AF);
+        assert_eq!(Lazy::default().af(AF | CF), AF);
     }
 
     #[test]

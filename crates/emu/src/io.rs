@@ -4,6 +4,7 @@
 use crate::cpu::*;
 use crate::platform::pic::Pic;
 use crate::platform::pit::Pit;
+use crate::platform::rtc::Rtc;
 use crate::platform::{ioapic, lapic};
 
 impl Cpu {
@@ -15,6 +16,11 @@ impl Cpu {
         if size == 1 && Pic::handles(port) {
             return self.env.vm.pic().read(port) as u64;
         }
+        if size == 1 && Rtc::handles(port) {
+            let now = self.env.vm.now_ns();
+            return self.env.vm.rtc().read(port, now) as u64;
+        }
+        self.prof.pio += 1;
         let mut b = [0u8; 4];
         self.env.ops.pio_read(port, &mut b[..size]);
         u32::from_le_bytes(b) as u64
@@ -32,6 +38,12 @@ impl Cpu {
             self.env.vm.pic().write(port, v as u8);
             return;
         }
+        if size == 1 && Rtc::handles(port) {
+            let now = self.env.vm.now_ns();
+            self.env.vm.rtc().write(port, v as u8, now);
+            return;
+        }
+        self.prof.pio += 1;
         let b = (v as u32).to_le_bytes();
         if self
             .env

@@ -21,6 +21,7 @@ pub mod mem;
 pub mod mmu;
 mod msr;
 pub mod platform;
+mod profile;
 pub mod vcpu;
 pub mod vm;
 

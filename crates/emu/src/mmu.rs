@@ -217,6 +217,7 @@ impl Cpu {
         if let Some(v) = self.platform_mmio_read(pa, size) {
             return v;
         }
+        self.prof.mmio += 1;
         let mut b = [0u8; 8];
         self.env.ops.mmio_read(pa, &mut b[..size]);
         u64::from_le_bytes(b)
@@ -236,6 +237,7 @@ impl Cpu {
         if self.platform_mmio_write(pa, size, v) {
             return;
         }
+        self.prof.mmio += 1;
         let b = v.to_le_bytes();
         self.env.ops.mmio_write(pa, &b[..size]);
     }
@@ -278,6 +280,7 @@ impl Cpu {
     /// Walks the page tables for `lin`, sets accessed/dirty bits and fills the TLB.
     /// Returns the physical address.
     pub fn translate(&mut self, lin: u64, acc: Acc, user: bool) -> X<u64> {
+        self.prof.tlb_fills += 1;
         let w = if self.cr0 & CR0_PG == 0 {
             let lin = if self.long_mode() {
                 lin

@@ -47,12 +47,13 @@ impl EmuVcpu {
     pub fn new(shared: Arc<Shared>, index: u32, ops: Arc<dyn VmOps>) -> Self {
         let mem = shared.mem.read().unwrap_or_else(|e| e.into_inner()).clone();
         let link = shared.links[index as usize].clone();
-        let cpu = Cpu::new(Env {
+        let mut cpu = Cpu::new(Env {
             mem,
             ops,
             vm: shared,
             id: index,
         });
+        cpu.prof = crate::profile::Profile::from_env(index);
         EmuVcpu {
             cpu,
             cache: Cache::default(),
@@ -86,6 +87,9 @@ impl EmuVcpu {
     /// Timers, INIT/SIPI, NMI; refreshes whether an interrupt is ready.
     fn poll(&mut self) -> Option<VmExit> {
         self.link.hint.store(false, Ordering::Release);
+        if self.cpu.prof.on() {
+            self.sample();
+        }
         let now = self.cpu.env.vm.now_ns();
         if self.cpu.env.id == 0 {
             self.cpu.env.vm.poll_pit(now);
@@ -96,7 +100,14 @@ impl EmuVcpu {
         let sipi = l.sipi.take();
         let nmi = std::mem::take(&mut l.nmi);
         self.irq_ready = l.pending().is_some();
+        let ext = self.cpu.env.id == 0 && l.accepts_pic();
         drop(l);
+        if ext && !self.irq_ready {
+            self.irq_ready = self.cpu.env.vm.pic().pending().is_some();
+        }
+        if init || sipi.is_some() {
+            self.cache.prev = std::ptr::null();
+        }
         if init {
             self.init_reset();
         }
@@ -122,6 +133,36 @@ impl EmuVcpu {
         None
     }
 
+    fn sample(&mut self) {
+        let rip = self.cpu.rip;
+        *self.cpu.prof.samples.entry(rip).or_default() += 1;
+        let mut st = [0u64; 4];
+        let mut n = 0;
+        let sp = self.cpu.gpr[4];
+        // A failed probe must not leave its address in CR2 for the guest's next #PF handler.
+        let cr2 = self.cpu.cr2;
+        for k in 0..64u64 {
+            if n == 4 {
+                break;
+            }
+            match self.cpu.read_as(sp.wrapping_add(8 * k), 8, false) {
+                Ok(v) if v >> 32 == 0xffff_ffff && v >= 0xffff_ffff_8100_0000 => {
+                    st[n] = v;
+                    n += 1;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        self.cpu.cr2 = cr2;
+        let ms = self
+            .cpu
+            .prof
+            .started
+            .map_or(0, |s| s.elapsed().as_millis() as u32);
+        self.cpu.prof.seq.push((ms, rip, st));
+    }
+
     /// INIT: back to the reset state, waiting for a SIPI.
     fn init_reset(&mut self) {
         let env = Env {
@@ -131,13 +172,17 @@ impl EmuVcpu {
             id: self.cpu.env.id,
         };
         let epoch = self.cpu.epoch;
+        let prof = std::mem::take(&mut self.cpu.prof);
         self.cpu = Cpu::new(env);
         self.cpu.epoch = epoch;
+        self.cpu.prof = prof;
         self.wait_sipi = true;
     }
 
     /// Delivers an exception, escalating to #DF and to a shutdown (triple fault).
     fn raise(&mut self, f: Fault) -> Option<VmExit> {
+        self.cpu.prof.exceptions += 1;
+        self.cache.prev = std::ptr::null();
         if self.cpu.env.vm.trace_unimpl && f.vector != PF {
             let lin = self.cpu.lin(CS, self.cpu.rip);
             let bytes: Vec<String> = (0..12)
@@ -173,10 +218,27 @@ impl EmuVcpu {
         }
     }
 
+    /// The 8259's vector if its output reaches this CPU (LINT0 ExtINT on the boot CPU) and it
+    /// has a request; it goes first, as on KVM.
+    fn take_extint(&mut self) -> Option<u8> {
+        if self.cpu.env.id != 0 || !self.link.lapic().accepts_pic() {
+            return None;
+        }
+        self.cpu.env.vm.pic().ack()
+    }
+
     fn take_interrupt(&mut self) -> Option<VmExit> {
-        let v = self.link.lapic().ack();
-        self.irq_ready = self.link.lapic().pending().is_some();
+        let v = match self.take_extint() {
+            Some(v) => Some(v),
+            None => self.link.lapic().ack(),
+        };
+        self.irq_ready = self.link.lapic().pending().is_some()
+            || (self.cpu.env.id == 0
+                && self.link.lapic().accepts_pic()
+                && self.cpu.env.vm.pic().pending().is_some());
         let v = v?;
+        self.cpu.prof.interrupts += 1;
+        self.cache.prev = std::ptr::null();
         match self.cpu.deliver(v, None, false) {
             Ok(()) => None,
             Err(Stop::Fault(f)) => self.raise(f),
@@ -187,6 +249,16 @@ impl EmuVcpu {
 
     /// HLT with interrupts on: sleep until one is ready, a kick, or INIT/SIPI.
     fn halt_wait(&mut self) -> Option<VmExit> {
+        let t0 = self.cpu.prof.on().then(std::time::Instant::now);
+        let r = self.halt_wait_inner();
+        if let Some(t0) = t0 {
+            self.cpu.prof.halted += t0.elapsed();
+            self.cpu.prof.halts += 1;
+        }
+        r
+    }
+
+    fn halt_wait_inner(&mut self) -> Option<VmExit> {
         loop {
             if let Some(e) = self.poll() {
                 return Some(e);
@@ -236,6 +308,7 @@ impl EmuVcpu {
             self.recent_at = (self.recent_at + 1) % 16;
         }
         self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
+        let bp = b as *const crate::decode::Block;
         for op in b.ins.iter() {
             let ins = &op.i;
             self.cpu.cur_ip = ins.ip();
@@ -261,15 +334,22 @@ impl EmuVcpu {
             self.cpu.icount += 1;
             if self.cpu.brk {
                 self.cpu.brk = false;
-                break;
+                return None;
             }
         }
+        self.cache.ran(bp);
         None
     }
 
     /// Instructions retired so far (for MIPS figures).
     pub fn instructions(&self) -> u64 {
         self.cpu.icount
+    }
+}
+
+impl Drop for EmuVcpu {
+    fn drop(&mut self) {
+        self.cpu.prof.write(self.cpu.icount);
     }
 }
 

@@ -16,6 +16,7 @@ use crate::platform::ioapic::{Ioapic, Route};
 use crate::platform::lapic::{Ipi, Lapic};
 use crate::platform::pic::Pic;
 use crate::platform::pit::Pit;
+use crate::platform::rtc::Rtc;
 
 /// What other threads share with one vCPU.
 pub struct Link {
@@ -74,6 +75,7 @@ pub struct Shared {
     pub pic: Mutex<Pic>,
     /// ioeventfds: consulted on every port and MMIO write before the VMM's callbacks.
     pub ioevents: IoEventTable,
+    pub rtc: Mutex<Rtc>,
 }
 
 impl Shared {
@@ -134,6 +136,10 @@ impl Shared {
 
     pub fn pit(&self) -> MutexGuard<'_, Pit> {
         self.pit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn rtc(&self) -> MutexGuard<'_, Rtc> {
+        self.rtc.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn pic(&self) -> MutexGuard<'_, Pic> {
@@ -239,6 +245,7 @@ impl EmuVm {
                 pit: Mutex::new(Pit::default()),
                 pic: Mutex::new(Pic::default()),
                 ioevents: IoEventTable::default(),
+                rtc: Mutex::new(Rtc::default()),
             }),
             irqfds: Mutex::new(None),
         })
@@ -359,6 +366,14 @@ impl Vm for EmuVm {
         let r = self.shared.ioapic().set_line(pin, level);
         if let Some(r) = r {
             self.shared.deliver_route(r);
+        }
+        if pin < 16 {
+            // The ISA lines also reach the 8259 pair, as on KVM's irqchip; the boot CPU takes
+            // them when its LINT0 is in ExtINT mode.
+            self.shared.pic().set_line(pin as u8, level);
+            if level {
+                self.shared.links[0].notify();
+            }
         }
         Ok(())
     }

@@ -367,6 +367,118 @@ fn apic_timer_interrupt_wakes_hlt() {
 }
 
 #[test]
+fn pic_interrupt_through_lint0_extint() {
+    // Program the 8259 pair (vectors 0x20/0x28, all but IRQ3 masked), wait in HLT; a device
+    // raises ISA line 3, which reaches the CPU through LINT0 (ExtINT, the BSP's reset state).
+    let code = asm64(CODE, |a| {
+        for (port, v) in [
+            (0x20u8, 0x11u8),
+            (0x21, 0x20),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x28),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, 0xf7),
+            (0xa1, 0xff),
+        ] {
+            a.mov(al, v as u32).unwrap();
+            a.out(port as u32, al).unwrap();
+        }
+        a.mov(r15, 0u64).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        // OCW3: read the in-service register back after the handler's EOI.
+        a.cli().unwrap();
+        a.mov(al, 0x0bu32).unwrap();
+        a.out(0x20u32, al).unwrap();
+        a.in_(al, 0x20u32).unwrap();
+        a.movzx(r14d, al).unwrap();
+        a.hlt().unwrap();
+    });
+    let handler = asm64(CODE + 0x800, |a| {
+        a.mov(r15, 0x23u64).unwrap();
+        a.mov(al, 0x0bu32).unwrap();
+        a.out(0x20u32, al).unwrap();
+        a.in_(al, 0x20u32).unwrap();
+        a.movzx(r13d, al).unwrap(); // ISR while in service
+        a.mov(al, 0x20u32).unwrap();
+        a.out(0x20u32, al).unwrap(); // EOI
+        a.iretq().unwrap();
+    });
+    let mut m = Machine::long(&code, 0);
+    m.ram.put(CODE + 0x800, &handler);
+    idt_gate(&m.ram, 0x23, CODE + 0x800, 0, 0);
+    // While the guest waits in HLT the line rises and falls: the 8259 keeps the edge.
+    let vm = m.vm.clone();
+    let pulse = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        vm.set_irq_line(3, true).unwrap();
+        vm.set_irq_line(3, false).unwrap();
+    });
+    assert_eq!(m.run(), VmExit::Halt);
+    pulse.join().unwrap();
+    let r = m.regs();
+    assert_eq!(r.r15, 0x23, "the handler for IRQ3 (vector 0x23) ran");
+    assert_eq!(r.r13, 1 << 3, "IRQ3 was in service during the handler");
+    assert_eq!(r.r14, 0, "the EOI cleared it");
+}
+
+#[test]
+fn masked_lint0_keeps_the_pic_away() {
+    let code = asm64(CODE, |a| {
+        for (port, v) in [
+            (0x20u8, 0x11u8),
+            (0x21, 0x20),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0x21, 0xf7),
+        ] {
+            a.mov(al, v as u32).unwrap();
+            a.out(port as u32, al).unwrap();
+        }
+        a.mov(rax, 0xfee0_0000u64).unwrap();
+        a.mov(dword_ptr(rax + 0x350), 0x1_0700).unwrap(); // LINT0: ExtINT, masked
+                                                          // The APIC timer ends the wait in 300 ms whatever the 8259 does.
+        a.mov(dword_ptr(rax + 0xf0), 0x1ff).unwrap();
+        a.mov(dword_ptr(rax + 0x3e0), 0xb).unwrap();
+        a.mov(dword_ptr(rax + 0x320), 0x40).unwrap();
+        a.mov(dword_ptr(rax + 0x380), 300_000_000).unwrap();
+        a.mov(r15, 0u64).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.cli().unwrap();
+        a.hlt().unwrap();
+    });
+    let handler = asm64(CODE + 0x800, |a| {
+        a.mov(r15, 0x23u64).unwrap();
+        a.iretq().unwrap();
+    });
+    let timer = asm64(CODE + 0x900, |a| {
+        a.mov(r14, 0x40u64).unwrap();
+        a.mov(rax, 0xfee0_0000u64).unwrap();
+        a.mov(dword_ptr(rax + 0xb0), 0).unwrap();
+        a.iretq().unwrap();
+    });
+    let mut m = Machine::long(&code, 0);
+    m.ram.put(CODE + 0x800, &handler);
+    m.ram.put(CODE + 0x900, &timer);
+    idt_gate(&m.ram, 0x23, CODE + 0x800, 0, 0);
+    idt_gate(&m.ram, 0x40, CODE + 0x900, 0, 0);
+    let vm = m.vm.clone();
+    let pulse = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        vm.set_irq_line(3, true).unwrap();
+    });
+    assert_eq!(m.run(), VmExit::Halt);
+    pulse.join().unwrap();
+    let r = m.regs();
+    assert_eq!(r.r14, 0x40, "the APIC timer ended the wait");
+    assert_eq!(r.r15, 0, "no 8259 interrupt with LINT0 masked");
+}
+
+#[test]
 fn real_to_long_mode() {
     // Real mode at 0x7c00: load the GDT, enter protected mode, then long mode, then HLT.
     let ram = Ram::new(RAM);

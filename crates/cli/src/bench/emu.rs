@@ -9,12 +9,19 @@
 //! the VMM process's CPU time (user + system, from /proc/self/stat's children times) are
 //! reported: on a shared, loaded host the CPU-time rate is what the CPU model achieves, the
 //! wall rate what a user waits. The minimum of `runs` runs is kept.
+//!
+//! The Linux row boots the fixture kernel + initramfs (tests/fixtures/linux/setup.sh) to its
+//! marker line on `corefour vmm --backend emu` and on `qemu-system-x86_64 -accel tcg` (the peer)
+//! with the same kernel, initramfs, memory and command line (bench/linux_peer.rs), one after
+//! the other in the same run, and reports both times and the ratio.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+use super::linux_peer;
 use serde::Serialize;
 
 /// Instructions per loop iteration in [`loop_image`].
@@ -31,9 +38,22 @@ pub struct Args {
     /// Runs per measurement (the fastest is reported).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Linux boots per backend (the fastest is reported); 0 skips the Linux row.
+    #[arg(long, default_value_t = 1)]
+    linux_runs: usize,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// One backend's boot of the fixture to its marker line.
+#[derive(Serialize)]
+struct LinuxRow {
+    backend: &'static str,
+    /// Wall seconds from process start to the marker line.
+    to_marker_seconds: f64,
+    /// CPU seconds (user + system) the whole run used, power-off included.
+    cpu_seconds: f64,
 }
 
 #[derive(Serialize)]
@@ -63,7 +83,11 @@ struct Report {
     rows: Vec<Row>,
     /// emu MIPS / KVM MIPS on the same loop.
     ratio_emu_to_kvm: Option<f64>,
-    note: &'static str,
+    linux: Vec<LinuxRow>,
+    /// emu time to the marker / QEMU TCG time to the marker (below 1: emu is faster).
+    linux_ratio_emu_to_qemu: Option<f64>,
+    /// Why the Linux row is missing or partial, if it is.
+    linux_note: Option<String>,
 }
 
 /// The loop as a flat 64-bit image (hand-assembled: the CLI carries no assembler).
@@ -164,6 +188,81 @@ fn measure(
     })
 }
 
+/// The fastest of `runs` boots of `cmd()` to the marker: (wall to marker, CPU of that run).
+fn linux_boot(
+    backend: &'static str,
+    cmd: &dyn Fn() -> Command,
+    runs: usize,
+    timeout: Duration,
+) -> anyhow::Result<LinuxRow> {
+    let mut best: Option<(Duration, Duration)> = None;
+    for _ in 0..runs.max(1) {
+        let cpu0 = children_cpu();
+        let b = linux_peer::time_to_marker(cmd(), timeout)?;
+        let cpu = children_cpu().saturating_sub(cpu0);
+        let Some(t) = b.to_marker else {
+            bail!(
+                "{backend} did not print {} within {timeout:?}; its output ends: {}",
+                linux_peer::MARKER,
+                linux_peer::tail(&b.output, 600)
+            );
+        };
+        if best.is_none_or(|(w, _)| t < w) {
+            best = Some((t, cpu));
+        }
+    }
+    let (w, c) = best.unwrap_or_default();
+    Ok(LinuxRow {
+        backend,
+        to_marker_seconds: w.as_secs_f64(),
+        cpu_seconds: c.as_secs_f64(),
+    })
+}
+
+/// The Linux rows: emu and QEMU TCG on the same fixture, one after the other.
+fn linux_rows(exe: &Path, runs: usize) -> (Vec<LinuxRow>, Option<f64>, Option<String>) {
+    let timeout = Duration::from_secs(300);
+    let f = match linux_peer::fixture() {
+        Ok(f) => f,
+        Err(e) => return (Vec::new(), None, Some(format!("Linux row skipped: {e:#}"))),
+    };
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    match linux_boot(
+        "emu",
+        &|| linux_peer::corefour_emu(exe, &f, timeout),
+        runs,
+        timeout,
+    ) {
+        Ok(r) => rows.push(r),
+        Err(e) => notes.push(format!("emu: {e:#}")),
+    }
+    let qemu_ok = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if qemu_ok {
+        match linux_boot("qemu-tcg", &|| linux_peer::qemu_tcg(&f), runs, timeout) {
+            Ok(r) => rows.push(r),
+            Err(e) => notes.push(format!("qemu-tcg: {e:#}")),
+        }
+    } else {
+        notes.push("qemu-system-x86_64 is not installed (Debian package qemu-system-x86); the peer is not measured".into());
+    }
+    let ratio = match (
+        rows.iter().find(|r| r.backend == "emu"),
+        rows.iter().find(|r| r.backend == "qemu-tcg"),
+    ) {
+        (Some(e), Some(q)) if q.to_marker_seconds > 0.0 => {
+            Some(e.to_marker_seconds / q.to_marker_seconds)
+        }
+        _ => None,
+    };
+    (rows, ratio, (!notes.is_empty()).then(|| notes.join("; ")))
+}
+
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("finding the corefour binary")?;
     let dir = std::env::temp_dir().join(format!("corefour-bench-emu-{}", std::process::id()));
@@ -181,10 +280,21 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             eprintln!("note: /dev/kvm is not usable; KVM is not measured");
         }
         let ratio = rows.get(1).map(|k| rows[0].mips_wall / k.mips_wall);
+        let (linux, linux_ratio, linux_note) = if args.linux_runs == 0 {
+            (
+                Vec::new(),
+                None,
+                Some("Linux row skipped (--linux-runs 0)".to_string()),
+            )
+        } else {
+            linux_rows(&exe, args.linux_runs)
+        };
         Ok::<_, anyhow::Error>(Report {
             rows,
             ratio_emu_to_kvm: ratio,
-            note: "Linux boot time vs qemu-system-x86_64 -accel tcg is not in this table yet; crates/cli/tests/emu_linux.rs boots the Debian kernel on emu to its marker and power-off",
+            linux,
+            linux_ratio_emu_to_qemu: linux_ratio,
+            linux_note,
         })
     })();
     let _ = std::fs::remove_dir_all(&dir);
@@ -212,7 +322,33 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             "ratio emu/kvm (wall): {x:.2}x (KVM here is kvm_pvm's ring-0 emulator unless the host has vmx/svm)"
         );
     }
-    println!("{}", report.note);
+    if !report.linux.is_empty() {
+        println!();
+        println!(
+            "Linux boot to {} (Debian cloud kernel + busybox initramfs, {} MiB, \"{}\", fastest of {})",
+            linux_peer::MARKER,
+            linux_peer::MEMORY_MIB,
+            linux_peer::CMDLINE,
+            args.linux_runs
+        );
+        println!("{:<9} {:>14} {:>9}", "backend", "to marker s", "cpu s");
+        for r in &report.linux {
+            println!(
+                "{:<9} {:>14.2} {:>9.2}",
+                r.backend, r.to_marker_seconds, r.cpu_seconds
+            );
+        }
+        if let Some(x) = report.linux_ratio_emu_to_qemu {
+            let how = if x <= 1.0 { "faster" } else { "slower" };
+            println!(
+                "ratio emu/qemu-tcg (time to marker): {x:.2}x (emu is {:.2}x {how})",
+                if x <= 1.0 { 1.0 / x } else { x }
+            );
+        }
+    }
+    if let Some(n) = &report.linux_note {
+        eprintln!("note: {n}");
+    }
     Ok(0)
 }
 

@@ -156,22 +156,6 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The peer's figure: seconds from start to the marker under QEMU TCG (the fastest of `runs`).
-pub fn qemu_tcg_seconds(f: &Fixture, runs: usize, timeout: Duration) -> anyhow::Result<f64> {
-    let mut best: Option<Duration> = None;
-    for _ in 0..runs.max(1) {
-        let b = time_to_marker(qemu_tcg(f), timeout)?;
-        let Some(t) = b.to_marker else {
-            bail!(
-                "qemu-system-x86_64 did not print {MARKER} within {timeout:?}; its output ends: {}",
-                tail(&b.output, 400)
-            );
-        };
-        best = Some(best.map_or(t, |x| x.min(t)));
-    }
-    Ok(best.map_or(0.0, |d| d.as_secs_f64()))
-}
-
 /// The last `n` bytes of `s` (on a char boundary), for error messages.
 pub fn tail(s: &str, n: usize) -> &str {
     let mut i = s.len().saturating_sub(n);

@@ -475,15 +475,19 @@ impl Cpu {
         }
     }
 
-    fn set_mul_flags(&mut self, r: u64, bits: u32, ovf: bool) {
+    pub(super) fn set_mul_flags(&mut self, r: u64, bits: u32, ovf: bool) {
         // SF/ZF/PF/AF are undefined after MUL; AMD and Intel differ. Keep them as computed
-        // from the low result, the common choice.
-        let f = self.flags();
-        let mut nf = flags::szp(r, bits) | (f & flags::AF);
-        if ovf {
-            nf |= flags::CF | flags::OF;
-        }
-        self.rflags = (f & !flags::ARITH) | nf;
+        // from the low result (AF unchanged), the common choice; lazily, as a multiply is
+        // mostly followed by more arithmetic, not by a flag read.
+        let af = self.lazy.af(self.rflags);
+        self.lazy = flags::Lazy {
+            op: Op::Szp,
+            bits,
+            a: 0,
+            b: af | if ovf { flags::CF | flags::OF } else { 0 },
+            r,
+            c: false,
+        };
     }
 
     fn bt(&mut self, i: &Instruction, m: M) -> X<()> {

@@ -42,6 +42,9 @@ pub struct Lapic {
 }
 
 const LVT_TIMER: usize = 0;
+const LVT_LINT0: usize = 3;
+/// LVT delivery mode ExtINT (bits 10:8 = 111): the 8259 supplies the vector.
+const EXTINT: u32 = 7 << 8;
 const MASKED: u32 = 1 << 16;
 
 impl Lapic {
@@ -55,7 +58,14 @@ impl Lapic {
             dfr: 0xffff_ffff,
             esr: 0,
             icr: 0,
-            lvt: [MASKED; 7],
+            lvt: {
+                let mut lvt = [MASKED; 7];
+                if id == 0 {
+                    // As KVM resets the BSP: LINT0 in ExtINT mode, so the 8259 reaches it.
+                    lvt[LVT_LINT0] = EXTINT;
+                }
+                lvt
+            },
             irr: [0; 8],
             isr: [0; 8],
             tmr: [0; 8],
@@ -268,6 +278,13 @@ impl Lapic {
             _ => {}
         }
         (None, None)
+    }
+
+    /// Whether the 8259's INTR output reaches this CPU: LINT0 unmasked in ExtINT mode, or the
+    /// APIC globally disabled (the pin then goes straight to the core), as KVM decides.
+    pub fn accepts_pic(&self) -> bool {
+        let lint0 = self.lvt[LVT_LINT0];
+        !self.enabled() || (lint0 & MASKED == 0 && lint0 & (7 << 8) == EXTINT)
     }
 
     /// Whether this APIC is a destination of a logical/physical address.

@@ -1,7 +1,8 @@
 //! The 8259 interrupt controller pair (master 0x20/0x21, slave 0xA0/0xA1): initialisation
-//! words, masks, EOI and IRR/ISR reads. The local APIC here has no LINT0 input, so the pair
-//! never delivers (ExtINT); Linux probes it, masks it and routes everything through the
-//! I/O APIC, as the ACPI MADT tells it to.
+//! words, masks, EOI, IRR/ISR reads and the interrupt acknowledge. Its output reaches the boot
+//! CPU through the local APIC's LINT0 when that is in ExtINT mode (KVM's reset state) or the
+//! APIC is disabled; the vCPU then takes the vector `ack` gives. Linux probes the pair, masks
+//! it and routes everything through the I/O APIC, as the ACPI MADT tells it to.
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Chip {
@@ -85,6 +86,9 @@ impl Chip {
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Pic {
     pub chips: [Chip; 2],
+    /// The device lines' current levels (bit n = ISA line n), for edge detection.
+    #[serde(default)]
+    pub lines: u16,
 }
 
 impl Pic {
@@ -107,6 +111,47 @@ impl Pic {
         if irq >= 8 {
             self.chips[0].irr |= 1 << 2;
         }
+    }
+
+    /// The level of ISA line `irq` from a device: a rising edge latches a request, which stays
+    /// until acknowledged even if the line drops first (edge mode, as KVM's 8259 keeps it).
+    pub fn set_line(&mut self, irq: u8, level: bool) {
+        let bit = 1u16 << (irq & 15);
+        if level && self.lines & bit == 0 {
+            self.raise(irq & 15);
+        }
+        if level {
+            self.lines |= bit;
+        } else {
+            self.lines &= !bit;
+        }
+    }
+
+    /// The interrupt acknowledge cycle: takes the pending request (IRR to ISR, or straight
+    /// through in auto-EOI mode) and returns its vector.
+    pub fn ack(&mut self) -> Option<u8> {
+        let v = self.pending()?;
+        let take = |c: &mut Chip, line: u8| {
+            c.irr &= !(1 << line);
+            if !c.auto_eoi {
+                c.isr |= 1 << line;
+            }
+        };
+        let m_line = (self.chips[0].irr & !self.chips[0].imr).trailing_zeros() as u8;
+        if m_line == 2 {
+            let s_line = v - self.chips[1].base;
+            take(&mut self.chips[1], s_line);
+            if self.chips[1].irr & !self.chips[1].imr == 0 {
+                self.chips[0].irr &= !(1 << 2);
+            }
+            let m = &mut self.chips[0];
+            if !m.auto_eoi {
+                m.isr |= 1 << 2;
+            }
+        } else {
+            take(&mut self.chips[0], m_line);
+        }
+        Some(v)
     }
 
     /// The highest-priority unmasked request not below one in service (what INTA would take).
@@ -146,6 +191,36 @@ mod tests {
         ] {
             p.write(port, v);
         }
+    }
+
+    #[test]
+    fn ack_moves_the_request_to_service_and_cascades() {
+        let mut p = Pic::default();
+        init(&mut p);
+        p.write(0x21, 0xf0); // lines 0-3 unmasked on the master
+        p.write(0xa1, 0x00);
+        p.raise(3);
+        assert_eq!(p.pending(), Some(0x33));
+        assert_eq!(p.ack(), Some(0x33));
+        assert_eq!(p.chips[0].isr, 1 << 3);
+        assert_eq!(p.chips[0].irr, 0);
+        assert_eq!(p.pending(), None, "nothing else requested");
+        // A slave line below the one in service on the master still gets through (line 2).
+        p.raise(9);
+        assert_eq!(p.ack(), Some(0x39));
+        assert_eq!(p.chips[1].isr, 1 << 1);
+        assert_eq!(p.chips[0].isr, 1 << 3 | 1 << 2);
+        // EOIs: slave first, then the master's two in-service lines.
+        p.write(0xa0, 0x20);
+        p.write(0x20, 0x20);
+        p.write(0x20, 0x20);
+        assert_eq!((p.chips[0].isr, p.chips[1].isr), (0, 0));
+        // A device line: one request per rising edge, kept after the line drops.
+        p.set_line(1, true);
+        p.set_line(1, true);
+        p.set_line(1, false);
+        assert_eq!(p.ack(), Some(0x31));
+        assert_eq!(p.ack(), None, "a held line is one request");
     }
 
     #[test]
