@@ -36,6 +36,9 @@ use crate::inventory::{Pids, VmRecord};
 use crate::names::validate_name;
 use crate::shim;
 
+mod disks;
+pub use disks::StorageReport;
+
 /// The daemons' migration protocol version (the VMMs' stream has its own).
 pub const MIGRATION_VERSION: u32 = 1;
 /// The port `--migration-listen` and `vm migrate --to HOST` use when none is given.
@@ -61,6 +64,10 @@ pub struct MigrateRequest {
     /// How long one read or write on the VMMs' stream may block before the migration fails.
     #[serde(default)]
     pub io_timeout_ms: Option<u64>,
+    /// Copy every writable disk to the target (under its state directory) instead of
+    /// expecting shared storage. The guest is paused while the disks copy.
+    #[serde(default)]
+    pub copy_storage: bool,
 }
 
 fn default_downtime() -> u64 {
@@ -75,6 +82,16 @@ enum Msg {
         /// The sender's corefour version, for the refusal message.
         corefour: String,
         spec: Box<VmCreate>,
+        /// The writable disks follow as DISK frames once the target says SEND_DISKS.
+        #[serde(default)]
+        copy_storage: bool,
+    },
+    /// The target took the VM's name and has room: the source pauses and sends the disks.
+    SendDisks,
+    /// One writable disk of `size` bytes follows as binary extents (see `send_disk`).
+    Disk {
+        index: usize,
+        size: u64,
     },
     Ready {
         vmm_addr: String,
@@ -186,6 +203,9 @@ pub struct MigrateReport {
     pub vmm: serde_json::Value,
     /// Whether the target daemon confirmed that it registered the VM.
     pub target_confirmed: bool,
+    /// With `--copy-storage`: what the disk copy moved and how long the guest was paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageReport>,
 }
 
 impl Daemon {
@@ -218,6 +238,9 @@ impl Daemon {
                 "migration of {name:?} to {to} failed, it keeps running here: {why}"
             ))
         };
+        if req.copy_storage {
+            disks::check_copyable(&rec.spec).map_err(refused)?;
+        }
         let stream = tokio::time::timeout(CONTROL_TIMEOUT, TcpStream::connect(&to))
             .await
             .map_err(|_| refused(format!("no connection within {CONTROL_TIMEOUT:?}")))?
@@ -234,16 +257,56 @@ impl Daemon {
             version: MIGRATION_VERSION,
             corefour: env!("CARGO_PKG_VERSION").into(),
             spec: Box::new(spec),
+            copy_storage: req.copy_storage,
         })
         .await
         .map_err(|e| refused(e.to_string()))?;
+        // With --copy-storage the guest stays paused from here until it runs on the target
+        // (or, on any failure, resumes here).
+        let mut paused_at = None;
+        let mut storage = None;
+        if req.copy_storage {
+            match c.recv(CONTROL_TIMEOUT).await {
+                Ok(Msg::SendDisks) => {}
+                Ok(Msg::Refuse { reason }) => {
+                    return Err(refused(format!("the target refused: {reason}")))
+                }
+                Ok(other) => return Err(refused(format!("the target answered {other:?}"))),
+                Err(e) => return Err(refused(format!("the target did not answer: {e}"))),
+            }
+            if rec.state == corefour_api::VmState::Running {
+                self.vmm_put(name, "/vm/pause")
+                    .await
+                    .map_err(|e| refused(format!("cannot pause it for the disk copy: {e}")))?;
+                paused_at = Some(Instant::now());
+            }
+            match disks::send_disks(&mut c, &rec.spec).await {
+                Ok(r) => storage = Some(r),
+                Err(why) => {
+                    let _ = c
+                        .send(&Msg::Abort {
+                            reason: why.clone(),
+                        })
+                        .await;
+                    self.unpause(name, paused_at.is_some()).await;
+                    return Err(refused(format!("copying the disks: {why}")));
+                }
+            }
+        }
         let vmm_addr = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Ready { vmm_addr }) => vmm_addr,
             Ok(Msg::Refuse { reason }) => {
-                return Err(refused(format!("the target refused: {reason}")))
+                self.unpause(name, paused_at.is_some()).await;
+                return Err(refused(format!("the target refused: {reason}")));
             }
-            Ok(other) => return Err(refused(format!("the target answered {other:?}"))),
-            Err(e) => return Err(refused(format!("the target did not get ready: {e}"))),
+            Ok(other) => {
+                self.unpause(name, paused_at.is_some()).await;
+                return Err(refused(format!("the target answered {other:?}")));
+            }
+            Err(e) => {
+                self.unpause(name, paused_at.is_some()).await;
+                return Err(refused(format!("the target did not get ready: {e}")));
+            }
         };
         tracing::info!(vm = name, to, vmm_addr, "target ready; migrating");
         let mut body = serde_json::json!({"to": vmm_addr, "max_downtime_ms": req.max_downtime_ms});
@@ -273,6 +336,7 @@ impl Daemon {
                         reason: why.clone(),
                     })
                     .await;
+                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(why));
             }
             Err(e) => {
@@ -282,9 +346,13 @@ impl Daemon {
                         reason: why.clone(),
                     })
                     .await;
+                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(why));
             }
         };
+        if let (Some(s), Some(t)) = (storage.as_mut(), paused_at) {
+            s.guest_paused_ms = disks::ms(t.elapsed());
+        }
         // The guest runs on the target now; this VMM exits on its own.
         let confirmed = match c.send(&Msg::Commit).await {
             Ok(()) => match c.recv(CONTROL_TIMEOUT + SETTLE_TIMEOUT).await {
@@ -312,7 +380,18 @@ impl Daemon {
             total_ms: t0.elapsed().as_secs_f64() * 1e3,
             vmm: vmm_report,
             target_confirmed: confirmed,
+            storage,
         })
+    }
+
+    /// Resumes a guest this migration paused for its disk copy (the VMM's own failure path
+    /// may have resumed it already; that answer is fine too).
+    async fn unpause(&self, name: &str, paused: bool) {
+        if paused {
+            if let Err(e) = self.vmm_put(name, "/vm/resume").await {
+                tracing::debug!(vm = name, "resume after a failed migration: {e}");
+            }
+        }
     }
 
     async fn after_unconfirmed(
@@ -398,11 +477,12 @@ impl Daemon {
     async fn incoming(self: Arc<Self>, s: TcpStream, peer: String) {
         let local_ip = s.local_addr().map(|a| a.ip());
         let mut c = Control::new(s);
-        let (spec, theirs) = match c.recv(CONTROL_TIMEOUT).await {
+        let (spec, theirs, copy_storage) = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Prepare {
                 version,
                 corefour,
                 spec,
+                copy_storage,
             }) => {
                 if version != MIGRATION_VERSION {
                     let reason = format!(
@@ -413,7 +493,7 @@ impl Daemon {
                     let _ = c.send(&Msg::Refuse { reason }).await;
                     return;
                 }
-                (spec, corefour)
+                (spec, corefour, copy_storage)
             }
             Ok(other) => {
                 let reason = format!("expected PREPARE, got {other:?}");
@@ -444,7 +524,10 @@ impl Daemon {
                 return;
             }
         };
-        let mut p = match self.prepare_incoming(*spec, local_ip).await {
+        let mut p = match self
+            .prepare_incoming(*spec, local_ip, copy_storage.then_some(&mut c))
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(vm = name, "refusing the migration: {e}");
@@ -524,10 +607,13 @@ impl Daemon {
     }
 
     /// Checks the target can take the VM and starts its VMM waiting for the memory.
+    /// With `copy` (the source's control connection) the writable disks are received into the
+    /// VM's directory first, and the VM's config points at those copies.
     async fn prepare_incoming(
         &self,
-        spec: VmCreate,
+        mut spec: VmCreate,
         local_ip: std::net::IpAddr,
+        copy: Option<&mut Control>,
     ) -> Result<(Pending, String), DaemonError> {
         validate_name(&spec.name)?;
         let name = spec.name.clone();
@@ -563,7 +649,9 @@ impl Daemon {
             files.push(("initrd", i.as_str()));
         }
         for d in &spec.disks {
-            files.push(("disk", d.path.as_str()));
+            if copy.is_none() || d.read_only {
+                files.push(("disk", d.path.as_str()));
+            }
         }
         for (what, path) in files {
             if !Path::new(path).is_file() {
@@ -579,6 +667,27 @@ impl Daemon {
             .map_err(|e| DaemonError::io("cannot find a free port for the incoming VMM", e))?
             .port();
         let vmm_addr = std::net::SocketAddr::new(local_ip, port).to_string();
+        let dir = self.vm_dir(&name);
+        // Left by a delete or migration that crashed half way: it belongs to nobody.
+        remove_dir_if_exists(&dir)?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| DaemonError::io(format!("cannot create {}", dir.display()), e))?;
+        let undo = |e: DaemonError| {
+            let _ = remove_dir_if_exists(&dir);
+            e
+        };
+        if let Some(c) = copy {
+            let sent = c.send(&Msg::SendDisks).await;
+            let got = match sent {
+                Ok(()) => disks::receive_disks(c, &mut spec, &dir).await,
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = got {
+                return Err(undo(DaemonError::Conflict(format!(
+                    "copying the disks failed: {why}"
+                ))));
+            }
+        }
         let rec = VmRecord {
             id: 0,
             name: name.clone(),
@@ -589,15 +698,6 @@ impl Daemon {
             stop_reason: None,
             exit_code: None,
             created_ms: crate::inventory::now_ms(),
-        };
-        let dir = self.vm_dir(&name);
-        // Left by a delete or migration that crashed half way: it belongs to nobody.
-        remove_dir_if_exists(&dir)?;
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| DaemonError::io(format!("cannot create {}", dir.display()), e))?;
-        let undo = |e: DaemonError| {
-            let _ = remove_dir_if_exists(&dir);
-            e
         };
         let cfg_path = dir.join(shim::CONFIG_FILE);
         std::fs::write(&cfg_path, crate::vmm_config::render(&rec)).map_err(|e| {
