@@ -481,3 +481,61 @@ fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
         "the target kept its disk copy after the delete"
     );
 }
+
+#[test]
+fn a_vm_with_a_nic_moves_and_keeps_its_mac_on_a_tap_in_the_targets_bridge() {
+    need!();
+    let h = Hosts::new("n", 85);
+    let counter = guest("counter").unwrap();
+    h.a.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "n", "kernel": counter, "cmdline": "spin=1000000",
+                    "nets": [{"bridge": "c4mig0"}], "start": true})
+            .to_string(),
+        ),
+    );
+    let src = h.a.ok(Method::GET, "/v1/vms/n", None);
+    let mac = src["nics"][0]["mac"].as_str().unwrap().to_string();
+    let src_tap = src["nics"][0]["tap"].as_str().unwrap().to_string();
+    wait_console(&h.a, "n", |t| counts(t).len() >= 3);
+    let out = h.a.cli(&["--json", "migrate", "n", "--to", &h.addr_b]);
+    assert!(
+        out.status.success(),
+        "{}\nsource:\n{}\ntarget:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.a.log(),
+        h.b.log()
+    );
+    let v = h.b.ok(Method::GET, "/v1/vms/n", None);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["nics"][0]["mac"], mac.as_str(), "{v}");
+    let tap = v["nics"][0]["tap"].as_str().unwrap();
+    // The recorded tap exists on the target, in its bridge; the source's is gone.
+    let link = Command::new("ip")
+        .args(["-n", &h.ns_b, "-o", "link", "show", "dev", tap])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.status.success() && text.contains("master c4mig0"),
+        "{text} {link:?}"
+    );
+    let gone = Command::new("ip")
+        .args(["-n", &h.ns_a, "link", "show", "dev", &src_tap])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the source kept its tap {src_tap}");
+    let n = counts(&console(&h.b, "n")).len();
+    wait_console(&h.b, "n", |t| counts(t).len() > n + 2);
+    // Deleting it there removes the tap.
+    let out = h.b.cli(&["stop", "n", "--timeout", "2s"]);
+    assert!(out.status.success(), "{out:?}");
+    h.b.wait_state("n", "stopped", Duration::from_secs(10));
+    let still = Command::new("ip")
+        .args(["-n", &h.ns_b, "link", "show", "dev", tap])
+        .output()
+        .unwrap();
+    assert!(!still.status.success(), "the stopped VM's tap stayed");
+}

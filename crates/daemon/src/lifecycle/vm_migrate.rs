@@ -4,8 +4,12 @@
 //! `corefour daemon --migration-listen ADDR:PORT`), one JSON object per line:
 //! ```text
 //! source daemon                              target daemon
-//! PREPARE {version, spec}              ->    checks name, room, version, disks; spawns
-//!                                            `corefour vmm --incoming IP:PORT` (registers nothing)
+//! PREPARE {version, spec, copy_storage} ->   checks name, room, version, disks, MACs
+//! (copy_storage: <- SEND_DISKS; the source pauses the guest; DISK frames -> into the VM's dir)
+//!                                            makes taps with the guest's MACs in its bridges;
+//!                                            spawns `corefour vmm --incoming IP:PORT --config`
+//!                                            (its config: local disk paths, taps; registers
+//!                                            nothing)
 //!                                      <-    READY {vmm_addr} | REFUSE {reason}
 //! (the source VMM migrates straight to vmm_addr: PUT /vm/migrate, see corefour_vmm::migration)
 //! COMMIT                               ->    waits until its VMM runs the guest, then registers
@@ -228,11 +232,6 @@ impl Daemon {
                     .into(),
             ));
         }
-        if !rec.nics.is_empty() {
-            return Err(DaemonError::Conflict(format!(
-                "VM {name:?} has NICs: moving NICs between hosts is not supported yet"
-            )));
-        }
         let refused = |why: String| {
             DaemonError::Conflict(format!(
                 "migration of {name:?} to {to} failed, it keeps running here: {why}"
@@ -253,6 +252,10 @@ impl Daemon {
         let mut c = Control::new(stream);
         let mut spec = rec.spec.clone();
         spec.start = false;
+        // The guest keeps its MACs: the target makes its taps with these.
+        for (n, nic) in spec.nets.iter_mut().zip(&rec.nics) {
+            n.mac = Some(nic.mac.clone());
+        }
         c.send(&Msg::Prepare {
             version: MIGRATION_VERSION,
             corefour: env!("CARGO_PKG_VERSION").into(),
@@ -628,10 +631,21 @@ impl Daemon {
                     .into(),
             ));
         }
-        if !spec.nets.is_empty() {
-            return Err(DaemonError::Conflict(
-                "moving NICs between hosts is not supported yet".into(),
-            ));
+        let mut macs_here = std::collections::HashSet::new();
+        for v in self.inv.list_vms()? {
+            macs_here.extend(v.nics.into_iter().map(|n| n.mac));
+        }
+        for n in &spec.nets {
+            let Some(mac) = &n.mac else {
+                return Err(DaemonError::Conflict(
+                    "a NIC comes without its MAC (the source must send the guest's MACs)".into(),
+                ));
+            };
+            if macs_here.contains(mac) {
+                return Err(DaemonError::Conflict(format!(
+                    "MAC {mac} is already used by a VM on this host"
+                )));
+            }
         }
         let need = (spec.memory_mib << 20) + super::start::memory_overhead_bytes(spec.memory_mib);
         if let Some(avail) = mem_available() {
@@ -688,12 +702,36 @@ impl Daemon {
                 ))));
             }
         }
+        // Taps named for the incoming VMM's port until the record (and its tap names) exists.
+        let nics: Vec<corefour_api::VmNic> = spec
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| corefour_api::VmNic {
+                bridge: n.bridge.clone(),
+                tap: format!("c4in{port}n{i}"),
+                mac: n.mac.clone().unwrap_or_default(),
+                rate_limit: n.rate_limit.clone(),
+            })
+            .collect();
+        for (i, nic) in nics.iter().enumerate() {
+            if let Err(e) = crate::network::create_tap(&nic.tap, &nic.bridge, None) {
+                nics[..i]
+                    .iter()
+                    .for_each(|n| crate::network::delete_tap(&n.tap));
+                return Err(undo(e.into()));
+            }
+        }
+        let undo = |e: DaemonError| {
+            nics.iter().for_each(|n| crate::network::delete_tap(&n.tap));
+            undo(e)
+        };
         let rec = VmRecord {
             id: 0,
             name: name.clone(),
             state: corefour_api::VmState::Created,
             spec,
-            nics: Vec::new(),
+            nics: nics.clone(),
             pids: None,
             stop_reason: None,
             exit_code: None,
@@ -774,6 +812,19 @@ impl Daemon {
             tracing::error!(vm = name, "cannot record the migrated VM: {e}");
             return Err(e.into());
         }
+        // The taps take the names the record gave them (a rename keeps the VMM's open fd).
+        if let Ok(r) = self.inv.get_vm(&name) {
+            for (from, to) in p.rec.nics.iter().zip(&r.nics) {
+                if let Err(e) = rename_link(&from.tap, &to.tap) {
+                    tracing::error!(
+                        vm = name,
+                        "cannot rename tap {} to {}: {e}",
+                        from.tap,
+                        to.tap
+                    );
+                }
+            }
+        }
         let (tx, rx) = tokio::sync::watch::channel(false);
         self.running
             .lock()
@@ -812,9 +863,38 @@ impl Daemon {
         if let Some(c) = &p.cgroup {
             c.remove();
         }
+        for nic in &p.rec.nics {
+            crate::network::delete_tap(&nic.tap);
+        }
         let _ = remove_dir_if_exists(&self.vm_dir(&name));
         tracing::info!(vm = name, "incoming migration dropped: {why}");
     }
+}
+
+/// Renames a network link (down, rename, up: Linux renames only links that are down).
+fn rename_link(from: &str, to: &str) -> Result<(), String> {
+    if from == to {
+        return Ok(());
+    }
+    crate::network::validate_ifname(to).map_err(|e| e.to_string())?;
+    for args in [
+        vec!["link", "set", "dev", from, "down"],
+        vec!["link", "set", "dev", from, "name", to],
+        vec!["link", "set", "dev", to, "up"],
+    ] {
+        let o = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
