@@ -81,6 +81,24 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> ApiRes
         .map_err(|e| DaemonError::BadRequest(format!("invalid {what} request body: {e}")))
 }
 
+/// A body that may be empty: empty (or whitespace) means the request's defaults.
+pub(crate) fn parse_optional_body<T: DeserializeOwned + Default>(
+    body: &[u8],
+    what: &str,
+) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse_body(body, what)
+    }
+}
+
+/// The grace period of a stop request (`{"timeout_secs": N}` or an empty body).
+pub(crate) fn stop_timeout(body: &[u8], default: Duration) -> ApiResult<Duration> {
+    let req: StopRequest = parse_optional_body(body, "stop")?;
+    Ok(req.timeout_secs.map_or(default, Duration::from_secs))
+}
+
 /// Query strings are parsed by hand for the same reason: one error format, with the field named.
 pub(crate) type QueryMap = std::collections::BTreeMap<String, String>;
 
@@ -195,14 +213,7 @@ async fn stop_vm(
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let req: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        StopRequest::default()
-    } else {
-        parse_body(&body, "stop")?
-    };
-    let timeout = req
-        .timeout_secs
-        .map_or(crate::lifecycle::DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    let timeout = stop_timeout(&body, crate::lifecycle::DEFAULT_STOP_TIMEOUT)?;
     Ok(Json(d.stop(&name, timeout).await?).into_response())
 }
 

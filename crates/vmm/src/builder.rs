@@ -131,7 +131,7 @@ impl Vmm {
         Ok(Self {
             config,
             backend: name,
-            backend_why: picked.why,
+            backend_why: picked.why + &virtio.eventfds.describe(),
             vcpus,
             _machine: ops,
             vm,

@@ -21,6 +21,26 @@ pub struct EventfdUse {
     pub refused: usize,
 }
 
+impl EventfdUse {
+    /// "; virtio: 2 ioeventfds, 1 irqfd" for the VMM's backend line, or "" when nothing
+    /// was registered.
+    pub fn describe(&self) -> String {
+        if self.ioeventfds == 0 && self.irqfds == 0 && self.refused == 0 {
+            return String::new();
+        }
+        let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        let mut s = format!(
+            "; virtio: {}, {}",
+            plural(self.ioeventfds, "ioeventfd"),
+            plural(self.irqfds, "irqfd")
+        );
+        if self.refused > 0 {
+            s += &format!(", {} refused (VM exits instead)", self.refused);
+        }
+        s
+    }
+}
+
 /// Registers `events[i]` for a virtio-mmio window at `base` (QueueNotify, 32-bit, value i).
 pub fn register_mmio_notify(
     vm: &dyn Vm,
@@ -87,4 +107,26 @@ pub fn edge_irqfd(vm: &dyn Vm, gsi: u32, used: &mut EventfdUse) -> Option<Arc<dy
         return None;
     }
     Some(Arc::new(IrqFdLine { event }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn describes_what_was_registered() {
+        assert_eq!(EventfdUse::default().describe(), "");
+        let u = EventfdUse {
+            ioeventfds: 2,
+            irqfds: 1,
+            refused: 0,
+        };
+        assert_eq!(u.describe(), "; virtio: 2 ioeventfds, 1 irqfd");
+        let u = EventfdUse {
+            ioeventfds: 0,
+            irqfds: 0,
+            refused: 1,
+        };
+        assert!(u.describe().contains("1 refused"));
+    }
 }

@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use corefour_api::{CtCreate, CtExport, CtLimits, StopRequest};
+use corefour_api::{CtCreate, CtExport, CtLimits};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -17,7 +17,9 @@ use tokio::io::AsyncWriteExt;
 use super::archive::Scratch;
 use super::Cts;
 use crate::error::DaemonError;
-use crate::server::{parse_body, parse_query, LogTail, QueryMap};
+use crate::server::{
+    parse_body, parse_optional_body, parse_query, stop_timeout, LogTail, QueryMap,
+};
 
 /// Every container route (method, path template); the OpenAPI document describes each.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -54,10 +56,6 @@ pub fn router(cts: Arc<Cts>) -> Router {
         .route("/v1/cts/{name}/console", get(console))
         .route("/v1/cts/{name}/export", post(export))
         .with_state(cts)
-}
-
-fn blank(body: &[u8]) -> bool {
-    body.iter().all(u8::is_ascii_whitespace)
 }
 
 async fn list(State(c): St) -> ApiResult<Response> {
@@ -101,14 +99,7 @@ async fn start(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Respon
 }
 
 async fn stop(State(c): St, UrlPath(name): UrlPath<String>, body: Bytes) -> ApiResult<Response> {
-    let req: StopRequest = if blank(&body) {
-        StopRequest::default()
-    } else {
-        parse_body(&body, "stop")?
-    };
-    let timeout = req
-        .timeout_secs
-        .map_or(super::DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    let timeout = stop_timeout(&body, super::DEFAULT_STOP_TIMEOUT)?;
     Ok(Json(c.stop(&name, timeout).await?).into_response())
 }
 
@@ -187,11 +178,7 @@ async fn console(
 /// a scratch file first (the manifest comes last and needs every member hashed), which is
 /// unlinked once open, so an interrupted download leaves nothing behind.
 async fn export(State(c): St, UrlPath(name): UrlPath<String>, body: Bytes) -> ApiResult<Response> {
-    let req: CtExport = if blank(&body) {
-        CtExport::default()
-    } else {
-        parse_body(&body, "export")?
-    };
+    let req: CtExport = parse_optional_body(&body, "export")?;
     crate::names::validate_name(&name)?;
     let work = Scratch::new(c.base(), "export", &name)?;
     let out = work.0.join("archive.tar.zst");
