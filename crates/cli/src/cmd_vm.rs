@@ -83,7 +83,8 @@ enum Cmd {
         start: bool,
     },
     /// Live-migrate a running VM to another corefour daemon (started there with
-    /// --migration-listen). Disks must be on shared storage (the same paths on the target). On
+    /// --migration-listen). Disks must be on shared storage (the same paths on the target) unless
+    /// --copy-storage. On
     /// any failure the VM keeps running here and the target keeps nothing.
     Migrate {
         name: String,
@@ -93,6 +94,10 @@ enum Cmd {
         /// Downtime target for the last copy: 10ms, 1s.
         #[arg(long, default_value = "10ms", value_name = "DURATION")]
         max_downtime: String,
+        /// Copy the writable disks to the target (under its state directory) instead of
+        /// expecting shared storage; the guest is paused while they copy.
+        #[arg(long)]
+        copy_storage: bool,
     },
     /// Start a stopped VM from one of its snapshots instead of booting it.
     Restore {
@@ -383,7 +388,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             name,
             to,
             max_downtime,
-        } => crate::cmd_vm_migrate::migrate(&api, &name, &to, &max_downtime, json),
+            copy_storage,
+        } => crate::cmd_vm_migrate::migrate(&api, &name, &to, &max_downtime, copy_storage, json),
         Cmd::Restore { name, from } => {
             let from = std::path::absolute(&from)?;
             let body = serde_json::to_vec(&serde_json::json!({"path": from}))?;

@@ -10,12 +10,14 @@ pub(crate) fn migrate(
     name: &str,
     to: &str,
     max_downtime: &str,
+    copy_storage: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
     let downtime = corefour_vmm::config::parse_duration(max_downtime)?;
     let body = serde_json::to_vec(&serde_json::json!({
         "to": to,
         "max_downtime_ms": u64::try_from(downtime.as_millis()).unwrap_or(u64::MAX),
+        "copy_storage": copy_storage,
     }))?;
     // One request that returns when the guest runs on the target (or stays here); a spinner
     // on a terminal meanwhile.
@@ -47,6 +49,16 @@ pub(crate) fn migrate(
         vmm["rounds"],
         vmm["pages_sent"]
     );
+    if let Some(s) = r.get("storage") {
+        println!(
+            "{name}: copied {} disk(s), {} MiB ({} MiB sent) in {:.0} ms; the guest was paused {:.0} ms",
+            s["disks"],
+            s["bytes"].as_u64().unwrap_or(0) >> 20,
+            s["bytes_sent"].as_u64().unwrap_or(0) >> 20,
+            s["copy_ms"].as_f64().unwrap_or(0.0),
+            s["guest_paused_ms"].as_f64().unwrap_or(0.0)
+        );
+    }
     if r["target_confirmed"] != true {
         eprintln!(
             "corefour: warning: the guest runs on the target, but its daemon did not confirm \

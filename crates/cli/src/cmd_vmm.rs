@@ -53,7 +53,8 @@ pub struct Args {
     #[arg(long, requires = "restore", hide = true)]
     restore_serial: bool,
     /// Wait for a live migration on HOST:PORT (PUT /vm/migrate on the source) and run it.
-    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["kernel", "config"])]
+    /// With --config: this host's disk paths and taps replace the source's.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "kernel")]
     incoming: Option<String>,
     /// Write every vCPU's final registers to FILE as JSON (for KVM vs software-CPU comparisons).
     #[arg(long, value_name = "FILE")]
@@ -128,10 +129,15 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         );
         vmm
     } else if let Some(addr) = &a.incoming {
+        let local = match &a.config {
+            Some(p) => Some(VmConfig::load(p).map_err(|e| anyhow::anyhow!("{e}"))?),
+            None => None,
+        };
         let r = corefour_vmm::migration::incoming::receive(
             addr,
             Console::stdout(),
             std::time::Duration::from_secs(10),
+            local.as_ref(),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         eprintln!(

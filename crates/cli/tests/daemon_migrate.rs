@@ -1,7 +1,8 @@
 //! `corefour vm migrate` between two daemons, each in its own `ip netns` test host, joined by a
 //! veth pair (created and removed here): the counter guest continues on the target without a
 //! gap or repeat; a link cut mid-migration leaves the source running and the target clean; a
-//! name clash on the target is refused with the VM untouched on both sides.
+//! name clash on the target is refused with the VM untouched on both sides; with
+//! `--copy-storage` a disk-writing guest moves onto the target's own copy of its disk.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -30,7 +31,7 @@ fn missing() -> Option<String> {
         Ok(o) if o.status.success() => {}
         _ => return Some("`ip` (iproute2) is not installed".into()),
     }
-    if guest("counter").is_none() || guest("dirtier").is_none() {
+    if guest("counter").is_none() || guest("dirtier").is_none() || guest("vblkloop").is_none() {
         return Some("guests not built (make -C guests)".into());
     }
     None
@@ -373,4 +374,168 @@ fn a_name_taken_on_the_target_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect"), "{err}");
     assert_eq!(h.a.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+}
+
+/// What vblkloop's iteration `n` wrote: sector 1 + n % 64, bytes 0..8 = n, byte j = n + j.
+fn assert_disk_holds(disk: &Path, n: u64) {
+    let data = std::fs::read(disk).unwrap();
+    let s = (1 + n % 64) as usize * 512;
+    let sector = &data[s..s + 512];
+    assert_eq!(sector[..8], n.to_le_bytes(), "sector of iteration {n}");
+    for (j, b) in sector.iter().enumerate().skip(8) {
+        assert_eq!(
+            *b,
+            (n + j as u64) as u8,
+            "byte {j} of iteration {n}'s sector"
+        );
+    }
+}
+
+#[test]
+fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
+    need!();
+    let h = Hosts::new("s", 84);
+    let vblkloop = guest("vblkloop").unwrap();
+    // The disk lives only in the source's directory: the target gets its own copy.
+    let disk = h.a.dir.0.join("private.raw");
+    let mut data = vec![0u8; 4 << 20];
+    // Beyond vblkloop's sectors: must arrive as is; the zero megabytes between need not travel.
+    data[3 << 20..(3 << 20) + 4096].fill(0xa5);
+    std::fs::write(&disk, &data).unwrap();
+    h.a.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "s", "kernel": vblkloop, "cmdline": "spin=200000",
+                    "disks": [{"path": disk}], "start": true})
+            .to_string(),
+        ),
+    );
+    wait_console(&h.a, "s", |t| counts(t).len() >= 10);
+    let mut follower = follow(&h.a, "s");
+    let out = h.a.cli(&[
+        "--json",
+        "migrate",
+        "s",
+        "--to",
+        &h.addr_b,
+        "--copy-storage",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\nsource:\n{}\ntarget:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.a.log(),
+        h.b.log()
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["target_confirmed"], true, "{report}");
+    let st = &report["storage"];
+    assert_eq!(st["disks"], 1, "{report}");
+    assert_eq!(st["bytes"], 4 << 20, "{report}");
+    let sent = st["bytes_sent"].as_u64().unwrap();
+    assert!(
+        (4096..1 << 20).contains(&sent),
+        "zero blocks were sent: {report}"
+    );
+    assert!(st["guest_paused_ms"].as_f64().unwrap() >= st["copy_ms"].as_f64().unwrap());
+    // The target's record points at its own copy, under its state directory.
+    let v = h.b.ok(Method::GET, "/v1/vms/s", None);
+    assert_eq!(v["state"], "running", "{v}");
+    let copy = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
+    assert!(copy.starts_with(h.b.state_dir()), "{v}");
+    assert_ne!(copy, disk);
+    assert!(disk.exists(), "the source's disk stays");
+    // The count goes on without gap or repeat, and the guest's read-backs on the target's copy
+    // (it checks the sectors written before the move) pass.
+    let mut before = String::new();
+    std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut before).unwrap();
+    follower.wait().unwrap();
+    let last_before = *counts(&before).last().unwrap();
+    let after = wait_console(&h.b, "s", |t| counts(t).len() >= 80);
+    let joined = without_vmm_lines(&format!("{before}{after}"));
+    assert!(!joined.contains("FAIL"), "{joined}");
+    let c = counts(&joined);
+    assert!(
+        c.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count has a gap or repeat:\n{joined}"
+    );
+    // Stopped, the copy holds what the guest wrote there, and the untouched data.
+    let out = h.b.cli(&["stop", "s", "--timeout", "2s"]);
+    assert!(out.status.success(), "{out:?}");
+    h.b.wait_state("s", "stopped", Duration::from_secs(10));
+    let last = *counts(&console(&h.b, "s")).last().unwrap();
+    assert!(last > last_before + 64, "{last} {last_before}");
+    assert_disk_holds(&copy, last);
+    let got = std::fs::read(&copy).unwrap();
+    assert_eq!(got.len(), data.len());
+    assert_eq!(
+        got[1 << 20..],
+        data[1 << 20..],
+        "the copy beyond the guest's sectors"
+    );
+    // Deleting it there removes the copy with it.
+    h.b.ok(Method::DELETE, "/v1/vms/s", None);
+    assert!(
+        !copy.exists(),
+        "the target kept its disk copy after the delete"
+    );
+}
+
+#[test]
+fn a_vm_with_a_nic_moves_and_keeps_its_mac_on_a_tap_in_the_targets_bridge() {
+    need!();
+    let h = Hosts::new("n", 85);
+    let counter = guest("counter").unwrap();
+    h.a.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "n", "kernel": counter, "cmdline": "spin=1000000",
+                    "nets": [{"bridge": "c4mig0"}], "start": true})
+            .to_string(),
+        ),
+    );
+    let src = h.a.ok(Method::GET, "/v1/vms/n", None);
+    let mac = src["nics"][0]["mac"].as_str().unwrap().to_string();
+    let src_tap = src["nics"][0]["tap"].as_str().unwrap().to_string();
+    wait_console(&h.a, "n", |t| counts(t).len() >= 3);
+    let out = h.a.cli(&["--json", "migrate", "n", "--to", &h.addr_b]);
+    assert!(
+        out.status.success(),
+        "{}\nsource:\n{}\ntarget:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.a.log(),
+        h.b.log()
+    );
+    let v = h.b.ok(Method::GET, "/v1/vms/n", None);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["nics"][0]["mac"], mac.as_str(), "{v}");
+    let tap = v["nics"][0]["tap"].as_str().unwrap();
+    // The recorded tap exists on the target, in its bridge; the source's is gone.
+    let link = Command::new("ip")
+        .args(["-n", &h.ns_b, "-o", "link", "show", "dev", tap])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.status.success() && text.contains("master c4mig0"),
+        "{text} {link:?}"
+    );
+    let gone = Command::new("ip")
+        .args(["-n", &h.ns_a, "link", "show", "dev", &src_tap])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success(), "the source kept its tap {src_tap}");
+    let n = counts(&console(&h.b, "n")).len();
+    wait_console(&h.b, "n", |t| counts(t).len() > n + 2);
+    // Deleting it there removes the tap.
+    let out = h.b.cli(&["stop", "n", "--timeout", "2s"]);
+    assert!(out.status.success(), "{out:?}");
+    h.b.wait_state("n", "stopped", Duration::from_secs(10));
+    let still = Command::new("ip")
+        .args(["-n", &h.ns_b, "link", "show", "dev", tap])
+        .output()
+        .unwrap();
+    assert!(!still.status.success(), "the stopped VM's tap stayed");
 }

@@ -169,7 +169,11 @@ pub fn run(
             let mut c = Command::new(vmm_exe);
             c.arg("vmm");
             if let Some(addr) = crate::lifecycle::take_incoming_marker(vm_dir) {
-                c.arg("--incoming").arg(addr);
+                // The config gives this host's disk paths and taps.
+                c.arg("--incoming")
+                    .arg(addr)
+                    .arg("--config")
+                    .arg(vm_dir.join(CONFIG_FILE));
             } else {
                 match crate::lifecycle::take_restore_marker(vm_dir) {
                     Some(snap) => c.arg("--restore").arg(snap),

@@ -4,8 +4,12 @@
 //! `corefour daemon --migration-listen ADDR:PORT`), one JSON object per line:
 //! ```text
 //! source daemon                              target daemon
-//! PREPARE {version, spec}              ->    checks name, room, version, disks; spawns
-//!                                            `corefour vmm --incoming IP:PORT` (registers nothing)
+//! PREPARE {version, spec, copy_storage} ->   checks name, room, version, disks, MACs
+//! (copy_storage: <- SEND_DISKS; the source pauses the guest; DISK frames -> into the VM's dir)
+//!                                            makes taps with the guest's MACs in its bridges;
+//!                                            spawns `corefour vmm --incoming IP:PORT --config`
+//!                                            (its config: local disk paths, taps; registers
+//!                                            nothing)
 //!                                      <-    READY {vmm_addr} | REFUSE {reason}
 //! (the source VMM migrates straight to vmm_addr: PUT /vm/migrate, see corefour_vmm::migration)
 //! COMMIT                               ->    waits until its VMM runs the guest, then registers
@@ -36,6 +40,9 @@ use crate::inventory::{Pids, VmRecord};
 use crate::names::validate_name;
 use crate::shim;
 
+mod disks;
+pub use disks::StorageReport;
+
 /// The daemons' migration protocol version (the VMMs' stream has its own).
 pub const MIGRATION_VERSION: u32 = 1;
 /// The port `--migration-listen` and `vm migrate --to HOST` use when none is given.
@@ -61,6 +68,10 @@ pub struct MigrateRequest {
     /// How long one read or write on the VMMs' stream may block before the migration fails.
     #[serde(default)]
     pub io_timeout_ms: Option<u64>,
+    /// Copy every writable disk to the target (under its state directory) instead of
+    /// expecting shared storage. The guest is paused while the disks copy.
+    #[serde(default)]
+    pub copy_storage: bool,
 }
 
 fn default_downtime() -> u64 {
@@ -75,6 +86,16 @@ enum Msg {
         /// The sender's corefour version, for the refusal message.
         corefour: String,
         spec: Box<VmCreate>,
+        /// The writable disks follow as DISK frames once the target says SEND_DISKS.
+        #[serde(default)]
+        copy_storage: bool,
+    },
+    /// The target took the VM's name and has room: the source pauses and sends the disks.
+    SendDisks,
+    /// One writable disk of `size` bytes follows as binary extents (see `send_disk`).
+    Disk {
+        index: usize,
+        size: u64,
     },
     Ready {
         vmm_addr: String,
@@ -186,6 +207,9 @@ pub struct MigrateReport {
     pub vmm: serde_json::Value,
     /// Whether the target daemon confirmed that it registered the VM.
     pub target_confirmed: bool,
+    /// With `--copy-storage`: what the disk copy moved and how long the guest was paused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageReport>,
 }
 
 impl Daemon {
@@ -208,16 +232,14 @@ impl Daemon {
                     .into(),
             ));
         }
-        if !rec.nics.is_empty() {
-            return Err(DaemonError::Conflict(format!(
-                "VM {name:?} has NICs: moving NICs between hosts is not supported yet"
-            )));
-        }
         let refused = |why: String| {
             DaemonError::Conflict(format!(
                 "migration of {name:?} to {to} failed, it keeps running here: {why}"
             ))
         };
+        if req.copy_storage {
+            disks::check_copyable(&rec.spec).map_err(refused)?;
+        }
         let stream = tokio::time::timeout(CONTROL_TIMEOUT, TcpStream::connect(&to))
             .await
             .map_err(|_| refused(format!("no connection within {CONTROL_TIMEOUT:?}")))?
@@ -230,20 +252,64 @@ impl Daemon {
         let mut c = Control::new(stream);
         let mut spec = rec.spec.clone();
         spec.start = false;
+        // The guest keeps its MACs: the target makes its taps with these.
+        for (n, nic) in spec.nets.iter_mut().zip(&rec.nics) {
+            n.mac = Some(nic.mac.clone());
+        }
         c.send(&Msg::Prepare {
             version: MIGRATION_VERSION,
             corefour: env!("CARGO_PKG_VERSION").into(),
             spec: Box::new(spec),
+            copy_storage: req.copy_storage,
         })
         .await
         .map_err(|e| refused(e.to_string()))?;
+        // With --copy-storage the guest stays paused from here until it runs on the target
+        // (or, on any failure, resumes here).
+        let mut paused_at = None;
+        let mut storage = None;
+        if req.copy_storage {
+            match c.recv(CONTROL_TIMEOUT).await {
+                Ok(Msg::SendDisks) => {}
+                Ok(Msg::Refuse { reason }) => {
+                    return Err(refused(format!("the target refused: {reason}")))
+                }
+                Ok(other) => return Err(refused(format!("the target answered {other:?}"))),
+                Err(e) => return Err(refused(format!("the target did not answer: {e}"))),
+            }
+            if rec.state == corefour_api::VmState::Running {
+                self.vmm_put(name, "/vm/pause")
+                    .await
+                    .map_err(|e| refused(format!("cannot pause it for the disk copy: {e}")))?;
+                paused_at = Some(Instant::now());
+            }
+            match disks::send_disks(&mut c, &rec.spec).await {
+                Ok(r) => storage = Some(r),
+                Err(why) => {
+                    let _ = c
+                        .send(&Msg::Abort {
+                            reason: why.clone(),
+                        })
+                        .await;
+                    self.unpause(name, paused_at.is_some()).await;
+                    return Err(refused(format!("copying the disks: {why}")));
+                }
+            }
+        }
         let vmm_addr = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Ready { vmm_addr }) => vmm_addr,
             Ok(Msg::Refuse { reason }) => {
-                return Err(refused(format!("the target refused: {reason}")))
+                self.unpause(name, paused_at.is_some()).await;
+                return Err(refused(format!("the target refused: {reason}")));
             }
-            Ok(other) => return Err(refused(format!("the target answered {other:?}"))),
-            Err(e) => return Err(refused(format!("the target did not get ready: {e}"))),
+            Ok(other) => {
+                self.unpause(name, paused_at.is_some()).await;
+                return Err(refused(format!("the target answered {other:?}")));
+            }
+            Err(e) => {
+                self.unpause(name, paused_at.is_some()).await;
+                return Err(refused(format!("the target did not get ready: {e}")));
+            }
         };
         tracing::info!(vm = name, to, vmm_addr, "target ready; migrating");
         let mut body = serde_json::json!({"to": vmm_addr, "max_downtime_ms": req.max_downtime_ms});
@@ -273,6 +339,7 @@ impl Daemon {
                         reason: why.clone(),
                     })
                     .await;
+                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(why));
             }
             Err(e) => {
@@ -282,9 +349,13 @@ impl Daemon {
                         reason: why.clone(),
                     })
                     .await;
+                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(why));
             }
         };
+        if let (Some(s), Some(t)) = (storage.as_mut(), paused_at) {
+            s.guest_paused_ms = disks::ms(t.elapsed());
+        }
         // The guest runs on the target now; this VMM exits on its own.
         let confirmed = match c.send(&Msg::Commit).await {
             Ok(()) => match c.recv(CONTROL_TIMEOUT + SETTLE_TIMEOUT).await {
@@ -312,7 +383,18 @@ impl Daemon {
             total_ms: t0.elapsed().as_secs_f64() * 1e3,
             vmm: vmm_report,
             target_confirmed: confirmed,
+            storage,
         })
+    }
+
+    /// Resumes a guest this migration paused for its disk copy (the VMM's own failure path
+    /// may have resumed it already; that answer is fine too).
+    async fn unpause(&self, name: &str, paused: bool) {
+        if paused {
+            if let Err(e) = self.vmm_put(name, "/vm/resume").await {
+                tracing::debug!(vm = name, "resume after a failed migration: {e}");
+            }
+        }
     }
 
     async fn after_unconfirmed(
@@ -398,11 +480,12 @@ impl Daemon {
     async fn incoming(self: Arc<Self>, s: TcpStream, peer: String) {
         let local_ip = s.local_addr().map(|a| a.ip());
         let mut c = Control::new(s);
-        let (spec, theirs) = match c.recv(CONTROL_TIMEOUT).await {
+        let (spec, theirs, copy_storage) = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Prepare {
                 version,
                 corefour,
                 spec,
+                copy_storage,
             }) => {
                 if version != MIGRATION_VERSION {
                     let reason = format!(
@@ -413,7 +496,7 @@ impl Daemon {
                     let _ = c.send(&Msg::Refuse { reason }).await;
                     return;
                 }
-                (spec, corefour)
+                (spec, corefour, copy_storage)
             }
             Ok(other) => {
                 let reason = format!("expected PREPARE, got {other:?}");
@@ -444,7 +527,10 @@ impl Daemon {
                 return;
             }
         };
-        let mut p = match self.prepare_incoming(*spec, local_ip).await {
+        let mut p = match self
+            .prepare_incoming(*spec, local_ip, copy_storage.then_some(&mut c))
+            .await
+        {
             Ok(p) => p,
             Err(e) => {
                 tracing::info!(vm = name, "refusing the migration: {e}");
@@ -524,10 +610,13 @@ impl Daemon {
     }
 
     /// Checks the target can take the VM and starts its VMM waiting for the memory.
+    /// With `copy` (the source's control connection) the writable disks are received into the
+    /// VM's directory first, and the VM's config points at those copies.
     async fn prepare_incoming(
         &self,
-        spec: VmCreate,
+        mut spec: VmCreate,
         local_ip: std::net::IpAddr,
+        copy: Option<&mut Control>,
     ) -> Result<(Pending, String), DaemonError> {
         validate_name(&spec.name)?;
         let name = spec.name.clone();
@@ -542,10 +631,21 @@ impl Daemon {
                     .into(),
             ));
         }
-        if !spec.nets.is_empty() {
-            return Err(DaemonError::Conflict(
-                "moving NICs between hosts is not supported yet".into(),
-            ));
+        let mut macs_here = std::collections::HashSet::new();
+        for v in self.inv.list_vms()? {
+            macs_here.extend(v.nics.into_iter().map(|n| n.mac));
+        }
+        for n in &spec.nets {
+            let Some(mac) = &n.mac else {
+                return Err(DaemonError::Conflict(
+                    "a NIC comes without its MAC (the source must send the guest's MACs)".into(),
+                ));
+            };
+            if macs_here.contains(mac) {
+                return Err(DaemonError::Conflict(format!(
+                    "MAC {mac} is already used by a VM on this host"
+                )));
+            }
         }
         let need = (spec.memory_mib << 20) + super::start::memory_overhead_bytes(spec.memory_mib);
         if let Some(avail) = mem_available() {
@@ -563,7 +663,9 @@ impl Daemon {
             files.push(("initrd", i.as_str()));
         }
         for d in &spec.disks {
-            files.push(("disk", d.path.as_str()));
+            if copy.is_none() || d.read_only {
+                files.push(("disk", d.path.as_str()));
+            }
         }
         for (what, path) in files {
             if !Path::new(path).is_file() {
@@ -579,17 +681,6 @@ impl Daemon {
             .map_err(|e| DaemonError::io("cannot find a free port for the incoming VMM", e))?
             .port();
         let vmm_addr = std::net::SocketAddr::new(local_ip, port).to_string();
-        let rec = VmRecord {
-            id: 0,
-            name: name.clone(),
-            state: corefour_api::VmState::Created,
-            spec,
-            nics: Vec::new(),
-            pids: None,
-            stop_reason: None,
-            exit_code: None,
-            created_ms: crate::inventory::now_ms(),
-        };
         let dir = self.vm_dir(&name);
         // Left by a delete or migration that crashed half way: it belongs to nobody.
         remove_dir_if_exists(&dir)?;
@@ -598,6 +689,53 @@ impl Daemon {
         let undo = |e: DaemonError| {
             let _ = remove_dir_if_exists(&dir);
             e
+        };
+        if let Some(c) = copy {
+            let sent = c.send(&Msg::SendDisks).await;
+            let got = match sent {
+                Ok(()) => disks::receive_disks(c, &mut spec, &dir).await,
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(why) = got {
+                return Err(undo(DaemonError::Conflict(format!(
+                    "copying the disks failed: {why}"
+                ))));
+            }
+        }
+        // Taps named for the incoming VMM's port until the record (and its tap names) exists.
+        let nics: Vec<corefour_api::VmNic> = spec
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| corefour_api::VmNic {
+                bridge: n.bridge.clone(),
+                tap: format!("c4in{port}n{i}"),
+                mac: n.mac.clone().unwrap_or_default(),
+                rate_limit: n.rate_limit.clone(),
+            })
+            .collect();
+        for (i, nic) in nics.iter().enumerate() {
+            if let Err(e) = crate::network::create_tap(&nic.tap, &nic.bridge, None) {
+                nics[..i]
+                    .iter()
+                    .for_each(|n| crate::network::delete_tap(&n.tap));
+                return Err(undo(e.into()));
+            }
+        }
+        let undo = |e: DaemonError| {
+            nics.iter().for_each(|n| crate::network::delete_tap(&n.tap));
+            undo(e)
+        };
+        let rec = VmRecord {
+            id: 0,
+            name: name.clone(),
+            state: corefour_api::VmState::Created,
+            spec,
+            nics: nics.clone(),
+            pids: None,
+            stop_reason: None,
+            exit_code: None,
+            created_ms: crate::inventory::now_ms(),
         };
         let cfg_path = dir.join(shim::CONFIG_FILE);
         std::fs::write(&cfg_path, crate::vmm_config::render(&rec)).map_err(|e| {
@@ -674,6 +812,19 @@ impl Daemon {
             tracing::error!(vm = name, "cannot record the migrated VM: {e}");
             return Err(e.into());
         }
+        // The taps take the names the record gave them (a rename keeps the VMM's open fd).
+        if let Ok(r) = self.inv.get_vm(&name) {
+            for (from, to) in p.rec.nics.iter().zip(&r.nics) {
+                if let Err(e) = rename_link(&from.tap, &to.tap) {
+                    tracing::error!(
+                        vm = name,
+                        "cannot rename tap {} to {}: {e}",
+                        from.tap,
+                        to.tap
+                    );
+                }
+            }
+        }
         let (tx, rx) = tokio::sync::watch::channel(false);
         self.running
             .lock()
@@ -712,9 +863,38 @@ impl Daemon {
         if let Some(c) = &p.cgroup {
             c.remove();
         }
+        for nic in &p.rec.nics {
+            crate::network::delete_tap(&nic.tap);
+        }
         let _ = remove_dir_if_exists(&self.vm_dir(&name));
         tracing::info!(vm = name, "incoming migration dropped: {why}");
     }
+}
+
+/// Renames a network link (down, rename, up: Linux renames only links that are down).
+fn rename_link(from: &str, to: &str) -> Result<(), String> {
+    if from == to {
+        return Ok(());
+    }
+    crate::network::validate_ifname(to).map_err(|e| e.to_string())?;
+    for args in [
+        vec!["link", "set", "dev", from, "down"],
+        vec!["link", "set", "dev", from, "name", to],
+        vec!["link", "set", "dev", to, "up"],
+    ] {
+        let o = std::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        if !o.status.success() {
+            return Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&o.stderr).trim()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -36,12 +36,42 @@ pub struct Received {
     pub receive_ms: f64,
 }
 
+/// Puts this host's own resources into the source's config: each disk's path (the target may
+/// hold a copy elsewhere, `--copy-storage`) and each NIC's tap (taps are per host). The guest
+/// sees the same devices in the same order, so the counts must match.
+pub fn localize(config: &mut VmConfig, local: &VmConfig) -> Result<(), String> {
+    if config.disks.len() != local.disks.len() || config.nets.len() != local.nets.len() {
+        return Err(format!(
+            "the source's VM has {} disks and {} NICs, this host's config {} and {}",
+            config.disks.len(),
+            config.nets.len(),
+            local.disks.len(),
+            local.nets.len()
+        ));
+    }
+    for (d, l) in config.disks.iter_mut().zip(&local.disks) {
+        d.path = l.path.clone();
+    }
+    for (n, l) in config.nets.iter_mut().zip(&local.nets) {
+        if n.mac != l.mac {
+            return Err(format!(
+                "a NIC's MAC differs: {:?} on the source, {:?} here",
+                n.mac, l.mac
+            ));
+        }
+        n.tap = l.tap.clone();
+    }
+    Ok(())
+}
+
 /// Listens on `addr`, accepts one migration and builds the VM. The source keeps its copy until
-/// this side has loaded the state and the source commits.
+/// this side has loaded the state and the source commits. `local`, this host's config of the
+/// VM, supplies the disk paths and taps (see `localize`).
 pub fn receive(
     addr: &str,
     console: Console,
     io_timeout: Duration,
+    local: Option<&VmConfig>,
 ) -> Result<Received, IncomingError> {
     let listener = TcpListener::bind(addr).map_err(|source| IncomingError::Listen {
         addr: addr.into(),
@@ -54,10 +84,15 @@ pub fn receive(
         conn.refuse(&why);
         IncomingError::Refused(why)
     };
-    let config: VmConfig = match serde_json::from_value(hello.config.clone()) {
+    let mut config: VmConfig = match serde_json::from_value(hello.config.clone()) {
         Ok(c) => c,
         Err(e) => return Err(refuse(&mut conn, format!("VM config: {e}"))),
     };
+    if let Some(l) = local {
+        if let Err(e) = localize(&mut config, l) {
+            return Err(refuse(&mut conn, e));
+        }
+    }
     if let Err(e) = config.validate() {
         return Err(refuse(&mut conn, e.to_string()));
     }
@@ -91,10 +126,23 @@ pub fn receive(
     };
     conn.ready()?;
     let frame = conn.receive_memory(&host)?;
-    let state: MachineState = match format::decode(format::KIND_MIGRATION_STATE, &frame) {
+    let mut state: MachineState = match format::decode(format::KIND_MIGRATION_STATE, &frame) {
         Ok(s) => s,
         Err(e) => return Err(refuse(&mut conn, e.to_string())),
     };
+    if let Some(l) = local {
+        // The state carries the source's config too; `load` checks it against the prepared one.
+        let localized = serde_json::from_value::<VmConfig>(state.config.clone())
+            .map_err(|e| format!("the state's VM config: {e}"))
+            .and_then(|mut c| {
+                localize(&mut c, l)?;
+                serde_json::to_value(c).map_err(|e| e.to_string())
+            });
+        match localized {
+            Ok(v) => state.config = v,
+            Err(e) => return Err(refuse(&mut conn, e)),
+        }
+    }
     let vmm = match load(prepared, &state, mem) {
         Ok(v) => v,
         Err(e) => return Err(refuse(&mut conn, e.to_string())),

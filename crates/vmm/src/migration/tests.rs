@@ -285,3 +285,32 @@ fn a_hostile_source_cannot_write_outside_guest_memory() {
     let err = t.join().unwrap().unwrap_err();
     assert!(err.to_string().contains("do not fit"), "{err}");
 }
+
+#[test]
+fn localize_takes_this_hosts_disk_paths_and_taps_and_refuses_other_devices() {
+    use crate::config::VmConfig;
+    let parse = |v: serde_json::Value| -> VmConfig { serde_json::from_value(v).unwrap() };
+    let mut src = parse(serde_json::json!({
+        "kernel": "/k", "vcpus": 1, "memory_mib": 64,
+        "disks": [{"path": "/a/root.raw"}, {"path": "/shared/ro.raw", "read_only": true}],
+        "nets": [{"tap": "c4t0", "mac": "02:00:00:00:00:01"}]
+    }));
+    let local = parse(serde_json::json!({
+        "kernel": "/k", "vcpus": 1, "memory_mib": 64,
+        "disks": [{"path": "/b/vms/v/disks/0-root.raw"}, {"path": "/shared/ro.raw", "read_only": true}],
+        "nets": [{"tap": "c4t9", "mac": "02:00:00:00:00:01"}]
+    }));
+    incoming::localize(&mut src, &local).unwrap();
+    assert_eq!(src.disks[0].path, local.disks[0].path);
+    assert_eq!(src.nets[0].tap, "c4t9");
+    assert_eq!(src, local);
+
+    let mut other_mac = local.clone();
+    other_mac.nets[0].mac = Some("02:00:00:00:00:02".into());
+    let err = incoming::localize(&mut src.clone(), &other_mac).unwrap_err();
+    assert!(err.contains("MAC differs"), "{err}");
+    let mut fewer = local.clone();
+    fewer.disks.pop();
+    let err = incoming::localize(&mut src, &fewer).unwrap_err();
+    assert!(err.contains("2 disks"), "{err}");
+}

@@ -405,7 +405,11 @@ impl MigrationSource for StateHandle {
         }
     }
     fn pause(&self) -> Result<(), String> {
-        self.control.pause().map_err(|e| e.to_string())?;
+        // Already paused: the daemon pauses a guest before copying its disks (--copy-storage).
+        match self.control.pause() {
+            Ok(()) | Err(ControlError::AlreadyPaused) => {}
+            Err(e) => return Err(e.to_string()),
+        }
         if self.virtio.is_empty() {
             return Ok(());
         }
@@ -454,8 +458,9 @@ impl StateApi for StateHandle {
                 ),
             )
         })?;
-        if self.control.state_name() != "running" {
-            return Err((409, "the VM must be running to migrate it".into()));
+        // Paused is fine too: the daemon pauses a guest while it copies its disks.
+        if !matches!(self.control.state_name(), "running" | "paused") {
+            return Err((409, "the VM must be running or paused to migrate it".into()));
         }
         let mut params = SendParams {
             max_downtime: Duration::from_millis(req.max_downtime_ms),
