@@ -1,6 +1,12 @@
 /* virtio-mmio v2 driver core for the test guests; see virtio.h. */
 #include "virtio.h"
 
+u32 virtio_mmio_gsi(int slot)
+{
+    static const u8 gsis[] = {5, 6, 7, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22};
+    return slot >= 0 && slot < (int)sizeof(gsis) ? gsis[slot] : 0;
+}
+
 static struct vq queues[VIRTIO_MMIO_SLOTS][VQ_MAX] __attribute__((aligned(4096)));
 
 static inline u32 rd(struct vdev *d, u32 off) { return *(volatile u32 *)(d->base + off); }
@@ -142,7 +148,7 @@ int virtio_init(struct vdev *d, u32 device_id, u32 nqueues)
     d->base = (volatile u8 *)(VIRTIO_MMIO_BASE + (u64)slot * VIRTIO_MMIO_STRIDE);
     d->device_id = device_id;
     d->nqueues = nqueues;
-    d->gsi = VIRTIO_FIRST_GSI + (u32)slot;
+    d->gsi = virtio_mmio_gsi(slot);
     wr(d, 0x70, 0);
     wr(d, 0x70, 1);
     wr(d, 0x70, 1 | 2);

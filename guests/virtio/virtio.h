@@ -10,7 +10,9 @@
 #define VIRTIO_MMIO_BASE 0xd1000000ul
 #define VIRTIO_MMIO_STRIDE 0x1000ul
 #define VIRTIO_MMIO_SLOTS 8
-#define VIRTIO_FIRST_GSI 5
+/* The IOAPIC pin of mmio window i: crates/vmm/src/virtio_devices.rs VIRTIO_GSIS (5..22 without
+ * the platform's 8, 9 and 12). */
+u32 virtio_mmio_gsi(int slot);
 
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
@@ -61,7 +63,7 @@ struct vdev {
     u32 notify_mult;
     u32 device_id;
     u32 nqueues;
-    u32 gsi; /* its interrupt line: 5 + window index (mmio), the interrupt-line register (pci) */
+    u32 gsi; /* its interrupt line: virtio_mmio_gsi(window) (mmio), the interrupt-line register (pci) */
     struct vq *q[VQ_MAX];
 };
 

@@ -1,5 +1,5 @@
 //! The VM's virtio devices, in this order: disks, nets, rng, vsock, balloon; one GSI each from
-//! `VIRTIO_FIRST_GSI`.
+//! `VIRTIO_GSIS`.
 //! - `mmio` (default): each behind a virtio-mmio window (Firecracker style) from
 //!   `VIRTIO_MMIO_BASE` upwards, edge-triggered on its GSI. Linux learns of them from the
 //!   DSDT (`LNRO0005` devices, see `acpi_devices`; what a distro kernel without
@@ -42,9 +42,12 @@ use crate::machine::BusEntry;
 use crate::memory::GuestMem;
 
 pub const VIRTIO_MMIO_BASE: u64 = 0xd100_0000;
-/// GSIs 5..=23 of the IOAPIC (COM1 has 4).
-pub const VIRTIO_FIRST_GSI: u32 = 5;
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// The IOAPIC pins the devices take, in device order: 5..=23 without the ones the platform
+/// owns (COM1 has 4, the CMOS RTC 8, the ACPI SCI 9, the PS/2 mouse 12): a Linux guest
+/// refuses to share an edge-triggered line with the RTC's ("genirq: Flags mismatch").
+/// guests/virtio/virtio.c keeps the same table.
+pub const VIRTIO_GSIS: [u32; 15] = [5, 6, 7, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22];
+pub const MAX_VIRTIO_DEVICES: usize = VIRTIO_GSIS.len();
 /// Where PCI BARs live (inside the MMIO hole, clear of the VMM's own pages).
 pub const PCI_BAR_WINDOW: (u64, u64) = (0xe000_0000, 0x100_0000);
 
@@ -214,7 +217,7 @@ pub fn acpi_devices(config: &VmConfig) -> AcpiDevices {
 fn slot(i: usize) -> (u64, u32) {
     (
         VIRTIO_MMIO_BASE + i as u64 * MMIO_SIZE,
-        VIRTIO_FIRST_GSI + i as u32,
+        VIRTIO_GSIS[i.min(MAX_VIRTIO_DEVICES - 1)],
     )
 }
 

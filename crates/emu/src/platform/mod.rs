@@ -8,5 +8,5 @@ pub mod ioapic;
 pub mod lapic;
 pub mod pic;
 pub mod pit;
-pub mod state;
 pub mod rtc;
+pub mod state;
