@@ -1,8 +1,11 @@
 /* virtio-blk test guest (run with `corefour vmm --disk FILE`): prints sector 0's first 16
  * bytes as `SECTOR0 <hex>`, writes ASCII `COREFOUR` at the start of sector 1 (keeping the rest
  * of the sector), flushes, and exits 0. Any failure prints `vblk: FAIL ...` and exits 1.
- * Runs in ring 3, where kvm_pvm executes guest code natively. */
+ * Runs in ring 3, where kvm_pvm executes guest code natively, polling the used ring.
+ * `irq=1` (command line): stays in ring 0 and waits for each completion with HLT until the
+ * device's used-ring interrupt arrives (5 s timeout each, then FAIL); prints `irqs=N`. */
 #include "c4.h"
+#include "virtio/irq.h"
 #include "virtio/virtio.h"
 
 #define T_IN 0
@@ -18,6 +21,7 @@ static struct {
 } hdr;
 static u8 sector[512] __attribute__((aligned(512)));
 static volatile u8 status;
+static int use_irq;
 
 static void fail(const char *what, long v)
 {
@@ -40,7 +44,7 @@ static void request(struct vdev *d, u32 type, u64 sec, int with_data)
     if (with_data)
         b[n++] = (struct vbuf){sector, sizeof sector, type == T_IN};
     b[n++] = (struct vbuf){(void *)&status, 1, 1};
-    long r = virtio_transfer(d, 0, b, n, SPINS);
+    long r = use_irq ? virtio_transfer_irq(d, 0, b, n, 5000) : virtio_transfer(d, 0, b, n, SPINS);
     if (r < 0)
         fail("no completion, type", type);
     if (status != 0)
@@ -54,6 +58,8 @@ static void run(void *arg)
     int r = virtio_init(&d, VIRTIO_ID_BLOCK, 1);
     if (r < 0)
         fail("init step", r);
+    if (use_irq)
+        virtio_irq_init(&d);
     u64 capacity = 0;
     for (int i = 7; i >= 0; i--)
         capacity = (capacity << 8) | virtio_config8(&d, (u32)i);
@@ -71,15 +77,23 @@ static void run(void *arg)
     request(&d, T_FLUSH, 0, 0);
     c4_puts("vblk: ok sectors=");
     c4_put_dec(capacity);
-    c4_puts(d.pci ? " transport=pci\n" : " transport=mmio\n");
+    c4_puts(d.pci ? " transport=pci" : " transport=mmio");
+    if (use_irq) {
+        c4_puts(" irqs=");
+        c4_put_dec(virtio_irq_count());
+    }
+    c4_putc('\n');
     c4_exit(0);
 }
 
 void c4_main(const struct c4_boot_info *info, u32 cpu)
 {
-    (void)info;
     if (cpu != 0)
         c4_halt();
     virtio_pci_probe();
+    if (c4_cmdline_u64(info, "irq", 0) == 1) {
+        use_irq = 1;
+        run(0);
+    }
     c4_enter_user(run, 0, user_stack + sizeof user_stack);
 }

@@ -1,8 +1,11 @@
 /* virtio-net test guest (run with `corefour vmm --net TAP`, the tap bridged to a test host at
  * 10.77.0.1/24): as 10.77.0.2 it ARPs for the host (`VNET arp <host mac>`), pings it
  * (`VNET ping reply from 10.77.0.1`) and exits 0; 1 on failure or when nothing answers. It
- * answers ARP requests for its own address meanwhile. */
+ * answers ARP requests for its own address meanwhile. `irq=1`: runs in ring 0 and HLTs for
+ * the device's interrupt instead of polling (TX completions and received frames), printing
+ * `VNET irqs=N` before it exits. */
 #include "c4.h"
+#include "virtio/irq.h"
 #include "virtio/virtio.h"
 
 #define HDR 12
@@ -17,6 +20,7 @@ static u8 tx[FRAME] __attribute__((aligned(64)));
 static u8 mac[6], host_mac[6];
 static const u8 my_ip[4] = {10, 77, 0, 2}, host_ip[4] = {10, 77, 0, 1};
 static struct vdev d;
+static int use_irq;
 
 static void fail(const char *what, long v)
 {
@@ -59,7 +63,8 @@ static void send(u32 len)
     for (int i = 0; i < HDR; i++)
         tx[i] = 0;
     struct vbuf b = {tx, HDR + len, 0};
-    if (virtio_transfer(&d, 1, &b, 1, 2000000000ul) < 0)
+    long r = use_irq ? virtio_transfer_irq(&d, 1, &b, 1, 5000) : virtio_transfer(&d, 1, &b, 1, 2000000000ul);
+    if (r < 0)
         fail("tx not completed", 0);
 }
 
@@ -127,10 +132,16 @@ static void post_rx(u32 i)
 /* Waits for a frame that `want` accepts: 1 = ARP reply from the host, 2 = echo reply. */
 static int wait_for(int want)
 {
-    for (u64 spin = 0; spin < WAIT_SPINS; spin++) {
+    /* With interrupts: at most 20 waits of 50 ms for frames, then the caller resends. */
+    u64 limit = use_irq ? 20 : WAIT_SPINS;
+    for (u64 spin = 0; spin < limit; spin++) {
         u32 id, len;
+        u64 seen = use_irq ? virtio_irq_count() : 0;
         if (!virtio_poll_used(&d, 0, &id, &len)) {
-            __asm__ volatile("pause");
+            if (use_irq)
+                virtio_irq_wait(seen, 50);
+            else
+                __asm__ volatile("pause");
             continue;
         }
         u32 slot = owner[id % VQ_SIZE];
@@ -167,6 +178,8 @@ static void run(void *arg)
     int r = virtio_init(&d, VIRTIO_ID_NET, 2);
     if (r < 0)
         fail("init step", r);
+    if (use_irq)
+        virtio_irq_init(&d);
     for (int i = 0; i < 6; i++)
         mac[i] = virtio_config8(&d, (u32)i);
     c4_puts("VNET mac ");
@@ -193,14 +206,22 @@ static void run(void *arg)
     if (!ok)
         fail("no echo reply from 10.77.0.1", 0);
     c4_puts("VNET ping reply from 10.77.0.1\n");
+    if (use_irq) {
+        c4_puts("VNET irqs=");
+        c4_put_dec(virtio_irq_count());
+        c4_putc('\n');
+    }
     c4_exit(0);
 }
 
 void c4_main(const struct c4_boot_info *info, u32 cpu)
 {
-    (void)info;
     if (cpu != 0)
         c4_halt();
     virtio_pci_probe();
+    if (c4_cmdline_u64(info, "irq", 0) == 1) {
+        use_irq = 1;
+        run(0);
+    }
     c4_enter_user(run, 0, user_stack + sizeof user_stack);
 }

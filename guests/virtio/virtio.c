@@ -21,6 +21,7 @@ struct pci_fn {
     u32 device_id;
     u64 bar;
     u32 common, isr, devcfg, notify, mult;
+    u32 gsi;
 };
 static struct pci_fn pci_fns[VIRTIO_MMIO_SLOTS];
 static u32 pci_count;
@@ -49,6 +50,7 @@ void virtio_pci_probe(void)
         f->device_id = (id >> 16) - 0x1040;
         f->bar = ((u64)cfg_read(slot, 0x14) << 32) | (cfg_read(slot, 0x10) & ~0xful);
         f->common = f->isr = f->devcfg = f->notify = ~0u;
+        f->gsi = cfg_read8(slot, 0x3c);
         u32 at = cfg_read8(slot, 0x34);
         for (int guard = 0; at && guard < 48; guard++) {
             if (cfg_read8(slot, at) == 0x09 && cfg_read8(slot, at + 4) == 0) {
@@ -79,6 +81,7 @@ static int virtio_pci_init(struct vdev *d, const struct pci_fn *f, u32 nqueues, 
     d->notify_mult = f->mult;
     d->device_id = f->device_id;
     d->nqueues = nqueues;
+    d->gsi = f->gsi;
     volatile u8 *c = d->common;
     c[0x14] = 0;
     c[0x14] = 1;
@@ -139,6 +142,7 @@ int virtio_init(struct vdev *d, u32 device_id, u32 nqueues)
     d->base = (volatile u8 *)(VIRTIO_MMIO_BASE + (u64)slot * VIRTIO_MMIO_STRIDE);
     d->device_id = device_id;
     d->nqueues = nqueues;
+    d->gsi = VIRTIO_FIRST_GSI + (u32)slot;
     wr(d, 0x70, 0);
     wr(d, 0x70, 1);
     wr(d, 0x70, 1 | 2);

@@ -10,6 +10,7 @@
 #define VIRTIO_MMIO_BASE 0xd1000000ul
 #define VIRTIO_MMIO_STRIDE 0x1000ul
 #define VIRTIO_MMIO_SLOTS 8
+#define VIRTIO_FIRST_GSI 5
 
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_BLOCK 2
@@ -60,6 +61,7 @@ struct vdev {
     u32 notify_mult;
     u32 device_id;
     u32 nqueues;
+    u32 gsi; /* its interrupt line: 5 + window index (mmio), the interrupt-line register (pci) */
     struct vq *q[VQ_MAX];
 };
 

@@ -4,10 +4,12 @@
 //! ignored. The OpenAPI document describing these types is kept beside this crate
 //! (`openapi.json`) and served by the daemon at `GET /openapi.json`.
 
+pub mod ct;
 pub mod event;
 pub mod fault;
 pub mod vm;
 
+pub use ct::{CtCreate, CtExport, CtInfo, CtLimits, CtNet};
 pub use event::Event;
 pub use fault::Fault;
 pub use vm::{

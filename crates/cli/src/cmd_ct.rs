@@ -1,5 +1,14 @@
 //! `corefour ct`: LXC-style system containers from templates (busybox, debian), on overlayfs,
 //! with cgroup limits and bridge networking.
+//!
+//! As `vm`, the commands talk to the daemon (`--socket`, COREFOUR_SOCKET): it keeps containers in
+//! its inventory, runs each under a shim and finds them again after a restart. With `--direct`
+//! (or `--dir` / COREFOUR_CT_DIR) they run without a daemon, from this process, as before.
+
+#[path = "cmd_ct_daemon.rs"]
+mod daemon;
+#[path = "cmd_ct_move.rs"]
+mod transfer;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -7,13 +16,19 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Subcommand;
 use corefour_container::network::BridgeConfig;
-use corefour_container::system::{CreateRequest, CtInfo, System, DEFAULT_BASE};
+use corefour_container::system::{CreateRequest, CtInfo, LimitChange, System, DEFAULT_BASE};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where templates, containers and runtime state live.
-    #[arg(long, global = true, env = "COREFOUR_CT_DIR", default_value = DEFAULT_BASE)]
-    dir: PathBuf,
+    /// The daemon's socket.
+    #[arg(long, global = true, env = "COREFOUR_SOCKET", default_value = corefour_daemon::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Run without the daemon, from this process, with state under --dir.
+    #[arg(long, global = true)]
+    direct: bool,
+    /// Daemonless state directory (templates, containers, runtime state); implies --direct.
+    #[arg(long, global = true, env = "COREFOUR_CT_DIR")]
+    dir: Option<PathBuf>,
     /// Print data as JSON.
     #[arg(long, global = true)]
     json: bool,
@@ -21,34 +36,102 @@ pub struct Args {
     cmd: Box<Cmd>,
 }
 
+#[derive(clap::Args)]
+pub(crate) struct CreateArgs {
+    name: String,
+    #[arg(long, default_value = "busybox")]
+    template: String,
+    /// Memory limit, e.g. 256M.
+    #[arg(long)]
+    memory: Option<String>,
+    /// CPU limit in CPUs (CFS quota), e.g. 1 or 0.5.
+    #[arg(long, conflicts_with = "cpu_quota")]
+    cpus: Option<f64>,
+    /// CPU limit in percent of one CPU (150 = one and a half CPUs).
+    #[arg(long)]
+    cpu_quota: Option<u32>,
+    /// Relative CPU weight 1..10000 (100 = default).
+    #[arg(long)]
+    cpu_weight: Option<u32>,
+    /// Maximum number of processes.
+    #[arg(long)]
+    pids: Option<i64>,
+    /// `bridge` to attach to a Linux bridge with an address from its range, `none` for loopback only.
+    #[arg(long, default_value = "none")]
+    net: String,
+    /// Bridge to attach to (created if missing).
+    #[arg(long, default_value = "corefour0")]
+    bridge: String,
+    /// Address range of the bridge; its first address is the bridge's.
+    #[arg(long, default_value = "10.88.0.0/24")]
+    subnet: String,
+    /// Start it once created.
+    #[arg(long)]
+    start: bool,
+}
+
+impl CreateArgs {
+    fn memory_bytes(&self) -> anyhow::Result<Option<i64>> {
+        self.memory
+            .as_ref()
+            .map(|m| {
+                corefour_container::cgroups::parse_size(m)
+                    .with_context(|| format!("--memory {m:?}: use a size like 256M or 1G"))
+            })
+            .transpose()
+    }
+
+    fn bridge(&self) -> anyhow::Result<Option<BridgeConfig>> {
+        Ok(match self.net.as_str() {
+            "bridge" => Some(BridgeConfig {
+                bridge: self.bridge.clone(),
+                subnet: self.subnet.clone(),
+            }),
+            "none" => None,
+            other => anyhow::bail!("--net {other:?}: use bridge or none"),
+        })
+    }
+
+    fn cpus(&self) -> Option<f64> {
+        self.cpus.or(self.cpu_quota.map(|q| f64::from(q) / 100.0))
+    }
+}
+
+#[derive(clap::Args)]
+pub(crate) struct SetArgs {
+    name: String,
+    /// Percent of one host CPU (150 = one and a half CPUs); 0 removes the quota.
+    #[arg(long)]
+    cpu_quota: Option<u32>,
+    /// Relative weight 1..10000 (100 = default); 0 restores the default.
+    #[arg(long)]
+    cpu_weight: Option<u32>,
+    /// Memory limit, e.g. 256M; 0 removes it.
+    #[arg(long)]
+    memory: Option<String>,
+    /// Maximum number of processes; 0 removes the limit.
+    #[arg(long)]
+    pids: Option<i64>,
+}
+
+impl SetArgs {
+    fn memory_bytes(&self) -> anyhow::Result<Option<i64>> {
+        self.memory
+            .as_ref()
+            .map(|m| {
+                corefour_container::cgroups::parse_size(m)
+                    .with_context(|| format!("--memory {m:?}: use a size like 256M or 1G, or 0"))
+            })
+            .transpose()
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a container from a template (the template is built and cached on first use).
-    Create {
-        name: String,
-        #[arg(long, default_value = "busybox")]
-        template: String,
-        /// Memory limit, e.g. 256M.
-        #[arg(long)]
-        memory: Option<String>,
-        /// CPU limit in CPUs (CFS quota), e.g. 1 or 0.5.
-        #[arg(long)]
-        cpus: Option<f64>,
-        /// Maximum number of processes.
-        #[arg(long)]
-        pids: Option<i64>,
-        /// `bridge` to attach to a Linux bridge with an address from its range, `none` for loopback only.
-        #[arg(long, default_value = "none")]
-        net: String,
-        /// Bridge to attach to (created if missing).
-        #[arg(long, default_value = "corefour0")]
-        bridge: String,
-        /// Address range of the bridge; its first address is the bridge's.
-        #[arg(long, default_value = "10.88.0.0/24")]
-        subnet: String,
-    },
-    /// Start a container's init.
-    Start { name: String },
+    Create(Box<CreateArgs>),
+    /// Start containers.
+    Start { names: Vec<String> },
     /// Run a command inside a running container: `ct exec NAME -- CMD ARGS`.
     Exec {
         name: String,
@@ -67,13 +150,20 @@ enum Cmd {
     },
     /// SIGTERM to the init, SIGKILL after the timeout.
     Stop {
-        name: String,
-        #[arg(long, default_value_t = 10)]
-        timeout: u64,
+        names: Vec<String>,
+        /// Seconds to wait for the init to exit before SIGKILL: 10, 10s, 500ms, 2m.
+        #[arg(long, default_value = "10")]
+        timeout: String,
     },
-    /// Delete a stopped container (--force stops it first).
+    /// SIGKILL the containers' inits.
+    Kill { names: Vec<String> },
+    /// Freeze every process of the containers (cgroup freezer).
+    Pause { names: Vec<String> },
+    /// Thaw paused containers.
+    Resume { names: Vec<String> },
+    /// Delete stopped containers (--force stops them first).
     Delete {
-        name: String,
+        names: Vec<String>,
         #[arg(short, long)]
         force: bool,
     },
@@ -81,58 +171,145 @@ enum Cmd {
     List,
     /// Show one container.
     Info { name: String },
+    /// Show the containers' inventory events (daemon only).
+    Events {
+        /// Only this container's.
+        name: Option<String>,
+        /// Only events after this id.
+        #[arg(long)]
+        since: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Keep printing new events.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Change limits; a running container's cgroup changes at once.
+    Set(SetArgs),
+    /// Export a stopped container (config and root file system layer) to FILE.tar.zst, with the
+    /// SHA-256 of every member in its manifest (daemon only).
+    Export {
+        name: String,
+        file: PathBuf,
+        /// The whole root file system instead of the upper layer over the template.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Import an exported container: every checksum is verified before it is registered.
+    Import {
+        /// The archive; `-` reads it from standard input.
+        file: PathBuf,
+        /// Register it under this name instead of the exported one.
+        #[arg(long)]
+        name: Option<String>,
+        /// Start it once imported.
+        #[arg(long)]
+        start: bool,
+    },
+    /// Move a container to another daemon: stop, copy, start there; the source is deleted only
+    /// after the target confirms, and restarted if anything fails.
+    Move {
+        name: String,
+        /// The target: a daemon's socket on this host (a path), or `HOST` / `ssh://HOST` for
+        /// the daemon on another host, reached with `ssh HOST corefour ct ...` (COREFOUR_SSH and
+        /// COREFOUR_REMOTE_BIN override the two commands).
+        #[arg(long)]
+        to: String,
+        /// Copy the whole root file system (the target then needs no template).
+        #[arg(long)]
+        full: bool,
+        /// Graceful stop timeout on the source.
+        #[arg(long, default_value = "10")]
+        timeout: String,
+    },
+    /// Internal: the shim the daemon runs per container.
+    #[command(hide = true)]
+    Shim {
+        name: String,
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(long)]
+        cgroup_parent: String,
+    },
 }
 
 /// Returns the process exit code.
 pub fn run(args: Args) -> anyhow::Result<i32> {
-    let sys = System::new(&args.dir);
-    match *args.cmd {
-        Cmd::Create {
-            name,
-            template,
-            memory,
-            cpus,
-            pids,
-            net,
-            bridge,
-            subnet,
-        } => {
-            let memory = memory
-                .map(|m| {
-                    corefour_container::cgroups::parse_size(&m)
-                        .with_context(|| format!("--memory {m:?}: use a size like 256M or 1G"))
-                })
-                .transpose()?;
-            let bridge = match net.as_str() {
-                "bridge" => Some(BridgeConfig { bridge, subnet }),
-                "none" => None,
-                other => anyhow::bail!("--net {other:?}: use bridge or none"),
-            };
-            let cached = args
-                .dir
+    if let Cmd::Shim {
+        name,
+        base,
+        cgroup_parent,
+    } = &*args.cmd
+    {
+        return Ok(corefour_daemon::ct::shim::run(base, cgroup_parent, name)?);
+    }
+    if args.direct || args.dir.is_some() {
+        let dir = args.dir.unwrap_or_else(|| PathBuf::from(DEFAULT_BASE));
+        return direct(&System::new(&dir), *args.cmd, args.json);
+    }
+    daemon::run(&args.socket, *args.cmd, args.json)
+}
+
+/// "10s", "500ms", "2m", "10" (seconds) -> whole seconds, rounded up.
+pub(crate) fn parse_secs(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("timeout {s:?}: expected e.g. 10s, 500ms or 2m"))?;
+    Ok(match unit {
+        "" | "s" => n,
+        "ms" => n.div_ceil(1000),
+        "m" => n * 60,
+        _ => anyhow::bail!("timeout {s:?}: use s, ms or m"),
+    })
+}
+
+fn one<'a>(names: &'a [String], verb: &str) -> anyhow::Result<&'a str> {
+    match names {
+        [n] => Ok(n),
+        [] => anyhow::bail!("ct {verb}: name a container"),
+        _ => anyhow::bail!("ct {verb} --direct takes one container at a time"),
+    }
+}
+
+/// The daemonless path: this process runs the container runtime itself.
+fn direct(sys: &System, cmd: Cmd, json: bool) -> anyhow::Result<i32> {
+    match cmd {
+        Cmd::Create(c) => {
+            let memory = c.memory_bytes()?;
+            let bridge = c.bridge()?;
+            let cached = sys
+                .base
                 .join("templates")
-                .join(&template)
+                .join(&c.template)
                 .join(".complete")
                 .exists();
             if !cached && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                let how = if template == "debian" {
+                let how = if c.template == "debian" {
                     "debootstrap, a few minutes"
                 } else {
                     "busybox-static"
                 };
                 eprintln!(
-                    "building the {template} template once ({how}); later containers reuse it"
+                    "building the {} template once ({how}); later containers reuse it",
+                    c.template
                 );
             }
             let cfg = sys.create(&CreateRequest {
-                name,
-                template,
+                name: c.name.clone(),
+                template: c.template.clone(),
                 memory,
-                cpus,
-                pids,
+                cpus: c.cpus(),
+                pids: c.pids,
+                cpu_weight: c.cpu_weight,
                 bridge,
             })?;
-            if args.json {
+            if c.start {
+                sys.start(&cfg.name)?;
+            }
+            if json {
                 println!("{}", serde_json::to_string_pretty(&cfg)?);
             } else {
                 let addr = cfg
@@ -143,9 +320,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 println!("created {} from {}{addr}", cfg.name, cfg.template);
             }
         }
-        Cmd::Start { name } => {
-            let pid = sys.start(&name)?;
-            if args.json {
+        Cmd::Start { names } => {
+            let name = one(&names, "start")?;
+            let pid = sys.start(name)?;
+            if json {
                 println!("{}", serde_json::json!({"name": name, "pid": pid}));
             }
         }
@@ -157,16 +335,42 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     sys.info(&name)?;
                     eprintln!("{name} has no interactive console (not running, or its init has no tty); its log:");
                 }
-                console(&sys, &name, follow)?;
+                console(sys, &name, follow)?;
             } else {
                 attach(&name, &sock)?;
             }
         }
-        Cmd::Stop { name, timeout } => sys.stop(&name, Duration::from_secs(timeout))?,
-        Cmd::Delete { name, force } => sys.delete(&name, force)?,
+        Cmd::Stop { names, timeout } => {
+            let t = parse_secs(&timeout)?;
+            sys.stop(one(&names, "stop")?, Duration::from_secs(t))?
+        }
+        Cmd::Kill { names } => sys.stop(one(&names, "kill")?, Duration::ZERO)?,
+        Cmd::Pause { names } => {
+            corefour_container::container_pause::pause(&sys.run_root(), one(&names, "pause")?)?
+        }
+        Cmd::Resume { names } => {
+            corefour_container::container_pause::resume(&sys.run_root(), one(&names, "resume")?)?
+        }
+        Cmd::Delete { names, force } => sys.delete(one(&names, "delete")?, force)?,
+        Cmd::Set(s) => {
+            let zero_none_u = |v: u32| (v != 0).then_some(v);
+            let zero_none_i = |v: i64| (v != 0).then_some(v);
+            let change = LimitChange {
+                memory: s.memory_bytes()?.map(zero_none_i),
+                cpus: s
+                    .cpu_quota
+                    .map(|q| zero_none_u(q).map(|q| f64::from(q) / 100.0)),
+                cpu_weight: s.cpu_weight.map(zero_none_u),
+                pids: s.pids.map(zero_none_i),
+            };
+            let cfg = sys.set_limits(&s.name, &change)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&cfg)?);
+            }
+        }
         Cmd::List => {
             let all = sys.list();
-            if args.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 println!(
@@ -180,50 +384,60 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
         Cmd::Info { name } => {
             let i = sys.info(&name)?;
-            if args.json {
+            if json {
                 println!("{}", serde_json::to_string_pretty(&i)?);
             } else {
-                println!("name:     {}", i.config.name);
-                println!("status:   {}", i.status);
-                println!("template: {}", i.config.template);
-                println!(
-                    "pid:      {}",
-                    i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
-                );
-                println!("rootfs:   {}", i.rootfs.display());
-                println!(
-                    "memory:   {}",
-                    i.config
-                        .memory
-                        .map(|m| format!("{} MiB", m >> 20))
-                        .unwrap_or_else(|| "unlimited".into())
-                );
-                println!(
-                    "cpus:     {}",
-                    i.config
-                        .cpus
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| "unlimited".into())
-                );
-                println!(
-                    "pids:     {}",
-                    i.config
-                        .pids
-                        .map(|c| c.to_string())
-                        .unwrap_or_else(|| "unlimited".into())
-                );
-                match &i.config.net {
-                    Some(n) => println!(
-                        "network:  {} on {} ({})",
-                        n.address, n.bridge.bridge, n.bridge.subnet
-                    ),
-                    None => println!("network:  none (loopback only)"),
-                }
-                println!("created:  {}", i.config.created);
+                print_direct_info(&i);
             }
         }
+        Cmd::Events { .. } | Cmd::Export { .. } | Cmd::Import { .. } | Cmd::Move { .. } => {
+            anyhow::bail!(
+                "this ct command needs the daemon: drop --direct/--dir (and unset COREFOUR_CT_DIR)"
+            )
+        }
+        Cmd::Shim { .. } => unreachable!("handled before"),
     }
     Ok(0)
+}
+
+fn print_direct_info(i: &CtInfo) {
+    println!("name:     {}", i.config.name);
+    println!("status:   {}", i.status);
+    println!("template: {}", i.config.template);
+    println!(
+        "pid:      {}",
+        i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into())
+    );
+    println!("rootfs:   {}", i.rootfs.display());
+    println!(
+        "memory:   {}",
+        i.config
+            .memory
+            .map(|m| format!("{} MiB", m >> 20))
+            .unwrap_or_else(|| "unlimited".into())
+    );
+    println!(
+        "cpus:     {}",
+        i.config
+            .cpus
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "unlimited".into())
+    );
+    println!(
+        "pids:     {}",
+        i.config
+            .pids
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "unlimited".into())
+    );
+    match &i.config.net {
+        Some(n) => println!(
+            "network:  {} on {} ({})",
+            n.address, n.bridge.bridge, n.bridge.subnet
+        ),
+        None => println!("network:  none (loopback only)"),
+    }
+    println!("created:  {}", i.config.created);
 }
 
 fn print_row(c: &CtInfo) {
@@ -274,7 +488,7 @@ fn console(sys: &System, name: &str, follow: bool) -> anyhow::Result<()> {
 
 /// Proxies the terminal to the console monitor's socket; Ctrl-] detaches. With a non-tty stdin
 /// (scripts), input is sent as it is and the output is drained briefly after stdin ends.
-fn attach(name: &str, sock: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn attach(name: &str, sock: &std::path::Path) -> anyhow::Result<()> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
     use std::io::{Read, Write};

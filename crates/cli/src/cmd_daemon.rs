@@ -27,6 +27,10 @@ pub struct Args {
     /// namespaces, an unprivileged uid, besides the seccomp filter every VMM gets.
     #[arg(long)]
     jail: bool,
+    /// Accept live migrations from other corefour daemons on this TCP address (e.g.
+    /// 10.0.0.2:4747). Unauthenticated: bind it only to a trusted migration network.
+    #[arg(long, value_name = "ADDR:PORT")]
+    migration_listen: Option<String>,
     /// Internal: the shim jails the VMM as this uid/gid.
     #[arg(long, hide = true)]
     jail_uid: Option<u32>,
@@ -60,6 +64,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         vmm_exe,
         jail: args.jail,
         log_level: args.log_level,
+        migration_listen: args.migration_listen,
     })?;
     Ok(0)
 }

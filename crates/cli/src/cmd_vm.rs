@@ -71,14 +71,28 @@ enum Cmd {
         #[arg(long)]
         diff: bool,
     },
-    /// Clone a stopped VM: new name and MACs; each writable disk becomes a qcow2 overlay on the
-    /// source's (copy-on-write, nothing copied).
+    /// Clone a VM: new name and MACs; each writable disk becomes a qcow2 overlay on the
+    /// source's (copy-on-write, nothing copied). A running source is snapshotted (a brief pause)
+    /// and the clone starts from that instant; with writable disks the source moves onto its own
+    /// overlay at the same instant, so the disk both read from no longer changes.
     Clone {
         src: String,
         dst: String,
         /// Start the clone once it is registered.
         #[arg(long)]
         start: bool,
+    },
+    /// Live-migrate a running VM to another corefour daemon (started there with
+    /// --migration-listen). Disks must be on shared storage (the same paths on the target). On
+    /// any failure the VM keeps running here and the target keeps nothing.
+    Migrate {
+        name: String,
+        /// The target daemon: HOST or HOST:PORT (default port 4747).
+        #[arg(long, value_name = "HOST[:PORT]")]
+        to: String,
+        /// Downtime target for the last copy: 10ms, 1s.
+        #[arg(long, default_value = "10ms", value_name = "DURATION")]
+        max_downtime: String,
     },
     /// Start a stopped VM from one of its snapshots instead of booting it.
     Restore {
@@ -365,6 +379,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Cmd::Migrate {
+            name,
+            to,
+            max_downtime,
+        } => crate::cmd_vm_migrate::migrate(&api, &name, &to, &max_downtime, json),
         Cmd::Restore { name, from } => {
             let from = std::path::absolute(&from)?;
             let body = serde_json::to_vec(&serde_json::json!({"path": from}))?;

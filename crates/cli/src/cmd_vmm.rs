@@ -48,6 +48,10 @@ pub struct Args {
     /// With --restore: check the memory file checksums first (reads all of it).
     #[arg(long, requires = "restore")]
     verify: bool,
+    /// With --restore: register memory and create vCPUs one after the other instead of
+    /// overlapped (for `corefour bench migrate`'s before/after rows).
+    #[arg(long, requires = "restore", hide = true)]
+    restore_serial: bool,
     /// Wait for a live migration on HOST:PORT (PUT /vm/migrate on the source) and run it.
     #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["kernel", "config"])]
     incoming: Option<String>,
@@ -104,14 +108,23 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let flat = |e: corefour_vmm::VmmError| anyhow::anyhow!("{e}");
     let mut incoming = None;
     let vmm = if let Some(dir) = &a.restore {
-        let (vmm, t) = corefour_vmm::snapshot::restore::restore(dir, Console::stdout(), a.verify)
+        let opts = corefour_vmm::snapshot::restore::RestoreOptions {
+            verify: a.verify,
+            serial_setup: a.restore_serial,
+        };
+        let (vmm, t) = corefour_vmm::snapshot::restore::restore(dir, Console::stdout(), opts)
             .map_err(|e| anyhow::anyhow!("restore {}: {e}", dir.display()))?;
         eprintln!(
-            "corefour vmm: restored {} in {:.2} ms ({} layer{})",
+            "corefour vmm: restored {} in {:.2} ms ({} layer{}; map {:.2}, vm {:.2}, memory+vcpus \
+             {:.2}, state {:.2} ms)",
             dir.display(),
             t.total_ms,
             t.layers,
-            if t.layers == 1 { "" } else { "s" }
+            if t.layers == 1 { "" } else { "s" },
+            t.map_ms,
+            t.vm_ms,
+            t.memory_vcpus_ms,
+            t.state_ms
         );
         vmm
     } else if let Some(addr) = &a.incoming {

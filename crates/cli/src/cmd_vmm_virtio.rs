@@ -10,8 +10,10 @@ use corefour_vmm::VmConfig;
 
 #[derive(clap::Args, Default)]
 pub struct VirtioArgs {
-    /// Add a virtio-blk disk: FILE[,ro][,direct][,serial=S][,bytes=N][,bytes_burst=N][,ops=N][,ops_burst=N]
-    /// (rates per second; sizes take K/M/G). Repeatable.
+    /// Add a virtio-blk disk: [path=]FILE[,format=raw|qcow2|vmdk|vdi|vhd|vhdx][,ro][,direct]
+    /// [,serial=S][,bytes=N][,bytes_burst=N][,ops=N][,ops_burst=N] (rates per second; sizes
+    /// take K/M/G). Without format= only .qcow2/.vmdk/.vdi/.vhd/.vhdx names are probed; a
+    /// declared format must match the file. Repeatable.
     #[arg(long, value_name = "FILE[,OPTS]")]
     disk: Vec<String>,
     /// Add a virtio-net interface on tap TAP (created if missing): TAP[,mac=aa:bb:cc:dd:ee:ff]
@@ -44,6 +46,7 @@ impl VirtioArgs {
                 direct: b.direct,
                 serial: b.serial,
                 rate_limit: b.rate_limit.into(),
+                format: b.format.map(Into::into),
             });
         }
         for n in &self.net {

@@ -9,6 +9,7 @@ mod cmd_host;
 mod cmd_oci;
 mod cmd_vm;
 mod cmd_vm_export;
+mod cmd_vm_migrate;
 mod cmd_vmm;
 mod cmd_vmm_virtio;
 

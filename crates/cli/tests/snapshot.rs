@@ -296,7 +296,11 @@ fn damaged_snapshots_are_refused_with_a_reason() {
     std::fs::write(d.join("state.bin"), &s).unwrap();
     let (code, err) = restore(&d, &[]);
     assert_eq!(code, Some(1));
-    assert!(err.contains("version 9.0 is not supported"), "{err}");
+    // The minor version is whatever this corefour writes (1.1 since the virtio section).
+    assert!(
+        err.contains("version 9.") && err.contains("is not supported"),
+        "{err}"
+    );
     // Truncated memory.
     let d = copy("memtrunc");
     let f = std::fs::OpenOptions::new()

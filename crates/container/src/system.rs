@@ -28,6 +28,8 @@ pub struct CreateRequest {
     pub memory: Option<i64>,
     pub cpus: Option<f64>,
     pub pids: Option<i64>,
+    /// Relative CPU weight 1..=10000 (100 = default), as cgroup v2 counts it.
+    pub cpu_weight: Option<u32>,
     /// Attach to this bridge (created if missing) with an address from its subnet.
     pub bridge: Option<BridgeConfig>,
 }
@@ -47,6 +49,8 @@ pub struct CtConfig {
     pub memory: Option<i64>,
     pub cpus: Option<f64>,
     pub pids: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u32>,
     pub net: Option<NetInfo>,
     pub created: String,
 }
@@ -63,6 +67,19 @@ pub struct CtInfo {
 
 pub struct System {
     pub base: PathBuf,
+    /// Cgroup directory (relative to each hierarchy) the containers' cgroups are made in.
+    pub cgroup_parent: String,
+}
+
+/// The cgroup parent of containers run without the daemon.
+pub const DEFAULT_CGROUP_PARENT: &str = "corefour-ct";
+
+/// How an imported container gets its files: the template it was made from (upper layer only in
+/// the archive), or its whole root filesystem over an empty lower layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layers {
+    Template,
+    FullRootfs,
 }
 
 fn ct_err(msg: impl Into<String>) -> ContainerError {
@@ -71,20 +88,28 @@ fn ct_err(msg: impl Into<String>) -> ContainerError {
 
 impl System {
     pub fn new(base: &Path) -> Self {
+        Self::with_cgroup_parent(base, DEFAULT_CGROUP_PARENT)
+    }
+
+    /// A system whose containers' cgroups live under `cgroup_parent` (the daemon uses its own).
+    pub fn with_cgroup_parent(base: &Path, cgroup_parent: &str) -> Self {
         System {
             base: base.to_path_buf(),
+            cgroup_parent: cgroup_parent.to_string(),
         }
     }
 
-    fn dir(&self, name: &str) -> PathBuf {
+    /// The container's directory: ct.json, config.json, rootfs, upper, work, console.log.
+    pub fn dir(&self, name: &str) -> PathBuf {
         self.base.join("containers").join(name)
     }
 
-    fn run_root(&self) -> PathBuf {
+    /// The OCI runtime's state root.
+    pub fn run_root(&self) -> PathBuf {
         self.base.join("run")
     }
 
-    fn load(&self, name: &str) -> Result<CtConfig, ContainerError> {
+    pub fn load(&self, name: &str) -> Result<CtConfig, ContainerError> {
         if !crate::state::validate_id(name) {
             return Err(ContainerError::BadId(name.into()));
         }
@@ -107,6 +132,17 @@ impl System {
     }
 
     pub fn create(&self, req: &CreateRequest) -> Result<CtConfig, ContainerError> {
+        self.create_with(req, Layers::Template, |_| Ok(()))
+    }
+
+    /// Creates a container and lets `fill` put files into its upper directory before it is
+    /// complete (import); on any failure nothing of it is left.
+    pub fn create_with(
+        &self,
+        req: &CreateRequest,
+        layers: Layers,
+        fill: impl FnOnce(&Path) -> Result<(), ContainerError>,
+    ) -> Result<CtConfig, ContainerError> {
         if !crate::state::validate_id(&req.name) {
             return Err(ContainerError::BadId(req.name.clone()));
         }
@@ -115,8 +151,25 @@ impl System {
                 return Err(ct_err(format!("--cpus {c}: use a positive number of CPUs")));
             }
         }
-        let lower = crate::templates::ensure(&self.base.join("templates"), &req.template)
-            .map_err(|e| ct_err(e.to_string()))?;
+        if let Some(w) = req.cpu_weight {
+            if !(1..=10_000).contains(&w) {
+                return Err(ct_err(format!(
+                    "CPU weight {w}: use 1..10000 (100 = default)"
+                )));
+            }
+        }
+        let lower = match layers {
+            Layers::FullRootfs => {
+                let empty = self.base.join("templates").join(".empty");
+                std::fs::create_dir_all(&empty)
+                    .map_err(|e| ContainerError::io(format!("create {}", empty.display()), e))?;
+                empty
+            }
+            Layers::Template => {
+                crate::templates::ensure(&self.base.join("templates"), &req.template)
+                    .map_err(|e| ct_err(e.to_string()))?
+            }
+        };
         let net = match &req.bridge {
             Some(b) => {
                 let used: Vec<Ipv4Addr> = self
@@ -151,6 +204,7 @@ impl System {
             memory: req.memory,
             cpus: req.cpus,
             pids: req.pids,
+            cpu_weight: req.cpu_weight,
             net,
             created: crate::util::rfc3339_now(),
         };
@@ -161,17 +215,9 @@ impl System {
             }
             std::fs::write(dir.join("lower"), lower.as_os_str().as_encoded_bytes())
                 .map_err(|e| ContainerError::io("write lower", e))?;
-            let spec = bundle_config(&cfg, &lower);
-            std::fs::write(
-                dir.join("config.json"),
-                serde_json::to_vec_pretty(&spec).unwrap_or_default(),
-            )
-            .map_err(|e| ContainerError::io("write config.json", e))?;
-            std::fs::write(
-                dir.join("ct.json"),
-                serde_json::to_vec_pretty(&cfg).unwrap_or_default(),
-            )
-            .map_err(|e| ContainerError::io("write ct.json", e))
+            fill(&dir.join("upper"))?;
+            self.write_bundle(&cfg)?;
+            self.save_config(&cfg)
         })();
         if let Err(e) = r {
             let _ = std::fs::remove_dir_all(&dir);
@@ -180,11 +226,88 @@ impl System {
         Ok(cfg)
     }
 
+    /// Writes ct.json atomically (a crash leaves the old or the new one).
+    pub fn save_config(&self, cfg: &CtConfig) -> Result<(), ContainerError> {
+        let dir = self.dir(&cfg.name);
+        let tmp = dir.join(".ct.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(cfg).unwrap_or_default())
+            .map_err(|e| ContainerError::io("write ct.json", e))?;
+        std::fs::rename(&tmp, dir.join("ct.json"))
+            .map_err(|e| ContainerError::io("write ct.json", e))
+    }
+
+    /// (Re)generates the OCI bundle config from ct.json, so changed limits and a new home (an
+    /// imported container) take effect at the next start.
+    fn write_bundle(&self, cfg: &CtConfig) -> Result<(), ContainerError> {
+        let dir = self.dir(&cfg.name);
+        let lower = std::fs::read_to_string(dir.join("lower"))
+            .map_err(|e| ContainerError::io("read lower", e))?;
+        let spec = bundle_config(cfg, Path::new(&lower), &self.cgroup_parent);
+        std::fs::write(
+            dir.join("config.json"),
+            serde_json::to_vec_pretty(&spec).unwrap_or_default(),
+        )
+        .map_err(|e| ContainerError::io("write config.json", e))
+    }
+
+    /// Changes limits: kept in ct.json for the next start and, while the container runs,
+    /// written to its cgroup at once. `None` leaves a limit as it is; `Some(None)` removes it.
+    pub fn set_limits(&self, name: &str, l: &LimitChange) -> Result<CtConfig, ContainerError> {
+        let mut cfg = self.load(name)?;
+        if let Some(m) = l.memory {
+            cfg.memory = m;
+        }
+        if let Some(c) = l.cpus {
+            if let Some(c) = c {
+                if !(c > 0.0 && c <= 1024.0) {
+                    return Err(ct_err(format!("CPU quota {c} CPUs: use a positive number")));
+                }
+            }
+            cfg.cpus = c;
+        }
+        if let Some(w) = l.cpu_weight {
+            if let Some(w) = w {
+                if !(1..=10_000).contains(&w) {
+                    return Err(ct_err(format!(
+                        "CPU weight {w}: use 1..10000 (100 = default)"
+                    )));
+                }
+            }
+            cfg.cpu_weight = w;
+        }
+        if let Some(p) = l.pids {
+            cfg.pids = p;
+        }
+        if let Some(st) = self
+            .status(name)
+            .filter(|s| s.oci.status != Status::Stopped)
+        {
+            use crate::cgroups::CgroupManager;
+            // Removing a limit writes the "no limit" value: the cgroup files keep the old one
+            // otherwise.
+            let res = json!({
+                "memory": {"limit": cfg.memory.unwrap_or(-1)},
+                "cpu": {
+                    "quota": cfg.cpus.map_or(-1, |c| (c * 100_000.0) as i64),
+                    "period": 100_000,
+                    "shares": weight_to_shares(cfg.cpu_weight),
+                },
+                "pids": {"limit": cfg.pids.unwrap_or(-1)},
+            });
+            let res: oci_spec::runtime::LinuxResources = serde_json::from_value(res)
+                .map_err(|e| ct_err(format!("limits do not form valid resources: {e}")))?;
+            crate::cgroups::manager(&st.cgroup)?.update(&res)?;
+        }
+        self.save_config(&cfg)?;
+        Ok(cfg)
+    }
+
     fn status(&self, name: &str) -> Option<crate::state::ContainerState> {
         crate::container_state::load(&self.run_root(), name).ok()
     }
 
-    fn mount_rootfs(&self, name: &str) -> Result<(), ContainerError> {
+    /// Mounts the overlay on `rootfs` (no-op when mounted).
+    pub fn mount_rootfs(&self, name: &str) -> Result<(), ContainerError> {
         let dir = self.dir(name);
         let lower = std::fs::read_to_string(dir.join("lower"))
             .map_err(|e| ContainerError::io("read lower", e))?;
@@ -205,6 +328,21 @@ impl System {
             Some(data.as_str()),
         )
         .map_err(|e| ContainerError::sys(format!("mount overlay on {}", rootfs.display()), e))
+    }
+
+    /// Unmounts the overlay (lazily: a straggler holding it open does not fail the caller).
+    pub fn unmount_rootfs(&self, name: &str) {
+        let rootfs = self.dir(name).join("rootfs");
+        if is_mountpoint(&rootfs) {
+            let _ = umount2(&rootfs, MntFlags::MNT_DETACH);
+        }
+    }
+
+    /// Removes what a run leaves (runtime state, cgroup, netns and veth, the overlay mount).
+    pub fn cleanup(&self, name: &str) -> Result<(), ContainerError> {
+        let cfg = self.load(name)?;
+        self.teardown(name, &cfg);
+        Ok(())
     }
 
     fn teardown(&self, name: &str, cfg: &CtConfig) {
@@ -232,6 +370,7 @@ impl System {
         // A container that stopped by itself still has its runtime state: clear it first.
         self.teardown(name, &cfg);
         let r = (|| -> Result<i32, ContainerError> {
+            self.write_bundle(&cfg)?;
             self.mount_rootfs(name)?;
             if let Some(n) = &cfg.net {
                 crate::network::attach(&n.bridge, name, n.address)
@@ -356,6 +495,21 @@ impl System {
     }
 }
 
+/// A change of limits: `None` keeps a limit, `Some(None)` removes it.
+#[derive(Debug, Clone, Default)]
+pub struct LimitChange {
+    pub memory: Option<Option<i64>>,
+    pub cpus: Option<Option<f64>>,
+    pub cpu_weight: Option<Option<u32>>,
+    pub pids: Option<Option<i64>>,
+}
+
+/// cgroup v2 weight (1..=10000, default 100) to v1 shares (2..=262144, default 1024); the OCI
+/// config carries shares, which the runtime converts back on v2.
+pub fn weight_to_shares(weight: Option<u32>) -> u64 {
+    (u64::from(weight.unwrap_or(100)) * 1024 / 100).clamp(2, 262_144)
+}
+
 fn is_mountpoint(p: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
@@ -366,7 +520,7 @@ fn is_mountpoint(p: &Path) -> bool {
 
 /// The OCI config of a system container: its own init, a full set of namespaces, a broad (but not
 /// full) capability set, and the requested limits.
-fn bundle_config(cfg: &CtConfig, lower: &Path) -> serde_json::Value {
+fn bundle_config(cfg: &CtConfig, lower: &Path, cgroup_parent: &str) -> serde_json::Value {
     let mut spec = serde_json::to_value(crate::spec::default_spec(false)).unwrap_or_default();
     let has_busybox_init = lower.join("etc/inittab").exists() && lower.join("sbin/init").exists();
     let args = if has_busybox_init {
@@ -424,13 +578,16 @@ fn bundle_config(cfg: &CtConfig, lower: &Path) -> serde_json::Value {
         None => json!({"type": "network"}),
     });
     spec["linux"]["namespaces"] = json!(ns);
-    spec["linux"]["cgroupsPath"] = json!(format!("corefour-ct/{}", cfg.name));
+    spec["linux"]["cgroupsPath"] = json!(format!("{cgroup_parent}/{}", cfg.name));
     let mut res = json!({});
     if let Some(m) = cfg.memory {
         res["memory"] = json!({"limit": m});
     }
     if let Some(c) = cfg.cpus {
         res["cpu"] = json!({"quota": (c * 100_000.0) as i64, "period": 100_000});
+    }
+    if cfg.cpu_weight.is_some() {
+        res["cpu"]["shares"] = json!(weight_to_shares(cfg.cpu_weight));
     }
     if let Some(p) = cfg.pids {
         res["pids"] = json!({"limit": p});

@@ -39,6 +39,37 @@ impl ClientError {
     }
 }
 
+/// How long a connect keeps retrying a socket that exists but does not accept yet.
+const CONNECT_RETRY: std::time::Duration = std::time::Duration::from_millis(1000);
+
+/// Connects, retrying briefly where the socket file exists but nobody accepts yet: a VMM (or a
+/// daemon) binds its socket a moment before it calls listen(), and connect() in that window gets
+/// ECONNREFUSED; a full backlog gets EAGAIN. A missing file is reported at once.
+pub async fn connect(sock: &Path) -> Result<tokio::net::UnixStream, ClientError> {
+    let deadline = tokio::time::Instant::now() + CONNECT_RETRY;
+    let mut pause = std::time::Duration::from_millis(1);
+    loop {
+        match tokio::net::UnixStream::connect(sock).await {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::WouldBlock
+                ) && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(50));
+            }
+            Err(source) => {
+                return Err(ClientError::Connect {
+                    path: sock.to_path_buf(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
 /// Sends one request and returns the response with its body still streaming.
 pub async fn send(
     sock: &Path,
@@ -46,12 +77,7 @@ pub async fn send(
     uri: &str,
     body: Option<Vec<u8>>,
 ) -> Result<Response<Incoming>, ClientError> {
-    let stream = tokio::net::UnixStream::connect(sock)
-        .await
-        .map_err(|source| ClientError::Connect {
-            path: sock.to_path_buf(),
-            source,
-        })?;
+    let stream = connect(sock).await?;
     let http = |source| ClientError::Http {
         path: sock.to_path_buf(),
         source,
@@ -166,5 +192,60 @@ pub mod blocking {
                 Ok(status)
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A socket that is bound but not yet listening refuses connections; the client waits for
+    /// listen() instead of failing.
+    #[test]
+    fn connect_waits_for_listen_after_bind() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("s.sock");
+        // SAFETY: plain socket/bind/listen syscalls on a sockaddr_un built below.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        // SAFETY: zeroed sockaddr_un is a valid value; the path fits in sun_path.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (i, b) in path.as_os_str().as_encoded_bytes().iter().enumerate() {
+            addr.sun_path[i] = *b as libc::c_char;
+        }
+        // SAFETY: fd is a fresh socket and addr a valid sockaddr_un of the given size.
+        let r = unsafe {
+            libc::bind(
+                fd,
+                &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            // SAFETY: fd is the bound socket from above, owned by this test.
+            assert_eq!(unsafe { libc::listen(fd, 8) }, 0);
+            fd
+        });
+        let t0 = std::time::Instant::now();
+        let r = rt.block_on(connect(&path));
+        assert!(r.is_ok(), "{r:?}");
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(90));
+        let fd = listener.join().unwrap();
+        // SAFETY: closing the socket this test opened.
+        unsafe { libc::close(fd) };
+        // No file at all: an error at once.
+        let t0 = std::time::Instant::now();
+        let e = rt
+            .block_on(connect(&t.path().join("none.sock")))
+            .unwrap_err();
+        assert!(e.is_unreachable());
+        assert!(t0.elapsed() < std::time::Duration::from_millis(50));
     }
 }

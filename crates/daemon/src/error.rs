@@ -36,6 +36,9 @@ pub enum DaemonError {
     Vmm { name: String, message: String },
     #[error("cannot start the VMM of {name:?}: {message}")]
     Start { name: String, message: String },
+    /// A host-side failure of the container runtime or the archive (500).
+    #[error("{0}")]
+    Container(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -69,6 +72,7 @@ impl DaemonError {
             DaemonError::Cgroup(_)
             | DaemonError::Network(_)
             | DaemonError::Start { .. }
+            | DaemonError::Container(_)
             | DaemonError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -144,7 +144,7 @@ impl Inventory {
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite half-written (transactions roll back
         // on drop), so a poisoned lock is safe to keep using.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
@@ -339,7 +339,36 @@ impl Inventory {
         Ok(rec)
     }
 
-    fn update(
+    /// Points the VM's disks at new files (a running clone's source moves onto its overlays).
+    pub fn set_disk_paths(&self, name: &str, paths: &[String]) -> Result<VmRecord, InventoryError> {
+        let mut rec = self.get_vm(name)?;
+        for (d, p) in rec.spec.disks.iter_mut().zip(paths) {
+            d.path = p.clone();
+        }
+        let config = serde_json::to_string(&rec.spec).map_err(|e| InventoryError::Corrupt {
+            name: name.to_string(),
+            what: e.to_string(),
+        })?;
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        exec(
+            &tx,
+            "UPDATE instances SET config = ?2, updated_ms = ?3 WHERE name = ?1",
+            params![name, config, now_ms()],
+        )?;
+        for (i, p) in paths.iter().enumerate() {
+            exec(
+                &tx,
+                "UPDATE disks SET path = ?3 WHERE instance_id = ?1 AND idx = ?2",
+                params![rec.id, i as i64, p],
+            )?;
+        }
+        insert_event(&tx, name, "disks", &format!("now {}", paths.join(", ")))?;
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    pub(crate) fn update(
         &self,
         name: &str,
         sql: &str,
@@ -477,7 +506,7 @@ fn finish_record(conn: &Connection, raw: RawVm) -> Result<VmRecord, InventoryErr
     })
 }
 
-fn insert_event(
+pub(crate) fn insert_event(
     conn: &Connection,
     instance: &str,
     kind: &str,
@@ -501,11 +530,15 @@ fn insert_event(
 
 /// Runs one statement through SQLite's statement cache (parsing SQL was a visible share of the
 /// daemon's time per VM in `corefour bench lifecycle`).
-fn exec(conn: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+pub(crate) fn exec(
+    conn: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute(p)
 }
 
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
+pub(crate) fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == ErrorCode::ConstraintViolation)
 }
 

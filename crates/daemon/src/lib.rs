@@ -3,6 +3,8 @@
 
 pub mod cgroup;
 pub mod client;
+pub mod console_rotate;
+pub mod ct;
 pub mod error;
 pub mod inventory;
 pub mod jail;

@@ -21,6 +21,8 @@ pub struct RunOptions {
     pub jail: bool,
     /// error, warn, info, debug or trace.
     pub log_level: String,
+    /// Accept live migrations from other daemons on this TCP address.
+    pub migration_listen: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +33,12 @@ pub enum RunError {
     Serve(#[from] ServeError),
     #[error(transparent)]
     Daemon(#[from] DaemonError),
+    #[error("cannot listen for migrations on {addr}: {source}")]
+    MigrationListen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("serving the API failed: {0}")]
     Io(#[source] std::io::Error),
 }
@@ -56,15 +64,28 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             jail: opts.jail,
         })
         .await?;
+        let cts = crate::ct::Cts::open(Arc::clone(&d), &opts.state_dir, &opts.exe).await?;
+        crate::console_rotate::spawn(opts.state_dir.clone(), crate::console_rotate::MAX_BYTES);
+        if let Some(addr) = &opts.migration_listen {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| RunError::MigrationListen {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            tracing::info!(addr, "accepting migrations");
+            tokio::spawn(crate::lifecycle::serve_migrations(Arc::clone(&d), l));
+        }
         tracing::info!(
             socket = %opts.socket.display(),
             state_dir = %opts.state_dir.display(),
             "corefour daemon listening"
         );
-        server::serve(listener, Arc::clone(&d))
+        server::serve(listener, Arc::clone(&d), Arc::clone(&cts))
             .await
             .map_err(RunError::Io)?;
         d.shutdown();
+        cts.shutdown();
         let _ = std::fs::remove_file(&opts.socket);
         Ok(())
     })

@@ -34,6 +34,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/vms/{name}/snapshot"),
     ("post", "/v1/vms/{name}/clone"),
     ("post", "/v1/vms/{name}/restore"),
+    ("post", "/v1/vms/{name}/migrate"),
     ("get", "/v1/vms/{name}/console"),
     ("get", "/v1/events"),
 ];
@@ -41,7 +42,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 type AppState = State<Arc<Daemon>>;
 type ApiResult<T> = Result<T, DaemonError>;
 
-pub fn router(d: Arc<Daemon>) -> Router {
+pub fn router(d: Arc<Daemon>, cts: Arc<crate::ct::Cts>) -> Router {
+    let ct_routes = crate::ct::routes::router(cts);
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/v1/vms", get(list_vms).post(create_vm))
@@ -57,10 +59,12 @@ pub fn router(d: Arc<Daemon>) -> Router {
         .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/vms/{name}/restore", post(restore_vm))
+        .route("/v1/vms/{name}/migrate", post(migrate_vm))
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/events", get(events))
         .fallback(no_route)
         .with_state(d)
+        .merge(ct_routes)
 }
 
 async fn no_route(uri: axum::http::Uri, method: axum::http::Method) -> DaemonError {
@@ -72,15 +76,33 @@ async fn no_route(uri: axum::http::Uri, method: axum::http::Method) -> DaemonErr
 
 /// Parses a JSON body with serde's own message ("unknown field `vcpu`, expected one of ...") and a
 /// 400, where axum's extractor would answer 422 with a generic text.
-fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> ApiResult<T> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> ApiResult<T> {
     serde_json::from_slice(body)
         .map_err(|e| DaemonError::BadRequest(format!("invalid {what} request body: {e}")))
 }
 
-/// Query strings are parsed by hand for the same reason: one error format, with the field named.
-type QueryMap = std::collections::BTreeMap<String, String>;
+/// A body that may be empty: empty (or whitespace) means the request's defaults.
+pub(crate) fn parse_optional_body<T: DeserializeOwned + Default>(
+    body: &[u8],
+    what: &str,
+) -> ApiResult<T> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(T::default())
+    } else {
+        parse_body(body, what)
+    }
+}
 
-fn parse_query<T: DeserializeOwned>(q: QueryMap) -> ApiResult<T> {
+/// The grace period of a stop request (`{"timeout_secs": N}` or an empty body).
+pub(crate) fn stop_timeout(body: &[u8], default: Duration) -> ApiResult<Duration> {
+    let req: StopRequest = parse_optional_body(body, "stop")?;
+    Ok(req.timeout_secs.map_or(default, Duration::from_secs))
+}
+
+/// Query strings are parsed by hand for the same reason: one error format, with the field named.
+pub(crate) type QueryMap = std::collections::BTreeMap<String, String>;
+
+pub(crate) fn parse_query<T: DeserializeOwned>(q: QueryMap) -> ApiResult<T> {
     // Query values arrive as strings; let numbers and booleans through as such.
     let obj = q
         .into_iter()
@@ -173,6 +195,15 @@ async fn restore_vm(
     Ok(Json(d.restore(&name, req).await?).into_response())
 }
 
+async fn migrate_vm(
+    State(d): AppState,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let req: crate::lifecycle::MigrateRequest = parse_body(&body, "migrate")?;
+    Ok(Json(d.migrate(&name, req).await?).into_response())
+}
+
 async fn start_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
     Ok(Json(d.start(&name).await?).into_response())
 }
@@ -182,14 +213,7 @@ async fn stop_vm(
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let req: StopRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        StopRequest::default()
-    } else {
-        parse_body(&body, "stop")?
-    };
-    let timeout = req
-        .timeout_secs
-        .map_or(crate::lifecycle::DEFAULT_STOP_TIMEOUT, Duration::from_secs);
+    let timeout = stop_timeout(&body, crate::lifecycle::DEFAULT_STOP_TIMEOUT)?;
     Ok(Json(d.stop(&name, timeout).await?).into_response())
 }
 
@@ -279,14 +303,14 @@ async fn console(
 /// A console log read from an offset on, the file kept open between reads. Plain std I/O: a read
 /// of a local file that is being appended to does not block, and tokio's file type would cost a
 /// blocking-pool round trip per poll.
-struct LogTail {
+pub(crate) struct LogTail {
     path: PathBuf,
     file: Option<std::fs::File>,
     off: u64,
 }
 
 impl LogTail {
-    fn new(path: PathBuf, off: u64) -> LogTail {
+    pub(crate) fn new(path: PathBuf, off: u64) -> LogTail {
         LogTail {
             path,
             file: None,
@@ -295,7 +319,7 @@ impl LogTail {
     }
 
     /// Up to 1 MiB of new bytes (empty: nothing new yet, or no log yet).
-    fn read(&mut self) -> Vec<u8> {
+    pub(crate) fn read(&mut self) -> Vec<u8> {
         use std::io::{Read, Seek};
         if self.file.is_none() {
             let Ok(mut f) = std::fs::File::open(&self.path) else {
@@ -309,6 +333,14 @@ impl LogTail {
         let mut buf = Vec::new();
         if let Some(f) = &mut self.file {
             let _ = f.take(1 << 20).read_to_end(&mut buf);
+            // Shorter than where we are: the log was rotated (copied away and truncated in
+            // place, see console_rotate); go on from its new start.
+            if buf.is_empty() && f.metadata().is_ok_and(|m| m.len() < self.off) {
+                self.off = 0;
+                if f.seek(std::io::SeekFrom::Start(0)).is_ok() {
+                    let _ = f.take(1 << 20).read_to_end(&mut buf);
+                }
+            }
         }
         self.off += buf.len() as u64;
         buf
@@ -388,8 +420,12 @@ fn lookup_group(name: &str) -> Option<u32> {
 
 /// Serves until SIGINT or SIGTERM. VMs keep running when the daemon exits; the next daemon finds
 /// them again.
-pub async fn serve(listener: tokio::net::UnixListener, d: Arc<Daemon>) -> std::io::Result<()> {
-    let app = router(d);
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    d: Arc<Daemon>,
+    cts: Arc<crate::ct::Cts>,
+) -> std::io::Result<()> {
+    let app = router(d, cts);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let mut term =
@@ -413,7 +449,8 @@ mod tests {
     #[test]
     fn openapi_covers_every_route() {
         let doc: serde_json::Value = serde_json::from_str(corefour_api::OPENAPI_JSON).unwrap();
-        for (method, path) in ROUTES {
+        let all: Vec<_> = ROUTES.iter().chain(crate::ct::routes::ROUTES).collect();
+        for (method, path) in all.iter().copied() {
             assert!(
                 doc["paths"][path][method].is_object(),
                 "openapi.json lacks {method} {path}"
@@ -424,11 +461,28 @@ mod tests {
         for (p, ops) in paths {
             for m in ops.as_object().unwrap().keys() {
                 assert!(
-                    ROUTES.contains(&(m.as_str(), p.as_str())),
+                    all.contains(&&(m.as_str(), p.as_str())),
                     "openapi.json describes {m} {p}, which the daemon does not serve"
                 );
             }
         }
+    }
+
+    #[test]
+    fn log_tail_starts_over_after_a_rotation() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("console.log");
+        std::fs::write(&p, b"first part\n").unwrap();
+        let mut tail = LogTail::new(p.clone(), 0);
+        assert_eq!(tail.read(), b"first part\n");
+        assert!(tail.read().is_empty());
+        crate::console_rotate::rotate_if_larger(&p, 4).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&p)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"new"))
+            .unwrap();
+        assert_eq!(tail.read(), b"new");
     }
 
     #[test]

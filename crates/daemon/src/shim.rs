@@ -168,10 +168,14 @@ pub fn run(
         None => {
             let mut c = Command::new(vmm_exe);
             c.arg("vmm");
-            match crate::lifecycle::take_restore_marker(vm_dir) {
-                Some(snap) => c.arg("--restore").arg(snap),
-                None => c.arg("--config").arg(vm_dir.join(CONFIG_FILE)),
-            };
+            if let Some(addr) = crate::lifecycle::take_incoming_marker(vm_dir) {
+                c.arg("--incoming").arg(addr);
+            } else {
+                match crate::lifecycle::take_restore_marker(vm_dir) {
+                    Some(snap) => c.arg("--restore").arg(snap),
+                    None => c.arg("--config").arg(vm_dir.join(CONFIG_FILE)),
+                };
+            }
             c.arg("--api-sock").arg(vm_dir.join(API_SOCK));
             c
         }

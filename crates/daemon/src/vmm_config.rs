@@ -32,6 +32,7 @@ pub fn build(rec: &VmRecord) -> VmConfig {
             direct: false,
             serial: None,
             rate_limit: rate_limit(d.rate_limit.as_ref()),
+            format: None,
         })
         .collect();
     cfg.nets = rec

@@ -14,6 +14,7 @@ use common::{memory, HEAP, RINGS};
 use corefour_devices::virtio::blk::{self, Block, BlockConfig};
 use corefour_devices::virtio::driver::{DriverQueue, MmioDriver};
 use corefour_devices::virtio::pci::{PciBarWindow, PciRoot, BAR_SIZE};
+use corefour_devices::virtio::pci_msix::MsiSink;
 use corefour_devices::virtio::rng::Rng;
 use corefour_devices::{BusDevice, IrqLine};
 use vm_memory::{Bytes, GuestAddress};
@@ -215,7 +216,8 @@ fn enumerate_and_read_a_sector_over_pci() {
 #[test]
 fn hostile_config_accesses_are_harmless() {
     let mem = memory();
-    let mut root = PciRoot::new(WINDOW, 0x10_0000);
+    // With MSI-X, so random writes also reach message control, the table and the PBA.
+    let mut root = PciRoot::new(WINDOW, 0x10_0000).with_msi(Arc::new(Messages::default()));
     root.add_virtio(Box::new(Rng::new()), mem, Arc::new(Level::default()), 5)
         .unwrap();
     let root = Arc::new(root);
@@ -235,4 +237,122 @@ fn hostile_config_accesses_are_harmless() {
             _ => window.write((x >> 24) % 0x10_0000, &b),
         }
     }
+}
+
+#[derive(Default)]
+struct Messages(std::sync::Mutex<Vec<(u64, u32)>>);
+impl MsiSink for Messages {
+    fn send(&self, address: u64, data: u32) {
+        self.0.lock().unwrap().push((address, data));
+    }
+}
+
+/// MSI-X as Linux's virtio_pci drives it: find capability 0x11, program the table in the BAR,
+/// enable it in message control, assign vectors through the common config; a completed
+/// request then arrives as the queue vector's message and INTx stays low.
+#[test]
+fn msix_vectors_carry_the_queue_interrupt_and_intx_stays_quiet() {
+    let mem = memory();
+    let irq = Arc::new(Level::default());
+    let sent = Arc::new(Messages::default());
+    let mut root = PciRoot::new(WINDOW, 0x10_0000).with_msi(sent.clone());
+    let (slot, dev) = root
+        .add_virtio(Box::new(Rng::new()), mem.clone(), irq.clone(), 5)
+        .unwrap();
+    let root = Arc::new(root);
+    let cfg = Cfg(&root);
+    let slot = slot as u32;
+
+    let mut at = u32::from(cfg.read8(slot, 0x34));
+    let mut msix = None;
+    while at != 0 {
+        if cfg.read8(slot, at) == 0x11 {
+            msix = Some(at);
+        }
+        at = u32::from(cfg.read8(slot, at + 1));
+    }
+    let cap = msix.expect("an MSI-X capability in the list");
+    let control = cfg.read32(slot, cap) >> 16;
+    assert_eq!(control & 0x7ff, 1, "two vectors: config + one queue");
+    assert_eq!(control & 0xc000, 0, "disabled and unmasked after reset");
+    let table = cfg.read32(slot, cap + 4);
+    let pba = cfg.read32(slot, cap + 8);
+    assert_eq!((table & 7, pba & 7), (0, 0), "both in BAR 0");
+    let (table, pba) = (u64::from(table & !7), u64::from(pba & !7));
+    assert!(table + 2 * 16 <= BAR_SIZE && pba + 8 <= BAR_SIZE);
+
+    let (common, _, _, notify, mult) = virtio_caps(&cfg, slot);
+    let bar = u64::from(cfg.read32(slot, 0x10) & !0xf);
+    let window = PciBarWindow::new(root.clone());
+    let base = bar - WINDOW;
+    let w = |off: u64, bytes: &[u8]| window.write(base + off, bytes);
+    let r = |off: u64, n: usize| {
+        let mut b = vec![0u8; n];
+        window.read(base + off, &mut b);
+        b
+    };
+    let r16 = |off: u64| u16::from_le_bytes(r(off, 2).try_into().unwrap());
+
+    for (v, data) in [(0u64, 0x30u32), (1, 0x31)] {
+        w(table + v * 16, &0xfee0_0000u64.to_le_bytes());
+        w(table + v * 16 + 8, &data.to_le_bytes());
+        w(table + v * 16 + 12, &0u32.to_le_bytes());
+    }
+    // Enable: a 16-bit write of message control, as Linux does.
+    root.write(0, &(0x8000_0000u32 | (slot << 11) | cap).to_le_bytes());
+    root.write(4 + 2, &0x8000u16.to_le_bytes());
+    assert_eq!(cfg.read32(slot, cap) >> 31, 1, "enabled");
+
+    w(common + 0x14, &[0]);
+    w(common + 0x14, &[1 | 2]);
+    w(common + 0x08, &1u32.to_le_bytes());
+    w(common + 0x0c, &1u32.to_le_bytes());
+    w(common + 0x14, &[3 | 8]);
+    w(common + 0x10, &5u16.to_le_bytes());
+    assert_eq!(r16(common + 0x10), 0xffff, "vector past the table refused");
+    w(common + 0x10, &0u16.to_le_bytes());
+    assert_eq!(r16(common + 0x10), 0);
+    w(common + 0x16, &0u16.to_le_bytes());
+    w(common + 0x1a, &1u16.to_le_bytes());
+    assert_eq!(r16(common + 0x1a), 1);
+    w(common + 0x18, &16u16.to_le_bytes());
+    let (dq, _) = DriverQueue::layout(&mem, RINGS, 16).unwrap();
+    w(common + 0x20, &dq.desc.0.to_le_bytes());
+    w(common + 0x28, &dq.avail.0.to_le_bytes());
+    w(common + 0x30, &dq.used.0.to_le_bytes());
+    let notify_off = u64::from(r16(common + 0x1e));
+    w(common + 0x1c, &1u16.to_le_bytes());
+    w(common + 0x14, &[3 | 8 | 4]);
+    assert!(dev.is_activated());
+
+    let mut d = MmioDriver::with_queues(
+        &window,
+        mem.clone(),
+        vec![dq],
+        HEAP,
+        1 << 32,
+        (base + notify + notify_off * mult, mult),
+    );
+    let buf = d.alloc(32);
+    d.submit(0, &[(buf, 32, true)]).unwrap();
+    let (_, len) = d.wait_used(0, Duration::from_secs(5)).expect("completed");
+    assert_eq!(len, 32);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sent.0.lock().unwrap().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        sent.0.lock().unwrap().as_slice(),
+        &[(0xfee0_0000, 0x31)],
+        "the queue's vector, once"
+    );
+    assert!(!irq.0.load(Ordering::SeqCst), "INTx stays low under MSI-X");
+    assert_eq!(dev.interrupt().isr(), 0, "the ISR is not used under MSI-X");
+    let mut pending = [0u8; 8];
+    window.read(base + pba, &mut pending);
+    assert_eq!(pending, [0; 8]);
+
+    // A device reset forgets the vector assignment (the driver assigns them again).
+    w(common + 0x14, &[0]);
+    assert_eq!(r16(common + 0x10), 0xffff);
 }

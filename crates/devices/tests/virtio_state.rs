@@ -192,3 +192,105 @@ fn an_inactive_device_round_trips() {
     let d = MmioDriver::init(&t, rig.mem.clone(), 1, 64, common::RINGS, HEAP, u64::MAX);
     assert!(d.is_ok());
 }
+
+#[test]
+fn pages_a_device_writes_are_in_the_device_log() {
+    use corefour_devices::virtio::dirty;
+    let file = disk(8);
+    let rig = Rig::new(block(file.path()));
+    let mut d = rig.driver(1, 64);
+    dirty::start(common::MEM_SIZE as u64);
+    // A read: the data buffer and status byte are device-writable.
+    let h = d.alloc(16);
+    d.mem.write_slice(&[0u8; 16], h).unwrap();
+    let data = GuestAddress(0x80_0000);
+    let st = GuestAddress(0x90_0000);
+    let head = d
+        .submit(0, &[(h, 16, false), (data, 4096, true), (st, 1, true)])
+        .unwrap();
+    let (id, _) = d.wait_used(0, T).expect("read completed");
+    assert_eq!(id, u32::from(head));
+    let map = dirty::region(0, common::MEM_SIZE as u64);
+    let bit = |addr: u64| map[(addr >> 12) as usize / 64] & (1 << ((addr >> 12) % 64)) != 0;
+    assert!(bit(data.0) && bit(st.0), "device-written pages are logged");
+    // The used ring is written by the device model: the saved state names it.
+    let saved = rig.transport.save_state().unwrap();
+    let rings = saved.used_rings();
+    assert_eq!(rings.len(), 1);
+    assert_eq!(rings[0].1, 6 + 8 * 64);
+    rig.transport.resume_saved();
+}
+
+#[test]
+fn a_restored_vsock_tells_the_guest_its_transport_was_reset() {
+    use corefour_devices::virtio::vsock::{Vsock, VsockConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let vsock = |cid| {
+        Box::new(Vsock::new(VsockConfig {
+            cid,
+            uds_path: dir.path().join("v.sock"),
+        }))
+    };
+    let rig = Rig::new(vsock(42));
+    let mut d = rig.driver(3, 64);
+    // The guest keeps one buffer on the event queue, as Linux does.
+    let ev = d.alloc(8);
+    d.mem.write_slice(&[0xffu8; 8], ev).unwrap();
+    let head = d.submit(2, &[(ev, 8, true)]).unwrap();
+    assert!(d.wait_used(2, Duration::from_millis(100)).is_none());
+    let saved = rig.transport.save_state().unwrap();
+    assert_eq!(saved.queues.len(), 3);
+    assert!(matches!(saved.device, DeviceSnap::Vsock { cid: 42 }));
+
+    // Restored, with a new CID (as a clone would be): one TRANSPORT_RESET event (id 0).
+    let fresh = MmioTransport::new(vsock(43), rig.mem.clone(), rig.irq.clone()).unwrap();
+    fresh.restore_state(&saved).unwrap();
+    d.dev = &fresh;
+    let (id, len) = d.wait_used(2, T).expect("reset event");
+    assert_eq!((id, len), (u32::from(head), 4));
+    assert_eq!(d.mem.read_obj::<u32>(ev).unwrap(), 0);
+    let mut cid = [0u8; 8];
+    corefour_devices::BusDevice::read(&fresh, 0x100, &mut cid);
+    assert_eq!(u64::from_le_bytes(cid), 43);
+}
+
+#[test]
+fn a_restored_balloon_keeps_its_sizes_and_the_held_stats_buffer() {
+    use corefour_devices::virtio::balloon::Balloon;
+    let dev = Balloon::new(0, Some(Duration::from_secs(3600)));
+    let handle = dev.handle();
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(3, 64);
+    handle.set_target_pages(64);
+    // The driver reports `actual` and lends a stats buffer, which the device keeps.
+    corefour_devices::BusDevice::write(&*rig.transport, 0x104, &48u32.to_le_bytes());
+    let stats = d.alloc(10);
+    d.mem.write_slice(&[0u8; 10], stats).unwrap();
+    let head = d.submit(2, &[(stats, 10, false)]).unwrap();
+    let t = std::time::Instant::now();
+    while handle.status().stats_updated.is_none() {
+        assert!(t.elapsed() < T, "stats buffer never taken");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let saved = rig.transport.save_state().unwrap();
+    assert_eq!(
+        saved.device,
+        DeviceSnap::Balloon {
+            target_pages: 64,
+            actual_pages: 48
+        }
+    );
+    // The held buffer goes back to the avail side, so a restored device takes it again.
+    assert_eq!(saved.queues[2].next_avail, 0);
+
+    let dev = Balloon::new(0, Some(Duration::from_millis(50)));
+    let h2 = dev.handle();
+    let fresh = MmioTransport::new(Box::new(dev), rig.mem.clone(), rig.irq.clone()).unwrap();
+    fresh.restore_state(&saved).unwrap();
+    let s = h2.status();
+    assert_eq!((s.target_pages, s.actual_pages), (64, 48));
+    // The restored device holds the buffer again and returns it when it wants fresh stats.
+    d.dev = &fresh;
+    let (id, _) = d.wait_used(2, T).expect("stats buffer returned");
+    assert_eq!(id, u32::from(head));
+}

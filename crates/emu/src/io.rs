@@ -45,6 +45,14 @@ impl Cpu {
         }
         self.prof.pio += 1;
         let b = (v as u32).to_le_bytes();
+        if self
+            .env
+            .vm
+            .ioevents
+            .signal(corefour_hypervisor::IoEventAddress::Pio(port), &b[..size])
+        {
+            return;
+        }
         self.env.ops.pio_write(port, &b[..size]);
     }
 
@@ -109,7 +117,15 @@ impl Cpu {
         None
     }
 
-    pub fn platform_mmio_write(&mut self, pa: u64, _size: usize, v: u64) -> bool {
+    pub fn platform_mmio_write(&mut self, pa: u64, size: usize, v: u64) -> bool {
+        // A registered ioeventfd takes the write instead of the VMM (as KVM's would).
+        let data = v.to_le_bytes();
+        if self.env.vm.ioevents.signal(
+            corefour_hypervisor::IoEventAddress::Mmio(pa),
+            &data[..size.min(8)],
+        ) {
+            return true;
+        }
         if let Some(off) = self.lapic_window(pa) {
             let now = self.env.vm.now_ns();
             let (ipi, eoi) = self.link().lapic().write(off & !0xf, v as u32, now);

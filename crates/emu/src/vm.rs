@@ -5,7 +5,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use corefour_hypervisor::{HypervisorError, MemoryRegion, Result, Vcpu, VcpuKicker, Vm, VmOps};
+use corefour_hypervisor::eventfd::{IoEventTable, IrqfdPump};
+use corefour_hypervisor::{
+    Datamatch, EventFd, HypervisorError, IoEventAddress, MemoryRegion, Result, Vcpu, VcpuKicker,
+    Vm, VmOps,
+};
 
 use crate::mem::{PhysMem, Region};
 use crate::platform::ioapic::{Ioapic, Route};
@@ -61,6 +65,8 @@ pub struct Shared {
     pub epoch: AtomicU64,
     atomic: Mutex<()>,
     start: Instant,
+    /// Added to the clock: a restored VM's time goes on from its snapshot's.
+    time_offset: AtomicU64,
     pub nvcpus: u32,
     pub trace_unimpl: bool,
     pub links: Vec<Arc<Link>>,
@@ -68,6 +74,8 @@ pub struct Shared {
     pub pit: Mutex<Pit>,
     pub pic: Mutex<Pic>,
     pub rtc: Mutex<Rtc>,
+    /// ioeventfds: consulted on every port and MMIO write before the VMM's callbacks.
+    pub ioevents: IoEventTable,
 }
 
 impl Shared {
@@ -82,7 +90,8 @@ impl Shared {
 
     /// VM time in nanoseconds; the TSC and the APIC timers count it.
     pub fn now_ns(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
+        (self.start.elapsed().as_nanos() as u64)
+            .wrapping_add(self.time_offset.load(Ordering::Relaxed))
     }
 
     fn ioapic(&self) -> MutexGuard<'_, Ioapic> {
@@ -155,6 +164,22 @@ impl Shared {
         }
     }
 
+    /// An edge on I/O APIC pin `pin` (an irqfd write).
+    pub fn pulse_line(&self, pin: usize) {
+        if pin >= crate::platform::ioapic::PINS {
+            return;
+        }
+        let r = {
+            let mut io = self.ioapic();
+            let r = io.set_line(pin, true);
+            io.set_line(pin, false);
+            r
+        };
+        if let Some(r) = r {
+            self.deliver_route(r);
+        }
+    }
+
     pub fn level_eoi(&self, vector: u8) {
         let again = self.ioapic().eoi(vector);
         for r in again {
@@ -195,6 +220,8 @@ impl Shared {
 /// A VM of the software backend.
 pub struct EmuVm {
     pub shared: Arc<Shared>,
+    /// The thread that turns irqfd writes into I/O APIC edges, started by the first irqfd.
+    irqfds: Mutex<Option<IrqfdPump>>,
 }
 
 impl EmuVm {
@@ -210,6 +237,7 @@ impl EmuVm {
                 epoch: AtomicU64::new(1),
                 atomic: Mutex::new(()),
                 start: Instant::now(),
+                time_offset: AtomicU64::new(0),
                 nvcpus: vcpus,
                 trace_unimpl,
                 links: (0..vcpus).map(|k| Arc::new(Link::new(k as u8))).collect(),
@@ -217,7 +245,9 @@ impl EmuVm {
                 pit: Mutex::new(Pit::default()),
                 pic: Mutex::new(Pic::default()),
                 rtc: Mutex::new(Rtc::default()),
+                ioevents: IoEventTable::default(),
             }),
+            irqfds: Mutex::new(None),
         })
     }
 }
@@ -276,6 +306,56 @@ impl Vm for EmuVm {
         )))
     }
 
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Datamatch,
+        event: &EventFd,
+    ) -> Result<()> {
+        self.shared.ioevents.register(addr, datamatch, event)
+    }
+
+    fn unregister_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Datamatch,
+        _event: &EventFd,
+    ) -> Result<()> {
+        self.shared.ioevents.unregister(addr, datamatch)
+    }
+
+    fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        if gsi as usize >= crate::platform::ioapic::PINS {
+            return Err(HypervisorError::Invalid(format!(
+                "interrupt line {gsi} does not exist (0..23)"
+            )));
+        }
+        let mut pump = self.irqfds.lock().unwrap_or_else(|e| e.into_inner());
+        if pump.is_none() {
+            // The pump holds only a weak reference: it must not keep a dropped VM alive.
+            let shared = Arc::downgrade(&self.shared);
+            *pump = Some(IrqfdPump::new(move |gsi| {
+                if let Some(s) = shared.upgrade() {
+                    s.pulse_line(gsi as usize);
+                }
+            })?);
+        }
+        match pump.as_ref() {
+            Some(p) => p.register(event, gsi),
+            None => Err(HypervisorError::Unsupported("irqfd")),
+        }
+    }
+
+    fn unregister_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        let pump = self.irqfds.lock().unwrap_or_else(|e| e.into_inner());
+        match pump.as_ref() {
+            Some(p) => p.unregister(event, gsi),
+            None => Err(HypervisorError::Invalid(format!(
+                "no irqfd registered for GSI {gsi}"
+            ))),
+        }
+    }
+
     fn set_irq_line(&self, irq: u32, level: bool) -> Result<()> {
         let pin = irq as usize;
         if pin >= crate::platform::ioapic::PINS {
@@ -298,6 +378,24 @@ impl Vm for EmuVm {
         Ok(())
     }
 
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        if address >> 20 != 0xfee {
+            return Err(HypervisorError::Invalid(format!(
+                "MSI address {address:#x} is not in the local APIC range 0xfee00000"
+            )));
+        }
+        // Address: destination ID in bits 19:12, destination mode in bit 2. Data: vector and
+        // delivery mode. MSIs are edges: nothing to EOI back to an I/O APIC.
+        self.shared.deliver_route(Route {
+            vector: data as u8,
+            mode: ((data >> 8) & 7) as u8,
+            logical: address & (1 << 2) != 0,
+            dest: (address >> 12) as u8,
+            level: false,
+        });
+        Ok(())
+    }
+
     fn dirty_log(&self, slot: u32, _size: u64) -> Result<Vec<u64>> {
         let mem = self
             .shared
@@ -314,6 +412,34 @@ impl Vm for EmuVm {
     fn backend_name(&self) -> &'static str {
         "emu"
     }
+
+    fn save_state(&self) -> Result<corefour_hypervisor::CpuState> {
+        let s = &self.shared;
+        crate::platform::state::PlatformSnap {
+            now_ns: s.now_ns(),
+            ioapic: s.ioapic().clone(),
+            pit: s.pit().clone(),
+            pic: s.pic().clone(),
+            rtc: Some(s.rtc().clone()),
+        }
+        .encode()
+    }
+
+    fn restore_state(&self, state: &corefour_hypervisor::CpuState) -> Result<()> {
+        let snap = crate::platform::state::PlatformSnap::decode(state)?;
+        let s = &self.shared;
+        let elapsed = s.start.elapsed().as_nanos() as u64;
+        s.time_offset
+            .store(snap.now_ns.wrapping_sub(elapsed), Ordering::SeqCst);
+        *s.ioapic() = snap.ioapic;
+        *s.pit() = snap.pit;
+        *s.pic() = snap.pic;
+        if let Some(rtc) = snap.rtc {
+            *s.rtc() = rtc;
+        }
+        s.bump_epoch();
+        Ok(())
+    }
 }
 
 /// Kicks one vCPU out of `run`.
@@ -323,5 +449,25 @@ impl VcpuKicker for Kicker {
     fn kick(&self) {
         self.0.kick.store(true, Ordering::Release);
         self.0.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_msi_lands_in_the_addressed_local_apic() {
+        let vm = EmuVm::new(2, false).unwrap();
+        for l in &vm.shared.links {
+            l.lapic().write(0xf0, 0x1ff, 0); // software-enable
+        }
+        // Physical destination 1, fixed delivery, vector 0x45.
+        vm.signal_msi(0xfee0_1000, 0x45).unwrap();
+        assert_eq!(vm.shared.links[0].lapic().pending(), None);
+        assert_eq!(vm.shared.links[1].lapic().pending(), Some(0x45));
+        // Outside the APIC window: refused, nothing delivered.
+        assert!(vm.signal_msi(0xdead_0000, 0x46).is_err());
+        assert_eq!(vm.shared.links[0].lapic().pending(), None);
     }
 }

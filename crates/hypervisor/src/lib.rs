@@ -5,9 +5,13 @@
 //! callback it was given, so the software CPU never depends on the device crate and both
 //! backends reach the devices the same way. [`VmExit`] lists only what the VMM must decide on.
 
+pub mod eventfd;
 mod regs;
 
+pub use eventfd::{Datamatch, IoEventAddress};
 pub use regs::{CpuState, DescriptorTable, Regs, Segment, SpecialRegs};
+/// The eventfd type the ioeventfd/irqfd hooks take (vmm-sys-util's, as kvm-ioctls uses).
+pub use vmm_sys_util::eventfd::EventFd;
 
 use std::sync::Arc;
 
@@ -86,11 +90,47 @@ pub trait Vm: Send + Sync {
     /// Raises or lowers a platform interrupt line (GSI).
     fn set_irq_line(&self, irq: u32, level: bool) -> Result<()>;
 
+    /// Delivers a message-signalled interrupt: what a device's MSI/MSI-X write of `data` to
+    /// `address` (0xFEEx_xxxx, the local APICs) does on real hardware.
+    fn signal_msi(&self, _address: u64, _data: u32) -> Result<()> {
+        Err(HypervisorError::Unsupported("MSI delivery"))
+    }
+
     /// Returns and clears the dirty bitmap of a slot (one bit per 4 KiB page).
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>>;
 
     /// A short name for messages: "kvm", "emu".
     fn backend_name(&self) -> &'static str;
+
+    /// Signals `event` when the guest writes to `addr` (with `datamatch`: only that value of
+    /// that width), instead of handing the write to the `VmOps` callback. On KVM the vCPU then
+    /// does not leave the kernel for a virtio queue notification. Backends without it return
+    /// `Unsupported`; the caller keeps the `VmOps` path, which must stay correct either way.
+    fn register_ioevent(
+        &self,
+        _addr: IoEventAddress,
+        _datamatch: Datamatch,
+        _event: &EventFd,
+    ) -> Result<()> {
+        Err(HypervisorError::Unsupported("ioeventfd"))
+    }
+    fn unregister_ioevent(
+        &self,
+        _addr: IoEventAddress,
+        _datamatch: Datamatch,
+        _event: &EventFd,
+    ) -> Result<()> {
+        Err(HypervisorError::Unsupported("ioeventfd"))
+    }
+
+    /// A write to `event` raises an edge on interrupt line `gsi` (as `set_irq_line` true then
+    /// false), without a call into the VMM's thread. `Unsupported` where the backend lacks it.
+    fn register_irqfd(&self, _event: &EventFd, _gsi: u32) -> Result<()> {
+        Err(HypervisorError::Unsupported("irqfd"))
+    }
+    fn unregister_irqfd(&self, _event: &EventFd, _gsi: u32) -> Result<()> {
+        Err(HypervisorError::Unsupported("irqfd"))
+    }
 
     /// VM-wide state beyond the vCPUs (in-kernel irqchip, PIT, clock), for snapshots and
     /// migration (opaque to the VMM).

@@ -138,6 +138,15 @@ mod tests {
     }
 
     #[test]
+    fn msis_go_to_the_in_kernel_irqchip() {
+        let Some(k) = kvm() else { return };
+        let vm = k.create_vm(1).unwrap();
+        let _vcpu = vm.create_vcpu(0, Arc::new(NoDevices)).unwrap();
+        // The APIC is still software-disabled, so KVM accepts the message and drops it.
+        vm.signal_msi(0xfee0_0000, 0x40).unwrap();
+    }
+
+    #[test]
     fn a_kick_before_run_makes_run_return_interrupted() {
         let Some(k) = kvm() else { return };
         let vm = k.create_vm(1).unwrap();
@@ -149,5 +158,102 @@ mod tests {
         assert!(vcpu.regs().is_ok());
         drop(vcpu);
         kicker.kick();
+    }
+
+    /// Records port writes; a write to port 0x11 kicks the vCPU out of `run`.
+    #[derive(Default)]
+    struct Recorder {
+        writes: std::sync::Mutex<Vec<(u16, u8)>>,
+        kicker: std::sync::OnceLock<Arc<dyn corefour_hypervisor::VcpuKicker>>,
+    }
+    impl VmOps for Recorder {
+        fn pio_read(&self, _: u16, d: &mut [u8]) {
+            d.fill(0xff);
+        }
+        fn pio_write(&self, port: u16, d: &[u8]) {
+            self.writes.lock().unwrap().push((port, d[0]));
+            if port == 0x11 {
+                if let Some(k) = self.kicker.get() {
+                    k.kick();
+                }
+            }
+        }
+        fn mmio_read(&self, _: u64, d: &mut [u8]) {
+            d.fill(0xff);
+        }
+        fn mmio_write(&self, _: u64, _: &[u8]) {}
+    }
+
+    #[test]
+    fn an_ioeventfd_takes_matching_writes_and_irqfds_register() {
+        use corefour_hypervisor::{Datamatch, EventFd, IoEventAddress, MemoryRegion};
+        let Some(k) = kvm() else { return };
+        let vm = k.create_vm(1).unwrap();
+        const MEM: usize = 0x10000;
+        // SAFETY: a fresh anonymous mapping, checked below and leaked for the VM's lifetime.
+        let mem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEM,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(mem, libc::MAP_FAILED);
+        // mov al,1; out 0x80,al; mov al,2; out 0x80,al; out 0x11,al; jmp $
+        let code = [
+            0xb0, 0x01, 0xe6, 0x80, 0xb0, 0x02, 0xe6, 0x80, 0xe6, 0x11, 0xeb, 0xfe,
+        ];
+        // SAFETY: the mapping holds MEM bytes; the code goes at 0x1000.
+        unsafe {
+            std::ptr::copy_nonoverlapping(code.as_ptr(), mem.cast::<u8>().add(0x1000), code.len())
+        };
+        // SAFETY: the mapping is never unmapped (leaked for the test's lifetime).
+        unsafe {
+            vm.set_memory_region(MemoryRegion {
+                slot: 0,
+                guest_phys_addr: 0,
+                size: MEM as u64,
+                host_addr: mem as u64,
+                log_dirty: false,
+                read_only: false,
+            })
+        }
+        .unwrap();
+        let ev = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        vm.register_ioevent(IoEventAddress::Pio(0x80), Datamatch::U8(1), &ev)
+            .unwrap();
+        let ops = Arc::new(Recorder::default());
+        let mut vcpu = vm.create_vcpu(0, ops.clone()).unwrap();
+        let _ = ops.kicker.set(vcpu.kicker());
+        let mut sregs = vcpu.sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&corefour_hypervisor::Regs {
+            rip: 0x1000,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(vcpu.run().unwrap(), VmExit::Interrupted);
+        assert_eq!(
+            ev.read().unwrap(),
+            1,
+            "the matching write signalled the eventfd"
+        );
+        assert_eq!(
+            *ops.writes.lock().unwrap(),
+            vec![(0x80, 2), (0x11, 2)],
+            "the matching write never reached VmOps, the others did"
+        );
+        vm.unregister_ioevent(IoEventAddress::Pio(0x80), Datamatch::U8(1), &ev)
+            .unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        vm.register_irqfd(&irq, 5).unwrap();
+        irq.write(1).unwrap();
+        vm.unregister_irqfd(&irq, 5).unwrap();
     }
 }

@@ -3,12 +3,14 @@
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use corefour_hypervisor::{HypervisorError, MemoryRegion, Result, Vcpu, Vm, VmOps};
+use corefour_hypervisor::{
+    Datamatch, EventFd, HypervisorError, IoEventAddress, MemoryRegion, Result, Vcpu, Vm, VmOps,
+};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm as KvmSys, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress as KvmIoAddr, Kvm as KvmSys, NoDatamatch, VmFd};
 
 use crate::os_err;
 use crate::vcpu::KvmVcpu;
@@ -151,12 +153,78 @@ impl Vm for KvmVm {
             .map_err(|e| os_err("KVM_IRQ_LINE", e))
     }
 
+    fn signal_msi(&self, address: u64, data: u32) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::Unsupported("MSI without an irqchip"));
+        }
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        // 0 means the guest's APIC ignored the message (masked or no target): not an error.
+        self.fd
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| os_err("KVM_SIGNAL_MSI", e))
+    }
+
     fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>> {
         let size = usize::try_from(size)
             .map_err(|_| HypervisorError::Invalid(format!("slot size {size:#x} too large")))?;
         self.fd
             .get_dirty_log(slot, size)
             .map_err(|e| os_err("KVM_GET_DIRTY_LOG", e))
+    }
+
+    fn register_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Datamatch,
+        event: &EventFd,
+    ) -> Result<()> {
+        let a = kvm_addr(addr);
+        let r = match datamatch {
+            Datamatch::Any => self.fd.register_ioevent(event, &a, NoDatamatch),
+            Datamatch::U8(v) => self.fd.register_ioevent(event, &a, v),
+            Datamatch::U16(v) => self.fd.register_ioevent(event, &a, v),
+            Datamatch::U32(v) => self.fd.register_ioevent(event, &a, v),
+            Datamatch::U64(v) => self.fd.register_ioevent(event, &a, v),
+        };
+        r.map_err(|e| os_err("KVM_IOEVENTFD", e))
+    }
+
+    fn unregister_ioevent(
+        &self,
+        addr: IoEventAddress,
+        datamatch: Datamatch,
+        event: &EventFd,
+    ) -> Result<()> {
+        let a = kvm_addr(addr);
+        let r = match datamatch {
+            Datamatch::Any => self.fd.unregister_ioevent(event, &a, NoDatamatch),
+            Datamatch::U8(v) => self.fd.unregister_ioevent(event, &a, v),
+            Datamatch::U16(v) => self.fd.unregister_ioevent(event, &a, v),
+            Datamatch::U32(v) => self.fd.unregister_ioevent(event, &a, v),
+            Datamatch::U64(v) => self.fd.unregister_ioevent(event, &a, v),
+        };
+        r.map_err(|e| os_err("KVM_IOEVENTFD deassign", e))
+    }
+
+    fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::Unsupported("irqfd without an irqchip"));
+        }
+        self.fd
+            .register_irqfd(event, gsi)
+            .map_err(|e| os_err("KVM_IRQFD", e))
+    }
+
+    fn unregister_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
+        self.fd
+            .unregister_irqfd(event, gsi)
+            .map_err(|e| os_err("KVM_IRQFD deassign", e))
     }
 
     fn save_state(&self) -> Result<corefour_hypervisor::CpuState> {
@@ -170,5 +238,12 @@ impl Vm for KvmVm {
 
     fn backend_name(&self) -> &'static str {
         "kvm"
+    }
+}
+
+fn kvm_addr(a: IoEventAddress) -> KvmIoAddr {
+    match a {
+        IoEventAddress::Pio(p) => KvmIoAddr::Pio(u64::from(p)),
+        IoEventAddress::Mmio(m) => KvmIoAddr::Mmio(m),
     }
 }

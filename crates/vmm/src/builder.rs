@@ -86,6 +86,8 @@ pub struct Vmm {
     pub(crate) mem: GuestMem,
     pub(crate) control: Arc<Control>,
     pub(crate) balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
+    /// The virtio transports, in config order (snapshots save and restore them).
+    pub(crate) virtio: Vec<Arc<dyn corefour_devices::virtio::state::SaveRestore>>,
     pub(crate) console: Console,
     pub(crate) serial: Arc<corefour_devices::legacy::Serial>,
 }
@@ -129,13 +131,14 @@ impl Vmm {
         Ok(Self {
             config,
             backend: name,
-            backend_why: picked.why,
+            backend_why: picked.why + &virtio.eventfds.describe(),
             vcpus,
             _machine: ops,
             vm,
             mem,
             control,
             balloon: virtio.balloon,
+            virtio: virtio.saveable,
             console,
             serial,
         })

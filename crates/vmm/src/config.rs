@@ -83,6 +83,51 @@ pub struct DiskConfig {
     pub serial: Option<String>,
     #[serde(default)]
     pub rate_limit: crate::virtio_devices::RateLimitConfig,
+    /// The image format; absent: guessed from the file name (.qcow2, .vmdk, .vdi, .vhd,
+    /// .vhdx are probed, anything else is raw). A declared format must match the contents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<DiskFormat>,
+}
+
+/// `format` of a disk in vm.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+    Vmdk,
+    Vdi,
+    #[serde(alias = "vpc")]
+    Vhd,
+    Vhdx,
+}
+
+impl From<DiskFormat> for corefour_devices::virtio::blk::DiskFormat {
+    fn from(f: DiskFormat) -> Self {
+        use corefour_devices::virtio::blk::DiskFormat as D;
+        match f {
+            DiskFormat::Raw => D::Raw,
+            DiskFormat::Qcow2 => D::Qcow2,
+            DiskFormat::Vmdk => D::Vmdk,
+            DiskFormat::Vdi => D::Vdi,
+            DiskFormat::Vhd => D::Vpc,
+            DiskFormat::Vhdx => D::Vhdx,
+        }
+    }
+}
+
+impl From<corefour_devices::virtio::blk::DiskFormat> for DiskFormat {
+    fn from(f: corefour_devices::virtio::blk::DiskFormat) -> Self {
+        use corefour_devices::virtio::blk::DiskFormat as D;
+        match f {
+            D::Raw => DiskFormat::Raw,
+            D::Qcow2 => DiskFormat::Qcow2,
+            D::Vmdk => DiskFormat::Vmdk,
+            D::Vdi => DiskFormat::Vdi,
+            D::Vpc => DiskFormat::Vhd,
+            D::Vhdx => DiskFormat::Vhdx,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -288,8 +333,24 @@ mod tests {
             direct: false,
             serial: None,
             rate_limit: Default::default(),
+            format: None,
         });
         assert!(c.validate().is_ok(), "disks are supported (virtio-blk)");
+    }
+
+    #[test]
+    fn disk_format_in_json() {
+        let d: DiskConfig = serde_json::from_str(r#"{"path": "d.vhd", "format": "vhd"}"#).unwrap();
+        assert_eq!(d.format, Some(DiskFormat::Vhd));
+        let d: DiskConfig = serde_json::from_str(r#"{"path": "d", "format": "vpc"}"#).unwrap();
+        assert_eq!(d.format, Some(DiskFormat::Vhd));
+        let d: DiskConfig = serde_json::from_str(r#"{"path": "d"}"#).unwrap();
+        assert_eq!(d.format, None);
+        assert!(!serde_json::to_string(&d).unwrap().contains("format"));
+        let e = serde_json::from_str::<DiskConfig>(r#"{"path": "d", "format": "iso"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown variant `iso`"), "{e}");
     }
 
     #[test]

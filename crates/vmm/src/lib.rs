@@ -19,6 +19,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod vcpu_thread;
 pub mod virtio_devices;
+pub mod virtio_eventfd;
 
 pub use builder::{RunOptions, RunReport, Vmm, VmmError};
 pub use config::{BackendKind, VmConfig};

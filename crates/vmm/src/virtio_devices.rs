@@ -1,14 +1,20 @@
 //! The VM's virtio devices, in this order: disks, nets, rng, vsock, balloon; one GSI each from
 //! `VIRTIO_FIRST_GSI`.
 //! - `mmio` (default): each behind a virtio-mmio window (Firecracker style) from
-//!   `VIRTIO_MMIO_BASE` upwards. Linux learns of them from `virtio_mmio.device=4K@<base>:<gsi>`
-//!   entries this module appends to the command line; the test guests scan the windows.
-//! - `pci`: PCI functions 00:01.0 onwards behind a host bridge (ports 0xcf8/0xcfc), BARs
-//!   pre-assigned in `PCI_BAR_WINDOW`, legacy INTx on the same GSIs. Found by enumeration.
+//!   `VIRTIO_MMIO_BASE` upwards, edge-triggered on its GSI. Linux learns of them from the
+//!   DSDT (`LNRO0005` devices, see `acpi_devices`; what a distro kernel without
+//!   CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES needs) and from `virtio_mmio.device=4K@<base>:<gsi>`
+//!   entries this module appends to the command line (for kernels without ACPI; a kernel with
+//!   both finds each window twice and the second probe fails with EBUSY, harmlessly). The
+//!   test guests scan the windows.
+//! - `pci`: PCI functions 00:01.0 onwards behind a host bridge (ports 0xcf8/0xcfc, `\_SB.PCI0`
+//!   in the DSDT with a `_PRT`), BARs pre-assigned in `PCI_BAR_WINDOW`. MSI-X (one vector per
+//!   queue plus config) sent through `Vm::signal_msi`; legacy INTx on the same GSIs when the
+//!   driver leaves MSI-X off. Found by enumeration.
 //!
-//! Queue notifications reach the device worker through the MMIO exit (the transport writes the
-//! queue's eventfd); interrupts go through `Vm::set_irq_line`. The `hypervisor` traits have no
-//! ioeventfd/irqfd yet, which is where KVM would skip the exit round trip.
+//! Queue notifications reach the device worker through an ioeventfd and virtio-mmio interrupts
+//! go out through an irqfd where the backend has them (`virtio_eventfd`); otherwise through
+//! the MMIO exit (the transport writes the queue's eventfd) and `Vm::set_irq_line`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,8 +25,10 @@ use corefour_devices::virtio::blk::{Block, BlockConfig, BlockError};
 use corefour_devices::virtio::mmio::MMIO_SIZE;
 use corefour_devices::virtio::net::{parse_mac, Net, NetConfig as DevNetConfig};
 use corefour_devices::virtio::pci::{PciBarWindow, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
+use corefour_devices::virtio::pci_msix::MsiSink;
 use corefour_devices::virtio::rate_limiter::RateLimit;
 use corefour_devices::virtio::rng::Rng;
+use corefour_devices::virtio::state::SaveRestore;
 use corefour_devices::virtio::tap::TapError;
 use corefour_devices::virtio::vsock::{Vsock, VsockConfig as DevVsockConfig};
 use corefour_devices::virtio::{MmioTransport, VirtioDevice};
@@ -28,6 +36,7 @@ use corefour_devices::IrqLine;
 use corefour_hypervisor::Vm;
 use serde::{Deserialize, Serialize};
 
+use crate::acpi::{AcpiDevices, PciHostBridge};
 use crate::config::VmConfig;
 use crate::machine::BusEntry;
 use crate::memory::GuestMem;
@@ -151,6 +160,10 @@ pub struct VirtioDevices {
     /// (kind, base or PCI slot, gsi), for logs and tests.
     pub placed: Vec<(&'static str, u64, u32)>,
     pub balloon: Option<BalloonHandle>,
+    /// Which notifications and interrupts skip the VMM's vCPU exit handling.
+    pub eventfds: crate::virtio_eventfd::EventfdUse,
+    /// Every device's transport, in creation order: what snapshots save and restore.
+    pub saveable: Vec<Arc<dyn SaveRestore>>,
 }
 
 fn count(config: &VmConfig) -> usize {
@@ -178,6 +191,26 @@ pub fn add_to_cmdline(mut config: VmConfig) -> VmConfig {
     config
 }
 
+/// What the DSDT says about the virtio devices `create` will build for `config`: the mmio
+/// windows as `LNRO0005` devices, or the PCI host bridge with each slot's INTA# GSI.
+pub fn acpi_devices(config: &VmConfig) -> AcpiDevices {
+    let n = count(config).min(MAX_VIRTIO_DEVICES);
+    match config.virtio_transport {
+        VirtioTransport::Mmio => AcpiDevices {
+            virtio_mmio: (0..n).map(slot).collect(),
+            pci: None,
+        },
+        VirtioTransport::Pci => AcpiDevices {
+            virtio_mmio: Vec::new(),
+            pci: Some(PciHostBridge {
+                mem_window: PCI_BAR_WINDOW,
+                // PciRoot::add_virtio puts device i in slot i + 1 (the host bridge is slot 0).
+                intx: (0..n).map(|i| ((i + 1) as u8, slot(i).1)).collect(),
+            }),
+        },
+    }
+}
+
 fn slot(i: usize) -> (u64, u32) {
     (
         VIRTIO_MMIO_BASE + i as u64 * MMIO_SIZE,
@@ -202,6 +235,19 @@ impl IrqLine for GsiEdge {
     }
 }
 
+/// MSI-X messages from PCI functions, through the backend (KVM_SIGNAL_MSI or the software
+/// CPU's local APICs). A message the backend refuses (an address outside the APIC range the
+/// guest programmed) is dropped, as a bus write to nowhere would be.
+struct BackendMsi {
+    vm: Arc<dyn Vm>,
+}
+
+impl MsiSink for BackendMsi {
+    fn send(&self, address: u64, data: u32) {
+        let _ = self.vm.signal_msi(address, data);
+    }
+}
+
 /// Opens every backend (disk files, taps, sockets) and wraps each device in its transport.
 pub fn create(
     config: &VmConfig,
@@ -220,6 +266,7 @@ pub fn create(
             direct: d.direct,
             serial: d.serial.clone(),
             rate_limit: d.rate_limit.into(),
+            format: d.format.map(Into::into),
         })
         .map_err(|source| VirtioSetupError::Disk { index, source })?;
         devs.push(("blk", Box::new(blk)));
@@ -263,8 +310,10 @@ pub fn create(
         out.balloon = Some(balloon.handle());
         devs.push(("balloon", Box::new(balloon)));
     }
-    let mut root = (config.virtio_transport == VirtioTransport::Pci)
-        .then(|| PciRoot::new(PCI_BAR_WINDOW.0, PCI_BAR_WINDOW.1));
+    let mut root = (config.virtio_transport == VirtioTransport::Pci).then(|| {
+        PciRoot::new(PCI_BAR_WINDOW.0, PCI_BAR_WINDOW.1)
+            .with_msi(Arc::new(BackendMsi { vm: vm.clone() }))
+    });
     for (i, (kind, dev)) in devs.into_iter().enumerate() {
         let (base, gsi) = slot(i);
         let line: Arc<dyn IrqLine> = Arc::new(GsiEdge {
@@ -275,14 +324,30 @@ pub fn create(
         match &mut root {
             Some(root) => {
                 // GSIs 5..23 fit the u8 interrupt-line register.
-                let (pci_slot, _) = root
+                let (pci_slot, pci_dev) = root
                     .add_virtio(dev, mem.clone(), line, gsi as u8)
                     .map_err(err)?;
+                crate::virtio_eventfd::register_pci_notify(
+                    vm.as_ref(),
+                    &pci_dev.notify_events(),
+                    &mut out.eventfds,
+                );
+                out.saveable.push(pci_dev);
                 out.placed.push((kind, pci_slot as u64, gsi));
             }
             None => {
-                let transport = MmioTransport::new(dev, mem.clone(), line).map_err(err)?;
-                out.mmio.push((Arc::new(transport), base, MMIO_SIZE));
+                // virtio-mmio interrupts are edges: an irqfd carries them as they are.
+                let line = crate::virtio_eventfd::edge_irqfd(vm.as_ref(), gsi, &mut out.eventfds)
+                    .unwrap_or(line);
+                let transport = Arc::new(MmioTransport::new(dev, mem.clone(), line).map_err(err)?);
+                crate::virtio_eventfd::register_mmio_notify(
+                    vm.as_ref(),
+                    base,
+                    transport.queue_events(),
+                    &mut out.eventfds,
+                );
+                out.saveable.push(transport.clone());
+                out.mmio.push((transport, base, MMIO_SIZE));
                 out.placed.push((kind, base, gsi));
             }
         }
@@ -396,6 +461,24 @@ mod tests {
             "",
             "PCI devices are found by enumeration"
         );
+    }
+
+    #[test]
+    fn acpi_describes_the_devices_create_builds() {
+        let mut c = VmConfig::new("k");
+        c.rng = true;
+        c.balloon = Some(BalloonConfig::default());
+        let a = acpi_devices(&c);
+        assert_eq!(a.virtio_mmio, vec![(0xd100_0000, 5), (0xd100_1000, 6)]);
+        assert_eq!(a.pci, None);
+        c.virtio_transport = VirtioTransport::Pci;
+        let a = acpi_devices(&c);
+        assert!(a.virtio_mmio.is_empty());
+        let pci = a.pci.expect("a PCI root bridge");
+        assert_eq!(pci.mem_window, PCI_BAR_WINDOW);
+        // Slot 0 is the host bridge; devices follow in creation order with their GSIs.
+        assert_eq!(pci.intx, vec![(1, 5), (2, 6)]);
+        assert!(acpi_devices(&VmConfig::new("k")).virtio_mmio.is_empty());
     }
 
     #[test]

@@ -45,6 +45,13 @@ pub struct Args {
     /// Skip the network part (it needs root, tun and `ip`).
     #[arg(long)]
     no_net: bool,
+    /// Also print the CPU time (all threads) per operation of each run and the device's
+    /// interrupts per operation: the cost that sets the pace on a loaded host.
+    #[arg(long)]
+    cpu: bool,
+    /// Run only the blk tests whose name contains this text (e.g. "rand read 4K buffered").
+    #[arg(long, value_name = "TEXT")]
+    only: Option<String>,
     /// Print results as JSON.
     #[arg(long)]
     json: bool,
@@ -201,6 +208,13 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
         ] {
             let mode = if direct { "direct" } else { "buffered" };
             let name = format!("{} {mode}", p.name());
+            if args
+                .only
+                .as_ref()
+                .is_some_and(|o| !name.contains(o.as_str()))
+            {
+                continue;
+            }
             progress(&name);
             let ops = if direct {
                 args.direct_random_ops
@@ -213,8 +227,21 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
             let mut host = Duration::MAX;
             let mut dev = Duration::MAX;
             for _ in 0..3 {
+                let c0 = cpu_time();
                 host = host.min(host_run(&path, p, &offsets, args.queue_depth, direct)?);
-                dev = dev.min(device_run(&path, p, &offsets, args.queue_depth, direct)?);
+                let c1 = cpu_time();
+                let (t, irqs) = device_run(&path, p, &offsets, args.queue_depth, direct)?;
+                dev = dev.min(t);
+                let c2 = cpu_time();
+                if args.cpu {
+                    let n = offsets.len() as f64;
+                    eprintln!(
+                        "{name}: CPU per op: host {:.2} us, virtio {:.2} us; interrupts per op {:.3}",
+                        (c1 - c0) * 1e6 / n,
+                        (c2 - c1) * 1e6 / n,
+                        irqs as f64 / n
+                    );
+                }
             }
             let bytes = offsets.len() as f64 * p.block() as f64;
             let n = offsets.len() as f64;
@@ -231,6 +258,16 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
     }
     drop(disk);
     Ok(rows)
+}
+
+/// CPU seconds this process has used (all threads).
+fn cpu_time() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct we pass.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut r) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(r.ru_utime) + tv(r.ru_stime)
 }
 
 /// A page-aligned host buffer (O_DIRECT needs aligned memory).
@@ -302,7 +339,7 @@ fn device_run(
     offsets: &[u64],
     qd: usize,
     direct: bool,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, u64)> {
     let bs = p.block();
     let qd = qd.clamp(1, 64);
     const HDRS: u64 = 0x10_0000;
@@ -382,5 +419,5 @@ fn device_run(
             bail!("virtio-blk made no progress for 10 s");
         }
     }
-    Ok(start.elapsed())
+    Ok((start.elapsed(), irq.count()))
 }

@@ -8,6 +8,7 @@ mod io_net;
 use clap::Subcommand;
 
 mod ct;
+mod ct_lifecycle;
 mod emu;
 mod lifecycle;
 // The Linux boot timing for bench/emu.rs (qemu TCG peer and corefour emu on the same fixture).
@@ -34,6 +35,8 @@ enum Target {
     Disk(disk::Args),
     /// OCI runtime: create+start+delete of a busybox /bin/true bundle vs runc and crun.
     Ct(ct::Args),
+    /// System containers through the daemon vs the daemonless `ct --direct` path.
+    CtLifecycle(ct_lifecycle::Args),
     /// Software CPU: guest MIPS on a guest CPU loop, with KVM on the same loop.
     Emu(emu::Args),
     /// Live-migration total time and downtime (idle and busy guest), snapshot restore time.
@@ -47,6 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Target::Lifecycle(a) => lifecycle::run(a),
         Target::Disk(a) => disk::run(a),
         Target::Ct(a) => ct::run(a),
+        Target::CtLifecycle(a) => ct_lifecycle::run(a),
         Target::Emu(a) => emu::run(a),
         Target::Migrate(a) => migrate::run(a),
     }

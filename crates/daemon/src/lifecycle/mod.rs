@@ -14,10 +14,14 @@ mod set;
 mod start;
 mod stop;
 mod vm_clone;
+mod vm_migrate;
 mod vm_restore;
 mod vm_snapshot;
 
 pub use vm_clone::CloneRequest;
+pub use vm_migrate::{
+    serve_migrations, take_incoming_marker, MigrateRequest, DEFAULT_MIGRATION_PORT,
+};
 pub use vm_restore::{take_restore_marker, RestoreRequest};
 pub use vm_snapshot::SnapshotRequest;
 
@@ -70,7 +74,7 @@ const CGROUP_PARENT: &str = "corefour-vms";
 
 /// Host-global names (cgroups, taps) of a daemon with a non-default state directory carry a short
 /// tag of that directory, so two daemons (as tests run them) never collide.
-fn host_tag(state_dir: &Path) -> Option<String> {
+pub(crate) fn host_tag(state_dir: &Path) -> Option<String> {
     if state_dir == Path::new(crate::DEFAULT_STATE_DIR) {
         return None;
     }

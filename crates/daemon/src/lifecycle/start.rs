@@ -17,7 +17,7 @@ use crate::network;
 use crate::shim;
 
 /// Memory the VMM process needs beyond guest RAM (its binary, page tables, device buffers).
-fn memory_overhead_bytes(guest_mib: u64) -> u64 {
+pub(super) fn memory_overhead_bytes(guest_mib: u64) -> u64 {
     (128 << 20).max((guest_mib << 20) / 8)
 }
 
@@ -96,7 +96,7 @@ impl Daemon {
 
     /// The VM's cgroup with its limits; None when the host has no usable cgroups and the VM asks
     /// for no limit (with a limit asked for, that is an error).
-    fn make_cgroup(&self, rec: &VmRecord) -> Result<Option<VmCgroup>, DaemonError> {
+    pub(super) fn make_cgroup(&self, rec: &VmRecord) -> Result<Option<VmCgroup>, DaemonError> {
         let wants_limits = rec.spec.cpu_quota_pct.is_some()
             || rec.spec.cpu_weight.is_some()
             || !rec.spec.cpu_pin.is_empty();
@@ -125,7 +125,7 @@ impl Daemon {
 
     /// Starts `corefour daemon --vmm-shim DIR` in its own session and cgroup, and reads the VMM's
     /// pid from its stdout.
-    async fn spawn_shim(
+    pub(super) async fn spawn_shim(
         &self,
         dir: &Path,
         cgroup: Option<&VmCgroup>,

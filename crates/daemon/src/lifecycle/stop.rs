@@ -80,7 +80,7 @@ pub(super) async fn wait_done(h: &RunHandle, timeout: Duration) -> bool {
     done
 }
 
-fn signal(pid: i32, sig: i32) {
+pub(super) fn signal(pid: i32, sig: i32) {
     if pid > 0 {
         // SAFETY: kill() takes plain integers; a stale pid is guarded by the caller holding a
         // live RunHandle (the shim has not reaped the VMM yet).

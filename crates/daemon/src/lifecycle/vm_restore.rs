@@ -21,6 +21,13 @@ pub struct RestoreRequest {
     pub path: PathBuf,
 }
 
+/// Makes the VM's next start restore `snap` (an absolute snapshot directory).
+pub(super) fn write_restore_marker(vm_dir: &Path, snap: &Path) -> Result<(), DaemonError> {
+    let marker = vm_dir.join(RESTORE_MARKER);
+    std::fs::write(&marker, snap.display().to_string())
+        .map_err(|e| DaemonError::io(format!("cannot write {}", marker.display()), e))
+}
+
 /// Called by the shim: the snapshot to restore, if the daemon asked for one; the marker is
 /// removed so a later start boots normally.
 pub fn take_restore_marker(vm_dir: &Path) -> Option<PathBuf> {

@@ -264,7 +264,7 @@ impl BalloonHandler {
             Outcome::Done(0)
         })?;
         if notify {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used_queue(idx);
         }
         Ok(())
     }
@@ -299,7 +299,7 @@ impl BalloonHandler {
             // A second buffer while we hold one: return the older one.
             if let Some(old) = self.held_stats.replace(head) {
                 q.add_used(mem, old, 0).map_err(err)?;
-                self.interrupt.signal_used();
+                self.interrupt.signal_used_queue(2);
             }
         }
         if let Some(iv) = self.stats_interval {
@@ -313,7 +313,7 @@ impl BalloonHandler {
         if let (Some(q), Some(head)) = (&mut self.stats, self.held_stats.take()) {
             q.add_used(&self.mem, head, 0)
                 .map_err(|source| DeviceError::Queue { queue: 2, source })?;
-            self.interrupt.signal_used();
+            self.interrupt.signal_used_queue(2);
         }
         Ok(())
     }

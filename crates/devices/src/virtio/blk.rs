@@ -69,6 +69,12 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    #[error("disk {path} is declared format={declared} but its contents are {found}: correct format= (or convert the image with `corefour disk convert`)")]
+    FormatMismatch {
+        path: PathBuf,
+        declared: &'static str,
+        found: &'static str,
+    },
     #[error("cannot open disk image {path}: {source}")]
     Image {
         path: PathBuf,
@@ -93,11 +99,40 @@ fn probed_by_name(path: &Path) -> bool {
         .is_some_and(|e| PROBED_SUFFIXES.iter().any(|s| e.eq_ignore_ascii_case(s)))
 }
 
-/// Probes the format without O_DIRECT (its small unaligned header read would fail with it).
-fn probe_format(path: &Path) -> Result<corefour_disk::Format, BlockError> {
-    if !probed_by_name(path) {
-        return Ok(corefour_disk::Format::Raw);
+/// The image formats a disk can be declared as (`format=`).
+pub use corefour_disk::Format as DiskFormat;
+
+/// The format to open `path` as. Declared: the contents must agree (a qcow2 header on a disk
+/// declared raw is refused too: the guest would otherwise write into the image's metadata).
+/// Undeclared: by name, see [`PROBED_SUFFIXES`].
+fn resolve_format(path: &Path, declared: Option<DiskFormat>) -> Result<DiskFormat, BlockError> {
+    let Some(declared) = declared else {
+        if !probed_by_name(path) {
+            return Ok(DiskFormat::Raw);
+        }
+        return probe_format(path);
+    };
+    let found = probe_format(path)?;
+    if found != declared {
+        return Err(BlockError::FormatMismatch {
+            path: path.to_path_buf(),
+            declared: format_label(declared),
+            found: format_label(found),
+        });
     }
+    Ok(declared)
+}
+
+/// The name `format=` takes for a format (VHD is "vpc" inside the disk crate).
+pub fn format_label(f: DiskFormat) -> &'static str {
+    match f {
+        DiskFormat::Vpc => "vhd",
+        other => other.name(),
+    }
+}
+
+/// Probes the contents without O_DIRECT (its small unaligned header read would fail with it).
+fn probe_format(path: &Path) -> Result<corefour_disk::Format, BlockError> {
     let image_err = |source| BlockError::Image {
         path: path.to_path_buf(),
         source,
@@ -121,23 +156,31 @@ pub struct BlockConfig {
     /// At most 20 bytes; derived from the file's device and inode when unset.
     pub serial: Option<String>,
     pub rate_limit: RateLimit,
+    /// The image format; `None` guesses from the file name (see [`PROBED_SUFFIXES`]).
+    pub format: Option<DiskFormat>,
 }
 
 impl BlockConfig {
-    /// Parses `FILE[,ro][,serial=S][,bytes=N][,bytes_burst=N][,ops=N][,ops_burst=N]`.
+    /// Parses `[path=]FILE[,format=F][,ro][,direct][,serial=S][,bytes=N][,bytes_burst=N]
+    /// [,ops=N][,ops_burst=N]`; F is raw, qcow2, vmdk, vdi, vhd (or vpc) or vhdx.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let mut parts = s.split(',');
-        let path = parts
-            .next()
-            .filter(|p| !p.is_empty())
-            .ok_or("empty disk path")?;
-        let mut c = BlockConfig {
-            path: PathBuf::from(path),
-            ..Default::default()
-        };
-        for p in parts {
+        let mut c = BlockConfig::default();
+        let mut path = None;
+        for (i, p) in s.split(',').enumerate() {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            if i == 0 && !p.contains('=') {
+                path = Some(p);
+                continue;
+            }
             match k {
+                "path" => path = Some(v),
+                "format" => {
+                    c.format = Some(DiskFormat::parse(v).map_err(|_| {
+                        format!(
+                            "unknown disk format `{v}` (known: raw, qcow2, vmdk, vdi, vhd, vhdx)"
+                        )
+                    })?)
+                }
                 "ro" | "readonly" => c.read_only = true,
                 "direct" => c.direct = true,
                 "rw" => c.read_only = false,
@@ -145,12 +188,13 @@ impl BlockConfig {
                 _ => {
                     if !c.rate_limit.parse_option(k, v)? {
                         return Err(format!(
-                            "unknown disk option `{k}` (known: ro, direct, serial=, bytes=, bytes_burst=, ops=, ops_burst=)"
+                            "unknown disk option `{k}` (known: path=, format=, ro, direct, serial=, bytes=, bytes_burst=, ops=, ops_burst=)"
                         ));
                     }
                 }
             }
         }
+        c.path = PathBuf::from(path.filter(|p| !p.is_empty()).ok_or("empty disk path")?);
         Ok(c)
     }
 }
@@ -178,7 +222,7 @@ impl Block {
                     source,
                 })
         };
-        let format = probe_format(&config.path)?;
+        let format = resolve_format(&config.path, config.format)?;
         // Formats corefour cannot write are attached read-only whatever the config asks.
         let read_only = config.read_only || !format.writable();
         let image = if format == corefour_disk::Format::Raw {
@@ -295,6 +339,7 @@ impl VirtioDevice for Block {
             serial: self.serial,
             limiter: RateLimiter::new(self.rate_limit),
             throttled_until: None,
+            scratch: Scratch::default(),
         }))
     }
 
@@ -350,7 +395,19 @@ pub struct BlockHandler {
     serial: [u8; ID_BYTES],
     limiter: RateLimiter,
     throttled_until: Option<Instant>,
+    scratch: Scratch,
 }
+
+/// Buffers reused from request to request: the hot path allocates nothing.
+#[derive(Default)]
+struct Scratch {
+    chain: Chain,
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs are only scratch space; their pointers are rebuilt for every request
+// and never used after it, so moving the handler to its worker thread moves nothing live.
+unsafe impl Send for Scratch {}
 
 /// A request refused for now by the rate limiter.
 struct Throttled(Duration);
@@ -362,6 +419,7 @@ impl BlockHandler {
             queue,
             file,
             limiter,
+            scratch,
             ..
         } = self;
         let req = RequestCtx {
@@ -378,7 +436,7 @@ impl BlockHandler {
             queue,
             mem,
             0,
-            |c: DescriptorChain<&GuestMemoryMmap>| match req.handle(c, limiter) {
+            |c: DescriptorChain<&GuestMemoryMmap>| match req.handle(c, limiter, scratch) {
                 Ok(len) => Outcome::Done(len),
                 Err(Throttled(d)) => {
                     throttle = Some(Instant::now() + d);
@@ -446,8 +504,11 @@ impl RequestCtx<'_> {
         &self,
         c: DescriptorChain<&GuestMemoryMmap>,
         limiter: &mut RateLimiter,
+        scratch: &mut Scratch,
     ) -> Result<u32, Throttled> {
-        let chain = Chain::parse(self.mem, c);
+        scratch.chain.parse_into(self.mem, c);
+        let Scratch { chain, iov } = scratch;
+        let chain = &*chain;
         let wlen = chain.writable_len();
         if wlen == 0 {
             // No place for a status byte: return the chain untouched.
@@ -456,13 +517,13 @@ impl RequestCtx<'_> {
         let data_w = wlen - 1;
         if let Some(e) = &chain.error {
             tracing::debug!("virtio-blk: chain {} rejected: {e}", chain.head);
-            return Ok(self.finish(&chain, data_w, S_IOERR, 0));
+            return Ok(self.finish(chain, data_w, S_IOERR, 0));
         }
         let mut hdr = [0u8; HEADER_LEN];
         if chain.readable_len() < HEADER_LEN
             || chain::read_from(self.mem, &chain.readable, 0, &mut hdr) != HEADER_LEN
         {
-            return Ok(self.finish(&chain, data_w, S_IOERR, 0));
+            return Ok(self.finish(chain, data_w, S_IOERR, 0));
         }
         let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes([
@@ -481,7 +542,7 @@ impl RequestCtx<'_> {
             // Data in the wrong direction: a read with a device-readable payload or the reverse.
             T_IN if data_r > 0 => (S_IOERR, 0),
             T_OUT if data_w > 0 => (S_IOERR, 0),
-            T_IN => match self.read(&chain, sector, data_w) {
+            T_IN => match self.read(chain, sector, data_w, iov) {
                 Ok(()) => (S_OK, data_w),
                 Err(e) => {
                     tracing::debug!("virtio-blk: read at sector {sector}: {e}");
@@ -489,7 +550,7 @@ impl RequestCtx<'_> {
                 }
             },
             T_OUT if self.read_only => (S_IOERR, 0),
-            T_OUT => (status_of(self.write(&chain, sector, data_r)), 0),
+            T_OUT => (status_of(self.write(chain, sector, data_r, iov)), 0),
             T_FLUSH if self.read_only => (S_OK, 0),
             T_FLUSH if self.image.is_some() => (status_of(self.with_writer(|w| w.flush())), 0),
             // SAFETY: fdatasync on an fd we own.
@@ -503,10 +564,10 @@ impl RequestCtx<'_> {
                 (S_OK, n)
             }
             T_DISCARD | T_WRITE_ZEROES if self.read_only => (S_IOERR, 0),
-            T_DISCARD | T_WRITE_ZEROES => (status_of(self.segments(&chain, ty, data_r)), 0),
+            T_DISCARD | T_WRITE_ZEROES => (status_of(self.segments(chain, ty, data_r)), 0),
             _ => (S_UNSUPP, 0),
         };
-        Ok(self.finish(&chain, data_w, status, written))
+        Ok(self.finish(chain, data_w, status, written))
     }
 
     fn finish(&self, chain: &Chain, status_at: usize, status: u8, written: usize) -> u32 {
@@ -537,29 +598,42 @@ impl RequestCtx<'_> {
         Ok(sector * SECTOR_SIZE)
     }
 
-    fn read(&self, chain: &Chain, sector: u64, len: usize) -> io::Result<()> {
+    fn read(
+        &self,
+        chain: &Chain,
+        sector: u64,
+        len: usize,
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<()> {
         let off = self.check_range(sector, len)?;
-        let iov = chain::iovecs(self.mem, &chain.writable, 0, len, Permissions::Write)
+        chain::iovecs_into(self.mem, &chain.writable, 0, len, Permissions::Write, iov)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.transfer(iov, off, Dir::Read)
     }
 
-    fn write(&self, chain: &Chain, sector: u64, len: usize) -> io::Result<()> {
+    fn write(
+        &self,
+        chain: &Chain,
+        sector: u64,
+        len: usize,
+        iov: &mut Vec<libc::iovec>,
+    ) -> io::Result<()> {
         let off = self.check_range(sector, len)?;
-        let iov = chain::iovecs(
+        chain::iovecs_into(
             self.mem,
             &chain.readable,
             HEADER_LEN,
             len,
             Permissions::Read,
+            iov,
         )
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         self.transfer(iov, off, Dir::Write)
     }
 
-    fn transfer(&self, iov: Vec<libc::iovec>, off: u64, dir: Dir) -> io::Result<()> {
+    fn transfer(&self, iov: &mut [libc::iovec], off: u64, dir: Dir) -> io::Result<()> {
         if let Some(img) = self.image {
-            return image_transfer(img, &iov, off, dir);
+            return image_transfer(img, iov, off, dir);
         }
         let aligned = |v: &libc::iovec| {
             (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
@@ -567,7 +641,7 @@ impl RequestCtx<'_> {
         if !self.direct || iov.iter().all(aligned) {
             return rw_all(self.file.as_raw_fd(), iov, off, dir);
         }
-        bounce(self.file.as_raw_fd(), &iov, off, dir)
+        bounce(self.file.as_raw_fd(), iov, off, dir)
     }
 
     fn segments(&self, chain: &Chain, ty: u32, len: usize) -> io::Result<()> {
@@ -734,7 +808,7 @@ fn bounce(fd: libc::c_int, iov: &[libc::iovec], off: u64, dir: Dir) -> io::Resul
         return Err(io::Error::new(io::ErrorKind::OutOfMemory, "bounce buffer"));
     }
     let buf = Aligned(ptr, layout);
-    let whole = vec![libc::iovec {
+    let mut whole = [libc::iovec {
         iov_base: buf.0.cast(),
         iov_len: total,
     }];
@@ -755,12 +829,12 @@ fn bounce(fd: libc::c_int, iov: &[libc::iovec], off: u64, dir: Dir) -> io::Resul
     };
     match dir {
         Dir::Read => {
-            rw_all(fd, whole, off, Dir::Read)?;
+            rw_all(fd, &mut whole, off, Dir::Read)?;
             copy(true);
         }
         Dir::Write => {
             copy(false);
-            rw_all(fd, whole, off, Dir::Write)?;
+            rw_all(fd, &mut whole, off, Dir::Write)?;
         }
     }
     Ok(())
@@ -805,7 +879,7 @@ pub(crate) enum Dir {
 /// preadv/pwritev until every iovec is done (short transfers continue; EOF is an error).
 pub(crate) fn rw_all(
     fd: libc::c_int,
-    mut iov: Vec<libc::iovec>,
+    iov: &mut [libc::iovec],
     mut off: u64,
     dir: Dir,
 ) -> io::Result<()> {
@@ -866,6 +940,19 @@ mod tests {
         assert!(BlockConfig::parse("/tmp/d.img,bogus").is_err());
         assert!(BlockConfig::parse("/tmp/d.img,direct").unwrap().direct);
         assert!(BlockConfig::parse("").is_err());
+        let c = BlockConfig::parse("path=/tmp/a,b.img,format=qcow2,ro").unwrap_err();
+        assert!(c.contains("unknown disk option `b.img`"), "{c}");
+        let c = BlockConfig::parse("path=/tmp/d.qcow2,format=vhd,ro").unwrap();
+        assert_eq!(c.path, PathBuf::from("/tmp/d.qcow2"));
+        assert_eq!(c.format, Some(DiskFormat::Vpc));
+        assert!(c.read_only);
+        assert_eq!(
+            BlockConfig::parse("/tmp/d,format=raw").unwrap().format,
+            Some(DiskFormat::Raw)
+        );
+        let e = BlockConfig::parse("/tmp/d,format=iso").unwrap_err();
+        assert!(e.contains("unknown disk format `iso`"), "{e}");
+        assert!(BlockConfig::parse("format=raw").is_err(), "no path");
     }
 }
 
@@ -883,10 +970,40 @@ mod probe_tests {
         header[4..8].copy_from_slice(&3u32.to_be_bytes());
         let raw = dir.join("disk.img");
         std::fs::write(&raw, &header).unwrap();
-        assert_eq!(probe_format(&raw).unwrap(), corefour_disk::Format::Raw);
+        assert_eq!(resolve_format(&raw, None).unwrap(), DiskFormat::Raw);
         assert!(probed_by_name(Path::new("/x/disk0.QCOW2")));
         assert!(!probed_by_name(Path::new("/x/disk0.raw")));
         assert!(!probed_by_name(Path::new("/x/disk0")));
+        // Declared formats are checked against the contents, whatever the name says.
+        let open = |path: &Path, format| {
+            Block::new(&BlockConfig {
+                path: path.to_path_buf(),
+                format,
+                read_only: true,
+                ..Default::default()
+            })
+        };
+        let e = open(&raw, Some(DiskFormat::Raw)).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("declared format=raw but its contents are qcow2"),
+            "{e}"
+        );
+        let plain = dir.join("plain.qcow2");
+        std::fs::write(&plain, vec![0u8; 4096]).unwrap();
+        let e = open(&plain, Some(DiskFormat::Qcow2)).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("declared format=qcow2 but its contents are raw"),
+            "{e}"
+        );
+        let b = open(&plain, Some(DiskFormat::Raw)).unwrap();
+        assert_eq!(b.sectors(), 8);
+        assert_eq!(
+            open(&plain, None).unwrap().sectors(),
+            8,
+            "undeclared: probed because of its name, found raw"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

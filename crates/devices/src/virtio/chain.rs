@@ -5,7 +5,10 @@
 //! writable ones, every buffer lies inside guest memory, and the total length fits a u32.
 
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress, Permissions,
+};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ChainError {
@@ -40,19 +43,34 @@ pub struct Chain {
 
 impl Chain {
     pub fn parse(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> Self {
-        let mut out = Chain {
-            head: chain.head_index(),
-            ..Default::default()
-        };
+        let mut out = Chain::default();
+        out.parse_into(mem, chain);
+        out
+    }
+
+    /// As [`Chain::parse`], reusing this chain's buffers (no allocation on the hot path once
+    /// they have grown to the longest chain seen).
+    pub fn parse_into(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) {
+        self.head = chain.head_index();
+        self.readable.clear();
+        self.writable.clear();
+        self.error = None;
         let mut total: u32 = 0;
         for d in chain {
             let Some(t) = total.checked_add(d.len()) else {
-                out.error.get_or_insert(ChainError::TooLong);
+                self.error.get_or_insert(ChainError::TooLong);
                 break;
             };
             total = t;
-            if !mem.check_range(d.addr(), d.len() as usize, Permissions::ReadWrite) {
-                out.error.get_or_insert(ChainError::OutOfMemory {
+            if host_ptr(mem, d.addr(), d.len() as usize).is_none()
+                && !GuestMemory::check_range(
+                    mem,
+                    d.addr(),
+                    d.len() as usize,
+                    Permissions::ReadWrite,
+                )
+            {
+                self.error.get_or_insert(ChainError::OutOfMemory {
                     addr: d.addr().0,
                     len: d.len(),
                 });
@@ -62,15 +80,16 @@ impl Chain {
                 len: d.len(),
             };
             if d.is_write_only() {
-                out.writable.push(b);
-            } else if !out.writable.is_empty() {
-                out.error.get_or_insert(ChainError::ReadAfterWrite);
-                out.readable.push(b);
+                // Before the device writes it: migration and diff snapshots resend it.
+                super::dirty::mark(d.addr().0, u64::from(d.len()));
+                self.writable.push(b);
+            } else if !self.writable.is_empty() {
+                self.error.get_or_insert(ChainError::ReadAfterWrite);
+                self.readable.push(b);
             } else {
-                out.readable.push(b);
+                self.readable.push(b);
             }
         }
-        out
     }
 
     pub fn readable_len(&self) -> usize {
@@ -82,33 +101,31 @@ impl Chain {
     }
 }
 
-/// Copies from the buffers (starting `skip` bytes in) into `out`; returns bytes copied.
-pub fn read_from(mem: &GuestMemoryMmap, bufs: &[Buf], skip: usize, out: &mut [u8]) -> usize {
-    let mut done = 0;
-    for (addr, len) in ranges(bufs, skip, out.len()) {
-        if mem.read_slice(&mut out[done..done + len], addr).is_err() {
-            break;
-        }
-        done += len;
+/// The host address of `len` bytes at `addr` when they lie inside one region of `mem`.
+///
+/// vm-memory's `Bytes` and `get_slices` walk a per-access slice iterator that cost more than
+/// the 4 KiB page-cache read it surrounds (`corefour bench io`); the hot paths here resolve a
+/// buffer to one host pointer instead and fall back to vm-memory only for a buffer that
+/// straddles two regions.
+#[inline]
+pub fn host_ptr(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+    let region = GuestMemoryBackend::find_region(mem, addr)?;
+    let off = addr.0 - region.start_addr().0;
+    if off.checked_add(len as u64)? > region.len() {
+        return None;
     }
-    done
+    region.get_host_address(MemoryRegionAddress(off)).ok()
 }
 
-/// Copies `data` into the buffers (starting `skip` bytes in); returns bytes copied.
-pub fn write_to(mem: &GuestMemoryMmap, bufs: &[Buf], skip: usize, data: &[u8]) -> usize {
+/// Calls `f(addr, len, done)` for the pieces covering `count` bytes of `bufs` from byte
+/// `skip`; `done` is the number of bytes before this piece. Stops when `f` returns false.
+fn for_each_range(
+    bufs: &[Buf],
+    mut skip: usize,
+    mut count: usize,
+    mut f: impl FnMut(GuestAddress, usize, usize) -> bool,
+) {
     let mut done = 0;
-    for (addr, len) in ranges(bufs, skip, data.len()) {
-        if mem.write_slice(&data[done..done + len], addr).is_err() {
-            break;
-        }
-        done += len;
-    }
-    done
-}
-
-/// The (address, length) pieces covering `count` bytes of `bufs` from byte `skip`.
-pub fn ranges(bufs: &[Buf], mut skip: usize, mut count: usize) -> Vec<(GuestAddress, usize)> {
-    let mut out = Vec::new();
     for b in bufs {
         if count == 0 {
             break;
@@ -119,10 +136,63 @@ pub fn ranges(bufs: &[Buf], mut skip: usize, mut count: usize) -> Vec<(GuestAddr
             continue;
         }
         let take = (len - skip).min(count);
-        out.push((GuestAddress(b.addr.0 + skip as u64), take));
+        if !f(GuestAddress(b.addr.0 + skip as u64), take, done) {
+            return;
+        }
+        done += take;
         skip = 0;
         count -= take;
     }
+}
+
+/// Copies from the buffers (starting `skip` bytes in) into `out`; returns bytes copied.
+pub fn read_from(mem: &GuestMemoryMmap, bufs: &[Buf], skip: usize, out: &mut [u8]) -> usize {
+    let mut copied = 0;
+    for_each_range(bufs, skip, out.len(), |addr, len, done| {
+        let dst = &mut out[done..done + len];
+        match host_ptr(mem, addr, len) {
+            // SAFETY: `p` covers `len` bytes of mapped guest memory (checked against its
+            // region), which never overlaps the host buffer `dst`.
+            Some(p) => unsafe { std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), len) },
+            None => {
+                if mem.read_slice(dst, addr).is_err() {
+                    return false;
+                }
+            }
+        }
+        copied += len;
+        true
+    });
+    copied
+}
+
+/// Copies `data` into the buffers (starting `skip` bytes in); returns bytes copied.
+pub fn write_to(mem: &GuestMemoryMmap, bufs: &[Buf], skip: usize, data: &[u8]) -> usize {
+    let mut copied = 0;
+    for_each_range(bufs, skip, data.len(), |addr, len, done| {
+        let src = &data[done..done + len];
+        match host_ptr(mem, addr, len) {
+            // SAFETY: as in `read_from`, the other way round.
+            Some(p) => unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), p, len) },
+            None => {
+                if mem.write_slice(src, addr).is_err() {
+                    return false;
+                }
+            }
+        }
+        copied += len;
+        true
+    });
+    copied
+}
+
+/// The (address, length) pieces covering `count` bytes of `bufs` from byte `skip`.
+pub fn ranges(bufs: &[Buf], skip: usize, count: usize) -> Vec<(GuestAddress, usize)> {
+    let mut out = Vec::new();
+    for_each_range(bufs, skip, count, |a, l, _| {
+        out.push((a, l));
+        true
+    });
     out
 }
 
@@ -138,21 +208,53 @@ pub fn iovecs(
     access: Permissions,
 ) -> Result<Vec<libc::iovec>, ChainError> {
     let mut out = Vec::new();
-    for (addr, len) in ranges(bufs, skip, count) {
+    iovecs_into(mem, bufs, skip, count, access, &mut out)?;
+    Ok(out)
+}
+
+/// As [`iovecs`], into `out` (cleared first), so a device can reuse one vector.
+pub fn iovecs_into(
+    mem: &GuestMemoryMmap,
+    bufs: &[Buf],
+    skip: usize,
+    count: usize,
+    access: Permissions,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), ChainError> {
+    out.clear();
+    let mut err = None;
+    for_each_range(bufs, skip, count, |addr, len, _| {
+        if let Some(p) = host_ptr(mem, addr, len) {
+            out.push(libc::iovec {
+                iov_base: p.cast(),
+                iov_len: len,
+            });
+            return true;
+        }
         let bad = ChainError::OutOfMemory {
             addr: addr.0,
             len: len as u32,
         };
-        let slices = mem.get_slices(addr, len, access).map_err(|_| bad.clone())?;
+        let Ok(slices) = GuestMemory::get_slices(mem, addr, len, access) else {
+            err = Some(bad);
+            return false;
+        };
         for s in slices {
-            let s = s.map_err(|_| bad.clone())?;
+            let Ok(s) = s else {
+                err = Some(bad);
+                return false;
+            };
             out.push(libc::iovec {
                 iov_base: s.ptr_guard_mut().as_ptr().cast(),
                 iov_len: s.len(),
             });
         }
+        true
+    });
+    match err {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    Ok(out)
 }
 
 /// What a device did with one chain.

@@ -16,6 +16,9 @@ use crate::{BusDevice, IrqLine};
 #[derive(Default)]
 pub struct CountingIrq {
     count: AtomicU64,
+    /// Threads inside `wait_past`: with none, `trigger` is one atomic add (no lock, no
+    /// futex wake), as cheap for the device as an irqfd write.
+    waiters: std::sync::atomic::AtomicU32,
     lock: Mutex<()>,
     cv: Condvar,
 }
@@ -28,26 +31,36 @@ impl CountingIrq {
     /// Waits until the count exceeds `seen` or `timeout` passes; returns the count.
     pub fn wait_past(&self, seen: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;
+        // Registered before the count is checked under the lock: a trigger that misses the
+        // registration has already bumped the count this thread then sees.
+        self.waiters.fetch_add(1, Ordering::SeqCst);
         let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
+        let c = loop {
             let c = self.count();
             let now = Instant::now();
             if c > seen || now >= deadline {
-                return c;
+                break c;
             }
             g = match self.cv.wait_timeout(g, deadline - now) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
             };
-        }
+        };
+        drop(g);
+        self.waiters.fetch_sub(1, Ordering::SeqCst);
+        c
     }
 }
 
 impl IrqLine for CountingIrq {
     fn trigger(&self) {
-        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.count.fetch_add(1, Ordering::SeqCst);
-        self.cv.notify_all();
+        if self.waiters.load(Ordering::SeqCst) > 0 {
+            // Taking the lock orders this against a waiter between its check and its wait;
+            // notifying after releasing it lets the woken thread take it without spinning.
+            drop(self.lock.lock().unwrap_or_else(|e| e.into_inner()));
+            self.cv.notify_all();
+        }
     }
     fn set_level(&self, level: bool) {
         if level {
@@ -108,6 +121,11 @@ pub struct MmioDriver<'a> {
 }
 
 impl DriverQueue {
+    /// The used index this driver has consumed up to.
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
     /// Lays out a queue of `size` at `at` (zeroed, as a driver allocates it); returns it and
     /// the next page-aligned free address.
     pub fn layout(mem: &GuestMemoryMmap, at: u64, size: u16) -> Result<(Self, u64), DriverError> {
@@ -129,6 +147,45 @@ impl DriverQueue {
             },
             end,
         ))
+    }
+}
+
+impl MmioDriver<'_> {
+    /// Writes `v` at `at`: a plain store where the ring lies in one region (as a guest's
+    /// driver does), vm-memory otherwise.
+    fn put<T: vm_memory::ByteValued>(&self, v: T, at: GuestAddress) -> Result<(), DriverError> {
+        match super::chain::host_ptr(&self.mem, at, std::mem::size_of::<T>()) {
+            Some(p) => {
+                // SAFETY: `p` covers size_of::<T>() bytes of mapped guest memory; unaligned
+                // because hostile tests place rings anywhere.
+                unsafe {
+                    if p.cast::<T>().is_aligned() {
+                        std::ptr::write_volatile(p.cast::<T>(), v)
+                    } else {
+                        std::ptr::write_unaligned(p.cast::<T>(), v)
+                    }
+                };
+                Ok(())
+            }
+            None => Ok(self.mem.write_obj(v, at)?),
+        }
+    }
+
+    fn get<T: vm_memory::ByteValued>(&self, at: GuestAddress) -> Result<T, DriverError> {
+        match super::chain::host_ptr(&self.mem, at, std::mem::size_of::<T>()) {
+            // SAFETY: `p` covers size_of::<T>() bytes of mapped guest memory (unaligned: see
+            // `put`); the fences around ring updates order it against the device.
+            // Volatile where aligned (always, for the rings this driver lays out): the device
+            // writes these concurrently and a spin loop must see each new value.
+            Some(p) => Ok(unsafe {
+                if p.cast::<T>().is_aligned() {
+                    std::ptr::read_volatile(p.cast::<T>())
+                } else {
+                    std::ptr::read_unaligned(p.cast::<T>())
+                }
+            }),
+            None => Ok(self.mem.read_obj(at)?),
+        }
     }
 }
 
@@ -223,7 +280,7 @@ impl<'a> MmioDriver<'a> {
     /// slot; `next` fields are used as given (hostile tests control them). Returns the first
     /// slot index.
     pub fn write_descs(&mut self, q: usize, descs: &[Desc]) -> Result<u16, DriverError> {
-        let dq = &mut self.queues[q];
+        let dq = self.queues[q];
         let first = dq.next_desc;
         for (i, d) in descs.iter().enumerate() {
             let slot = (first as usize + i) % dq.size as usize;
@@ -232,19 +289,19 @@ impl<'a> MmioDriver<'a> {
             raw[8..12].copy_from_slice(&d.len.to_le_bytes());
             raw[12..14].copy_from_slice(&d.flags.to_le_bytes());
             raw[14..16].copy_from_slice(&d.next.to_le_bytes());
-            self.mem
-                .write_slice(&raw, dq.desc.unchecked_add(16 * slot as u64))?;
+            self.put(raw, dq.desc.unchecked_add(16 * slot as u64))?;
         }
+        let dq = &mut self.queues[q];
         dq.next_desc = ((first as usize + descs.len()) % dq.size as usize) as u16;
         Ok(first)
     }
 
     /// Puts `head` on the avail ring (not yet visible: see [`MmioDriver::publish`]).
     pub fn push_avail(&mut self, q: usize, head: u16) -> Result<(), DriverError> {
-        let dq = &mut self.queues[q];
+        let dq = self.queues[q];
         let slot = u64::from(dq.avail_idx % dq.size);
-        self.mem
-            .write_obj(head.to_le(), dq.avail.unchecked_add(4 + 2 * slot))?;
+        self.put(head.to_le(), dq.avail.unchecked_add(4 + 2 * slot))?;
+        let dq = &mut self.queues[q];
         dq.avail_idx = dq.avail_idx.wrapping_add(1);
         Ok(())
     }
@@ -254,22 +311,19 @@ impl<'a> MmioDriver<'a> {
     /// (avail_event) it is still working through earlier entries. Returns whether it notified.
     pub fn publish(&mut self, q: usize) -> Result<bool, DriverError> {
         let dq = self.queues[q];
-        self.mem.write_obj(
+        self.put(
             dq.last_used.to_le(),
             dq.avail.unchecked_add(4 + 2 * u64::from(dq.size)),
         )?;
         let old: u16 = self
-            .mem
-            .read_obj::<u16>(dq.avail.unchecked_add(2))
+            .get::<u16>(dq.avail.unchecked_add(2))
             .map(u16::from_le)?;
         std::sync::atomic::fence(Ordering::SeqCst);
-        self.mem
-            .write_obj(dq.avail_idx.to_le(), dq.avail.unchecked_add(2))?;
+        self.put(dq.avail_idx.to_le(), dq.avail.unchecked_add(2))?;
         std::sync::atomic::fence(Ordering::SeqCst);
         let kick = if self.features & features::RING_EVENT_IDX != 0 {
             let event: u16 = self
-                .mem
-                .read_obj::<u16>(dq.used.unchecked_add(4 + 8 * u64::from(dq.size)))
+                .get::<u16>(dq.used.unchecked_add(4 + 8 * u64::from(dq.size)))
                 .map(u16::from_le)?;
             // vring_need_event: did the new entries cross the index the device asked about?
             dq.avail_idx.wrapping_sub(event).wrapping_sub(1) < dq.avail_idx.wrapping_sub(old)
@@ -286,7 +340,7 @@ impl<'a> MmioDriver<'a> {
     /// virtqueue_enable_cb does after draining; callers re-check the ring afterwards.
     pub fn arm_interrupt(&mut self, q: usize) -> Result<(), DriverError> {
         let dq = self.queues[q];
-        self.mem.write_obj(
+        self.put(
             dq.last_used.to_le(),
             dq.avail.unchecked_add(4 + 2 * u64::from(dq.size)),
         )?;
@@ -368,8 +422,7 @@ impl<'a> MmioDriver<'a> {
 
     pub fn used_idx(&self, q: usize) -> u16 {
         let dq = &self.queues[q];
-        self.mem
-            .read_obj::<u16>(dq.used.unchecked_add(2))
+        self.get::<u16>(dq.used.unchecked_add(2))
             .map(u16::from_le)
             .unwrap_or(0)
     }
@@ -377,14 +430,16 @@ impl<'a> MmioDriver<'a> {
     /// The next used element (id, len), if the device returned one.
     pub fn pop_used(&mut self, q: usize) -> Option<(u32, u32)> {
         let idx = self.used_idx(q);
-        let dq = &mut self.queues[q];
+        let dq = self.queues[q];
         if idx == dq.last_used {
             return None;
         }
+        std::sync::atomic::fence(Ordering::Acquire);
         let slot = u64::from(dq.last_used % dq.size);
         let at = dq.used.unchecked_add(4 + 8 * slot);
-        let id = self.mem.read_obj::<u32>(at).ok()?;
-        let len = self.mem.read_obj::<u32>(at.unchecked_add(4)).ok()?;
+        let id = self.get::<u32>(at).ok()?;
+        let len = self.get::<u32>(at.unchecked_add(4)).ok()?;
+        let dq = &mut self.queues[q];
         dq.last_used = dq.last_used.wrapping_add(1);
         Some((u32::from_le(id), u32::from_le(len)))
     }

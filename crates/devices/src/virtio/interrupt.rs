@@ -11,7 +11,21 @@ pub const INT_VRING: u32 = 1;
 /// ISR bit: the config space changed.
 pub const INT_CONFIG: u32 = 2;
 
+/// Message-signalled interrupts that replace the line while the driver has them enabled
+/// (virtio-pci MSI-X, `pci_msix::Msix`). Each returns false when they are off.
+pub trait MessageInterrupts: Send + Sync {
+    /// A used ring changed (which one, the device did not say).
+    fn used(&self) -> bool;
+    /// Queue `queue`'s used ring changed.
+    fn used_queue(&self, _queue: usize) -> bool {
+        self.used()
+    }
+    /// The config space changed.
+    fn config(&self) -> bool;
+}
+
 pub struct Interrupt {
+    messages: Option<Arc<dyn MessageInterrupts>>,
     /// Level-triggered (PCI INTx: asserted until the driver reads the ISR) or edge.
     level: bool,
     isr: AtomicU32,
@@ -33,6 +47,7 @@ impl Interrupt {
 
     fn with_mode(line: Arc<dyn IrqLine>, level: bool) -> Self {
         Self {
+            messages: None,
             level,
             isr: AtomicU32::new(0),
             needs_reset: AtomicBool::new(false),
@@ -41,8 +56,27 @@ impl Interrupt {
         }
     }
 
+    /// Sends through `messages` whenever the driver enabled them (the ISR is then unused).
+    pub fn with_messages(mut self, messages: Arc<dyn MessageInterrupts>) -> Self {
+        self.messages = Some(messages);
+        self
+    }
+
     /// A used ring was updated (and the driver wants to hear about it).
     pub fn signal_used(&self) {
+        if self.messages.as_ref().is_some_and(|m| m.used()) {
+            return;
+        }
+        self.isr.fetch_or(INT_VRING, Ordering::SeqCst);
+        self.raise();
+    }
+
+    /// Queue `queue`'s used ring was updated: with per-queue MSI-X vectors only that queue's
+    /// fires (a driver counts a vector that fires with nothing new as spurious).
+    pub fn signal_used_queue(&self, queue: usize) {
+        if self.messages.as_ref().is_some_and(|m| m.used_queue(queue)) {
+            return;
+        }
         self.isr.fetch_or(INT_VRING, Ordering::SeqCst);
         self.raise();
     }
@@ -50,6 +84,9 @@ impl Interrupt {
     /// The device's config space changed.
     pub fn signal_config(&self) {
         self.config_generation.fetch_add(1, Ordering::SeqCst);
+        if self.messages.as_ref().is_some_and(|m| m.config()) {
+            return;
+        }
         self.isr.fetch_or(INT_CONFIG, Ordering::SeqCst);
         self.raise();
     }

@@ -19,11 +19,13 @@
 pub mod balloon;
 pub mod blk;
 pub mod chain;
+pub mod dirty;
 pub mod driver;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;
 pub mod pci;
+pub mod pci_msix;
 pub mod rate_limiter;
 pub mod rng;
 pub mod state;

@@ -231,7 +231,7 @@ impl NetHandler {
             },
         )?;
         if notify {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used_queue(0);
         }
         self.rx_throttled = throttle;
         self.rx_waiting_for_buffers = !drained && throttle.is_none();
@@ -276,7 +276,7 @@ impl NetHandler {
         )?;
         self.tx_throttled = throttle;
         if notify {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used_queue(1);
         }
         Ok(())
     }

@@ -7,8 +7,10 @@
 //!   config, ISR, device config and notify regions, described by vendor capabilities. The VMM
 //!   pre-assigns BARs inside a window ([`PciRoot::bar_window`]) as firmware would; a guest may
 //!   move a BAR anywhere inside that window.
-//! - Interrupts: legacy INTx (pin A), level-triggered, deasserted when the driver reads the
-//!   ISR. No MSI-X: `msix_config` reads NO_VECTOR, which Linux takes as "use INTx".
+//! - Interrupts: MSI-X when the root has an MSI sink ([`PciRoot::with_msi`]): one vector per
+//!   queue plus one for config changes, table and PBA in the same BAR (`pci_msix`). Otherwise,
+//!   and whenever the driver leaves MSI-X disabled, legacy INTx (pin A), level-triggered,
+//!   deasserted when the driver reads the ISR.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
+use super::pci_msix::{MsiSink, Msix, NO_VECTOR};
 use super::state::{PciSnap, SaveRestore, StateError, TransportSnap};
 use super::transport::{Core, Registers};
 use super::{read_config_bytes, Interrupt, VirtioDevice};
@@ -24,13 +27,17 @@ use crate::{BusDevice, IrqLine};
 pub const CONFIG_ADDRESS_PORT: u64 = 0xcf8;
 /// Ports 0xcf8..0xd00.
 pub const CONFIG_PORTS_LEN: u64 = 8;
-pub const BAR_SIZE: u64 = 0x4000;
+pub const BAR_SIZE: u64 = 0x8000;
 const COMMON_OFF: u64 = 0x0000;
 const ISR_OFF: u64 = 0x1000;
 const DEVICE_OFF: u64 = 0x2000;
 const NOTIFY_OFF: u64 = 0x3000;
+const MSIX_TABLE_OFF: u64 = 0x4000;
+const MSIX_PBA_OFF: u64 = 0x5000;
+const MSIX_END: u64 = 0x6000;
 const NOTIFY_MULTIPLIER: u32 = 4;
-const NO_VECTOR: u16 = 0xffff;
+/// Where the MSI-X capability sits: right after the 20-byte notify capability at 0x70.
+const MSIX_CAP: usize = 0x84;
 const VIRTIO_VENDOR: u32 = 0x1af4;
 const MAX_SLOTS: usize = 32;
 
@@ -73,6 +80,7 @@ pub struct PciRoot {
     address: AtomicU32,
     slots: Vec<Arc<dyn PciFunction>>,
     window: (u64, u64),
+    msi: Option<Arc<dyn MsiSink>>,
 }
 
 impl PciRoot {
@@ -82,7 +90,14 @@ impl PciRoot {
             address: AtomicU32::new(0),
             slots: vec![Arc::new(HostBridge)],
             window: (window_base, window_len),
+            msi: None,
         }
+    }
+
+    /// Functions added from now on offer MSI-X, delivered through `sink`.
+    pub fn with_msi(mut self, sink: Arc<dyn MsiSink>) -> Self {
+        self.msi = Some(sink);
+        self
     }
 
     /// The MMIO window BARs are placed in: register [`PciBarWindow`] there on the MMIO bus.
@@ -111,6 +126,7 @@ impl PciRoot {
             device,
             mem,
             irq,
+            self.msi.clone(),
             bar,
             irq_line_number,
         )?);
@@ -221,6 +237,7 @@ pub struct VirtioPciDevice {
     cfg: Mutex<ConfigSpace>,
     /// Feature window selects of the common config (the core keeps the driver's).
     device_feature_select: AtomicU32,
+    msix: Option<Arc<Msix>>,
 }
 
 fn class_of(device_type: u32) -> u32 {
@@ -237,11 +254,19 @@ impl VirtioPciDevice {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         irq: Arc<dyn IrqLine>,
+        msi: Option<Arc<dyn MsiSink>>,
         bar: u64,
         irq_line_number: u8,
     ) -> std::io::Result<Self> {
         let ty = device.device_type();
-        let core = Core::new(device, mem, Interrupt::new_level(irq))?;
+        let queues = device.queue_max_sizes().len();
+        // One vector per queue and one for config changes: what Linux asks for first.
+        let msix = msi.map(|sink| Arc::new(Msix::new(queues as u16 + 1, queues, sink)));
+        let mut interrupt = Interrupt::new_level(irq);
+        if let Some(m) = &msix {
+            interrupt = interrupt.with_messages(m.clone());
+        }
+        let core = Core::new(device, mem, interrupt)?;
         let mut regs = [0u32; 64];
         regs[0] = VIRTIO_VENDOR | ((0x1040 + ty) << 16);
         regs[1] = (0x10 << 16) | 0x2; // status: capability list; command: memory space
@@ -259,7 +284,11 @@ impl VirtioPciDevice {
         let mut at = 0x40usize;
         for (i, (ty, off, len)) in caps.iter().enumerate() {
             let cap_len: u32 = if *ty == 2 { 20 } else { 16 };
-            let next = if i + 1 < caps.len() { at + 16 } else { 0 };
+            let next = match (i + 1 < caps.len(), &msix) {
+                (true, _) => at + 16,
+                (false, Some(_)) => MSIX_CAP,
+                (false, None) => 0,
+            };
             regs[at / 4] = 0x09 | ((next as u32) << 8) | (cap_len << 16) | (u32::from(*ty) << 24);
             regs[at / 4 + 1] = 0; // bar 0, id 0
             regs[at / 4 + 2] = *off as u32;
@@ -270,6 +299,12 @@ impl VirtioPciDevice {
             }
             at += 16;
         }
+        if msix.is_some() {
+            // Capability ID 0x11, last in the list; message control is read live.
+            regs[MSIX_CAP / 4] = 0x11;
+            regs[MSIX_CAP / 4 + 1] = MSIX_TABLE_OFF as u32; // BIR 0
+            regs[MSIX_CAP / 4 + 2] = MSIX_PBA_OFF as u32;
+        }
         Ok(Self {
             core,
             cfg: Mutex::new(ConfigSpace {
@@ -278,7 +313,17 @@ impl VirtioPciDevice {
                 sizing: [false; 2],
             }),
             device_feature_select: AtomicU32::new(0),
+            msix,
         })
+    }
+
+    /// The MSI-X state, if this function offers MSI-X.
+    pub fn msix(&self) -> Option<&Arc<Msix>> {
+        self.msix.as_ref()
+    }
+
+    fn vector(&self, f: impl FnOnce(&Msix) -> u16) -> u16 {
+        self.msix.as_deref().map_or(NO_VECTOR, f)
     }
 
     fn cfg(&self) -> MutexGuard<'_, ConfigSpace> {
@@ -291,6 +336,24 @@ impl VirtioPciDevice {
 
     pub fn is_activated(&self) -> bool {
         self.core.is_activated()
+    }
+
+    /// Each queue's notify address at the BAR's current place and the eventfd a write there
+    /// signals: what to register as ioeventfds (any width, no datamatch). A guest that later
+    /// moves the BAR notifies through the bus again (a slower path, still correct).
+    pub fn notify_events(&self) -> Vec<(u64, std::sync::Arc<vmm_sys_util::eventfd::EventFd>)> {
+        let bar = self.cfg().bar;
+        self.core
+            .queue_events()
+            .iter()
+            .enumerate()
+            .map(|(i, ev)| {
+                (
+                    bar + NOTIFY_OFF + i as u64 * u64::from(NOTIFY_MULTIPLIER),
+                    ev.clone(),
+                )
+            })
+            .collect()
     }
 
     fn common_read(&self, offset: u64, data: &mut [u8]) {
@@ -310,7 +373,8 @@ impl VirtioPciDevice {
                 1 => r.acked_features >> 32,
                 _ => 0,
             },
-            0x10 | 0x1a => u64::from(NO_VECTOR),
+            0x10 => u64::from(self.vector(|m| m.config_vector())),
+            0x1a => u64::from(self.vector(|m| m.queue_vector(sel))),
             0x12 => r.queues.len() as u64,
             0x14 => u64::from((r.status | self.core.needs_reset_bit()) as u8),
             0x15 => u64::from(self.core.interrupt().config_generation() as u8),
@@ -342,7 +406,24 @@ impl VirtioPciDevice {
             0x00 => self.device_feature_select.store(v32, Ordering::SeqCst),
             0x08 => r.acked_features_sel = v32,
             0x0c => Core::write_driver_features(&mut r, v32),
-            0x14 => self.core.set_status(&mut r, v32 & 0xff),
+            0x10 => {
+                if let Some(m) = &self.msix {
+                    m.set_config_vector(v as u16);
+                }
+            }
+            0x1a => {
+                if let Some(m) = &self.msix {
+                    m.set_queue_vector(r.queue_sel as usize, v as u16);
+                }
+            }
+            0x14 => {
+                if v32 & 0xff == 0 {
+                    if let Some(m) = &self.msix {
+                        m.reset_vectors();
+                    }
+                }
+                self.core.set_status(&mut r, v32 & 0xff);
+            }
             0x16 => r.queue_sel = v32 & 0xffff,
             0x18 => {
                 if let Some(q) = self.core.selected_queue(&mut r) {
@@ -388,6 +469,10 @@ impl PciFunction for VirtioPciDevice {
             5 if c.sizing[1] => 0xffff_ffff,
             4 => (c.bar as u32) | 0x4, // 64-bit memory BAR, not prefetchable
             5 => (c.bar >> 32) as u32,
+            r if r == MSIX_CAP / 4 => match &self.msix {
+                Some(m) => (c.regs[r] & 0xffff) | (u32::from(m.control()) << 16),
+                None => c.regs[r],
+            },
             _ => c.regs.get(reg).copied().unwrap_or(0),
         }
     }
@@ -397,6 +482,10 @@ impl PciFunction for VirtioPciDevice {
         let mut cur = match reg {
             4 => c.bar as u32,
             5 => (c.bar >> 32) as u32,
+            r if r == MSIX_CAP / 4 => match &self.msix {
+                Some(m) => (c.regs[r] & 0xffff) | (u32::from(m.control()) << 16),
+                None => c.regs[r],
+            },
             _ => c.regs.get(reg).copied().unwrap_or(0),
         }
         .to_le_bytes();
@@ -425,6 +514,12 @@ impl PciFunction for VirtioPciDevice {
                 }
             }
             15 => c.regs[15] = (c.regs[15] & !0xff) | (v & 0xff), // interrupt line
+            r if r == MSIX_CAP / 4 && offset + data.len() > 2 => {
+                if let Some(m) = &self.msix {
+                    drop(c);
+                    m.set_control((v >> 16) as u16);
+                }
+            }
             _ => {}
         }
     }
@@ -447,6 +542,14 @@ impl PciFunction for VirtioPciDevice {
                 let r = self.core.lock();
                 read_config_bytes(&r.device.config(), o - DEVICE_OFF, data);
             }
+            o if (MSIX_TABLE_OFF..MSIX_PBA_OFF).contains(&o) => match &self.msix {
+                Some(m) => m.table_read(o - MSIX_TABLE_OFF, data),
+                None => data.fill(0),
+            },
+            o if (MSIX_PBA_OFF..MSIX_END).contains(&o) => match &self.msix {
+                Some(m) => m.pba_read(o - MSIX_PBA_OFF, data),
+                None => data.fill(0),
+            },
             _ => data.fill(0),
         }
     }
@@ -459,9 +562,14 @@ impl PciFunction for VirtioPciDevice {
                 let mut r = self.core.lock();
                 r.device.write_config(o - DEVICE_OFF, data);
             }
-            o if o < BAR_SIZE => {
+            o if o < MSIX_TABLE_OFF => {
                 let q = (o - NOTIFY_OFF) / u64::from(NOTIFY_MULTIPLIER);
                 self.core.notify(q as u32);
+            }
+            o if o < MSIX_PBA_OFF => {
+                if let Some(m) = &self.msix {
+                    m.table_write(o - MSIX_TABLE_OFF, data);
+                }
             }
             _ => {}
         }
@@ -477,6 +585,7 @@ impl SaveRestore for VirtioPciDevice {
             bar: c.bar,
             interrupt_line: c.regs[15] as u8,
             device_feature_select: self.device_feature_select.load(Ordering::SeqCst),
+            msix: self.msix.as_ref().map(|m| m.save()),
         });
         Ok(s)
     }
@@ -495,6 +604,17 @@ impl SaveRestore for VirtioPciDevice {
                 "saved BAR address {:#x} is not {BAR_SIZE:#x}-aligned",
                 p.bar
             )));
+        }
+        match (&self.msix, &p.msix) {
+            (Some(m), Some(saved)) => m.restore(saved)?,
+            (None, None) => {}
+            // A snapshot from before MSI-X: the driver runs on INTx, as it did then.
+            (Some(_), None) => {}
+            (None, Some(_)) => {
+                return Err(StateError::Mismatch(
+                    "the snapshot has MSI-X state; this PCI function has no MSI-X".into(),
+                ))
+            }
         }
         self.core.restore(saved)?;
         let mut c = self.cfg();

@@ -149,6 +149,10 @@ pub struct PciSnap {
     pub bar: u64,
     pub interrupt_line: u8,
     pub device_feature_select: u32,
+    /// The MSI-X table, pending bits and vector assignment (absent: no MSI-X, or a snapshot
+    /// from before MSI-X existed).
+    #[serde(default)]
+    pub msix: Option<super::pci_msix::MsixSnap>,
 }
 
 /// A virtio device with its transport.
@@ -182,6 +186,18 @@ pub trait SaveRestore: Send + Sync {
     /// Loads saved state into this freshly built, never-started transport and restarts the
     /// device where it stopped.
     fn restore_state(&self, saved: &TransportSnap) -> Result<(), StateError>;
+}
+
+impl TransportSnap {
+    /// Guest ranges a running device writes besides its buffers: each ready queue's used
+    /// ring (with `avail_event`), as (address, length).
+    pub fn used_rings(&self) -> Vec<(u64, u64)> {
+        self.queues
+            .iter()
+            .filter(|q| q.ready)
+            .map(|q| (q.used_ring, 6 + 8 * u64::from(q.size)))
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -135,11 +135,19 @@ impl Hdr {
 
 pub struct Vsock {
     config: VsockConfig,
+    /// Restored from a snapshot: tell the guest at activation that its connections are gone.
+    reset_on_activate: bool,
 }
+
+/// virtio_vsock_event id: the transport was reset (host connections lost, CID may differ).
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 impl Vsock {
     pub fn new(config: VsockConfig) -> Self {
-        Self { config }
+        Self {
+            config,
+            reset_on_activate: false,
+        }
     }
 }
 
@@ -162,17 +170,19 @@ impl VirtioDevice for Vsock {
         }
     }
     fn restore_device(&mut self, saved: &DeviceSnap) -> Result<(), StateError> {
-        match saved {
-            DeviceSnap::Vsock { cid } if *cid == self.config.cid => Ok(()),
-            DeviceSnap::Vsock { cid } => Err(StateError::Mismatch(format!(
-                "the guest knows vsock CID {cid}, the config now says {}",
-                self.config.cid
-            ))),
-            other => Err(StateError::Mismatch(format!(
+        let DeviceSnap::Vsock { cid } = saved else {
+            return Err(StateError::Mismatch(format!(
                 "saved {} state for a vsock device",
-                other.name()
-            ))),
+                saved.name()
+            )));
+        };
+        if *cid != self.config.cid {
+            // A clone gets its own CID; the reset event makes the guest read it again.
+            tracing::info!("virtio-vsock: CID {cid} becomes {}", self.config.cid);
         }
+        // The host ends of the guest's connections did not survive the snapshot.
+        self.reset_on_activate = true;
+        Ok(())
     }
     fn activate(&mut self, a: Activation) -> Result<Box<dyn QueueHandler>, ActivateError> {
         let got = a.queues.len();
@@ -204,6 +214,7 @@ impl VirtioDevice for Vsock {
                 next_local_port: FIRST_LOCAL_PORT,
             },
             rx_waiting: false,
+            reset_pending: std::mem::take(&mut self.reset_on_activate),
         }))
     }
 }
@@ -300,11 +311,13 @@ struct VsockHandler {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
-    /// Kept only so a snapshot carries its ring positions; nothing is sent on it yet.
+    /// Carries TRANSPORT_RESET after a restore (the only event there is).
     event: Queue,
     interrupt: Arc<Interrupt>,
     st: State,
     rx_waiting: bool,
+    /// A TRANSPORT_RESET event waits for a buffer on the event queue.
+    reset_pending: bool,
 }
 
 impl State {
@@ -640,7 +653,7 @@ impl VsockHandler {
             },
         )?;
         if notify {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used_queue(1);
         }
         self.process_rx(poller)
     }
@@ -673,10 +686,35 @@ impl VsockHandler {
             },
         )?;
         if notify {
-            self.interrupt.signal_used();
+            self.interrupt.signal_used_queue(0);
         }
         // Out of RX buffers with work left: wait for the guest to add some.
         self.rx_waiting = !idle && self.st.has_rx_work();
+        Ok(())
+    }
+}
+
+impl VsockHandler {
+    /// Puts a TRANSPORT_RESET event in the first buffer of the event queue (Linux then drops
+    /// its connections and rereads the CID); waits for a buffer if there is none yet.
+    fn send_reset(&mut self) -> Result<(), DeviceError> {
+        let mem = &self.mem;
+        let mut sent = false;
+        let notify = chain::process_queue(&mut self.event, mem, 2, |c| {
+            if sent {
+                return Outcome::Retry;
+            }
+            sent = true;
+            let chain = Chain::parse(mem, c);
+            let id = EVENT_TRANSPORT_RESET.to_le_bytes();
+            Outcome::Done(chain::write_to(mem, &chain.writable, 0, &id) as u32)
+        })?;
+        if sent {
+            self.reset_pending = false;
+        }
+        if notify {
+            self.interrupt.signal_used();
+        }
         Ok(())
     }
 }
@@ -695,6 +733,9 @@ impl QueueHandler for VsockHandler {
     }
 
     fn queue_notified(&mut self, queue: usize, poller: &Poller) -> Result<(), DeviceError> {
+        if self.reset_pending {
+            self.send_reset()?;
+        }
         match queue {
             0 => self.process_rx(poller),
             1 => self.process_tx(poller),

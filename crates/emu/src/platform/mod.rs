@@ -9,3 +9,4 @@ pub mod lapic;
 pub mod pic;
 pub mod pit;
 pub mod rtc;
+pub mod state;

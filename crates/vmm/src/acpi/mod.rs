@@ -5,11 +5,31 @@
 //! The numbers below are the contract with the software CPU (crates/emu) and are listed in
 //! guests/CONTRACT.md ("Linux"); change them together.
 
+pub mod aml;
 pub mod pm;
 pub mod tables;
 
 pub use pm::PmRegisters;
 pub use tables::{write_tables, AcpiError};
+
+/// Devices the DSDT describes, so a stock kernel finds them without command-line hints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AcpiDevices {
+    /// virtio-mmio windows: (base, GSI); each becomes an `LNRO0005` device, the ACPI ID
+    /// Linux's virtio_mmio driver matches (edge-triggered, active high).
+    pub virtio_mmio: Vec<(u64, u32)>,
+    /// A PCI host bridge on bus 0 (config mechanism #1 at 0xcf8), if the VM has one.
+    pub pci: Option<PciHostBridge>,
+}
+
+/// The PCI root bridge `\_SB.PCI0`: its memory window for BARs and the INTA# routing.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PciHostBridge {
+    /// (base, length) of the window BARs are placed in.
+    pub mem_window: (u64, u64),
+    /// (device number, GSI) for INTA# of each function (`_PRT`, level, active low).
+    pub intx: Vec<(u8, u32)>,
+}
 
 /// The RSDP, in the BIOS area the kernel scans (0xE0000-0xFFFFF), also given to it in
 /// `boot_params.acpi_rsdp_addr`. The other tables follow it in the same reserved region.

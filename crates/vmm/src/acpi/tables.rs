@@ -5,8 +5,9 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{
-    IOAPIC_ADDR, IOAPIC_ID, LAPIC_ADDR, PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, RESET_PORT,
-    RESET_VALUE, RSDP_ADDR, S5_SLP_TYP, SCI_IRQ, TABLES_END,
+    aml, AcpiDevices, PciHostBridge, IOAPIC_ADDR, IOAPIC_ID, LAPIC_ADDR, PM1A_CNT_PORT,
+    PM1A_EVT_PORT, PM_TMR_PORT, RESET_PORT, RESET_VALUE, RSDP_ADDR, S5_SLP_TYP, SCI_IRQ,
+    TABLES_END,
 };
 use crate::memory::GuestMem;
 
@@ -61,14 +62,74 @@ fn put(b: &mut [u8], at: usize, v: &[u8]) {
     b[at..at + v.len()].copy_from_slice(v);
 }
 
-fn dsdt() -> Vec<u8> {
-    // Name (_S5_, Package (4) { S5_SLP_TYP, S5_SLP_TYP, 0, 0 }): NameOp, NameSeg, PackageOp,
-    // PkgLength 8 (itself included), NumElements 4, two BytePrefix constants, two ZeroOps.
-    let typ = u8::try_from(S5_SLP_TYP).unwrap_or(0);
-    let aml = [
-        0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, typ, 0x0a, typ, 0x00, 0x00,
-    ];
+fn dsdt(devices: &AcpiDevices) -> Vec<u8> {
+    // Name (_S5_, Package (4) { S5_SLP_TYP, S5_SLP_TYP, 0, 0 }).
+    let typ = u64::from(S5_SLP_TYP);
+    let mut aml = aml::name_decl(
+        "_S5_",
+        &aml::package(&[aml::int(typ), aml::int(typ), aml::int(0), aml::int(0)]),
+    );
+    let mut sb = Vec::new();
+    if let Some(pci) = &devices.pci {
+        sb.push(pci_root(pci));
+    }
+    for (i, &(base, gsi)) in devices.virtio_mmio.iter().enumerate() {
+        let crs = aml::res::resources(&[
+            aml::res::memory32_fixed(base as u32, MMIO_WINDOW_LEN),
+            aml::res::interrupt(gsi, true),
+        ]);
+        sb.push(aml::device(
+            &format!("VR{i:02X}"),
+            &[
+                aml::name_decl("_HID", &aml::string("LNRO0005")),
+                aml::name_decl("_UID", &aml::int(i as u64)),
+                aml::name_decl("_CRS", &crs),
+            ],
+        ));
+    }
+    if !sb.is_empty() {
+        aml.extend(aml::scope("\\_SB", &sb));
+    }
     sdt(b"DSDT", 2, &aml)
+}
+
+/// The size of one virtio-mmio register window.
+const MMIO_WINDOW_LEN: u32 = 0x1000;
+
+/// `\_SB.PCI0`: bus 0 behind config mechanism #1, the I/O space around it, the BAR window and
+/// a `_PRT` that sends each function's INTA# straight to its GSI (no link devices).
+fn pci_root(pci: &PciHostBridge) -> Vec<u8> {
+    let (base, len) = pci.mem_window;
+    let crs = aml::res::resources(&[
+        aml::res::word_range(2, 0, 0xff),
+        aml::res::io(0xcf8, 8),
+        aml::res::word_range(1, 0, 0xcf7),
+        aml::res::word_range(1, 0xd00, 0xffff),
+        aml::res::dword_memory(base as u32, (base + len - 1) as u32),
+    ]);
+    let prt: Vec<Vec<u8>> = pci
+        .intx
+        .iter()
+        .map(|&(dev, gsi)| {
+            aml::package(&[
+                aml::dword((u32::from(dev) << 16) | 0xffff),
+                aml::int(0), // INTA#
+                aml::int(0), // no link device: the last field is a GSI
+                aml::int(u64::from(gsi)),
+            ])
+        })
+        .collect();
+    aml::device(
+        "PCI0",
+        &[
+            aml::name_decl("_HID", &aml::eisa_id("PNP0A03")),
+            aml::name_decl("_UID", &aml::int(0)),
+            aml::name_decl("_SEG", &aml::int(0)),
+            aml::name_decl("_BBN", &aml::int(0)),
+            aml::name_decl("_CRS", &crs),
+            aml::name_decl("_PRT", &aml::package(&prt)),
+        ],
+    )
 }
 
 fn facs() -> Vec<u8> {
@@ -168,8 +229,9 @@ fn align(x: u64, to: u64) -> u64 {
     x.div_ceil(to) * to
 }
 
-/// Writes all tables for `vcpus` processors into the BIOS area; returns the RSDP's address.
-pub fn write_tables(mem: &GuestMem, vcpus: u32) -> Result<u64, AcpiError> {
+/// Writes all tables for `vcpus` processors and `devices` into the BIOS area; returns the
+/// RSDP's address.
+pub fn write_tables(mem: &GuestMem, vcpus: u32, devices: &AcpiDevices) -> Result<u64, AcpiError> {
     let mut blobs: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut next = align(RSDP_ADDR + 36, 64);
     let mut place = |data: Vec<u8>, blobs: &mut Vec<(u64, Vec<u8>)>| {
@@ -179,7 +241,7 @@ pub fn write_tables(mem: &GuestMem, vcpus: u32) -> Result<u64, AcpiError> {
         at
     };
     let facs_at = place(facs(), &mut blobs);
-    let dsdt_at = place(dsdt(), &mut blobs);
+    let dsdt_at = place(dsdt(devices), &mut blobs);
     let fadt_at = place(fadt(facs_at, dsdt_at), &mut blobs);
     let madt_at = place(madt(vcpus), &mut blobs);
     let xsdt_at = place(xsdt(&[fadt_at, madt_at]), &mut blobs);
@@ -226,7 +288,7 @@ mod tests {
 
     fn walk(vcpus: u32) -> (GuestMem, Vec<u8>, Vec<u8>, Vec<u8>) {
         let mem = crate::memory::allocate(4).unwrap();
-        let rsdp_at = write_tables(&mem, vcpus).unwrap();
+        let rsdp_at = write_tables(&mem, vcpus, &AcpiDevices::default()).unwrap();
         assert_eq!(rsdp_at, RSDP_ADDR);
         let r = read(&mem, rsdp_at, 36);
         assert_eq!(&r[..8], b"RSD PTR ");
@@ -264,6 +326,91 @@ mod tests {
         let facs = read(&mem, u64_at(&f, 132), FACS_LEN);
         assert_eq!(&facs[..4], b"FACS");
         assert_eq!(u64_at(&f, 132) % 64, 0);
+    }
+
+    fn devices() -> AcpiDevices {
+        AcpiDevices {
+            virtio_mmio: vec![(0xd100_0000, 5), (0xd100_1000, 6)],
+            pci: Some(PciHostBridge {
+                mem_window: (0xe000_0000, 0x100_0000),
+                intx: vec![(1, 5), (2, 6)],
+            }),
+        }
+    }
+
+    #[test]
+    fn dsdt_describes_the_pci_root_and_the_mmio_devices() {
+        let mem = crate::memory::allocate(4).unwrap();
+        write_tables(&mem, 1, &devices()).unwrap();
+        let r = read(&mem, RSDP_ADDR, 36);
+        let x = table(&mem, u64_at(&r, 24), b"XSDT");
+        let f = table(&mem, u64_at(&x, 36), b"FACP");
+        let d = table(&mem, u64_at(&f, 140), b"DSDT");
+        let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"\\_SB_"));
+        assert!(has(b"PCI0"));
+        assert!(has(&[0x41, 0xd0, 0x0a, 0x03]), "EISAID PNP0A03");
+        assert!(has(b"_PRT"));
+        // INTA# of device 2 -> GSI 6: Package { 0x0002FFFF, Zero, Zero, 6 }.
+        assert!(has(&[
+            0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x02, 0x00, 0x00, 0x00, 0x0a, 0x06
+        ]));
+        assert!(has(b"LNRO0005\0"));
+        assert!(has(b"VR01"));
+        // Memory32Fixed at the second window.
+        assert!(has(&[0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd1]));
+        // The bare table (no devices) is unchanged.
+        let mem = crate::memory::allocate(4).unwrap();
+        write_tables(&mem, 1, &AcpiDevices::default()).unwrap();
+        let r = read(&mem, RSDP_ADDR, 36);
+        let x = table(&mem, u64_at(&r, 24), b"XSDT");
+        let f = table(&mem, u64_at(&x, 36), b"FACP");
+        let d = table(&mem, u64_at(&f, 140), b"DSDT");
+        assert_eq!(d.len(), HEADER_LEN + 14);
+    }
+
+    /// ACPICA's disassembler reads our AML back (where iasl is installed: acpica-tools).
+    #[test]
+    fn iasl_disassembles_the_dsdt() {
+        if std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIP: iasl is not installed (apt-get install acpica-tools)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("c4-dsdt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let aml = dir.join("dsdt.aml");
+        std::fs::write(&aml, dsdt(&devices())).unwrap();
+        let o = std::process::Command::new("iasl")
+            .arg("-d")
+            .arg(&aml)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let dsl = std::fs::read_to_string(dir.join("dsdt.dsl")).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        for want in [
+            "Device (PCI0)",
+            "EisaId (\"PNP0A03\")",
+            "WordBusNumber",
+            "DWordMemory",
+            "0xE0000000",
+            "0xE0FFFFFF",
+            "Name (_PRT, Package (0x02)",
+            "0x0002FFFF",
+            "Device (VR01)",
+            "\"LNRO0005\"",
+            "Memory32Fixed (ReadWrite,",
+            "0xD1001000",
+            "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )",
+            "Name (_S5, Package (0x04)",
+        ] {
+            assert!(dsl.contains(want), "no {want:?} in:\n{dsl}");
+        }
     }
 
     #[test]

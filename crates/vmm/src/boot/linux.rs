@@ -235,7 +235,8 @@ fn load(mem: &GuestMem, config: &VmConfig) -> Result<LinuxPlan, LinuxError> {
 
     write(mem, layout::CMDLINE_ADDR, cmdline)?;
     write(mem, layout::CMDLINE_ADDR + cmdline.len() as u64, &[0])?;
-    let rsdp = crate::acpi::write_tables(mem, config.vcpus)?;
+    let devices = crate::virtio_devices::acpi_devices(config);
+    let rsdp = crate::acpi::write_tables(mem, config.vcpus, &devices)?;
 
     params.hdr.type_of_loader = 0xff;
     params.hdr.code32_start = load_addr as u32;

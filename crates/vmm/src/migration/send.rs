@@ -191,12 +191,25 @@ pub fn migrate(
             to: to.into(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
         })?;
-    let stream = TcpStream::connect_timeout(&addr, params.io_timeout).map_err(|source| {
-        SendError::Connect {
-            to: to.into(),
-            source,
+    // A target VMM started a moment ago (by its daemon) may not listen yet: retry a refused
+    // connection until the I/O timeout.
+    let stream = loop {
+        match TcpStream::connect_timeout(&addr, params.io_timeout) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && t0.elapsed() < params.io_timeout =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(source) => {
+                return Err(SendError::Connect {
+                    to: to.into(),
+                    source,
+                })
+            }
         }
-    })?;
+    };
     let setup = |s: &TcpStream| -> std::io::Result<()> {
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(params.io_timeout))?;

@@ -21,7 +21,8 @@ use serde::{de::DeserializeOwned, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"C4SNAPv\0";
 pub const VERSION_MAJOR: u16 = 1;
-pub const VERSION_MINOR: u16 = 0;
+/// 1.1 added the virtio device section (`DeviceStates::virtio`); 1.0 files still read.
+pub const VERSION_MINOR: u16 = 1;
 const HEADER_LEN: usize = 24;
 const CRC_LEN: usize = 4;
 /// The payload of a VM snapshot (`state.bin`).

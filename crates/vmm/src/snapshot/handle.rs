@@ -2,6 +2,7 @@
 //! devices, shared with the running VMM.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,8 @@ use crate::control::{Control, ControlError};
 use crate::memory::GuestMem;
 use crate::migration::{self, MigrationSource, SendParams};
 use corefour_devices::legacy::Serial;
+use corefour_devices::virtio::dirty as device_dirty;
+use corefour_devices::virtio::state::{SaveRestore, TransportSnap};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,25 +69,23 @@ pub struct StateHandle {
     /// Weak: a vCPU goes away with its thread (its Drop detaches the kicker).
     vcpus: Vec<Weak<Mutex<Box<dyn Vcpu>>>>,
     serial: Arc<Serial>,
+    /// The virtio transports, in config order.
+    virtio: Vec<Arc<dyn SaveRestore>>,
+    /// A migration paused the VM and parked the virtio devices (see `take_dirty`).
+    devices_parked: AtomicBool,
     mem: GuestMem,
     control: Arc<Control>,
     /// Also serializes snapshot and migrate requests.
     track: Mutex<Track>,
 }
 
-/// Device state that snapshots do not carry yet: virtio queues live in guest memory but their
-/// device-side state (and a disk's in-flight requests) would be lost.
-pub fn unsupported(c: &VmConfig) -> Option<String> {
-    let virtio = !c.disks.is_empty()
-        || !c.nets.is_empty()
-        || c.rng
-        || c.vsock.is_some()
-        || c.balloon.is_some();
-    virtio.then(|| {
-        "snapshots and migration of VMs with virtio devices (disks, nets, rng, vsock, balloon) \
-         are not supported yet"
-            .to_string()
-    })
+/// Used rings are written by the device model itself, not through a chain buffer: mark them.
+fn mark_used_rings(states: &[TransportSnap]) {
+    for s in states {
+        for (addr, len) in s.used_rings() {
+            device_dirty::mark(addr, len);
+        }
+    }
 }
 
 fn err500(e: impl std::fmt::Display) -> (u16, String) {
@@ -98,6 +99,8 @@ impl StateHandle {
             vm: v.vm.clone(),
             vcpus: v.vcpus.iter().map(Arc::downgrade).collect(),
             serial: v.serial.clone(),
+            virtio: v.virtio.clone(),
+            devices_parked: AtomicBool::new(false),
             mem: v.mem.clone(),
             control: v.control.clone(),
             track: Mutex::new(Track {
@@ -132,7 +135,22 @@ impl StateHandle {
             .collect()
     }
 
+    /// Switches KVM's dirty log and, for virtio devices, the device log (`device_dirty`: KVM
+    /// sees only the vCPUs' writes) on or off.
     fn set_logging(&self, on: bool) -> Result<(), String> {
+        if !self.virtio.is_empty() {
+            if on {
+                let end = self
+                    .regions()
+                    .iter()
+                    .map(|h| h.region.guest_phys_addr + h.region.size)
+                    .max()
+                    .unwrap_or(0);
+                device_dirty::start(end);
+            } else {
+                device_dirty::stop();
+            }
+        }
         for (slot, h) in self.regions().iter().enumerate() {
             let r = MemoryRegion {
                 slot: slot as u32,
@@ -162,11 +180,46 @@ impl StateHandle {
             .collect()
     }
 
-    /// Backend, vCPU and device state; the VM must be paused.
-    pub fn capture(&self) -> Result<MachineState, String> {
-        if let Some(why) = unsupported(&self.config) {
-            return Err(why);
+    /// KVM's dirty log merged with the pages the (parked) virtio devices wrote, whose used
+    /// rings `states` describe; the device log restarts empty.
+    fn take_dirty_with_devices(&self, states: &[TransportSnap]) -> Result<Vec<Vec<u64>>, String> {
+        let mut maps = self.take_dirty_all()?;
+        if self.virtio.is_empty() {
+            return Ok(maps);
         }
+        mark_used_rings(states);
+        for (m, h) in maps.iter_mut().zip(self.regions()) {
+            let dev = device_dirty::region(h.region.guest_phys_addr, h.region.size);
+            super::dirty::merge(m, &dev);
+        }
+        device_dirty::clear();
+        Ok(maps)
+    }
+
+    /// Parks every virtio device and returns its state; they stay parked (not touching guest
+    /// memory) until `resume_devices`.
+    fn save_devices(&self) -> Result<Vec<TransportSnap>, String> {
+        self.virtio
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                d.save_state()
+                    .map_err(|e| format!("cannot save virtio device {i}: {e}"))
+            })
+            .collect()
+    }
+
+    fn resume_devices(&self) {
+        for d in &self.virtio {
+            d.resume_saved();
+        }
+        self.devices_parked.store(false, Ordering::SeqCst);
+    }
+
+    /// Backend, vCPU and device state; the VM must be paused. Virtio devices are left parked:
+    /// the caller resumes them (`resume_devices`) once memory is saved too.
+    pub fn capture(&self) -> Result<MachineState, String> {
+        let virtio = self.save_devices()?;
         let vm = self
             .vm
             .save_state()
@@ -189,6 +242,7 @@ impl StateHandle {
             vcpus,
             devices: DeviceStates {
                 serial: self.serial.save().into(),
+                virtio,
             },
         })
     }
@@ -205,9 +259,6 @@ impl StateHandle {
 
     /// Writes a snapshot of the VM into `dir` (which must not exist or be empty).
     pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotReport, (u16, String)> {
-        if let Some(why) = unsupported(&self.config) {
-            return Err((409, why));
-        }
         let mut track = self.lock();
         let parent =
             if diff {
@@ -238,6 +289,7 @@ impl StateHandle {
         let t = Instant::now();
         let result = self.write_snapshot(&dir, parent, &mut track);
         let paused = t.elapsed();
+        self.resume_devices();
         if must_resume {
             let _ = self.control.resume();
         }
@@ -267,7 +319,7 @@ impl StateHandle {
         let mem_path = dir.join(MEMORY_FILE);
         let (file, diff) = match parent {
             Some(parent) => {
-                let bitmaps = self.take_dirty_all()?;
+                let bitmaps = self.take_dirty_with_devices(&machine.devices.virtio)?;
                 // SAFETY: the regions map the VM's live memory, and the VM is paused.
                 let (info, runs) = unsafe { memfile::write_diff(&mem_path, &regions, &bitmaps) }
                     .map_err(|e| e.to_string())?;
@@ -276,7 +328,7 @@ impl StateHandle {
             None => {
                 if track.logging {
                     // Restart the log: the next diff is relative to this snapshot.
-                    self.take_dirty_all()?;
+                    self.take_dirty_with_devices(&[])?;
                 }
                 // SAFETY: as above.
                 let info = unsafe { memfile::write_full(&mem_path, &regions) }
@@ -331,6 +383,17 @@ impl MigrationSource for StateHandle {
     fn take_dirty(&self, index: usize) -> Result<Vec<u64>, String> {
         let r = self.regions();
         let h = r.get(index).ok_or("no such memory region")?;
+        if self.devices_parked.load(Ordering::SeqCst) {
+            // The stop-and-copy round: add every page a device wrote since pre-copy began
+            // (the device log is cumulative, and the devices are parked now).
+            let mut m = self
+                .vm
+                .dirty_log(index as u32, h.region.size)
+                .map_err(|e| format!("cannot read the dirty log: {e}"))?;
+            let dev = device_dirty::region(h.region.guest_phys_addr, h.region.size);
+            super::dirty::merge(&mut m, &dev);
+            return Ok(m);
+        }
         self.vm
             .dirty_log(index as u32, h.region.size)
             .map_err(|e| format!("cannot read the dirty log: {e}"))
@@ -342,9 +405,26 @@ impl MigrationSource for StateHandle {
         }
     }
     fn pause(&self) -> Result<(), String> {
-        self.control.pause().map_err(|e| e.to_string())
+        self.control.pause().map_err(|e| e.to_string())?;
+        if self.virtio.is_empty() {
+            return Ok(());
+        }
+        // Devices stop writing guest memory before the last copy starts.
+        self.devices_parked.store(true, Ordering::SeqCst);
+        match self.save_devices() {
+            Ok(states) => {
+                mark_used_rings(&states);
+                Ok(())
+            }
+            Err(e) => {
+                self.resume_devices();
+                let _ = self.control.resume();
+                Err(e)
+            }
+        }
     }
     fn resume(&self) -> Result<(), String> {
+        self.resume_devices();
         self.control.resume().map_err(|e| e.to_string())
     }
     fn state(&self) -> Result<Vec<u8>, String> {
@@ -376,9 +456,6 @@ impl StateApi for StateHandle {
         })?;
         if self.control.state_name() != "running" {
             return Err((409, "the VM must be running to migrate it".into()));
-        }
-        if let Some(why) = unsupported(&self.config) {
-            return Err((409, why));
         }
         let mut params = SendParams {
             max_downtime: Duration::from_millis(req.max_downtime_ms),

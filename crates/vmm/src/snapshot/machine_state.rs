@@ -2,6 +2,7 @@
 //! snapshots (inside `VmSnapshot`) and the last step of a migration.
 
 use corefour_devices::legacy::serial::SerialState;
+use corefour_devices::virtio::state::TransportSnap;
 use corefour_hypervisor::CpuState;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +58,10 @@ impl From<&SerialSnap> for SerialState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeviceStates {
     pub serial: SerialSnap,
+    /// Every virtio device with its transport, in config order (disks, nets, rng, vsock,
+    /// balloon). Absent in format 1.0 files, which only VMs without virtio devices have.
+    #[serde(default)]
+    pub virtio: Vec<TransportSnap>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -131,6 +131,38 @@ impl VmSnapshot {
 }
 
 /// Milliseconds since the epoch, for `created_unix_ms`.
+/// Makes `dst` a copy of the full snapshot in `src` whose VM config is changed by `edit` (a
+/// clone's disks, MACs): the state file is rewritten with its own checksum, the memory file is
+/// hard-linked (copied where a link cannot be made), so restoring it costs no more than the
+/// original. `dst` must not exist.
+pub fn derive(
+    src: &Path,
+    dst: &Path,
+    edit: impl FnOnce(&mut crate::config::VmConfig),
+) -> Result<(), SnapshotError> {
+    let invalid = |reason: String| SnapshotError::Invalid {
+        dir: dst.display().to_string(),
+        reason,
+    };
+    let mut s = VmSnapshot::read(src)?;
+    if s.memory.diff.is_some() {
+        return Err(invalid(
+            "a diff snapshot cannot be derived from; take a full one".into(),
+        ));
+    }
+    let mut config: crate::config::VmConfig = serde_json::from_value(s.machine.config.clone())
+        .map_err(|e| invalid(format!("its VM config: {e}")))?;
+    edit(&mut config);
+    s.machine.config = serde_json::to_value(&config).map_err(|e| invalid(e.to_string()))?;
+    std::fs::create_dir(dst).map_err(|e| invalid(format!("cannot create it: {e}")))?;
+    let (from, to) = (src.join(MEMORY_FILE), dst.join(MEMORY_FILE));
+    if std::fs::hard_link(&from, &to).is_err() {
+        std::fs::copy(&from, &to)
+            .map_err(|e| invalid(format!("cannot copy {}: {e}", from.display())))?;
+    }
+    s.write(dst)
+}
+
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

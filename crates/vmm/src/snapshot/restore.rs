@@ -20,6 +20,7 @@ use crate::config::{BackendKind, VmConfig};
 use crate::control::Control;
 use crate::machine;
 use crate::memory::{self, GuestMem};
+use corefour_devices::virtio::state::SaveRestore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -29,8 +30,8 @@ pub enum RestoreError {
     Config(String),
     #[error("cannot map the snapshot memory {path}: {reason}")]
     Map { path: String, reason: String },
-    #[error("the snapshot was taken on the {0} backend; only KVM snapshots can be restored")]
-    Backend(String),
+    #[error("the state was saved on the {saved} backend, this VM runs on {found}")]
+    Backend { saved: String, found: &'static str },
     #[error(transparent)]
     Vmm(#[from] VmmError),
     #[error("cannot restore {what}: {reason}")]
@@ -38,10 +39,28 @@ pub enum RestoreError {
 }
 
 /// How the restore went, for the CLI's note and `corefour bench migrate`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct RestoreTiming {
     pub total_ms: f64,
     pub layers: usize,
+    /// Reading the snapshot and mapping its memory.
+    pub map_ms: f64,
+    /// Creating the KVM VM (irqchip, PIT).
+    pub vm_ms: f64,
+    /// Registering guest memory with KVM and creating the vCPUs (overlapped, see `prepare`).
+    pub memory_vcpus_ms: f64,
+    /// Loading the saved VM and vCPU state.
+    pub state_ms: f64,
+}
+
+/// How a restore builds the VM.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreOptions {
+    /// Check the memory files' checksums first (reads every byte: for untrusted copies).
+    pub verify: bool,
+    /// Register memory and create vCPUs one after the other, as before they overlapped (kept
+    /// so `corefour bench migrate` can measure both in one run).
+    pub serial_setup: bool,
 }
 
 /// Maps `regions` of `file` privately as guest memory.
@@ -80,25 +99,23 @@ pub(crate) fn host_regions(mem: &GuestMem, layout: &[RamRegion]) -> Vec<HostRegi
         .collect()
 }
 
-/// Restores the VM saved in `dir` (applying its chain of diff snapshots). With `verify`, the
-/// memory files' checksums are checked first (reads every byte: slower, for untrusted copies).
+/// Restores the VM saved in `dir` (applying its chain of diff snapshots).
 pub fn restore(
     dir: &Path,
     console: Console,
-    verify: bool,
+    opts: RestoreOptions,
 ) -> Result<(Vmm, RestoreTiming), RestoreError> {
     let t = Instant::now();
     let chain = VmSnapshot::chain(dir)?;
-    let Some((top_dir, top)) = chain.last() else {
+    let Some((_, top)) = chain.last() else {
         return Err(RestoreError::Config("empty snapshot chain".into()));
     };
-    let _ = top_dir;
     let regions = top.memory.regions.clone();
     let mut files = Vec::with_capacity(chain.len());
     for (d, s) in &chain {
         let path = d.join(MEMORY_FILE);
         let f = memfile::open_checked(&path, s.memory.file.size).map_err(SnapshotError::from)?;
-        if verify {
+        if opts.verify {
             let runs = s.memory.diff.as_ref().map(|d| d.runs.as_slice());
             memfile::verify(&path, &f, &s.memory.regions, runs, s.memory.file.crc32)
                 .map_err(SnapshotError::from)?;
@@ -116,20 +133,28 @@ pub fn restore(
                 .map_err(SnapshotError::from)?;
         }
     }
-    if std::env::var_os("C4_TRACE").is_some() {
-        eprintln!(
-            "trace: memory mapped at {:.2} ms",
-            t.elapsed().as_secs_f64() * 1e3
-        );
-    }
-    let vmm = assemble(&top.machine, mem, console)?;
+    let map_ms = ms(t);
+    let config: VmConfig = serde_json::from_value(top.machine.config.clone())
+        .map_err(|e| RestoreError::Config(e.to_string()))?;
+    let kind = backend_of(&top.machine);
+    let p = prepare_with(config, &mem, console, !opts.serial_setup, kind)?;
+    let t_state = Instant::now();
+    let vmm = load(p.0, &top.machine, mem)?;
     Ok((
         vmm,
         RestoreTiming {
-            total_ms: t.elapsed().as_secs_f64() * 1e3,
+            total_ms: ms(t),
             layers: chain.len(),
+            map_ms,
+            vm_ms: p.1,
+            memory_vcpus_ms: p.2,
+            state_ms: ms(t_state),
         },
     ))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
 }
 
 /// Builds a VM around `mem` and loads `state` into it; nothing runs yet.
@@ -140,8 +165,17 @@ pub fn assemble(
 ) -> Result<Vmm, RestoreError> {
     let config: VmConfig = serde_json::from_value(state.config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;
-    let p = prepare(config, &mem, console)?;
-    load(p, state, mem)
+    let p = prepare_with(config, &mem, console, true, backend_of(state))?;
+    load(p.0, state, mem)
+}
+
+/// A snapshot restores on the backend that wrote it: the vCPU and irqchip state of KVM and of
+/// the software CPU are different formats (`load` checks they match).
+fn backend_of(state: &MachineState) -> BackendKind {
+    match state.vm.backend.as_str() {
+        "emu" => BackendKind::Emu,
+        _ => BackendKind::Kvm,
+    }
 }
 
 /// A VM created for a config, memory registered, devices and vCPUs made, no state loaded:
@@ -153,6 +187,8 @@ pub struct Prepared {
     control: Arc<Control>,
     machine: Arc<machine::Machine>,
     serial: Arc<corefour_devices::legacy::Serial>,
+    virtio: Vec<Arc<dyn SaveRestore>>,
+    balloon: Option<corefour_devices::virtio::balloon::BalloonHandle>,
     vcpus: Vec<Box<dyn corefour_hypervisor::Vcpu>>,
     console: Console,
 }
@@ -162,16 +198,29 @@ pub fn prepare(
     mem: &GuestMem,
     console: Console,
 ) -> Result<Prepared, RestoreError> {
+    prepare_with(config, mem, console, true, BackendKind::Kvm).map(|p| p.0)
+}
+
+/// `prepare`, also returning how long creating the VM, and registering memory plus creating
+/// the vCPUs, took (ms).
+///
+/// Registering guest memory (KVM_SET_USER_MEMORY_REGION) waits for an SRCU grace period and
+/// allocates the slot's reverse-map arrays; on a busy host that is most of a restore. It needs
+/// nothing the vCPUs need, so with `overlap` it runs on a second thread while the vCPUs are
+/// created (KVM_CREATE_VCPU takes the VM lock, not the slots lock) and their grace periods
+/// coincide.
+fn prepare_with(
+    config: VmConfig,
+    mem: &GuestMem,
+    console: Console,
+    overlap: bool,
+    kind: BackendKind,
+) -> Result<(Prepared, f64, f64), RestoreError> {
     config
         .validate()
         .map_err(|e| RestoreError::Config(e.to_string()))?;
     let t = Instant::now();
-    let tr = |what: &str| {
-        if std::env::var_os("C4_TRACE").is_some() {
-            eprintln!("trace: {what} at {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
-        }
-    };
-    let picked = backend::open(BackendKind::Kvm).map_err(VmmError::from)?;
+    let picked = backend::open(kind).map_err(VmmError::from)?;
     let name = picked.hypervisor.name();
     let vm = picked
         .hypervisor
@@ -180,34 +229,76 @@ pub fn prepare(
             backend: name,
             source,
         })?;
-    tr("vm created");
-    memory::register(mem, vm.as_ref()).map_err(VmmError::from)?;
-    tr("memory registered");
+    let vm_ms = ms(t);
+    let t = Instant::now();
     let control = Control::new(config.vcpus);
     let events: Arc<dyn GuestEvents> = control.clone();
-    if let Some(why) = super::handle::unsupported(&config) {
-        return Err(RestoreError::Config(why));
-    }
-    let (machine, serial) = machine::build(&vm, console.clone(), events).map_err(VmmError::from)?;
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    for index in 0..config.vcpus {
-        let vcpu = vm
-            .create_vcpu(index, machine.clone())
-            .map_err(|source| VmmError::CreateVcpu { index, source })?;
-        control.add_kicker(vcpu.kicker());
-        vcpus.push(vcpu);
-    }
-    tr("vcpus created");
-    Ok(Prepared {
-        config,
-        backend: name,
-        vm,
-        control,
-        machine,
-        serial,
-        vcpus,
-        console,
-    })
+    let make_vcpus = || -> Result<_, RestoreError> {
+        // Disks, taps and sockets are opened again from the config; the devices stay inactive
+        // until `load` puts their state back.
+        let virtio = crate::virtio_devices::create(&config, mem, &vm).map_err(VmmError::from)?;
+        let mut pio = virtio.pio;
+        if crate::boot::linux::is_bzimage(&config.kernel) {
+            let pm = Arc::new(crate::acpi::PmRegisters::new(events.clone()));
+            let base = u64::from(crate::acpi::PM_BASE_PORT);
+            pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
+        }
+        let (machine, serial) =
+            machine::build_with(&vm, console.clone(), events.clone(), virtio.mmio, pio)
+                .map_err(VmmError::from)?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(index, machine.clone())
+                .map_err(|source| VmmError::CreateVcpu { index, source })?;
+            control.add_kicker(vcpu.kicker());
+            vcpus.push(vcpu);
+        }
+        Ok((machine, serial, vcpus, virtio.saveable, virtio.balloon))
+    };
+    let register = || -> Result<(), RestoreError> {
+        memory::register(mem, vm.as_ref()).map_err(|e| VmmError::from(e).into())
+    };
+    let (machine, serial, vcpus, virtio, balloon) = if overlap {
+        std::thread::scope(|s| {
+            let reg = std::thread::Builder::new()
+                .name("mem-register".into())
+                .spawn_scoped(s, register);
+            let made = make_vcpus();
+            let registered = match reg {
+                Ok(h) => h.join().unwrap_or_else(|_| {
+                    Err(RestoreError::State {
+                        what: "guest memory".into(),
+                        reason: "the registration thread panicked".into(),
+                    })
+                }),
+                // No thread to spare: register here.
+                Err(_) => register(),
+            };
+            registered?;
+            made
+        })?
+    } else {
+        register()?;
+        make_vcpus()?
+    };
+    let setup_ms = ms(t);
+    Ok((
+        Prepared {
+            config,
+            backend: name,
+            vm,
+            control,
+            machine,
+            serial,
+            virtio,
+            balloon,
+            vcpus,
+            console,
+        },
+        vm_ms,
+        setup_ms,
+    ))
 }
 
 /// Loads the saved state into a prepared VM.
@@ -226,8 +317,11 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             p.vcpus.len()
         )));
     }
-    if state.vm.backend != "kvm" {
-        return Err(RestoreError::Backend(state.vm.backend.clone()));
+    if state.vm.backend != p.backend {
+        return Err(RestoreError::Backend {
+            saved: state.vm.backend.clone(),
+            found: p.backend,
+        });
     }
     p.vm.restore_state(&state.vm)
         .map_err(|e| RestoreError::State {
@@ -240,6 +334,16 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             what: "the serial port".into(),
             reason,
         })?;
+    if state.devices.virtio.len() != p.virtio.len() {
+        return Err(RestoreError::State {
+            what: "the virtio devices".into(),
+            reason: format!(
+                "the saved state holds {} virtio devices, the config has {}",
+                state.devices.virtio.len(),
+                p.virtio.len()
+            ),
+        });
+    }
     let mut vcpus = Vec::with_capacity(p.vcpus.len());
     for ((index, mut vcpu), s) in (0u32..).zip(p.vcpus).zip(&state.vcpus) {
         vcpu.restore_state(s).map_err(|e| RestoreError::State {
@@ -247,6 +351,13 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
             reason: e.to_string(),
         })?;
         vcpus.push(Arc::new(Mutex::new(vcpu)));
+    }
+    // Last: a restarted device may interrupt at once, into the restored irqchip.
+    for (i, (dev, s)) in p.virtio.iter().zip(&state.devices.virtio).enumerate() {
+        dev.restore_state(s).map_err(|e| RestoreError::State {
+            what: format!("virtio device {i} ({})", s.device.name()),
+            reason: e.to_string(),
+        })?;
     }
     Ok(Vmm {
         config: p.config,
@@ -258,8 +369,8 @@ pub fn load(p: Prepared, state: &MachineState, mem: GuestMem) -> Result<Vmm, Res
         vm: p.vm,
         mem,
         control: p.control,
-        // Snapshots refuse VMs with virtio devices (snapshot/handle.rs), so no balloon here.
-        balloon: None,
+        balloon: p.balloon,
+        virtio: p.virtio,
         console: p.console,
     })
 }

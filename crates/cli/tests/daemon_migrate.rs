@@ -1,0 +1,376 @@
+//! `corefour vm migrate` between two daemons, each in its own `ip netns` test host, joined by a
+//! veth pair (created and removed here): the counter guest continues on the target without a
+//! gap or repeat; a link cut mid-migration leaves the source running and the target clean; a
+//! name clash on the target is refused with the VM untouched on both sides.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use corefour_daemon::client::Method;
+use serde_json::{json, Value};
+
+#[path = "common/daemon.rs"]
+mod harness;
+use harness::*;
+
+/// Why these tests cannot run here, if they cannot.
+fn missing() -> Option<String> {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        return Some(format!("/dev/kvm is not usable ({e})"));
+    }
+    if !is_root() {
+        return Some("network namespaces need root".into());
+    }
+    match Command::new("ip").arg("-V").output() {
+        Ok(o) if o.status.success() => {}
+        _ => return Some("`ip` (iproute2) is not installed".into()),
+    }
+    if guest("counter").is_none() || guest("dirtier").is_none() {
+        return Some("guests not built (make -C guests)".into());
+    }
+    None
+}
+
+macro_rules! need {
+    () => {
+        if let Some(why) = missing() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        o.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Two test hosts: namespaces `a` (10.98.N.1) and `b` (10.98.N.2) joined by a veth pair, a
+/// daemon in each, `b`'s listening for migrations.
+struct Hosts {
+    ns_a: String,
+    ns_b: String,
+    veth_a: String,
+    addr_b: String,
+    a: Daemon,
+    b: Daemon,
+}
+
+fn daemon_in(ns: &str, tag: &str, listen: Option<&str>) -> Daemon {
+    let dir = TempDir::new(tag);
+    let sock = dir.0.join("d.sock");
+    let mut d = Daemon {
+        dir,
+        sock,
+        child: None,
+        vmm_binary: None,
+        extra: Vec::new(),
+        client: corefour_daemon::client::blocking::Client::new().unwrap(),
+    };
+    let log = std::fs::File::create(d.dir.0.join("daemon.log")).unwrap();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns, EXE, "daemon", "--log-level", "debug"])
+        .arg("--socket")
+        .arg(&d.sock)
+        .arg("--state-dir")
+        .arg(d.state_dir())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    if let Some(l) = listen {
+        cmd.args(["--migration-listen", l]);
+    }
+    // `ip netns exec` execs the daemon: this child is the daemon itself.
+    d.child = Some(cmd.spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&d.sock).is_err() {
+        if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
+            panic!("daemon exited with {st}: {}", d.log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon did not listen: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d
+}
+
+impl Hosts {
+    fn new(tag: &str, n: u8) -> Hosts {
+        let id = format!("{tag}{}", std::process::id() % 100000);
+        let (ns_a, ns_b) = (format!("c4da{id}"), format!("c4db{id}"));
+        let (va, vb) = (format!("dva{id}"), format!("dvb{id}"));
+        ip(&["netns", "add", &ns_a]);
+        ip(&["netns", "add", &ns_b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &ns_a]);
+        ip(&["link", "set", &vb, "netns", &ns_b]);
+        ip(&[
+            "-n",
+            &ns_a,
+            "addr",
+            "add",
+            &format!("10.98.{n}.1/24"),
+            "dev",
+            &va,
+        ]);
+        ip(&[
+            "-n",
+            &ns_b,
+            "addr",
+            "add",
+            &format!("10.98.{n}.2/24"),
+            "dev",
+            &vb,
+        ]);
+        for (ns, dev) in [(&ns_a, &va), (&ns_b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        let addr_b = format!("10.98.{n}.2");
+        let a = daemon_in(&ns_a, &format!("{tag}a"), None);
+        let b = daemon_in(&ns_b, &format!("{tag}b"), Some(&format!("{addr_b}:4747")));
+        Hosts {
+            ns_a,
+            ns_b,
+            veth_a: va,
+            addr_b,
+            a,
+            b,
+        }
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        // The daemons' own Drop (after this) deletes their VMs; a namespace lives on until its
+        // last process has left it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns_a])
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns_b])
+            .status();
+    }
+}
+
+/// The `N` of every complete `count=N` line.
+fn counts(text: &str) -> Vec<u64> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("count="))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// `text` with every "corefour vmm: ...\n" note cut out (it can land inside a guest line).
+fn without_vmm_lines(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("corefour vmm:") {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].split_once('\n').map_or("", |(_, r)| r);
+    }
+    out.push_str(rest);
+    out
+}
+
+fn console(d: &Daemon, name: &str) -> String {
+    let out = d.cli(&["console", name]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_console(d: &Daemon, name: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = console(d, name);
+        if pred(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{text}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `corefour vm console --follow`: everything the VM prints until its VMM ends here.
+fn follow(d: &Daemon, name: &str) -> Child {
+    Command::new(EXE)
+        .args(["vm", "console", "--follow", name])
+        .env("COREFOUR_SOCKET", &d.sock)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn start_vm(d: &Daemon, name: &str, kernel: &Path, cmdline: &str, mem: u64) {
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": name, "kernel": kernel, "cmdline": cmdline, "memory_mib": mem,
+                    "start": true})
+            .to_string(),
+        ),
+    );
+}
+
+/// Waits until the target daemon has nothing of VM `name` left: no record, no directory.
+fn assert_clean(b: &Daemon, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let dir: PathBuf = b.state_dir().join("vms").join(name);
+    while dir.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the target kept {}: {:?}\n{}",
+            dir.display(),
+            std::fs::read_dir(&dir).map(|d| d.count()),
+            b.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(b.req(Method::GET, &format!("/v1/vms/{name}"), None).0, 404);
+}
+
+#[test]
+fn counter_moves_between_daemons_without_gap_or_repeat() {
+    need!();
+    let h = Hosts::new("m", 81);
+    let counter = guest("counter").unwrap();
+    // Shared storage: both test hosts see the same file system, so the disk is at the same path.
+    let disk = h.a.dir.0.join("shared.raw");
+    std::fs::write(&disk, vec![0x42u8; 1 << 20]).unwrap();
+    h.a.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "c", "kernel": counter, "cmdline": "spin=1000000",
+                    "disks": [{"path": disk}], "start": true})
+            .to_string(),
+        ),
+    );
+    wait_console(&h.a, "c", |t| counts(t).len() >= 5);
+    let mut follower = follow(&h.a, "c");
+    let out = h.a.cli(&[
+        "--json",
+        "migrate",
+        "c",
+        "--to",
+        &h.addr_b,
+        "--max-downtime",
+        "10ms",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}\nsource:\n{}\ntarget:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.a.log(),
+        h.b.log()
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["target_confirmed"], true, "{report}");
+    assert!(
+        report["vmm"]["downtime_ms"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    // Gone here, running there.
+    assert_eq!(h.a.req(Method::GET, "/v1/vms/c", None).0, 404);
+    assert!(!h.a.state_dir().join("vms/c").exists());
+    let v = h.b.ok(Method::GET, "/v1/vms/c", None);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["disks"][0]["path"], disk.to_str().unwrap(), "{v}");
+    assert!(disk.exists(), "the source must not delete shared storage");
+    let events = h.b.ok(Method::GET, "/v1/events", None);
+    assert!(events.to_string().contains("migrated"), "{events}");
+    // The source's output up to its last instruction, then the target's: one count.
+    let mut before = String::new();
+    std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut before).unwrap();
+    follower.wait().unwrap();
+    let after = wait_console(&h.b, "c", |t| counts(t).len() >= 3);
+    let joined = without_vmm_lines(&format!("{before}{after}"));
+    assert!(!joined.contains("MISMATCH"), "{joined}");
+    let c = counts(&joined);
+    assert!(c.len() > counts(&before).len() + 2, "{joined}");
+    assert!(
+        c.windows(2).all(|w| w[1] == w[0] + 1),
+        "the count has a gap or repeat:\n{joined}"
+    );
+    // The target manages it like any VM of its own.
+    let out = h.b.cli(&["stop", "c", "--timeout", "2s"]);
+    assert!(out.status.success(), "{out:?}");
+    h.b.wait_state("c", "stopped", Duration::from_secs(10));
+}
+
+#[test]
+fn cutting_the_link_mid_migration_keeps_the_source_and_leaves_the_target_clean() {
+    need!();
+    let h = Hosts::new("c", 82);
+    let dirtier = guest("dirtier").unwrap();
+    start_vm(&h.a, "d", &dirtier, "ws=400 spin=0", 512);
+    wait_console(&h.a, "d", |t| t.contains("dirtier: pass"));
+    let ns_a = h.ns_a.clone();
+    let veth = h.veth_a.clone();
+    let cutter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(400));
+        ip(&["-n", &ns_a, "link", "set", &veth, "down"]);
+    });
+    let (status, body) = h.a.req(
+        Method::POST,
+        "/v1/vms/d/migrate",
+        Some(&json!({"to": h.addr_b, "max_downtime_ms": 0, "io_timeout_ms": 1500}).to_string()),
+    );
+    cutter.join().unwrap();
+    assert_eq!(status, 409, "{body}\n{}", h.a.log());
+    assert!(body.to_string().contains("keeps running here"), "{body}");
+    // The source runs on: state, and more passes on its console.
+    let v = h.a.ok(Method::GET, "/v1/vms/d", None);
+    assert_eq!(v["state"], "running", "{v}");
+    let n = console(&h.a, "d").matches("dirtier: pass").count();
+    wait_console(&h.a, "d", |t| t.matches("dirtier: pass").count() > n);
+    // The target gave up on its own (its VMM's reads time out) and kept nothing.
+    assert_clean(&h.b, "d");
+    assert_eq!(h.b.ok(Method::GET, "/v1/vms", None), json!([]));
+}
+
+#[test]
+fn a_name_taken_on_the_target_is_refused() {
+    need!();
+    let h = Hosts::new("r", 83);
+    let counter = guest("counter").unwrap();
+    h.b.ok(Method::POST, "/v1/vms", Some(&create_body("c")));
+    start_vm(&h.a, "c", &counter, "spin=1000000", 64);
+    wait_console(&h.a, "c", |t| counts(t).len() >= 2);
+    let out = h.a.cli(&["migrate", "c", "--to", &h.addr_b]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert!(err.contains("keeps running here"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let v = h.a.ok(Method::GET, "/v1/vms/c", None);
+    assert_eq!(v["state"], "running", "{v}");
+    let n = counts(&console(&h.a, "c")).len();
+    wait_console(&h.a, "c", |t| counts(t).len() > n);
+    // The target's own VM "c" is untouched; nothing else appeared.
+    let list = h.b.ok(Method::GET, "/v1/vms", None);
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["state"], "created", "{list}");
+    // No daemon listening on that port: a clear error, the VM still runs here.
+    let out =
+        h.a.cli(&["migrate", "c", "--to", &format!("{}:4748", h.addr_b)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect"), "{err}");
+    assert_eq!(h.a.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+}
