@@ -73,9 +73,9 @@ pub struct Shared {
     pub ioapic: Mutex<Ioapic>,
     pub pit: Mutex<Pit>,
     pub pic: Mutex<Pic>,
+    pub rtc: Mutex<Rtc>,
     /// ioeventfds: consulted on every port and MMIO write before the VMM's callbacks.
     pub ioevents: IoEventTable,
-    pub rtc: Mutex<Rtc>,
 }
 
 impl Shared {
@@ -244,8 +244,8 @@ impl EmuVm {
                 ioapic: Mutex::new(Ioapic::default()),
                 pit: Mutex::new(Pit::default()),
                 pic: Mutex::new(Pic::default()),
-                ioevents: IoEventTable::default(),
                 rtc: Mutex::new(Rtc::default()),
+                ioevents: IoEventTable::default(),
             }),
             irqfds: Mutex::new(None),
         })
@@ -420,6 +420,7 @@ impl Vm for EmuVm {
             ioapic: s.ioapic().clone(),
             pit: s.pit().clone(),
             pic: s.pic().clone(),
+            rtc: Some(s.rtc().clone()),
         }
         .encode()
     }
@@ -433,6 +434,9 @@ impl Vm for EmuVm {
         *s.ioapic() = snap.ioapic;
         *s.pit() = snap.pit;
         *s.pic() = snap.pic;
+        if let Some(rtc) = snap.rtc {
+            *s.rtc() = rtc;
+        }
         s.bump_epoch();
         Ok(())
     }

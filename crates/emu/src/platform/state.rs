@@ -1,5 +1,5 @@
-//! The VM-wide platform state of the software backend for snapshots: I/O APIC, PIT, PIC and
-//! the VM clock (local APICs travel with their vCPUs). The clock is saved so that a restored
+//! The VM-wide platform state of the software backend for snapshots: I/O APIC, PIT, PIC, CMOS
+//! clock and the VM clock (local APICs travel with their vCPUs). The clock is saved so that a restored
 //! VM's time continues from where it stopped: every timer deadline (PIT channels, LAPIC timers)
 //! is in VM nanoseconds and stays valid.
 
@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::ioapic::Ioapic;
 use super::pic::Pic;
 use super::pit::Pit;
+use super::rtc::Rtc;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PlatformSnap {
@@ -17,6 +18,9 @@ pub struct PlatformSnap {
     pub ioapic: Ioapic,
     pub pit: Pit,
     pub pic: Pic,
+    /// The CMOS clock and NVRAM (absent in snapshots from before it existed).
+    #[serde(default)]
+    pub rtc: Option<Rtc>,
 }
 
 impl PlatformSnap {
@@ -52,9 +56,15 @@ mod tests {
             ioapic: Ioapic::default(),
             pit: Pit::default(),
             pic: Pic::default(),
+            rtc: Some(Rtc::at(86_400)),
         };
         let c = s.encode().unwrap();
-        assert_eq!(PlatformSnap::decode(&c).unwrap().now_ns, 123);
+        let back = PlatformSnap::decode(&c).unwrap();
+        assert_eq!(back.now_ns, 123);
+        assert!(
+            back.rtc.is_some(),
+            "the CMOS clock travels with the snapshot"
+        );
         let kvm = CpuState {
             backend: "kvm".into(),
             payload: c.payload.clone(),
