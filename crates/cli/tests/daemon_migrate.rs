@@ -539,3 +539,46 @@ fn a_vm_with_a_nic_moves_and_keeps_its_mac_on_a_tap_in_the_targets_bridge() {
         .unwrap();
     assert!(!still.status.success(), "the stopped VM's tap stayed");
 }
+
+#[test]
+fn a_copy_storage_migration_cut_short_resumes_the_source_and_the_target_drops_its_copies() {
+    need!();
+    let h = Hosts::new("k", 86);
+    let vblkloop = guest("vblkloop").unwrap();
+    // Big enough (every block non-zero) that the link goes down while it is on its way.
+    let disk = h.a.dir.0.join("big.raw");
+    std::fs::write(&disk, vec![0x11u8; 768 << 20]).unwrap();
+    h.a.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": "k", "kernel": vblkloop, "cmdline": "spin=200000",
+                    "disks": [{"path": disk}], "start": true})
+            .to_string(),
+        ),
+    );
+    wait_console(&h.a, "k", |t| counts(t).len() >= 5);
+    let ns_a = h.ns_a.clone();
+    let veth = h.veth_a.clone();
+    let cutter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        ip(&["-n", &ns_a, "link", "set", &veth, "down"]);
+    });
+    let (status, body) = h.a.req(
+        Method::POST,
+        "/v1/vms/k/migrate",
+        Some(&json!({"to": h.addr_b, "copy_storage": true, "io_timeout_ms": 1500}).to_string()),
+    );
+    cutter.join().unwrap();
+    assert_eq!(status, 409, "{body}\n{}", h.a.log());
+    assert!(body.to_string().contains("keeps running here"), "{body}");
+    // Resumed here: the count goes on, the guest's disk checks pass.
+    let v = h.a.ok(Method::GET, "/v1/vms/k", None);
+    assert_eq!(v["state"], "running", "{v}");
+    let n = counts(&console(&h.a, "k")).len();
+    let text = wait_console(&h.a, "k", |t| counts(t).len() > n + 3);
+    assert!(!text.contains("FAIL"), "{text}");
+    // The target gave up (its reads time out) and removed the VM's directory with the copy.
+    assert_clean(&h.b, "k");
+    assert_eq!(h.b.ok(Method::GET, "/v1/vms", None), json!([]));
+}

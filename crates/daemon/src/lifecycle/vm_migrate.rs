@@ -150,8 +150,15 @@ impl Control {
     async fn send(&mut self, m: &Msg) -> Result<(), ControlError> {
         let mut line = serde_json::to_vec(m).map_err(|e| ControlError::Malformed(e.to_string()))?;
         line.push(b'\n');
-        self.w.write_all(&line).await?;
-        self.w.flush().await?;
+        // A cut link blocks a write once the socket's buffer is full (after a disk copy broke
+        // off, at once): bounded like every read.
+        let write = async {
+            self.w.write_all(&line).await?;
+            self.w.flush().await
+        };
+        tokio::time::timeout(CONTROL_TIMEOUT, write)
+            .await
+            .map_err(|_| ControlError::Timeout(CONTROL_TIMEOUT))??;
         Ok(())
     }
 
@@ -283,14 +290,18 @@ impl Daemon {
                     .map_err(|e| refused(format!("cannot pause it for the disk copy: {e}")))?;
                 paused_at = Some(Instant::now());
             }
-            match disks::send_disks(&mut c, &rec.spec).await {
+            let io_timeout = req
+                .io_timeout_ms
+                .map_or(CONTROL_TIMEOUT, Duration::from_millis);
+            match disks::send_disks(&mut c, &rec.spec, io_timeout).await {
                 Ok(r) => storage = Some(r),
                 Err(why) => {
-                    let _ = c
-                        .send(&Msg::Abort {
-                            reason: why.clone(),
-                        })
-                        .await;
+                    // The link is likely stuck: a short try; the target's own timeout does the
+                    // rest.
+                    let abort = Msg::Abort {
+                        reason: why.clone(),
+                    };
+                    let _ = tokio::time::timeout(Duration::from_secs(1), c.send(&abort)).await;
                     self.unpause(name, paused_at.is_some()).await;
                     return Err(refused(format!("copying the disks: {why}")));
                 }

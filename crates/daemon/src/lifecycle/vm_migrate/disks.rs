@@ -73,12 +73,20 @@ pub(super) fn check_copyable(spec: &VmCreate) -> Result<(), String> {
     Ok(())
 }
 
-async fn timed<T>(what: &str, f: impl Future<Output = std::io::Result<T>>) -> Result<T, String> {
-    match tokio::time::timeout(CONTROL_TIMEOUT, f).await {
+async fn timed_for<T>(
+    limit: Duration,
+    what: &str,
+    f: impl Future<Output = std::io::Result<T>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(limit, f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no progress within {CONTROL_TIMEOUT:?}")),
+        Err(_) => Err(format!("{what}: no progress within {limit:?}")),
     }
+}
+
+async fn timed<T>(what: &str, f: impl Future<Output = std::io::Result<T>>) -> Result<T, String> {
+    timed_for(CONTROL_TIMEOUT, what, f).await
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -109,8 +117,13 @@ fn nonzero_runs(buf: &[u8]) -> Vec<(usize, usize)> {
     runs
 }
 
-/// The source side: sends every writable disk of `spec` (the guest is paused).
-pub(super) async fn send_disks(c: &mut Control, spec: &VmCreate) -> Result<StorageReport, String> {
+/// The source side: sends every writable disk of `spec` (the guest is paused). A write that
+/// makes no progress for `io_timeout` (a cut link) fails the copy.
+pub(super) async fn send_disks(
+    c: &mut Control,
+    spec: &VmCreate,
+    io_timeout: Duration,
+) -> Result<StorageReport, String> {
     let t = Instant::now();
     let mut r = StorageReport::default();
     let mut buf = vec![0u8; EXTENT];
@@ -129,14 +142,24 @@ pub(super) async fn send_disks(c: &mut Control, spec: &VmCreate) -> Result<Stora
                 let mut head = [0u8; 12];
                 head[..8].copy_from_slice(&(off + a as u64).to_le_bytes());
                 head[8..].copy_from_slice(&((b - a) as u32).to_le_bytes());
-                timed("sending a disk extent", c.w.write_all(&head)).await?;
-                timed("sending a disk extent", c.w.write_all(&buf[a..b])).await?;
+                timed_for(io_timeout, "sending a disk extent", c.w.write_all(&head)).await?;
+                timed_for(
+                    io_timeout,
+                    "sending a disk extent",
+                    c.w.write_all(&buf[a..b]),
+                )
+                .await?;
                 r.bytes_sent += (b - a) as u64;
             }
             off += want as u64;
         }
-        timed("sending a disk's end", c.w.write_all(&[0u8; 12])).await?;
-        timed("sending a disk's end", c.w.flush()).await?;
+        timed_for(
+            io_timeout,
+            "sending a disk's end",
+            c.w.write_all(&[0u8; 12]),
+        )
+        .await?;
+        timed_for(io_timeout, "sending a disk's end", c.w.flush()).await?;
         r.disks += 1;
         r.bytes += size;
     }
@@ -245,7 +268,7 @@ mod tests {
         let s2 = spec.clone();
         let sender = tokio::spawn(async move {
             let mut c = Control::new(tokio::net::TcpStream::connect(addr).await.unwrap());
-            send_disks(&mut c, &s2).await.unwrap()
+            send_disks(&mut c, &s2, CONTROL_TIMEOUT).await.unwrap()
         });
         let (s, _) = l.accept().await.unwrap();
         let mut c = Control::new(s);
