@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use corefour_daemon::client::Method;
 use serde_json::{json, Value};
@@ -10,6 +10,10 @@ use serde_json::{json, Value};
 #[path = "common/daemon.rs"]
 mod harness;
 use harness::*;
+
+#[path = "common/guests.rs"]
+mod guests;
+use guests::{counts, without_vmm_lines};
 
 fn read_disk(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut img = corefour_disk::open(
@@ -153,45 +157,6 @@ fn running_source_is_refused_and_clone_runs_independently() {
     assert!(cfg.contains("disk0.qcow2"), "{cfg}");
 }
 
-/// The `N` of every complete `count=N` line.
-fn counts(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix("count="))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-/// `text` with every "corefour vmm: ...\n" message cut out.
-fn without_vmm_lines(text: &str) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("corefour vmm:") {
-        out.push_str(&rest[..i]);
-        rest = rest[i..].split_once('\n').map_or("", |(_, r)| r);
-    }
-    out.push_str(rest);
-    out
-}
-
-fn console(d: &Daemon, name: &str) -> String {
-    let out = d.cli(&["console", name]);
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_counts(d: &Daemon, name: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = console(d, name);
-        if pred(&text) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "{text}\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn restore_continues_the_counter() {
     let Some(counter) = guest("counter") else {
@@ -212,7 +177,7 @@ fn restore_continues_the_counter() {
                 .to_string(),
         ),
     );
-    wait_counts(&d, "c", |t| counts(t).len() >= 5);
+    wait_console_until(&d, "c", |t| counts(t).len() >= 5);
     d.ok(Method::POST, "/v1/vms/c/pause", None);
     std::thread::sleep(Duration::from_millis(200));
     let snap = tmp.path().join("snap");
@@ -231,7 +196,7 @@ fn restore_continues_the_counter() {
         Some(&json!({"path": snap}).to_string()),
     );
     assert_eq!(s, 409, "{e}");
-    let text = wait_counts(&d, "c", |t| {
+    let text = wait_console_until(&d, "c", |t| {
         t.len() > before.len() && counts(&t[before.len()..]).len() >= 3
     });
     let after = &text[before.len()..];
@@ -256,7 +221,7 @@ fn restore_continues_the_counter() {
     assert_eq!(s, 400, "{e}");
     let mark = console(&d, "c").len();
     d.ok(Method::POST, "/v1/vms/c/start", None);
-    let text = wait_counts(&d, "c", |t| {
+    let text = wait_console_until(&d, "c", |t| {
         t.len() > mark && !counts(&t[mark..]).is_empty()
     });
     assert!(counts(&text[mark..])[0] <= 1, "{}", &text[mark..]);
@@ -286,7 +251,7 @@ fn clone_of_a_running_vm_continues_in_both() {
             .to_string(),
         ),
     );
-    wait_counts(&d, "src", |t| counts(t).len() >= 5);
+    wait_console_until(&d, "src", |t| counts(t).len() >= 5);
     let out = d.cli(&["--json", "clone", "src", "dst", "--start"]);
     assert!(out.status.success(), "{out:?}\n{}", d.log());
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -295,7 +260,7 @@ fn clone_of_a_running_vm_continues_in_both() {
     let last_src = *counts(&without_vmm_lines(&at_clone)).last().unwrap();
 
     // The clone starts at the snapshot instant, not from a boot, and counts on.
-    let text = wait_counts(&d, "dst", |t| counts(t).len() >= 3);
+    let text = wait_console_until(&d, "dst", |t| counts(t).len() >= 3);
     // (Its first line may be the rest of one the source had half printed.)
     let c = counts(&without_vmm_lines(&text));
     assert!(
@@ -307,7 +272,7 @@ fn clone_of_a_running_vm_continues_in_both() {
     assert!(text.contains("restored"), "{text}");
 
     // The source went on from the same instant on a new VMM, without a gap or repeat.
-    let text = wait_counts(&d, "src", |t| {
+    let text = wait_console_until(&d, "src", |t| {
         t.len() > at_clone.len() && counts(&t[at_clone.len()..]).len() >= 3
     });
     let all = counts(&without_vmm_lines(&text));

@@ -15,6 +15,10 @@ use serde_json::{json, Value};
 mod harness;
 use harness::*;
 
+#[path = "common/guests.rs"]
+mod guests;
+use guests::{counts, without_vmm_lines};
+
 /// Why these tests cannot run here, if they cannot.
 fn missing() -> Option<String> {
     if let Err(e) = std::fs::OpenOptions::new()
@@ -167,45 +171,6 @@ impl Drop for Hosts {
     }
 }
 
-/// The `N` of every complete `count=N` line.
-fn counts(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix("count="))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-/// `text` with every "corefour vmm: ...\n" note cut out (it can land inside a guest line).
-fn without_vmm_lines(text: &str) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("corefour vmm:") {
-        out.push_str(&rest[..i]);
-        rest = rest[i..].split_once('\n').map_or("", |(_, r)| r);
-    }
-    out.push_str(rest);
-    out
-}
-
-fn console(d: &Daemon, name: &str) -> String {
-    let out = d.cli(&["console", name]);
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_console(d: &Daemon, name: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let text = console(d, name);
-        if pred(&text) {
-            return text;
-        }
-        assert!(Instant::now() < deadline, "{text}\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `corefour vm console --follow`: everything the VM prints until its VMM ends here.
 fn follow(d: &Daemon, name: &str) -> Child {
     Command::new(EXE)
@@ -262,7 +227,7 @@ fn counter_moves_between_daemons_without_gap_or_repeat() {
             .to_string(),
         ),
     );
-    wait_console(&h.a, "c", |t| counts(t).len() >= 5);
+    wait_console_until(&h.a, "c", |t| counts(t).len() >= 5);
     let mut follower = follow(&h.a, "c");
     let out = h.a.cli(&[
         "--json",
@@ -299,7 +264,7 @@ fn counter_moves_between_daemons_without_gap_or_repeat() {
     let mut before = String::new();
     std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut before).unwrap();
     follower.wait().unwrap();
-    let after = wait_console(&h.b, "c", |t| counts(t).len() >= 3);
+    let after = wait_console_until(&h.b, "c", |t| counts(t).len() >= 3);
     let joined = without_vmm_lines(&format!("{before}{after}"));
     assert!(!joined.contains("MISMATCH"), "{joined}");
     let c = counts(&joined);
@@ -320,7 +285,7 @@ fn cutting_the_link_mid_migration_keeps_the_source_and_leaves_the_target_clean()
     let h = Hosts::new("c", 82);
     let dirtier = guest("dirtier").unwrap();
     start_vm(&h.a, "d", &dirtier, "ws=400 spin=0", 512);
-    wait_console(&h.a, "d", |t| t.contains("dirtier: pass"));
+    wait_console_until(&h.a, "d", |t| t.contains("dirtier: pass"));
     let ns_a = h.ns_a.clone();
     let veth = h.veth_a.clone();
     let cutter = std::thread::spawn(move || {
@@ -339,7 +304,7 @@ fn cutting_the_link_mid_migration_keeps_the_source_and_leaves_the_target_clean()
     let v = h.a.ok(Method::GET, "/v1/vms/d", None);
     assert_eq!(v["state"], "running", "{v}");
     let n = console(&h.a, "d").matches("dirtier: pass").count();
-    wait_console(&h.a, "d", |t| t.matches("dirtier: pass").count() > n);
+    wait_console_until(&h.a, "d", |t| t.matches("dirtier: pass").count() > n);
     // The target gave up on its own (its VMM's reads time out) and kept nothing.
     assert_clean(&h.b, "d");
     assert_eq!(h.b.ok(Method::GET, "/v1/vms", None), json!([]));
@@ -352,7 +317,7 @@ fn a_name_taken_on_the_target_is_refused() {
     let counter = guest("counter").unwrap();
     h.b.ok(Method::POST, "/v1/vms", Some(&create_body("c")));
     start_vm(&h.a, "c", &counter, "spin=1000000", 64);
-    wait_console(&h.a, "c", |t| counts(t).len() >= 2);
+    wait_console_until(&h.a, "c", |t| counts(t).len() >= 2);
     let out = h.a.cli(&["migrate", "c", "--to", &h.addr_b]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -362,7 +327,7 @@ fn a_name_taken_on_the_target_is_refused() {
     let v = h.a.ok(Method::GET, "/v1/vms/c", None);
     assert_eq!(v["state"], "running", "{v}");
     let n = counts(&console(&h.a, "c")).len();
-    wait_console(&h.a, "c", |t| counts(t).len() > n);
+    wait_console_until(&h.a, "c", |t| counts(t).len() > n);
     // The target's own VM "c" is untouched; nothing else appeared.
     let list = h.b.ok(Method::GET, "/v1/vms", None);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
@@ -411,7 +376,7 @@ fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
             .to_string(),
         ),
     );
-    wait_console(&h.a, "s", |t| counts(t).len() >= 10);
+    wait_console_until(&h.a, "s", |t| counts(t).len() >= 10);
     let mut follower = follow(&h.a, "s");
     let out = h.a.cli(&[
         "--json",
@@ -452,7 +417,7 @@ fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
     std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut before).unwrap();
     follower.wait().unwrap();
     let last_before = *counts(&before).last().unwrap();
-    let after = wait_console(&h.b, "s", |t| counts(t).len() >= 80);
+    let after = wait_console_until(&h.b, "s", |t| counts(t).len() >= 80);
     let joined = without_vmm_lines(&format!("{before}{after}"));
     assert!(!joined.contains("FAIL"), "{joined}");
     let c = counts(&joined);
@@ -499,7 +464,7 @@ fn a_vm_with_a_nic_moves_and_keeps_its_mac_on_a_tap_in_the_targets_bridge() {
     let src = h.a.ok(Method::GET, "/v1/vms/n", None);
     let mac = src["nics"][0]["mac"].as_str().unwrap().to_string();
     let src_tap = src["nics"][0]["tap"].as_str().unwrap().to_string();
-    wait_console(&h.a, "n", |t| counts(t).len() >= 3);
+    wait_console_until(&h.a, "n", |t| counts(t).len() >= 3);
     let out = h.a.cli(&["--json", "migrate", "n", "--to", &h.addr_b]);
     assert!(
         out.status.success(),
@@ -528,7 +493,7 @@ fn a_vm_with_a_nic_moves_and_keeps_its_mac_on_a_tap_in_the_targets_bridge() {
         .unwrap();
     assert!(!gone.status.success(), "the source kept its tap {src_tap}");
     let n = counts(&console(&h.b, "n")).len();
-    wait_console(&h.b, "n", |t| counts(t).len() > n + 2);
+    wait_console_until(&h.b, "n", |t| counts(t).len() > n + 2);
     // Deleting it there removes the tap.
     let out = h.b.cli(&["stop", "n", "--timeout", "2s"]);
     assert!(out.status.success(), "{out:?}");
@@ -557,7 +522,7 @@ fn a_copy_storage_migration_cut_short_resumes_the_source_and_the_target_drops_it
             .to_string(),
         ),
     );
-    wait_console(&h.a, "k", |t| counts(t).len() >= 5);
+    wait_console_until(&h.a, "k", |t| counts(t).len() >= 5);
     let ns_a = h.ns_a.clone();
     let veth = h.veth_a.clone();
     let cutter = std::thread::spawn(move || {
@@ -576,7 +541,7 @@ fn a_copy_storage_migration_cut_short_resumes_the_source_and_the_target_drops_it
     let v = h.a.ok(Method::GET, "/v1/vms/k", None);
     assert_eq!(v["state"], "running", "{v}");
     let n = counts(&console(&h.a, "k")).len();
-    let text = wait_console(&h.a, "k", |t| counts(t).len() > n + 3);
+    let text = wait_console_until(&h.a, "k", |t| counts(t).len() > n + 3);
     assert!(!text.contains("FAIL"), "{text}");
     // The target gave up (its reads time out) and removed the VM's directory with the copy.
     assert_clean(&h.b, "k");

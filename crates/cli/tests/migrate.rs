@@ -11,7 +11,7 @@ use corefour_vmm::api_client::call;
 #[path = "common/guests.rs"]
 #[macro_use]
 mod guests;
-use guests::guest;
+use guests::{counts, guest};
 
 /// Why these tests cannot run here, if they cannot.
 fn missing() -> Option<String> {
@@ -188,14 +188,6 @@ impl Drop for Vmm {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn counts(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix("count="))
-        .map(|n| n.parse().expect("count is a number"))
-        .collect()
 }
 
 #[test]

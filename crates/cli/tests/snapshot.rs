@@ -12,7 +12,7 @@ use corefour_vmm::api_client::call;
 #[path = "common/guests.rs"]
 #[macro_use]
 mod guests;
-use guests::guest;
+use guests::{counts, guest};
 
 struct Tmp(PathBuf);
 impl Tmp {
@@ -108,15 +108,6 @@ impl Drop for Vmm {
 
 fn count_lines(s: &str) -> usize {
     s.lines().filter(|l| l.starts_with("count=")).count()
-}
-
-/// The numbers of the complete `count=N` lines of `text`.
-fn counts(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix("count="))
-        .map(|n| n.parse().expect("count is a number"))
-        .collect()
 }
 
 /// The output before the snapshot, followed by a restored copy's, must count 0, 1, 2, ...

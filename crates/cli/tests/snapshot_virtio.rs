@@ -11,42 +11,10 @@ use std::time::{Duration, Instant};
 use corefour_vmm::api_client::call;
 use corefour_vmm::snapshot::format;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn guest(name: &str) -> PathBuf {
-    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("guests.lock");
-    let st = Command::new("flock")
-        .arg(&lock)
-        .args(["make", "-s", "-C"])
-        .arg(repo().join("guests"))
-        .args(["-f", "virtio.mk", "all", "virtio"])
-        .status()
-        .expect("run flock make -C guests -f virtio.mk");
-    assert!(st.success(), "make -C guests -f virtio.mk failed");
-    let p = repo().join("guests/build").join(format!("{name}.elf"));
-    assert!(p.exists(), "{} was not built", p.display());
-    p
-}
-
-fn kvm_missing() -> Option<String> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .err()
-        .map(|e| format!("/dev/kvm is not usable ({e})"))
-}
-
-macro_rules! need_kvm {
-    () => {
-        if let Some(why) = kvm_missing() {
-            eprintln!("SKIP: {why}");
-            return;
-        }
-    };
-}
+#[path = "common/guests.rs"]
+#[macro_use]
+mod guests;
+use guests::{counts, guest, virtio_guest};
 
 struct Tmp(PathBuf);
 impl Tmp {
@@ -183,14 +151,6 @@ impl Drop for Vmm {
     }
 }
 
-fn counts(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix("count="))
-        .map(|n| n.parse().expect("count is a number"))
-        .collect()
-}
-
 /// `before` then `after` must count 0, 1, 2, ... with nothing missing or repeated, and the
 /// copy must have made progress of its own without the guest's disk checks failing.
 fn assert_continues(before: &str, after: &str) {
@@ -233,7 +193,7 @@ fn snapshot(v: &Vmm, dir: &Path) {
 /// snapshot (paused, so the output matches), stops the source, restores each, and checks the
 /// copies. Returns the full snapshot's directory and the disk for the tamper test.
 fn round_trip(t: &Tmp, transport: &str) -> (PathBuf, PathBuf) {
-    let kernel = guest("vblkloop");
+    let kernel = virtio_guest("vblkloop");
     let disk = t.disk();
     let src = Vmm::start(
         None,
@@ -555,7 +515,7 @@ fn blk_guest_migrates_between_netns_hosts_without_gap() {
         eprintln!("SKIP: {why}");
         return;
     }
-    let kernel = guest("vblkloop");
+    let kernel = virtio_guest("vblkloop");
     let t = Tmp::new("mig");
     let disk = t.disk();
     let h = Hosts::new(73);

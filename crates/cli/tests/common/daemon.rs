@@ -262,3 +262,23 @@ pub fn guest(name: &str) -> Option<PathBuf> {
         .join(format!("{name}.elf"));
     p.exists().then(|| p.canonicalize().unwrap())
 }
+
+/// What the VM's console log holds now (`corefour vm console NAME`).
+pub fn console(d: &Daemon, name: &str) -> String {
+    let out = d.cli(&["console", name]);
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The console once `pred` holds for it (at most a minute).
+pub fn wait_console_until(d: &Daemon, name: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let text = console(d, name);
+        if pred(&text) {
+            return text;
+        }
+        assert!(Instant::now() < deadline, "{text}\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -55,3 +55,24 @@ macro_rules! need_kvm {
         }
     };
 }
+
+/// The `N` of every complete `count=N` line of a counting guest's output.
+pub fn counts(text: &str) -> Vec<u64> {
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("count="))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// `text` with every "corefour vmm: ...\n" message cut out.
+pub fn without_vmm_lines(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("corefour vmm:") {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].split_once('\n').map_or("", |(_, r)| r);
+    }
+    out.push_str(rest);
+    out
+}
