@@ -5,10 +5,12 @@
 //! The fixture is not downloaded here (tests stay off the network): run
 //! `tests/fixtures/linux/setup.sh` first; without it the tests skip and say so.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+#[path = "common/linux.rs"]
+mod linux;
+use linux::{fixture, run};
 
 const MARKER: &str = "COREFOUR-LINUX-OK";
 const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
@@ -16,62 +18,6 @@ const CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
 /// Flip to true when the software CPU boots the fixture (crates/emu): the emu test then asserts
 /// the marker and the clean power-off instead of probing how far the boot gets.
 const EMU_BOOTS_LINUX: bool = true;
-
-fn fixture() -> Option<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("COREFOUR_LINUX_CACHE").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/linux"),
-        PathBuf::from,
-    );
-    let (k, i) = (dir.join("vmlinuz"), dir.join("initrd.cpio.gz"));
-    (k.is_file() && i.is_file()).then_some((k, i))
-}
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-/// Runs `cmd`, killing it after `limit`.
-fn run(mut cmd: Command, limit: Duration) -> Run {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let o = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let e = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let code = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st.code();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Run {
-        code,
-        stdout: o.join().unwrap(),
-        stderr: e.join().unwrap(),
-        took: start.elapsed(),
-    }
-}
 
 fn tail(s: &str, lines: usize) -> String {
     let v: Vec<&str> = s.lines().collect();

@@ -16,10 +16,13 @@
 #[path = "common/testnet.rs"]
 mod testnet;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+#[path = "common/linux.rs"]
+mod linux;
+use linux::{fixture, run, Run};
 
 const KNOWN: &str = "corefour known file: 7f3a9c";
 const HOST_IP: &str = "10.78.0.1";
@@ -82,15 +85,6 @@ grep virtio /proc/interrupts | sed 's/^/C4T-IRQ /'
 echo C4T-DONE
 poweroff -f
 "#;
-
-fn fixture() -> Option<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("COREFOUR_LINUX_CACHE").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache/linux"),
-        PathBuf::from,
-    );
-    let (k, i) = (dir.join("vmlinuz"), dir.join("initrd.cpio.gz"));
-    (k.is_file() && i.is_file()).then_some((k, i))
-}
 
 /// One newc (SVR4, no CRC) archive member.
 fn newc_entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
@@ -170,53 +164,6 @@ fn ext4_cat(img: &Path, file: &str) -> String {
         .output()
         .expect("run debugfs");
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    took: Duration,
-}
-
-/// Runs `cmd`, killing it after `limit`.
-fn run(mut cmd: Command, limit: Duration) -> Run {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn corefour vmm");
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let o = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let e = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let code = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st.code();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Run {
-        code,
-        stdout: o.join().unwrap_or_default(),
-        stderr: e.join().unwrap_or_default(),
-        took: start.elapsed(),
-    }
 }
 
 struct Guest {
