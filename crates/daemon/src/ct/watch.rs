@@ -6,53 +6,21 @@
 //! the init itself and cleans up after it. Otherwise the container ended while nobody watched:
 //! the shim's exit record, if any, gives the reason.
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
 
 use corefour_api::VmState;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 
 use super::shim::{read_exit, read_pids};
 use super::{CtHandle, Cts};
 use crate::error::DaemonError;
 use crate::inventory::InventoryError;
-use crate::lifecycle::{process_alive, start_time};
+use crate::lifecycle::{process_alive, wait_pid};
 
 pub(super) enum Watched {
     /// A shim this daemon started.
     Child(tokio::process::Child),
     /// A shim inherited from an earlier daemon, or (shim gone) the init itself.
     Pid { pid: i32, is_shim: bool },
-}
-
-fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this fd and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// Returns once `pid` has exited (a pidfd turns readable; /proc is polled where that fails).
-async fn wait_pid(pid: i32) {
-    let Ok(fd) = pidfd_open(pid) else {
-        return;
-    };
-    // SAFETY: the OwnedFd moves into the AsyncFd and stays open for the AsyncFd's whole life.
-    match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
-        Ok(afd) => {
-            let _ = afd.readable().await;
-        }
-        Err(_) => {
-            while start_time(pid).is_some() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
 }
 
 /// Whether the container's init (as the runtime recorded it, start time checked) still runs.

@@ -27,6 +27,7 @@ pub use vm_snapshot::SnapshotRequest;
 
 pub use stop::DEFAULT_STOP_TIMEOUT;
 mod watch;
+pub(crate) use watch::wait_pid;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

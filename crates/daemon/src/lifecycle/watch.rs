@@ -31,7 +31,9 @@ fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-async fn wait_pid(pid: i32) {
+/// Returns once `pid` has exited (a pidfd turns readable; /proc is polled where that fails).
+/// VM and container watchers share it.
+pub(crate) async fn wait_pid(pid: i32) {
     let Ok(fd) = pidfd_open(pid) else {
         return; // Already gone.
     };
