@@ -12,23 +12,7 @@ use corefour_vmm::api_client::call;
 #[path = "common/guests.rs"]
 #[macro_use]
 mod guests;
-use guests::{counts, guest};
-
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Self {
-        let p = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("snap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use guests::{counts, guest, Tmp};
 
 /// A VMM child whose stdout goes to a file (so nothing blocks on a pipe).
 struct Vmm {
@@ -135,7 +119,7 @@ fn assert_continues(before: &str, after: &str) {
 fn counter_continues_exactly_after_restore_twice_and_from_a_diff() {
     need_kvm!();
     let kernel = guest("counter");
-    let t = Tmp::new("counter");
+    let t = Tmp::new("snap-counter");
     let k = kernel.to_str().unwrap();
     let src = Vmm::start(
         &[
@@ -220,7 +204,7 @@ fn counter_continues_exactly_after_restore_twice_and_from_a_diff() {
 fn damaged_snapshots_are_refused_with_a_reason() {
     need_kvm!();
     let kernel = guest("counter");
-    let t = Tmp::new("damaged");
+    let t = Tmp::new("snap-damaged");
     let src = Vmm::start(
         &["--kernel", kernel.to_str().unwrap(), "--timeout", "60s"],
         &t.0.join("s.sock"),
@@ -326,7 +310,7 @@ fn daemon_vm_snapshot_restores_and_continues() {
         return;
     }
     let kernel = guest("counter");
-    let t = Tmp::new("daemon");
+    let t = Tmp::new("snap-daemon");
     let sock = t.0.join("d.sock");
     let log = std::fs::File::create(t.0.join("daemon.log")).unwrap();
     let mut daemon = Command::new(env!("CARGO_BIN_EXE_corefour"))
@@ -454,7 +438,7 @@ fn export_import_round_trip_and_refusals() {
         return;
     }
     let kernel = guest("counter");
-    let t = Tmp::new("export");
+    let t = Tmp::new("snap-export");
     let (mut daemon, sock) = start_daemon(&t);
     let vm = |args: &[&str]| vm_cli(&sock, args);
     let disk = t.0.join("root.raw");

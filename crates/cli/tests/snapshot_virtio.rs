@@ -14,17 +14,9 @@ use corefour_vmm::snapshot::format;
 #[path = "common/guests.rs"]
 #[macro_use]
 mod guests;
-use guests::{counts, guest, virtio_guest};
+use guests::{counts, guest, virtio_guest, Tmp};
 
-struct Tmp(PathBuf);
 impl Tmp {
-    fn new(tag: &str) -> Self {
-        let p = Path::new(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("vsnap-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
     /// A zeroed raw disk of 1 MiB (2048 sectors).
     fn disk(&self) -> PathBuf {
         let p = self.0.join("disk.raw");
@@ -33,12 +25,6 @@ impl Tmp {
         p
     }
 }
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A VMM child (optionally inside a network namespace) with stdout and stderr in files.
 struct Vmm {
     child: Child,
@@ -288,7 +274,7 @@ fn rewind_disk(disk: &Path, last: u64) {
 #[test]
 fn blk_and_rng_continue_after_restore_over_mmio_and_damaged_device_state_is_refused() {
     need_kvm!();
-    let t = Tmp::new("mmio");
+    let t = Tmp::new("vsnap-mmio");
     let (snap, disk) = round_trip(&t, "mmio");
 
     let restore = |dir: &Path| {
@@ -376,7 +362,7 @@ fn blk_and_rng_continue_after_restore_over_mmio_and_damaged_device_state_is_refu
 #[test]
 fn blk_and_rng_continue_after_restore_over_pci() {
     need_kvm!();
-    let t = Tmp::new("pci");
+    let t = Tmp::new("vsnap-pci");
     let (snap, _) = round_trip(&t, "pci");
     let state = std::fs::read(snap.join("state.bin")).unwrap();
     let payload: serde_json::Value = serde_json::from_slice(&state[24..state.len() - 4]).unwrap();
@@ -389,7 +375,7 @@ fn blk_and_rng_continue_after_restore_over_pci() {
 #[test]
 fn emu_vm_snapshot_restores_and_continues() {
     let kernel = guest("counter");
-    let t = Tmp::new("emu");
+    let t = Tmp::new("vsnap-emu");
     let src = Vmm::start(
         None,
         &[
@@ -516,7 +502,7 @@ fn blk_guest_migrates_between_netns_hosts_without_gap() {
         return;
     }
     let kernel = virtio_guest("vblkloop");
-    let t = Tmp::new("mig");
+    let t = Tmp::new("vsnap-mig");
     let disk = t.disk();
     let h = Hosts::new(73);
     let to = "10.99.73.2:47300";
