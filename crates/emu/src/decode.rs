@@ -207,6 +207,13 @@ impl Block {
     pub fn cached(&self) -> bool {
         !self.ver_ptr.is_null()
     }
+
+    /// The code page and version this block was decoded from, and its linear address: two
+    /// blocks with equal page and version are valid or stale together.
+    #[inline]
+    pub fn page(&self) -> (usize, u32, u64) {
+        (self.ver_ptr as usize, self.ver, self.lin)
+    }
 }
 
 impl Cache {
