@@ -85,7 +85,7 @@ pub enum BlockError {
 
 /// A non-raw image shared between the device and its handler; the format layer keeps
 /// metadata caches that need exclusive access, hence the lock.
-type SharedImage = Arc<Mutex<corefour_disk::Image>>;
+type SharedImage = super::blk_dirty::SharedImage;
 
 /// File name endings whose contents are probed for an image format. Any other file is raw,
 /// whatever it holds: a guest can write a qcow2 header naming a host file as its backing file
@@ -272,9 +272,11 @@ impl Block {
             Some(img) => corefour_disk::DiskSize::size(img),
             None => len as u64,
         };
+        let image = image.map(|i| Arc::new(Mutex::new(i)));
+        super::blk_dirty::register(file.as_raw_fd(), &config.path, bytes, image.clone());
         Ok(Self {
             file: Arc::new(file),
-            image: image.map(|i| Arc::new(Mutex::new(i))),
+            image,
             sectors: bytes / SECTOR_SIZE,
             read_only,
             direct: config.direct,
@@ -561,7 +563,11 @@ impl RequestCtx<'_> {
                 }
             },
             T_OUT if self.read_only => (S_IOERR, 0),
-            T_OUT => (status_of(self.write(chain, sector, data_r, iov)), 0),
+            T_OUT => {
+                let r = self.write(chain, sector, data_r, iov);
+                mark_written(self.file, sector.saturating_mul(SECTOR_SIZE), data_r as u64);
+                (status_of(r), 0)
+            }
             T_FLUSH if self.read_only => (S_OK, 0),
             T_FLUSH if self.image.is_some() => (status_of(self.with_writer(|w| w.flush())), 0),
             // SAFETY: fdatasync on an fd we own.
@@ -678,7 +684,9 @@ impl RequestCtx<'_> {
             let off = self.check_range(sector, bytes as usize)?;
             let unmap = ty == T_DISCARD || flags & 1 != 0;
             if self.image.is_some() {
-                self.image_zero(off, bytes, unmap)?;
+                let r = self.image_zero(off, bytes, unmap);
+                mark_written(self.file, off, bytes);
+                r?;
                 continue;
             }
             let mode = if unmap {
@@ -690,15 +698,17 @@ impl RequestCtx<'_> {
             let r = cvt(unsafe {
                 libc::fallocate64(self.file.as_raw_fd(), mode, off as i64, bytes as i64)
             });
-            match r {
-                Ok(()) => {}
+            let r = match r {
+                Ok(()) => Ok(()),
                 // Discard is a hint: a file system without hole punching just keeps the data.
-                Err(e) if ty == T_DISCARD && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) if ty == T_DISCARD && e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    write_zeroes(self.file, off, bytes)?
+                    write_zeroes(self.file, off, bytes)
                 }
-                Err(e) => return Err(e),
-            }
+                Err(e) => Err(e),
+            };
+            mark_written(self.file, off, bytes);
+            r?;
         }
         Ok(())
     }
@@ -740,6 +750,12 @@ impl RequestCtx<'_> {
         }
         Ok(())
     }
+}
+
+/// The dirty-tracking hook (see `blk_dirty`): after the backend returned.
+#[inline]
+fn mark_written(file: &File, off: u64, len: u64) {
+    super::blk_dirty::mark(file.as_raw_fd(), off, len);
 }
 
 fn lock(img: &SharedImage) -> io::Result<std::sync::MutexGuard<'_, corefour_disk::Image>> {

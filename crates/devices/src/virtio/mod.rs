@@ -18,6 +18,7 @@
 
 pub mod balloon;
 pub mod blk;
+pub mod blk_dirty;
 pub mod chain;
 pub mod dirty;
 pub mod driver;
