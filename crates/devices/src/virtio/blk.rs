@@ -428,10 +428,12 @@ impl BlockHandler {
             interrupt,
             ..
         } = self;
+        // A raw disk the VMM switched to an image (a snapshot's overlay) while parked.
+        let reopened = super::blk_dirty::reopened(file.as_raw_fd());
         let req = RequestCtx {
             mem,
             file,
-            image: self.image.as_ref(),
+            image: self.image.as_ref().or(reopened.as_ref()),
             sectors: self.sectors,
             read_only: self.read_only,
             direct: self.direct,

@@ -226,6 +226,8 @@ pub fn merge(a: &mut [Vec<u64>], b: &[Vec<u64>]) {
 pub struct DiskSink {
     disks: Vec<(u32, DiskIo)>,
     buf: Vec<u8>,
+    /// Frames written since the last flush.
+    unflushed: bool,
 }
 
 impl DiskSink {
@@ -266,6 +268,7 @@ impl DiskSink {
         Ok(DiskSink {
             disks,
             buf: Vec::new(),
+            unflushed: false,
         })
     }
 
@@ -294,14 +297,21 @@ impl DiskSink {
             .ok_or_else(|| bad(format!("disk {index} was not announced")))?;
         self.buf.resize(n as usize, 0);
         r.read_exact(&mut self.buf)?;
+        self.unflushed = true;
         io.write_at(&self.buf, off).map_err(|e| bad(e.to_string()))
     }
 
-    /// Makes every copy durable before the target says LOADED.
+    /// Makes every copy durable: at the end of each round (so the bulk of the first pass is
+    /// written back while the guest still runs on the source) and before the target says
+    /// LOADED (then only the last round's chunks are left, inside the downtime).
     pub fn flush(&mut self) -> Result<(), String> {
+        if !self.unflushed {
+            return Ok(());
+        }
         for (_, io) in &mut self.disks {
             io.flush().map_err(|e| e.to_string())?;
         }
+        self.unflushed = false;
         Ok(())
     }
 }
