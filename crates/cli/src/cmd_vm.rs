@@ -84,8 +84,7 @@ enum Cmd {
     },
     /// Live-migrate a running VM to another corefour daemon (started there with
     /// --migration-listen). Disks must be on shared storage (the same paths on the target) unless
-    /// --copy-storage. On
-    /// any failure the VM keeps running here and the target keeps nothing.
+    /// --copy-storage. On any failure the VM keeps running here and the target keeps nothing.
     Migrate {
         name: String,
         /// The target daemon: HOST or HOST:PORT (default port 4747).
@@ -95,7 +94,8 @@ enum Cmd {
         #[arg(long, default_value = "10ms", value_name = "DURATION")]
         max_downtime: String,
         /// Copy the writable disks to the target (under its state directory) instead of
-        /// expecting shared storage; the guest is paused while they copy.
+        /// expecting shared storage: mirrored while the guest runs, the last written chunks
+        /// during the downtime (raw and qcow2 disks without a backing file).
         #[arg(long)]
         copy_storage: bool,
     },

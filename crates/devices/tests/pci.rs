@@ -242,7 +242,7 @@ fn hostile_config_accesses_are_harmless() {
 #[derive(Default)]
 struct Messages(std::sync::Mutex<Vec<(u64, u32)>>);
 impl MsiSink for Messages {
-    fn send(&self, address: u64, data: u32) {
+    fn send(&self, _vector: u16, address: u64, data: u32) {
         self.0.lock().unwrap().push((address, data));
     }
 }

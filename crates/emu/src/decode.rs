@@ -41,6 +41,10 @@ pub struct Block {
     links: [Cell<(u64, *const Block)>; 2],
     link_gen: Cell<u64>,
     link_next: Cell<u8>,
+    /// Times run by the interpreter, until translation is tried (`u32::MAX` once it was).
+    pub hits: Cell<u32>,
+    /// Host code for a prefix of the block, once it is hot.
+    pub jit: Cell<Option<crate::jit::Jit>>,
 }
 
 /// A decoded instruction and the handler that executes it.
@@ -78,6 +82,8 @@ impl Block {
             ],
             link_gen: Cell::new(0),
             link_next: Cell::new(0),
+            hits: Cell::new(0),
+            jit: Cell::new(None),
         }
     }
 
@@ -192,6 +198,15 @@ impl Default for Cache {
 #[inline]
 fn fast_slot(host: u64) -> usize {
     ((host >> 1) ^ (host >> 14)) as usize & (FAST - 1)
+}
+
+impl Block {
+    /// Whether this block was decoded from RAM and is kept (blocks straddling a page or
+    /// fetched from MMIO are decoded each time and never translated).
+    #[inline]
+    pub fn cached(&self) -> bool {
+        !self.ver_ptr.is_null()
+    }
 }
 
 impl Cache {

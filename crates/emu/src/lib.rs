@@ -17,6 +17,7 @@ pub mod decode;
 mod exec;
 pub mod flags;
 mod io;
+pub mod jit;
 pub mod mem;
 pub mod mmu;
 mod msr;
@@ -32,20 +33,44 @@ use corefour_hypervisor::{Hypervisor, Result, Vm};
 pub use vcpu::EmuVcpu;
 pub use vm::EmuVm;
 
+/// Runs of a block before the JIT translates it.
+pub const JIT_THRESHOLD: u32 = 50;
+
 /// The software CPU backend.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Emu {
     trace_unimpl: bool,
+    jit_threshold: u32,
+}
+
+impl Default for Emu {
+    fn default() -> Self {
+        Emu::new()
+    }
 }
 
 impl Emu {
-    /// A backend; tracing of unimplemented instructions follows `COREFOUR_EMU_TRACE_UNIMPL`.
+    /// A backend; tracing of unimplemented instructions follows `COREFOUR_EMU_TRACE_UNIMPL`,
+    /// the JIT `COREFOUR_EMU_JIT` (`0` turns it off) and `COREFOUR_EMU_JIT_THRESHOLD` (runs of
+    /// a block before it is translated).
     pub fn new() -> Self {
         let trace = std::env::var_os("COREFOUR_EMU_TRACE_UNIMPL")
             .is_some_and(|v| v != "0" && !v.is_empty());
+        let jit_off = std::env::var_os("COREFOUR_EMU_JIT").is_some_and(|v| v == "0");
+        let threshold = std::env::var("COREFOUR_EMU_JIT_THRESHOLD")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(JIT_THRESHOLD);
         Emu {
             trace_unimpl: trace,
+            jit_threshold: if jit_off { 0 } else { threshold },
         }
+    }
+
+    /// Translates blocks to host code after `runs` runs (`0`: never, interpreter only).
+    pub fn with_jit_threshold(mut self, runs: u32) -> Self {
+        self.jit_threshold = runs;
+        self
     }
 
     /// Names unimplemented instructions and MSRs on stderr.
@@ -57,7 +82,11 @@ impl Emu {
 
 impl Hypervisor for Emu {
     fn create_vm(&self, vcpus: u32) -> Result<Arc<dyn Vm>> {
-        Ok(Arc::new(EmuVm::new(vcpus, self.trace_unimpl)?))
+        Ok(Arc::new(EmuVm::new(
+            vcpus,
+            self.trace_unimpl,
+            self.jit_threshold,
+        )?))
     }
 
     fn name(&self) -> &'static str {

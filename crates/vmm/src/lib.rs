@@ -11,6 +11,7 @@ pub mod boot;
 pub mod builder;
 pub mod config;
 pub mod control;
+pub mod disk_dirty_api;
 pub mod layout;
 pub mod machine;
 pub mod memory;

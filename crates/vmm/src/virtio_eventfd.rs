@@ -5,11 +5,20 @@
 //! `Unsupported`, the bus path stays: the transport writes the same eventfd on a notify exit
 //! and the interrupt goes through `Vm::set_irq_line`.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use corefour_devices::virtio::interrupt::Interrupt;
 use corefour_devices::virtio::mmio::NOTIFY_OFFSET;
+use corefour_devices::virtio::pci::{BarListener, VirtioPciDevice, BAR_SIZE};
+use corefour_devices::virtio::pci_msix::MsiSink;
 use corefour_devices::IrqLine;
-use corefour_hypervisor::{Datamatch, EventFd, HypervisorError, IoEventAddress, Vm};
+use corefour_hypervisor::{
+    Datamatch, EventFd, HypervisorError, IoEventAddress, MsiRoute, Vm, MSI_GSI_BASE,
+};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 /// How many queue notifications and interrupts took the eventfd path (for logs and tests).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -128,5 +137,354 @@ mod tests {
             refused: 1,
         };
         assert!(u.describe().contains("1 refused"));
+    }
+}
+
+/// What the interrupt and notification paths did while the VM ran (for `--stats` and tests).
+#[derive(Default)]
+pub struct VirtioCounters {
+    /// MSI-X messages sent as one irqfd write (a GSI route per vector).
+    pub msi_irqfd: AtomicU64,
+    /// MSI-X messages sent through `Vm::signal_msi` (no routing on this backend, or a route
+    /// the backend refused).
+    pub msi_ioctl: AtomicU64,
+    /// Times the VM's MSI routing table was replaced (a vector's message changed).
+    pub route_updates: AtomicU64,
+    /// INTx lines asserted again after the guest's EOI because the device still had
+    /// something pending (resamplefd).
+    pub intx_resamples: AtomicU64,
+    /// BAR moves seen, and queue ioeventfds moved along with them.
+    pub bar_moves: AtomicU64,
+    pub ioeventfds_moved: AtomicU64,
+}
+
+impl VirtioCounters {
+    fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The VM-wide table of MSI routes (KVM_SET_GSI_ROUTING replaces all of it at once) and the
+/// GSIs handed out for them.
+pub struct MsiRouter {
+    vm: Arc<dyn Vm>,
+    routes: Mutex<BTreeMap<u32, MsiRoute>>,
+    next_gsi: AtomicU32,
+    counters: Arc<VirtioCounters>,
+}
+
+impl MsiRouter {
+    /// A router if the backend routes MSIs (probed by installing the empty table, which on
+    /// KVM is its default routing), else `None`: messages then go through `signal_msi`.
+    pub fn probe(vm: &Arc<dyn Vm>, counters: Arc<VirtioCounters>) -> Option<Arc<Self>> {
+        vm.set_msi_routes(&[]).ok()?;
+        Some(Arc::new(Self {
+            vm: vm.clone(),
+            routes: Mutex::default(),
+            next_gsi: AtomicU32::new(MSI_GSI_BASE),
+            counters,
+        }))
+    }
+
+    /// Points `gsi` at (`address`, `data`) and installs the table.
+    fn set(&self, gsi: u32, address: u64, data: u32) -> corefour_hypervisor::Result<()> {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.insert(gsi, MsiRoute { gsi, address, data });
+        let all: Vec<MsiRoute> = routes.values().copied().collect();
+        let r = self.vm.set_msi_routes(&all);
+        if r.is_err() {
+            routes.remove(&gsi);
+        }
+        VirtioCounters::bump(&self.counters.route_updates);
+        r
+    }
+
+    /// The sink of one PCI function with `vectors` MSI-X vectors: an irqfd per vector on GSIs
+    /// of its own. Falls back to `signal_msi` if the irqfds cannot be registered.
+    pub fn function_sink(
+        self: &Arc<Self>,
+        vectors: u16,
+        used: &mut EventfdUse,
+    ) -> Arc<dyn MsiSink> {
+        let fallback = || -> Arc<dyn MsiSink> {
+            Arc::new(SignalMsi {
+                vm: self.vm.clone(),
+                counters: self.counters.clone(),
+            })
+        };
+        let base = self
+            .next_gsi
+            .fetch_add(u32::from(vectors), Ordering::Relaxed);
+        let mut events = Vec::new();
+        for v in 0..u32::from(vectors) {
+            let Ok(ev) = EventFd::new(libc::EFD_NONBLOCK) else {
+                return fallback();
+            };
+            if !note(self.vm.register_irqfd(&ev, base + v), used, true) {
+                for (i, e) in events.iter().enumerate() {
+                    let _ = self.vm.unregister_irqfd(e, base + i as u32);
+                    used.irqfds -= 1;
+                }
+                return fallback();
+            }
+            events.push(ev);
+        }
+        Arc::new(RoutedMsi {
+            router: self.clone(),
+            base,
+            messages: Mutex::new(vec![None; events.len()]),
+            events,
+        })
+    }
+}
+
+/// MSI-X through `Vm::signal_msi` (KVM_SIGNAL_MSI, the software CPU's local APICs). A message
+/// the backend refuses (an address outside the APIC range) is dropped, as a bus write to
+/// nowhere would be.
+pub struct SignalMsi {
+    pub vm: Arc<dyn Vm>,
+    pub counters: Arc<VirtioCounters>,
+}
+
+impl MsiSink for SignalMsi {
+    fn send(&self, _vector: u16, address: u64, data: u32) {
+        VirtioCounters::bump(&self.counters.msi_ioctl);
+        let _ = self.vm.signal_msi(address, data);
+    }
+}
+
+/// MSI-X through one GSI route and irqfd per vector: the device thread's send is one eventfd
+/// write. A vector's route is (re)installed at its first send after the guest changed its
+/// message, which covers programming the table and a restored table alike (the message is
+/// only sent once unmasked, and the guest may not change it while unmasked).
+struct RoutedMsi {
+    router: Arc<MsiRouter>,
+    base: u32,
+    events: Vec<EventFd>,
+    /// The message each vector's route carries now.
+    messages: Mutex<Vec<Option<(u64, u32)>>>,
+}
+
+impl MsiSink for RoutedMsi {
+    fn send(&self, vector: u16, address: u64, data: u32) {
+        let v = usize::from(vector);
+        let Some(ev) = self.events.get(v) else {
+            return;
+        };
+        let gsi = self.base + u32::from(vector);
+        {
+            let mut m = self.messages.lock().unwrap_or_else(|e| e.into_inner());
+            if m[v] != Some((address, data)) {
+                if self.router.set(gsi, address, data).is_err() {
+                    m[v] = None;
+                    drop(m);
+                    VirtioCounters::bump(&self.router.counters.msi_ioctl);
+                    let _ = self.router.vm.signal_msi(address, data);
+                    return;
+                }
+                m[v] = Some((address, data));
+            }
+        }
+        VirtioCounters::bump(&self.router.counters.msi_irqfd);
+        // Fails only if the counter would overflow, when an interrupt is pending anyway.
+        let _ = ev.write(1);
+    }
+}
+
+impl Drop for RoutedMsi {
+    fn drop(&mut self) {
+        for (i, e) in self.events.iter().enumerate() {
+            let _ = self.router.vm.unregister_irqfd(e, self.base + i as u32);
+        }
+    }
+}
+
+/// A level-triggered line (PCI INTx) through an irqfd with a resamplefd: asserting is one
+/// eventfd write; the backend lowers the line at the guest's EOI and signals the resamplefd,
+/// and the [`Resampler`] asserts it again while the device's ISR still has bits set. The
+/// driver's ISR read clears the bits, so lowering is the EOI's job, not ours.
+struct ResampledLine {
+    event: Arc<EventFd>,
+    _resampler: Arc<Resampler>,
+}
+
+impl IrqLine for ResampledLine {
+    fn trigger(&self) {
+        let _ = self.event.write(1);
+    }
+    fn set_level(&self, level: bool) {
+        if level {
+            let _ = self.event.write(1);
+        }
+    }
+}
+
+/// The device whose ISR a resampled line checks, filled in once the transport exists.
+pub type IsrSource = Arc<OnceLock<Weak<Interrupt>>>;
+
+struct ResampleEntry {
+    resample: EventFd,
+    event: Arc<EventFd>,
+    isr: IsrSource,
+}
+
+const RESAMPLER_STOP: u64 = u64::MAX;
+
+/// One thread per VM that waits on every INTx resamplefd.
+pub struct Resampler {
+    epoll: Arc<Epoll>,
+    stop: EventFd,
+    entries: Arc<Mutex<Vec<ResampleEntry>>>,
+}
+
+impl Resampler {
+    pub fn new(counters: Arc<VirtioCounters>) -> std::io::Result<Arc<Self>> {
+        let epoll = Arc::new(Epoll::new()?);
+        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+        epoll.ctl(
+            ControlOperation::Add,
+            stop.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, RESAMPLER_STOP),
+        )?;
+        let entries: Arc<Mutex<Vec<ResampleEntry>>> = Arc::default();
+        let (ep, list) = (epoll.clone(), entries.clone());
+        std::thread::Builder::new()
+            .name("intx-resample".into())
+            .stack_size(64 * 1024)
+            .spawn(move || {
+                let mut events = vec![EpollEvent::default(); 8];
+                loop {
+                    let n = match ep.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    };
+                    for ev in &events[..n] {
+                        if ev.data() == RESAMPLER_STOP {
+                            return;
+                        }
+                        let l = list.lock().unwrap_or_else(|e| e.into_inner());
+                        let Some(e) = l.get(ev.data() as usize) else {
+                            continue;
+                        };
+                        let _ = e.resample.read();
+                        let pending = e
+                            .isr
+                            .get()
+                            .and_then(Weak::upgrade)
+                            .is_some_and(|i| i.isr() != 0);
+                        if pending {
+                            VirtioCounters::bump(&counters.intx_resamples);
+                            let _ = e.event.write(1);
+                        }
+                    }
+                }
+            })?;
+        Ok(Arc::new(Self {
+            epoll,
+            stop,
+            entries,
+        }))
+    }
+
+    /// A level line on `gsi` through a resampled irqfd, or `None` where the backend has none.
+    pub fn line(
+        self: &Arc<Self>,
+        vm: &dyn Vm,
+        gsi: u32,
+        used: &mut EventfdUse,
+    ) -> Option<(Arc<dyn IrqLine>, IsrSource)> {
+        let event = Arc::new(EventFd::new(libc::EFD_NONBLOCK).ok()?);
+        let resample = EventFd::new(libc::EFD_NONBLOCK).ok()?;
+        if !note(
+            vm.register_irqfd_resample(&event, &resample, gsi),
+            used,
+            true,
+        ) {
+            return None;
+        }
+        let isr: IsrSource = Arc::default();
+        let mut l = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let index = l.len() as u64;
+        if self
+            .epoll
+            .ctl(
+                ControlOperation::Add,
+                resample.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, index),
+            )
+            .is_err()
+        {
+            let _ = vm.unregister_irqfd(&event, gsi);
+            used.irqfds -= 1;
+            return None;
+        }
+        l.push(ResampleEntry {
+            resample,
+            event: event.clone(),
+            isr: isr.clone(),
+        });
+        let line = Arc::new(ResampledLine {
+            event,
+            _resampler: self.clone(),
+        });
+        Some((line, isr))
+    }
+}
+
+impl Drop for Resampler {
+    fn drop(&mut self) {
+        // Not joined: the last line may be dropped on any thread.
+        let _ = self.stop.write(1);
+    }
+}
+
+/// Moves a PCI function's queue ioeventfds when the guest moves its BAR (or a restore puts
+/// it back): unregistered at the old place, registered at the new one if that lies in the
+/// BAR window (elsewhere the bus does not route to the function either).
+pub struct IoeventMover {
+    pub vm: Arc<dyn Vm>,
+    pub window: (u64, u64),
+    pub counters: Arc<VirtioCounters>,
+}
+
+impl BarListener for IoeventMover {
+    fn bar_moved(&self, device: &VirtioPciDevice, old: u64, new: u64) {
+        VirtioCounters::bump(&self.counters.bar_moves);
+        for (addr, ev) in device.notify_events_at(old) {
+            let _ = self
+                .vm
+                .unregister_ioevent(IoEventAddress::Mmio(addr), Datamatch::Any, &ev);
+        }
+        let (base, len) = self.window;
+        if new < base || new.saturating_add(BAR_SIZE) > base + len {
+            return;
+        }
+        for (addr, ev) in device.notify_events_at(new) {
+            if self
+                .vm
+                .register_ioevent(IoEventAddress::Mmio(addr), Datamatch::Any, &ev)
+                .is_ok()
+            {
+                VirtioCounters::bump(&self.counters.ioeventfds_moved);
+            }
+        }
+    }
+}
+
+impl VirtioCounters {
+    /// "virtio: 3 MSI-X by irqfd, 0 by ioctl, 2 route updates, ..." for `--stats`.
+    pub fn describe(&self, notify_exits: u64) -> String {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        format!(
+            "msix_irqfd={} msix_ioctl={} route_updates={} intx_resamples={} bar_moves={} \
+             ioeventfds_moved={} pci_notify_exits={notify_exits}",
+            g(&self.msi_irqfd),
+            g(&self.msi_ioctl),
+            g(&self.route_updates),
+            g(&self.intx_resamples),
+            g(&self.bar_moves),
+            g(&self.ioeventfds_moved),
+        )
     }
 }

@@ -4,7 +4,9 @@
 //! - migration total vs a plain copy of the guest's memory size over loopback TCP (what moving
 //!   the memory costs with no VMM in the way);
 //! - restore vs reading the snapshot's memory file into RAM (what a restore that copies
-//!   memory, instead of mapping it MAP_PRIVATE, would pay at least).
+//!   memory, instead of mapping it MAP_PRIVATE, would pay at least);
+//! - `copy_storage` (live disk mirroring, a disk-writing guest): total vs a TCP copy of the
+//!   memory and disk data, downtime vs the memory-only idle downtime of the same run.
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -250,7 +252,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     let dir = std::env::temp_dir().join(format!("corefour-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = measure(&a, &dir, &counter, &dirtier);
+    let result = measure(&a, &dir, &counter, &dirtier).and_then(|mut rows| {
+        rows.extend(copy_storage_rows(&a, &dir, &rows)?);
+        Ok(rows)
+    });
     let _ = std::fs::remove_dir_all(&dir);
     let rows = result?;
     if a.json {
@@ -378,6 +383,146 @@ fn measure(a: &Args, dir: &Path, counter: &Path, dirtier: &Path) -> anyhow::Resu
             "read of memory.bin into RAM",
             "<= 5 ms",
             Some(5.0),
+        ),
+    ])
+}
+
+/// Disk size and data for the `copy_storage` rows.
+const DISK_MIB: u64 = 256;
+const DISK_DATA_MIB: u64 = 64;
+
+/// One live migration with `copy_storage` of vblkloop (writing its 64 sectors 64 KiB apart)
+/// with a DISK_MIB disk holding DISK_DATA_MIB of data: (total ms, downtime ms).
+fn copy_storage_once(
+    dir: &Path,
+    vblkloop: &Path,
+    mib: u64,
+    data: &[u8],
+) -> anyhow::Result<(f64, f64)> {
+    let (src_disk, dst_disk) = (dir.join("src-disk.raw"), dir.join("dst-disk.raw"));
+    std::fs::write(&src_disk, data)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src_disk)?
+        .set_len(DISK_MIB << 20)?;
+    let f = std::fs::File::create(&dst_disk)?;
+    f.set_len(DISK_MIB << 20)?;
+    let local = dir.join("dst.json");
+    std::fs::write(
+        &local,
+        serde_json::json!({"kernel": vblkloop, "memory_mib": mib, "disks": [{"path": dst_disk}]})
+            .to_string(),
+    )?;
+    let port = free_port()?;
+    let tsock = dir.join("dst.sock");
+    let terr = dir.join("dst.err");
+    let _ = std::fs::remove_file(&tsock);
+    let target = Command::new(me()?)
+        .args(["vmm", "--incoming", &format!("127.0.0.1:{port}")])
+        .arg("--config")
+        .arg(&local)
+        .arg("--api-sock")
+        .arg(&tsock)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&terr)?)
+        .spawn()
+        .context("cannot start the target VMM")?;
+    let mut target = Child2 { child: target };
+    wait_text(&terr, "waiting for a migration")?;
+    let sock = dir.join("src.sock");
+    let out = dir.join("src.out");
+    let _ = std::fs::remove_file(&sock);
+    let src = Command::new(me()?)
+        .arg("vmm")
+        .arg("--kernel")
+        .arg(vblkloop)
+        .args([
+            "--memory",
+            &format!("{mib}M"),
+            "--cmdline",
+            "spin=200000 stride=128",
+        ])
+        .args(["--timeout", "300s"])
+        .arg("--disk")
+        .arg(&src_disk)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the source VMM")?;
+    let mut src = Child2 { child: src };
+    wait_path(&sock, "the source's API socket")?;
+    wait_text(&out, "count=3")?;
+    let (code, body) = put(
+        &sock,
+        "/vm/migrate",
+        Some(&format!(
+            r#"{{"to": "127.0.0.1:{port}", "max_downtime_ms": 10, "copy_storage": true}}"#
+        )),
+    )?;
+    if code != 200 {
+        bail!("migration with copy_storage failed ({code}): {body}");
+    }
+    let r: Report = serde_json::from_str(&body).context("migration report")?;
+    wait_path(&tsock, "the target's API socket")?;
+    let _ = put(&tsock, "/vm/shutdown", None);
+    let _ = target.child.wait();
+    let _ = src.child.wait();
+    Ok((r.total_ms, r.downtime_ms))
+}
+
+/// The `copy_storage` rows; none (with a note) when vblkloop is not built.
+fn copy_storage_rows(a: &Args, dir: &Path, before: &[Row]) -> anyhow::Result<Vec<Row>> {
+    let idle_down_ms = before
+        .iter()
+        .find(|r| r.metric == "migration downtime, idle")
+        .map_or(f64::NAN, |r| r.corefour);
+    let vblkloop = a.guests.join("vblkloop.elf");
+    if !vblkloop.exists() {
+        eprintln!(
+            "bench migrate: {} is missing (make -C guests -f virtio.mk): no copy-storage rows",
+            vblkloop.display()
+        );
+        return Ok(Vec::new());
+    }
+    if std::io::stderr().is_terminal() {
+        eprintln!("bench migrate: copy-storage migrations");
+    }
+    let data: Vec<u8> = (0..(DISK_DATA_MIB << 20) as usize)
+        .map(|i| (i / 4096) as u8 | 1)
+        .collect();
+    let (mut total, mut down, mut tcp) = (vec![], vec![], vec![]);
+    for _ in 0..a.runs {
+        let (t, d) = copy_storage_once(dir, &vblkloop, a.memory_mib, &data)?;
+        total.push(t);
+        down.push(d);
+        tcp.push(tcp_copy_ms((a.memory_mib + DISK_DATA_MIB) << 20)?);
+    }
+    let row = |metric: String, v: f64, base: f64, baseline_is: &'static str| Row {
+        metric,
+        unit: "ms",
+        corefour: v,
+        baseline: Some(base),
+        baseline_is,
+        ratio: Some(v / base),
+        goal: "",
+        met: None,
+    };
+    Ok(vec![
+        row(
+            format!(
+                "migration total, --copy-storage ({DISK_MIB} MiB disk, {DISK_DATA_MIB} MiB data, guest writing)"
+            ),
+            median(total),
+            median(tcp),
+            "TCP copy of memory + disk data",
+        ),
+        row(
+            "migration downtime, --copy-storage".into(),
+            median(down),
+            idle_down_ms,
+            "memory-only downtime, idle",
         ),
     ])
 }

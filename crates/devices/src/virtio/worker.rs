@@ -3,6 +3,7 @@
 //! device's own fds (tap, sockets) and on a stop eventfd, and calls the [`QueueHandler`].
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,6 +64,9 @@ struct Ctl {
 struct Control {
     ctl: Mutex<Ctl>,
     cv: Condvar,
+    /// Set with every command: a worker polling its queues looks here (a plain load) rather
+    /// than at the stop eventfd, so a driver that never stops submitting cannot starve a park.
+    attention: AtomicBool,
 }
 
 impl Control {
@@ -97,6 +101,7 @@ impl Worker {
                 parked: Parked::default(),
             }),
             cv: Condvar::new(),
+            attention: AtomicBool::new(false),
         });
         let thread_control = control.clone();
         let poller = Poller {
@@ -144,6 +149,7 @@ impl Worker {
             return Ok(q.clone());
         }
         c.cmd = Command::Park;
+        self.control.attention.store(true, Ordering::SeqCst);
         // Cannot fail short of counter overflow; the thread rereads `cmd` on every wake.
         let _ = self.stop.write(1);
         let deadline = Instant::now() + PARK_TIMEOUT;
@@ -185,6 +191,7 @@ impl Worker {
     fn stop_inner(&mut self) -> Option<Box<dyn QueueHandler>> {
         let thread = self.thread.take()?;
         self.control.lock().cmd = Command::Stop;
+        self.control.attention.store(true, Ordering::SeqCst);
         self.control.cv.notify_all();
         // The eventfd write can only fail on counter overflow, which a stop never reaches.
         let _ = self.stop.write(1);
@@ -199,24 +206,46 @@ impl Drop for Worker {
 }
 
 /// How long a polling device keeps looking at its rings after work before it sleeps. A driver
-/// that submits in a steady stream then costs no wake-ups (vhost's busyloop, in small).
+/// that submits in a steady stream then costs neither a notification (its kicks stay
+/// suppressed while the device polls) nor a wake-up (vhost's busyloop, in small).
 const POLL: Duration = Duration::from_micros(50);
+/// Spins between yields of the CPU while polling: on a host with fewer cores than busy
+/// threads, the driver this loop waits for may need this very core.
+const SPINS_PER_YIELD: u32 = 64;
 
-fn poll(handler: &mut dyn QueueHandler, poller: &Poller) -> Result<(), super::DeviceError> {
-    let mut until = std::time::Instant::now() + POLL;
+/// Serves the handler's queues while work keeps coming, then re-enables notifications
+/// (`before_sleep`) and returns when none arrived for [`POLL`].
+fn poll(
+    handler: &mut dyn QueueHandler,
+    poller: &Poller,
+    control: &Control,
+) -> Result<(), super::DeviceError> {
+    let mut until = Instant::now() + POLL;
     let mut spins = 0u32;
     loop {
+        if control.attention.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         if let Some(q) = handler.pending_queue() {
             handler.queue_notified(q, poller)?;
-            until = std::time::Instant::now() + POLL;
+            until = Instant::now() + POLL;
             continue;
         }
         spins += 1;
         // Reading the clock every few spins keeps the loop cheap.
-        if spins.is_multiple_of(16) && std::time::Instant::now() >= until {
+        if spins.is_multiple_of(16) && Instant::now() >= until {
+            if handler.before_sleep() {
+                until = Instant::now() + POLL;
+                continue;
+            }
             return Ok(());
         }
-        std::hint::spin_loop();
+        if spins.is_multiple_of(SPINS_PER_YIELD) {
+            // SAFETY: sched_yield takes no arguments and touches no memory.
+            unsafe { libc::sched_yield() };
+        } else {
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -224,6 +253,7 @@ fn poll(handler: &mut dyn QueueHandler, poller: &Poller) -> Result<(), super::De
 fn obey(handler: &dyn QueueHandler, stop: &EventFd, control: &Control) -> bool {
     let _ = stop.read();
     let mut c = control.lock();
+    control.attention.store(false, Ordering::SeqCst);
     if c.cmd == Command::Park {
         c.parked.queues = Some(handler.queue_states());
         control.cv.notify_all();
@@ -250,6 +280,16 @@ fn run(
         if next == Some(Duration::ZERO) {
             // Due now, even if fds keep the loop busy: a throttled device must not starve.
             if let Err(e) = handler.timer(poller) {
+                tracing::warn!("virtio device stopped, driver must reset it: {e}");
+                interrupt.set_needs_reset();
+                failed = true;
+            }
+            continue;
+        }
+        let attention = control.attention.load(Ordering::Relaxed);
+        if !failed && !attention && handler.before_sleep() {
+            // Work arrived after the handler's last pass; its notification may never come.
+            if let Err(e) = poll(handler, poller, control) {
                 tracing::warn!("virtio device stopped, driver must reset it: {e}");
                 interrupt.set_needs_reset();
                 failed = true;
@@ -299,7 +339,7 @@ fn run(
             });
         }
         if result.is_ok() && !failed && n > 0 {
-            result = poll(handler, poller);
+            result = poll(handler, poller, control);
         }
         if let Err(e) = result {
             tracing::warn!("virtio device stopped, driver must reset it: {e}");

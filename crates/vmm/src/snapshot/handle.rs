@@ -50,6 +50,9 @@ struct MigrateRequest {
     max_rounds: Option<u32>,
     #[serde(default)]
     io_timeout_ms: Option<u64>,
+    /// Mirror the writable disks to the target while the guest runs (live block mirroring).
+    #[serde(default)]
+    copy_storage: bool,
 }
 
 fn default_downtime() -> u64 {
@@ -464,6 +467,7 @@ impl StateApi for StateHandle {
         }
         let mut params = SendParams {
             max_downtime: Duration::from_millis(req.max_downtime_ms),
+            copy_storage: req.copy_storage,
             ..Default::default()
         };
         if let Some(r) = req.max_rounds {
