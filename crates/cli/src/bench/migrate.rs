@@ -8,7 +8,7 @@
 //!   MAP_PRIVATE, would pay at least);
 //! - a warm restore (`PUT /vm/restore` to a `corefour vmm --prewarm` whose KVM VM, memory slots
 //!   and vCPUs already exist) vs the cold one, both to the guest's first output after the
-//!   restore.
+//!   restore;
 //! - `copy_storage` (live disk mirroring, a disk-writing guest): total vs a TCP copy of the
 //!   memory and disk data, downtime vs the memory-only idle downtime of the same run.
 
