@@ -2,7 +2,8 @@
 //! veth pair (created and removed here): the counter guest continues on the target without a
 //! gap or repeat; a link cut mid-migration leaves the source running and the target clean; a
 //! name clash on the target is refused with the VM untouched on both sides; with
-//! `--copy-storage` a disk-writing guest moves onto the target's own copy of its disk.
+//! `--copy-storage` a disk-writing guest moves onto the target's own copy of its disk, mirrored
+//! while it runs, and the copy equals the source's disk at the hand-over.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -332,6 +333,20 @@ fn a_name_taken_on_the_target_is_refused() {
     let list = h.b.ok(Method::GET, "/v1/vms", None);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["state"], "created", "{list}");
+    // The same with --copy-storage: refused before any copy is made.
+    let out =
+        h.a.cli(&["migrate", "c", "--to", &h.addr_b, "--copy-storage"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(h.a.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+    assert_eq!(
+        h.b.ok(Method::GET, "/v1/vms", None)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     // No daemon listening on that port: a clear error, the VM still runs here.
     let out =
         h.a.cli(&["migrate", "c", "--to", &format!("{}:4748", h.addr_b)]);
@@ -341,42 +356,52 @@ fn a_name_taken_on_the_target_is_refused() {
     assert_eq!(h.a.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
 }
 
-/// What vblkloop's iteration `n` wrote: sector 1 + n % 64, bytes 0..8 = n, byte j = n + j.
-fn assert_disk_holds(disk: &Path, n: u64) {
-    let data = std::fs::read(disk).unwrap();
-    let s = (1 + n % 64) as usize * 512;
-    let sector = &data[s..s + 512];
-    assert_eq!(sector[..8], n.to_le_bytes(), "sector of iteration {n}");
-    for (j, b) in sector.iter().enumerate().skip(8) {
-        assert_eq!(
-            *b,
-            (n + j as u64) as u8,
-            "byte {j} of iteration {n}'s sector"
-        );
-    }
+/// vblkloop's sector pattern for iteration `n`: bytes 0..8 = n, byte j = n + j.
+fn pattern(n: u64) -> Vec<u8> {
+    let mut v = n.to_le_bytes().to_vec();
+    v.extend((8..512u64).map(|j| (n + j) as u8));
+    v
+}
+
+/// vblkloop with `stride=STRIDE`: iteration n writes sector 1 + (n % 64) * STRIDE.
+const STRIDE: u64 = 128;
+
+fn sector_of(n: u64) -> usize {
+    (1 + (n % 64) * STRIDE) as usize * 512
+}
+
+/// The iteration whose pattern `sector` holds, if any.
+fn iteration_in(sector: &[u8]) -> Option<u64> {
+    let n = u64::from_le_bytes(sector[..8].try_into().unwrap());
+    (sector == pattern(n).as_slice()).then_some(n)
 }
 
 #[test]
-fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
+fn copy_storage_mirrors_a_disk_the_guest_writes_during_the_migration() {
     need!();
     let h = Hosts::new("s", 84);
     let vblkloop = guest("vblkloop").unwrap();
-    // The disk lives only in the source's directory: the target gets its own copy.
+    // The disk lives only in the source's directory: the target gets its own copy. 8 MiB of
+    // data the first pass must carry (the guest's 64 sectors lie in its first 4 MiB, 64 KiB
+    // apart: one per dirty chunk), then a hole that need not travel, and a marker in it.
     let disk = h.a.dir.0.join("private.raw");
-    let mut data = vec![0u8; 4 << 20];
-    // Beyond vblkloop's sectors: must arrive as is; the zero megabytes between need not travel.
-    data[3 << 20..(3 << 20) + 4096].fill(0xa5);
+    let mut data = vec![0u8; 32 << 20];
+    for (i, b) in data[..8 << 20].iter_mut().enumerate() {
+        *b = (i / 4096) as u8 | 1;
+    }
+    data[24 << 20..(24 << 20) + 4096].fill(0xa5);
     std::fs::write(&disk, &data).unwrap();
     h.a.ok(
         Method::POST,
         "/v1/vms",
         Some(
-            &json!({"name": "s", "kernel": vblkloop, "cmdline": "spin=200000",
+            &json!({"name": "s", "kernel": vblkloop,
+                    "cmdline": format!("spin=20000000 stride={STRIDE}"),
                     "disks": [{"path": disk}], "start": true})
             .to_string(),
         ),
     );
-    wait_console_until(&h.a, "s", |t| counts(t).len() >= 10);
+    wait_console_until(&h.a, "s", |t| counts(t).len() >= 3);
     let mut follower = follow(&h.a, "s");
     let out = h.a.cli(&[
         "--json",
@@ -393,31 +418,89 @@ fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
         h.a.log(),
         h.b.log()
     );
+    // Stop the guest there at once: the copy must equal the source's disk as it was at the
+    // hand-over, except for what the guest wrote on the target since.
+    h.b.ok(Method::POST, "/v1/vms/s/pause", None);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("report: {report}");
     assert_eq!(report["target_confirmed"], true, "{report}");
     let st = &report["storage"];
     assert_eq!(st["disks"], 1, "{report}");
-    assert_eq!(st["bytes"], 4 << 20, "{report}");
+    assert_eq!(st["bytes"], 32 << 20, "{report}");
     let sent = st["bytes_sent"].as_u64().unwrap();
     assert!(
-        (4096..1 << 20).contains(&sent),
-        "zero blocks were sent: {report}"
+        ((8 << 20) + 4096..16 << 20).contains(&sent),
+        "the hole was sent, or the data was not: {report}"
     );
-    assert!(st["guest_paused_ms"].as_f64().unwrap() >= st["copy_ms"].as_f64().unwrap());
+    // The guest wrote meanwhile: chunks went again after the first pass.
+    let again: u64 = st["chunks_per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(again > 0, "{report}");
     // The target's record points at its own copy, under its state directory.
     let v = h.b.ok(Method::GET, "/v1/vms/s", None);
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["state"], "paused", "{v}");
     let copy = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
     assert!(copy.starts_with(h.b.state_dir()), "{v}");
-    assert_ne!(copy, disk);
     assert!(disk.exists(), "the source's disk stays");
-    // The count goes on without gap or repeat, and the guest's read-backs on the target's copy
-    // (it checks the sectors written before the move) pass.
     let mut before = String::new();
     std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut before).unwrap();
     follower.wait().unwrap();
     let last_before = *counts(&before).last().unwrap();
-    let after = wait_console_until(&h.b, "s", |t| counts(t).len() >= 80);
+    let last_there = counts(&console(&h.b, "s")).last().copied();
+    let src = std::fs::read(&disk).unwrap();
+    let got = std::fs::read(&copy).unwrap();
+    assert_eq!(got.len(), src.len());
+    // Every sector the guest writes: the source's (final) content, or a later iteration the
+    // guest ran on the target. The source's is its latest iteration's.
+    let mut same = 0;
+    for k in 0..64u64 {
+        let at = sector_of(k);
+        let (s, g) = (&src[at..at + 512], &got[at..at + 512]);
+        // A sector the guest has not reached yet holds the original data.
+        let n_src = iteration_in(s);
+        match n_src {
+            Some(n) => assert!(
+                n + 64 > last_before && n <= last_before + 1,
+                "source sector {k}: iteration {n}, last count {last_before}"
+            ),
+            None => assert!(
+                s == &data[at..at + 512] && last_before < 64,
+                "source sector {k} holds neither a pattern nor the original data"
+            ),
+        }
+        if s == g {
+            same += 1;
+            continue;
+        }
+        let n = iteration_in(g).unwrap_or_else(|| panic!("copy's sector {k} holds no pattern"));
+        assert!(
+            n > last_before && n % 64 == k && last_there.is_none_or(|l| n <= l + 1),
+            "copy's sector {k} holds iteration {n}, source's {n_src:?}, last count here {last_before}, there {last_there:?}"
+        );
+    }
+    assert!(
+        same > 32,
+        "the guest ran too far on the target to compare ({same} sectors)"
+    );
+    // Everything else is the source's, byte for byte.
+    let mut masked = (src.clone(), got.clone());
+    for k in 0..64u64 {
+        let at = sector_of(k);
+        masked.0[at..at + 512].fill(0);
+        masked.1[at..at + 512].fill(0);
+    }
+    assert!(
+        masked.0 == masked.1,
+        "the copy differs from the source's disk"
+    );
+    assert_eq!(got[24 << 20..(24 << 20) + 4096], [0xa5u8; 4096]);
+    // The guest goes on there: the count without gap or repeat, its read-backs pass.
+    h.b.ok(Method::POST, "/v1/vms/s/resume", None);
+    let after = wait_console_until(&h.b, "s", |t| counts(t).len() >= 5);
     let joined = without_vmm_lines(&format!("{before}{after}"));
     assert!(!joined.contains("FAIL"), "{joined}");
     let c = counts(&joined);
@@ -425,21 +508,10 @@ fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
         c.windows(2).all(|w| w[1] == w[0] + 1),
         "the count has a gap or repeat:\n{joined}"
     );
-    // Stopped, the copy holds what the guest wrote there, and the untouched data.
+    // Deleting it there removes the copy with it.
     let out = h.b.cli(&["stop", "s", "--timeout", "2s"]);
     assert!(out.status.success(), "{out:?}");
     h.b.wait_state("s", "stopped", Duration::from_secs(10));
-    let last = *counts(&console(&h.b, "s")).last().unwrap();
-    assert!(last > last_before + 64, "{last} {last_before}");
-    assert_disk_holds(&copy, last);
-    let got = std::fs::read(&copy).unwrap();
-    assert_eq!(got.len(), data.len());
-    assert_eq!(
-        got[1 << 20..],
-        data[1 << 20..],
-        "the copy beyond the guest's sectors"
-    );
-    // Deleting it there removes the copy with it.
     h.b.ok(Method::DELETE, "/v1/vms/s", None);
     assert!(
         !copy.exists(),
@@ -543,6 +615,15 @@ fn a_copy_storage_migration_cut_short_resumes_the_source_and_the_target_drops_it
     let n = counts(&console(&h.a, "k")).len();
     let text = wait_console_until(&h.a, "k", |t| counts(t).len() > n + 3);
     assert!(!text.contains("FAIL"), "{text}");
+    // The source's disk is as the guest left it: past its 64 sectors, the original bytes.
+    let mut f = std::fs::File::open(&disk).unwrap();
+    let mut probe = vec![0u8; 1 << 20];
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(700 << 20)).unwrap();
+    std::io::Read::read_exact(&mut f, &mut probe).unwrap();
+    assert!(
+        probe.iter().all(|&b| b == 0x11),
+        "the source's disk changed"
+    );
     // The target gave up (its reads time out) and removed the VM's directory with the copy.
     assert_clean(&h.b, "k");
     assert_eq!(h.b.ok(Method::GET, "/v1/vms", None), json!([]));

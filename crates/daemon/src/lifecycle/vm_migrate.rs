@@ -4,14 +4,17 @@
 //! `corefour daemon --migration-listen ADDR:PORT`), one JSON object per line:
 //! ```text
 //! source daemon                              target daemon
-//! PREPARE {version, spec, copy_storage} ->   checks name, room, version, disks, MACs
-//! (copy_storage: <- SEND_DISKS; the source pauses the guest; DISK frames -> into the VM's dir)
+//! PREPARE {version, spec, copy_storage,
+//!          disks}                      ->    checks name, room, version, disks, MACs
+//!                                            (copy_storage: creates empty copies of the
+//!                                            announced disks in the VM's dir, see `disks`)
 //!                                            makes taps with the guest's MACs in its bridges;
 //!                                            spawns `corefour vmm --incoming IP:PORT --config`
 //!                                            (its config: local disk paths, taps; registers
 //!                                            nothing)
 //!                                      <-    READY {vmm_addr} | REFUSE {reason}
-//! (the source VMM migrates straight to vmm_addr: PUT /vm/migrate, see corefour_vmm::migration)
+//! (the source VMM migrates straight to vmm_addr: PUT /vm/migrate, see corefour_vmm::migration;
+//!  with copy_storage it mirrors the disks live in the same stream)
 //! COMMIT                               ->    waits until its VMM runs the guest, then registers
 //!                                      <-    REGISTERED | REFUSE {reason}
 //! or ABORT {reason}                    ->    kills its VMM, removes everything it made
@@ -44,7 +47,8 @@ mod disks;
 pub use disks::StorageReport;
 
 /// The daemons' migration protocol version (the VMMs' stream has its own).
-pub const MIGRATION_VERSION: u32 = 1;
+/// 2: live disk mirroring (PREPARE announces the disks; no SEND_DISKS/DISK messages).
+pub const MIGRATION_VERSION: u32 = 2;
 /// The port `--migration-listen` and `vm migrate --to HOST` use when none is given.
 pub const DEFAULT_MIGRATION_PORT: u16 = 4747;
 /// The marker in the VM's directory that makes the shim run `vmm --incoming ADDR`.
@@ -69,7 +73,7 @@ pub struct MigrateRequest {
     #[serde(default)]
     pub io_timeout_ms: Option<u64>,
     /// Copy every writable disk to the target (under its state directory) instead of
-    /// expecting shared storage. The guest is paused while the disks copy.
+    /// expecting shared storage: mirrored while the guest runs.
     #[serde(default)]
     pub copy_storage: bool,
 }
@@ -86,16 +90,12 @@ enum Msg {
         /// The sender's corefour version, for the refusal message.
         corefour: String,
         spec: Box<VmCreate>,
-        /// The writable disks follow as DISK frames once the target says SEND_DISKS.
+        /// The writable disks are mirrored by the VMMs into copies the target creates.
         #[serde(default)]
         copy_storage: bool,
-    },
-    /// The target took the VM's name and has room: the source pauses and sends the disks.
-    SendDisks,
-    /// One writable disk of `size` bytes follows as binary extents (see `send_disk`).
-    Disk {
-        index: usize,
-        size: u64,
+        /// With `copy_storage`: the writable disks' formats and sizes.
+        #[serde(default)]
+        disks: Vec<disks::MirrorDisk>,
     },
     Ready {
         vmm_addr: String,
@@ -214,7 +214,7 @@ pub struct MigrateReport {
     pub vmm: serde_json::Value,
     /// Whether the target daemon confirmed that it registered the VM.
     pub target_confirmed: bool,
-    /// With `--copy-storage`: what the disk copy moved and how long the guest was paused.
+    /// With `--copy-storage`: what the disk mirror moved and how long the guest was paused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageReport>,
 }
@@ -244,9 +244,11 @@ impl Daemon {
                 "migration of {name:?} to {to} failed, it keeps running here: {why}"
             ))
         };
-        if req.copy_storage {
-            disks::check_copyable(&rec.spec).map_err(refused)?;
-        }
+        let mirrored = if req.copy_storage {
+            disks::describe(&rec.spec).map_err(refused)?
+        } else {
+            Vec::new()
+        };
         let stream = tokio::time::timeout(CONTROL_TIMEOUT, TcpStream::connect(&to))
             .await
             .map_err(|_| refused(format!("no connection within {CONTROL_TIMEOUT:?}")))?
@@ -268,57 +270,19 @@ impl Daemon {
             corefour: env!("CARGO_PKG_VERSION").into(),
             spec: Box::new(spec),
             copy_storage: req.copy_storage,
+            disks: mirrored,
         })
         .await
         .map_err(|e| refused(e.to_string()))?;
-        // With --copy-storage the guest stays paused from here until it runs on the target
-        // (or, on any failure, resumes here).
-        let mut paused_at = None;
-        let mut storage = None;
-        if req.copy_storage {
-            match c.recv(CONTROL_TIMEOUT).await {
-                Ok(Msg::SendDisks) => {}
-                Ok(Msg::Refuse { reason }) => {
-                    return Err(refused(format!("the target refused: {reason}")))
-                }
-                Ok(other) => return Err(refused(format!("the target answered {other:?}"))),
-                Err(e) => return Err(refused(format!("the target did not answer: {e}"))),
-            }
-            if rec.state == corefour_api::VmState::Running {
-                self.vmm_put(name, "/vm/pause")
-                    .await
-                    .map_err(|e| refused(format!("cannot pause it for the disk copy: {e}")))?;
-                paused_at = Some(Instant::now());
-            }
-            let io_timeout = req
-                .io_timeout_ms
-                .map_or(CONTROL_TIMEOUT, Duration::from_millis);
-            match disks::send_disks(&mut c, &rec.spec, io_timeout).await {
-                Ok(r) => storage = Some(r),
-                Err(why) => {
-                    // The link is likely stuck: a short try; the target's own timeout does the
-                    // rest.
-                    let abort = Msg::Abort {
-                        reason: why.clone(),
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), c.send(&abort)).await;
-                    self.unpause(name, paused_at.is_some()).await;
-                    return Err(refused(format!("copying the disks: {why}")));
-                }
-            }
-        }
         let vmm_addr = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Ready { vmm_addr }) => vmm_addr,
             Ok(Msg::Refuse { reason }) => {
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(format!("the target refused: {reason}")));
             }
             Ok(other) => {
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(format!("the target answered {other:?}")));
             }
             Err(e) => {
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(format!("the target did not get ready: {e}")));
             }
         };
@@ -326,6 +290,9 @@ impl Daemon {
         let mut body = serde_json::json!({"to": vmm_addr, "max_downtime_ms": req.max_downtime_ms});
         if let Some(t) = req.io_timeout_ms {
             body["io_timeout_ms"] = t.into();
+        }
+        if req.copy_storage {
+            body["copy_storage"] = true.into();
         }
         let res = crate::client::call(
             &self.api_sock(name),
@@ -350,7 +317,6 @@ impl Daemon {
                         reason: why.clone(),
                     })
                     .await;
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(why));
             }
             Err(e) => {
@@ -360,13 +326,12 @@ impl Daemon {
                         reason: why.clone(),
                     })
                     .await;
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(why));
             }
         };
-        if let (Some(s), Some(t)) = (storage.as_mut(), paused_at) {
-            s.guest_paused_ms = disks::ms(t.elapsed());
-        }
+        let storage = req
+            .copy_storage
+            .then(|| StorageReport::from_vmm(&vmm_report));
         // The guest runs on the target now; this VMM exits on its own.
         let confirmed = match c.send(&Msg::Commit).await {
             Ok(()) => match c.recv(CONTROL_TIMEOUT + SETTLE_TIMEOUT).await {
@@ -396,16 +361,6 @@ impl Daemon {
             target_confirmed: confirmed,
             storage,
         })
-    }
-
-    /// Resumes a guest this migration paused for its disk copy (the VMM's own failure path
-    /// may have resumed it already; that answer is fine too).
-    async fn unpause(&self, name: &str, paused: bool) {
-        if paused {
-            if let Err(e) = self.vmm_put(name, "/vm/resume").await {
-                tracing::debug!(vm = name, "resume after a failed migration: {e}");
-            }
-        }
     }
 
     async fn after_unconfirmed(
@@ -491,12 +446,13 @@ impl Daemon {
     async fn incoming(self: Arc<Self>, s: TcpStream, peer: String) {
         let local_ip = s.local_addr().map(|a| a.ip());
         let mut c = Control::new(s);
-        let (spec, theirs, copy_storage) = match c.recv(CONTROL_TIMEOUT).await {
+        let (spec, theirs, copy) = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Prepare {
                 version,
                 corefour,
                 spec,
                 copy_storage,
+                disks,
             }) => {
                 if version != MIGRATION_VERSION {
                     let reason = format!(
@@ -507,7 +463,7 @@ impl Daemon {
                     let _ = c.send(&Msg::Refuse { reason }).await;
                     return;
                 }
-                (spec, corefour, copy_storage)
+                (spec, corefour, copy_storage.then_some(disks))
             }
             Ok(other) => {
                 let reason = format!("expected PREPARE, got {other:?}");
@@ -539,7 +495,7 @@ impl Daemon {
             }
         };
         let mut p = match self
-            .prepare_incoming(*spec, local_ip, copy_storage.then_some(&mut c))
+            .prepare_incoming(*spec, local_ip, copy.as_deref())
             .await
         {
             Ok(p) => p,
@@ -621,13 +577,13 @@ impl Daemon {
     }
 
     /// Checks the target can take the VM and starts its VMM waiting for the memory.
-    /// With `copy` (the source's control connection) the writable disks are received into the
-    /// VM's directory first, and the VM's config points at those copies.
+    /// With `copy` (the disks the source mirrors) empty copies of the writable disks are made
+    /// in the VM's directory, and the VM's config points at them.
     async fn prepare_incoming(
         &self,
         mut spec: VmCreate,
         local_ip: std::net::IpAddr,
-        copy: Option<&mut Control>,
+        copy: Option<&[disks::MirrorDisk]>,
     ) -> Result<(Pending, String), DaemonError> {
         validate_name(&spec.name)?;
         let name = spec.name.clone();
@@ -701,15 +657,10 @@ impl Daemon {
             let _ = remove_dir_if_exists(&dir);
             e
         };
-        if let Some(c) = copy {
-            let sent = c.send(&Msg::SendDisks).await;
-            let got = match sent {
-                Ok(()) => disks::receive_disks(c, &mut spec, &dir).await,
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(why) = got {
+        if let Some(announced) = copy {
+            if let Err(why) = disks::create_copies(announced, &mut spec, &dir) {
                 return Err(undo(DaemonError::Conflict(format!(
-                    "copying the disks failed: {why}"
+                    "cannot make the disk copies: {why}"
                 ))));
             }
         }

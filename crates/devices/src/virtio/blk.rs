@@ -16,11 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestMemoryMmap, Permissions};
 
-use super::chain::{self, Chain, Outcome};
+use super::chain::{self, Chain};
 use super::rate_limiter::{RateLimit, RateLimiter};
+use super::ring::SplitRing;
 use super::state::{DeviceSnap, QueueSnap, StateError};
 use super::worker::Poller;
 use super::{
@@ -85,7 +85,7 @@ pub enum BlockError {
 
 /// A non-raw image shared between the device and its handler; the format layer keeps
 /// metadata caches that need exclusive access, hence the lock.
-type SharedImage = Arc<Mutex<corefour_disk::Image>>;
+type SharedImage = super::blk_dirty::SharedImage;
 
 /// File name endings whose contents are probed for an image format. Any other file is raw,
 /// whatever it holds: a guest can write a qcow2 header naming a host file as its backing file
@@ -272,9 +272,11 @@ impl Block {
             Some(img) => corefour_disk::DiskSize::size(img),
             None => len as u64,
         };
+        let image = image.map(|i| Arc::new(Mutex::new(i)));
+        super::blk_dirty::register(file.as_raw_fd(), &config.path, bytes, image.clone());
         Ok(Self {
             file: Arc::new(file),
-            image: image.map(|i| Arc::new(Mutex::new(i))),
+            image,
             sectors: bytes / SECTOR_SIZE,
             read_only,
             direct: config.direct,
@@ -328,8 +330,8 @@ impl VirtioDevice for Block {
             .next()
             .ok_or(ActivateError::QueueCount { got: 0, want: 1 })?;
         Ok(Box::new(BlockHandler {
+            ring: SplitRing::new(queue, &a.mem),
             mem: a.mem,
-            queue,
             interrupt: a.interrupt,
             file: self.file.clone(),
             image: self.image.clone(),
@@ -385,7 +387,7 @@ impl VirtioDevice for Block {
 
 pub struct BlockHandler {
     mem: GuestMemoryMmap,
-    queue: Queue,
+    ring: SplitRing,
     interrupt: Arc<Interrupt>,
     file: Arc<File>,
     image: Option<SharedImage>,
@@ -413,48 +415,70 @@ unsafe impl Send for Scratch {}
 struct Throttled(Duration);
 
 impl BlockHandler {
+    /// Serves every available chain. Driver notifications stay off until the worker sleeps
+    /// (`before_sleep`): a driver adding requests while the device works or polls need not
+    /// kick it.
     fn process(&mut self) -> Result<(), DeviceError> {
         let Self {
             mem,
-            queue,
+            ring,
             file,
             limiter,
             scratch,
+            interrupt,
             ..
         } = self;
+        // A raw disk the VMM switched to an image (a snapshot's overlay) while parked.
+        let reopened = super::blk_dirty::reopened(file.as_raw_fd());
         let req = RequestCtx {
             mem,
             file,
-            image: self.image.as_ref(),
+            image: self.image.as_ref().or(reopened.as_ref()),
             sectors: self.sectors,
             read_only: self.read_only,
             direct: self.direct,
             serial: &self.serial,
         };
-        let mut throttle = None;
-        let notify = chain::process_queue(
-            queue,
-            mem,
-            0,
-            |c: DescriptorChain<&GuestMemoryMmap>| match req.handle(c, limiter, scratch) {
-                Ok(len) => Outcome::Done(len),
-                Err(Throttled(d)) => {
-                    throttle = Some(Instant::now() + d);
-                    Outcome::Retry
+        ring.disable_notification();
+        let event_idx = ring.event_idx();
+        let mut result = Ok(());
+        loop {
+            match ring.pop(&mut scratch.chain) {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(source) => {
+                    result = Err(DeviceError::Queue { queue: 0, source });
+                    break;
                 }
-            },
-        )?;
-        self.throttled_until = throttle;
-        if notify {
-            self.interrupt.signal_used();
+            }
+            match req.handle(limiter, scratch) {
+                Ok(len) => {
+                    ring.add_used(scratch.chain.head, len);
+                    // With event idx the driver names the completion it wants to hear about
+                    // (Linux: the next one; a batching driver: the one that frees a batch).
+                    // Telling it at once lets it refill the ring while the device works on
+                    // the rest, instead of both taking turns.
+                    if event_idx && ring.needs_notification() {
+                        interrupt.signal_used();
+                    }
+                }
+                Err(Throttled(d)) => {
+                    ring.undo_pop();
+                    self.throttled_until = Some(Instant::now() + d);
+                    break;
+                }
+            }
         }
-        Ok(())
+        if ring.needs_notification() {
+            interrupt.signal_used();
+        }
+        result
     }
 }
 
 impl QueueHandler for BlockHandler {
     fn queue_states(&self) -> Vec<QueueSnap> {
-        vec![QueueSnap::of(&self.queue)]
+        vec![self.ring.snap()]
     }
 
     fn queue_notified(&mut self, _queue: usize, _p: &Poller) -> Result<(), DeviceError> {
@@ -466,15 +490,11 @@ impl QueueHandler for BlockHandler {
     }
 
     fn pending_queue(&self) -> Option<usize> {
-        use virtio_queue::QueueT;
-        if self.throttled_until.is_some() {
-            return None;
-        }
-        let avail = self
-            .queue
-            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
-            .ok()?;
-        (avail.0 != self.queue.next_avail()).then_some(0)
+        (self.throttled_until.is_none() && self.ring.pending()).then_some(0)
+    }
+
+    fn before_sleep(&mut self) -> bool {
+        self.ring.enable_notification() && self.throttled_until.is_none()
     }
 
     fn next_timer(&self) -> Option<Duration> {
@@ -499,14 +519,9 @@ struct RequestCtx<'a> {
 }
 
 impl RequestCtx<'_> {
-    /// Runs one request; returns the bytes written into the chain (data + status byte).
-    fn handle(
-        &self,
-        c: DescriptorChain<&GuestMemoryMmap>,
-        limiter: &mut RateLimiter,
-        scratch: &mut Scratch,
-    ) -> Result<u32, Throttled> {
-        scratch.chain.parse_into(self.mem, c);
+    /// Runs the request in `scratch.chain`; returns the bytes written into the chain (data +
+    /// status byte).
+    fn handle(&self, limiter: &mut RateLimiter, scratch: &mut Scratch) -> Result<u32, Throttled> {
         let Scratch { chain, iov } = scratch;
         let chain = &*chain;
         let wlen = chain.writable_len();
@@ -550,7 +565,11 @@ impl RequestCtx<'_> {
                 }
             },
             T_OUT if self.read_only => (S_IOERR, 0),
-            T_OUT => (status_of(self.write(chain, sector, data_r, iov)), 0),
+            T_OUT => {
+                let r = self.write(chain, sector, data_r, iov);
+                mark_written(self.file, sector.saturating_mul(SECTOR_SIZE), data_r as u64);
+                (status_of(r), 0)
+            }
             T_FLUSH if self.read_only => (S_OK, 0),
             T_FLUSH if self.image.is_some() => (status_of(self.with_writer(|w| w.flush())), 0),
             // SAFETY: fdatasync on an fd we own.
@@ -667,7 +686,9 @@ impl RequestCtx<'_> {
             let off = self.check_range(sector, bytes as usize)?;
             let unmap = ty == T_DISCARD || flags & 1 != 0;
             if self.image.is_some() {
-                self.image_zero(off, bytes, unmap)?;
+                let r = self.image_zero(off, bytes, unmap);
+                mark_written(self.file, off, bytes);
+                r?;
                 continue;
             }
             let mode = if unmap {
@@ -679,15 +700,17 @@ impl RequestCtx<'_> {
             let r = cvt(unsafe {
                 libc::fallocate64(self.file.as_raw_fd(), mode, off as i64, bytes as i64)
             });
-            match r {
-                Ok(()) => {}
+            let r = match r {
+                Ok(()) => Ok(()),
                 // Discard is a hint: a file system without hole punching just keeps the data.
-                Err(e) if ty == T_DISCARD && e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) if ty == T_DISCARD && e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                    write_zeroes(self.file, off, bytes)?
+                    write_zeroes(self.file, off, bytes)
                 }
-                Err(e) => return Err(e),
-            }
+                Err(e) => Err(e),
+            };
+            mark_written(self.file, off, bytes);
+            r?;
         }
         Ok(())
     }
@@ -729,6 +752,12 @@ impl RequestCtx<'_> {
         }
         Ok(())
     }
+}
+
+/// The dirty-tracking hook (see `blk_dirty`): after the backend returned.
+#[inline]
+fn mark_written(file: &File, off: u64, len: u64) {
+    super::blk_dirty::mark(file.as_raw_fd(), off, len);
 }
 
 fn lock(img: &SharedImage) -> io::Result<std::sync::MutexGuard<'_, corefour_disk::Image>> {
@@ -888,10 +917,15 @@ pub(crate) fn rw_all(
         let cnt = (iov.len() - start).min(libc::UIO_MAXIOV as usize) as libc::c_int;
         // SAFETY: the iovecs point into guest memory checked by `chain::iovecs` and kept
         // mapped by the handler's GuestMemoryMmap for the duration of the call.
+        // One buffer (most requests: Linux gives a 4 KiB page as one descriptor) goes through
+        // pread/pwrite, which skip preadv's iovec import.
         let n = unsafe {
-            match dir {
-                Dir::Read => libc::preadv64(fd, iov[start..].as_ptr(), cnt, off as i64),
-                Dir::Write => libc::pwritev64(fd, iov[start..].as_ptr(), cnt, off as i64),
+            let v = &iov[start];
+            match (dir, cnt) {
+                (Dir::Read, 1) => libc::pread64(fd, v.iov_base, v.iov_len, off as i64),
+                (Dir::Write, 1) => libc::pwrite64(fd, v.iov_base, v.iov_len, off as i64),
+                (Dir::Read, _) => libc::preadv64(fd, iov[start..].as_ptr(), cnt, off as i64),
+                (Dir::Write, _) => libc::pwritev64(fd, iov[start..].as_ptr(), cnt, off as i64),
             }
         };
         if n < 0 {
