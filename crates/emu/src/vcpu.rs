@@ -36,10 +36,19 @@ pub struct EmuVcpu {
     jit_full: bool,
     /// Executable memory could not be had: the JIT stays off for this vCPU.
     jit_broken: bool,
-    /// Translated code just left through chain slot `.0` for RIP `.1`, from a block of page
-    /// and version `.2` run at CPL 3 or not (`.3`): if the next block is translated and on
-    /// the same page and version, the slot is pointed at it.
-    chain_from: Option<(u32, u64, (usize, u32, u64), bool)>,
+    /// Translated code just left through a chain slot: if the next block is translated and
+    /// on the same page and version, the slot is pointed at it.
+    chain_from: Option<ChainFrom>,
+}
+
+struct ChainFrom {
+    slot: u32,
+    /// The RIP the slot's exit goes to.
+    rip: u64,
+    /// `Block::page` of the block the code was entered by.
+    page: (usize, u32, u64),
+    /// Translated for CPL 3.
+    user: bool,
 }
 
 /// The serialised form of a vCPU for snapshots.
@@ -333,7 +342,13 @@ impl EmuVcpu {
         }
         self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
         let bp = b as *const crate::decode::Block;
-        if let Some((slot, rip, page, user)) = self.chain_from.take() {
+        if let Some(ChainFrom {
+            slot,
+            rip,
+            page,
+            user,
+        }) = self.chain_from.take()
+        {
             let (vp, ver, lin) = b.page();
             if b.rip == rip && vp == page.0 && ver == page.1 && (lin ^ page.2) < 0x1000 {
                 if let (Some(j), Some(buf)) = (b.jit.get(), self.jit_buf.as_mut()) {
@@ -392,7 +407,12 @@ impl EmuVcpu {
                 // only takes over here when RIP is this block's instruction `k`.
                 if b.ins.get(k).is_none_or(|o| o.i.ip() != self.cpu.rip) {
                     if slot != 0 {
-                        self.chain_from = Some((slot, self.cpu.rip, b.page(), user));
+                        self.chain_from = Some(ChainFrom {
+                            slot,
+                            rip: self.cpu.rip,
+                            page: b.page(),
+                            user,
+                        });
                     }
                     self.cache.ran(bp);
                     return None;
