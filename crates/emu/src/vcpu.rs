@@ -391,6 +391,7 @@ impl EmuVcpu {
                 // Always through `jit_flags`: blocks chained behind this one may use them.
                 self.cpu.jit_flags = (self.cpu.flags() & flags::ARITH) | 2;
                 let before = self.cpu.icount;
+                self.cpu.prof.jit_runs += 1;
                 // SAFETY: `entry` is code this vCPU's translator made for this block (still
                 // valid: the lookup checked its page version) and the buffer holding it is
                 // alive (it is only reset after the cache is cleared). It reads and writes

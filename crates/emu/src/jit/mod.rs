@@ -51,10 +51,6 @@ pub struct Jit {
     pub ops: u32,
     /// Translated for CPL 3 (the user TLB set) or not.
     pub user: bool,
-    /// Whether the code reads or writes the arithmetic flags (they then go through `jit_flags`).
-    pub flags: bool,
-    /// The covered instructions end with a branch that set RIP.
-    pub branch: bool,
     /// Where a chained predecessor enters (Cpu pointer in RDI, callee-saved registers
     /// already pushed by the first block of the chain).
     pub chain: u64,
@@ -916,7 +912,6 @@ pub fn translate<'a>(
     let mut fac = InstructionInfoFactory::new();
     let mut plans = Vec::new();
     let mut union = 0u16;
-    let mut flags = false;
     for i in ins.clone() {
         let Some(pl) = classify(i, &mut fac, smp) else {
             break;
@@ -926,7 +921,6 @@ pub fn translate<'a>(
             break;
         }
         union |= pl.used;
-        flags |= pl.need_flags || pl.sets_flags;
         let end = matches!(pl.kind, Kind::Jmp | Kind::Jcc | Kind::Call | Kind::Ret);
         plans.push(pl);
         if end {
@@ -953,17 +947,10 @@ pub fn translate<'a>(
     // SAFETY: `at` holds code assembled for this address that follows the sysv64 ABI: it
     // saves the callee-saved registers it uses, leaves RSP balanced and DF clear.
     let entry: EntryFn = unsafe { std::mem::transmute::<*const u8, EntryFn>(at) };
-    let branch = ops as usize == plans.len()
-        && matches!(
-            plans.last().map(|p| p.kind),
-            Some(Kind::Jmp | Kind::Jcc | Kind::Call | Kind::Ret)
-        );
     Some(Jit {
         entry,
         ops,
         user,
-        flags,
-        branch,
         chain: a.chain,
     })
 }
