@@ -214,6 +214,12 @@ impl Block {
     pub fn page(&self) -> (usize, u32, u64) {
         (self.ver_ptr as usize, self.ver, self.lin)
     }
+
+    /// The host address of the block's first byte.
+    #[inline]
+    pub fn host(&self) -> u64 {
+        self.src as u64
+    }
 }
 
 impl Cache {

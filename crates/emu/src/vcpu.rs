@@ -13,6 +13,7 @@ use crate::cpu::*;
 use crate::decode::Cache;
 use crate::flags;
 use crate::jit::buf::CodeBuf;
+use crate::mmu::TLB_SIZE;
 use crate::platform::lapic::Lapic;
 use crate::vm::{Kicker, Link, Shared};
 
@@ -49,6 +50,8 @@ struct ChainFrom {
     page: (usize, u32, u64),
     /// Translated for CPL 3.
     user: bool,
+    /// The slot is a guarded record (any page; see `jit::Tr::guarded`).
+    guarded: bool,
 }
 
 /// The serialised form of a vCPU for snapshots.
@@ -100,8 +103,10 @@ impl EmuVcpu {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if !Arc::ptr_eq(&mem, &self.cpu.env.mem) {
-            // The cache holds pointers into the old map: drop it before the map goes.
+            // The cache holds pointers into the old map: drop it before the map goes, and
+            // the translated code with it (guarded records point at version words).
             self.cache.clear();
+            self.jit_full = true;
             self.cpu.env.mem = mem;
         }
         self.cpu.tlb.flush_all();
@@ -347,10 +352,28 @@ impl EmuVcpu {
             rip,
             page,
             user,
+            guarded,
         }) = self.chain_from.take()
         {
             let (vp, ver, lin) = b.page();
-            if b.rip == rip && vp == page.0 && ver == page.1 && (lin ^ page.2) < 0x1000 {
+            let same_user = user == (self.cpu.cpl == 3);
+            if guarded && b.rip == rip && b.cached() && b.bits == 64 && same_user {
+                // The record checks the code TLB entry and the page version itself.
+                let e = &self.cpu.tlb.x[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+                if let (Some(j), Some(buf)) = (b.jit.get(), self.jit_buf.as_mut()) {
+                    if j.user == user
+                        && e.exec == lin & !0xfff
+                        && lin.wrapping_add(e.addend) == b.host()
+                    {
+                        buf.set_record(slot, j.chain, rip, e.addend, (vp, ver));
+                    }
+                }
+            } else if !guarded
+                && b.rip == rip
+                && vp == page.0
+                && ver == page.1
+                && (lin ^ page.2) < 0x1000
+            {
                 if let (Some(j), Some(buf)) = (b.jit.get(), self.jit_buf.as_mut()) {
                     if j.user == user && j.user == (self.cpu.cpl == 3) {
                         buf.set_slot(slot, j.chain);
@@ -398,7 +421,7 @@ impl EmuVcpu {
                 // only the `Cpu` it is given and guest RAM through TLB entries, as the
                 // interpreter would.
                 let ret = unsafe { (j.entry)(&mut self.cpu) };
-                let (k, slot) = crate::jit::split_ret(ret);
+                let (k, slot, guarded) = crate::jit::split_ret(ret);
                 self.cpu.rflags =
                     (self.cpu.rflags & !flags::ARITH) | (self.cpu.jit_flags & flags::ARITH);
                 // The code counted what it retired into icount itself (it may loop).
@@ -413,6 +436,7 @@ impl EmuVcpu {
                             rip: self.cpu.rip,
                             page: b.page(),
                             user,
+                            guarded,
                         });
                     }
                     self.cache.ran(bp);

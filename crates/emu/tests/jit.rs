@@ -281,3 +281,48 @@ fn flags_carry_across_chained_blocks() {
         assert_eq!(m.regs().rdx, 1, "threshold {threshold}");
     }
 }
+
+/// A hot loop calls a function on another page; halfway through, the page is remapped to
+/// other code (new PDE + INVLPG). Translated calls and returns jump between pages only while
+/// the code TLB still maps the target to the host page they were linked for.
+#[test]
+fn remapped_call_target_is_seen_by_translated_calls() {
+    const FUNC: u64 = 0x3c_0000;
+    const PDE: u64 = PML4 + 0x2000 + 8; // maps 0x200000..0x400000
+    let prog = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        let mut skip = a.create_label();
+        a.xor(ebx, ebx).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.call(FUNC).unwrap();
+        a.add(ebx, eax).unwrap();
+        a.inc(ecx).unwrap();
+        a.cmp(ecx, 50).unwrap();
+        a.jne(skip).unwrap();
+        // 0x200000.. now maps physical 0..: FUNC runs the code at physical 0x1c0000.
+        a.mov(rax, PDE).unwrap();
+        a.mov(qword_ptr(rax), 0x87).unwrap();
+        a.mov(rax, FUNC).unwrap();
+        a.invlpg(byte_ptr(rax)).unwrap();
+        a.set_label(&mut skip).unwrap();
+        a.cmp(ecx, 100).unwrap();
+        a.jne(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let one = asm64(FUNC, |a| {
+        a.mov(eax, 1u32).unwrap();
+        a.ret().unwrap();
+    });
+    let two = asm64(FUNC, |a| {
+        a.mov(eax, 2u32).unwrap();
+        a.ret().unwrap();
+    });
+    for threshold in [0, 1, 3] {
+        let mut m = machine(&prog, threshold);
+        m.ram.put(FUNC, &one);
+        m.ram.put(0x1c_0000, &two);
+        assert_eq!(m.run(), VmExit::Halt, "threshold {threshold}");
+        assert_eq!(m.regs().rbx, 50 + 50 * 2, "threshold {threshold}");
+    }
+}

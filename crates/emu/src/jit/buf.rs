@@ -80,6 +80,27 @@ impl CodeBuf {
         Some((n as u32, self.slot_addr(n as u32)))
     }
 
+    /// A guarded record: five slots (code, RIP, TLB addend, version word address, version),
+    /// first slot's number and address. Starts matching no RIP.
+    pub fn record(&mut self) -> Option<(u32, u64)> {
+        if self.slots + 5 > SLOTS {
+            return None;
+        }
+        let n = self.slots as u32;
+        self.slots += 5;
+        self.set_slot(n + 1, u64::MAX);
+        Some((n, self.slot_addr(n)))
+    }
+
+    /// Fills guarded record `n` to send its exit to `code` for `rip`.
+    pub fn set_record(&mut self, n: u32, code: u64, rip: u64, addend: u64, ver: (usize, u32)) {
+        self.set_slot(n + 1, rip);
+        self.set_slot(n + 2, addend);
+        self.set_slot(n + 3, ver.0 as u64);
+        self.set_slot(n + 4, ver.1 as u64);
+        self.set_slot(n, code);
+    }
+
     fn slot_addr(&self, n: u32) -> u64 {
         self.base as u64 + ARENA as u64 + 8 * n as u64
     }

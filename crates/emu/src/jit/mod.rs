@@ -27,8 +27,8 @@
 pub mod buf;
 
 use iced_x86::code_asm::{
-    eax, ecx, edx, get_gpr32, get_gpr64, qword_ptr, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi,
-    rsi, rsp, AsmMemoryOperand, AsmRegister32, AsmRegister64, CodeAssembler, CodeLabel,
+    dword_ptr, eax, ecx, edx, get_gpr32, get_gpr64, qword_ptr, r12, r13, r14, r15, rax, rbp, rbx,
+    rcx, rdi, rsi, rsp, AsmMemoryOperand, AsmRegister32, AsmRegister64, CodeAssembler, CodeLabel,
 };
 use iced_x86::IcedError;
 use iced_x86::{
@@ -56,10 +56,18 @@ pub struct Jit {
     pub chain: u64,
 }
 
+/// Marks a returned slot as a guarded record (see `Tr::guarded`).
+const GUARDED: u64 = 1 << 63;
+
 /// What translated code returned: instructions of the block retired in its last pass (the
-/// interpreter continues there) and, when it left through a chainable exit, that exit's slot.
-pub fn split_ret(r: u64) -> (usize, u32) {
-    ((r as u32) as usize, (r >> 32) as u32)
+/// interpreter continues there) and, when it left through a chainable exit, that exit's slot
+/// and whether it is a guarded record (a target on another page, or RET's last target).
+pub fn split_ret(r: u64) -> (usize, u32, bool) {
+    (
+        (r as u32) as usize,
+        ((r >> 32) & 0x7fff_ffff) as u32,
+        r & GUARDED != 0,
+    )
 }
 
 const ARITH: u32 = RflagsBits::OF
@@ -130,6 +138,10 @@ fn off_icount() -> i32 {
 
 fn off_poll_at() -> i32 {
     std::mem::offset_of!(Cpu, poll_at) as i32
+}
+
+fn off_tlb_x() -> i32 {
+    (std::mem::offset_of!(Cpu, tlb) + std::mem::offset_of!(Tlb, x)) as i32
 }
 
 fn off_rip() -> i32 {
@@ -537,6 +549,14 @@ impl Tr<'_> {
         };
         *busy &= !(1 << t);
         let mut ret = n as u64;
+        if (target ^ self.start_ip) >= 0x1000 {
+            // Another page: only through a guarded record (mapping and version checked).
+            let Some(v) = self.scratch(busy, false) else {
+                return Err(JitError::Limit("no scratch registers"));
+            };
+            self.a.mov(asm64(v), target)?;
+            return self.guarded(v, n, busy);
+        }
         if target == self.start_ip {
             self.a.mov(asm64(t), self.cpu(off_icount()))?;
             self.a.cmp(asm64(t), self.cpu(off_poll_at()))?;
@@ -557,6 +577,67 @@ impl Tr<'_> {
             ret |= (slot as u64) << 32;
         }
         self.set_rip(target, busy)?;
+        self.a.mov(rax, ret)?;
+        self.a.jmp(self.epi)?;
+        Ok(())
+    }
+
+    /// Leaves for the RIP in register `v` with `n` retired (already counted), jumping
+    /// straight into the translated block last seen there if the code TLB still maps that
+    /// page to the same host page and the page's code version is unchanged. Flags parked.
+    fn guarded(&mut self, v: usize, n: u32, busy: &mut u16) -> R {
+        let mut ret = n as u64;
+        // RDI takes the Cpu pointer before the jump through `u`: keep it out of t, u, w.
+        let rdi_was = *busy & (1 << 7);
+        *busy |= 1 << 7;
+        let regs = (
+            self.scratch(busy, false),
+            self.scratch(busy, false),
+            self.scratch(busy, false),
+        );
+        *busy = (*busy & !(1 << 7)) | rdi_was;
+        if let ((Some(t), Some(u), Some(w)), Some((slot, addr))) = (regs, self.buf.record()) {
+            let (vr, t, u, wr) = (asm64(v), asm64(t), asm64(u), asm64(w));
+            let w32 = get_gpr32(rename(Register::EAX, w)).unwrap_or(eax);
+            let esz = std::mem::size_of::<Entry>() as i32;
+            let set = if self.user { TLB_SIZE as i32 * esz } else { 0 };
+            let mut slow = self.a.create_label();
+            self.a.mov(t, self.cpu(off_icount()))?;
+            self.a.cmp(t, self.cpu(off_poll_at()))?;
+            self.a.jae(slow)?;
+            self.a.mov(u, addr)?;
+            self.a.cmp(vr, qword_ptr(u + 8))?;
+            self.a.jne(slow)?;
+            self.a.mov(t, vr)?;
+            self.a.shr(t, 12)?;
+            self.a.and(t, TLB_SIZE as i32 - 1)?;
+            self.a.imul_3(t, t, esz)?;
+            self.a.add(t, self.cpu(off_tlb_x()))?;
+            self.a.mov(wr, vr)?;
+            self.a.and(wr, -4096)?;
+            self.a.cmp(
+                wr,
+                qword_ptr(t + (set + std::mem::offset_of!(Entry, exec) as i32)),
+            )?;
+            self.a.jne(slow)?;
+            self.a.mov(
+                wr,
+                qword_ptr(t + (set + std::mem::offset_of!(Entry, addend) as i32)),
+            )?;
+            self.a.cmp(wr, qword_ptr(u + 16))?;
+            self.a.jne(slow)?;
+            self.a.mov(wr, qword_ptr(u + 24))?;
+            self.a.mov(w32, dword_ptr(wr))?;
+            self.a.cmp(w32, dword_ptr(u + 32))?;
+            self.a.jne(slow)?;
+            if self.p_n != 7 {
+                self.a.mov(rdi, self.p)?;
+            }
+            self.a.jmp(qword_ptr(u))?;
+            self.a.set_label(&mut slow)?;
+            ret |= (slot as u64) << 32 | GUARDED;
+        }
+        self.a.mov(self.cpu(off_rip()), asm64(v))?;
         self.a.mov(rax, ret)?;
         self.a.jmp(self.epi)?;
         Ok(())
@@ -768,10 +849,8 @@ impl Tr<'_> {
                 self.a.lea(asm64(s), qword_ptr(asm64(s) + 8))?;
                 self.a.mov(self.cpu(off_gpr(RSP)), asm64(s))?;
                 if pl.kind == Kind::Ret {
-                    self.a.mov(self.cpu(off_rip()), asm64(v))?;
                     self.retire(k + 1)?;
-                    self.a.mov(eax, k + 1)?;
-                    self.a.jmp(self.epi)?;
+                    self.guarded(v, k + 1, &mut busy)?;
                 } else {
                     let n = full_idx(i.op0_register()).unwrap_or(0);
                     self.a.mov(self.cpu(off_gpr(n)), asm64(v))?;
