@@ -326,3 +326,48 @@ fn remapped_call_target_is_seen_by_translated_calls() {
         assert_eq!(m.regs().rbx, 50 + 50 * 2, "threshold {threshold}");
     }
 }
+
+/// CALL and JMP through registers in a hot loop, to targets on the same and on another page.
+#[test]
+fn indirect_calls_and_jumps_in_a_hot_loop() {
+    const FAR: u64 = 0x3c_0000;
+    const NEAR: u64 = CODE + 0x800;
+    let prog = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        let mut after = a.create_label();
+        a.xor(ebx, ebx).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rax, FAR).unwrap();
+        a.call(rax).unwrap();
+        a.add(ebx, eax).unwrap();
+        a.mov(rsi, NEAR).unwrap();
+        a.call(rsi).unwrap();
+        a.add(ebx, eax).unwrap();
+        a.lea(rdx, ptr(after)).unwrap();
+        a.jmp(rdx).unwrap();
+        a.int3().unwrap();
+        a.set_label(&mut after).unwrap();
+        a.inc(ecx).unwrap();
+        a.cmp(ecx, 200).unwrap();
+        a.jne(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let far = asm64(FAR, |a| {
+        a.lea(eax, dword_ptr(rcx + 3)).unwrap();
+        a.ret().unwrap();
+    });
+    let near = asm64(NEAR, |a| {
+        a.mov(eax, 1u32).unwrap();
+        a.ret().unwrap();
+    });
+    for threshold in [0, 1, 5] {
+        let mut m = machine(&prog, threshold);
+        m.ram.put(FAR, &far);
+        m.ram.put(NEAR, &near);
+        assert_eq!(m.run(), VmExit::Halt, "threshold {threshold}");
+        // Sum over c = 0..199 of (c + 3) + 1.
+        assert_eq!(m.regs().rbx, 19900 + 200 * 4, "threshold {threshold}");
+        assert_eq!(m.regs().rsp, STACK, "threshold {threshold}");
+    }
+}

@@ -174,6 +174,17 @@ enum Kind {
     Ret,
     Jmp,
     Jcc,
+    /// JMP/CALL through a register.
+    JmpInd,
+    CallInd,
+}
+
+/// Whether `k` leaves the block (it is then its last instruction).
+fn ends(k: Kind) -> bool {
+    matches!(
+        k,
+        Kind::Jmp | Kind::Jcc | Kind::Call | Kind::Ret | Kind::JmpInd | Kind::CallInd
+    )
 }
 
 struct Plan {
@@ -243,6 +254,10 @@ fn generic_ok(m: M) -> bool {
             | M::Cmc
             | M::Lahf
             | M::Sahf
+            | M::Lfence
+            | M::Mfence
+            | M::Sfence
+            | M::Pause
             | M::Cmovo
             | M::Cmovno
             | M::Cmovb
@@ -302,6 +317,8 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
         M::Nop | M::Endbr64 => Kind::Nop,
         M::Jmp if i.op0_kind() == OpKind::NearBranch64 => Kind::Jmp,
         M::Call if i.op0_kind() == OpKind::NearBranch64 => Kind::Call,
+        M::Jmp if i.code() == Code::Jmp_rm64 && i.op0_kind() == OpKind::Register => Kind::JmpInd,
+        M::Call if i.code() == Code::Call_rm64 && i.op0_kind() == OpKind::Register => Kind::CallInd,
         M::Ret if i.op_count() == 0 && i.code() == Code::Retnq => Kind::Ret,
         _ if i.is_jcc_short_or_near() && i.op0_kind() == OpKind::NearBranch64 => Kind::Jcc,
         M::Push
@@ -787,6 +804,17 @@ impl Tr<'_> {
                 self.leave_to(i.near_branch_target(), k + 1, &mut busy)?;
                 Ok(true)
             }
+            Kind::JmpInd => {
+                self.park()?;
+                let Some(v) = self.scratch(&mut busy, false) else {
+                    return Ok(false);
+                };
+                let n = full_idx(i.op0_register()).unwrap_or(0);
+                self.a.mov(asm64(v), self.cpu(off_gpr(n)))?;
+                self.retire(k + 1)?;
+                self.guarded(v, k + 1, &mut busy)?;
+                Ok(true)
+            }
             Kind::Jcc => {
                 self.unpark()?;
                 // Both paths leave the block: park the flags once, before branching.
@@ -799,8 +827,19 @@ impl Tr<'_> {
                 self.leave_to(i.near_branch_target(), k + 1, &mut busy)?;
                 Ok(true)
             }
-            Kind::Push | Kind::Call => {
+            Kind::Push | Kind::Call | Kind::CallInd => {
                 self.set_retry()?;
+                // The target as the register held it before the push.
+                let to = if pl.kind == Kind::CallInd {
+                    let Some(to) = self.scratch(&mut busy, false) else {
+                        return Ok(false);
+                    };
+                    let n = full_idx(i.op0_register()).unwrap_or(0);
+                    self.a.mov(asm64(to), self.cpu(off_gpr(n)))?;
+                    Some(to)
+                } else {
+                    None
+                };
                 let (Some(s), Some(ra)) = (
                     self.scratch(&mut busy, false),
                     self.scratch(&mut busy, false),
@@ -813,7 +852,7 @@ impl Tr<'_> {
                 let Some(v) = self.scratch(&mut busy, false) else {
                     return Ok(false);
                 };
-                if pl.kind == Kind::Call {
+                if pl.kind != Kind::Push {
                     self.a.mov(asm64(v), i.next_ip())?;
                 } else if i.code() == Code::Push_r64 {
                     // PUSH RSP pushes the value before the push.
@@ -828,6 +867,9 @@ impl Tr<'_> {
                 if pl.kind == Kind::Call {
                     // Flags are parked (set_retry); RSP and the return address are stored.
                     self.leave_to(i.near_branch_target(), k + 1, &mut busy)?;
+                } else if let Some(to) = to {
+                    self.retire(k + 1)?;
+                    self.guarded(to, k + 1, &mut busy)?;
                 }
                 Ok(true)
             }
@@ -1000,7 +1042,7 @@ pub fn translate<'a>(
             break;
         }
         union |= pl.used;
-        let end = matches!(pl.kind, Kind::Jmp | Kind::Jcc | Kind::Call | Kind::Ret);
+        let end = ends(pl.kind);
         plans.push(pl);
         if end {
             break;
@@ -1082,7 +1124,7 @@ fn assemble<'a>(
             break;
         }
         k += 1;
-        if matches!(pl.kind, Kind::Jmp | Kind::Jcc | Kind::Call | Kind::Ret) {
+        if ends(pl.kind) {
             left = true;
             break;
         }
