@@ -23,6 +23,8 @@ pub struct RunOptions {
     pub log_level: String,
     /// Accept live migrations from other daemons on this TCP address.
     pub migration_listen: Option<String>,
+    /// Warm VMMs kept for `vm restore`.
+    pub warm_pool: crate::lifecycle::WarmPoolConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             exe: opts.exe.clone(),
             vmm_exe: opts.vmm_exe.clone(),
             jail: opts.jail,
+            warm_pool: opts.warm_pool.clone(),
         })
         .await?;
         let cts = crate::ct::Cts::open(Arc::clone(&d), &opts.state_dir, &opts.exe).await?;
