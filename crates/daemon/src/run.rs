@@ -23,6 +23,10 @@ pub struct RunOptions {
     pub log_level: String,
     /// Accept live migrations from other daemons on this TCP address.
     pub migration_listen: Option<String>,
+    /// The shared secret both daemons of a migration must hold (a file, mode 0600).
+    pub migration_key: Option<PathBuf>,
+    /// Listen on a non-loopback address without a key (a trusted network).
+    pub migration_insecure: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +43,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    MigrationKey(#[from] crate::lifecycle::KeyError),
     #[error("serving the API failed: {0}")]
     Io(#[source] std::io::Error),
 }
@@ -55,6 +61,19 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         .enable_all()
         .build()
         .map_err(RunError::Runtime)?;
+    let migration_key = match &opts.migration_key {
+        Some(p) => Some(crate::lifecycle::MigrationKey::load(p)?),
+        None => None,
+    };
+    if let Some(addr) = &opts.migration_listen {
+        crate::lifecycle::check_listen(addr, migration_key.is_some(), opts.migration_insecure)?;
+        if migration_key.is_none() {
+            tracing::warn!(
+                addr,
+                "the migration port is unauthenticated (no --migration-key)"
+            );
+        }
+    }
     rt.block_on(async {
         let listener = server::bind(&opts.socket, opts.group.as_deref())?;
         let d = Daemon::open(DaemonConfig {
@@ -62,6 +81,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             exe: opts.exe.clone(),
             vmm_exe: opts.vmm_exe.clone(),
             jail: opts.jail,
+            migration_key,
         })
         .await?;
         let cts = crate::ct::Cts::open(Arc::clone(&d), &opts.state_dir, &opts.exe).await?;

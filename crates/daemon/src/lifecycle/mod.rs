@@ -20,7 +20,8 @@ mod vm_snapshot;
 
 pub use vm_clone::CloneRequest;
 pub use vm_migrate::{
-    serve_migrations, take_incoming_marker, MigrateRequest, DEFAULT_MIGRATION_PORT,
+    check_listen, serve_migrations, take_incoming_marker, KeyError, MigrateRequest, MigrationKey,
+    DEFAULT_MIGRATION_PORT,
 };
 pub use vm_restore::{take_restore_marker, RestoreRequest};
 pub use vm_snapshot::SnapshotRequest;
@@ -51,6 +52,8 @@ pub struct DaemonConfig {
     pub vmm_exe: PathBuf,
     /// Run each VMM jailed (chroot, namespaces, unprivileged uid): see `jail`.
     pub jail: bool,
+    /// The shared secret migrations in and out must prove (`vm_migrate::auth`).
+    pub migration_key: Option<MigrationKey>,
 }
 
 /// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.
