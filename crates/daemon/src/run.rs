@@ -75,6 +75,18 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         }
     }
     rt.block_on(async {
+        // Bound before the API socket: once a client can reach the API, migrations reach
+        // this daemon too (connections wait in the backlog until it serves them).
+        let migrations =
+            match &opts.migration_listen {
+                Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                    |source| RunError::MigrationListen {
+                        addr: addr.clone(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
         let listener = server::bind(&opts.socket, opts.group.as_deref())?;
         let d = Daemon::open(DaemonConfig {
             state_dir: opts.state_dir.clone(),
@@ -86,13 +98,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
         .await?;
         let cts = crate::ct::Cts::open(Arc::clone(&d), &opts.state_dir, &opts.exe).await?;
         crate::console_rotate::spawn(opts.state_dir.clone(), crate::console_rotate::MAX_BYTES);
-        if let Some(addr) = &opts.migration_listen {
-            let l = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::MigrationListen {
-                    addr: addr.clone(),
-                    source,
-                })?;
+        if let (Some(addr), Some(l)) = (&opts.migration_listen, migrations) {
             tracing::info!(addr, "accepting migrations");
             tokio::spawn(crate::lifecycle::serve_migrations(Arc::clone(&d), l));
         }
