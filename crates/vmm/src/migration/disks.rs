@@ -7,7 +7,9 @@
 //! clusters stay behind: the target's fresh copy reads them as zeros), skipping 4 KiB blocks of
 //! zeros; each later round re-sends the chunks the guest wrote meanwhile, together with the
 //! memory pages it dirtied; the stop phase, with the devices parked, sends the last dirty
-//! chunks. A DISK frame is `[disk u32][offset u64][len u64][len bytes]`, guest-visible bytes
+//! chunks. The source waits for the target to make its copies durable (DISK_SYNC) after the
+//! first pass and before the pause, so writing back the bulk never lands in the downtime and
+//! the target never lags behind the stop phase. A DISK frame is `[disk u32][offset u64][len u64][len bytes]`, guest-visible bytes
 //! at a guest offset, so a raw or qcow2 source copies into a raw or qcow2 target alike. The
 //! source only reads its disks: a failed migration leaves them as they were.
 
@@ -301,9 +303,10 @@ impl DiskSink {
         io.write_at(&self.buf, off).map_err(|e| bad(e.to_string()))
     }
 
-    /// Makes every copy durable: at the end of each round (so the bulk of the first pass is
-    /// written back while the guest still runs on the source) and before the target says
-    /// LOADED (then only the last round's chunks are left, inside the downtime).
+    /// Makes every copy durable: when the source asks (DISK_SYNC: after the first pass and
+    /// before it pauses the guest, so the bulk is written back while the guest still runs)
+    /// and before the target says LOADED (then only the last chunks are left, inside the
+    /// downtime).
     pub fn flush(&mut self) -> Result<(), String> {
         if !self.unflushed {
             return Ok(());

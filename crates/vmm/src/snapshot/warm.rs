@@ -406,6 +406,13 @@ fn route(req: &Request, warm: WarmVmm, sock: &Path, t0: Instant) -> (Response, N
                     return (api_server::fault(400, msg), Next::Warm(warm));
                 }
             };
+            // A warm VMM dies with its starter (PR_SET_PDEATHSIG); the VM it becomes now
+            // lives on its own, as a cold-started one does.
+            // SAFETY: prctl with PR_SET_PDEATHSIG and 0 only clears this thread's setting (the
+            // main thread's, which is the one the starter set before exec).
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, 0);
+            }
             if let Some(c) = &r.console {
                 if let Err(e) = redirect_output(c) {
                     let msg = format!("cannot open the console {}: {e}", c.display());
