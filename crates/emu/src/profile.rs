@@ -30,6 +30,9 @@ pub struct Profile {
     /// the previous block's links.
     pub jit_runs: u64,
     pub slow_lookups: u64,
+    /// Translated blocks whose code stops before an instruction the JIT does not cover, by
+    /// that instruction's mnemonic.
+    pub jit_stops: HashMap<String, u64>,
     pub samples: HashMap<u64, u64>,
     /// Every sample in order: milliseconds since start, RIP, and the first kernel-text-looking
     /// words on the stack (return-address candidates, for callers of a hot function).
@@ -80,6 +83,11 @@ impl Profile {
             self.jit_runs,
             self.slow_lookups
         );
+        let mut stops: Vec<(&String, &u64)> = self.jit_stops.iter().collect();
+        stops.sort_by_key(|&(_, n)| std::cmp::Reverse(*n));
+        for (m, n) in stops {
+            out += &format!("jit_stop {m} {n}\n");
+        }
         for (rip, n) in s {
             out += &format!("sample {rip:#x} {n}\n");
         }

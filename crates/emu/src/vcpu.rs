@@ -404,6 +404,10 @@ impl EmuVcpu {
                             jit = crate::jit::translate(b.ins.iter().map(|o| &o.i), user, smp, buf);
                             b.jit.set(jit);
                             self.cpu.prof.jit_blocks += jit.is_some() as u64;
+                            if let (true, Some(m)) = (self.cpu.prof.on(), jit.and_then(|j| j.stop))
+                            {
+                                *self.cpu.prof.jit_stops.entry(format!("{m:?}")).or_default() += 1;
+                            }
                         }
                     }
                 } else if h != u32::MAX {

@@ -51,6 +51,9 @@ pub struct Jit {
     pub ops: u32,
     /// Translated for CPL 3 (the user TLB set) or not.
     pub user: bool,
+    /// The instruction the translation stopped before, if it stopped short of the block's end
+    /// on one it does not cover (for the profile).
+    pub stop: Option<M>,
     /// Where a chained predecessor enters (Cpu pointer in RDI, callee-saved registers
     /// already pushed by the first block of the chain).
     pub chain: u64,
@@ -1033,8 +1036,10 @@ pub fn translate<'a>(
     let mut fac = InstructionInfoFactory::new();
     let mut plans = Vec::new();
     let mut union = 0u16;
+    let mut stop = None;
     for i in ins.clone() {
         let Some(pl) = classify(i, &mut fac, smp) else {
+            stop = Some(i.mnemonic());
             break;
         };
         // One host register must stay free for the Cpu pointer.
@@ -1073,6 +1078,7 @@ pub fn translate<'a>(
         ops,
         user,
         chain: a.chain,
+        stop,
     })
 }
 
