@@ -246,6 +246,7 @@ fn prepare_with(
         let (machine, serial) =
             machine::build_with(&vm, console.clone(), events.clone(), virtio.mmio, pio)
                 .map_err(VmmError::from)?;
+        machine.set_virtio_stats(virtio.stats);
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let vcpu = vm
