@@ -6,8 +6,11 @@
  * `vblkloop: FAIL ...` and exits 1. `spin=N` idle loop iterations between lines. `stride=K`
  * spreads the 64 sectors K sectors apart (sector 1 + (N % 64) * K; the disk then needs at
  * least 64 * K + 1 sectors), so the writes land in many 64 KiB chunks of the disk. With `rng=1`
- * each iteration also reads 16 bytes from a virtio-rng (`--rng`). Ring 3. */
+ * each iteration also reads 16 bytes from a virtio-rng (`--rng`). Ring 3.
+ * `irq=2` (PCI): stays in ring 0 and waits for each disk completion's MSI-X message with HLT
+ * (5 s timeout, then FAIL); `movebar=1` moves the disk function's BAR 8 MiB up first. */
 #include "c4.h"
+#include "virtio/irq.h"
 #include "virtio/virtio.h"
 
 #define T_IN 0
@@ -27,7 +30,7 @@ static u8 sector[512] __attribute__((aligned(512)));
 static u8 check[4096] __attribute__((aligned(4096)));
 static volatile u8 status;
 static volatile u64 count;
-static u64 spin, use_rng, stride;
+static u64 spin, use_rng, stride, use_irq;
 static u8 entropy[16];
 
 static void fail(const char *what, u64 v)
@@ -50,7 +53,8 @@ static void request(struct vdev *d, u32 type, u64 sec, u8 *buf)
         {buf, 512, type == T_IN},
         {(void *)&status, 1, 1},
     };
-    if (virtio_transfer(d, 0, b, 3, SPINS) < 0)
+    long r = use_irq ? virtio_transfer_irq(d, 0, b, 3, 5000) : virtio_transfer(d, 0, b, 3, SPINS);
+    if (r < 0)
         fail("no completion at count", count);
     if (status != 0)
         fail("bad status at count", count);
@@ -87,6 +91,8 @@ static void run(void *arg)
         capacity = (capacity << 8) | virtio_config8(&d, (u32)i);
     if (capacity < RING * stride + 1)
         fail("disk too small, sectors", capacity);
+    if (use_irq && virtio_irq_init_msix(&d) < 0)
+        fail("no MSI-X (irq=2 needs --virtio-transport pci), pci", (u64)d.pci);
     struct vdev rng;
     if (use_rng && (r = virtio_init(&rng, VIRTIO_ID_RNG, 1)) < 0)
         fail("rng init step", (u64)-r);
@@ -128,6 +134,11 @@ void c4_main(const struct c4_boot_info *info, u32 cpu)
     stride = c4_cmdline_u64(info, "stride", 1);
     if (stride == 0)
         stride = 1;
+    use_irq = c4_cmdline_u64(info, "irq", 0) == 2;
     virtio_pci_probe();
+    if (c4_cmdline_u64(info, "movebar", 0) == 1 && virtio_pci_move_bar(VIRTIO_ID_BLOCK, 0xe0800000ul) < 0)
+        fail("cannot move the BAR", 0);
+    if (use_irq)
+        run(0);
     c4_enter_user(run, 0, user_stack + sizeof user_stack);
 }

@@ -336,7 +336,8 @@ pub fn create(
     } else {
         None
     };
-    let resampler = if pci && n > 0 {
+    // Resampled irqfds need the same in-kernel irqchip as MSI routes: no thread elsewhere.
+    let resampler = if router.is_some() {
         Resampler::new(counters.clone()).ok()
     } else {
         None

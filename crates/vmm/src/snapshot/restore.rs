@@ -287,6 +287,7 @@ pub(crate) fn furnish(
     let (machine, serial) =
         machine::build_with(&shell.vm, console.clone(), events, virtio.mmio, pio)
             .map_err(VmmError::from)?;
+    machine.set_virtio_stats(virtio.stats);
     if !shell.ops.set(machine.clone()) {
         return Err(RestoreError::State {
             what: "the devices".into(),
