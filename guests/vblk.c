@@ -3,7 +3,9 @@
  * of the sector), flushes, and exits 0. Any failure prints `vblk: FAIL ...` and exits 1.
  * Runs in ring 3, where kvm_pvm executes guest code natively, polling the used ring.
  * `irq=1` (command line): stays in ring 0 and waits for each completion with HLT until the
- * device's used-ring interrupt arrives (5 s timeout each, then FAIL); prints `irqs=N`. */
+ * device's used-ring interrupt arrives (5 s timeout each, then FAIL); prints `irqs=N`.
+ * `irq=2`: the same through MSI-X (PCI only; FAIL on virtio-mmio).
+ * `movebar=1`: moves the PCI function's BAR 8 MiB up in the window before using it. */
 #include "c4.h"
 #include "virtio/irq.h"
 #include "virtio/virtio.h"
@@ -58,8 +60,12 @@ static void run(void *arg)
     int r = virtio_init(&d, VIRTIO_ID_BLOCK, 1);
     if (r < 0)
         fail("init step", r);
-    if (use_irq)
+    if (use_irq == 2) {
+        if (virtio_irq_init_msix(&d) < 0)
+            fail("no MSI-X on this transport, pci", d.pci);
+    } else if (use_irq) {
         virtio_irq_init(&d);
+    }
     u64 capacity = 0;
     for (int i = 7; i >= 0; i--)
         capacity = (capacity << 8) | virtio_config8(&d, (u32)i);
@@ -78,6 +84,8 @@ static void run(void *arg)
     c4_puts("vblk: ok sectors=");
     c4_put_dec(capacity);
     c4_puts(d.pci ? " transport=pci" : " transport=mmio");
+    if (use_irq == 2)
+        c4_puts(" msix=1");
     if (use_irq) {
         c4_puts(" irqs=");
         c4_put_dec(virtio_irq_count());
@@ -91,8 +99,15 @@ void c4_main(const struct c4_boot_info *info, u32 cpu)
     if (cpu != 0)
         c4_halt();
     virtio_pci_probe();
-    if (c4_cmdline_u64(info, "irq", 0) == 1) {
-        use_irq = 1;
+    if (c4_cmdline_u64(info, "movebar", 0) == 1) {
+        /* The window is 0xe0000000 + 16 MiB; functions sit at its start. */
+        if (virtio_pci_move_bar(VIRTIO_ID_BLOCK, 0xe0800000ul) < 0)
+            fail("cannot move the BAR", 0);
+        c4_puts("vblk: BAR moved\n");
+    }
+    u64 irq = c4_cmdline_u64(info, "irq", 0);
+    if (irq == 1 || irq == 2) {
+        use_irq = (int)irq;
         run(0);
     }
     c4_enter_user(run, 0, user_stack + sizeof user_stack);

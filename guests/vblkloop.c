@@ -3,7 +3,9 @@
  * byte j = N + j after), reads it back, reads the previous iteration's sector back too, checks
  * both and prints `count=N`, forever. A copy restored from a snapshot must go on with no gap
  * and find on disk what the iterations before the snapshot wrote; any difference prints
- * `vblkloop: FAIL ...` and exits 1. `spin=N` idle loop iterations between lines. With `rng=1`
+ * `vblkloop: FAIL ...` and exits 1. `spin=N` idle loop iterations between lines. `stride=K`
+ * spreads the 64 sectors K sectors apart (sector 1 + (N % 64) * K; the disk then needs at
+ * least 64 * K + 1 sectors), so the writes land in many 64 KiB chunks of the disk. With `rng=1`
  * each iteration also reads 16 bytes from a virtio-rng (`--rng`). Ring 3. */
 #include "c4.h"
 #include "virtio/virtio.h"
@@ -25,7 +27,7 @@ static u8 sector[512] __attribute__((aligned(512)));
 static u8 check[4096] __attribute__((aligned(4096)));
 static volatile u8 status;
 static volatile u64 count;
-static u64 spin, use_rng;
+static u64 spin, use_rng, stride;
 static u8 entropy[16];
 
 static void fail(const char *what, u64 v)
@@ -83,7 +85,7 @@ static void run(void *arg)
     u64 capacity = 0;
     for (int i = 7; i >= 0; i--)
         capacity = (capacity << 8) | virtio_config8(&d, (u32)i);
-    if (capacity < RING + 1)
+    if (capacity < RING * stride + 1)
         fail("disk too small, sectors", capacity);
     struct vdev rng;
     if (use_rng && (r = virtio_init(&rng, VIRTIO_ID_RNG, 1)) < 0)
@@ -96,12 +98,12 @@ static void run(void *arg)
         if (n > 1 && !holds(check, n - 2))
             fail("device-written memory lost at count", n);
         fill(n);
-        request(&d, T_OUT, 1 + n % RING, sector);
-        request(&d, T_IN, 1 + n % RING, sector);
+        request(&d, T_OUT, 1 + (n % RING) * stride, sector);
+        request(&d, T_IN, 1 + (n % RING) * stride, sector);
         if (!holds(sector, n))
             fail("read back differs at count", n);
         if (n > 0) {
-            request(&d, T_IN, 1 + (n - 1) % RING, check);
+            request(&d, T_IN, 1 + ((n - 1) % RING) * stride, check);
             if (!holds(check, n - 1))
                 fail("previous sector lost at count", n);
         }
@@ -123,6 +125,9 @@ void c4_main(const struct c4_boot_info *info, u32 cpu)
         c4_halt();
     spin = c4_cmdline_u64(info, "spin", 1ul << 20);
     use_rng = c4_cmdline_u64(info, "rng", 0);
+    stride = c4_cmdline_u64(info, "stride", 1);
+    if (stride == 0)
+        stride = 1;
     virtio_pci_probe();
     c4_enter_user(run, 0, user_stack + sizeof user_stack);
 }

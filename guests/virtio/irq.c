@@ -125,6 +125,12 @@ void virtio_irq_init(struct vdev *d)
     ioapic_w(0x10 + 2 * d->gsi, lo);
 }
 
+int virtio_irq_init_msix(struct vdev *d)
+{
+    virtio_irq_init(d);
+    return virtio_pci_msix(d, VEC_DEVICE, lapic_r(0x20) >> 24);
+}
+
 u64 virtio_irq_count(void) { return irq_count; }
 
 int virtio_irq_wait(u64 seen, u32 timeout_ms)

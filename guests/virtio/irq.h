@@ -10,6 +10,9 @@
 
 /* Routes `d`'s interrupt (d->gsi) to this vCPU; call after virtio_init, with IF=0. */
 void virtio_irq_init(struct vdev *d);
+/* As virtio_irq_init, then switches a PCI device to MSI-X aimed at this vCPU's local APIC
+ * (the I/O APIC entry stays but INTx no longer fires). Returns 0, or -1 (no MSI-X). */
+int virtio_irq_init_msix(struct vdev *d);
 /* Interrupts taken so far. */
 u64 virtio_irq_count(void);
 /* Waits (STI; HLT) until the interrupt count exceeds `seen` or `timeout_ms` pass.

@@ -24,6 +24,7 @@ void virtio_config_write32(struct vdev *d, u32 off, u32 v) { *(volatile u32 *)(c
 /* ---- PCI ---- */
 
 struct pci_fn {
+    u32 slot;
     u32 device_id;
     u64 bar;
     u32 common, isr, devcfg, notify, mult;
@@ -45,6 +46,61 @@ static u32 cfg_read(u32 slot, u32 reg)
     return inl(0xcfc);
 }
 static u8 cfg_read8(u32 slot, u32 reg) { return (u8)(cfg_read(slot, reg) >> ((reg & 3) * 8)); }
+static void cfg_write(u32 slot, u32 reg, u32 v)
+{
+    outl(0xcf8, 0x80000000u | (slot << 11) | (reg & 0xfc));
+    outl(0xcfc, v);
+}
+
+int virtio_pci_move_bar(u32 device_id, u64 bar)
+{
+    for (u32 i = 0; i < pci_count; i++) {
+        struct pci_fn *f = &pci_fns[i];
+        if (f->device_id != device_id)
+            continue;
+        u32 cmd = cfg_read(f->slot, 0x04);
+        cfg_write(f->slot, 0x04, cmd & ~2u); /* memory decoding off while it moves */
+        cfg_write(f->slot, 0x10, (u32)bar);
+        cfg_write(f->slot, 0x14, (u32)(bar >> 32));
+        cfg_write(f->slot, 0x04, cmd);
+        f->bar = ((u64)cfg_read(f->slot, 0x14) << 32) | (cfg_read(f->slot, 0x10) & ~0xful);
+        return f->bar == bar ? 0 : -1;
+    }
+    return -1;
+}
+
+int virtio_pci_msix(struct vdev *d, u32 vector, u32 apic_id)
+{
+    if (!d->pci)
+        return -1;
+    u32 at = cfg_read8(d->slot, 0x34);
+    for (int guard = 0; at && guard < 48; guard++) {
+        if (cfg_read8(d->slot, at) == 0x11)
+            break;
+        at = cfg_read8(d->slot, at + 1);
+    }
+    if (!at || cfg_read8(d->slot, at) != 0x11)
+        return -1;
+    u32 table = cfg_read(d->slot, at + 4);
+    if (table & 7)
+        return -1; /* BIR 0 only */
+    volatile u32 *e = (volatile u32 *)(d->base + table);
+    e[0] = 0xfee00000u | (apic_id << 12);
+    e[1] = 0;
+    e[2] = vector;
+    e[3] = 0; /* unmasked */
+    volatile u8 *c = d->common;
+    *(volatile u16 *)(c + 0x10) = 0xffff; /* config changes: no vector */
+    for (u32 i = 0; i < d->nqueues; i++) {
+        *(volatile u16 *)(c + 0x16) = (u16)i;
+        *(volatile u16 *)(c + 0x1a) = 0;
+        if (*(volatile u16 *)(c + 0x1a) != 0)
+            return -1;
+    }
+    u32 ctl = cfg_read(d->slot, at);
+    cfg_write(d->slot, at, ctl | (1u << 31)); /* message control bit 15: enable */
+    return 0;
+}
 
 void virtio_pci_probe(void)
 {
@@ -53,6 +109,7 @@ void virtio_pci_probe(void)
         if ((id & 0xffff) != 0x1af4 || (id >> 16) < 0x1040)
             continue;
         struct pci_fn *f = &pci_fns[pci_count];
+        f->slot = slot;
         f->device_id = (id >> 16) - 0x1040;
         f->bar = ((u64)cfg_read(slot, 0x14) << 32) | (cfg_read(slot, 0x10) & ~0xful);
         f->common = f->isr = f->devcfg = f->notify = ~0u;
@@ -88,6 +145,7 @@ static int virtio_pci_init(struct vdev *d, const struct pci_fn *f, u32 nqueues, 
     d->device_id = f->device_id;
     d->nqueues = nqueues;
     d->gsi = f->gsi;
+    d->slot = f->slot;
     volatile u8 *c = d->common;
     c[0x14] = 0;
     c[0x14] = 1;

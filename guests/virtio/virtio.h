@@ -63,6 +63,7 @@ struct vdev {
     u32 notify_mult;
     u32 device_id;
     u32 nqueues;
+    u32 slot; /* PCI device number (pci) */
     u32 gsi; /* its interrupt line: virtio_mmio_gsi(window) (mmio), the interrupt-line register (pci) */
     struct vq *q[VQ_MAX];
 };
@@ -71,6 +72,16 @@ struct vdev {
  * capability offsets). Ring 0 only (IN/OUT); call it from c4_main before c4_enter_user. With
  * no PCI host bridge it finds nothing and virtio_init falls back to virtio-mmio. */
 void virtio_pci_probe(void);
+
+/* Moves the BAR of the first probed PCI function of `device_id` to `bar` (config writes to
+ * 0x10/0x14, as an OS reassigning resources does); call before virtio_init. Returns 0, or -1
+ * if there is no such function. */
+int virtio_pci_move_bar(u32 device_id, u64 bar);
+
+/* Switches a PCI device (after virtio_init) to MSI-X: table entry 0 sends `vector` to the
+ * local APIC `apic_id`, every queue uses entry 0, config changes none; MSI-X enabled in
+ * message control (INTx then stays quiet). Returns 0, or -1 without an MSI-X capability. */
+int virtio_pci_msix(struct vdev *d, u32 vector, u32 apic_id);
 
 /* Finds the first device of `device_id` (a probed PCI function first, then the virtio-mmio
  * windows) and brings it to DRIVER_OK with `nqueues` queues.

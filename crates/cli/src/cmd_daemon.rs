@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long)]
     jail: bool,
     /// Accept live migrations from other corefour daemons on this TCP address (e.g.
-    /// 10.0.0.2:4747). Unauthenticated: bind it only to a trusted migration network.
+    /// 10.0.0.2:4747). A non-loopback address needs --migration-key (or --migration-insecure).
     #[arg(long, value_name = "ADDR:PORT")]
     migration_listen: Option<String>,
     /// Warm VMMs kept per --warm-shape for `vm restore` (each an idle VMM process of ~8 MiB
@@ -43,6 +43,15 @@ pub struct Args {
     /// Internal: run as the shim of one warm VMM in this directory.
     #[arg(long, hide = true, value_name = "DIR")]
     warm_shim: Option<PathBuf>,
+    /// The shared secret (a file of at least 16 bytes, mode 0600, the same on both hosts)
+    /// that migrations in and out must prove, by HMAC-SHA256 challenge-response in both
+    /// directions. Authenticates the daemons' connection; it does not encrypt it.
+    #[arg(long, value_name = "FILE")]
+    migration_key: Option<PathBuf>,
+    /// Let --migration-listen take a non-loopback address without a key: anyone who reaches
+    /// the port can then start VMs here. Only for a network you trust.
+    #[arg(long)]
+    migration_insecure: bool,
     /// Internal: the shim jails the VMM as this uid/gid.
     #[arg(long, hide = true)]
     jail_uid: Option<u32>,
@@ -94,6 +103,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                 }),
             shapes: args.warm_shape,
         },
+        migration_key: args.migration_key.map(|p| absolute(&p)).transpose()?,
+        migration_insecure: args.migration_insecure,
     })?;
     Ok(0)
 }

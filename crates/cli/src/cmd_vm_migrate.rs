@@ -51,11 +51,12 @@ pub(crate) fn migrate(
     );
     if let Some(s) = r.get("storage") {
         println!(
-            "{name}: copied {} disk(s), {} MiB ({} MiB sent) in {:.0} ms; the guest was paused {:.0} ms",
+            "{name}: mirrored {} disk(s), {} MiB ({} MiB sent; first pass {:.0} ms while the \
+             guest ran); the guest was paused {:.2} ms",
             s["disks"],
             s["bytes"].as_u64().unwrap_or(0) >> 20,
             s["bytes_sent"].as_u64().unwrap_or(0) >> 20,
-            s["copy_ms"].as_f64().unwrap_or(0.0),
+            s["first_pass_ms"].as_f64().unwrap_or(0.0),
             s["guest_paused_ms"].as_f64().unwrap_or(0.0)
         );
     }

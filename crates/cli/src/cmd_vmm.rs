@@ -178,6 +178,9 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             report.anon_bytes / 1024,
             report.guest_resident_bytes / 1024
         );
+        if !report.virtio_stats.is_empty() {
+            eprintln!("corefour vmm virtio: {}", report.virtio_stats);
+        }
     }
     if let Some(path) = &a.dump_regs {
         let json = serde_json::to_string_pretty(&report.final_regs)?;

@@ -2,7 +2,10 @@
 //! veth pair (created and removed here): the counter guest continues on the target without a
 //! gap or repeat; a link cut mid-migration leaves the source running and the target clean; a
 //! name clash on the target is refused with the VM untouched on both sides; with
-//! `--copy-storage` a disk-writing guest moves onto the target's own copy of its disk.
+//! `--copy-storage` a disk-writing guest moves onto the target's own copy of its disk, mirrored
+//! while it runs, and the copy equals the source's disk at the hand-over. The daemons share a
+//! `--migration-key`; a source without it, or with another, is refused, and a daemon will not
+//! listen on a non-loopback address without one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -71,8 +74,20 @@ struct Hosts {
     b: Daemon,
 }
 
-fn daemon_in(ns: &str, tag: &str, listen: Option<&str>) -> Daemon {
+/// A migration key file (mode 0600) holding `secret`.
+fn key_file(dir: &Path, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(format!("key-{}", secret.len()));
+    std::fs::write(&p, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+const SECRET: &str = "a shared secret for both test hosts";
+
+fn daemon_in(ns: &str, tag: &str, listen: Option<&str>, key: Option<&str>) -> Daemon {
     let dir = TempDir::new(tag);
+    let key = key.map(|k| key_file(&dir.0, k));
     let sock = dir.0.join("d.sock");
     let mut d = Daemon {
         dir,
@@ -94,6 +109,9 @@ fn daemon_in(ns: &str, tag: &str, listen: Option<&str>) -> Daemon {
         .stderr(log);
     if let Some(l) = listen {
         cmd.args(["--migration-listen", l]);
+    }
+    if let Some(k) = &key {
+        cmd.arg("--migration-key").arg(k);
     }
     // `ip netns exec` execs the daemon: this child is the daemon itself.
     d.child = Some(cmd.spawn().unwrap());
@@ -145,8 +163,13 @@ impl Hosts {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
         let addr_b = format!("10.98.{n}.2");
-        let a = daemon_in(&ns_a, &format!("{tag}a"), None);
-        let b = daemon_in(&ns_b, &format!("{tag}b"), Some(&format!("{addr_b}:4747")));
+        let a = daemon_in(&ns_a, &format!("{tag}a"), None, Some(SECRET));
+        let b = daemon_in(
+            &ns_b,
+            &format!("{tag}b"),
+            Some(&format!("{addr_b}:4747")),
+            Some(SECRET),
+        );
         Hosts {
             ns_a,
             ns_b,
@@ -332,6 +355,20 @@ fn a_name_taken_on_the_target_is_refused() {
     let list = h.b.ok(Method::GET, "/v1/vms", None);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert_eq!(list[0]["state"], "created", "{list}");
+    // The same with --copy-storage: refused before any copy is made.
+    let out =
+        h.a.cli(&["migrate", "c", "--to", &h.addr_b, "--copy-storage"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(h.a.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+    assert_eq!(
+        h.b.ok(Method::GET, "/v1/vms", None)
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
     // No daemon listening on that port: a clear error, the VM still runs here.
     let out =
         h.a.cli(&["migrate", "c", "--to", &format!("{}:4748", h.addr_b)]);
@@ -341,42 +378,52 @@ fn a_name_taken_on_the_target_is_refused() {
     assert_eq!(h.a.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
 }
 
-/// What vblkloop's iteration `n` wrote: sector 1 + n % 64, bytes 0..8 = n, byte j = n + j.
-fn assert_disk_holds(disk: &Path, n: u64) {
-    let data = std::fs::read(disk).unwrap();
-    let s = (1 + n % 64) as usize * 512;
-    let sector = &data[s..s + 512];
-    assert_eq!(sector[..8], n.to_le_bytes(), "sector of iteration {n}");
-    for (j, b) in sector.iter().enumerate().skip(8) {
-        assert_eq!(
-            *b,
-            (n + j as u64) as u8,
-            "byte {j} of iteration {n}'s sector"
-        );
-    }
+/// vblkloop's sector pattern for iteration `n`: bytes 0..8 = n, byte j = n + j.
+fn pattern(n: u64) -> Vec<u8> {
+    let mut v = n.to_le_bytes().to_vec();
+    v.extend((8..512u64).map(|j| (n + j) as u8));
+    v
+}
+
+/// vblkloop with `stride=STRIDE`: iteration n writes sector 1 + (n % 64) * STRIDE.
+const STRIDE: u64 = 128;
+
+fn sector_of(n: u64) -> usize {
+    (1 + (n % 64) * STRIDE) as usize * 512
+}
+
+/// The iteration whose pattern `sector` holds, if any.
+fn iteration_in(sector: &[u8]) -> Option<u64> {
+    let n = u64::from_le_bytes(sector[..8].try_into().unwrap());
+    (sector == pattern(n).as_slice()).then_some(n)
 }
 
 #[test]
-fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
+fn copy_storage_mirrors_a_disk_the_guest_writes_during_the_migration() {
     need!();
     let h = Hosts::new("s", 84);
     let vblkloop = guest("vblkloop").unwrap();
-    // The disk lives only in the source's directory: the target gets its own copy.
+    // The disk lives only in the source's directory: the target gets its own copy. 8 MiB of
+    // data the first pass must carry (the guest's 64 sectors lie in its first 4 MiB, 64 KiB
+    // apart: one per dirty chunk), then a hole that need not travel, and a marker in it.
     let disk = h.a.dir.0.join("private.raw");
-    let mut data = vec![0u8; 4 << 20];
-    // Beyond vblkloop's sectors: must arrive as is; the zero megabytes between need not travel.
-    data[3 << 20..(3 << 20) + 4096].fill(0xa5);
+    let mut data = vec![0u8; 32 << 20];
+    for (i, b) in data[..8 << 20].iter_mut().enumerate() {
+        *b = (i / 4096) as u8 | 1;
+    }
+    data[24 << 20..(24 << 20) + 4096].fill(0xa5);
     std::fs::write(&disk, &data).unwrap();
     h.a.ok(
         Method::POST,
         "/v1/vms",
         Some(
-            &json!({"name": "s", "kernel": vblkloop, "cmdline": "spin=200000",
+            &json!({"name": "s", "kernel": vblkloop,
+                    "cmdline": format!("spin=20000000 stride={STRIDE}"),
                     "disks": [{"path": disk}], "start": true})
             .to_string(),
         ),
     );
-    wait_console_until(&h.a, "s", |t| counts(t).len() >= 10);
+    wait_console_until(&h.a, "s", |t| counts(t).len() >= 3);
     let mut follower = follow(&h.a, "s");
     let out = h.a.cli(&[
         "--json",
@@ -393,31 +440,89 @@ fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
         h.a.log(),
         h.b.log()
     );
+    // Stop the guest there at once: the copy must equal the source's disk as it was at the
+    // hand-over, except for what the guest wrote on the target since.
+    h.b.ok(Method::POST, "/v1/vms/s/pause", None);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("report: {report}");
     assert_eq!(report["target_confirmed"], true, "{report}");
     let st = &report["storage"];
     assert_eq!(st["disks"], 1, "{report}");
-    assert_eq!(st["bytes"], 4 << 20, "{report}");
+    assert_eq!(st["bytes"], 32 << 20, "{report}");
     let sent = st["bytes_sent"].as_u64().unwrap();
     assert!(
-        (4096..1 << 20).contains(&sent),
-        "zero blocks were sent: {report}"
+        ((8 << 20) + 4096..16 << 20).contains(&sent),
+        "the hole was sent, or the data was not: {report}"
     );
-    assert!(st["guest_paused_ms"].as_f64().unwrap() >= st["copy_ms"].as_f64().unwrap());
+    // The guest wrote meanwhile: chunks went again after the first pass.
+    let again: u64 = st["chunks_per_round"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .sum();
+    assert!(again > 0, "{report}");
     // The target's record points at its own copy, under its state directory.
     let v = h.b.ok(Method::GET, "/v1/vms/s", None);
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["state"], "paused", "{v}");
     let copy = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
     assert!(copy.starts_with(h.b.state_dir()), "{v}");
-    assert_ne!(copy, disk);
     assert!(disk.exists(), "the source's disk stays");
-    // The count goes on without gap or repeat, and the guest's read-backs on the target's copy
-    // (it checks the sectors written before the move) pass.
     let mut before = String::new();
     std::io::Read::read_to_string(follower.stdout.as_mut().unwrap(), &mut before).unwrap();
     follower.wait().unwrap();
     let last_before = *counts(&before).last().unwrap();
-    let after = wait_console_until(&h.b, "s", |t| counts(t).len() >= 80);
+    let last_there = counts(&console(&h.b, "s")).last().copied();
+    let src = std::fs::read(&disk).unwrap();
+    let got = std::fs::read(&copy).unwrap();
+    assert_eq!(got.len(), src.len());
+    // Every sector the guest writes: the source's (final) content, or a later iteration the
+    // guest ran on the target. The source's is its latest iteration's.
+    let mut same = 0;
+    for k in 0..64u64 {
+        let at = sector_of(k);
+        let (s, g) = (&src[at..at + 512], &got[at..at + 512]);
+        // A sector the guest has not reached yet holds the original data.
+        let n_src = iteration_in(s);
+        match n_src {
+            Some(n) => assert!(
+                n + 64 > last_before && n <= last_before + 1,
+                "source sector {k}: iteration {n}, last count {last_before}"
+            ),
+            None => assert!(
+                s == &data[at..at + 512] && last_before < 64,
+                "source sector {k} holds neither a pattern nor the original data"
+            ),
+        }
+        if s == g {
+            same += 1;
+            continue;
+        }
+        let n = iteration_in(g).unwrap_or_else(|| panic!("copy's sector {k} holds no pattern"));
+        assert!(
+            n > last_before && n % 64 == k && last_there.is_none_or(|l| n <= l + 1),
+            "copy's sector {k} holds iteration {n}, source's {n_src:?}, last count here {last_before}, there {last_there:?}"
+        );
+    }
+    assert!(
+        same > 32,
+        "the guest ran too far on the target to compare ({same} sectors)"
+    );
+    // Everything else is the source's, byte for byte.
+    let mut masked = (src.clone(), got.clone());
+    for k in 0..64u64 {
+        let at = sector_of(k);
+        masked.0[at..at + 512].fill(0);
+        masked.1[at..at + 512].fill(0);
+    }
+    assert!(
+        masked.0 == masked.1,
+        "the copy differs from the source's disk"
+    );
+    assert_eq!(got[24 << 20..(24 << 20) + 4096], [0xa5u8; 4096]);
+    // The guest goes on there: the count without gap or repeat, its read-backs pass.
+    h.b.ok(Method::POST, "/v1/vms/s/resume", None);
+    let after = wait_console_until(&h.b, "s", |t| counts(t).len() >= 5);
     let joined = without_vmm_lines(&format!("{before}{after}"));
     assert!(!joined.contains("FAIL"), "{joined}");
     let c = counts(&joined);
@@ -425,21 +530,10 @@ fn copy_storage_moves_a_writing_guest_onto_the_targets_own_disk() {
         c.windows(2).all(|w| w[1] == w[0] + 1),
         "the count has a gap or repeat:\n{joined}"
     );
-    // Stopped, the copy holds what the guest wrote there, and the untouched data.
+    // Deleting it there removes the copy with it.
     let out = h.b.cli(&["stop", "s", "--timeout", "2s"]);
     assert!(out.status.success(), "{out:?}");
     h.b.wait_state("s", "stopped", Duration::from_secs(10));
-    let last = *counts(&console(&h.b, "s")).last().unwrap();
-    assert!(last > last_before + 64, "{last} {last_before}");
-    assert_disk_holds(&copy, last);
-    let got = std::fs::read(&copy).unwrap();
-    assert_eq!(got.len(), data.len());
-    assert_eq!(
-        got[1 << 20..],
-        data[1 << 20..],
-        "the copy beyond the guest's sectors"
-    );
-    // Deleting it there removes the copy with it.
     h.b.ok(Method::DELETE, "/v1/vms/s", None);
     assert!(
         !copy.exists(),
@@ -543,7 +637,83 @@ fn a_copy_storage_migration_cut_short_resumes_the_source_and_the_target_drops_it
     let n = counts(&console(&h.a, "k")).len();
     let text = wait_console_until(&h.a, "k", |t| counts(t).len() > n + 3);
     assert!(!text.contains("FAIL"), "{text}");
+    // The source's disk is as the guest left it: past its 64 sectors, the original bytes.
+    let mut f = std::fs::File::open(&disk).unwrap();
+    let mut probe = vec![0u8; 1 << 20];
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(700 << 20)).unwrap();
+    std::io::Read::read_exact(&mut f, &mut probe).unwrap();
+    assert!(
+        probe.iter().all(|&b| b == 0x11),
+        "the source's disk changed"
+    );
     // The target gave up (its reads time out) and removed the VM's directory with the copy.
     assert_clean(&h.b, "k");
     assert_eq!(h.b.ok(Method::GET, "/v1/vms", None), json!([]));
+}
+
+#[test]
+fn only_a_source_with_the_same_key_may_migrate_and_keyless_listening_is_loopback_only() {
+    need!();
+    let h = Hosts::new("a", 87);
+    let counter = guest("counter").unwrap();
+    // Two more source daemons on host a: one without a key, one with another.
+    for (tag, key, why) in [
+        ("anokey", None, "accepts only authenticated migrations"),
+        ("awrong", Some("not the secret the target holds"), "differs"),
+    ] {
+        let d = daemon_in(&h.ns_a, tag, None, key);
+        start_vm(&d, "c", &counter, "spin=1000000", 64);
+        wait_console_until(&d, "c", |t| counts(t).len() >= 2);
+        let out = d.cli(&["migrate", "c", "--to", &h.addr_b]);
+        assert!(!out.status.success(), "{tag}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(why) && err.contains("keeps running here"),
+            "{tag}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert_eq!(d.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+        assert_eq!(h.b.ok(Method::GET, "/v1/vms", None), json!([]), "{tag}");
+        // The target logged why it refused.
+        assert!(h.b.log().contains(why), "{tag}: {}", h.b.log());
+    }
+    // The source with the key moves it.
+    start_vm(&h.a, "c", &counter, "spin=1000000", 64);
+    wait_console_until(&h.a, "c", |t| counts(t).len() >= 2);
+    let out = h.a.cli(&["migrate", "c", "--to", &h.addr_b]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.b.log()
+    );
+    assert_eq!(h.b.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+
+    // No key on a non-loopback address: the daemon refuses to start, and says why.
+    let dir = TempDir::new("nokeylisten");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &h.ns_b, EXE, "daemon", "--socket"])
+        .arg(dir.0.join("d.sock"))
+        .arg("--state-dir")
+        .arg(dir.0.join("state"))
+        .args(["--migration-listen", &format!("{}:4749", h.addr_b)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon listened without a key");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("--migration-key"), "{err}");
 }

@@ -1,5 +1,6 @@
 //! The REST API: routes, request parsing, and serving on a Unix socket.
 
+use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,9 +12,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use corefour_api::{StopRequest, VmCreate, VmLimits};
+use corefour_api::{StopRequest, VmCreate, VmInfo, VmLimits};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::DaemonError;
 use crate::lifecycle::Daemon;
@@ -42,30 +43,168 @@ pub const ROUTES: &[(&str, &str)] = &[
 type AppState = State<Arc<Daemon>>;
 type ApiResult<T> = Result<T, DaemonError>;
 
+/// The VMs or the containers of this daemon: the verbs `/v1/vms` and `/v1/cts` answer alike, so
+/// one set of generic handlers (below) serves both; only the types and a few constants differ.
+pub(crate) trait Instances: Send + Sync + 'static {
+    type Create: DeserializeOwned + Send;
+    type Limits: DeserializeOwned + Send;
+    type Info: Serialize + Send;
+    /// What a create and a limits body are called in a 400's message.
+    const CREATE_BODY: &'static str;
+    const LIMITS_BODY: &'static str;
+    /// The grace period of a stop request without `timeout_secs`.
+    const DEFAULT_STOP_TIMEOUT: Duration;
+    /// How a console follower polls for new output.
+    const CONSOLE_POLL: ConsolePoll;
+
+    fn list(&self) -> ApiResult<Vec<Self::Info>>;
+    fn info(&self, name: &str) -> ApiResult<Self::Info>;
+    fn console_path(&self, name: &str) -> ApiResult<PathBuf>;
+    /// Whether the instance's process still runs (a console follower stops once it does not).
+    fn is_active(&self, name: &str) -> bool;
+    fn create(
+        self: &Arc<Self>,
+        req: Self::Create,
+    ) -> impl Future<Output = ApiResult<Self::Info>> + Send;
+    fn set_limits(
+        self: &Arc<Self>,
+        name: &str,
+        req: Self::Limits,
+    ) -> impl Future<Output = ApiResult<Self::Info>> + Send;
+    fn delete(
+        self: &Arc<Self>,
+        name: &str,
+        force: bool,
+    ) -> impl Future<Output = ApiResult<()>> + Send;
+    fn start(self: &Arc<Self>, name: &str) -> impl Future<Output = ApiResult<Self::Info>> + Send;
+    fn stop(
+        self: &Arc<Self>,
+        name: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = ApiResult<Self::Info>> + Send;
+    fn kill(self: &Arc<Self>, name: &str) -> impl Future<Output = ApiResult<Self::Info>> + Send;
+    fn pause(self: &Arc<Self>, name: &str) -> impl Future<Output = ApiResult<Self::Info>> + Send;
+    fn resume(self: &Arc<Self>, name: &str) -> impl Future<Output = ApiResult<Self::Info>> + Send;
+}
+
+/// `impl Instances for T { types and constants }` whose verbs are T's inherent ones of the same
+/// names (other code in the daemon calls those directly, without the trait).
+macro_rules! forward_instances {
+    ($t:ty { $($items:item)* }) => {
+        impl $crate::server::Instances for $t {
+            $($items)*
+
+            fn list(&self) -> Result<Vec<Self::Info>, $crate::DaemonError> {
+                <$t>::list(self)
+            }
+            fn info(&self, name: &str) -> Result<Self::Info, $crate::DaemonError> {
+                <$t>::info(self, name)
+            }
+            fn console_path(&self, name: &str) -> Result<std::path::PathBuf, $crate::DaemonError> {
+                <$t>::console_path(self, name)
+            }
+            fn is_active(&self, name: &str) -> bool {
+                <$t>::is_active(self, name)
+            }
+            fn create(
+                self: &std::sync::Arc<Self>,
+                req: Self::Create,
+            ) -> impl std::future::Future<Output = Result<Self::Info, $crate::DaemonError>> + Send {
+                <$t>::create(self, req)
+            }
+            fn set_limits(
+                self: &std::sync::Arc<Self>,
+                name: &str,
+                req: Self::Limits,
+            ) -> impl std::future::Future<Output = Result<Self::Info, $crate::DaemonError>> + Send {
+                <$t>::set_limits(self, name, req)
+            }
+            fn delete(
+                self: &std::sync::Arc<Self>,
+                name: &str,
+                force: bool,
+            ) -> impl std::future::Future<Output = Result<(), $crate::DaemonError>> + Send {
+                <$t>::delete(self, name, force)
+            }
+            fn start(
+                self: &std::sync::Arc<Self>,
+                name: &str,
+            ) -> impl std::future::Future<Output = Result<Self::Info, $crate::DaemonError>> + Send {
+                <$t>::start(self, name)
+            }
+            fn stop(
+                self: &std::sync::Arc<Self>,
+                name: &str,
+                timeout: std::time::Duration,
+            ) -> impl std::future::Future<Output = Result<Self::Info, $crate::DaemonError>> + Send {
+                <$t>::stop(self, name, timeout)
+            }
+            fn kill(
+                self: &std::sync::Arc<Self>,
+                name: &str,
+            ) -> impl std::future::Future<Output = Result<Self::Info, $crate::DaemonError>> + Send {
+                <$t>::kill(self, name)
+            }
+            fn pause(
+                self: &std::sync::Arc<Self>,
+                name: &str,
+            ) -> impl std::future::Future<Output = Result<Self::Info, $crate::DaemonError>> + Send {
+                <$t>::pause(self, name)
+            }
+            fn resume(
+                self: &std::sync::Arc<Self>,
+                name: &str,
+            ) -> impl std::future::Future<Output = Result<Self::Info, $crate::DaemonError>> + Send {
+                <$t>::resume(self, name)
+            }
+        }
+    };
+}
+pub(crate) use forward_instances;
+
+/// The routes every kind of instance has under `base` (`/v1/vms`, `/v1/cts`).
+pub(crate) fn instance_routes<I: Instances>(base: &str) -> Router<Arc<I>> {
+    let one = format!("{base}/{{name}}");
+    Router::new()
+        .route(base, get(list::<I>).post(create::<I>))
+        .route(&one, get(info::<I>).patch(patch::<I>).delete(delete::<I>))
+        .route(&format!("{one}/start"), post(start::<I>))
+        .route(&format!("{one}/stop"), post(stop::<I>))
+        .route(&format!("{one}/kill"), post(kill::<I>))
+        .route(&format!("{one}/pause"), post(pause::<I>))
+        .route(&format!("{one}/resume"), post(resume::<I>))
+        .route(&format!("{one}/console"), get(console::<I>))
+}
+
 pub fn router(d: Arc<Daemon>, cts: Arc<crate::ct::Cts>) -> Router {
     let ct_routes = crate::ct::routes::router(cts);
-    Router::new()
+    instance_routes::<Daemon>("/v1/vms")
         .route("/openapi.json", get(openapi))
-        .route("/v1/vms", get(list_vms).post(create_vm))
-        .route(
-            "/v1/vms/{name}",
-            get(get_vm).patch(patch_vm).delete(delete_vm),
-        )
-        .route("/v1/vms/{name}/start", post(start_vm))
-        .route("/v1/vms/{name}/stop", post(stop_vm))
-        .route("/v1/vms/{name}/kill", post(kill_vm))
-        .route("/v1/vms/{name}/pause", post(pause_vm))
-        .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/snapshot", post(snapshot_vm))
         .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/vms/{name}/restore", post(restore_vm))
         .route("/v1/vms/{name}/migrate", post(migrate_vm))
-        .route("/v1/vms/{name}/console", get(console))
         .route("/v1/events", get(events))
         .fallback(no_route)
         .with_state(d)
         .merge(ct_routes)
 }
+
+forward_instances!(Daemon {
+    type Create = VmCreate;
+    type Limits = VmLimits;
+    type Info = VmInfo;
+    const CREATE_BODY: &'static str = "create";
+    const LIMITS_BODY: &'static str = "limits";
+    const DEFAULT_STOP_TIMEOUT: Duration = crate::lifecycle::DEFAULT_STOP_TIMEOUT;
+    // Fine-grained while a VM boots (a bench waits for its first line), coarse for a long-lived
+    // follower.
+    const CONSOLE_POLL: ConsolePoll = ConsolePoll {
+        first: Duration::from_millis(2),
+        first_second_cap: Duration::from_millis(4),
+        cap: Duration::from_millis(100),
+    };
+});
 
 async fn no_route(uri: axum::http::Uri, method: axum::http::Method) -> DaemonError {
     DaemonError::NotFound(format!(
@@ -76,7 +215,7 @@ async fn no_route(uri: axum::http::Uri, method: axum::http::Method) -> DaemonErr
 
 /// Parses a JSON body with serde's own message ("unknown field `vcpu`, expected one of ...") and a
 /// 400, where axum's extractor would answer 422 with a generic text.
-pub(crate) fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> ApiResult<T> {
+fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> ApiResult<T> {
     serde_json::from_slice(body)
         .map_err(|e| DaemonError::BadRequest(format!("invalid {what} request body: {e}")))
 }
@@ -94,7 +233,7 @@ pub(crate) fn parse_optional_body<T: DeserializeOwned + Default>(
 }
 
 /// The grace period of a stop request (`{"timeout_secs": N}` or an empty body).
-pub(crate) fn stop_timeout(body: &[u8], default: Duration) -> ApiResult<Duration> {
+fn stop_timeout(body: &[u8], default: Duration) -> ApiResult<Duration> {
     let req: StopRequest = parse_optional_body(body, "stop")?;
     Ok(req.timeout_secs.map_or(default, Duration::from_secs))
 }
@@ -123,27 +262,30 @@ async fn openapi() -> Response {
         .into_response()
 }
 
-async fn list_vms(State(d): AppState) -> ApiResult<Response> {
-    Ok(Json(d.list()?).into_response())
+async fn list<I: Instances>(State(i): State<Arc<I>>) -> ApiResult<Response> {
+    Ok(Json(i.list()?).into_response())
 }
 
-async fn create_vm(State(d): AppState, body: Bytes) -> ApiResult<Response> {
-    let req: VmCreate = parse_body(&body, "create")?;
-    let info = d.create(req).await?;
+async fn create<I: Instances>(State(i): State<Arc<I>>, body: Bytes) -> ApiResult<Response> {
+    let req: I::Create = parse_body(&body, I::CREATE_BODY)?;
+    let info = i.create(req).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-async fn get_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(d.info(&name)?).into_response())
+async fn info<I: Instances>(
+    State(i): State<Arc<I>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    Ok(Json(i.info(&name)?).into_response())
 }
 
-async fn patch_vm(
-    State(d): AppState,
+async fn patch<I: Instances>(
+    State(i): State<Arc<I>>,
     UrlPath(name): UrlPath<String>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let req: VmLimits = parse_body(&body, "limits")?;
-    Ok(Json(d.set_limits(&name, req).await?).into_response())
+    let req: I::Limits = parse_body(&body, I::LIMITS_BODY)?;
+    Ok(Json(i.set_limits(&name, req).await?).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -153,14 +295,51 @@ struct DeleteQuery {
     force: bool,
 }
 
-async fn delete_vm(
-    State(d): AppState,
+async fn delete<I: Instances>(
+    State(i): State<Arc<I>>,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<QueryMap>,
 ) -> ApiResult<Response> {
     let q: DeleteQuery = parse_query(q)?;
-    d.delete(&name, q.force).await?;
+    i.delete(&name, q.force).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn start<I: Instances>(
+    State(i): State<Arc<I>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    Ok(Json(i.start(&name).await?).into_response())
+}
+
+async fn stop<I: Instances>(
+    State(i): State<Arc<I>>,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let timeout = stop_timeout(&body, I::DEFAULT_STOP_TIMEOUT)?;
+    Ok(Json(i.stop(&name, timeout).await?).into_response())
+}
+
+async fn kill<I: Instances>(
+    State(i): State<Arc<I>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    Ok(Json(i.kill(&name).await?).into_response())
+}
+
+async fn pause<I: Instances>(
+    State(i): State<Arc<I>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    Ok(Json(i.pause(&name).await?).into_response())
+}
+
+async fn resume<I: Instances>(
+    State(i): State<Arc<I>>,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Response> {
+    Ok(Json(i.resume(&name).await?).into_response())
 }
 
 async fn snapshot_vm(
@@ -204,31 +383,6 @@ async fn migrate_vm(
     Ok(Json(d.migrate(&name, req).await?).into_response())
 }
 
-async fn start_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(d.start(&name).await?).into_response())
-}
-
-async fn stop_vm(
-    State(d): AppState,
-    UrlPath(name): UrlPath<String>,
-    body: Bytes,
-) -> ApiResult<Response> {
-    let timeout = stop_timeout(&body, crate::lifecycle::DEFAULT_STOP_TIMEOUT)?;
-    Ok(Json(d.stop(&name, timeout).await?).into_response())
-}
-
-async fn kill_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(d.kill(&name).await?).into_response())
-}
-
-async fn pause_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(d.pause(&name).await?).into_response())
-}
-
-async fn resume_vm(State(d): AppState, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(d.resume(&name).await?).into_response())
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct EventsQuery {
@@ -250,7 +404,7 @@ async fn events(State(d): AppState, Query(q): Query<QueryMap>) -> ApiResult<Resp
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct ConsoleQuery {
-    /// Keep the response open and stream new output until the VM stops.
+    /// Keep the response open and stream new output until the instance stops.
     #[serde(default)]
     follow: bool,
     /// Start at this byte offset of the log.
@@ -258,42 +412,50 @@ struct ConsoleQuery {
     offset: u64,
 }
 
-/// The serial log; with `follow`, a stream that ends once the VM has stopped and all is sent.
-async fn console(
-    State(d): AppState,
+/// How a console follower waits between reads that found nothing: `first`, doubling up to
+/// `first_second_cap` within the first second of the request and up to `cap` after it.
+pub(crate) struct ConsolePoll {
+    pub(crate) first: Duration,
+    pub(crate) first_second_cap: Duration,
+    pub(crate) cap: Duration,
+}
+
+/// The console log; with `follow`, a stream that ends once the instance has stopped and all is
+/// sent.
+async fn console<I: Instances>(
+    State(i): State<Arc<I>>,
     UrlPath(name): UrlPath<String>,
     Query(q): Query<QueryMap>,
 ) -> ApiResult<Response> {
     let q: ConsoleQuery = parse_query(q)?;
-    let path = d.console_path(&name)?;
+    let path = i.console_path(&name)?;
     let text = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     // Sent in chunks of at most 1 MiB, so a long log never sits in memory whole.
     let follow = q.follow;
     let started = tokio::time::Instant::now();
     let stream = futures_util::stream::unfold(
-        (d, name, LogTail::new(path, q.offset)),
-        move |(d, name, mut tail)| async move {
-            let mut backoff = Duration::from_millis(2);
+        (i, name, LogTail::new(path, q.offset)),
+        move |(i, name, mut tail)| async move {
+            let poll = I::CONSOLE_POLL;
+            let mut backoff = poll.first;
             loop {
-                // Read the activity flag before the file: output written before the VMM exited is
-                // then always seen by the read that follows.
-                let active = follow && d.is_active(&name);
+                // Read the activity flag before the file: output written before the process
+                // exited is then always seen by the read that follows.
+                let active = follow && i.is_active(&name);
                 let chunk = tail.read();
                 if !chunk.is_empty() {
-                    return Some((Ok::<_, std::io::Error>(chunk), (d, name, tail)));
+                    return Some((Ok::<_, std::io::Error>(chunk), (i, name, tail)));
                 }
                 if !active {
                     return None;
                 }
                 tokio::time::sleep(backoff).await;
-                // Fine-grained while a VM boots (a bench waits for its first line), coarse for a
-                // long-lived follower.
                 let cap = if started.elapsed() < Duration::from_secs(1) {
-                    4
+                    poll.first_second_cap
                 } else {
-                    100
+                    poll.cap
                 };
-                backoff = (backoff * 2).min(Duration::from_millis(cap));
+                backoff = (backoff * 2).min(cap);
             }
         },
     );
@@ -303,14 +465,14 @@ async fn console(
 /// A console log read from an offset on, the file kept open between reads. Plain std I/O: a read
 /// of a local file that is being appended to does not block, and tokio's file type would cost a
 /// blocking-pool round trip per poll.
-pub(crate) struct LogTail {
+struct LogTail {
     path: PathBuf,
     file: Option<std::fs::File>,
     off: u64,
 }
 
 impl LogTail {
-    pub(crate) fn new(path: PathBuf, off: u64) -> LogTail {
+    fn new(path: PathBuf, off: u64) -> LogTail {
         LogTail {
             path,
             file: None,
@@ -319,7 +481,7 @@ impl LogTail {
     }
 
     /// Up to 1 MiB of new bytes (empty: nothing new yet, or no log yet).
-    pub(crate) fn read(&mut self) -> Vec<u8> {
+    fn read(&mut self) -> Vec<u8> {
         use std::io::{Read, Seek};
         if self.file.is_none() {
             let Ok(mut f) = std::fs::File::open(&self.path) else {

@@ -183,6 +183,8 @@ pub struct Cpu {
     pub dr: [u64; 8],
     /// COREFOUR_EMU_PROFILE counters (off unless the variable is set).
     pub prof: crate::profile::Profile,
+    /// The arithmetic flags while translated code runs (see `jit`), in RFLAGS layout.
+    pub jit_flags: u64,
 }
 
 impl Cpu {
@@ -227,6 +229,7 @@ impl Cpu {
             poll_at: 0,
             dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
             prof: crate::profile::Profile::default(),
+            jit_flags: 2,
         };
         for (i, s) in c.seg.iter_mut().enumerate() {
             *s = Segment {

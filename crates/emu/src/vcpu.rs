@@ -12,6 +12,7 @@ use corefour_hypervisor::{
 use crate::cpu::*;
 use crate::decode::Cache;
 use crate::flags;
+use crate::jit::buf::CodeBuf;
 use crate::platform::lapic::Lapic;
 use crate::vm::{Kicker, Link, Shared};
 
@@ -29,6 +30,25 @@ pub struct EmuVcpu {
     recent: [u64; 16],
     recent_at: usize,
     recent_end: u64,
+    /// Host code of translated blocks (made on the first translation).
+    jit_buf: Option<CodeBuf>,
+    /// The buffer is full: drop every block and start it afresh before the next lookup.
+    jit_full: bool,
+    /// Executable memory could not be had: the JIT stays off for this vCPU.
+    jit_broken: bool,
+    /// Translated code just left through a chain slot: if the next block is translated and
+    /// on the same page and version, the slot is pointed at it.
+    chain_from: Option<ChainFrom>,
+}
+
+struct ChainFrom {
+    slot: u32,
+    /// The RIP the slot's exit goes to.
+    rip: u64,
+    /// `Block::page` of the block the code was entered by.
+    page: (usize, u32, u64),
+    /// Translated for CPL 3.
+    user: bool,
 }
 
 /// The serialised form of a vCPU for snapshots.
@@ -63,6 +83,10 @@ impl EmuVcpu {
             recent: [0; 16],
             recent_at: 0,
             recent_end: 0,
+            jit_buf: None,
+            jit_full: false,
+            jit_broken: false,
+            chain_from: None,
         }
     }
 
@@ -296,6 +320,15 @@ impl EmuVcpu {
     /// Runs one decoded block; returns an exit if the VMM must see one.
     #[inline]
     fn step_block(&mut self) -> Option<VmExit> {
+        if self.jit_full {
+            // Translated code is only reachable through blocks: drop them all, then reuse.
+            self.cache.clear();
+            if let Some(buf) = self.jit_buf.as_mut() {
+                buf.reset();
+            }
+            self.jit_full = false;
+            self.chain_from = None;
+        }
         let b = match self.cache.lookup(&mut self.cpu) {
             Ok(b) => b,
             Err(Stop::Fault(f)) => return self.raise(f),
@@ -309,7 +342,89 @@ impl EmuVcpu {
         }
         self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
         let bp = b as *const crate::decode::Block;
-        for op in b.ins.iter() {
+        if let Some(ChainFrom {
+            slot,
+            rip,
+            page,
+            user,
+        }) = self.chain_from.take()
+        {
+            let (vp, ver, lin) = b.page();
+            if b.rip == rip && vp == page.0 && ver == page.1 && (lin ^ page.2) < 0x1000 {
+                if let (Some(j), Some(buf)) = (b.jit.get(), self.jit_buf.as_mut()) {
+                    if j.user == user && j.user == (self.cpu.cpl == 3) {
+                        buf.set_slot(slot, j.chain);
+                    }
+                }
+            }
+        }
+        let mut start = 0;
+        let threshold = self.cpu.env.vm.jit_threshold;
+        if threshold != 0 && b.bits == 64 && b.cached() && !self.jit_broken {
+            let user = self.cpu.cpl == 3;
+            let mut jit = b.jit.get();
+            if jit.is_none() {
+                let h = b.hits.get();
+                if h != u32::MAX && h + 1 >= threshold {
+                    b.hits.set(u32::MAX);
+                    if self.jit_buf.is_none() {
+                        match CodeBuf::new() {
+                            Ok(buf) => self.jit_buf = Some(buf),
+                            Err(_) => self.jit_broken = true,
+                        }
+                    }
+                    if let Some(buf) = self.jit_buf.as_mut() {
+                        if buf.room() < 1 << 16 {
+                            self.jit_full = true;
+                        } else {
+                            let smp = self.cpu.env.vm.nvcpus > 1;
+                            jit = crate::jit::translate(b.ins.iter().map(|o| &o.i), user, smp, buf);
+                            b.jit.set(jit);
+                            self.cpu.prof.jit_blocks += jit.is_some() as u64;
+                        }
+                    }
+                } else if h != u32::MAX {
+                    b.hits.set(h + 1);
+                }
+            }
+            if let Some(j) = jit.filter(|j| j.user == user) {
+                // Always through `jit_flags`: blocks chained behind this one may use them.
+                self.cpu.jit_flags = (self.cpu.flags() & flags::ARITH) | 2;
+                let before = self.cpu.icount;
+                self.cpu.prof.jit_runs += 1;
+                // SAFETY: `entry` is code this vCPU's translator made for this block (still
+                // valid: the lookup checked its page version) and the buffer holding it is
+                // alive (it is only reset after the cache is cleared). It reads and writes
+                // only the `Cpu` it is given and guest RAM through TLB entries, as the
+                // interpreter would.
+                let ret = unsafe { (j.entry)(&mut self.cpu) };
+                let (k, slot) = crate::jit::split_ret(ret);
+                self.cpu.rflags =
+                    (self.cpu.rflags & !flags::ARITH) | (self.cpu.jit_flags & flags::ARITH);
+                // The code counted what it retired into icount itself (it may loop).
+                self.cpu.prof.jit_insns += self.cpu.icount - before;
+                // The code leaves RIP exact. It may have run through chained blocks (all on
+                // this block's page and version): `k` is of the last one, so the interpreter
+                // only takes over here when RIP is this block's instruction `k`.
+                if b.ins.get(k).is_none_or(|o| o.i.ip() != self.cpu.rip) {
+                    if slot != 0 {
+                        self.chain_from = Some(ChainFrom {
+                            slot,
+                            rip: self.cpu.rip,
+                            page: b.page(),
+                            user,
+                        });
+                    }
+                    self.cache.ran(bp);
+                    return None;
+                }
+                if k < j.ops as usize {
+                    self.cpu.prof.jit_side_exits += 1;
+                }
+                start = k;
+            }
+        }
+        for op in b.ins[start..].iter() {
             let ins = &op.i;
             self.cpu.cur_ip = ins.ip();
             self.cpu.rip = ins.next_ip();

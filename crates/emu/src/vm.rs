@@ -69,6 +69,8 @@ pub struct Shared {
     time_offset: AtomicU64,
     pub nvcpus: u32,
     pub trace_unimpl: bool,
+    /// Runs of a block before it is translated to host code; 0 turns the JIT off.
+    pub jit_threshold: u32,
     pub links: Vec<Arc<Link>>,
     pub ioapic: Mutex<Ioapic>,
     pub pit: Mutex<Pit>,
@@ -225,7 +227,7 @@ pub struct EmuVm {
 }
 
 impl EmuVm {
-    pub fn new(vcpus: u32, trace_unimpl: bool) -> Result<Self> {
+    pub fn new(vcpus: u32, trace_unimpl: bool, jit_threshold: u32) -> Result<Self> {
         if vcpus == 0 || vcpus > 255 {
             return Err(HypervisorError::Invalid(format!(
                 "{vcpus} vCPUs requested; the software CPU supports 1 to 255"
@@ -240,6 +242,7 @@ impl EmuVm {
                 time_offset: AtomicU64::new(0),
                 nvcpus: vcpus,
                 trace_unimpl,
+                jit_threshold,
                 links: (0..vcpus).map(|k| Arc::new(Link::new(k as u8))).collect(),
                 ioapic: Mutex::new(Ioapic::default()),
                 pit: Mutex::new(Pit::default()),
@@ -458,7 +461,7 @@ mod tests {
 
     #[test]
     fn an_msi_lands_in_the_addressed_local_apic() {
-        let vm = EmuVm::new(2, false).unwrap();
+        let vm = EmuVm::new(2, false, 0).unwrap();
         for l in &vm.shared.links {
             l.lapic().write(0xf0, 0x1ff, 0); // software-enable
         }

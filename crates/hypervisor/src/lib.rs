@@ -71,6 +71,17 @@ pub struct MemoryRegion {
     pub read_only: bool,
 }
 
+/// The first GSI free for message-signalled routes: 0..23 are the I/O APIC's pins.
+pub const MSI_GSI_BASE: u32 = 24;
+
+/// One message-signalled route: an irqfd on `gsi` sends (`address`, `data`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiRoute {
+    pub gsi: u32,
+    pub address: u64,
+    pub data: u32,
+}
+
 /// Lets another thread stop a running vCPU (pause, shutdown, timeout).
 pub trait VcpuKicker: Send + Sync {
     fn kick(&self);
@@ -130,6 +141,27 @@ pub trait Vm: Send + Sync {
     }
     fn unregister_irqfd(&self, _event: &EventFd, _gsi: u32) -> Result<()> {
         Err(HypervisorError::Unsupported("irqfd"))
+    }
+
+    /// A level-triggered irqfd: a write to `event` asserts line `gsi` until the guest's EOI
+    /// of that interrupt; the backend then lowers the line and writes `resample`, so the
+    /// device can assert it again if it still has something pending (PCI INTx). Unregister
+    /// with `unregister_irqfd`. `Unsupported` where the backend lacks it.
+    fn register_irqfd_resample(
+        &self,
+        _event: &EventFd,
+        _resample: &EventFd,
+        _gsi: u32,
+    ) -> Result<()> {
+        Err(HypervisorError::Unsupported("irqfd with resample"))
+    }
+
+    /// Replaces the VM's message-signalled routes: afterwards an irqfd registered on
+    /// `route.gsi` delivers that message (a device's MSI-X vector costs one eventfd write).
+    /// The platform's own lines (GSIs below [`MSI_GSI_BASE`]) keep their routing. `Unsupported`
+    /// where the backend has no routing table; the caller then uses `signal_msi`.
+    fn set_msi_routes(&self, _routes: &[MsiRoute]) -> Result<()> {
+        Err(HypervisorError::Unsupported("MSI routing"))
     }
 
     /// VM-wide state beyond the vCPUs (in-kernel irqchip, PIT, clock), for snapshots and

@@ -4,11 +4,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use corefour_hypervisor::{
-    Datamatch, EventFd, HypervisorError, IoEventAddress, MemoryRegion, Result, Vcpu, Vm, VmOps,
+    Datamatch, EventFd, HypervisorError, IoEventAddress, MemoryRegion, MsiRoute, Result, Vcpu, Vm,
+    VmOps, MSI_GSI_BASE,
 };
 use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MAX_IRQ_ROUTES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress as KvmIoAddr, Kvm as KvmSys, NoDatamatch, VmFd};
 
@@ -221,6 +224,27 @@ impl Vm for KvmVm {
             .map_err(|e| os_err("KVM_IRQFD", e))
     }
 
+    fn register_irqfd_resample(&self, event: &EventFd, resample: &EventFd, gsi: u32) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::Unsupported("irqfd without an irqchip"));
+        }
+        self.fd
+            .register_irqfd_with_resample(event, resample, gsi)
+            .map_err(|e| os_err("KVM_IRQFD (resample)", e))
+    }
+
+    fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
+        if !self.irqchip {
+            return Err(HypervisorError::Unsupported(
+                "MSI routing without an irqchip",
+            ));
+        }
+        let table = routing_table(routes)?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(|e| os_err("KVM_SET_GSI_ROUTING", e))
+    }
+
     fn unregister_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
         self.fd
             .unregister_irqfd(event, gsi)
@@ -245,5 +269,98 @@ fn kvm_addr(a: IoEventAddress) -> KvmIoAddr {
     match a {
         IoEventAddress::Pio(p) => KvmIoAddr::Pio(u64::from(p)),
         IoEventAddress::Mmio(m) => KvmIoAddr::Mmio(m),
+    }
+}
+
+/// The whole GSI routing table KVM_SET_GSI_ROUTING replaces: KVM's own default for the
+/// platform lines (GSIs 0..15 to the IOAPIC pin of that number and to the 8259 pair, 16..23
+/// to the IOAPIC only; kernel irq_comm.c's default_routing, which the first call would
+/// otherwise drop), then one MSI entry per route.
+fn routing_table(routes: &[MsiRoute]) -> Result<KvmIrqRouting> {
+    let irqchip = |gsi: u32, chip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = chip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    let mut entries = Vec::with_capacity(40 + routes.len());
+    for gsi in 0..MSI_GSI_BASE {
+        entries.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        if gsi < 16 {
+            let chip = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            entries.push(irqchip(gsi, chip, gsi % 8));
+        }
+    }
+    for r in routes {
+        if r.gsi < MSI_GSI_BASE {
+            return Err(HypervisorError::Invalid(format!(
+                "MSI route on GSI {} collides with the IOAPIC's lines (use {MSI_GSI_BASE} up)",
+                r.gsi
+            )));
+        }
+        let mut e = kvm_irq_routing_entry {
+            gsi: r.gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = r.address as u32;
+        e.u.msi.address_hi = (r.address >> 32) as u32;
+        e.u.msi.data = r.data;
+        entries.push(e);
+    }
+    if entries.len() > KVM_MAX_IRQ_ROUTES {
+        return Err(HypervisorError::Invalid(format!(
+            "{} GSI routes; KVM takes at most {KVM_MAX_IRQ_ROUTES}",
+            entries.len()
+        )));
+    }
+    KvmIrqRouting::from_entries(&entries)
+        .map_err(|e| HypervisorError::Invalid(format!("GSI routing table: {e:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_keeps_the_platform_lines_and_adds_msi_entries() {
+        let t = routing_table(&[MsiRoute {
+            gsi: 24,
+            address: 0x1_fee0_1000,
+            data: 0x41,
+        }])
+        .unwrap();
+        let e = t.as_slice();
+        // 16 lines on the IOAPIC and a PIC, 8 on the IOAPIC only, one MSI.
+        assert_eq!(e.len(), 16 * 2 + 8 + 1);
+        let msi = e.last().unwrap();
+        assert_eq!((msi.gsi, msi.type_), (24, KVM_IRQ_ROUTING_MSI));
+        // SAFETY: the entry was written as an MSI entry just above.
+        let m = unsafe { msi.u.msi };
+        assert_eq!((m.address_lo, m.address_hi, m.data), (0xfee0_1000, 1, 0x41));
+        let pic: Vec<_> = e
+            .iter()
+            .filter(|x| x.gsi == 10 && x.type_ == KVM_IRQ_ROUTING_IRQCHIP)
+            // SAFETY: irqchip entries only, as filtered.
+            .map(|x| unsafe { (x.u.irqchip.irqchip, x.u.irqchip.pin) })
+            .collect();
+        assert_eq!(
+            pic,
+            vec![(KVM_IRQCHIP_IOAPIC, 10), (KVM_IRQCHIP_PIC_SLAVE, 2)]
+        );
+        assert!(routing_table(&[MsiRoute {
+            gsi: 5,
+            address: 0xfee0_0000,
+            data: 0
+        }])
+        .is_err());
     }
 }

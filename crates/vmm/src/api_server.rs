@@ -305,6 +305,11 @@ fn route(
                 after: None,
             }
         }
+        (method, "/vm/disks/dirty") => match crate::disk_dirty_api::handle(method, &req.body) {
+            Ok(Some(v)) => json_ok(v),
+            Ok(None) => no_content(),
+            Err((code, msg)) => fault(code, msg),
+        },
         ("PUT", "/vm/snapshot") => match state {
             Some(st) => st
                 .snapshot(&req.body)

@@ -72,6 +72,8 @@ pub struct RunReport {
     pub guest_resident_bytes: u64,
     /// Each vCPU's registers when it stopped (None where the backend could not say).
     pub final_regs: Vec<Option<corefour_hypervisor::Regs>>,
+    /// The virtio interrupt/notify counters ("msix_irqfd=N ..."), empty where not recorded.
+    pub virtio_stats: String,
 }
 
 /// A VM ready to run: memory loaded, vCPUs at the entry, devices on the buses.
@@ -119,6 +121,7 @@ impl Vmm {
             pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
         }
         let (ops, serial) = machine::build_with(&vm, console.clone(), events, virtio.mmio, pio)?;
+        ops.set_virtio_stats(virtio.stats);
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let mut vcpu = vm
@@ -215,6 +218,11 @@ impl Vmm {
             anon_bytes: self_status_bytes("RssAnon:"),
             guest_resident_bytes: memory::resident_bytes(&self.mem),
             final_regs: self.control.final_regs(),
+            virtio_stats: self
+                ._machine
+                .virtio_stats()
+                .map(|s| s.describe())
+                .unwrap_or_default(),
         })
     }
 }

@@ -17,6 +17,18 @@ use crate::layout::{SERIAL_MMIO_ADDR, SERIAL_MMIO_LEN, SYS_MMIO_ADDR, SYS_MMIO_L
 pub struct Machine {
     pio: Bus,
     mmio: Bus,
+    /// The virtio devices' run-time counters, where the builder recorded them.
+    virtio_stats: std::sync::OnceLock<crate::virtio_devices::VirtioStats>,
+}
+
+impl Machine {
+    pub fn set_virtio_stats(&self, stats: crate::virtio_devices::VirtioStats) {
+        let _ = self.virtio_stats.set(stats);
+    }
+
+    pub fn virtio_stats(&self) -> Option<&crate::virtio_devices::VirtioStats> {
+        self.virtio_stats.get()
+    }
 }
 
 impl VmOps for Machine {
@@ -103,7 +115,14 @@ pub fn build_with(
         u64::from(I8042_BASE),
         I8042_LEN,
     )?;
-    Ok((Arc::new(Machine { pio, mmio }), serial))
+    Ok((
+        Arc::new(Machine {
+            pio,
+            mmio,
+            virtio_stats: std::sync::OnceLock::new(),
+        }),
+        serial,
+    ))
 }
 
 /// Copies what arrives on `input` into COM1's receive FIFO until EOF, waiting while the guest

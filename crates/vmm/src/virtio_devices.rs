@@ -24,8 +24,9 @@ use corefour_devices::virtio::balloon::{Balloon, BalloonHandle};
 use corefour_devices::virtio::blk::{Block, BlockConfig, BlockError};
 use corefour_devices::virtio::mmio::MMIO_SIZE;
 use corefour_devices::virtio::net::{parse_mac, Net, NetConfig as DevNetConfig};
-use corefour_devices::virtio::pci::{PciBarWindow, PciRoot, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN};
-use corefour_devices::virtio::pci_msix::MsiSink;
+use corefour_devices::virtio::pci::{
+    PciBarWindow, PciRoot, VirtioPciDevice, CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN,
+};
 use corefour_devices::virtio::rate_limiter::RateLimit;
 use corefour_devices::virtio::rng::Rng;
 use corefour_devices::virtio::state::SaveRestore;
@@ -40,6 +41,7 @@ use crate::acpi::{AcpiDevices, PciHostBridge};
 use crate::config::VmConfig;
 use crate::machine::BusEntry;
 use crate::memory::GuestMem;
+use crate::virtio_eventfd::{IoeventMover, MsiRouter, Resampler, SignalMsi, VirtioCounters};
 
 pub const VIRTIO_MMIO_BASE: u64 = 0xd100_0000;
 /// The IOAPIC pins the devices take, in device order: 5..=23 without the ones the platform
@@ -167,6 +169,23 @@ pub struct VirtioDevices {
     pub eventfds: crate::virtio_eventfd::EventfdUse,
     /// Every device's transport, in creation order: what snapshots save and restore.
     pub saveable: Vec<Arc<dyn SaveRestore>>,
+    /// What the interrupt and notify paths did (MSI-X by irqfd or ioctl, resamples, BAR
+    /// moves), and the PCI functions whose notify exits count.
+    pub stats: VirtioStats,
+}
+
+/// Run-time counters of the virtio devices (`corefour vmm --stats`).
+#[derive(Default, Clone)]
+pub struct VirtioStats {
+    pub counters: Arc<VirtioCounters>,
+    pub pci: Vec<Arc<VirtioPciDevice>>,
+}
+
+impl VirtioStats {
+    pub fn describe(&self) -> String {
+        let exits = self.pci.iter().map(|d| d.notify_exits()).sum();
+        self.counters.describe(exits)
+    }
 }
 
 fn count(config: &VmConfig) -> usize {
@@ -199,9 +218,14 @@ pub fn add_to_cmdline(mut config: VmConfig) -> VmConfig {
 pub fn acpi_devices(config: &VmConfig) -> AcpiDevices {
     let n = count(config).min(MAX_VIRTIO_DEVICES);
     match config.virtio_transport {
+        // The host bridge is always there (with no functions behind it here), so a kernel
+        // finds PCI config access instead of complaining that it has none.
         VirtioTransport::Mmio => AcpiDevices {
             virtio_mmio: (0..n).map(slot).collect(),
-            pci: None,
+            pci: Some(PciHostBridge {
+                mem_window: PCI_BAR_WINDOW,
+                intx: Vec::new(),
+            }),
         },
         VirtioTransport::Pci => AcpiDevices {
             virtio_mmio: Vec::new(),
@@ -235,19 +259,6 @@ impl IrqLine for GsiEdge {
     }
     fn set_level(&self, level: bool) {
         let _ = self.vm.set_irq_line(self.gsi, level);
-    }
-}
-
-/// MSI-X messages from PCI functions, through the backend (KVM_SIGNAL_MSI or the software
-/// CPU's local APICs). A message the backend refuses (an address outside the APIC range the
-/// guest programmed) is dropped, as a bus write to nowhere would be.
-struct BackendMsi {
-    vm: Arc<dyn Vm>,
-}
-
-impl MsiSink for BackendMsi {
-    fn send(&self, address: u64, data: u32) {
-        let _ = self.vm.signal_msi(address, data);
     }
 }
 
@@ -313,9 +324,27 @@ pub fn create(
         out.balloon = Some(balloon.handle());
         devs.push(("balloon", Box::new(balloon)));
     }
-    let mut root = (config.virtio_transport == VirtioTransport::Pci).then(|| {
-        PciRoot::new(PCI_BAR_WINDOW.0, PCI_BAR_WINDOW.1)
-            .with_msi(Arc::new(BackendMsi { vm: vm.clone() }))
+    let counters = out.stats.counters.clone();
+    let pci = config.virtio_transport == VirtioTransport::Pci;
+    // The host bridge answers config cycles whatever the transport (see `acpi_devices`).
+    let mut root = PciRoot::new(PCI_BAR_WINDOW.0, PCI_BAR_WINDOW.1);
+    // On KVM each MSI-X vector gets a GSI route and an irqfd (`MsiRouter`); elsewhere the
+    // messages go through `Vm::signal_msi`. INTx is a level with a resamplefd where the
+    // backend has one, else `set_irq_line`.
+    let router = if pci && n > 0 {
+        MsiRouter::probe(vm, counters.clone())
+    } else {
+        None
+    };
+    let resampler = if pci && n > 0 {
+        Resampler::new(counters.clone()).ok()
+    } else {
+        None
+    };
+    let mover = Arc::new(IoeventMover {
+        vm: vm.clone(),
+        window: PCI_BAR_WINDOW,
+        counters: counters.clone(),
     });
     for (i, (kind, dev)) in devs.into_iter().enumerate() {
         let (base, gsi) = slot(i);
@@ -324,41 +353,59 @@ pub fn create(
             gsi,
         });
         let err = |source| VirtioSetupError::Transport { kind, source };
-        match &mut root {
-            Some(root) => {
-                // GSIs 5..23 fit the u8 interrupt-line register.
-                let (pci_slot, pci_dev) = root
-                    .add_virtio(dev, mem.clone(), line, gsi as u8)
-                    .map_err(err)?;
-                crate::virtio_eventfd::register_pci_notify(
-                    vm.as_ref(),
-                    &pci_dev.notify_events(),
-                    &mut out.eventfds,
-                );
-                out.saveable.push(pci_dev);
-                out.placed.push((kind, pci_slot as u64, gsi));
+        if pci {
+            let sink = match &router {
+                Some(r) => {
+                    r.function_sink(dev.queue_max_sizes().len() as u16 + 1, &mut out.eventfds)
+                }
+                None => Arc::new(SignalMsi {
+                    vm: vm.clone(),
+                    counters: counters.clone(),
+                }),
+            };
+            let resampled = resampler
+                .as_ref()
+                .and_then(|r| r.line(vm.as_ref(), gsi, &mut out.eventfds));
+            let (line, isr) = match resampled {
+                Some((l, isr)) => (l, Some(isr)),
+                None => (line, None),
+            };
+            // GSIs 5..23 fit the u8 interrupt-line register.
+            let (pci_slot, pci_dev) = root
+                .add_virtio_with_msi(dev, mem.clone(), line, gsi as u8, Some(sink))
+                .map_err(err)?;
+            if let Some(isr) = isr {
+                let _ = isr.set(Arc::downgrade(pci_dev.interrupt()));
             }
-            None => {
-                // virtio-mmio interrupts are edges: an irqfd carries them as they are.
-                let line = crate::virtio_eventfd::edge_irqfd(vm.as_ref(), gsi, &mut out.eventfds)
-                    .unwrap_or(line);
-                let transport = Arc::new(MmioTransport::new(dev, mem.clone(), line).map_err(err)?);
-                crate::virtio_eventfd::register_mmio_notify(
-                    vm.as_ref(),
-                    base,
-                    transport.queue_events(),
-                    &mut out.eventfds,
-                );
-                out.saveable.push(transport.clone());
-                out.mmio.push((transport, base, MMIO_SIZE));
-                out.placed.push((kind, base, gsi));
-            }
+            crate::virtio_eventfd::register_pci_notify(
+                vm.as_ref(),
+                &pci_dev.notify_events(),
+                &mut out.eventfds,
+            );
+            pci_dev.set_bar_listener(mover.clone());
+            out.stats.pci.push(pci_dev.clone());
+            out.saveable.push(pci_dev);
+            out.placed.push((kind, pci_slot as u64, gsi));
+        } else {
+            // virtio-mmio interrupts are edges: an irqfd carries them as they are.
+            let line = crate::virtio_eventfd::edge_irqfd(vm.as_ref(), gsi, &mut out.eventfds)
+                .unwrap_or(line);
+            let transport = Arc::new(MmioTransport::new(dev, mem.clone(), line).map_err(err)?);
+            crate::virtio_eventfd::register_mmio_notify(
+                vm.as_ref(),
+                base,
+                transport.queue_events(),
+                &mut out.eventfds,
+            );
+            out.saveable.push(transport.clone());
+            out.mmio.push((transport, base, MMIO_SIZE));
+            out.placed.push((kind, base, gsi));
         }
     }
-    if let Some(root) = root {
-        let root = Arc::new(root);
-        out.pio
-            .push((root.clone(), CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN));
+    let root = Arc::new(root);
+    out.pio
+        .push((root.clone(), CONFIG_ADDRESS_PORT, CONFIG_PORTS_LEN));
+    if root.has_functions() {
         out.mmio.push((
             Arc::new(PciBarWindow::new(root)),
             PCI_BAR_WINDOW.0,
@@ -473,7 +520,8 @@ mod tests {
         c.balloon = Some(BalloonConfig::default());
         let a = acpi_devices(&c);
         assert_eq!(a.virtio_mmio, vec![(0xd100_0000, 5), (0xd100_1000, 6)]);
-        assert_eq!(a.pci, None);
+        let bridge = a.pci.expect("a host bridge with the mmio transport too");
+        assert!(bridge.intx.is_empty(), "no PCI functions behind it");
         c.virtio_transport = VirtioTransport::Pci;
         let a = acpi_devices(&c);
         assert!(a.virtio_mmio.is_empty());

@@ -14,6 +14,9 @@
 //! marker line on `corefour vmm --backend emu` and on `qemu-system-x86_64 -accel tcg` (the peer)
 //! with the same kernel, initramfs, memory and command line (bench/linux_peer.rs), one after
 //! the other in the same run, and reports both times and the ratio.
+//!
+//! The software CPU is measured twice: `emu` with its JIT (hot blocks translated to host
+//! code, the default) and `emu-interp` with `COREFOUR_EMU_JIT=0` (the interpreter alone).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -86,6 +89,10 @@ struct Report {
     linux: Vec<LinuxRow>,
     /// emu time to the marker / QEMU TCG time to the marker (below 1: emu is faster).
     linux_ratio_emu_to_qemu: Option<f64>,
+    /// The same for the interpreter alone.
+    linux_ratio_emu_interp_to_qemu: Option<f64>,
+    /// emu (JIT) MIPS / emu-interp MIPS on the loop (CPU time).
+    ratio_jit_to_interp: Option<f64>,
     /// Why the Linux row is missing or partial, if it is.
     linux_note: Option<String>,
 }
@@ -118,11 +125,13 @@ fn loop_image(n: u64) -> anyhow::Result<Vec<u8>> {
 fn run_once(exe: &Path, image: &Path, backend: &str) -> anyhow::Result<(Duration, Duration)> {
     let cpu0 = children_cpu();
     let start = Instant::now();
-    let out = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    jit_env(&mut cmd, backend);
+    let out = cmd
         .args([
             "vmm",
             "--backend",
-            backend,
+            vmm_backend(backend),
             "--memory",
             "64M",
             "--timeout",
@@ -145,6 +154,28 @@ fn run_once(exe: &Path, image: &Path, backend: &str) -> anyhow::Result<(Duration
         );
     }
     Ok((took, cpu))
+}
+
+/// The `corefour vmm --backend` behind a row's name.
+fn vmm_backend(row: &str) -> &str {
+    if row == EMU_INTERP {
+        "emu"
+    } else {
+        row
+    }
+}
+
+/// Row name of the software CPU without its JIT.
+const EMU_INTERP: &str = "emu-interp";
+
+/// Turns the software CPU's JIT off for the `emu-interp` row and on (whatever the caller's
+/// environment says) for the `emu` row.
+fn jit_env(cmd: &mut Command, row: &str) {
+    if row == EMU_INTERP {
+        cmd.env("COREFOUR_EMU_JIT", "0");
+    } else {
+        cmd.env_remove("COREFOUR_EMU_JIT");
+    }
 }
 
 fn fastest(
@@ -219,7 +250,21 @@ fn linux_boot(
     })
 }
 
-/// The Linux rows: emu and QEMU TCG on the same fixture, one after the other.
+/// Time to the marker of row `a` over that of row `b`.
+fn linux_ratio(rows: &[LinuxRow], a: &str, b: &str) -> Option<f64> {
+    match (
+        rows.iter().find(|r| r.backend == a),
+        rows.iter().find(|r| r.backend == b),
+    ) {
+        (Some(x), Some(y)) if y.to_marker_seconds > 0.0 => {
+            Some(x.to_marker_seconds / y.to_marker_seconds)
+        }
+        _ => None,
+    }
+}
+
+/// The Linux rows: emu (JIT), emu-interp and QEMU TCG on the same fixture, one after the
+/// other.
 fn linux_rows(exe: &Path, runs: usize) -> (Vec<LinuxRow>, Option<f64>, Option<String>) {
     let timeout = Duration::from_secs(300);
     let f = match linux_peer::fixture() {
@@ -230,12 +275,29 @@ fn linux_rows(exe: &Path, runs: usize) -> (Vec<LinuxRow>, Option<f64>, Option<St
     let mut notes = Vec::new();
     match linux_boot(
         "emu",
-        &|| linux_peer::corefour_emu(exe, &f, timeout),
+        &|| {
+            let mut c = linux_peer::corefour_emu(exe, &f, timeout);
+            jit_env(&mut c, "emu");
+            c
+        },
         runs,
         timeout,
     ) {
         Ok(r) => rows.push(r),
         Err(e) => notes.push(format!("emu: {e:#}")),
+    }
+    match linux_boot(
+        EMU_INTERP,
+        &|| {
+            let mut c = linux_peer::corefour_emu(exe, &f, timeout);
+            jit_env(&mut c, EMU_INTERP);
+            c
+        },
+        runs,
+        timeout,
+    ) {
+        Ok(r) => rows.push(r),
+        Err(e) => notes.push(format!("{EMU_INTERP}: {e:#}")),
     }
     let qemu_ok = Command::new("qemu-system-x86_64")
         .arg("--version")
@@ -251,15 +313,7 @@ fn linux_rows(exe: &Path, runs: usize) -> (Vec<LinuxRow>, Option<f64>, Option<St
     } else {
         notes.push("qemu-system-x86_64 is not installed (Debian package qemu-system-x86); the peer is not measured".into());
     }
-    let ratio = match (
-        rows.iter().find(|r| r.backend == "emu"),
-        rows.iter().find(|r| r.backend == "qemu-tcg"),
-    ) {
-        (Some(e), Some(q)) if q.to_marker_seconds > 0.0 => {
-            Some(e.to_marker_seconds / q.to_marker_seconds)
-        }
-        _ => None,
-    };
+    let ratio = linux_ratio(&rows, "emu", "qemu-tcg");
     (rows, ratio, (!notes.is_empty()).then(|| notes.join("; ")))
 }
 
@@ -268,7 +322,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let dir = std::env::temp_dir().join(format!("corefour-bench-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let result = (|| {
-        let mut rows = vec![measure(&exe, &dir, "emu", args.iterations, args.runs)?];
+        let mut rows = vec![
+            measure(&exe, &dir, "emu", args.iterations, args.runs)?,
+            measure(&exe, &dir, EMU_INTERP, args.iterations, args.runs)?,
+        ];
         let kvm_ok = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -279,8 +336,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         } else if !args.json {
             eprintln!("note: /dev/kvm is not usable; KVM is not measured");
         }
-        let ratio = rows.get(1).map(|k| rows[0].mips_wall / k.mips_wall);
-        let (linux, linux_ratio, linux_note) = if args.linux_runs == 0 {
+        let ratio = rows
+            .iter()
+            .find(|r| r.backend == "kvm")
+            .map(|k| rows[0].mips_wall / k.mips_wall);
+        let jit_ratio = Some(rows[0].mips_cpu / rows[1].mips_cpu.max(1e-9));
+        let (linux, emu_to_qemu, linux_note) = if args.linux_runs == 0 {
             (
                 Vec::new(),
                 None,
@@ -289,11 +350,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         } else {
             linux_rows(&exe, args.linux_runs)
         };
+        let interp_to_qemu = linux_ratio(&linux, EMU_INTERP, "qemu-tcg");
         Ok::<_, anyhow::Error>(Report {
+            linux_ratio_emu_interp_to_qemu: interp_to_qemu,
             rows,
             ratio_emu_to_kvm: ratio,
             linux,
-            linux_ratio_emu_to_qemu: linux_ratio,
+            linux_ratio_emu_to_qemu: emu_to_qemu,
+            ratio_jit_to_interp: jit_ratio,
             linux_note,
         })
     })();
@@ -308,14 +372,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         args.runs
     );
     println!(
-        "{:<8} {:>14} {:>9} {:>9} {:>11} {:>10}",
+        "{:<10} {:>14} {:>9} {:>9} {:>11} {:>10}",
         "backend", "instructions", "wall s", "cpu s", "MIPS(wall)", "MIPS(cpu)"
     );
     for r in &report.rows {
         println!(
-            "{:<8} {:>14} {:>9.3} {:>9.3} {:>11.1} {:>10.1}",
+            "{:<10} {:>14} {:>9.3} {:>9.3} {:>11.1} {:>10.1}",
             r.backend, r.instructions, r.wall_seconds, r.cpu_seconds, r.mips_wall, r.mips_cpu
         );
+    }
+    if let Some(x) = report.ratio_jit_to_interp {
+        println!("ratio emu/emu-interp (MIPS, cpu): {x:.2}x");
     }
     if let Some(x) = report.ratio_emu_to_kvm {
         println!(
@@ -331,19 +398,24 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             linux_peer::CMDLINE,
             args.linux_runs
         );
-        println!("{:<9} {:>14} {:>9}", "backend", "to marker s", "cpu s");
+        println!("{:<10} {:>14} {:>9}", "backend", "to marker s", "cpu s");
         for r in &report.linux {
             println!(
-                "{:<9} {:>14.2} {:>9.2}",
+                "{:<10} {:>14.2} {:>9.2}",
                 r.backend, r.to_marker_seconds, r.cpu_seconds
             );
         }
-        if let Some(x) = report.linux_ratio_emu_to_qemu {
-            let how = if x <= 1.0 { "faster" } else { "slower" };
-            println!(
-                "ratio emu/qemu-tcg (time to marker): {x:.2}x (emu is {:.2}x {how})",
-                if x <= 1.0 { 1.0 / x } else { x }
-            );
+        for (name, x) in [
+            ("emu", report.linux_ratio_emu_to_qemu),
+            (EMU_INTERP, report.linux_ratio_emu_interp_to_qemu),
+        ] {
+            if let Some(x) = x {
+                let how = if x <= 1.0 { "faster" } else { "slower" };
+                println!(
+                    "ratio {name}/qemu-tcg (time to marker): {x:.2}x ({name} is {:.2}x {how})",
+                    if x <= 1.0 { 1.0 / x } else { x }
+                );
+            }
         }
     }
     if let Some(n) = &report.linux_note {

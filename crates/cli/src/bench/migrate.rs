@@ -8,7 +8,10 @@
 //!   MAP_PRIVATE, would pay at least);
 //! - a warm restore (`PUT /vm/restore` to a `corefour vmm --prewarm` whose KVM VM, memory slots
 //!   and vCPUs already exist) vs the cold one, both to the guest's first output after the
-//!   restore.
+//!   restore;
+//! - `copy_storage` (live disk mirroring, a disk-writing guest): total vs a TCP copy of the
+//!   memory and disk data, downtime vs the same guest migrated on shared storage (memory only)
+//!   in the same run.
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -311,7 +314,10 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     }
     let dir = std::env::temp_dir().join(format!("corefour-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = measure(&a, &dir, &counter, &dirtier);
+    let result = measure(&a, &dir, &counter, &dirtier).and_then(|mut rows| {
+        rows.extend(copy_storage_rows(&a, &dir)?);
+        Ok(rows)
+    });
     let _ = std::fs::remove_dir_all(&dir);
     let rows = result?;
     if a.json {
@@ -461,6 +467,146 @@ fn measure(a: &Args, dir: &Path, counter: &Path, dirtier: &Path) -> anyhow::Resu
             "cold restore to first output",
             "<= 5 ms",
             Some(5.0),
+        ),
+    ])
+}
+
+/// Disk size and data for the `copy_storage` rows.
+const DISK_MIB: u64 = 256;
+const DISK_DATA_MIB: u64 = 64;
+
+/// One live migration of vblkloop (writing its 64 sectors 64 KiB apart) with a DISK_MIB disk
+/// holding DISK_DATA_MIB of data, with `copy_storage` or on shared storage (the target opens
+/// the same file): (total ms, downtime ms).
+fn copy_storage_once(
+    dir: &Path,
+    vblkloop: &Path,
+    mib: u64,
+    data: &[u8],
+    copy: bool,
+) -> anyhow::Result<(f64, f64)> {
+    let (src_disk, dst_disk) = (dir.join("src-disk.raw"), dir.join("dst-disk.raw"));
+    std::fs::write(&src_disk, data)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src_disk)?
+        .set_len(DISK_MIB << 20)?;
+    let f = std::fs::File::create(&dst_disk)?;
+    f.set_len(DISK_MIB << 20)?;
+    let local = dir.join("dst.json");
+    std::fs::write(
+        &local,
+        serde_json::json!({"kernel": vblkloop, "memory_mib": mib,
+                           "disks": [{"path": if copy { &dst_disk } else { &src_disk }}]})
+        .to_string(),
+    )?;
+    let port = free_port()?;
+    let tsock = dir.join("dst.sock");
+    let terr = dir.join("dst.err");
+    let _ = std::fs::remove_file(&tsock);
+    let target = Command::new(me()?)
+        .args(["vmm", "--incoming", &format!("127.0.0.1:{port}")])
+        .arg("--config")
+        .arg(&local)
+        .arg("--api-sock")
+        .arg(&tsock)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&terr)?)
+        .spawn()
+        .context("cannot start the target VMM")?;
+    let mut target = Child2 { child: target };
+    wait_text(&terr, "waiting for a migration")?;
+    let sock = dir.join("src.sock");
+    let out = dir.join("src.out");
+    let _ = std::fs::remove_file(&sock);
+    let src = Command::new(me()?)
+        .arg("vmm")
+        .arg("--kernel")
+        .arg(vblkloop)
+        .args([
+            "--memory",
+            &format!("{mib}M"),
+            "--cmdline",
+            "spin=200000 stride=128",
+        ])
+        .args(["--timeout", "300s"])
+        .arg("--disk")
+        .arg(&src_disk)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdout(std::fs::File::create(&out)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start the source VMM")?;
+    let mut src = Child2 { child: src };
+    wait_path(&sock, "the source's API socket")?;
+    wait_text(&out, "count=3")?;
+    let (code, body) = put(
+        &sock,
+        "/vm/migrate",
+        Some(&format!(
+            r#"{{"to": "127.0.0.1:{port}", "max_downtime_ms": 10, "copy_storage": {copy}}}"#
+        )),
+    )?;
+    if code != 200 {
+        bail!("migration with copy_storage failed ({code}): {body}");
+    }
+    let r: Report = serde_json::from_str(&body).context("migration report")?;
+    wait_path(&tsock, "the target's API socket")?;
+    let _ = put(&tsock, "/vm/shutdown", None);
+    let _ = target.child.wait();
+    let _ = src.child.wait();
+    Ok((r.total_ms, r.downtime_ms))
+}
+
+/// The `copy_storage` rows; none (with a note) when vblkloop is not built.
+fn copy_storage_rows(a: &Args, dir: &Path) -> anyhow::Result<Vec<Row>> {
+    let vblkloop = a.guests.join("vblkloop.elf");
+    if !vblkloop.exists() {
+        eprintln!(
+            "bench migrate: {} is missing (make -C guests -f virtio.mk): no copy-storage rows",
+            vblkloop.display()
+        );
+        return Ok(Vec::new());
+    }
+    if std::io::stderr().is_terminal() {
+        eprintln!("bench migrate: copy-storage migrations");
+    }
+    let data: Vec<u8> = (0..(DISK_DATA_MIB << 20) as usize)
+        .map(|i| (i / 4096) as u8 | 1)
+        .collect();
+    let (mut total, mut down, mut tcp, mut shared) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..a.runs {
+        let (t, d) = copy_storage_once(dir, &vblkloop, a.memory_mib, &data, true)?;
+        total.push(t);
+        down.push(d);
+        tcp.push(tcp_copy_ms((a.memory_mib + DISK_DATA_MIB) << 20)?);
+        shared.push(copy_storage_once(dir, &vblkloop, a.memory_mib, &data, false)?.1);
+    }
+    let row = |metric: String, v: f64, base: f64, baseline_is: &'static str| Row {
+        metric,
+        unit: "ms",
+        corefour: v,
+        baseline: Some(base),
+        baseline_is,
+        ratio: Some(v / base),
+        goal: "",
+        met: None,
+    };
+    Ok(vec![
+        row(
+            format!(
+                "migration total, --copy-storage ({DISK_MIB} MiB disk, {DISK_DATA_MIB} MiB data, guest writing)"
+            ),
+            median(total),
+            median(tcp),
+            "TCP copy of memory + disk data",
+        ),
+        row(
+            "migration downtime, --copy-storage".into(),
+            median(down),
+            median(shared),
+            "same guest, shared storage",
         ),
     ])
 }

@@ -9,7 +9,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use corefour_api::{CtCreate, CtExport, CtLimits};
+use corefour_api::{CtCreate, CtExport, CtInfo, CtLimits};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -18,7 +18,7 @@ use super::archive::Scratch;
 use super::Cts;
 use crate::error::DaemonError;
 use crate::server::{
-    parse_body, parse_optional_body, parse_query, stop_timeout, LogTail, QueryMap,
+    forward_instances, instance_routes, parse_optional_body, parse_query, ConsolePoll, QueryMap,
 };
 
 /// Every container route (method, path template); the OpenAPI document describes each.
@@ -43,77 +43,26 @@ type St = State<Arc<Cts>>;
 type ApiResult<T> = Result<T, DaemonError>;
 
 pub fn router(cts: Arc<Cts>) -> Router {
-    Router::new()
-        .route("/v1/cts", get(list).post(create))
+    instance_routes::<Cts>("/v1/cts")
         .route("/v1/cts/events", get(events))
         .route("/v1/cts/import", post(import))
-        .route("/v1/cts/{name}", get(info).patch(patch).delete(delete))
-        .route("/v1/cts/{name}/start", post(start))
-        .route("/v1/cts/{name}/stop", post(stop))
-        .route("/v1/cts/{name}/kill", post(kill))
-        .route("/v1/cts/{name}/pause", post(pause))
-        .route("/v1/cts/{name}/resume", post(resume))
-        .route("/v1/cts/{name}/console", get(console))
         .route("/v1/cts/{name}/export", post(export))
         .with_state(cts)
 }
 
-async fn list(State(c): St) -> ApiResult<Response> {
-    Ok(Json(c.list()?).into_response())
-}
-
-async fn create(State(c): St, body: Bytes) -> ApiResult<Response> {
-    let req: CtCreate = parse_body(&body, "container create")?;
-    let info = c.create(req).await?;
-    Ok((StatusCode::CREATED, Json(info)).into_response())
-}
-
-async fn info(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(c.info(&name)?).into_response())
-}
-
-async fn patch(State(c): St, UrlPath(name): UrlPath<String>, body: Bytes) -> ApiResult<Response> {
-    let req: CtLimits = parse_body(&body, "container limits")?;
-    Ok(Json(c.set_limits(&name, req).await?).into_response())
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct DeleteQuery {
-    #[serde(default)]
-    force: bool,
-}
-
-async fn delete(
-    State(c): St,
-    UrlPath(name): UrlPath<String>,
-    Query(q): Query<QueryMap>,
-) -> ApiResult<Response> {
-    let q: DeleteQuery = parse_query(q)?;
-    c.delete(&name, q.force).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-async fn start(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(c.start(&name).await?).into_response())
-}
-
-async fn stop(State(c): St, UrlPath(name): UrlPath<String>, body: Bytes) -> ApiResult<Response> {
-    let timeout = stop_timeout(&body, super::DEFAULT_STOP_TIMEOUT)?;
-    Ok(Json(c.stop(&name, timeout).await?).into_response())
-}
-
-async fn kill(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(c.kill(&name).await?).into_response())
-}
-
-async fn pause(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(c.pause(&name).await?).into_response())
-}
-
-async fn resume(State(c): St, UrlPath(name): UrlPath<String>) -> ApiResult<Response> {
-    Ok(Json(c.resume(&name).await?).into_response())
-}
+forward_instances!(Cts {
+    type Create = CtCreate;
+    type Limits = CtLimits;
+    type Info = CtInfo;
+    const CREATE_BODY: &'static str = "container create";
+    const LIMITS_BODY: &'static str = "container limits";
+    const DEFAULT_STOP_TIMEOUT: Duration = super::DEFAULT_STOP_TIMEOUT;
+    const CONSOLE_POLL: ConsolePoll = ConsolePoll {
+        first: Duration::from_millis(100),
+        first_second_cap: Duration::from_millis(100),
+        cap: Duration::from_millis(100),
+    };
+});
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -129,49 +78,6 @@ async fn events(State(c): St, Query(q): Query<QueryMap>) -> ApiResult<Response> 
     let limit = q.limit.unwrap_or(100).min(10_000);
     let evs = c.inv().ct_events(q.name.as_deref(), q.since, limit)?;
     Ok(Json(evs).into_response())
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ConsoleQuery {
-    #[serde(default)]
-    follow: bool,
-    #[serde(default)]
-    offset: u64,
-}
-
-/// The console log; with `follow`, streamed until the container has stopped and all is sent.
-async fn console(
-    State(c): St,
-    UrlPath(name): UrlPath<String>,
-    Query(q): Query<QueryMap>,
-) -> ApiResult<Response> {
-    let q: ConsoleQuery = parse_query(q)?;
-    let path = c.console_path(&name)?;
-    let follow = q.follow;
-    let stream = futures_util::stream::unfold(
-        (c, name, LogTail::new(path, q.offset)),
-        move |(c, name, mut tail)| async move {
-            loop {
-                // The flag before the file: output written before the init exited is then
-                // always seen by the read that follows.
-                let active = follow && c.is_active(&name);
-                let chunk = tail.read();
-                if !chunk.is_empty() {
-                    return Some((Ok::<_, std::io::Error>(chunk), (c, name, tail)));
-                }
-                if !active {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        },
-    );
-    Ok((
-        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-        Body::from_stream(stream),
-    )
-        .into_response())
 }
 
 /// The archive of a stopped container as the response body (application/zstd). It is built in

@@ -21,7 +21,8 @@ mod warm_pool;
 
 pub use vm_clone::CloneRequest;
 pub use vm_migrate::{
-    serve_migrations, take_incoming_marker, MigrateRequest, DEFAULT_MIGRATION_PORT,
+    check_listen, serve_migrations, take_incoming_marker, KeyError, MigrateRequest, MigrationKey,
+    DEFAULT_MIGRATION_PORT,
 };
 pub use vm_restore::{take_restore_marker, RestoreRequest};
 pub use vm_snapshot::SnapshotRequest;
@@ -55,6 +56,8 @@ pub struct DaemonConfig {
     pub jail: bool,
     /// Warm VMMs kept for restores (see `warm_pool`).
     pub warm_pool: WarmPoolConfig,
+    /// The shared secret migrations in and out must prove (`vm_migrate::auth`).
+    pub migration_key: Option<MigrationKey>,
 }
 
 /// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.

@@ -4,14 +4,19 @@
 //! `corefour daemon --migration-listen ADDR:PORT`), one JSON object per line:
 //! ```text
 //! source daemon                              target daemon
-//! PREPARE {version, spec, copy_storage} ->   checks name, room, version, disks, MACs
-//! (copy_storage: <- SEND_DISKS; the source pauses the guest; DISK frames -> into the VM's dir)
+//!                                      <-    CHALLENGE {nonce, auth}
+//! (with --migration-key on both: AUTH -> <- PROOF, see `auth`)
+//! PREPARE {version, spec, copy_storage,
+//!          disks}                      ->    checks name, room, version, disks, MACs
+//!                                            (copy_storage: creates empty copies of the
+//!                                            announced disks in the VM's dir, see `disks`)
 //!                                            makes taps with the guest's MACs in its bridges;
 //!                                            spawns `corefour vmm --incoming IP:PORT --config`
 //!                                            (its config: local disk paths, taps; registers
 //!                                            nothing)
 //!                                      <-    READY {vmm_addr} | REFUSE {reason}
-//! (the source VMM migrates straight to vmm_addr: PUT /vm/migrate, see corefour_vmm::migration)
+//! (the source VMM migrates straight to vmm_addr: PUT /vm/migrate, see corefour_vmm::migration;
+//!  with copy_storage it mirrors the disks live in the same stream)
 //! COMMIT                               ->    waits until its VMM runs the guest, then registers
 //!                                      <-    REGISTERED | REFUSE {reason}
 //! or ABORT {reason}                    ->    kills its VMM, removes everything it made
@@ -40,11 +45,15 @@ use crate::inventory::{Pids, VmRecord};
 use crate::names::validate_name;
 use crate::shim;
 
+pub mod auth;
 mod disks;
+pub use auth::{check_listen, KeyError, MigrationKey};
 pub use disks::StorageReport;
 
 /// The daemons' migration protocol version (the VMMs' stream has its own).
-pub const MIGRATION_VERSION: u32 = 1;
+/// 2: live disk mirroring (PREPARE announces the disks; no SEND_DISKS/DISK messages); the
+/// target opens with a CHALLENGE (authentication with a shared key).
+pub const MIGRATION_VERSION: u32 = 2;
 /// The port `--migration-listen` and `vm migrate --to HOST` use when none is given.
 pub const DEFAULT_MIGRATION_PORT: u16 = 4747;
 /// The marker in the VM's directory that makes the shim run `vmm --incoming ADDR`.
@@ -69,7 +78,7 @@ pub struct MigrateRequest {
     #[serde(default)]
     pub io_timeout_ms: Option<u64>,
     /// Copy every writable disk to the target (under its state directory) instead of
-    /// expecting shared storage. The guest is paused while the disks copy.
+    /// expecting shared storage: mirrored while the guest runs.
     #[serde(default)]
     pub copy_storage: bool,
 }
@@ -86,16 +95,26 @@ enum Msg {
         /// The sender's corefour version, for the refusal message.
         corefour: String,
         spec: Box<VmCreate>,
-        /// The writable disks follow as DISK frames once the target says SEND_DISKS.
+        /// The writable disks are mirrored by the VMMs into copies the target creates.
         #[serde(default)]
         copy_storage: bool,
+        /// With `copy_storage`: the writable disks' formats and sizes.
+        #[serde(default)]
+        disks: Vec<disks::MirrorDisk>,
     },
-    /// The target took the VM's name and has room: the source pauses and sends the disks.
-    SendDisks,
-    /// One writable disk of `size` bytes follows as binary extents (see `send_disk`).
-    Disk {
-        index: usize,
-        size: u64,
+    /// The target's first word: a nonce, and whether it requires the key.
+    Challenge {
+        nonce: String,
+        auth: bool,
+    },
+    /// The source's answer: its own nonce and HMAC (hex).
+    Auth {
+        nonce: String,
+        mac: String,
+    },
+    /// The target's proof that it holds the key too.
+    Proof {
+        mac: String,
     },
     Ready {
         vmm_addr: String,
@@ -214,7 +233,7 @@ pub struct MigrateReport {
     pub vmm: serde_json::Value,
     /// Whether the target daemon confirmed that it registered the VM.
     pub target_confirmed: bool,
-    /// With `--copy-storage`: what the disk copy moved and how long the guest was paused.
+    /// With `--copy-storage`: what the disk mirror moved and how long the guest was paused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageReport>,
 }
@@ -244,9 +263,11 @@ impl Daemon {
                 "migration of {name:?} to {to} failed, it keeps running here: {why}"
             ))
         };
-        if req.copy_storage {
-            disks::check_copyable(&rec.spec).map_err(refused)?;
-        }
+        let mirrored = if req.copy_storage {
+            disks::describe(&rec.spec).map_err(refused)?
+        } else {
+            Vec::new()
+        };
         let stream = tokio::time::timeout(CONTROL_TIMEOUT, TcpStream::connect(&to))
             .await
             .map_err(|_| refused(format!("no connection within {CONTROL_TIMEOUT:?}")))?
@@ -257,6 +278,9 @@ impl Daemon {
                 ))
             })?;
         let mut c = Control::new(stream);
+        authenticate_source(&mut c, self.cfg.migration_key.as_ref())
+            .await
+            .map_err(refused)?;
         let mut spec = rec.spec.clone();
         spec.start = false;
         // The guest keeps its MACs: the target makes its taps with these.
@@ -268,57 +292,19 @@ impl Daemon {
             corefour: env!("CARGO_PKG_VERSION").into(),
             spec: Box::new(spec),
             copy_storage: req.copy_storage,
+            disks: mirrored,
         })
         .await
         .map_err(|e| refused(e.to_string()))?;
-        // With --copy-storage the guest stays paused from here until it runs on the target
-        // (or, on any failure, resumes here).
-        let mut paused_at = None;
-        let mut storage = None;
-        if req.copy_storage {
-            match c.recv(CONTROL_TIMEOUT).await {
-                Ok(Msg::SendDisks) => {}
-                Ok(Msg::Refuse { reason }) => {
-                    return Err(refused(format!("the target refused: {reason}")))
-                }
-                Ok(other) => return Err(refused(format!("the target answered {other:?}"))),
-                Err(e) => return Err(refused(format!("the target did not answer: {e}"))),
-            }
-            if rec.state == corefour_api::VmState::Running {
-                self.vmm_put(name, "/vm/pause")
-                    .await
-                    .map_err(|e| refused(format!("cannot pause it for the disk copy: {e}")))?;
-                paused_at = Some(Instant::now());
-            }
-            let io_timeout = req
-                .io_timeout_ms
-                .map_or(CONTROL_TIMEOUT, Duration::from_millis);
-            match disks::send_disks(&mut c, &rec.spec, io_timeout).await {
-                Ok(r) => storage = Some(r),
-                Err(why) => {
-                    // The link is likely stuck: a short try; the target's own timeout does the
-                    // rest.
-                    let abort = Msg::Abort {
-                        reason: why.clone(),
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(1), c.send(&abort)).await;
-                    self.unpause(name, paused_at.is_some()).await;
-                    return Err(refused(format!("copying the disks: {why}")));
-                }
-            }
-        }
         let vmm_addr = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Ready { vmm_addr }) => vmm_addr,
             Ok(Msg::Refuse { reason }) => {
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(format!("the target refused: {reason}")));
             }
             Ok(other) => {
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(format!("the target answered {other:?}")));
             }
             Err(e) => {
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(format!("the target did not get ready: {e}")));
             }
         };
@@ -326,6 +312,9 @@ impl Daemon {
         let mut body = serde_json::json!({"to": vmm_addr, "max_downtime_ms": req.max_downtime_ms});
         if let Some(t) = req.io_timeout_ms {
             body["io_timeout_ms"] = t.into();
+        }
+        if req.copy_storage {
+            body["copy_storage"] = true.into();
         }
         let res = crate::client::call(
             &self.api_sock(name),
@@ -350,7 +339,6 @@ impl Daemon {
                         reason: why.clone(),
                     })
                     .await;
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(why));
             }
             Err(e) => {
@@ -360,13 +348,12 @@ impl Daemon {
                         reason: why.clone(),
                     })
                     .await;
-                self.unpause(name, paused_at.is_some()).await;
                 return Err(refused(why));
             }
         };
-        if let (Some(s), Some(t)) = (storage.as_mut(), paused_at) {
-            s.guest_paused_ms = disks::ms(t.elapsed());
-        }
+        let storage = req
+            .copy_storage
+            .then(|| StorageReport::from_vmm(&vmm_report));
         // The guest runs on the target now; this VMM exits on its own.
         let confirmed = match c.send(&Msg::Commit).await {
             Ok(()) => match c.recv(CONTROL_TIMEOUT + SETTLE_TIMEOUT).await {
@@ -396,16 +383,6 @@ impl Daemon {
             target_confirmed: confirmed,
             storage,
         })
-    }
-
-    /// Resumes a guest this migration paused for its disk copy (the VMM's own failure path
-    /// may have resumed it already; that answer is fine too).
-    async fn unpause(&self, name: &str, paused: bool) {
-        if paused {
-            if let Err(e) = self.vmm_put(name, "/vm/resume").await {
-                tracing::debug!(vm = name, "resume after a failed migration: {e}");
-            }
-        }
     }
 
     async fn after_unconfirmed(
@@ -491,12 +468,18 @@ impl Daemon {
     async fn incoming(self: Arc<Self>, s: TcpStream, peer: String) {
         let local_ip = s.local_addr().map(|a| a.ip());
         let mut c = Control::new(s);
-        let (spec, theirs, copy_storage) = match c.recv(CONTROL_TIMEOUT).await {
+        if let Err(why) = authenticate_target(&mut c, self.cfg.migration_key.as_ref()).await {
+            tracing::warn!(peer, "migration connection refused: {why}");
+            let _ = c.send(&Msg::Refuse { reason: why }).await;
+            return;
+        }
+        let (spec, theirs, copy) = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Prepare {
                 version,
                 corefour,
                 spec,
                 copy_storage,
+                disks,
             }) => {
                 if version != MIGRATION_VERSION {
                     let reason = format!(
@@ -507,7 +490,7 @@ impl Daemon {
                     let _ = c.send(&Msg::Refuse { reason }).await;
                     return;
                 }
-                (spec, corefour, copy_storage)
+                (spec, corefour, copy_storage.then_some(disks))
             }
             Ok(other) => {
                 let reason = format!("expected PREPARE, got {other:?}");
@@ -539,7 +522,7 @@ impl Daemon {
             }
         };
         let mut p = match self
-            .prepare_incoming(*spec, local_ip, copy_storage.then_some(&mut c))
+            .prepare_incoming(*spec, local_ip, copy.as_deref())
             .await
         {
             Ok(p) => p,
@@ -621,13 +604,13 @@ impl Daemon {
     }
 
     /// Checks the target can take the VM and starts its VMM waiting for the memory.
-    /// With `copy` (the source's control connection) the writable disks are received into the
-    /// VM's directory first, and the VM's config points at those copies.
+    /// With `copy` (the disks the source mirrors) empty copies of the writable disks are made
+    /// in the VM's directory, and the VM's config points at them.
     async fn prepare_incoming(
         &self,
         mut spec: VmCreate,
         local_ip: std::net::IpAddr,
-        copy: Option<&mut Control>,
+        copy: Option<&[disks::MirrorDisk]>,
     ) -> Result<(Pending, String), DaemonError> {
         validate_name(&spec.name)?;
         let name = spec.name.clone();
@@ -701,15 +684,10 @@ impl Daemon {
             let _ = remove_dir_if_exists(&dir);
             e
         };
-        if let Some(c) = copy {
-            let sent = c.send(&Msg::SendDisks).await;
-            let got = match sent {
-                Ok(()) => disks::receive_disks(c, &mut spec, &dir).await,
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(why) = got {
+        if let Some(announced) = copy {
+            if let Err(why) = disks::create_copies(announced, &mut spec, &dir) {
                 return Err(undo(DaemonError::Conflict(format!(
-                    "copying the disks failed: {why}"
+                    "cannot make the disk copies: {why}"
                 ))));
             }
         }
@@ -882,6 +860,109 @@ impl Daemon {
     }
 }
 
+/// The source's half of the authentication (see `auth`): Ok once PREPARE may follow.
+async fn authenticate_source(c: &mut Control, key: Option<&MigrationKey>) -> Result<(), String> {
+    let (nonce_t, auth) = match c.recv(CONTROL_TIMEOUT).await {
+        Ok(Msg::Challenge { nonce, auth }) => match auth::unhex(&nonce) {
+            Some(n) if n.len() == auth::NONCE => (n, auth),
+            _ => return Err("the target sent a malformed challenge".into()),
+        },
+        Ok(Msg::Refuse { reason }) => return Err(format!("the target refused: {reason}")),
+        Ok(other) => {
+            return Err(format!(
+                "the target opened with {other:?}, not a challenge (an older corefour?)"
+            ))
+        }
+        Err(e) => return Err(format!("the target did not answer: {e}")),
+    };
+    let refusal = match (key, auth) {
+        (None, false) => return Ok(()),
+        (Some(k), true) => Ok(k),
+        (None, true) => Err(
+            "the target accepts only authenticated migrations: start this \
+                             daemon with --migration-key FILE (the same secret as the target's)",
+        ),
+        (Some(_), false) => Err("the target does not authenticate (it runs without \
+                                 --migration-key): this daemon sends VMs only to a peer that \
+                                 proves the key"),
+    };
+    let key = match refusal {
+        Ok(k) => k,
+        Err(why) => {
+            // Tell the target too, so its log says why the connection ended.
+            let reason = why.to_string();
+            let _ = c.send(&Msg::Abort { reason }).await;
+            return Err(why.into());
+        }
+    };
+    let nonce_s = auth::nonce().map_err(|e| format!("cannot make a nonce: {e}"))?;
+    let mac = key.source_mac(&nonce_t, &nonce_s);
+    c.send(&Msg::Auth {
+        nonce: auth::hex(&nonce_s),
+        mac: auth::hex(&mac),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    match c.recv(CONTROL_TIMEOUT).await {
+        Ok(Msg::Proof { mac }) => {
+            if auth::unhex(&mac).is_some_and(|m| key.check_target(&nonce_s, &nonce_t, &m)) {
+                Ok(())
+            } else {
+                Err(
+                    "the target could not prove the migration key: its --migration-key \
+                     differs"
+                        .into(),
+                )
+            }
+        }
+        Ok(Msg::Refuse { reason }) => Err(format!("the target refused: {reason}")),
+        Ok(other) => Err(format!("the target answered {other:?} instead of a proof")),
+        Err(e) => Err(format!("the target did not answer: {e}")),
+    }
+}
+
+/// The target's half: a challenge, then (with a key) the source's answer checked and the
+/// proof sent. Ok once PREPARE may follow; Err is the reason to refuse with.
+async fn authenticate_target(c: &mut Control, key: Option<&MigrationKey>) -> Result<(), String> {
+    let nonce_t = auth::nonce().map_err(|e| format!("cannot make a nonce: {e}"))?;
+    c.send(&Msg::Challenge {
+        nonce: auth::hex(&nonce_t),
+        auth: key.is_some(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let (nonce_s, mac) = match c.recv(CONTROL_TIMEOUT).await {
+        Ok(Msg::Auth { nonce, mac }) => (nonce, mac),
+        Ok(Msg::Prepare { .. }) => {
+            return Err(
+                "this daemon accepts only authenticated migrations: start the source \
+                        daemon with --migration-key FILE (the same secret as this one's)"
+                    .into(),
+            )
+        }
+        Ok(Msg::Abort { reason }) => return Err(format!("the source gave up: {reason}")),
+        Ok(other) => return Err(format!("expected AUTH, got {other:?}")),
+        Err(e) => return Err(format!("no authentication: {e}")),
+    };
+    let nonce_s = match auth::unhex(&nonce_s) {
+        Some(n) if n.len() == auth::NONCE && n != nonce_t => n,
+        _ => return Err("authentication failed: a malformed nonce".into()),
+    };
+    if !auth::unhex(&mac).is_some_and(|m| key.check_source(&nonce_t, &nonce_s, &m)) {
+        return Err(
+            "authentication failed: the source's --migration-key differs from this daemon's".into(),
+        );
+    }
+    c.send(&Msg::Proof {
+        mac: auth::hex(&key.target_mac(&nonce_s, &nonce_t)),
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// Renames a network link (down, rename, up: Linux renames only links that are down).
 fn rename_link(from: &str, to: &str) -> Result<(), String> {
     if from == to {
@@ -934,6 +1015,57 @@ mod tests {
         ));
         assert!(serde_json::from_str::<Msg>(r#"{"op":"launch"}"#).is_err());
         assert!(serde_json::from_str::<Msg>(r#"{"op":"abort","reason":"r","x":1}"#).is_err());
+    }
+
+    /// Runs both halves of the authentication over loopback: (source's, target's) result.
+    async fn handshake(
+        src: Option<MigrationKey>,
+        dst: Option<MigrationKey>,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let target = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut c = Control::new(s);
+            let r = authenticate_target(&mut c, dst.as_ref()).await;
+            if let Err(why) = &r {
+                let _ = c
+                    .send(&Msg::Refuse {
+                        reason: why.clone(),
+                    })
+                    .await;
+            }
+            r
+        });
+        let mut c = Control::new(TcpStream::connect(addr).await.unwrap());
+        let s = authenticate_source(&mut c, src.as_ref()).await;
+        if s.is_ok() && src.is_none() {
+            // Without keys the source goes straight to PREPARE.
+            let _ = c
+                .send(&Msg::Abort {
+                    reason: "test".into(),
+                })
+                .await;
+        }
+        drop(c);
+        (s, target.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn daemons_authenticate_each_other_with_the_shared_key() {
+        let k = || Some(MigrationKey::from_bytes(b"the shared migration secret"));
+        let other = || Some(MigrationKey::from_bytes(b"another migration secret!"));
+        let (s, t) = handshake(k(), k()).await;
+        assert!(s.is_ok() && t.is_ok(), "{s:?} {t:?}");
+        let (s, t) = handshake(None, None).await;
+        assert!(s.is_ok() && t.is_ok(), "{s:?} {t:?}");
+        let (s, t) = handshake(other(), k()).await;
+        assert!(t.unwrap_err().contains("differs"));
+        assert!(s.unwrap_err().contains("differs"));
+        let (s, _) = handshake(k(), None).await;
+        assert!(s.unwrap_err().contains("does not authenticate"));
+        let (s, _) = handshake(None, k()).await;
+        assert!(s.unwrap_err().contains("--migration-key"));
     }
 
     #[tokio::test]

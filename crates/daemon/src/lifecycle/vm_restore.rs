@@ -79,6 +79,8 @@ impl Daemon {
             std::fs::create_dir_all(self.vm_dir(name)).map_err(|e| {
                 DaemonError::io(format!("cannot create {}", self.vm_dir(name).display()), e)
             })?;
+            // Frozen disks (a same-instant disk snapshot): fresh overlays on them.
+            let snap = self.fresh_restore_point(name, &snap)?;
             std::fs::write(&marker, snap.display().to_string())
                 .map_err(|e| DaemonError::io(format!("cannot write {}", marker.display()), e))?;
         }

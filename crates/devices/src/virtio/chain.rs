@@ -18,6 +18,8 @@ pub enum ChainError {
     ReadAfterWrite,
     #[error("descriptor chain totals more than 4 GiB")]
     TooLong,
+    #[error("descriptor chain is malformed: {0}")]
+    Malformed(&'static str),
     #[error("request needs {need} bytes, the chain has {have}")]
     TooShort { need: usize, have: usize },
 }
@@ -51,45 +53,57 @@ impl Chain {
     /// As [`Chain::parse`], reusing this chain's buffers (no allocation on the hot path once
     /// they have grown to the longest chain seen).
     pub fn parse_into(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) {
-        self.head = chain.head_index();
+        self.begin(chain.head_index());
+        let mut total: u32 = 0;
+        for d in chain {
+            if !self.push(mem, &mut total, d.addr(), d.len(), d.is_write_only()) {
+                break;
+            }
+        }
+    }
+
+    /// Starts a new chain at descriptor `head`, keeping the buffers' capacity.
+    pub(crate) fn begin(&mut self, head: u16) {
+        self.head = head;
         self.readable.clear();
         self.writable.clear();
         self.error = None;
-        let mut total: u32 = 0;
-        for d in chain {
-            let Some(t) = total.checked_add(d.len()) else {
-                self.error.get_or_insert(ChainError::TooLong);
-                break;
-            };
-            total = t;
-            if host_ptr(mem, d.addr(), d.len() as usize).is_none()
-                && !GuestMemory::check_range(
-                    mem,
-                    d.addr(),
-                    d.len() as usize,
-                    Permissions::ReadWrite,
-                )
-            {
-                self.error.get_or_insert(ChainError::OutOfMemory {
-                    addr: d.addr().0,
-                    len: d.len(),
-                });
-            }
-            let b = Buf {
-                addr: d.addr(),
-                len: d.len(),
-            };
-            if d.is_write_only() {
-                // Before the device writes it: migration and diff snapshots resend it.
-                super::dirty::mark(d.addr().0, u64::from(d.len()));
-                self.writable.push(b);
-            } else if !self.writable.is_empty() {
-                self.error.get_or_insert(ChainError::ReadAfterWrite);
-                self.readable.push(b);
-            } else {
-                self.readable.push(b);
-            }
+    }
+
+    /// Adds one descriptor with the checks every device relies on; `total` carries the chain's
+    /// length so far. Returns false when the chain must end here (its length overflowed).
+    #[inline]
+    pub(crate) fn push(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        total: &mut u32,
+        addr: GuestAddress,
+        len: u32,
+        write_only: bool,
+    ) -> bool {
+        let Some(t) = total.checked_add(len) else {
+            self.error.get_or_insert(ChainError::TooLong);
+            return false;
+        };
+        *total = t;
+        if host_ptr(mem, addr, len as usize).is_none()
+            && !GuestMemory::check_range(mem, addr, len as usize, Permissions::ReadWrite)
+        {
+            self.error
+                .get_or_insert(ChainError::OutOfMemory { addr: addr.0, len });
         }
+        let b = Buf { addr, len };
+        if write_only {
+            // Before the device writes it: migration and diff snapshots resend it.
+            super::dirty::mark(addr.0, u64::from(len));
+            self.writable.push(b);
+        } else {
+            if !self.writable.is_empty() {
+                self.error.get_or_insert(ChainError::ReadAfterWrite);
+            }
+            self.readable.push(b);
+        }
+        true
     }
 
     pub fn readable_len(&self) -> usize {

@@ -310,11 +310,19 @@ impl<'a> MmioDriver<'a> {
     /// (used_event = last seen) and notifies the device unless, with event idx, the device said
     /// (avail_event) it is still working through earlier entries. Returns whether it notified.
     pub fn publish(&mut self, q: usize) -> Result<bool, DriverError> {
+        self.publish_with(q, true)
+    }
+
+    /// As [`MmioDriver::publish`]; `arm` false leaves used_event alone (Linux's
+    /// virtqueue_kick: a driver that arms its interrupt only before it waits).
+    pub fn publish_with(&mut self, q: usize, arm: bool) -> Result<bool, DriverError> {
         let dq = self.queues[q];
-        self.put(
-            dq.last_used.to_le(),
-            dq.avail.unchecked_add(4 + 2 * u64::from(dq.size)),
-        )?;
+        if arm {
+            self.put(
+                dq.last_used.to_le(),
+                dq.avail.unchecked_add(4 + 2 * u64::from(dq.size)),
+            )?;
+        }
         let old: u16 = self
             .get::<u16>(dq.avail.unchecked_add(2))
             .map(u16::from_le)?;
@@ -339,9 +347,16 @@ impl<'a> MmioDriver<'a> {
     /// Asks for an interrupt on the next used entry (used_event = last seen), as Linux's
     /// virtqueue_enable_cb does after draining; callers re-check the ring afterwards.
     pub fn arm_interrupt(&mut self, q: usize) -> Result<(), DriverError> {
+        self.arm_interrupt_after(q, 1)
+    }
+
+    /// Asks for an interrupt once `n` (at least 1) more entries are used, as Linux's
+    /// virtqueue_enable_cb_delayed does; only meaningful with event idx.
+    pub fn arm_interrupt_after(&mut self, q: usize, n: u16) -> Result<(), DriverError> {
         let dq = self.queues[q];
+        let event = dq.last_used.wrapping_add(n.max(1) - 1);
         self.put(
-            dq.last_used.to_le(),
+            event.to_le(),
             dq.avail.unchecked_add(4 + 2 * u64::from(dq.size)),
         )?;
         std::sync::atomic::fence(Ordering::SeqCst);
@@ -404,20 +419,21 @@ impl<'a> MmioDriver<'a> {
     ) -> Result<u16, DriverError> {
         let first = self.queues[q].next_desc;
         let size = self.queues[q].size;
-        let descs: Vec<Desc> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, &(a, len, w))| Desc {
-                addr: a.0,
-                len,
-                flags: if w { DESC_F_WRITE } else { 0 }
-                    | if i + 1 < bufs.len() { DESC_F_NEXT } else { 0 },
-                next: ((first as usize + i + 1) % size as usize) as u16,
-            })
-            .collect();
-        let head = self.write_descs(q, &descs)?;
-        self.push_avail(q, head)?;
-        Ok(head)
+        // One descriptor at a time: no allocation per request (the benchmark's driver).
+        for (i, &(a, len, w)) in bufs.iter().enumerate() {
+            self.write_descs(
+                q,
+                &[Desc {
+                    addr: a.0,
+                    len,
+                    flags: if w { DESC_F_WRITE } else { 0 }
+                        | if i + 1 < bufs.len() { DESC_F_NEXT } else { 0 },
+                    next: ((first as usize + i + 1) % size as usize) as u16,
+                }],
+            )?;
+        }
+        self.push_avail(q, first)?;
+        Ok(first)
     }
 
     pub fn used_idx(&self, q: usize) -> u16 {

@@ -18,6 +18,7 @@
 
 pub mod balloon;
 pub mod blk;
+pub mod blk_dirty;
 pub mod chain;
 pub mod dirty;
 pub mod driver;
@@ -27,6 +28,7 @@ pub mod net;
 pub mod pci;
 pub mod pci_msix;
 pub mod rate_limiter;
+pub mod ring;
 pub mod rng;
 pub mod state;
 pub mod tap;
@@ -156,6 +158,12 @@ pub trait QueueHandler: Send {
     /// work instead of sleeping straight away.
     fn pending_queue(&self) -> Option<usize> {
         None
+    }
+    /// Called before the worker sleeps: a handler that turned driver notifications off while
+    /// it worked or polled turns them back on. Returns true when work arrived meanwhile; the
+    /// worker then polls instead of sleeping (a notification for it may never come).
+    fn before_sleep(&mut self) -> bool {
+        false
     }
     /// How long until the handler wants `timer` called (rate limiter refills).
     fn next_timer(&self) -> Option<Duration> {

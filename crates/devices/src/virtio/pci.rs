@@ -12,7 +12,7 @@
 //!   and whenever the driver leaves MSI-X disabled, legacy INTx (pin A), level-triggered,
 //!   deasserted when the driver reads the ISR.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::QueueT;
@@ -75,6 +75,13 @@ impl PciFunction for HostBridge {
     fn bar_write(&self, _offset: u64, _data: &[u8]) {}
 }
 
+/// Told when a function's BAR moves: the guest reprogrammed it (`old` -> `new`), or a restore
+/// put it back where it was saved. The VMM moves the queue ioeventfds along
+/// ([`VirtioPciDevice::notify_events_at`]).
+pub trait BarListener: Send + Sync {
+    fn bar_moved(&self, device: &VirtioPciDevice, old: u64, new: u64);
+}
+
 /// PCI bus 0: the config mechanism and the functions on it.
 pub struct PciRoot {
     address: AtomicU32,
@@ -100,6 +107,11 @@ impl PciRoot {
         self
     }
 
+    /// Whether the bus has virtio functions (slot 0 is the host bridge).
+    pub fn has_functions(&self) -> bool {
+        self.slots.len() > 1
+    }
+
     /// The MMIO window BARs are placed in: register [`PciBarWindow`] there on the MMIO bus.
     pub fn bar_window(&self) -> (u64, u64) {
         self.window
@@ -114,6 +126,19 @@ impl PciRoot {
         irq: Arc<dyn IrqLine>,
         irq_line_number: u8,
     ) -> std::io::Result<(usize, Arc<VirtioPciDevice>)> {
+        self.add_virtio_with_msi(device, mem, irq, irq_line_number, None)
+    }
+
+    /// As `add_virtio`, with MSI-X through `sink` (else through the root's, if any): a sink
+    /// of its own lets the VMM route each of this function's vectors separately.
+    pub fn add_virtio_with_msi(
+        &mut self,
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        irq: Arc<dyn IrqLine>,
+        irq_line_number: u8,
+        sink: Option<Arc<dyn MsiSink>>,
+    ) -> std::io::Result<(usize, Arc<VirtioPciDevice>)> {
         let slot = self.slots.len();
         let bar = self.window.0 + (slot as u64 - 1) * BAR_SIZE;
         if slot >= MAX_SLOTS || bar + BAR_SIZE > self.window.0 + self.window.1 {
@@ -122,11 +147,14 @@ impl PciRoot {
                 "no free PCI slot or BAR space",
             ));
         }
+        // One vector per queue and one for config changes: what Linux asks for first.
+        let vectors = device.queue_max_sizes().len() as u16 + 1;
+        let sink = sink.or_else(|| self.msi.clone());
         let dev = Arc::new(VirtioPciDevice::new(
             device,
             mem,
             irq,
-            self.msi.clone(),
+            sink.map(|s| (vectors, s)),
             bar,
             irq_line_number,
         )?);
@@ -238,6 +266,9 @@ pub struct VirtioPciDevice {
     /// Feature window selects of the common config (the core keeps the driver's).
     device_feature_select: AtomicU32,
     msix: Option<Arc<Msix>>,
+    bar_listener: Mutex<Option<Arc<dyn BarListener>>>,
+    /// Queue notifications that came through the bus (a VM exit) rather than an ioeventfd.
+    notify_exits: AtomicU64,
 }
 
 fn class_of(device_type: u32) -> u32 {
@@ -254,14 +285,13 @@ impl VirtioPciDevice {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         irq: Arc<dyn IrqLine>,
-        msi: Option<Arc<dyn MsiSink>>,
+        msi: Option<(u16, Arc<dyn MsiSink>)>,
         bar: u64,
         irq_line_number: u8,
     ) -> std::io::Result<Self> {
         let ty = device.device_type();
         let queues = device.queue_max_sizes().len();
-        // One vector per queue and one for config changes: what Linux asks for first.
-        let msix = msi.map(|sink| Arc::new(Msix::new(queues as u16 + 1, queues, sink)));
+        let msix = msi.map(|(vectors, sink)| Arc::new(Msix::new(vectors, queues, sink)));
         let mut interrupt = Interrupt::new_level(irq);
         if let Some(m) = &msix {
             interrupt = interrupt.with_messages(m.clone());
@@ -314,7 +344,38 @@ impl VirtioPciDevice {
             }),
             device_feature_select: AtomicU32::new(0),
             msix,
+            bar_listener: Mutex::new(None),
+            notify_exits: AtomicU64::new(0),
         })
+    }
+
+    /// Who hears of BAR moves from now on.
+    pub fn set_bar_listener(&self, listener: Arc<dyn BarListener>) {
+        *self.bar_listener.lock().unwrap_or_else(|e| e.into_inner()) = Some(listener);
+    }
+
+    fn bar_moved(&self, old: u64, new: u64) {
+        if old == new {
+            return;
+        }
+        let l = self
+            .bar_listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(l) = l {
+            l.bar_moved(self, old, new);
+        }
+    }
+
+    /// Queue notifications that took the bus path (a VM exit), not an ioeventfd.
+    pub fn notify_exits(&self) -> u64 {
+        self.notify_exits.load(Ordering::Relaxed)
+    }
+
+    /// The BAR's programmed address (whether or not memory decoding is on).
+    pub fn bar_address(&self) -> u64 {
+        self.cfg().bar
     }
 
     /// The MSI-X state, if this function offers MSI-X.
@@ -339,10 +400,17 @@ impl VirtioPciDevice {
     }
 
     /// Each queue's notify address at the BAR's current place and the eventfd a write there
-    /// signals: what to register as ioeventfds (any width, no datamatch). A guest that later
-    /// moves the BAR notifies through the bus again (a slower path, still correct).
+    /// signals: what to register as ioeventfds (any width, no datamatch). When the guest moves
+    /// the BAR, the [`BarListener`] moves them (`notify_events_at` old and new).
     pub fn notify_events(&self) -> Vec<(u64, std::sync::Arc<vmm_sys_util::eventfd::EventFd>)> {
-        let bar = self.cfg().bar;
+        self.notify_events_at(self.cfg().bar)
+    }
+
+    /// As `notify_events`, for the BAR at `bar`; the notify region's extent (`bar`..+len).
+    pub fn notify_events_at(
+        &self,
+        bar: u64,
+    ) -> Vec<(u64, std::sync::Arc<vmm_sys_util::eventfd::EventFd>)> {
         self.core
             .queue_events()
             .iter()
@@ -506,11 +574,15 @@ impl PciFunction for VirtioPciDevice {
                     c.sizing[half] = true;
                 } else {
                     c.sizing[half] = false;
+                    let old = c.bar;
                     c.bar = if half == 0 {
                         (c.bar & !0xffff_ffff) | u64::from(v & !(BAR_SIZE as u32 - 1))
                     } else {
                         (c.bar & 0xffff_ffff) | (u64::from(v) << 32)
                     };
+                    let new = c.bar;
+                    drop(c);
+                    self.bar_moved(old, new);
                 }
             }
             15 => c.regs[15] = (c.regs[15] & !0xff) | (v & 0xff), // interrupt line
@@ -564,6 +636,7 @@ impl PciFunction for VirtioPciDevice {
             }
             o if o < MSIX_TABLE_OFF => {
                 let q = (o - NOTIFY_OFF) / u64::from(NOTIFY_MULTIPLIER);
+                self.notify_exits.fetch_add(1, Ordering::Relaxed);
                 self.core.notify(q as u32);
             }
             o if o < MSIX_PBA_OFF => {
@@ -619,11 +692,15 @@ impl SaveRestore for VirtioPciDevice {
         self.core.restore(saved)?;
         let mut c = self.cfg();
         c.regs[1] = (c.regs[1] & 0xffff_0000) | (u32::from(p.command) & 0x0406);
+        let old = c.bar;
         c.bar = p.bar;
         c.regs[15] = (c.regs[15] & !0xff) | u32::from(p.interrupt_line);
         c.sizing = [false; 2];
+        drop(c);
         self.device_feature_select
             .store(p.device_feature_select, Ordering::SeqCst);
+        // The guest had moved the BAR before the snapshot: its ioeventfds follow.
+        self.bar_moved(old, p.bar);
         Ok(())
     }
 }

@@ -14,11 +14,13 @@ use serde::{Deserialize, Serialize};
 use super::interrupt::MessageInterrupts;
 use super::state::StateError;
 
-/// Where MSI messages go: a write of `data` to `address` as the function would do on the bus.
-/// The VMM implements it with the backend's MSI injection (KVM_SIGNAL_MSI, the software
-/// CPU's local APICs).
+/// Where one function's MSI messages go: a write of `data` to `address` as the function would
+/// do on the bus, for its table entry `vector`. The VMM implements it with the backend's MSI
+/// injection (KVM_SIGNAL_MSI, the software CPU's local APICs) or, on KVM, with one GSI route
+/// and irqfd per vector (the sink then reprograms a vector's route when its message changes).
+/// Masking and pending bits are handled here before `send`; a sink only delivers.
 pub trait MsiSink: Send + Sync {
-    fn send(&self, address: u64, data: u32);
+    fn send(&self, vector: u16, address: u64, data: u32);
 }
 
 /// "No vector": the driver did not assign one (or asked for one past the table).
@@ -276,17 +278,17 @@ impl Msix {
     }
 
     /// Fires `vector`: sent now, or left pending while masked. Returns the message to send.
-    fn fire(s: &mut State, vector: u16) -> Option<(u64, u32)> {
+    fn fire(s: &mut State, vector: u16) -> Option<(u16, u64, u32)> {
         let i = usize::from(vector);
         let e = *s.entries.get(i)?;
         if s.function_mask || e.control & MASK_BIT != 0 {
             s.pending[i] = true;
             return None;
         }
-        Some((e.address, e.data))
+        Some((vector, e.address, e.data))
     }
 
-    fn take_unmasked_pending(s: &mut State) -> Vec<(u64, u32)> {
+    fn take_unmasked_pending(s: &mut State) -> Vec<(u16, u64, u32)> {
         if !s.enabled || s.function_mask {
             return Vec::new();
         }
@@ -295,15 +297,15 @@ impl Msix {
             let e = s.entries[i];
             if s.pending[i] && e.control & MASK_BIT == 0 {
                 s.pending[i] = false;
-                due.push((e.address, e.data));
+                due.push((i as u16, e.address, e.data));
             }
         }
         due
     }
 
-    fn send_all(&self, due: &[(u64, u32)]) {
-        for &(address, data) in due {
-            self.sink.send(address, data);
+    fn send_all(&self, due: &[(u16, u64, u32)]) {
+        for &(vector, address, data) in due {
+            self.sink.send(vector, address, data);
         }
     }
 
@@ -351,7 +353,13 @@ mod tests {
     #[derive(Default)]
     struct Sent(Mutex<Vec<(u64, u32)>>);
     impl MsiSink for Sent {
-        fn send(&self, address: u64, data: u32) {
+        fn send(&self, vector: u16, address: u64, data: u32) {
+            // The tests program vector n with data 0x?(n+1).
+            assert_eq!(
+                u32::from(vector),
+                (data & 0xf) - 1,
+                "vector index passed along"
+            );
             self.0.lock().unwrap().push((address, data));
         }
     }
@@ -421,7 +429,7 @@ mod tests {
     fn masked_vectors_stay_pending_until_unmasked() {
         let sent = Arc::new(Sent::default());
         let m = Msix::new(2, 1, sent.clone());
-        program(&m, 1, 0xfee0_0000, 0x51, true);
+        program(&m, 1, 0xfee0_0000, 0x52, true);
         m.set_control(CTRL_ENABLE);
         m.set_queue_vector(0, 1);
         assert!(m.used());
@@ -430,7 +438,7 @@ mod tests {
         m.pba_read(0, &mut pba);
         assert_eq!(u64::from_le_bytes(pba), 0b10);
         m.table_write(ENTRY_SIZE + 12, &0u32.to_le_bytes());
-        assert_eq!(sent.take(), vec![(0xfee0_0000, 0x51)]);
+        assert_eq!(sent.take(), vec![(0xfee0_0000, 0x52)]);
         m.pba_read(0, &mut pba);
         assert_eq!(u64::from_le_bytes(pba), 0);
         // The function mask holds every vector back the same way.
@@ -438,14 +446,14 @@ mod tests {
         assert!(m.used());
         assert!(sent.take().is_empty());
         m.set_control(CTRL_ENABLE);
-        assert_eq!(sent.take(), vec![(0xfee0_0000, 0x51)]);
+        assert_eq!(sent.take(), vec![(0xfee0_0000, 0x52)]);
     }
 
     #[test]
     fn state_round_trips_and_a_wrong_shape_is_refused() {
         let sent = Arc::new(Sent::default());
         let m = Msix::new(3, 2, sent.clone());
-        program(&m, 2, 0xfee0_0000, 0x61, true);
+        program(&m, 2, 0xfee0_0000, 0x63, true);
         m.set_control(CTRL_ENABLE);
         m.set_queue_vector(1, 2);
         assert!(m.used());
@@ -457,7 +465,7 @@ mod tests {
         assert_eq!(fresh.save(), snap);
         assert!(sent.take().is_empty(), "restore sends nothing");
         fresh.table_write(2 * ENTRY_SIZE + 12, &0u32.to_le_bytes());
-        assert_eq!(sent.take(), vec![(0xfee0_0000, 0x61)], "the pending vector");
+        assert_eq!(sent.take(), vec![(0xfee0_0000, 0x63)], "the pending vector");
         let small = Msix::new(2, 1, sent);
         assert!(small.restore(&back).is_err());
     }

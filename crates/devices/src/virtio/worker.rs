@@ -3,6 +3,7 @@
 //! device's own fds (tap, sockets) and on a stop eventfd, and calls the [`QueueHandler`].
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -63,6 +64,9 @@ struct Ctl {
 struct Control {
     ctl: Mutex<Ctl>,
     cv: Condvar,
+    /// Set with every command: a worker polling its queues looks here (a plain load) rather
+    /// than at the stop eventfd, so a driver that never stops submitting cannot starve a park.
+    attention: AtomicBool,
 }
 
 impl Control {
@@ -97,6 +101,7 @@ impl Worker {
                 parked: Parked::default(),
             }),
             cv: Condvar::new(),
+            attention: AtomicBool::new(false),
         });
         let thread_control = control.clone();
         let poller = Poller {
@@ -144,6 +149,7 @@ impl Worker {
             return Ok(q.clone());
         }
         c.cmd = Command::Park;
+        self.control.attention.store(true, Ordering::SeqCst);
         // Cannot fail short of counter overflow; the thread rereads `cmd` on every wake.
         let _ = self.stop.write(1);
         let deadline = Instant::now() + PARK_TIMEOUT;
@@ -185,6 +191,7 @@ impl Worker {
     fn stop_inner(&mut self) -> Option<Box<dyn QueueHandler>> {
         let thread = self.thread.take()?;
         self.control.lock().cmd = Command::Stop;
+        self.control.attention.store(true, Ordering::SeqCst);
         self.control.cv.notify_all();
         // The eventfd write can only fail on counter overflow, which a stop never reaches.
         let _ = self.stop.write(1);
@@ -198,24 +205,54 @@ impl Drop for Worker {
     }
 }
 
-/// How long a polling device keeps looking at its rings after work before it sleeps. A driver
-/// that submits in a steady stream then costs no wake-ups (vhost's busyloop, in small).
-const POLL: Duration = Duration::from_micros(50);
+/// How long a polling device keeps looking at its rings after work before it sleeps, at most
+/// and at least. A driver that submits in a steady stream then costs neither a notification
+/// (its kicks stay suppressed while the device polls) nor a wake-up (vhost's busyloop, in
+/// small); one that submits now and then costs only a short spin per request.
+const POLL_MAX: Duration = Duration::from_micros(50);
+const POLL_MIN: Duration = Duration::from_micros(4);
 
-fn poll(handler: &mut dyn QueueHandler, poller: &Poller) -> Result<(), super::DeviceError> {
-    let mut until = std::time::Instant::now() + POLL;
+/// Serves the handler's queues while work keeps coming, then re-enables notifications
+/// (`before_sleep`) and returns when none arrived for `window`. The window adapts: it doubles
+/// (up to [`POLL_MAX`]) when polling found work and halves (down to [`POLL_MIN`]) when it
+/// spun for nothing.
+fn poll(
+    handler: &mut dyn QueueHandler,
+    poller: &Poller,
+    control: &Control,
+    window: &mut Duration,
+) -> Result<(), super::DeviceError> {
+    let mut until = Instant::now() + *window;
     let mut spins = 0u32;
+    let mut found = false;
     loop {
+        if control.attention.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         if let Some(q) = handler.pending_queue() {
             handler.queue_notified(q, poller)?;
-            until = std::time::Instant::now() + POLL;
+            if spins > 0 && !found {
+                found = true;
+                *window = (*window * 2).min(POLL_MAX);
+            }
+            until = Instant::now() + *window;
             continue;
         }
         spins += 1;
         // Reading the clock every few spins keeps the loop cheap.
-        if spins.is_multiple_of(16) && std::time::Instant::now() >= until {
+        if spins.is_multiple_of(16) && Instant::now() >= until {
+            if handler.before_sleep() {
+                until = Instant::now() + *window;
+                continue;
+            }
+            if !found {
+                *window = (*window / 2).max(POLL_MIN);
+            }
             return Ok(());
         }
+        // No sched_yield here: under EEVDF it pushes this thread a whole slice back behind any
+        // other runnable task (a loaded host's compiler), and a driver thread woken on this
+        // core preempts the spin anyway.
         std::hint::spin_loop();
     }
 }
@@ -224,6 +261,7 @@ fn poll(handler: &mut dyn QueueHandler, poller: &Poller) -> Result<(), super::De
 fn obey(handler: &dyn QueueHandler, stop: &EventFd, control: &Control) -> bool {
     let _ = stop.read();
     let mut c = control.lock();
+    control.attention.store(false, Ordering::SeqCst);
     if c.cmd == Command::Park {
         c.parked.queues = Some(handler.queue_states());
         control.cv.notify_all();
@@ -244,12 +282,23 @@ fn run(
     control: &Control,
 ) {
     let mut events = vec![EpollEvent::default(); 32];
+    let mut window = POLL_MAX;
     let mut failed = false;
     loop {
         let next = if failed { None } else { handler.next_timer() };
         if next == Some(Duration::ZERO) {
             // Due now, even if fds keep the loop busy: a throttled device must not starve.
             if let Err(e) = handler.timer(poller) {
+                tracing::warn!("virtio device stopped, driver must reset it: {e}");
+                interrupt.set_needs_reset();
+                failed = true;
+            }
+            continue;
+        }
+        let attention = control.attention.load(Ordering::Relaxed);
+        if !failed && !attention && handler.before_sleep() {
+            // Work arrived after the handler's last pass; its notification may never come.
+            if let Err(e) = poll(handler, poller, control, &mut window) {
                 tracing::warn!("virtio device stopped, driver must reset it: {e}");
                 interrupt.set_needs_reset();
                 failed = true;
@@ -299,7 +348,7 @@ fn run(
             });
         }
         if result.is_ok() && !failed && n > 0 {
-            result = poll(handler, poller);
+            result = poll(handler, poller, control, &mut window);
         }
         if let Err(e) = result {
             tracing::warn!("virtio device stopped, driver must reset it: {e}");

@@ -233,6 +233,15 @@ pub fn idt_gate(ram: &Ram, vec: u64, handler: u64, ist: u64, dpl: u64) {
     ram.w64(IDT + vec * 16 + 8, handler >> 32);
 }
 
+/// Tests translate every block on its first run, so the JIT covers what they execute;
+/// `EMU_TEST_JIT_THRESHOLD=0` runs them on the interpreter alone.
+pub fn jit_threshold() -> u32 {
+    std::env::var("EMU_TEST_JIT_THRESHOLD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
 pub struct Machine {
     pub ram: Ram,
     pub ops: Arc<Ops>,
@@ -262,7 +271,14 @@ impl Machine {
     }
 
     pub fn bare(ram: Ram) -> Machine {
-        let emu = corefour_emu::Emu::new().with_trace_unimpl(true);
+        Machine::bare_with_jit(ram, jit_threshold())
+    }
+
+    /// Like `bare`, translating blocks after `threshold` runs (0: interpreter only).
+    pub fn bare_with_jit(ram: Ram, threshold: u32) -> Machine {
+        let emu = corefour_emu::Emu::new()
+            .with_trace_unimpl(true)
+            .with_jit_threshold(threshold);
         let vm = emu.create_vm(1).unwrap();
         // SAFETY: `ram` lives in the Machine as long as the VM.
         unsafe {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use corefour_devices::Console;
 
+use super::disks::DiskSink;
 use super::protocol::ProtocolError;
 use super::receive::Incoming;
 use crate::builder::Vmm;
@@ -120,12 +121,24 @@ pub fn receive(
         ));
     }
     // Everything that does not need the final state happens now, while the source still runs.
+    let disk_config = config.clone();
     let prepared = match prepare(config, &mem, console) {
         Ok(p) => p,
         Err(e) => return Err(refuse(&mut conn, e.to_string())),
     };
+    // The devices just built registered this VMM's disks: the mirrored ones go there.
+    let mut disks = match DiskSink::open(&hello.disks, &disk_config) {
+        Ok(d) => d,
+        Err(e) => return Err(refuse(&mut conn, e)),
+    };
     conn.ready()?;
-    let frame = conn.receive_memory(&host)?;
+    let frame = conn.receive_memory(&host, &mut disks)?;
+    if let Err(e) = disks.flush() {
+        return Err(refuse(
+            &mut conn,
+            format!("cannot flush the disk copies: {e}"),
+        ));
+    }
     let mut state: MachineState = match format::decode(format::KIND_MIGRATION_STATE, &frame) {
         Ok(s) => s,
         Err(e) => return Err(refuse(&mut conn, e.to_string())),

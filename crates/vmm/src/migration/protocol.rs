@@ -6,6 +6,9 @@
 //! HELLO {version, config, regions}   ->
 //!                                    <-    READY | REFUSE {reason}
 //! PAGES {region, first, count, data} ->    (repeated: pre-copy rounds, then the last copy)
+//! DISK {disk, offset, len, data}     ->    (with copy_storage, beside PAGES: see `disks`)
+//! DISK_SYNC                          ->
+//!                                    <-    DISK_SYNCED (the copies are durable so far)
 //! ROUND {n, pages}                   ->
 //! STATE (a CRC'd format frame)       ->
 //!                                    <-    LOADED | REFUSE {reason}
@@ -22,7 +25,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::snapshot::memfile::RamRegion;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: HELLO lists mirrored disks and DISK frames may follow.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Bodies larger than this are refused before allocation (pages go in chunks well below it).
 pub const MAX_BODY: u64 = 64 << 20;
 /// Pages per PAGES message.
@@ -38,6 +42,9 @@ pub const TAG_LOADED: u32 = 7;
 pub const TAG_COMMIT: u32 = 8;
 pub const TAG_STARTED: u32 = 9;
 pub const TAG_ABORT: u32 = 10;
+pub const TAG_DISK: u32 = 11;
+pub const TAG_DISK_SYNC: u32 = 12;
+pub const TAG_DISK_SYNCED: u32 = 13;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
@@ -60,6 +67,9 @@ pub struct Hello {
     pub version: u32,
     pub config: serde_json::Value,
     pub regions: Vec<RamRegion>,
+    /// The disks whose contents follow as DISK frames (`copy_storage`).
+    #[serde(default)]
+    pub disks: Vec<super::disks::DiskHello>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,6 +4,7 @@ use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+use super::disks::DiskSink;
 use super::protocol::{self as p, Hello, ProtocolError};
 use crate::snapshot::dirty::PAGE_SIZE;
 use crate::snapshot::memfile::HostRegion;
@@ -54,10 +55,15 @@ impl Incoming {
         p::send(&mut self.w, p::TAG_READY, &[])
     }
 
-    /// Writes incoming pages into `regions` until the STATE arrives; returns the state frame.
-    /// Every page message is bounds-checked against the layout: the source is not trusted to
-    /// write outside guest memory.
-    pub fn receive_memory(&mut self, regions: &[HostRegion]) -> Result<Vec<u8>, ProtocolError> {
+    /// Writes incoming pages into `regions` (and disk frames into `disks`) until the STATE
+    /// arrives; returns the state frame. Every page and disk message is bounds-checked against
+    /// the layout and the announced disks: the source is not trusted to write outside guest
+    /// memory or the disks it announced.
+    pub fn receive_memory(
+        &mut self,
+        regions: &[HostRegion],
+        disks: &mut DiskSink,
+    ) -> Result<Vec<u8>, ProtocolError> {
         loop {
             let (tag, len) = p::recv_head(&mut self.r)?;
             match tag {
@@ -90,8 +96,19 @@ impl Incoming {
                     };
                     self.r.read_exact(dst)?;
                 }
+                p::TAG_DISK => disks.receive(&mut self.r, len)?,
                 p::TAG_ROUND => {
                     p::recv_body(&mut self.r, len)?;
+                }
+                p::TAG_DISK_SYNC => {
+                    p::recv_body(&mut self.r, len)?;
+                    disks.flush().map_err(|e| {
+                        ProtocolError::Io(std::io::Error::other(format!(
+                            "cannot flush the disk copies: {e}"
+                        )))
+                    })?;
+                    p::send(&mut self.w, p::TAG_DISK_SYNCED, &[])?;
+                    self.w.flush()?;
                 }
                 p::TAG_STATE => return p::recv_body(&mut self.r, len),
                 p::TAG_ABORT => {

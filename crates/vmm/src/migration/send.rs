@@ -6,6 +6,10 @@
 //! achieved (or the round limit is hit), the guest is paused, the last pages and the vCPU and
 //! device state are sent, and the target is asked to take over. Until the COMMIT is on the
 //! wire every failure resumes the guest here and reports why.
+//!
+//! With `copy_storage` the writable disks go the same way (`disks`): their first pass before
+//! memory's round 0, their dirty chunks with each round's pages, counted in what the downtime
+//! estimate waits for.
 
 use std::io::{BufWriter, Write};
 use std::net::TcpStream;
@@ -13,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::disks::{self, DiskReport, Mirror};
 use super::protocol::{self as p, Hello, ProtocolError, Round};
 use crate::snapshot::dirty::{all_dirty, count_dirty, page_runs, PAGE_SIZE};
 use crate::snapshot::memfile::HostRegion;
@@ -41,6 +46,8 @@ pub struct SendParams {
     pub max_rounds: u32,
     /// How long any one read or write on the connection may block (a cut link surfaces here).
     pub io_timeout: Duration,
+    /// Mirror the VM's writable disks to the target (live block mirroring).
+    pub copy_storage: bool,
 }
 
 impl Default for SendParams {
@@ -49,6 +56,7 @@ impl Default for SendParams {
             max_downtime: Duration::from_millis(10),
             max_rounds: 30,
             io_timeout: Duration::from_secs(5),
+            copy_storage: false,
         }
     }
 }
@@ -64,6 +72,9 @@ pub struct SendReport {
     pub last_copy_pages: u64,
     pub bytes_sent: u64,
     pub pages_per_round: Vec<u64>,
+    /// With `copy_storage`: what the disk mirror moved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disks: Option<DiskReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +106,7 @@ struct Sender<'a> {
     src: &'a dyn MigrationSource,
     regions: Vec<HostRegion>,
     report: SendReport,
+    mirror: Option<Mirror>,
 }
 
 impl Sender<'_> {
@@ -167,6 +179,26 @@ impl Sender<'_> {
         Ok(())
     }
 
+    /// The disks' dirty chunks (none without a mirror).
+    fn take_disk_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
+        self.mirror.as_ref().map_or(Ok(Vec::new()), |m| m.take())
+    }
+
+    fn disk_pending(&self, maps: &[Vec<u64>]) -> u64 {
+        self.mirror.as_ref().map_or(0, |m| m.pending_bytes(maps))
+    }
+
+    fn send_disk_dirty(&mut self, maps: &[Vec<u64>]) -> Result<u64, String> {
+        match self.mirror.as_mut() {
+            Some(m) => {
+                let n = m.send_dirty(&mut self.w, maps)?;
+                self.report.bytes_sent += n;
+                Ok(n)
+            }
+            None => Ok(0),
+        }
+    }
+
     fn take_all_dirty(&self) -> Result<Vec<Vec<u64>>, String> {
         (0..self.regions.len())
             .map(|i| self.src.take_dirty(i))
@@ -219,16 +251,29 @@ pub fn migrate(
     let r = stream
         .try_clone()
         .map_err(|e| SendError::Failed(format!("socket setup: {e}")))?;
+    let mirror = if params.copy_storage {
+        Some(
+            Mirror::of(&src.config())
+                .map_err(|e| SendError::Failed(format!("copy storage: {e}")))?,
+        )
+    } else {
+        None
+    };
     let mut s = Sender {
         w: BufWriter::with_capacity(1 << 20, stream),
         r,
         src,
         regions: src.regions(),
         report: SendReport::default(),
+        mirror,
     };
     let mut paused_at: Option<Instant> = None;
     let result = run(&mut s, params, &mut paused_at);
     src.stop_dirty_log();
+    if let Some(m) = s.mirror.take() {
+        m.stop();
+        s.report.disks = Some(m.report);
+    }
     match result {
         Ok(()) => {
             let mut report = s.report;
@@ -263,19 +308,27 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
         version: p::PROTOCOL_VERSION,
         config: s.src.config(),
         regions: s.regions.iter().map(|h| h.region).collect(),
+        disks: s.mirror.as_ref().map(Mirror::hello).unwrap_or_default(),
     };
     p::send_json(&mut s.w, p::TAG_HELLO, &hello).map_err(pe)?;
     s.w.flush().map_err(|e| pe(e.into()))?;
     p::expect(&mut s.r, p::TAG_READY, "READY").map_err(pe)?;
     s.src.start_dirty_log().map_err(Stage::BeforeCommit)?;
 
-    // Round 0: everything.
+    // Round 0: everything, the disks first (the dirty maps start before their first read).
     let mut round = 0u32;
-    let all: Vec<Vec<u64>> = s.regions.iter().map(|h| all_dirty(h.region.size)).collect();
     let t = Instant::now();
+    let mut disk_bytes = 0u64;
+    if let Some(m) = s.mirror.as_mut() {
+        m.start().map_err(Stage::BeforeCommit)?;
+        disk_bytes = m.send_all(&mut s.w).map_err(Stage::BeforeCommit)?;
+        s.report.bytes_sent += disk_bytes;
+        sync_disks(s).map_err(pe)?;
+    }
+    let all: Vec<Vec<u64>> = s.regions.iter().map(|h| all_dirty(h.region.size)).collect();
     let sent = s.send_pages(&all, true).map_err(pe)?;
     s.w.flush().map_err(|e| pe(e.into()))?;
-    let mut bw = bandwidth(sent, t.elapsed());
+    let mut bw = bandwidth(sent * PAGE_SIZE + disk_bytes, t.elapsed());
     s.report.pages_per_round.push(sent);
     p::send_json(
         &mut s.w,
@@ -287,6 +340,7 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
     )
     .map_err(pe)?;
 
+    let mut disk_dirty = s.take_disk_dirty().map_err(Stage::BeforeCommit)?;
     let mut dirty = s.take_all_dirty().map_err(Stage::BeforeCommit)?;
     loop {
         let pending: u64 = dirty
@@ -294,16 +348,20 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
             .zip(&s.regions)
             .map(|(b, h)| count_dirty(b, h.region.size / PAGE_SIZE))
             .sum();
-        let eta = Duration::from_secs_f64(pending as f64 * PAGE_SIZE as f64 / bw);
+        let pending_bytes = pending * PAGE_SIZE + s.disk_pending(&disk_dirty);
+        let eta = Duration::from_secs_f64(pending_bytes as f64 / bw);
         round += 1;
         if eta <= params.max_downtime / 2 || round >= params.max_rounds {
             break;
         }
         let t = Instant::now();
+        let disk_sent = s
+            .send_disk_dirty(&disk_dirty)
+            .map_err(Stage::BeforeCommit)?;
         let sent = s.send_pages(&dirty, false).map_err(pe)?;
         s.w.flush().map_err(|e| pe(e.into()))?;
-        if sent > 0 {
-            bw = bandwidth(sent, t.elapsed()).max(bw / 4.0);
+        if sent > 0 || disk_sent > 0 {
+            bw = bandwidth(sent * PAGE_SIZE + disk_sent, t.elapsed()).max(bw / 4.0);
         }
         s.report.pages_per_round.push(sent);
         p::send_json(
@@ -315,12 +373,22 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
             },
         )
         .map_err(pe)?;
+        disk_dirty = s.take_disk_dirty().map_err(Stage::BeforeCommit)?;
         dirty = s.take_all_dirty().map_err(Stage::BeforeCommit)?;
     }
 
+    // The copies durable up to the last round, so the downtime writes back only its chunks.
+    if s.mirror.is_some() {
+        sync_disks(s).map_err(pe)?;
+    }
     // Stop and copy.
     s.src.pause().map_err(Stage::BeforeCommit)?;
     *paused_at = Some(Instant::now());
+    // The devices are parked: no disk write is in flight, the maps are final.
+    let last_disk = s.take_disk_dirty().map_err(Stage::BeforeCommit)?;
+    disks::merge(&mut disk_dirty, &last_disk);
+    s.send_disk_dirty(&disk_dirty)
+        .map_err(Stage::BeforeCommit)?;
     let last = s.take_all_dirty().map_err(Stage::BeforeCommit)?;
     for (d, l) in dirty.iter_mut().zip(&last) {
         crate::snapshot::dirty::merge(d, l);
@@ -342,8 +410,16 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
     Ok(())
 }
 
+/// Waits until the target made its disk copies durable so far.
+fn sync_disks(s: &mut Sender) -> Result<(), ProtocolError> {
+    p::send(&mut s.w, p::TAG_DISK_SYNC, &[])?;
+    s.w.flush()?;
+    p::expect(&mut s.r, p::TAG_DISK_SYNCED, "DISK_SYNCED")?;
+    Ok(())
+}
+
 /// Bytes per second of a round (a floor keeps a tiny round from predicting nonsense).
-fn bandwidth(pages: u64, took: Duration) -> f64 {
+fn bandwidth(bytes: u64, took: Duration) -> f64 {
     let secs = took.as_secs_f64().max(1e-4);
-    (pages as f64 * PAGE_SIZE as f64 / secs).max(50e6)
+    (bytes as f64 / secs).max(50e6)
 }

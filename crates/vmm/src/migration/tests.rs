@@ -57,6 +57,8 @@ struct FakeVm {
     stop: AtomicBool,
     pauses: AtomicUsize,
     resumes: AtomicUsize,
+    /// A disk the "guest" writes too, as a virtio-blk backend would: write, then mark.
+    disk: Option<(std::fs::File, std::path::PathBuf)>,
 }
 
 impl FakeVm {
@@ -76,7 +78,26 @@ impl FakeVm {
             stop: AtomicBool::new(false),
             pauses: AtomicUsize::new(0),
             resumes: AtomicUsize::new(0),
+            disk: None,
         })
+    }
+
+    fn with_disk(path: &std::path::Path) -> Arc<Self> {
+        let mut vm = Arc::into_inner(Self::new()).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let size = f.metadata().unwrap().len();
+        corefour_devices::virtio::blk_dirty::register(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            path,
+            size,
+            None,
+        );
+        vm.disk = Some((f, path.to_path_buf()));
+        Arc::new(vm)
     }
 
     fn guest(self: Arc<Self>) -> std::thread::JoinHandle<()> {
@@ -93,6 +114,17 @@ impl FakeVm {
                                                       // SAFETY: inside our mapping; the test reads it only while we are parked.
                 unsafe { std::ptr::write_volatile((self.mem.ptr + pg * 4096 + 8) as *mut u64, n) };
                 self.bitmap[pg / 64].fetch_or(1 << (pg % 64), Ordering::AcqRel);
+                if let Some((f, _)) = &self.disk {
+                    use std::os::unix::fs::FileExt;
+                    let size = f.metadata().unwrap().len();
+                    let off = (n * 7919 * 512) % (size / 2 - 512); // the upper half stays a hole
+                    f.write_all_at(&n.to_le_bytes().repeat(64), off).unwrap();
+                    corefour_devices::virtio::blk_dirty::mark(
+                        std::os::fd::AsRawFd::as_raw_fd(f),
+                        off,
+                        512,
+                    );
+                }
                 n += 1;
                 if n & 63 == 0 {
                     std::thread::sleep(Duration::from_micros(50));
@@ -111,7 +143,12 @@ impl MigrationSource for FakeVm {
         }]
     }
     fn config(&self) -> serde_json::Value {
-        serde_json::json!({"memory_pages": PAGES})
+        match &self.disk {
+            Some((_, p)) => serde_json::json!({
+                "kernel": "/k", "vcpus": 1, "memory_mib": 64, "disks": [{"path": p}]
+            }),
+            None => serde_json::json!({"memory_pages": PAGES}),
+        }
     }
     fn start_dirty_log(&self) -> Result<(), String> {
         self.logging.store(true, Ordering::Release);
@@ -157,6 +194,15 @@ fn target(
     listener: TcpListener,
     mode: TargetMode,
 ) -> std::thread::JoinHandle<Result<Anon, String>> {
+    target_with_disks(listener, mode, None)
+}
+
+/// A target; with `disks` (this side's config) the mirrored disks go into its disks.
+fn target_with_disks(
+    listener: TcpListener,
+    mode: TargetMode,
+    disks: Option<crate::config::VmConfig>,
+) -> std::thread::JoinHandle<Result<Anon, String>> {
     std::thread::spawn(move || {
         let (mut inc, hello) =
             Incoming::accept(&listener, Duration::from_secs(5)).map_err(|e| e.to_string())?;
@@ -176,8 +222,21 @@ fn target(
             region: hello.regions[0],
             host_addr: mem.ptr,
         }];
+        let mut sink = match &disks {
+            Some(c) => match disks::DiskSink::open(&hello.disks, c) {
+                Ok(s) => s,
+                Err(e) => {
+                    inc.refuse(&e);
+                    return Err(e);
+                }
+            },
+            None => Default::default(),
+        };
         inc.ready().map_err(|e| e.to_string())?;
-        let state = inc.receive_memory(&regions).map_err(|e| e.to_string())?;
+        let state = inc
+            .receive_memory(&regions, &mut sink)
+            .map_err(|e| e.to_string())?;
+        sink.flush()?;
         assert_eq!(state, b"vcpu-and-device-state");
         if matches!(mode, TargetMode::NeverCommit) {
             // Loaded, then the link dies before LOADED reaches the source.
@@ -205,6 +264,7 @@ fn migrates_a_busy_guest_and_memory_matches() {
         max_downtime: Duration::from_millis(10),
         max_rounds: 10,
         io_timeout: Duration::from_secs(5),
+        copy_storage: false,
     };
     let report = migrate(vm.as_ref(), &addr, &params).unwrap();
     // The source stays paused after a successful migration.
@@ -268,13 +328,15 @@ fn a_hostile_source_cannot_write_outside_guest_memory() {
             host_addr: mem.ptr,
         }];
         inc.ready().unwrap();
-        inc.receive_memory(&regions).map(|_| ())
+        inc.receive_memory(&regions, &mut Default::default())
+            .map(|_| ())
     });
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     let hello = p::Hello {
         version: p::PROTOCOL_VERSION,
         config: serde_json::json!({}),
         regions: layout(&[(0, 4 * PAGE_SIZE)]).unwrap(),
+        disks: Vec::new(),
     };
     p::send_json(&mut s, p::TAG_HELLO, &hello).unwrap();
     p::expect(&mut s, p::TAG_READY, "READY").unwrap();
@@ -313,4 +375,102 @@ fn localize_takes_this_hosts_disk_paths_and_taps_and_refuses_other_devices() {
     fewer.disks.pop();
     let err = incoming::localize(&mut src, &fewer).unwrap_err();
     assert!(err.contains("2 disks"), "{err}");
+}
+
+#[test]
+fn mirrors_a_disk_the_guest_writes_during_the_migration() {
+    let dir = scratch("mirror");
+    let (a, b) = (dir.join("src.raw"), dir.join("dst.raw"));
+    let size = 4u64 << 20;
+    let mut data = vec![0u8; size as usize];
+    data[..1 << 20].fill(0x5a); // data the first pass must carry; the rest is a hole
+    std::fs::write(&a, &data).unwrap();
+    let f = std::fs::File::create(&b).unwrap();
+    f.set_len(size).unwrap();
+    // The target's "device" registers its copy, as the incoming VMM's blk device would.
+    corefour_devices::virtio::blk_dirty::register(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        &b,
+        size,
+        None,
+    );
+    let vm = FakeVm::with_disk(&a);
+    let g = vm.clone().guest();
+    std::thread::sleep(Duration::from_millis(20));
+    let (l, addr) = listener();
+    let local: crate::config::VmConfig = serde_json::from_value(serde_json::json!({
+        "kernel": "/k", "vcpus": 1, "memory_mib": 64, "disks": [{"path": b}]
+    }))
+    .unwrap();
+    let t = target_with_disks(l, TargetMode::Accept, Some(local));
+    let params = SendParams {
+        max_downtime: Duration::from_millis(10),
+        max_rounds: 10,
+        io_timeout: Duration::from_secs(5),
+        copy_storage: true,
+    };
+    let report = migrate(vm.as_ref(), &addr, &params).unwrap();
+    t.join().unwrap().unwrap();
+    let d = report.disks.unwrap();
+    assert_eq!((d.disks, d.bytes), (1, size));
+    // The hole stayed behind in the first pass.
+    assert!(d.first_pass_bytes <= 2 << 20, "{d:?}");
+    assert!(!d.chunks_per_round.is_empty(), "{d:?}");
+    // The source is paused: its disk is final, and the copy equals it.
+    assert!(std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap());
+    assert!(
+        std::fs::read(&a).unwrap() != data,
+        "the guest wrote meanwhile"
+    );
+    let tracked = corefour_devices::virtio::blk_dirty::find(&a).unwrap();
+    assert!(!tracked.tracking(), "the dirty map is released");
+    vm.stop.store(true, Ordering::Release);
+    vm.pause.store(false, Ordering::Release);
+    g.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_refused_disk_mirror_leaves_the_source_running_and_its_disk_untouched() {
+    let dir = scratch("refused");
+    let (a, b) = (dir.join("s2.raw"), dir.join("d2.raw"));
+    std::fs::write(&a, vec![3u8; 1 << 20]).unwrap();
+    // The target's copy has the wrong size: refused before any byte moves.
+    let f = std::fs::File::create(&b).unwrap();
+    f.set_len(2 << 20).unwrap();
+    corefour_devices::virtio::blk_dirty::register(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        &b,
+        2 << 20,
+        None,
+    );
+    // No guest thread: the disk must stay exactly as it was.
+    let vm = FakeVm::with_disk(&a);
+    let (l, addr) = listener();
+    let local: crate::config::VmConfig = serde_json::from_value(serde_json::json!({
+        "kernel": "/k", "vcpus": 1, "memory_mib": 64, "disks": [{"path": b}]
+    }))
+    .unwrap();
+    let t = target_with_disks(l, TargetMode::Accept, Some(local));
+    let params = SendParams {
+        copy_storage: true,
+        ..Default::default()
+    };
+    let err = migrate(vm.as_ref(), &addr, &params).unwrap_err();
+    let why = t.join().unwrap().err().unwrap();
+    assert!(why.contains("bytes here"), "{why}");
+    assert!(matches!(err, SendError::Failed(_)), "{err}");
+    assert_eq!(vm.pauses.load(Ordering::Acquire), 0);
+    assert!(!corefour_devices::virtio::blk_dirty::find(&a)
+        .unwrap()
+        .tracking());
+    assert_eq!(std::fs::read(&a).unwrap(), vec![3u8; 1 << 20]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("c4mig-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
 }

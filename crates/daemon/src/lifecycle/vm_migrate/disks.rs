@@ -1,41 +1,66 @@
-//! `--copy-storage`: the VM's writable disks travel over the daemons' control connection.
+//! `--copy-storage`: the VM's writable disks are mirrored live to the target.
 //!
-//! This is the stop-and-copy variant: the source pauses the guest, sends every writable disk,
-//! then the memory pre-copy runs (it finds no dirty pages, the guest being paused) and the
-//! target resumes the guest on its own copies. Downtime is therefore the disk copy time. A disk
-//! goes as extents, each `[offset: u64 LE][len: u32 LE][len bytes]`, closed by a zero-length
-//! extent; 4 KiB blocks of zeros are not sent, and the target's file starts sparse, so holes
-//! stay holes. Read-only disks stay on shared storage (same path on the target).
+//! The VMMs move the bytes (`corefour_vmm::migration::disks`: a first pass while the guest runs,
+//! dirty chunks re-sent with each memory round, the last ones in the stop phase). The daemons
+//! only agree on the copies: the source announces each writable disk's index, format and
+//! virtual size in PREPARE; the target creates an empty copy of each (raw: a sparse file;
+//! qcow2: an empty image) inside the VM's directory, so a failed migration or a later delete
+//! removes it with the rest, and points the incoming VMM's config at it. Read-only disks stay
+//! on shared storage (same path on the target).
 
-use std::future::Future;
-use std::io::SeekFrom;
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use corefour_api::{DiskSpec, VmCreate};
-use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use serde::{Deserialize, Serialize};
 
-use super::{Control, Msg, CONTROL_TIMEOUT};
+/// File name endings the VMM opens as formatted images (as virtio-blk decides; anything else
+/// is raw).
+const IMAGE_SUFFIXES: &[&str] = &["qcow2", "qcow", "vmdk", "vdi", "vhd", "vpc", "vhdx"];
 
-/// The largest extent; also the read size on the source.
-const EXTENT: usize = 1 << 20;
-/// Zero detection granularity (the file system's usual block size).
-const BLOCK: usize = 4096;
-/// The qcow2 magic: such a file with a backing file would point at a path the target lacks.
-const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+/// One disk the source mirrors, as PREPARE announces it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct MirrorDisk {
+    pub index: usize,
+    /// "raw" or "qcow2".
+    pub format: String,
+    /// Guest-visible bytes.
+    pub size: u64,
+}
 
-/// What `--copy-storage` moved, in the migration report.
+/// What `--copy-storage` moved, in the migration report (from the source VMM's figures).
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct StorageReport {
     pub disks: usize,
-    /// The disks' apparent sizes.
+    /// The disks' virtual sizes.
     pub bytes: u64,
-    /// Bytes actually sent (zero blocks skipped).
+    /// Bytes sent in all rounds (holes and zero blocks skipped in the first pass).
     pub bytes_sent: u64,
-    pub copy_ms: f64,
-    /// From the pause before the disk copy to the guest running on the target.
+    /// The first pass, while the guest ran.
+    pub first_pass_ms: f64,
+    /// Dirty 64 KiB chunks sent again, per round; the last entry went during the downtime.
+    pub chunks_per_round: Vec<u64>,
+    /// How long the guest was paused (the migration's downtime, disks included).
     pub guest_paused_ms: f64,
+}
+
+impl StorageReport {
+    /// Reads the `disks` and `downtime_ms` parts of the source VMM's migration report.
+    pub(super) fn from_vmm(v: &serde_json::Value) -> StorageReport {
+        let d = &v["disks"];
+        StorageReport {
+            disks: d["disks"].as_u64().unwrap_or(0) as usize,
+            bytes: d["bytes"].as_u64().unwrap_or(0),
+            bytes_sent: d["bytes_sent"].as_u64().unwrap_or(0),
+            first_pass_ms: d["first_pass_ms"].as_f64().unwrap_or(0.0),
+            chunks_per_round: d["chunks_per_round"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|x| x.as_u64()).collect())
+                .unwrap_or_default(),
+            guest_paused_ms: v["downtime_ms"].as_f64().unwrap_or(0.0),
+        }
+    }
 }
 
 /// The disks `--copy-storage` copies: every writable one, with its index in the spec.
@@ -43,8 +68,8 @@ pub(super) fn writable(spec: &VmCreate) -> impl Iterator<Item = (usize, &DiskSpe
     spec.disks.iter().enumerate().filter(|(_, d)| !d.read_only)
 }
 
-/// Where the target keeps its copy of disk `index` (inside the VM's directory, so a failed
-/// migration or a later delete removes it with the rest).
+/// Where the target keeps its copy of disk `index` (inside the VM's directory). The name keeps
+/// the source's, extension included: the VMM picks the format by it.
 pub(super) fn local_copy(vm_dir: &Path, index: usize, src: &str) -> PathBuf {
     let base = Path::new(src)
         .file_name()
@@ -53,189 +78,94 @@ pub(super) fn local_copy(vm_dir: &Path, index: usize, src: &str) -> PathBuf {
     vm_dir.join("disks").join(format!("{index}-{base}"))
 }
 
-/// Refuses, before anything is paused, a disk the copy could not carry whole: unreadable, or a
-/// qcow2 overlay whose backing file would be missing on the target.
-pub(super) fn check_copyable(spec: &VmCreate) -> Result<(), String> {
-    for (_, d) in writable(spec) {
-        let mut head = [0u8; 16];
-        let f = std::fs::File::open(&d.path)
-            .map_err(|e| format!("cannot open disk {}: {e}", d.path))?;
-        let n = std::os::unix::fs::FileExt::read_at(&f, &mut head, 0)
-            .map_err(|e| format!("cannot read disk {}: {e}", d.path))?;
-        if n == 16 && &head[..4] == QCOW2_MAGIC && head[8..16] != [0u8; 8] {
-            return Err(format!(
-                "disk {} is a qcow2 overlay with a backing file, which --copy-storage does not \
-                 carry: flatten it first (`qemu-img convert`) or use shared storage",
-                d.path
-            ));
-        }
-    }
-    Ok(())
+fn image_by_name(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| IMAGE_SUFFIXES.iter().any(|s| e.eq_ignore_ascii_case(s)))
 }
 
-async fn timed_for<T>(
-    limit: Duration,
-    what: &str,
-    f: impl Future<Output = std::io::Result<T>>,
-) -> Result<T, String> {
-    match tokio::time::timeout(limit, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(format!("{what}: {e}")),
-        Err(_) => Err(format!("{what}: no progress within {limit:?}")),
-    }
-}
-
-async fn timed<T>(what: &str, f: impl Future<Output = std::io::Result<T>>) -> Result<T, String> {
-    timed_for(CONTROL_TIMEOUT, what, f).await
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
-}
-
-/// The non-zero runs of `buf`, in whole blocks: (start, end) byte ranges.
-fn nonzero_runs(buf: &[u8]) -> Vec<(usize, usize)> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < buf.len() {
-        let end = (i + BLOCK).min(buf.len());
-        if is_zero(&buf[i..end]) {
-            i = end;
-            continue;
-        }
-        let mut j = end;
-        while j < buf.len() {
-            let e = (j + BLOCK).min(buf.len());
-            if is_zero(&buf[j..e]) {
-                break;
-            }
-            j = e;
-        }
-        runs.push((i, j));
-        i = j;
-    }
-    runs
-}
-
-/// The source side: sends every writable disk of `spec` (the guest is paused). A write that
-/// makes no progress for `io_timeout` (a cut link) fails the copy.
-pub(super) async fn send_disks(
-    c: &mut Control,
-    spec: &VmCreate,
-    io_timeout: Duration,
-) -> Result<StorageReport, String> {
-    let t = Instant::now();
-    let mut r = StorageReport::default();
-    let mut buf = vec![0u8; EXTENT];
+/// Describes every writable disk for the target, refusing before anything moves a disk the
+/// mirror cannot carry: unreadable, or in a format corefour cannot write.
+pub(super) fn describe(spec: &VmCreate) -> Result<Vec<MirrorDisk>, String> {
+    let mut out = Vec::new();
     for (index, d) in writable(spec) {
-        let what = format!("disk {}", d.path);
-        let mut f = timed(&what, tokio::fs::File::open(&d.path)).await?;
-        let size = timed(&what, f.metadata()).await?.len();
-        c.send(&Msg::Disk { index, size })
-            .await
-            .map_err(|e| format!("sending {what}: {e}"))?;
-        let mut off = 0u64;
-        while off < size {
-            let want = (size - off).min(EXTENT as u64) as usize;
-            timed(&what, f.read_exact(&mut buf[..want])).await?;
-            for (a, b) in nonzero_runs(&buf[..want]) {
-                let mut head = [0u8; 12];
-                head[..8].copy_from_slice(&(off + a as u64).to_le_bytes());
-                head[8..].copy_from_slice(&((b - a) as u32).to_le_bytes());
-                timed_for(io_timeout, "sending a disk extent", c.w.write_all(&head)).await?;
-                timed_for(
-                    io_timeout,
-                    "sending a disk extent",
-                    c.w.write_all(&buf[a..b]),
-                )
-                .await?;
-                r.bytes_sent += (b - a) as u64;
+        let path = Path::new(&d.path);
+        let (format, size) = if image_by_name(path) {
+            let img = corefour_disk::open(path, corefour_disk::Open::default())
+                .map_err(|e| format!("cannot open disk {}: {e}", d.path))?;
+            if img.format() != corefour_disk::Format::Qcow2 {
+                return Err(format!(
+                    "disk {} is {}, which the guest sees read-only and --copy-storage cannot \
+                     write on the target: mark it read_only (shared storage) or convert it to \
+                     qcow2",
+                    d.path,
+                    img.format().name()
+                ));
             }
-            off += want as u64;
-        }
-        timed_for(
-            io_timeout,
-            "sending a disk's end",
-            c.w.write_all(&[0u8; 12]),
-        )
-        .await?;
-        timed_for(io_timeout, "sending a disk's end", c.w.flush()).await?;
-        r.disks += 1;
-        r.bytes += size;
+            // An overlay (a clone's, a snapshot's) is fine: the mirror reads the guest's view
+            // through the whole chain, and the target's copy is one flat image.
+            ("qcow2", corefour_disk::DiskSize::size(&img))
+        } else {
+            // Raw: a file or a block device; both report their size at the end.
+            let mut f = std::fs::File::open(path)
+                .map_err(|e| format!("cannot open disk {}: {e}", d.path))?;
+            let size = f
+                .seek(SeekFrom::End(0))
+                .map_err(|e| format!("cannot size disk {}: {e}", d.path))?;
+            ("raw", size)
+        };
+        out.push(MirrorDisk {
+            index,
+            format: format.into(),
+            size,
+        });
     }
-    r.copy_ms = t.elapsed().as_secs_f64() * 1e3;
-    Ok(r)
+    Ok(out)
 }
 
-/// The target side: receives every writable disk of `spec` into `vm_dir/disks/` and points
-/// `spec` at the copies. On error the caller removes `vm_dir` (and so every copy).
-pub(super) async fn receive_disks(
-    c: &mut Control,
+/// The target side: creates an empty copy of each announced disk in `vm_dir/disks/` and points
+/// `spec` at it. On error the caller removes `vm_dir` (and so every copy).
+pub(super) fn create_copies(
+    announced: &[MirrorDisk],
     spec: &mut VmCreate,
     vm_dir: &Path,
 ) -> Result<(), String> {
     let wanted: Vec<usize> = writable(spec).map(|(i, _)| i).collect();
+    let got: Vec<usize> = announced.iter().map(|d| d.index).collect();
+    if wanted != got {
+        return Err(format!(
+            "the source announced disks {got:?} but the VM's writable disks are {wanted:?}"
+        ));
+    }
     let dir = vm_dir.join("disks");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let mut buf = vec![0u8; EXTENT];
-    for index in wanted {
-        let size = match c.recv(CONTROL_TIMEOUT).await {
-            Ok(Msg::Disk { index: i, size }) if i == index => size,
-            Ok(Msg::Abort { reason }) => return Err(format!("the source aborted: {reason}")),
-            Ok(other) => return Err(format!("expected disk {index}, got {other:?}")),
-            Err(e) => return Err(format!("waiting for disk {index}: {e}")),
-        };
-        let path = local_copy(vm_dir, index, &spec.disks[index].path);
-        let what = format!("writing {}", path.display());
-        let mut f = timed(&what, tokio::fs::File::create(&path)).await?;
-        timed(&what, f.set_len(size)).await?;
-        loop {
-            let mut head = [0u8; 12];
-            timed("receiving a disk extent", c.r.read_exact(&mut head)).await?;
-            let mut o = [0u8; 8];
-            o.copy_from_slice(&head[..8]);
-            let mut l = [0u8; 4];
-            l.copy_from_slice(&head[8..]);
-            let (off, len) = (u64::from_le_bytes(o), u32::from_le_bytes(l) as usize);
-            if len == 0 {
-                break;
-            }
-            if len > EXTENT || off.checked_add(len as u64).is_none_or(|e| e > size) {
-                return Err(format!(
-                    "disk {index}: an extent of {len} bytes at {off} lies outside its {size} bytes"
-                ));
-            }
-            timed("receiving a disk extent", c.r.read_exact(&mut buf[..len])).await?;
-            timed(&what, f.seek(SeekFrom::Start(off))).await?;
-            timed(&what, f.write_all(&buf[..len])).await?;
+    for d in announced {
+        let path = local_copy(vm_dir, d.index, &spec.disks[d.index].path);
+        let by_name = if image_by_name(&path) { "qcow2" } else { "raw" };
+        if d.format != by_name {
+            return Err(format!(
+                "disk {} is announced as {} but its name says {by_name}",
+                d.index, d.format
+            ));
         }
-        timed(&what, f.sync_all()).await?;
-        spec.disks[index].path = path.to_string_lossy().into_owned();
+        if d.format == "qcow2" {
+            let opts = corefour_disk::qcow2::CreateOptions::default();
+            corefour_disk::qcow2::Qcow2::create(&path, Some(d.size), &opts)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        } else {
+            let f = std::fs::File::create(&path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            f.set_len(d.size)
+                .map_err(|e| format!("cannot size {}: {e}", path.display()))?;
+        }
+        spec.disks[d.index].path = path.to_string_lossy().into_owned();
     }
     Ok(())
-}
-
-/// How long the guest stayed paused, for the report.
-pub(super) fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn zero_blocks_are_skipped_and_runs_merge() {
-        let mut b = vec![0u8; 5 * BLOCK + 100];
-        b[BLOCK + 1] = 1;
-        b[2 * BLOCK + 7] = 2;
-        b[5 * BLOCK + 99] = 3;
-        assert_eq!(
-            nonzero_runs(&b),
-            vec![(BLOCK, 3 * BLOCK), (5 * BLOCK, 5 * BLOCK + 100)]
-        );
-        assert!(nonzero_runs(&vec![0u8; 3 * BLOCK]).is_empty());
-    }
 
     #[test]
     fn copies_live_in_the_vm_directory() {
@@ -247,65 +177,78 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_disk_arrives_whole_and_sparse_and_bad_extents_are_refused() {
-        let dir = std::env::temp_dir().join(format!("c4mdisk{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let src = dir.join("src.raw");
-        let mut data = vec![0u8; 3 * EXTENT + 512];
-        data[10] = 7;
-        data[EXTENT + 4095] = 9;
-        data[3 * EXTENT + 511] = 1;
-        std::fs::write(&src, &data).unwrap();
+    #[test]
+    fn described_disks_become_empty_copies_of_the_same_size_and_format() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("a.raw");
+        std::fs::write(&raw, vec![1u8; 3 << 20]).unwrap();
+        let q = dir.path().join("b.qcow2");
+        let opts = corefour_disk::qcow2::CreateOptions::default();
+        corefour_disk::qcow2::Qcow2::create(&q, Some(5 << 20), &opts).unwrap();
         let spec: VmCreate = serde_json::from_value(serde_json::json!({
             "name": "v", "kernel": "/k",
-            "disks": [{"path": src}, {"path": "/ro", "read_only": true}]
+            "disks": [{"path": raw}, {"path": "/ro", "read_only": true}, {"path": q}]
         }))
         .unwrap();
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let s2 = spec.clone();
-        let sender = tokio::spawn(async move {
-            let mut c = Control::new(tokio::net::TcpStream::connect(addr).await.unwrap());
-            send_disks(&mut c, &s2, CONTROL_TIMEOUT).await.unwrap()
-        });
-        let (s, _) = l.accept().await.unwrap();
-        let mut c = Control::new(s);
-        let mut got = spec.clone();
-        let vm_dir = dir.join("vm");
-        receive_disks(&mut c, &mut got, &vm_dir).await.unwrap();
-        let r = sender.await.unwrap();
-        assert_eq!((r.disks, r.bytes), (1, data.len() as u64));
-        // Two whole blocks and the 512-byte tail.
-        assert_eq!(r.bytes_sent, 2 * BLOCK as u64 + 512);
-        assert_eq!(got.disks[1].path, "/ro");
-        assert_eq!(std::fs::read(&got.disks[0].path).unwrap(), data);
+        let d = describe(&spec).unwrap();
+        assert_eq!(
+            d,
+            vec![
+                MirrorDisk {
+                    index: 0,
+                    format: "raw".into(),
+                    size: 3 << 20
+                },
+                MirrorDisk {
+                    index: 2,
+                    format: "qcow2".into(),
+                    size: 5 << 20
+                }
+            ]
+        );
+        let mut target = spec.clone();
+        let vm_dir = dir.path().join("vm");
+        create_copies(&d, &mut target, &vm_dir).unwrap();
+        assert_eq!(target.disks[1].path, "/ro");
+        let c0 = Path::new(&target.disks[0].path);
+        assert!(c0.starts_with(&vm_dir));
+        assert_eq!(std::fs::metadata(c0).unwrap().len(), 3 << 20);
+        let img =
+            corefour_disk::open(Path::new(&target.disks[2].path), Default::default()).unwrap();
+        assert_eq!(img.format(), corefour_disk::Format::Qcow2);
+        assert_eq!(corefour_disk::DiskSize::size(&img), 5 << 20);
 
-        // An extent past the disk's end is refused.
-        let sender = tokio::spawn(async move {
-            let mut c = Control::new(tokio::net::TcpStream::connect(addr).await.unwrap());
-            c.send(&Msg::Disk {
+        // A source that announces other disks than the spec's is refused.
+        let mut t2 = spec.clone();
+        let err = create_copies(&d[..1], &mut t2, &dir.path().join("vm2")).unwrap_err();
+        assert!(err.contains("announced"), "{err}");
+
+        // An overlay travels as one flat image of its virtual size.
+        let o = dir.path().join("o.qcow2");
+        let opts = corefour_disk::qcow2::CreateOptions {
+            backing_file: Some(q.to_string_lossy().into_owned()),
+            ..Default::default()
+        };
+        corefour_disk::qcow2::Qcow2::create(&o, None, &opts).unwrap();
+        let spec: VmCreate = serde_json::from_value(serde_json::json!({
+            "name": "v", "kernel": "/k", "disks": [{"path": o}]
+        }))
+        .unwrap();
+        assert_eq!(
+            describe(&spec).unwrap(),
+            vec![MirrorDisk {
                 index: 0,
-                size: 100,
-            })
-            .await
-            .unwrap();
-            let mut h = [0u8; 12];
-            h[..8].copy_from_slice(&90u64.to_le_bytes());
-            h[8..].copy_from_slice(&20u32.to_le_bytes());
-            c.w.write_all(&h).await.unwrap();
-            c.w.write_all(&[1u8; 20]).await.unwrap();
-            c.w.flush().await.unwrap();
-        });
-        let (s, _) = l.accept().await.unwrap();
-        let mut c = Control::new(s);
-        let mut got = spec.clone();
-        let err = receive_disks(&mut c, &mut got, &dir.join("vm2"))
-            .await
-            .unwrap_err();
-        assert!(err.contains("outside its 100 bytes"), "{err}");
-        sender.await.unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+                format: "qcow2".into(),
+                size: 5 << 20
+            }]
+        );
+        // A format the guest sees read-only cannot be a writable copy.
+        let v = dir.path().join("x.vdi");
+        std::fs::write(&v, b"not a vdi").unwrap();
+        let spec: VmCreate = serde_json::from_value(serde_json::json!({
+            "name": "v", "kernel": "/k", "disks": [{"path": v}]
+        }))
+        .unwrap();
+        assert!(describe(&spec).is_err());
     }
 }
