@@ -198,6 +198,24 @@ pub trait Vcpu: Send {
 pub trait Hypervisor: Send + Sync {
     /// Creates an empty VM (no memory, no vCPUs) that will have `vcpus` vCPUs.
     fn create_vm(&self, vcpus: u32) -> Result<std::sync::Arc<dyn Vm>>;
+    /// As `create_vm`, with `memory` registered before anything else. A backend where the
+    /// order costs time (KVM: the first memory slot of a fresh VM is cheap, one added after the
+    /// irqchip and PIT waits for SRCU grace periods) overrides it.
+    ///
+    /// # Safety
+    /// As `Vm::set_memory_region`, for every region.
+    unsafe fn create_vm_with_memory(
+        &self,
+        vcpus: u32,
+        memory: &[MemoryRegion],
+    ) -> Result<std::sync::Arc<dyn Vm>> {
+        let vm = self.create_vm(vcpus)?;
+        for r in memory {
+            // SAFETY: the caller's promise, passed on.
+            unsafe { vm.set_memory_region(*r)? };
+        }
+        Ok(vm)
+    }
     /// A short name for messages: "kvm", "emu".
     fn name(&self) -> &'static str;
 }

@@ -89,7 +89,23 @@ impl Hypervisor for Kvm {
                 "{vcpus} vCPUs requested; KVM on this host supports 1 to {max}"
             )));
         }
-        Ok(Arc::new(KvmVm::new(&self.sys, vcpus)?))
+        // SAFETY: no memory is registered.
+        Ok(Arc::new(unsafe { KvmVm::new(&self.sys, vcpus, &[]) }?))
+    }
+
+    unsafe fn create_vm_with_memory(
+        &self,
+        vcpus: u32,
+        memory: &[corefour_hypervisor::MemoryRegion],
+    ) -> Result<Arc<dyn Vm>> {
+        let max = self.max_vcpus();
+        if vcpus == 0 || vcpus > max {
+            return Err(HypervisorError::Invalid(format!(
+                "{vcpus} vCPUs requested; KVM on this host supports 1 to {max}"
+            )));
+        }
+        // SAFETY: the caller's promise for `memory`, passed on.
+        Ok(Arc::new(unsafe { KvmVm::new(&self.sys, vcpus, memory) }?))
     }
 
     fn name(&self) -> &'static str {

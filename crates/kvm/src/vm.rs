@@ -35,12 +35,23 @@ pub struct KvmVm {
 }
 
 impl KvmVm {
-    pub(crate) fn new(sys: &KvmSys, vcpus: u32) -> Result<Self> {
+    /// Creates the VM with `memory` registered first: KVM_SET_USER_MEMORY_REGION waits for an
+    /// SRCU grace period, which in a fresh VM ends at once but after the irqchip and PIT
+    /// (which wait for their own) takes up to a jiffy or two (4-8 ms here).
+    ///
+    /// # Safety
+    /// As `Vm::set_memory_region`, for every region of `memory`.
+    pub(crate) unsafe fn new(sys: &KvmSys, vcpus: u32, memory: &[MemoryRegion]) -> Result<Self> {
         let fd = sys.create_vm().map_err(|e| os_err("KVM_CREATE_VM", e))?;
         fd.set_tss_address(TSS_ADDR)
             .map_err(|e| os_err("KVM_SET_TSS_ADDR", e))?;
         // Only Intel needs it; where it is refused the VM still works.
         let _ = fd.set_identity_map_address(IDENTITY_MAP_ADDR);
+        for r in memory {
+            // SAFETY: the caller's promise for `memory`.
+            unsafe { fd.set_user_memory_region(user_region(r)) }
+                .map_err(|e| os_err("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
         // The in-kernel irqchip makes HLT wait in the kernel and gives the guest a LAPIC and
         // IOAPIC; the PIT gives it a timer. Both are optional for the test guests, so a host
         // without them still runs (HLT then comes back as `VmExit::Halt`).
@@ -105,22 +116,8 @@ impl KvmVm {
 
 impl Vm for KvmVm {
     unsafe fn set_memory_region(&self, region: MemoryRegion) -> Result<()> {
-        let mut flags = 0;
-        if region.log_dirty {
-            flags |= KVM_MEM_LOG_DIRTY_PAGES;
-        }
-        if region.read_only {
-            flags |= KVM_MEM_READONLY;
-        }
-        let r = kvm_userspace_memory_region {
-            slot: region.slot,
-            flags,
-            guest_phys_addr: region.guest_phys_addr,
-            memory_size: region.size,
-            userspace_addr: region.host_addr,
-        };
         // SAFETY: the caller guarantees the host range is mapped and outlives the VM.
-        unsafe { self.fd.set_user_memory_region(r) }
+        unsafe { self.fd.set_user_memory_region(user_region(&region)) }
             .map_err(|e| os_err("KVM_SET_USER_MEMORY_REGION", e))
     }
 
@@ -262,6 +259,23 @@ impl Vm for KvmVm {
 
     fn backend_name(&self) -> &'static str {
         "kvm"
+    }
+}
+
+fn user_region(region: &MemoryRegion) -> kvm_userspace_memory_region {
+    let mut flags = 0;
+    if region.log_dirty {
+        flags |= KVM_MEM_LOG_DIRTY_PAGES;
+    }
+    if region.read_only {
+        flags |= KVM_MEM_READONLY;
+    }
+    kvm_userspace_memory_region {
+        slot: region.slot,
+        flags,
+        guest_phys_addr: region.guest_phys_addr,
+        memory_size: region.size,
+        userspace_addr: region.host_addr,
     }
 }
 

@@ -37,20 +37,28 @@ pub fn allocate(mib: u64) -> Result<GuestMem, MemoryError> {
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Alloc { mib, source })
 }
 
-/// Gives every RAM region to the backend, one slot each.
-pub fn register(mem: &GuestMem, vm: &dyn Vm) -> Result<(), MemoryError> {
+/// Every RAM region of `mem` as the backend's memory slots, one slot each.
+pub fn regions(mem: &GuestMem) -> Result<Vec<MemoryRegion>, MemoryError> {
+    let mut out = Vec::new();
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())
             .map_err(|e| MemoryError::Register(HypervisorError::Invalid(e.to_string())))?;
-        let r = MemoryRegion {
+        out.push(MemoryRegion {
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
             guest_phys_addr: region.start_addr().0,
             size: region.len(),
             host_addr: host as u64,
             log_dirty: false,
             read_only: false,
-        };
+        });
+    }
+    Ok(out)
+}
+
+/// Gives every RAM region to the backend, one slot each.
+pub fn register(mem: &GuestMem, vm: &dyn Vm) -> Result<(), MemoryError> {
+    for r in regions(mem)? {
         // SAFETY: the mapping belongs to `mem`, which the VMM keeps alive until every vCPU
         // thread has been joined and the VM dropped.
         unsafe { vm.set_memory_region(r) }.map_err(MemoryError::Register)?;

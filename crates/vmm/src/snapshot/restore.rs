@@ -169,15 +169,10 @@ pub fn restore(
     let mem = map_private(base_path, base_file, &regions)?;
     chain.apply_diffs(&host_regions(&mem, &regions))?;
     phases.mark("map memory", t);
-    let register = |vm: &dyn corefour_hypervisor::Vm| {
-        memory::register(&mem, vm).map_err(|e| RestoreError::from(VmmError::from(e)))
-    };
-    let shell = shell::build(
-        backend_of(&top.machine),
-        config.vcpus,
-        register,
-        &mut phases,
-    )?;
+    let slots = memory::regions(&mem).map_err(VmmError::from)?;
+    // SAFETY: the slots map `mem`, which the returned Vmm owns and drops after the VM.
+    let shell =
+        unsafe { shell::build(backend_of(&top.machine), config.vcpus, &slots, &mut phases) }?;
     let t = Instant::now();
     let p = furnish(shell, config, &mem, console)?;
     let t = phases.mark("devices", t);
@@ -250,10 +245,10 @@ fn prepare_on(
     config
         .validate()
         .map_err(|e| RestoreError::Config(e.to_string()))?;
-    let register = |vm: &dyn corefour_hypervisor::Vm| {
-        memory::register(mem, vm).map_err(|e| RestoreError::from(VmmError::from(e)))
-    };
-    let shell = shell::build(kind, config.vcpus, register, &mut Phases::default())?;
+    let slots = memory::regions(mem).map_err(VmmError::from)?;
+    // SAFETY: the slots map `mem`, which the caller keeps for the VM's life (`load` moves it
+    // into the Vmm, which drops it after the VM).
+    let shell = unsafe { shell::build(kind, config.vcpus, &slots, &mut Phases::default()) }?;
     furnish(shell, config, mem, console)
 }
 

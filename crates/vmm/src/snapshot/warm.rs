@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use corefour_devices::Console;
-use corefour_hypervisor::{MemoryRegion, Vm};
+use corefour_hypervisor::MemoryRegion;
 use serde::{Deserialize, Serialize};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestAddress, GuestRegionMmap};
@@ -27,10 +27,10 @@ use vm_memory::{GuestAddress, GuestRegionMmap};
 use super::restore::{self, load, ms, Chain, RestoreError, RestoreTiming};
 use super::shell::{self, Phases, Shell};
 use crate::api_server::{self, Request, Response};
-use crate::builder::{Vmm, VmmError};
+use crate::builder::Vmm;
 use crate::config::BackendKind;
 use crate::layout::ram_ranges;
-use crate::memory::{GuestMem, MemoryError};
+use crate::memory::GuestMem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
@@ -115,25 +115,21 @@ impl WarmVmm {
                 host_addr: p as usize,
             });
         }
-        let register = |vm: &dyn Vm| -> Result<(), RestoreError> {
-            for (slot, r) in (0u32..).zip(&regions) {
-                let m = MemoryRegion {
-                    slot,
-                    guest_phys_addr: r.guest_phys_addr,
-                    size: r.size,
-                    host_addr: r.host_addr as u64,
-                    log_dirty: false,
-                    read_only: false,
-                };
-                // SAFETY: the reserved mapping lives as long as the process (never unmapped);
-                // a restore replaces its contents in place, which KVM follows.
-                unsafe { vm.set_memory_region(m) }
-                    .map_err(|e| RestoreError::from(VmmError::from(MemoryError::Register(e))))?;
-            }
-            Ok(())
-        };
+        let slots: Vec<MemoryRegion> = (0u32..)
+            .zip(&regions)
+            .map(|(slot, r)| MemoryRegion {
+                slot,
+                guest_phys_addr: r.guest_phys_addr,
+                size: r.size,
+                host_addr: r.host_addr as u64,
+                log_dirty: false,
+                read_only: false,
+            })
+            .collect();
         let mut created = Phases::default();
-        let shell = shell::build(BackendKind::Kvm, vcpus, register, &mut created)?;
+        // SAFETY: the reserved mappings live as long as the process (never unmapped); a
+        // restore replaces their contents in place, which KVM follows.
+        let shell = unsafe { shell::build(BackendKind::Kvm, vcpus, &slots, &mut created) }?;
         Ok(Self {
             shell,
             memory_mib,
