@@ -118,6 +118,10 @@ enum Msg {
     },
     Ready {
         vmm_addr: String,
+        /// The incoming VMM takes only a source that presents this token (`vmm
+        /// --incoming-token`): the VMMs' stream gets the daemons' authentication.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     Refuse {
         reason: String,
@@ -127,6 +131,15 @@ enum Msg {
         reason: String,
     },
     Registered,
+}
+
+/// The file holding the incoming VMM's one-time token (mode 0600, in the VM's directory).
+const TOKEN_FILE: &str = "incoming-token";
+
+/// Called by the shim: the token file for `vmm --incoming-token`, if the daemon wrote one.
+pub fn incoming_token_file(vm_dir: &Path) -> Option<std::path::PathBuf> {
+    let p = vm_dir.join(TOKEN_FILE);
+    p.is_file().then_some(p)
 }
 
 /// Called by the shim: the address the incoming VMM listens on, if this start is a migration.
@@ -296,8 +309,8 @@ impl Daemon {
         })
         .await
         .map_err(|e| refused(e.to_string()))?;
-        let vmm_addr = match c.recv(CONTROL_TIMEOUT).await {
-            Ok(Msg::Ready { vmm_addr }) => vmm_addr,
+        let (vmm_addr, token) = match c.recv(CONTROL_TIMEOUT).await {
+            Ok(Msg::Ready { vmm_addr, token }) => (vmm_addr, token),
             Ok(Msg::Refuse { reason }) => {
                 return Err(refused(format!("the target refused: {reason}")));
             }
@@ -315,6 +328,9 @@ impl Daemon {
         }
         if req.copy_storage {
             body["copy_storage"] = true.into();
+        }
+        if let Some(t) = token {
+            body["token"] = t.into();
         }
         let res = crate::client::call(
             &self.api_sock(name),
@@ -462,6 +478,8 @@ struct Pending {
     child: tokio::process::Child,
     pids: Pids,
     cgroup: Option<crate::cgroup::VmCgroup>,
+    /// The incoming VMM's one-time token, for READY.
+    token: String,
 }
 
 impl Daemon {
@@ -537,7 +555,8 @@ impl Daemon {
             }
         };
         let vmm_addr = p.1.clone();
-        if c.send(&Msg::Ready { vmm_addr }).await.is_err() {
+        let token = Some(p.0.token.clone());
+        if c.send(&Msg::Ready { vmm_addr, token }).await.is_err() {
             self.discard_incoming(p.0, "the source went away").await;
             return;
         }
@@ -739,6 +758,12 @@ impl Daemon {
                 e,
             ))
         })?;
+        let token = write_token(&dir.join(TOKEN_FILE)).map_err(|e| {
+            undo(DaemonError::io(
+                format!("cannot write {}", dir.join(TOKEN_FILE).display()),
+                e,
+            ))
+        })?;
         let cgroup = self.make_cgroup(&rec).map_err(undo)?;
         match self.spawn_shim(&dir, cgroup.as_ref(), None).await {
             Ok((child, pids)) => Ok((
@@ -747,6 +772,7 @@ impl Daemon {
                     child,
                     pids,
                     cgroup,
+                    token,
                 },
                 vmm_addr,
             )),
@@ -790,6 +816,8 @@ impl Daemon {
     /// The guest runs here: record the VM as running, as `start` would have.
     fn register_incoming(self: &Arc<Self>, p: Pending, peer: &str) -> Result<(), DaemonError> {
         let name = p.rec.name.clone();
+        // Spent: the VMM read it at its start.
+        let _ = std::fs::remove_file(self.vm_dir(&name).join(TOKEN_FILE));
         let mut spec = p.rec.spec.clone();
         spec.start = false;
         if let Err(e) = self
@@ -858,6 +886,20 @@ impl Daemon {
         let _ = remove_dir_if_exists(&self.vm_dir(&name));
         tracing::info!(vm = name, "incoming migration dropped: {why}");
     }
+}
+
+/// A fresh one-time token for the incoming VMM, in a file only root reads.
+fn write_token(path: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = auth::hex(&auth::nonce()?);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
 }
 
 /// The source's half of the authentication (see `auth`): Ok once PREPARE may follow.
@@ -1006,6 +1048,7 @@ mod tests {
     fn control_messages_round_trip_and_reject_junk() {
         let m = Msg::Ready {
             vmm_addr: "1.2.3.4:5".into(),
+            token: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(s, r#"{"op":"ready","vmm_addr":"1.2.3.4:5"}"#);

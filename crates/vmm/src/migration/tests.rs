@@ -265,6 +265,7 @@ fn migrates_a_busy_guest_and_memory_matches() {
         max_rounds: 10,
         io_timeout: Duration::from_secs(5),
         copy_storage: false,
+        token: None,
     };
     let report = migrate(vm.as_ref(), &addr, &params).unwrap();
     // The source stays paused after a successful migration.
@@ -337,6 +338,7 @@ fn a_hostile_source_cannot_write_outside_guest_memory() {
         config: serde_json::json!({}),
         regions: layout(&[(0, 4 * PAGE_SIZE)]).unwrap(),
         disks: Vec::new(),
+        token: None,
     };
     p::send_json(&mut s, p::TAG_HELLO, &hello).unwrap();
     p::expect(&mut s, p::TAG_READY, "READY").unwrap();
@@ -408,6 +410,7 @@ fn mirrors_a_disk_the_guest_writes_during_the_migration() {
         max_rounds: 10,
         io_timeout: Duration::from_secs(5),
         copy_storage: true,
+        token: None,
     };
     let report = migrate(vm.as_ref(), &addr, &params).unwrap();
     t.join().unwrap().unwrap();
@@ -473,4 +476,50 @@ fn scratch(tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+#[test]
+fn an_incoming_vmm_with_a_token_takes_only_the_source_that_has_it() {
+    use super::protocol as p;
+    let (l, addr) = listener();
+    drop(l);
+    let a2 = addr.clone();
+    // The receiving side: only the HELLO matters here; a real VM config is not needed to see
+    // the token check (the config is refused after it, with a reason).
+    let t = std::thread::spawn(move || {
+        incoming::receive(
+            &a2,
+            corefour_devices::Console::new(Box::new(std::io::sink())),
+            Duration::from_secs(5),
+            None,
+            Some("the-token"),
+        )
+        .err()
+        .map(|e| e.to_string())
+    });
+    let hello = |token: Option<&str>| p::Hello {
+        version: p::PROTOCOL_VERSION,
+        config: serde_json::json!({"bogus": true}),
+        regions: layout(&[(0, 4 * PAGE_SIZE)]).unwrap(),
+        disks: Vec::new(),
+        token: token.map(Into::into),
+    };
+    let connect = || loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addr) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    for wrong in [None, Some("not-the-token")] {
+        let mut s = connect();
+        p::send_json(&mut s, p::TAG_HELLO, &hello(wrong)).unwrap();
+        let err = p::expect(&mut s, p::TAG_READY, "READY").unwrap_err();
+        assert!(err.to_string().contains("token differs"), "{err}");
+    }
+    // The right one gets past the token check (and is refused for its bogus config).
+    let mut s = connect();
+    p::send_json(&mut s, p::TAG_HELLO, &hello(Some("the-token"))).unwrap();
+    let err = p::expect(&mut s, p::TAG_READY, "READY").unwrap_err();
+    assert!(err.to_string().contains("VM config"), "{err}");
+    assert!(t.join().unwrap().unwrap().contains("VM config"));
 }
