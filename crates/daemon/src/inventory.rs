@@ -10,6 +10,8 @@ use std::sync::Mutex;
 
 use corefour_api::{Event, VmCreate, VmNic, VmState};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InventoryError {
@@ -158,24 +160,8 @@ impl Inventory {
         let now = now_ms();
         let mut stored = spec.clone();
         stored.start = false;
-        let config = serde_json::to_string(&stored).map_err(|e| InventoryError::Corrupt {
-            name: spec.name.clone(),
-            what: e.to_string(),
-        })?;
-        let r = exec(
-            &tx,
-            "INSERT INTO instances (name, kind, config, state, created_ms, updated_ms)
-             VALUES (?1, 'vm', ?2, 'created', ?3, ?3)",
-            params![spec.name, config, now],
-        );
-        if let Err(e) = r {
-            return Err(if is_unique_violation(&e) {
-                InventoryError::Exists(spec.name.clone())
-            } else {
-                e.into()
-            });
-        }
-        let id = tx.last_insert_rowid();
+        let config = spec_json(&spec.name, &stored)?;
+        let id = insert_instance(&tx, Kind::Vm, &spec.name, &config, now)?;
         for (i, d) in spec.disks.iter().enumerate() {
             let rate = d
                 .rate_limit
@@ -220,82 +206,35 @@ impl Inventory {
         }
         insert_event(&tx, &spec.name, "created", "defined")?;
         tx.commit()?;
-        Ok(VmRecord {
-            id,
-            name: spec.name.clone(),
-            state: VmState::Created,
-            spec: stored,
+        Ok(VmRecord::new(
+            InstanceRow::created(id, spec.name.clone(), stored, now),
             nics,
-            pids: None,
-            stop_reason: None,
-            exit_code: None,
-            created_ms: now,
-        })
+        ))
     }
 
     pub fn get_vm(&self, name: &str) -> Result<VmRecord, InventoryError> {
         let conn = self.lock();
-        let rec = conn
-            .query_row(
-                &format!("{SELECT_VM} WHERE kind = 'vm' AND name = ?1"),
-                params![name],
-                row_to_raw,
-            )
-            .optional()?
-            .ok_or_else(|| InventoryError::NotFound(name.to_string()))?;
-        finish_record(&conn, rec)
+        let raw = get_instance(&conn, Kind::Vm, name)?;
+        finish_record(&conn, raw)
     }
 
     pub fn list_vms(&self) -> Result<Vec<VmRecord>, InventoryError> {
         let conn = self.lock();
-        let raws = {
-            let mut st = conn.prepare(&format!("{SELECT_VM} WHERE kind = 'vm' ORDER BY name"))?;
-            let rows = st.query_map([], row_to_raw)?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
+        let raws = list_instances(&conn, Kind::Vm)?;
         raws.into_iter().map(|r| finish_record(&conn, r)).collect()
     }
 
     /// Removes the VM and (by cascade) its disks, NICs and snapshots.
     pub fn delete_vm(&self, name: &str) -> Result<(), InventoryError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let n = exec(
-            &tx,
-            "DELETE FROM instances WHERE kind = 'vm' AND name = ?1",
-            params![name],
-        )?;
-        if n == 0 {
-            return Err(InventoryError::NotFound(name.to_string()));
-        }
-        insert_event(&tx, name, "deleted", "deleted")?;
-        tx.commit()?;
-        Ok(())
+        self.delete_instance(Kind::Vm, name, "deleted")
     }
 
     pub fn set_running(&self, name: &str, pids: Pids) -> Result<(), InventoryError> {
-        self.update(
-            name,
-            "UPDATE instances SET state = 'running', shim_pid = ?2, shim_start = ?3, vmm_pid = ?4,
-                 stop_reason = NULL, exit_code = NULL, updated_ms = ?5 WHERE name = ?1",
-            params![
-                name,
-                pids.shim_pid,
-                pids.shim_start as i64,
-                pids.vmm_pid,
-                now_ms()
-            ],
-            ("started", format!("VMM pid {}", pids.vmm_pid)),
-        )
+        self.set_instance_running(Kind::Vm, name, pids, format!("VMM pid {}", pids.vmm_pid))
     }
 
     pub fn set_state(&self, name: &str, state: VmState, event: &str) -> Result<(), InventoryError> {
-        self.update(
-            name,
-            "UPDATE instances SET state = ?2, updated_ms = ?3 WHERE name = ?1",
-            params![name, state.as_str(), now_ms()],
-            (event, state.as_str().to_string()),
-        )
+        self.set_instance_state(Kind::Vm, name, state, event)
     }
 
     /// Marks the VM stopped, unless it was deleted meanwhile or already stopped by another path.
@@ -305,13 +244,7 @@ impl Inventory {
         reason: &str,
         exit_code: Option<i32>,
     ) -> Result<(), InventoryError> {
-        self.update(
-            name,
-            "UPDATE instances SET state = 'stopped', shim_pid = NULL, shim_start = NULL, vmm_pid = NULL,
-                 stop_reason = ?2, exit_code = ?3, updated_ms = ?4 WHERE name = ?1",
-            params![name, reason, exit_code, now_ms()],
-            ("stopped", reason.to_string()),
-        )
+        self.set_instance_stopped(Kind::Vm, name, reason, exit_code)
     }
 
     pub fn set_limits(
@@ -323,10 +256,7 @@ impl Inventory {
         let mut rec = self.get_vm(name)?;
         rec.spec.cpu_quota_pct = cpu_quota_pct;
         rec.spec.cpu_weight = cpu_weight;
-        let config = serde_json::to_string(&rec.spec).map_err(|e| InventoryError::Corrupt {
-            name: name.to_string(),
-            what: e.to_string(),
-        })?;
+        let config = spec_json(name, &rec.spec)?;
         self.update(
             name,
             "UPDATE instances SET config = ?2, updated_ms = ?3 WHERE name = ?1",
@@ -345,10 +275,7 @@ impl Inventory {
         for (d, p) in rec.spec.disks.iter_mut().zip(paths) {
             d.path = p.clone();
         }
-        let config = serde_json::to_string(&rec.spec).map_err(|e| InventoryError::Corrupt {
-            name: name.to_string(),
-            what: e.to_string(),
-        })?;
+        let config = spec_json(name, &rec.spec)?;
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         exec(
@@ -366,6 +293,84 @@ impl Inventory {
         insert_event(&tx, name, "disks", &format!("now {}", paths.join(", ")))?;
         tx.commit()?;
         Ok(rec)
+    }
+
+    /// Removes an instance's row (and by cascade what hangs off it), recording `event`.
+    pub(crate) fn delete_instance(
+        &self,
+        kind: Kind,
+        name: &str,
+        event: &str,
+    ) -> Result<(), InventoryError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        let n = exec(
+            &tx,
+            "DELETE FROM instances WHERE kind = ?2 AND name = ?1",
+            params![name, kind.as_str()],
+        )?;
+        if n == 0 {
+            return Err(InventoryError::NotFound(name.to_string()));
+        }
+        insert_event(&tx, name, "deleted", event)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a started instance's processes; `event` says which pid is its main one.
+    pub(crate) fn set_instance_running(
+        &self,
+        kind: Kind,
+        name: &str,
+        pids: Pids,
+        event: String,
+    ) -> Result<(), InventoryError> {
+        self.update(
+            name,
+            "UPDATE instances SET state = 'running', shim_pid = ?2, shim_start = ?3, vmm_pid = ?4,
+                 stop_reason = NULL, exit_code = NULL, updated_ms = ?5 WHERE kind = ?6 AND name = ?1",
+            params![
+                name,
+                pids.shim_pid,
+                pids.shim_start as i64,
+                pids.vmm_pid,
+                now_ms(),
+                kind.as_str()
+            ],
+            ("started", event),
+        )
+    }
+
+    pub(crate) fn set_instance_stopped(
+        &self,
+        kind: Kind,
+        name: &str,
+        reason: &str,
+        exit_code: Option<i32>,
+    ) -> Result<(), InventoryError> {
+        self.update(
+            name,
+            "UPDATE instances SET state = 'stopped', shim_pid = NULL, shim_start = NULL, vmm_pid = NULL,
+                 stop_reason = ?2, exit_code = ?3, updated_ms = ?4 WHERE kind = ?5 AND name = ?1",
+            params![name, reason, exit_code, now_ms(), kind.as_str()],
+            ("stopped", reason.to_string()),
+        )
+    }
+
+    /// running <-> paused (and what reconciling finds), with `event` as the event's kind.
+    pub(crate) fn set_instance_state(
+        &self,
+        kind: Kind,
+        name: &str,
+        state: VmState,
+        event: &str,
+    ) -> Result<(), InventoryError> {
+        self.update(
+            name,
+            "UPDATE instances SET state = ?2, updated_ms = ?3 WHERE kind = ?4 AND name = ?1",
+            params![name, state.as_str(), now_ms(), kind.as_str()],
+            (event, state.as_str().to_string()),
+        )
     }
 
     pub(crate) fn update(
@@ -432,9 +437,71 @@ impl Inventory {
     }
 }
 
-const SELECT_VM: &str = "SELECT id, name, state, config, shim_pid, shim_start, vmm_pid, stop_reason, exit_code, created_ms FROM instances";
+/// Which kind of instance a row of `instances` holds (its `kind` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Vm,
+    Ct,
+}
 
-struct RawVm {
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Vm => "vm",
+            Kind::Ct => "ct",
+        }
+    }
+}
+
+/// What every instance row holds, VM or container; `S` is the kind's create request, stored (with
+/// `start` cleared) as the row's `config`.
+#[derive(Debug, Clone)]
+pub struct InstanceRow<S> {
+    pub id: i64,
+    pub name: String,
+    pub state: VmState,
+    pub spec: S,
+    /// The shim and the instance's main process (VMM, or a container's init) while it runs.
+    pub pids: Option<Pids>,
+    pub stop_reason: Option<String>,
+    pub exit_code: Option<i32>,
+    pub created_ms: i64,
+}
+
+impl<S> InstanceRow<S> {
+    /// The row just inserted for a new instance.
+    pub(crate) fn created(id: i64, name: String, spec: S, now: i64) -> InstanceRow<S> {
+        InstanceRow {
+            id,
+            name,
+            state: VmState::Created,
+            spec,
+            pids: None,
+            stop_reason: None,
+            exit_code: None,
+            created_ms: now,
+        }
+    }
+}
+
+impl VmRecord {
+    fn new(r: InstanceRow<VmCreate>, nics: Vec<VmNic>) -> VmRecord {
+        VmRecord {
+            id: r.id,
+            name: r.name,
+            state: r.state,
+            spec: r.spec,
+            nics,
+            pids: r.pids,
+            stop_reason: r.stop_reason,
+            exit_code: r.exit_code,
+            created_ms: r.created_ms,
+        }
+    }
+}
+
+/// An `instances` row as SQLite returns it, before its text columns are parsed.
+pub(crate) struct RawInstance {
     id: i64,
     name: String,
     state: String,
@@ -447,8 +514,10 @@ struct RawVm {
     created_ms: i64,
 }
 
-fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
-    Ok(RawVm {
+const SELECT_INSTANCE: &str = "SELECT id, name, state, config, shim_pid, shim_start, vmm_pid, stop_reason, exit_code, created_ms FROM instances";
+
+fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawInstance> {
+    Ok(RawInstance {
         id: r.get(0)?,
         name: r.get(1)?,
         state: r.get(2)?,
@@ -462,20 +531,67 @@ fn row_to_raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawVm> {
     })
 }
 
-fn finish_record(conn: &Connection, raw: RawVm) -> Result<VmRecord, InventoryError> {
-    let corrupt = |what: String| InventoryError::Corrupt {
-        name: raw.name.clone(),
-        what,
-    };
-    let state =
-        VmState::parse(&raw.state).ok_or_else(|| corrupt(format!("state {:?}", raw.state)))?;
-    let spec: VmCreate =
-        serde_json::from_str(&raw.config).map_err(|e| corrupt(format!("config: {e}")))?;
+pub(crate) fn get_instance(
+    conn: &Connection,
+    kind: Kind,
+    name: &str,
+) -> Result<RawInstance, InventoryError> {
+    conn.prepare_cached(&format!("{SELECT_INSTANCE} WHERE kind = ?1 AND name = ?2"))?
+        .query_row(params![kind.as_str(), name], row_to_raw)
+        .optional()?
+        .ok_or_else(|| InventoryError::NotFound(name.to_string()))
+}
+
+/// Every instance of `kind`, by name.
+pub(crate) fn list_instances(
+    conn: &Connection,
+    kind: Kind,
+) -> Result<Vec<RawInstance>, InventoryError> {
+    let mut st =
+        conn.prepare_cached(&format!("{SELECT_INSTANCE} WHERE kind = ?1 ORDER BY name"))?;
+    let rows = st.query_map(params![kind.as_str()], row_to_raw)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+impl RawInstance {
+    /// Parses the state and config; a row that does not parse is reported as corrupt.
+    pub(crate) fn parse<S: DeserializeOwned>(self) -> Result<InstanceRow<S>, InventoryError> {
+        let corrupt = |what: String| InventoryError::Corrupt {
+            name: self.name.clone(),
+            what,
+        };
+        let state = VmState::parse(&self.state)
+            .ok_or_else(|| corrupt(format!("state {:?}", self.state)))?;
+        let spec: S =
+            serde_json::from_str(&self.config).map_err(|e| corrupt(format!("config: {e}")))?;
+        let pids = match (self.shim_pid, self.shim_start, self.vmm_pid) {
+            (Some(shim_pid), Some(start), Some(vmm_pid)) => Some(Pids {
+                shim_pid,
+                shim_start: u64::try_from(start).unwrap_or(0),
+                vmm_pid,
+            }),
+            _ => None,
+        };
+        Ok(InstanceRow {
+            id: self.id,
+            name: self.name,
+            state,
+            spec,
+            pids,
+            stop_reason: self.stop_reason,
+            exit_code: self.exit_code,
+            created_ms: self.created_ms,
+        })
+    }
+}
+
+fn finish_record(conn: &Connection, raw: RawInstance) -> Result<VmRecord, InventoryError> {
+    let row = raw.parse::<VmCreate>()?;
     let mut st = conn.prepare_cached(
         "SELECT network, tap, mac, rate_limit FROM nics WHERE instance_id = ?1 ORDER BY idx",
     )?;
     let nics = st
-        .query_map(params![raw.id], |r| {
+        .query_map(params![row.id], |r| {
             let rate: Option<String> = r.get(3)?;
             Ok(VmNic {
                 bridge: r.get(0)?,
@@ -485,25 +601,39 @@ fn finish_record(conn: &Connection, raw: RawVm) -> Result<VmRecord, InventoryErr
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
-    let pids = match (raw.shim_pid, raw.shim_start, raw.vmm_pid) {
-        (Some(shim_pid), Some(start), Some(vmm_pid)) => Some(Pids {
-            shim_pid,
-            shim_start: u64::try_from(start).unwrap_or(0),
-            vmm_pid,
-        }),
-        _ => None,
-    };
-    Ok(VmRecord {
-        id: raw.id,
-        name: raw.name,
-        state,
-        spec,
-        nics,
-        pids,
-        stop_reason: raw.stop_reason,
-        exit_code: raw.exit_code,
-        created_ms: raw.created_ms,
+    Ok(VmRecord::new(row, nics))
+}
+
+/// The `config` column of a spec.
+pub(crate) fn spec_json<S: Serialize>(name: &str, spec: &S) -> Result<String, InventoryError> {
+    serde_json::to_string(spec).map_err(|e| InventoryError::Corrupt {
+        name: name.to_string(),
+        what: e.to_string(),
     })
+}
+
+/// Inserts the `instances` row of a new instance and returns its id; the schema keeps names
+/// unique among all kinds.
+pub(crate) fn insert_instance(
+    conn: &Connection,
+    kind: Kind,
+    name: &str,
+    config: &str,
+    now: i64,
+) -> Result<i64, InventoryError> {
+    if let Err(e) = exec(
+        conn,
+        "INSERT INTO instances (name, kind, config, state, created_ms, updated_ms)
+         VALUES (?1, ?2, ?3, 'created', ?4, ?4)",
+        params![name, kind.as_str(), config, now],
+    ) {
+        return Err(if is_unique_violation(&e) {
+            InventoryError::Exists(name.to_string())
+        } else {
+            e.into()
+        });
+    }
+    Ok(conn.last_insert_rowid())
 }
 
 pub(crate) fn insert_event(

@@ -23,6 +23,8 @@ pub struct RunOptions {
     pub log_level: String,
     /// Accept live migrations from other daemons on this TCP address.
     pub migration_listen: Option<String>,
+    /// Warm VMMs kept for `vm restore`.
+    pub warm_pool: crate::lifecycle::WarmPoolConfig,
     /// The shared secret both daemons of a migration must hold (a file, mode 0600).
     pub migration_key: Option<PathBuf>,
     /// Listen on a non-loopback address without a key (a trusted network).
@@ -93,6 +95,7 @@ pub fn run(opts: RunOptions) -> Result<(), RunError> {
             exe: opts.exe.clone(),
             vmm_exe: opts.vmm_exe.clone(),
             jail: opts.jail,
+            warm_pool: opts.warm_pool.clone(),
             migration_key,
         })
         .await?;

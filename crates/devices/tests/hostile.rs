@@ -55,6 +55,32 @@ fn offer(d: &mut MmioDriver, descs: &[Desc], status_at: Option<u64>) -> (u32, Op
     )
 }
 
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> Desc {
+    Desc {
+        addr,
+        len,
+        flags,
+        next,
+    }
+}
+
+/// A chain of `(addr, len, flags)` buffers, each linked to the next, laid out from the slot the
+/// driver writes next.
+fn chain(d: &mut MmioDriver, bufs: &[(u64, u32, u16)]) -> Vec<Desc> {
+    let slot = d.write_descs(0, &[]).unwrap();
+    let last = bufs.len() - 1;
+    bufs.iter()
+        .enumerate()
+        .map(|(i, &(addr, len, flags))| {
+            if i == last {
+                desc(addr, len, flags, 0)
+            } else {
+                desc(addr, len, flags | DESC_F_NEXT, slot + i as u16 + 1)
+            }
+        })
+        .collect()
+}
+
 /// A well-formed read still works: the device was not wedged by what came before.
 fn still_works(d: &mut MmioDriver) {
     let h = header(d, blk::T_IN, 1);
@@ -83,20 +109,7 @@ fn looping_chain_terminates() {
     let mut d = rig.driver(1, 16);
     let h = header(&mut d, blk::T_IN, 0);
     // Slot 0 -> 1 -> 0 -> ... forever.
-    let descs = [
-        Desc {
-            addr: h,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: 1,
-        },
-        Desc {
-            addr: h,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: 0,
-        },
-    ];
+    let descs = [desc(h, 16, DESC_F_NEXT, 1), desc(h, 16, DESC_F_NEXT, 0)];
     let (len, _) = offer(&mut d, &descs, None);
     assert_eq!(len, 0, "no writable status: returned untouched");
     still_works(&mut d);
@@ -109,18 +122,8 @@ fn looping_chain_with_writable_tail_gets_ioerr() {
     let h = header(&mut d, blk::T_IN, 0);
     let st = d.alloc(1).0;
     let descs = [
-        Desc {
-            addr: h,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: 1,
-        },
-        Desc {
-            addr: st,
-            len: 1,
-            flags: DESC_F_NEXT | DESC_F_WRITE,
-            next: 1,
-        },
+        desc(h, 16, DESC_F_NEXT, 1),
+        desc(st, 1, DESC_F_NEXT | DESC_F_WRITE, 1),
     ];
     let (_, status) = offer(&mut d, &descs, Some(st));
     // The loop yields a readable-after-writable or over-long chain: an error either way.
@@ -134,90 +137,26 @@ fn buffers_outside_guest_memory() {
     let before = std::fs::read(f.path()).unwrap();
     let mut d = rig.driver(1, 16);
     let st = d.alloc(1).0;
-    // Data outside memory on a write.
-    let h = header(&mut d, blk::T_OUT, 0);
-    let descs = [
-        Desc {
-            addr: h,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: 1,
-        },
-        Desc {
-            addr: OUTSIDE,
-            len: 512,
-            flags: DESC_F_NEXT,
-            next: 2,
-        },
-        Desc {
-            addr: st,
-            len: 1,
-            flags: DESC_F_WRITE,
-            next: 0,
-        },
+    let cases = [
+        // Data outside memory on a write.
+        (blk::T_OUT, OUTSIDE, 0),
+        // Straddling the end of memory on a read.
+        (blk::T_IN, MEM_SIZE as u64 - 256, DESC_F_WRITE),
+        // Address arithmetic that wraps.
+        (blk::T_IN, u64::MAX - 8, DESC_F_WRITE),
     ];
-    assert_eq!(offer(&mut d, &descs, Some(st)), (1, Some(blk::S_IOERR)));
-    // Straddling the end of memory on a read.
-    let h = header(&mut d, blk::T_IN, 0);
-    let descs = [
-        Desc {
-            addr: h,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: 4,
-        },
-        Desc {
-            addr: MEM_SIZE as u64 - 256,
-            len: 512,
-            flags: DESC_F_NEXT | DESC_F_WRITE,
-            next: 5,
-        },
-        Desc {
-            addr: st,
-            len: 1,
-            flags: DESC_F_WRITE,
-            next: 0,
-        },
-    ];
-    assert_eq!(offer(&mut d, &descs, Some(st)), (1, Some(blk::S_IOERR)));
+    for (ty, addr, flags) in cases {
+        let h = header(&mut d, ty, 0);
+        let descs = chain(
+            &mut d,
+            &[(h, 16, 0), (addr, 512, flags), (st, 1, DESC_F_WRITE)],
+        );
+        let got = offer(&mut d, &descs, Some(st));
+        assert_eq!(got, (1, Some(blk::S_IOERR)), "data at {addr:#x}");
+    }
     // Header outside memory, status outside memory: nothing can be written back.
-    let descs = [
-        Desc {
-            addr: OUTSIDE,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: 7,
-        },
-        Desc {
-            addr: OUTSIDE,
-            len: 1,
-            flags: DESC_F_WRITE,
-            next: 0,
-        },
-    ];
+    let descs = chain(&mut d, &[(OUTSIDE, 16, 0), (OUTSIDE, 1, DESC_F_WRITE)]);
     assert_eq!(offer(&mut d, &descs, None).0, 0);
-    // Address arithmetic that wraps.
-    let descs = [
-        Desc {
-            addr: h,
-            len: 16,
-            flags: DESC_F_NEXT,
-            next: 9,
-        },
-        Desc {
-            addr: u64::MAX - 8,
-            len: 512,
-            flags: DESC_F_NEXT | DESC_F_WRITE,
-            next: 10,
-        },
-        Desc {
-            addr: st,
-            len: 1,
-            flags: DESC_F_WRITE,
-            next: 0,
-        },
-    ];
-    assert_eq!(offer(&mut d, &descs, Some(st)), (1, Some(blk::S_IOERR)));
     assert_eq!(std::fs::read(f.path()).unwrap(), before, "disk untouched");
     still_works(&mut d);
 }
@@ -240,28 +179,10 @@ fn wrong_direction_and_bad_lengths() {
     ];
     for (ty, len, flags) in cases {
         let h = header(&mut d, ty, 0);
-        // The slot the next descriptors land in; the chain links from there.
-        let slot = d.write_descs(0, &[]).unwrap();
-        let descs = [
-            Desc {
-                addr: h,
-                len: 16,
-                flags: DESC_F_NEXT,
-                next: slot + 1,
-            },
-            Desc {
-                addr: buf,
-                len,
-                flags: flags | DESC_F_NEXT,
-                next: slot + 2,
-            },
-            Desc {
-                addr: st,
-                len: 1,
-                flags: DESC_F_WRITE,
-                next: 0,
-            },
-        ];
+        let descs = chain(
+            &mut d,
+            &[(h, 16, 0), (buf, len, flags), (st, 1, DESC_F_WRITE)],
+        );
         let (_, status) = offer(&mut d, &descs, Some(st));
         assert_eq!(
             status,
@@ -272,21 +193,7 @@ fn wrong_direction_and_bad_lengths() {
     // Header shorter than 16 bytes; header device-writable.
     for (hlen, hflags) in [(8u32, 0u16), (16, DESC_F_WRITE)] {
         let h = header(&mut d, blk::T_IN, 0);
-        let slot = d.write_descs(0, &[]).unwrap();
-        let descs = [
-            Desc {
-                addr: h,
-                len: hlen,
-                flags: hflags | DESC_F_NEXT,
-                next: slot + 1,
-            },
-            Desc {
-                addr: st,
-                len: 1,
-                flags: DESC_F_WRITE,
-                next: 0,
-            },
-        ];
+        let descs = chain(&mut d, &[(h, hlen, hflags), (st, 1, DESC_F_WRITE)]);
         let (_, status) = offer(&mut d, &descs, Some(st));
         assert_eq!(
             status,
@@ -305,12 +212,7 @@ fn oversized_indirect_table_and_head_past_ring() {
     let table = d.alloc(16 * 64).0;
     // An indirect table far larger than the queue, and one whose length is not a multiple of 16.
     for len in [16 * 0xffff, 17] {
-        let descs = [Desc {
-            addr: table,
-            len,
-            flags: DESC_F_INDIRECT,
-            next: 0,
-        }];
+        let descs = [desc(table, len, DESC_F_INDIRECT, 0)];
         assert_eq!(offer(&mut d, &descs, None).0, 0);
     }
     // A head index beyond the ring cannot be returned; the device skips it and goes on.

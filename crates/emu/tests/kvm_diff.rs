@@ -1,15 +1,16 @@
 //! Differential test: random instruction sequences run on KVM (the oracle: on this host ring-3
 //! code runs on the real CPU) and on the software CPU; final registers, the defined flags, the
-//! data area and the stack must match. The seed of a failing case is printed.
+//! data area and the stack must match. The seed of a failing case is printed. The software CPU
+//! translates every block on its first run (tests/common: JIT threshold 1), so the sequences
+//! run as JIT code wherever it covers them; `EMU_TEST_JIT_THRESHOLD=0` checks the interpreter.
 
 mod common;
 
 use common::*;
 use corefour_hypervisor::{Regs, SpecialRegs};
+use corefour_kvm::convert::{regs_from_kvm, regs_to_kvm, sregs_to_kvm};
 use iced_x86::code_asm::*;
-use kvm_bindings::{
-    kvm_dtable, kvm_regs, kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES,
-};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 const CASES: u64 = 60;
@@ -535,24 +536,6 @@ struct KvmMachine {
     vcpu: VcpuFd,
 }
 
-fn kseg(s: &corefour_hypervisor::Segment) -> kvm_segment {
-    kvm_segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: s.present as u8,
-        dpl: s.dpl,
-        db: s.db as u8,
-        s: s.s as u8,
-        l: s.l as u8,
-        g: s.g as u8,
-        avl: s.avl as u8,
-        unusable: s.unusable as u8,
-        padding: 0,
-    }
-}
-
 impl KvmMachine {
     fn new(kvm: &Kvm) -> KvmMachine {
         let ram = Ram::new(RAM);
@@ -581,53 +564,12 @@ impl KvmMachine {
 
     fn run(&mut self, sregs: &SpecialRegs, r: &Regs) -> Result<Regs, String> {
         let mut ks = self.vcpu.get_sregs().map_err(|e| e.to_string())?;
-        ks.cs = kseg(&sregs.cs);
-        ks.ds = kseg(&sregs.ds);
-        ks.es = kseg(&sregs.es);
-        ks.fs = kseg(&sregs.fs);
-        ks.gs = kseg(&sregs.gs);
-        ks.ss = kseg(&sregs.ss);
-        ks.tr = kseg(&sregs.tr);
-        ks.ldt = kseg(&sregs.ldt);
-        ks.gdt = kvm_dtable {
-            base: sregs.gdt.base,
-            limit: sregs.gdt.limit,
-            padding: [0; 3],
-        };
-        ks.idt = kvm_dtable {
-            base: sregs.idt.base,
-            limit: sregs.idt.limit,
-            padding: [0; 3],
-        };
-        ks.cr0 = sregs.cr0;
-        ks.cr3 = sregs.cr3;
-        ks.cr4 = sregs.cr4;
-        ks.efer = sregs.efer;
+        sregs_to_kvm(sregs, &mut ks);
         self.vcpu
             .set_sregs(&ks)
             .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
-        let kr = kvm_regs {
-            rax: r.rax,
-            rbx: r.rbx,
-            rcx: r.rcx,
-            rdx: r.rdx,
-            rsi: r.rsi,
-            rdi: r.rdi,
-            rsp: r.rsp,
-            rbp: r.rbp,
-            r8: r.r8,
-            r9: r.r9,
-            r10: r.r10,
-            r11: r.r11,
-            r12: r.r12,
-            r13: r.r13,
-            r14: r.r14,
-            r15: r.r15,
-            rip: r.rip,
-            rflags: r.rflags,
-        };
         self.vcpu
-            .set_regs(&kr)
+            .set_regs(&regs_to_kvm(r))
             .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
         loop {
             match self.vcpu.run().map_err(|e| format!("KVM_RUN: {e}"))? {
@@ -637,26 +579,7 @@ impl KvmMachine {
             }
         }
         let k = self.vcpu.get_regs().map_err(|e| e.to_string())?;
-        Ok(Regs {
-            rax: k.rax,
-            rbx: k.rbx,
-            rcx: k.rcx,
-            rdx: k.rdx,
-            rsi: k.rsi,
-            rdi: k.rdi,
-            rsp: k.rsp,
-            rbp: k.rbp,
-            r8: k.r8,
-            r9: k.r9,
-            r10: k.r10,
-            r11: k.r11,
-            r12: k.r12,
-            r13: k.r13,
-            r14: k.r14,
-            r15: k.r15,
-            rip: k.rip,
-            rflags: k.rflags,
-        })
+        Ok(regs_from_kvm(&k))
     }
 }
 

@@ -1,52 +1,25 @@
-//! Conversions between the backend-neutral register types and KVM's.
+//! Conversions between the backend-neutral register types and KVM's (public for tests that
+//! drive KVM directly, as the emulator's differential test does).
 
 use corefour_hypervisor::{DescriptorTable, Regs, Segment, SpecialRegs};
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs};
 
-pub(crate) fn regs_from_kvm(r: &kvm_regs) -> Regs {
-    Regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
+/// `Regs` and `kvm_regs` name their fields alike; one list of names serves both directions.
+macro_rules! gp_regs {
+    ($ty:ident from $r:expr) => {
+        gp_regs!(@ $ty, $r; rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags)
+    };
+    (@ $ty:ident, $r:expr; $($f:ident)*) => {
+        $ty { $($f: $r.$f),* }
+    };
 }
 
-pub(crate) fn regs_to_kvm(r: &Regs) -> kvm_regs {
-    kvm_regs {
-        rax: r.rax,
-        rbx: r.rbx,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        rsp: r.rsp,
-        rbp: r.rbp,
-        r8: r.r8,
-        r9: r.r9,
-        r10: r.r10,
-        r11: r.r11,
-        r12: r.r12,
-        r13: r.r13,
-        r14: r.r14,
-        r15: r.r15,
-        rip: r.rip,
-        rflags: r.rflags,
-    }
+pub fn regs_from_kvm(r: &kvm_regs) -> Regs {
+    gp_regs!(Regs from r)
+}
+
+pub fn regs_to_kvm(r: &Regs) -> kvm_regs {
+    gp_regs!(kvm_regs from r)
 }
 
 fn seg_from_kvm(s: &kvm_segment) -> Segment {
@@ -99,7 +72,7 @@ fn dt_to_kvm(d: &DescriptorTable) -> kvm_dtable {
     }
 }
 
-pub(crate) fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
+pub fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
     SpecialRegs {
         cs: seg_from_kvm(&s.cs),
         ds: seg_from_kvm(&s.ds),
@@ -122,7 +95,7 @@ pub(crate) fn sregs_from_kvm(s: &kvm_sregs) -> SpecialRegs {
 }
 
 /// Fills `out` (as read from KVM, so the interrupt bitmap is kept) from `s`.
-pub(crate) fn sregs_to_kvm(s: &SpecialRegs, out: &mut kvm_sregs) {
+pub fn sregs_to_kvm(s: &SpecialRegs, out: &mut kvm_sregs) {
     out.cs = seg_to_kvm(&s.cs);
     out.ds = seg_to_kvm(&s.ds);
     out.es = seg_to_kvm(&s.es);

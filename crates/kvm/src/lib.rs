@@ -4,7 +4,7 @@
 //! VMM can start application processors directly at their entry point (the simplest thing that
 //! works on kvm_pvm, where real-mode trampolines would be emulated instruction by instruction).
 
-mod convert;
+pub mod convert;
 mod kick;
 pub mod state;
 mod vcpu;

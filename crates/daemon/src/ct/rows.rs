@@ -2,93 +2,20 @@
 //! VMs, as Incus has), the init's pid in the `vmm_pid` column, events in the shared table.
 
 use corefour_api::{CtCreate, Event, VmState};
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
 
 use crate::inventory::{
-    exec, insert_event, is_unique_violation, now_ms, Inventory, InventoryError, Pids,
+    get_instance, insert_event, insert_instance, list_instances, now_ms, spec_json, InstanceRow,
+    Inventory, InventoryError, Kind, Pids, RawInstance,
 };
 
-/// A container as the inventory records it.
-#[derive(Debug, Clone)]
-pub struct CtRecord {
-    pub id: i64,
-    pub name: String,
-    pub state: VmState,
-    pub spec: CtCreate,
-    /// The shim and the container's init (in `vmm_pid`) while it runs.
-    pub pids: Option<Pids>,
-    pub stop_reason: Option<String>,
-    pub exit_code: Option<i32>,
-    pub created_ms: i64,
-}
-
-const SELECT_CT: &str = "SELECT id, name, state, config, shim_pid, shim_start, vmm_pid, stop_reason, exit_code, created_ms FROM instances WHERE kind = 'ct'";
-
-type RawRow = (
-    i64,
-    String,
-    String,
-    String,
-    Option<i32>,
-    Option<i64>,
-    Option<i32>,
-    Option<String>,
-    Option<i32>,
-    i64,
-);
-
-fn raw(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
-    Ok((
-        r.get(0)?,
-        r.get(1)?,
-        r.get(2)?,
-        r.get(3)?,
-        r.get(4)?,
-        r.get(5)?,
-        r.get(6)?,
-        r.get(7)?,
-        r.get(8)?,
-        r.get(9)?,
-    ))
-}
-
-fn finish(r: RawRow) -> Result<CtRecord, InventoryError> {
-    let (id, name, state, config, shim_pid, shim_start, init_pid, stop_reason, exit_code, created) =
-        r;
-    let corrupt = |what: String| InventoryError::Corrupt {
-        name: name.clone(),
-        what,
-    };
-    let state = VmState::parse(&state).ok_or_else(|| corrupt(format!("state {state:?}")))?;
-    let spec: CtCreate =
-        serde_json::from_str(&config).map_err(|e| corrupt(format!("config: {e}")))?;
-    let pids = match (shim_pid, shim_start, init_pid) {
-        (Some(shim_pid), Some(start), Some(vmm_pid)) => Some(Pids {
-            shim_pid,
-            shim_start: u64::try_from(start).unwrap_or(0),
-            vmm_pid,
-        }),
-        _ => None,
-    };
-    Ok(CtRecord {
-        id,
-        name,
-        state,
-        spec,
-        pids,
-        stop_reason,
-        exit_code,
-        created_ms: created,
-    })
-}
+/// A container as the inventory records it; the init's pid is `pids.vmm_pid`.
+pub type CtRecord = InstanceRow<CtCreate>;
 
 fn config_json(spec: &CtCreate) -> Result<String, InventoryError> {
     let mut stored = spec.clone();
     stored.start = false;
-    serde_json::to_string(&stored).map_err(|e| InventoryError::Corrupt {
-        name: spec.name.clone(),
-        what: e.to_string(),
-    })
+    spec_json(&spec.name, &stored)
 }
 
 impl Inventory {
@@ -98,85 +25,30 @@ impl Inventory {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
         let now = now_ms();
-        if let Err(e) = exec(
-            &tx,
-            "INSERT INTO instances (name, kind, config, state, created_ms, updated_ms)
-             VALUES (?1, 'ct', ?2, 'created', ?3, ?3)",
-            params![spec.name, config, now],
-        ) {
-            return Err(if is_unique_violation(&e) {
-                InventoryError::Exists(spec.name.clone())
-            } else {
-                e.into()
-            });
-        }
-        let id = tx.last_insert_rowid();
+        let id = insert_instance(&tx, Kind::Ct, &spec.name, &config, now)?;
         insert_event(&tx, &spec.name, "created", event)?;
         tx.commit()?;
         let mut stored = spec.clone();
         stored.start = false;
-        Ok(CtRecord {
-            id,
-            name: spec.name.clone(),
-            state: VmState::Created,
-            spec: stored,
-            pids: None,
-            stop_reason: None,
-            exit_code: None,
-            created_ms: now,
-        })
+        Ok(InstanceRow::created(id, spec.name.clone(), stored, now))
     }
 
     pub fn get_ct(&self, name: &str) -> Result<CtRecord, InventoryError> {
-        let conn = self.lock();
-        let r = conn
-            .query_row(&format!("{SELECT_CT} AND name = ?1"), params![name], raw)
-            .optional()?
-            .ok_or_else(|| InventoryError::NotFound(name.to_string()))?;
-        drop(conn);
-        finish(r)
+        let raw = get_instance(&self.lock(), Kind::Ct, name)?;
+        raw.parse()
     }
 
     pub fn list_cts(&self) -> Result<Vec<CtRecord>, InventoryError> {
-        let raws = {
-            let conn = self.lock();
-            let mut st = conn.prepare_cached(&format!("{SELECT_CT} ORDER BY name"))?;
-            let rows = st.query_map([], raw)?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
-        raws.into_iter().map(finish).collect()
+        let raws = list_instances(&self.lock(), Kind::Ct)?;
+        raws.into_iter().map(RawInstance::parse).collect()
     }
 
     pub fn delete_ct(&self, name: &str, event: &str) -> Result<(), InventoryError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        let n = exec(
-            &tx,
-            "DELETE FROM instances WHERE kind = 'ct' AND name = ?1",
-            params![name],
-        )?;
-        if n == 0 {
-            return Err(InventoryError::NotFound(name.to_string()));
-        }
-        insert_event(&tx, name, "deleted", event)?;
-        tx.commit()?;
-        Ok(())
+        self.delete_instance(Kind::Ct, name, event)
     }
 
     pub fn set_ct_running(&self, name: &str, pids: Pids) -> Result<(), InventoryError> {
-        self.update(
-            name,
-            "UPDATE instances SET state = 'running', shim_pid = ?2, shim_start = ?3, vmm_pid = ?4,
-                 stop_reason = NULL, exit_code = NULL, updated_ms = ?5 WHERE kind = 'ct' AND name = ?1",
-            params![
-                name,
-                pids.shim_pid,
-                pids.shim_start as i64,
-                pids.vmm_pid,
-                now_ms()
-            ],
-            ("started", format!("init pid {}", pids.vmm_pid)),
-        )
+        self.set_instance_running(Kind::Ct, name, pids, format!("init pid {}", pids.vmm_pid))
     }
 
     pub fn set_ct_stopped(
@@ -185,29 +57,16 @@ impl Inventory {
         reason: &str,
         exit_code: Option<i32>,
     ) -> Result<(), InventoryError> {
-        self.update(
-            name,
-            "UPDATE instances SET state = 'stopped', shim_pid = NULL, shim_start = NULL, vmm_pid = NULL,
-                 stop_reason = ?2, exit_code = ?3, updated_ms = ?4 WHERE kind = 'ct' AND name = ?1",
-            params![name, reason, exit_code, now_ms()],
-            ("stopped", reason.to_string()),
-        )
+        self.set_instance_stopped(Kind::Ct, name, reason, exit_code)
     }
 
     /// running <-> paused.
     pub fn set_ct_state(&self, name: &str, state: VmState) -> Result<(), InventoryError> {
-        self.update(
-            name,
-            "UPDATE instances SET state = ?2, updated_ms = ?3 WHERE kind = 'ct' AND name = ?1",
-            params![name, state.as_str(), now_ms()],
-            (
-                match state {
-                    VmState::Paused => "paused",
-                    _ => "resumed",
-                },
-                state.as_str().to_string(),
-            ),
-        )
+        let event = match state {
+            VmState::Paused => "paused",
+            _ => "resumed",
+        };
+        self.set_instance_state(Kind::Ct, name, state, event)
     }
 
     pub fn set_ct_spec(&self, spec: &CtCreate, event: &str) -> Result<(), InventoryError> {

@@ -1,5 +1,6 @@
-//! `POST /v1/vms/{name}/restore`: start a stopped VM from one of its snapshots. The daemon leaves
-//! a marker naming the snapshot in the VM's directory; the shim consumes it and runs the VMM with
+//! `POST /v1/vms/{name}/restore`: start a stopped VM from one of its snapshots. A warm VMM of the
+//! VM's shape takes it when the pool has one (`warm_pool`); otherwise the daemon leaves a marker
+//! naming the snapshot in the VM's directory; the shim consumes it and runs the VMM with
 //! `--restore DIR` instead of `--config`, so only the next start restores.
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,9 @@ impl Daemon {
                     req.path.display()
                 ))
             })?;
+        if let Some(info) = self.restore_warm(name, &snap).await? {
+            return Ok(info);
+        }
         let marker = self.vm_dir(name).join(RESTORE_MARKER);
         {
             let _g = self.op_lock(name).await;
