@@ -523,3 +523,61 @@ fn an_incoming_vmm_with_a_token_takes_only_the_source_that_has_it() {
     assert!(err.to_string().contains("VM config"), "{err}");
     assert!(t.join().unwrap().unwrap().contains("VM config"));
 }
+
+#[test]
+fn a_hostile_source_cannot_write_outside_the_announced_disks() {
+    use super::protocol as p;
+    let dir = scratch("hostile-disk");
+    let b = dir.join("dst.raw");
+    let f = std::fs::File::create(&b).unwrap();
+    f.set_len(1 << 20).unwrap();
+    corefour_devices::virtio::blk_dirty::register(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        &b,
+        1 << 20,
+        None,
+    );
+    let local: crate::config::VmConfig = serde_json::from_value(serde_json::json!({
+        "kernel": "/k", "vcpus": 1, "memory_mib": 64, "disks": [{"path": b}]
+    }))
+    .unwrap();
+    let announced = [disks::DiskHello {
+        index: 0,
+        size: 1 << 20,
+    }];
+    let frame = |disk: u32, off: u64, len: u64, claimed: u64| {
+        let mut v = Vec::new();
+        let body_len = (p::PAGES_HEAD as u64) + claimed;
+        v.extend_from_slice(&p::pages_head(disk, off, len));
+        v.extend(std::iter::repeat_n(7u8, claimed as usize));
+        (v, body_len)
+    };
+    for (disk, off, len, claimed, why) in [
+        (1, 0, 512, 512, "not announced"),
+        (0, (1 << 20) - 256, 512, 512, "outside"),
+        (0, u64::MAX - 10, 512, 512, "outside"),
+        (0, 0, 512, 100, "do not match"),
+        (0, 0, 2 << 20, 2 << 20, "exceed"),
+    ] {
+        let mut sink = disks::DiskSink::open(&announced, &local).unwrap();
+        let (body, body_len) = frame(disk, off, len, claimed);
+        let err = sink
+            .receive(&mut body.as_slice(), body_len)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{why}: {err}");
+    }
+    // Announcing a disk this VM lacks, or of another size, is refused up front.
+    let wrong = [disks::DiskHello {
+        index: 0,
+        size: 2 << 20,
+    }];
+    assert!(disks::DiskSink::open(&wrong, &local).is_err());
+    let missing = [disks::DiskHello {
+        index: 3,
+        size: 1 << 20,
+    }];
+    assert!(disks::DiskSink::open(&missing, &local).is_err());
+    assert_eq!(std::fs::read(&b).unwrap(), vec![0u8; 1 << 20]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
