@@ -388,7 +388,7 @@ impl Daemon {
                 false
             }
         };
-        self.forget_migrated(name, &h, &to).await;
+        self.forget_migrated(name, &h, &to, req.copy_storage).await;
         drop(g);
         self.forget_lock(name);
         Ok(MigrateReport {
@@ -416,7 +416,8 @@ impl Daemon {
         if matches!(answer, Some(Msg::Registered)) {
             // The target runs it: the paused copy here goes.
             super::stop::signal(h.vmm_pid, libc::SIGKILL);
-            self.forget_migrated(name, h, to).await;
+            // Not knowing whether the disks were copied, keep files the target may use.
+            self.forget_migrated(name, h, to, false).await;
             return Err(DaemonError::Conflict(format!(
                 "{name:?} now runs on {to}, but the hand-over was not clean ({why})"
             )));
@@ -428,15 +429,17 @@ impl Daemon {
     }
 
     /// After the guest moved: wait for this side's VMM to end and remove the VM here.
-    async fn forget_migrated(&self, name: &str, h: &RunHandle, to: &str) {
+    /// `copied`: the target has its own copies of the disks (`--copy-storage`).
+    async fn forget_migrated(&self, name: &str, h: &RunHandle, to: &str, copied: bool) {
         if !super::stop::wait_done(h, Duration::from_secs(10)).await {
             super::stop::signal(h.vmm_pid, libc::SIGKILL);
             super::stop::wait_done(h, Duration::from_secs(5)).await;
         }
         self.release(name);
         let dir = self.vm_dir(name);
-        // A disk inside the VM's directory (a clone's overlay) is the one the target uses now
-        // (shared storage): then the directory stays.
+        // A disk inside the VM's directory (a clone's or a snapshot's overlay) that the target
+        // uses now (shared storage: any disk; with copies: a read-only one) keeps the
+        // directory.
         let disk_inside = self
             .inv
             .get_vm(name)
@@ -444,7 +447,7 @@ impl Daemon {
                 r.spec
                     .disks
                     .iter()
-                    .any(|d| Path::new(&d.path).starts_with(&dir))
+                    .any(|d| (!copied || d.read_only) && Path::new(&d.path).starts_with(&dir))
             })
             .unwrap_or(false);
         if !disk_inside {
