@@ -63,6 +63,10 @@ pub struct Args {
     /// With --config: this host's disk paths and taps replace the source's.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "kernel")]
     incoming: Option<String>,
+    /// With --incoming: take only a source that presents the token in this file (its daemon
+    /// hands it over the daemons' authenticated connection); refuse any other.
+    #[arg(long, value_name = "FILE", requires = "incoming")]
+    incoming_token: Option<PathBuf>,
     /// Write every vCPU's final registers to FILE as JSON (for KVM vs software-CPU comparisons).
     #[arg(long, value_name = "FILE")]
     dump_regs: Option<PathBuf>,
@@ -137,11 +141,21 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
             Some(p) => Some(VmConfig::load(p).map_err(|e| anyhow::anyhow!("{e}"))?),
             None => None,
         };
+        let token = match &a.incoming_token {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
         let r = corefour_vmm::migration::incoming::receive(
             addr,
             Console::stdout(),
             std::time::Duration::from_secs(10),
             local.as_ref(),
+            token.as_deref(),
         )
         .map_err(|e| anyhow::anyhow!("{e}"))?;
         eprintln!(

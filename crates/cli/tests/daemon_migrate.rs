@@ -688,6 +688,10 @@ fn only_a_source_with_the_same_key_may_migrate_and_keyless_listening_is_loopback
         h.b.log()
     );
     assert_eq!(h.b.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+    // The VMMs' stream was bound to the daemons' authentication too: the incoming VMM waited
+    // for the source holding its one-time token.
+    let text = console(&h.b, "c");
+    assert!(text.contains("with this VMM's token"), "{text}");
 
     // No key on a non-loopback address: the daemon refuses to start, and says why.
     let dir = TempDir::new("nokeylisten");

@@ -66,6 +66,29 @@ fn a_restore_sees_the_disk_as_it_was_at_the_snapshot() {
         ),
     );
     wait_console_until(&d, "v", |t| counts(t).len() >= 10);
+    // The VMM's dirty-chunk map (what the live mirror uses) through its own API: the guest
+    // writes only sectors 1..=64, all in the first 64 KiB chunk.
+    let sock = d.state_dir().join("vms/v/vmm.sock");
+    let dirty = |method: &str, body: Option<&str>| {
+        corefour_vmm::api_client::call(
+            &sock,
+            method,
+            "/vm/disks/dirty",
+            body,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    };
+    assert_eq!(dirty("GET", None).status, 409, "not tracking yet");
+    assert_eq!(dirty("PUT", Some(r#"{"track": true}"#)).status, 204);
+    let n = counts(&console(&d, "v")).len();
+    wait_console_until(&d, "v", |t| counts(t).len() > n + 3);
+    let r = dirty("GET", None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v[0]["path"], disk.to_str().unwrap(), "{v}");
+    assert_eq!(v[0]["dirty"], json!([[0, 65536]]), "{v}");
+    assert_eq!(dirty("PUT", Some(r#"{"track": false}"#)).status, 204);
     let snap = tmp.path().join("snap");
     let out = d.cli(&["--json", "snapshot", "v", "--path", snap.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}\n{}", d.log());

@@ -174,6 +174,9 @@ pub fn run(
                     .arg(addr)
                     .arg("--config")
                     .arg(vm_dir.join(CONFIG_FILE));
+                if let Some(t) = crate::lifecycle::incoming_token_file(vm_dir) {
+                    c.arg("--incoming-token").arg(t);
+                }
             } else {
                 match crate::lifecycle::take_restore_marker(vm_dir) {
                     Some(snap) => c.arg("--restore").arg(snap),

@@ -21,8 +21,8 @@ mod warm_pool;
 
 pub use vm_clone::CloneRequest;
 pub use vm_migrate::{
-    check_listen, serve_migrations, take_incoming_marker, KeyError, MigrateRequest, MigrationKey,
-    DEFAULT_MIGRATION_PORT,
+    check_listen, incoming_token_file, serve_migrations, take_incoming_marker, KeyError,
+    MigrateRequest, MigrationKey, DEFAULT_MIGRATION_PORT,
 };
 pub use vm_restore::{take_restore_marker, RestoreRequest};
 pub use vm_snapshot::SnapshotRequest;

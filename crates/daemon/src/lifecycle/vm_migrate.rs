@@ -118,6 +118,10 @@ enum Msg {
     },
     Ready {
         vmm_addr: String,
+        /// The incoming VMM takes only a source that presents this token (`vmm
+        /// --incoming-token`): the VMMs' stream gets the daemons' authentication.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
     Refuse {
         reason: String,
@@ -127,6 +131,15 @@ enum Msg {
         reason: String,
     },
     Registered,
+}
+
+/// The file holding the incoming VMM's one-time token (mode 0600, in the VM's directory).
+const TOKEN_FILE: &str = "incoming-token";
+
+/// Called by the shim: the token file for `vmm --incoming-token`, if the daemon wrote one.
+pub fn incoming_token_file(vm_dir: &Path) -> Option<std::path::PathBuf> {
+    let p = vm_dir.join(TOKEN_FILE);
+    p.is_file().then_some(p)
 }
 
 /// Called by the shim: the address the incoming VMM listens on, if this start is a migration.
@@ -296,8 +309,8 @@ impl Daemon {
         })
         .await
         .map_err(|e| refused(e.to_string()))?;
-        let vmm_addr = match c.recv(CONTROL_TIMEOUT).await {
-            Ok(Msg::Ready { vmm_addr }) => vmm_addr,
+        let (vmm_addr, token) = match c.recv(CONTROL_TIMEOUT).await {
+            Ok(Msg::Ready { vmm_addr, token }) => (vmm_addr, token),
             Ok(Msg::Refuse { reason }) => {
                 return Err(refused(format!("the target refused: {reason}")));
             }
@@ -315,6 +328,9 @@ impl Daemon {
         }
         if req.copy_storage {
             body["copy_storage"] = true.into();
+        }
+        if let Some(t) = token {
+            body["token"] = t.into();
         }
         let res = crate::client::call(
             &self.api_sock(name),
@@ -372,7 +388,7 @@ impl Daemon {
                 false
             }
         };
-        self.forget_migrated(name, &h, &to).await;
+        self.forget_migrated(name, &h, &to, req.copy_storage).await;
         drop(g);
         self.forget_lock(name);
         Ok(MigrateReport {
@@ -400,7 +416,8 @@ impl Daemon {
         if matches!(answer, Some(Msg::Registered)) {
             // The target runs it: the paused copy here goes.
             super::stop::signal(h.vmm_pid, libc::SIGKILL);
-            self.forget_migrated(name, h, to).await;
+            // Not knowing whether the disks were copied, keep files the target may use.
+            self.forget_migrated(name, h, to, false).await;
             return Err(DaemonError::Conflict(format!(
                 "{name:?} now runs on {to}, but the hand-over was not clean ({why})"
             )));
@@ -412,15 +429,17 @@ impl Daemon {
     }
 
     /// After the guest moved: wait for this side's VMM to end and remove the VM here.
-    async fn forget_migrated(&self, name: &str, h: &RunHandle, to: &str) {
+    /// `copied`: the target has its own copies of the disks (`--copy-storage`).
+    async fn forget_migrated(&self, name: &str, h: &RunHandle, to: &str, copied: bool) {
         if !super::stop::wait_done(h, Duration::from_secs(10)).await {
             super::stop::signal(h.vmm_pid, libc::SIGKILL);
             super::stop::wait_done(h, Duration::from_secs(5)).await;
         }
         self.release(name);
         let dir = self.vm_dir(name);
-        // A disk inside the VM's directory (a clone's overlay) is the one the target uses now
-        // (shared storage): then the directory stays.
+        // A disk inside the VM's directory (a clone's or a snapshot's overlay) that the target
+        // uses now (shared storage: any disk; with copies: a read-only one) keeps the
+        // directory.
         let disk_inside = self
             .inv
             .get_vm(name)
@@ -428,7 +447,7 @@ impl Daemon {
                 r.spec
                     .disks
                     .iter()
-                    .any(|d| Path::new(&d.path).starts_with(&dir))
+                    .any(|d| (!copied || d.read_only) && Path::new(&d.path).starts_with(&dir))
             })
             .unwrap_or(false);
         if !disk_inside {
@@ -462,6 +481,8 @@ struct Pending {
     child: tokio::process::Child,
     pids: Pids,
     cgroup: Option<crate::cgroup::VmCgroup>,
+    /// The incoming VMM's one-time token, for READY.
+    token: String,
 }
 
 impl Daemon {
@@ -537,7 +558,8 @@ impl Daemon {
             }
         };
         let vmm_addr = p.1.clone();
-        if c.send(&Msg::Ready { vmm_addr }).await.is_err() {
+        let token = Some(p.0.token.clone());
+        if c.send(&Msg::Ready { vmm_addr, token }).await.is_err() {
             self.discard_incoming(p.0, "the source went away").await;
             return;
         }
@@ -739,6 +761,12 @@ impl Daemon {
                 e,
             ))
         })?;
+        let token = write_token(&dir.join(TOKEN_FILE)).map_err(|e| {
+            undo(DaemonError::io(
+                format!("cannot write {}", dir.join(TOKEN_FILE).display()),
+                e,
+            ))
+        })?;
         let cgroup = self.make_cgroup(&rec).map_err(undo)?;
         match self.spawn_shim(&dir, cgroup.as_ref(), None).await {
             Ok((child, pids)) => Ok((
@@ -747,6 +775,7 @@ impl Daemon {
                     child,
                     pids,
                     cgroup,
+                    token,
                 },
                 vmm_addr,
             )),
@@ -790,6 +819,8 @@ impl Daemon {
     /// The guest runs here: record the VM as running, as `start` would have.
     fn register_incoming(self: &Arc<Self>, p: Pending, peer: &str) -> Result<(), DaemonError> {
         let name = p.rec.name.clone();
+        // Spent: the VMM read it at its start.
+        let _ = std::fs::remove_file(self.vm_dir(&name).join(TOKEN_FILE));
         let mut spec = p.rec.spec.clone();
         spec.start = false;
         if let Err(e) = self
@@ -858,6 +889,20 @@ impl Daemon {
         let _ = remove_dir_if_exists(&self.vm_dir(&name));
         tracing::info!(vm = name, "incoming migration dropped: {why}");
     }
+}
+
+/// A fresh one-time token for the incoming VMM, in a file only root reads.
+fn write_token(path: &Path) -> std::io::Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = auth::hex(&auth::nonce()?);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(token.as_bytes())?;
+    Ok(token)
 }
 
 /// The source's half of the authentication (see `auth`): Ok once PREPARE may follow.
@@ -1006,6 +1051,7 @@ mod tests {
     fn control_messages_round_trip_and_reject_junk() {
         let m = Msg::Ready {
             vmm_addr: "1.2.3.4:5".into(),
+            token: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert_eq!(s, r#"{"op":"ready","vmm_addr":"1.2.3.4:5"}"#);

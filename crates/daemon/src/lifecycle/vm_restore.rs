@@ -66,6 +66,16 @@ impl Daemon {
                     req.path.display()
                 ))
             })?;
+        // Frozen disks (a same-instant disk snapshot): a copy of it on fresh overlays, so every
+        // restore starts from the disk as it was at the snapshot.
+        let snap = {
+            let _g = self.op_lock(name).await;
+            let rec = self.inv.get_vm(name)?;
+            if rec.state.is_active() || self.is_active(name) {
+                return Err(active_conflict(name, rec.state, "restore"));
+            }
+            self.fresh_restore_point(name, &snap)?
+        };
         if let Some(info) = self.restore_warm(name, &snap).await? {
             return Ok(info);
         }
@@ -79,8 +89,6 @@ impl Daemon {
             std::fs::create_dir_all(self.vm_dir(name)).map_err(|e| {
                 DaemonError::io(format!("cannot create {}", self.vm_dir(name).display()), e)
             })?;
-            // Frozen disks (a same-instant disk snapshot): fresh overlays on them.
-            let snap = self.fresh_restore_point(name, &snap)?;
             std::fs::write(&marker, snap.display().to_string())
                 .map_err(|e| DaemonError::io(format!("cannot write {}", marker.display()), e))?;
         }

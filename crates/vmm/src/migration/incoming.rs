@@ -65,21 +65,60 @@ pub fn localize(config: &mut VmConfig, local: &VmConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `got` is the expected token (constant time in the token's bytes).
+fn token_matches(want: &str, got: Option<&str>) -> bool {
+    let Some(got) = got else {
+        return false;
+    };
+    let (a, b) = (want.as_bytes(), got.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Listens on `addr`, accepts one migration and builds the VM. The source keeps its copy until
 /// this side has loaded the state and the source commits. `local`, this host's config of the
-/// VM, supplies the disk paths and taps (see `localize`).
+/// VM, supplies the disk paths and taps (see `localize`). With a `token` only a source whose
+/// HELLO carries it is taken; any other connection is refused and the wait goes on.
 pub fn receive(
     addr: &str,
     console: Console,
     io_timeout: Duration,
     local: Option<&VmConfig>,
+    token: Option<&str>,
 ) -> Result<Received, IncomingError> {
     let listener = TcpListener::bind(addr).map_err(|source| IncomingError::Listen {
         addr: addr.into(),
         source,
     })?;
-    eprintln!("corefour vmm: waiting for a migration on {addr}");
-    let (mut conn, hello) = Incoming::accept(&listener, io_timeout)?;
+    eprintln!(
+        "corefour vmm: waiting for a migration on {addr}{}",
+        if token.is_some() {
+            " (only from the source with this VMM's token)"
+        } else {
+            ""
+        }
+    );
+    let (mut conn, hello) = loop {
+        let (mut conn, hello) = match Incoming::accept(&listener, io_timeout) {
+            Ok(x) => x,
+            // Without a token the first peer is the migration; with one, a peer that fails
+            // (junk, a port scan) does not end the wait for the real source.
+            Err(e) if token.is_some() => {
+                eprintln!("corefour vmm: dropped a connection: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match token {
+            Some(t) if !token_matches(t, hello.token.as_deref()) => {
+                eprintln!(
+                    "corefour vmm: refused a migration from {} without this VMM's token",
+                    conn.peer
+                );
+                conn.refuse("this VMM waits for another source (the migration token differs)");
+            }
+            _ => break (conn, hello),
+        }
+    };
     let t = Instant::now();
     let refuse = |conn: &mut Incoming, why: String| {
         conn.refuse(&why);

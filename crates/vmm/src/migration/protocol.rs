@@ -70,6 +70,10 @@ pub struct Hello {
     /// The disks whose contents follow as DISK frames (`copy_storage`).
     #[serde(default)]
     pub disks: Vec<super::disks::DiskHello>,
+    /// The one-time token the target's daemon handed the source's over their authenticated
+    /// connection: an incoming VMM started with a token takes only the source that has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -48,6 +48,8 @@ pub struct SendParams {
     pub io_timeout: Duration,
     /// Mirror the VM's writable disks to the target (live block mirroring).
     pub copy_storage: bool,
+    /// The target VMM's one-time token, when its daemon gave one (see `Hello::token`).
+    pub token: Option<String>,
 }
 
 impl Default for SendParams {
@@ -57,6 +59,7 @@ impl Default for SendParams {
             max_rounds: 30,
             io_timeout: Duration::from_secs(5),
             copy_storage: false,
+            token: None,
         }
     }
 }
@@ -309,6 +312,7 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
         config: s.src.config(),
         regions: s.regions.iter().map(|h| h.region).collect(),
         disks: s.mirror.as_ref().map(Mirror::hello).unwrap_or_default(),
+        token: params.token.clone(),
     };
     p::send_json(&mut s.w, p::TAG_HELLO, &hello).map_err(pe)?;
     s.w.flush().map_err(|e| pe(e.into()))?;

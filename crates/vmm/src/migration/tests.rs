@@ -265,6 +265,7 @@ fn migrates_a_busy_guest_and_memory_matches() {
         max_rounds: 10,
         io_timeout: Duration::from_secs(5),
         copy_storage: false,
+        token: None,
     };
     let report = migrate(vm.as_ref(), &addr, &params).unwrap();
     // The source stays paused after a successful migration.
@@ -337,6 +338,7 @@ fn a_hostile_source_cannot_write_outside_guest_memory() {
         config: serde_json::json!({}),
         regions: layout(&[(0, 4 * PAGE_SIZE)]).unwrap(),
         disks: Vec::new(),
+        token: None,
     };
     p::send_json(&mut s, p::TAG_HELLO, &hello).unwrap();
     p::expect(&mut s, p::TAG_READY, "READY").unwrap();
@@ -408,6 +410,7 @@ fn mirrors_a_disk_the_guest_writes_during_the_migration() {
         max_rounds: 10,
         io_timeout: Duration::from_secs(5),
         copy_storage: true,
+        token: None,
     };
     let report = migrate(vm.as_ref(), &addr, &params).unwrap();
     t.join().unwrap().unwrap();
@@ -473,4 +476,108 @@ fn scratch(tag: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+#[test]
+fn an_incoming_vmm_with_a_token_takes_only_the_source_that_has_it() {
+    use super::protocol as p;
+    let (l, addr) = listener();
+    drop(l);
+    let a2 = addr.clone();
+    // The receiving side: only the HELLO matters here; a real VM config is not needed to see
+    // the token check (the config is refused after it, with a reason).
+    let t = std::thread::spawn(move || {
+        incoming::receive(
+            &a2,
+            corefour_devices::Console::new(Box::new(std::io::sink())),
+            Duration::from_secs(5),
+            None,
+            Some("the-token"),
+        )
+        .err()
+        .map(|e| e.to_string())
+    });
+    let hello = |token: Option<&str>| p::Hello {
+        version: p::PROTOCOL_VERSION,
+        config: serde_json::json!({"bogus": true}),
+        regions: layout(&[(0, 4 * PAGE_SIZE)]).unwrap(),
+        disks: Vec::new(),
+        token: token.map(Into::into),
+    };
+    let connect = || loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addr) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    for wrong in [None, Some("not-the-token")] {
+        let mut s = connect();
+        p::send_json(&mut s, p::TAG_HELLO, &hello(wrong)).unwrap();
+        let err = p::expect(&mut s, p::TAG_READY, "READY").unwrap_err();
+        assert!(err.to_string().contains("token differs"), "{err}");
+    }
+    // The right one gets past the token check (and is refused for its bogus config).
+    let mut s = connect();
+    p::send_json(&mut s, p::TAG_HELLO, &hello(Some("the-token"))).unwrap();
+    let err = p::expect(&mut s, p::TAG_READY, "READY").unwrap_err();
+    assert!(err.to_string().contains("VM config"), "{err}");
+    assert!(t.join().unwrap().unwrap().contains("VM config"));
+}
+
+#[test]
+fn a_hostile_source_cannot_write_outside_the_announced_disks() {
+    use super::protocol as p;
+    let dir = scratch("hostile-disk");
+    let b = dir.join("dst.raw");
+    let f = std::fs::File::create(&b).unwrap();
+    f.set_len(1 << 20).unwrap();
+    corefour_devices::virtio::blk_dirty::register(
+        std::os::fd::AsRawFd::as_raw_fd(&f),
+        &b,
+        1 << 20,
+        None,
+    );
+    let local: crate::config::VmConfig = serde_json::from_value(serde_json::json!({
+        "kernel": "/k", "vcpus": 1, "memory_mib": 64, "disks": [{"path": b}]
+    }))
+    .unwrap();
+    let announced = [disks::DiskHello {
+        index: 0,
+        size: 1 << 20,
+    }];
+    let frame = |disk: u32, off: u64, len: u64, claimed: u64| {
+        let mut v = Vec::new();
+        let body_len = (p::PAGES_HEAD as u64) + claimed;
+        v.extend_from_slice(&p::pages_head(disk, off, len));
+        v.extend(std::iter::repeat_n(7u8, claimed as usize));
+        (v, body_len)
+    };
+    for (disk, off, len, claimed, why) in [
+        (1, 0, 512, 512, "not announced"),
+        (0, (1 << 20) - 256, 512, 512, "outside"),
+        (0, u64::MAX - 10, 512, 512, "outside"),
+        (0, 0, 512, 100, "do not match"),
+        (0, 0, 2 << 20, 2 << 20, "exceed"),
+    ] {
+        let mut sink = disks::DiskSink::open(&announced, &local).unwrap();
+        let (body, body_len) = frame(disk, off, len, claimed);
+        let err = sink
+            .receive(&mut body.as_slice(), body_len)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{why}: {err}");
+    }
+    // Announcing a disk this VM lacks, or of another size, is refused up front.
+    let wrong = [disks::DiskHello {
+        index: 0,
+        size: 2 << 20,
+    }];
+    assert!(disks::DiskSink::open(&wrong, &local).is_err());
+    let missing = [disks::DiskHello {
+        index: 3,
+        size: 1 << 20,
+    }];
+    assert!(disks::DiskSink::open(&missing, &local).is_err());
+    assert_eq!(std::fs::read(&b).unwrap(), vec![0u8; 1 << 20]);
+    let _ = std::fs::remove_dir_all(&dir);
 }

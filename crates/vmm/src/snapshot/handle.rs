@@ -60,6 +60,9 @@ struct MigrateRequest {
     /// Mirror the writable disks to the target while the guest runs (live block mirroring).
     #[serde(default)]
     copy_storage: bool,
+    /// The target VMM's one-time token (from its daemon).
+    #[serde(default)]
+    token: Option<String>,
 }
 
 fn default_downtime() -> u64 {
@@ -488,6 +491,7 @@ impl StateApi for StateHandle {
         let mut params = SendParams {
             max_downtime: Duration::from_millis(req.max_downtime_ms),
             copy_storage: req.copy_storage,
+            token: req.token,
             ..Default::default()
         };
         if let Some(r) = req.max_rounds {
