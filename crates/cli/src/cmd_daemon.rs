@@ -28,9 +28,30 @@ pub struct Args {
     #[arg(long)]
     jail: bool,
     /// Accept live migrations from other corefour daemons on this TCP address (e.g.
-    /// 10.0.0.2:4747). Unauthenticated: bind it only to a trusted migration network.
+    /// 10.0.0.2:4747). A non-loopback address needs --migration-key (or --migration-insecure).
     #[arg(long, value_name = "ADDR:PORT")]
     migration_listen: Option<String>,
+    /// Warm VMMs kept per --warm-shape for `vm restore` (each an idle VMM process of ~8 MiB
+    /// RSS whose KVM VM, memory slots and vCPUs exist, so a restore skips KVM's set-up).
+    /// Default: 1, or 0 with --jail or --vmm-binary (those VMMs may not support --prewarm).
+    #[arg(long, value_name = "N")]
+    warm_pool: Option<usize>,
+    /// The shapes warm VMMs are made in, VCPUSxMIB (repeat the flag for several); a restore
+    /// uses one only when the VM's vCPUs and memory are the same.
+    #[arg(long, value_name = "VCPUSxMIB", default_value = "1x64")]
+    warm_shape: Vec<corefour_daemon::lifecycle::WarmShape>,
+    /// Internal: run as the shim of one warm VMM in this directory.
+    #[arg(long, hide = true, value_name = "DIR")]
+    warm_shim: Option<PathBuf>,
+    /// The shared secret (a file of at least 16 bytes, mode 0600, the same on both hosts)
+    /// that migrations in and out must prove, by HMAC-SHA256 challenge-response in both
+    /// directions. Authenticates the daemons' connection; it does not encrypt it.
+    #[arg(long, value_name = "FILE")]
+    migration_key: Option<PathBuf>,
+    /// Let --migration-listen take a non-loopback address without a key: anyone who reaches
+    /// the port can then start VMs here. Only for a network you trust.
+    #[arg(long)]
+    migration_insecure: bool,
     /// Internal: the shim jails the VMM as this uid/gid.
     #[arg(long, hide = true)]
     jail_uid: Option<u32>,
@@ -50,6 +71,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             .with_context(|| format!("cannot find the VMM binary {}", p.display()))?,
         None => exe.clone(),
     };
+    if let Some(dir) = args.warm_shim {
+        let Some(shape) = args.warm_shape.first() else {
+            anyhow::bail!("--warm-shim needs --warm-shape");
+        };
+        return corefour_daemon::lifecycle::run_warm_shim(&dir, &vmm_exe, *shape)
+            .map_err(Into::into);
+    }
     if let Some(dir) = args.vmm_shim {
         return corefour_daemon::shim::run(&dir, &vmm_exe, args.jail_uid, &args.cgroup_procs)
             .map_err(Into::into);
@@ -65,6 +93,18 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         jail: args.jail,
         log_level: args.log_level,
         migration_listen: args.migration_listen,
+        warm_pool: corefour_daemon::lifecycle::WarmPoolConfig {
+            per_shape: args
+                .warm_pool
+                .unwrap_or(if args.jail || args.vmm_binary.is_some() {
+                    0
+                } else {
+                    1
+                }),
+            shapes: args.warm_shape,
+        },
+        migration_key: args.migration_key.map(|p| absolute(&p)).transpose()?,
+        migration_insecure: args.migration_insecure,
     })?;
     Ok(0)
 }

@@ -61,7 +61,9 @@ enum Cmd {
         dir: Option<PathBuf>,
     },
     /// Snapshot a running VM (vCPUs, devices, memory) into a directory; restore it with
-    /// `corefour vmm --restore DIR`.
+    /// `corefour vm restore NAME --from DIR` (or `corefour vmm --restore DIR`). Its writable
+    /// disks are snapshotted at the same instant: they move onto new qcow2 overlays and the
+    /// files they were in freeze, so a restore sees the disk as it was.
     Snapshot {
         name: String,
         /// Absolute path of a new or empty directory (default: in the VM's state directory).
@@ -70,6 +72,9 @@ enum Cmd {
         /// Only the pages written since this VM's previous snapshot.
         #[arg(long)]
         diff: bool,
+        /// Memory and devices only: a restore then uses the disks as they are at that time.
+        #[arg(long)]
+        memory_only: bool,
     },
     /// Clone a VM: new name and MACs; each writable disk becomes a qcow2 overlay on the
     /// source's (copy-on-write, nothing copied). A running source is snapshotted (a brief pause)
@@ -351,12 +356,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         Cmd::Import { file, name, dir } => {
             crate::cmd_vm_export::import(&api, &file, name.as_deref(), dir.as_deref(), json)
         }
-        Cmd::Snapshot { name, path, diff } => {
+        Cmd::Snapshot {
+            name,
+            path,
+            diff,
+            memory_only,
+        } => {
             let path = match path {
                 Some(p) if p.is_relative() => Some(std::env::current_dir()?.join(p)),
                 p => p,
             };
-            let body = serde_json::to_vec(&serde_json::json!({"path": path, "diff": diff}))?;
+            let body = serde_json::to_vec(
+                &serde_json::json!({"path": path, "diff": diff, "memory_only": memory_only}),
+            )?;
             let r: serde_json::Value = api.call(
                 hyper_method::Method::POST,
                 &format!("/v1/vms/{}/snapshot", encode(&name)),
@@ -371,6 +383,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
                     r["memory_bytes_written"],
                     r["paused_ms"].as_f64().unwrap_or(0.0)
                 );
+                for d in r["disks"].as_array().into_iter().flatten() {
+                    println!(
+                        "{name}: disk {} frozen at {}; the VM continues on {}",
+                        d["index"],
+                        d["frozen"].as_str().unwrap_or("?"),
+                        d["running"].as_str().unwrap_or("?")
+                    );
+                }
             }
             Ok(0)
         }

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use corefour_vmm::config::{parse_duration, parse_memory_mib};
+use corefour_vmm::snapshot::restore::RestoreTiming;
+use corefour_vmm::snapshot::warm::{self, Served, WarmVmm};
 use corefour_vmm::{BackendKind, Console, RunOptions, VmConfig, Vmm};
 
 #[derive(clap::Args)]
@@ -48,10 +50,15 @@ pub struct Args {
     /// With --restore: check the memory file checksums first (reads all of it).
     #[arg(long, requires = "restore")]
     verify: bool,
-    /// With --restore: register memory and create vCPUs one after the other instead of
-    /// overlapped (for `corefour bench migrate`'s before/after rows).
-    #[arg(long, requires = "restore", hide = true)]
-    restore_serial: bool,
+    /// Start a warm VMM: create a KVM VM of --vcpus and --memory with its memory slots and
+    /// vCPUs, then wait on --api-sock for PUT /vm/restore {"path": DIR} and run that snapshot
+    /// (a restore without KVM's set-up cost; the daemon keeps a pool of these).
+    #[arg(
+        long,
+        requires = "api_sock",
+        conflicts_with_all = ["kernel", "config", "incoming", "restore"]
+    )]
+    prewarm: bool,
     /// Wait for a live migration on HOST:PORT (PUT /vm/migrate on the source) and run it.
     /// With --config: this host's disk paths and taps replace the source's.
     #[arg(long, value_name = "HOST:PORT", conflicts_with = "kernel")]
@@ -95,7 +102,9 @@ fn config_from(a: &Args) -> anyhow::Result<VmConfig> {
 
 /// Returns the process exit code.
 pub fn run(a: Args) -> anyhow::Result<i32> {
-    let config = if a.restore.is_some() || a.incoming.is_some() {
+    let config = if a.prewarm {
+        config_from(&a)?
+    } else if a.restore.is_some() || a.incoming.is_some() {
         VmConfig::new(PathBuf::new())
     } else {
         config_from(&a)?
@@ -108,25 +117,20 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     // print it twice.
     let flat = |e: corefour_vmm::VmmError| anyhow::anyhow!("{e}");
     let mut incoming = None;
-    let vmm = if let Some(dir) = &a.restore {
-        let opts = corefour_vmm::snapshot::restore::RestoreOptions {
-            verify: a.verify,
-            serial_setup: a.restore_serial,
-        };
+    let mut api_sock = a.api_sock.clone();
+    let vmm = if a.prewarm {
+        match prewarm(&a, &config)? {
+            Some((vmm, sock)) => {
+                api_sock = Some(sock);
+                vmm
+            }
+            None => return Ok(0),
+        }
+    } else if let Some(dir) = &a.restore {
+        let opts = corefour_vmm::snapshot::restore::RestoreOptions { verify: a.verify };
         let (vmm, t) = corefour_vmm::snapshot::restore::restore(dir, Console::stdout(), opts)
             .map_err(|e| anyhow::anyhow!("restore {}: {e}", dir.display()))?;
-        eprintln!(
-            "corefour vmm: restored {} in {:.2} ms ({} layer{}; map {:.2}, vm {:.2}, memory+vcpus \
-             {:.2}, state {:.2} ms)",
-            dir.display(),
-            t.total_ms,
-            t.layers,
-            if t.layers == 1 { "" } else { "s" },
-            t.map_ms,
-            t.vm_ms,
-            t.memory_vcpus_ms,
-            t.state_ms
-        );
+        restored_note(dir, "cold", &t);
         vmm
     } else if let Some(addr) = &a.incoming {
         let local = match &a.config {
@@ -162,7 +166,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let report = vmm
         .run(RunOptions {
             timeout,
-            api_sock: a.api_sock.clone(),
+            api_sock,
             handle_signals: true,
             forward_stdin: true,
         })
@@ -187,4 +191,46 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
         eprintln!("corefour: {msg}");
     }
     Ok(report.outcome.exit_code())
+}
+
+/// "restored DIR in X ms (cold, 1 layer; read snapshot 0.12, ...)" on stderr: the phases are
+/// what `corefour bench migrate` and a reader of the console log look at.
+fn restored_note(dir: &std::path::Path, how: &str, t: &RestoreTiming) {
+    eprintln!(
+        "corefour vmm: restored {} in {:.2} ms ({how}, {} layer{}; {} ms)",
+        dir.display(),
+        t.total_ms,
+        t.layers,
+        if t.layers == 1 { "" } else { "s" },
+        t.phases.describe()
+    );
+}
+
+/// `--prewarm`: creates the warm VM, serves its API until a restore, and returns the restored
+/// VM with the API socket it should serve; None after a shutdown request.
+fn prewarm(a: &Args, config: &VmConfig) -> anyhow::Result<Option<(Vmm, PathBuf)>> {
+    let Some(sock) = &a.api_sock else {
+        anyhow::bail!("--prewarm needs --api-sock");
+    };
+    let warm = WarmVmm::create(config.vcpus, config.memory_mib)
+        .map_err(|e| anyhow::anyhow!("warm VMM: {e}"))?;
+    eprintln!(
+        "corefour vmm: warm VMM ({} vCPUs, {} MiB) created in {} ms; waiting on {}",
+        warm.vcpus(),
+        warm.memory_mib(),
+        warm.created.describe(),
+        sock.display()
+    );
+    match warm::serve(warm, sock).map_err(|e| anyhow::anyhow!("warm VMM: {e}"))? {
+        Served::Shutdown => Ok(None),
+        Served::Restored {
+            vmm,
+            api_sock,
+            path,
+            timing,
+        } => {
+            restored_note(&path, "warm", &timing);
+            Ok(Some((*vmm, api_sock)))
+        }
+    }
 }

@@ -3,7 +3,9 @@
 //! gap or repeat; a link cut mid-migration leaves the source running and the target clean; a
 //! name clash on the target is refused with the VM untouched on both sides; with
 //! `--copy-storage` a disk-writing guest moves onto the target's own copy of its disk, mirrored
-//! while it runs, and the copy equals the source's disk at the hand-over.
+//! while it runs, and the copy equals the source's disk at the hand-over. The daemons share a
+//! `--migration-key`; a source without it, or with another, is refused, and a daemon will not
+//! listen on a non-loopback address without one.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,8 +74,20 @@ struct Hosts {
     b: Daemon,
 }
 
-fn daemon_in(ns: &str, tag: &str, listen: Option<&str>) -> Daemon {
+/// A migration key file (mode 0600) holding `secret`.
+fn key_file(dir: &Path, secret: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(format!("key-{}", secret.len()));
+    std::fs::write(&p, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+const SECRET: &str = "a shared secret for both test hosts";
+
+fn daemon_in(ns: &str, tag: &str, listen: Option<&str>, key: Option<&str>) -> Daemon {
     let dir = TempDir::new(tag);
+    let key = key.map(|k| key_file(&dir.0, k));
     let sock = dir.0.join("d.sock");
     let mut d = Daemon {
         dir,
@@ -95,6 +109,9 @@ fn daemon_in(ns: &str, tag: &str, listen: Option<&str>) -> Daemon {
         .stderr(log);
     if let Some(l) = listen {
         cmd.args(["--migration-listen", l]);
+    }
+    if let Some(k) = &key {
+        cmd.arg("--migration-key").arg(k);
     }
     // `ip netns exec` execs the daemon: this child is the daemon itself.
     d.child = Some(cmd.spawn().unwrap());
@@ -146,8 +163,13 @@ impl Hosts {
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }
         let addr_b = format!("10.98.{n}.2");
-        let a = daemon_in(&ns_a, &format!("{tag}a"), None);
-        let b = daemon_in(&ns_b, &format!("{tag}b"), Some(&format!("{addr_b}:4747")));
+        let a = daemon_in(&ns_a, &format!("{tag}a"), None, Some(SECRET));
+        let b = daemon_in(
+            &ns_b,
+            &format!("{tag}b"),
+            Some(&format!("{addr_b}:4747")),
+            Some(SECRET),
+        );
         Hosts {
             ns_a,
             ns_b,
@@ -627,4 +649,71 @@ fn a_copy_storage_migration_cut_short_resumes_the_source_and_the_target_drops_it
     // The target gave up (its reads time out) and removed the VM's directory with the copy.
     assert_clean(&h.b, "k");
     assert_eq!(h.b.ok(Method::GET, "/v1/vms", None), json!([]));
+}
+
+#[test]
+fn only_a_source_with_the_same_key_may_migrate_and_keyless_listening_is_loopback_only() {
+    need!();
+    let h = Hosts::new("a", 87);
+    let counter = guest("counter").unwrap();
+    // Two more source daemons on host a: one without a key, one with another.
+    for (tag, key, why) in [
+        ("anokey", None, "accepts only authenticated migrations"),
+        ("awrong", Some("not the secret the target holds"), "differs"),
+    ] {
+        let d = daemon_in(&h.ns_a, tag, None, key);
+        start_vm(&d, "c", &counter, "spin=1000000", 64);
+        wait_console_until(&d, "c", |t| counts(t).len() >= 2);
+        let out = d.cli(&["migrate", "c", "--to", &h.addr_b]);
+        assert!(!out.status.success(), "{tag}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(why) && err.contains("keeps running here"),
+            "{tag}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert_eq!(d.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+        assert_eq!(h.b.ok(Method::GET, "/v1/vms", None), json!([]), "{tag}");
+        // The target logged why it refused.
+        assert!(h.b.log().contains(why), "{tag}: {}", h.b.log());
+    }
+    // The source with the key moves it.
+    start_vm(&h.a, "c", &counter, "spin=1000000", 64);
+    wait_console_until(&h.a, "c", |t| counts(t).len() >= 2);
+    let out = h.a.cli(&["migrate", "c", "--to", &h.addr_b]);
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        h.b.log()
+    );
+    assert_eq!(h.b.ok(Method::GET, "/v1/vms/c", None)["state"], "running");
+
+    // No key on a non-loopback address: the daemon refuses to start, and says why.
+    let dir = TempDir::new("nokeylisten");
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &h.ns_b, EXE, "daemon", "--socket"])
+        .arg(dir.0.join("d.sock"))
+        .arg("--state-dir")
+        .arg(dir.0.join("state"))
+        .args(["--migration-listen", &format!("{}:4749", h.addr_b)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon listened without a key");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("--migration-key"), "{err}");
 }

@@ -5,7 +5,10 @@
 //!
 //! Each guest gets a virtio-blk disk holding an ext4 image made with `mkfs.ext4 -d`, a
 //! virtio-net NIC on a tap in a bridge shared with an `ip netns` test host, virtio-rng, and a
-//! virtio-balloon with a 16 MiB target.
+//! virtio-balloon with a 16 MiB target, and virtio-vsock (CID 3) whose host side follows
+//! Firecracker's convention: the guest's connection to host port 5000 lands on the Unix socket
+//! `<uds>_5000`, and the host reaches the guest's port 6000 by writing `CONNECT 6000` to `<uds>`.
+//! The guest's end is the fixture's /bin/c4vsock (tests/fixtures/linux/vsock.c).
 //! The fixture's initramfs is reused unchanged: a second newc archive holding our /init is
 //! appended to a copy of it (the kernel unpacks concatenated archives; later files win). That
 //! init mounts the disk, prints the known file and writes one back (checked on the host after
@@ -18,6 +21,8 @@ mod testnet;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[path = "common/linux.rs"]
@@ -41,7 +46,8 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 arg() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio \
-    virtio-rng virtio_blk failover net_failover virtio_net; do
+    virtio-rng virtio_blk failover net_failover virtio_net vsock vmw_vsock_virtio_transport_common \
+    vmw_vsock_virtio_transport; do
     insmod /lib/modules/virtio/$m.ko || echo "C4T-INSMOD-FAILED $m"
 done
 memfree() { sed -n 's/^MemFree: *\([0-9]*\) kB/\1/p' /proc/meminfo; }
@@ -71,6 +77,12 @@ ip addr add "$(arg c4ip)/24" dev eth0
 ping -c 2 -W 20 "$(arg c4peer)" && echo C4T-PING-OK
 echo "C4T-RNG-SRC $(cat /sys/class/misc/hw_random/rng_current)"
 echo "C4T-RNG $(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+# vsock both ways: a listener on 6000 for the host, then a connection to the host's 5000.
+c4vsock listen 6000 "guest-pong-$(arg c4t)" >/tmp/vsock-listen 2>&1 &
+lp=$!
+echo "C4T-VSOCK-REPLY $(c4vsock connect 5000 "guest-ping-$(arg c4t)" 2>&1)"
+wait $lp
+echo "C4T-VSOCK-HOST-SAID $(cat /tmp/vsock-listen)"
 if [ "$(arg c4t)" = pci ]; then
     # virtio-pci's INTx fallback: the rng function rebound with MSI disallowed for it.
     for d in /sys/bus/pci/devices/*; do
@@ -172,6 +184,80 @@ struct Guest {
     mac: &'static str,
     ip: &'static str,
     disk: PathBuf,
+    vsock: PathBuf,
+}
+
+/// What the host side of a guest's vsock saw: the line the guest sent to port 5000, and the
+/// guest's answer on port 6000 (errors as text, for the failure message).
+#[derive(Debug, Default)]
+struct VsockHost {
+    from_guest: String,
+    guest_answer: String,
+}
+
+/// Serves the guest's connection to host port 5000 and connects to the guest's port 6000
+/// (retrying until the guest listens, or `limit` passes, or `vm_gone`).
+fn vsock_host(uds: &Path, transport: &str, limit: Duration, vm_gone: &AtomicBool) -> VsockHost {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::{UnixListener, UnixStream};
+    let deadline = std::time::Instant::now() + limit;
+    let listener = match UnixListener::bind(format!("{}_5000", uds.display())) {
+        Ok(l) => l,
+        Err(e) => {
+            return VsockHost {
+                from_guest: format!("bind: {e}"),
+                ..Default::default()
+            }
+        }
+    };
+    let reply = format!("host-pong-{transport}\n");
+    let served = std::thread::spawn(move || -> std::io::Result<String> {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut line = String::new();
+        BufReader::new(s.try_clone()?).read_line(&mut line)?;
+        s.write_all(reply.as_bytes())?;
+        Ok(line.trim_end().to_string())
+    });
+    let mut guest_answer = String::from("never connected");
+    while std::time::Instant::now() < deadline && !vm_gone.load(Ordering::SeqCst) {
+        let attempt = || -> std::io::Result<Option<String>> {
+            let mut s = UnixStream::connect(uds)?;
+            s.set_read_timeout(Some(Duration::from_secs(20)))?;
+            s.write_all(b"CONNECT 6000\n")?;
+            let mut r = BufReader::new(s.try_clone()?);
+            let mut ok = String::new();
+            r.read_line(&mut ok)?;
+            if !ok.starts_with("OK ") {
+                // No listener yet: the device closed the stream.
+                return Ok(None);
+            }
+            s.write_all(format!("host-ping-{transport}\n").as_bytes())?;
+            let mut answer = String::new();
+            r.read_line(&mut answer)?;
+            Ok(Some(answer.trim_end().to_string()))
+        };
+        match attempt() {
+            Ok(Some(a)) => {
+                guest_answer = a;
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => guest_answer = format!("error: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Unblocks the accept if the guest never connected (the VMM is gone by now).
+    let _ = UnixStream::connect(format!("{}_5000", uds.display()));
+    let from_guest = match served.join() {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "the accept thread panicked".into(),
+    };
+    VsockHost {
+        from_guest,
+        guest_answer,
+    }
 }
 
 fn boot(kernel: &Path, initrd: &Path, g: &Guest, host_ip: &str) -> Run {
@@ -194,6 +280,8 @@ fn boot(kernel: &Path, initrd: &Path, g: &Guest, host_ip: &str) -> Run {
         .args(["--net", &format!("{},mac={}", g.tap, g.mac)])
         .arg("--rng")
         .args(["--balloon", "16"])
+        .arg("--vsock")
+        .arg(format!("3,{}", g.vsock.display()))
         .args(["--virtio-transport", g.transport]);
     run(cmd, LIMIT)
 }
@@ -219,7 +307,7 @@ fn irqs(s: &str) -> Vec<(u64, String)> {
         .collect()
 }
 
-fn check(g: &Guest, r: &Run) {
+fn check(g: &Guest, r: &Run, v: &VsockHost) {
     let s = &r.stdout;
     let t = g.transport;
     let ctx = || {
@@ -232,6 +320,12 @@ fn check(g: &Guest, r: &Run) {
         )
     };
     assert!(!s.contains("C4T-INSMOD-FAILED"), "{}", ctx());
+    // The PCI host bridge is there whatever the transport.
+    assert!(
+        !s.contains("No config space access function found"),
+        "{}",
+        ctx()
+    );
     assert!(s.contains("C4T-DONE"), "the init did not finish: {}", ctx());
     assert_eq!(r.code, Some(0), "no clean power-off: {}", ctx());
     // Which bus the disk sits on: the PCI function or the ACPI-described mmio window.
@@ -270,6 +364,20 @@ fn check(g: &Guest, r: &Run) {
         .unwrap_or("");
     assert_eq!(rng.len(), 64, "32 bytes from /dev/hwrng: {}", ctx());
     assert!(rng.chars().any(|c| c != '0'), "{}", ctx());
+    // vsock, guest-initiated: the line reached <uds>_5000 and the host's answer came back.
+    assert_eq!(v.from_guest, format!("guest-ping-{t}"), "{}", ctx());
+    assert!(
+        s.contains(&format!("C4T-VSOCK-REPLY host-pong-{t}")),
+        "{}",
+        ctx()
+    );
+    // Host-initiated: CONNECT 6000 reached the guest's listener, which answered.
+    assert_eq!(v.guest_answer, format!("guest-pong-{t}"), "{}", ctx());
+    assert!(
+        s.contains(&format!("C4T-VSOCK-HOST-SAID host-ping-{t}")),
+        "{}",
+        ctx()
+    );
     // Interrupts, not polling, carried the I/O: the disk's and the NIC's handlers ran.
     let irqs = irqs(s);
     let fired: Vec<&String> = irqs
@@ -316,7 +424,7 @@ fn check(g: &Guest, r: &Run) {
 }
 
 #[test]
-fn linux_drives_virtio_blk_net_rng_and_balloon_over_pci_and_mmio() {
+fn linux_drives_virtio_blk_net_rng_balloon_and_vsock_over_pci_and_mmio() {
     let Some((kernel, fixture_initrd)) = fixture() else {
         eprintln!("SKIP: no fixture in .cache/linux; run tests/fixtures/linux/setup.sh");
         return;
@@ -351,6 +459,7 @@ fn linux_drives_virtio_blk_net_rng_and_balloon_over_pci_and_mmio() {
             mac: "06:c4:00:00:4c:02",
             ip: "10.78.0.2",
             disk: ext4_image(&dir, "pci").expect("ext4 image"),
+            vsock: dir.join("vsock-pci.sock"),
         },
         Guest {
             transport: "mmio",
@@ -358,27 +467,42 @@ fn linux_drives_virtio_blk_net_rng_and_balloon_over_pci_and_mmio() {
             mac: "06:c4:00:00:4c:03",
             ip: "10.78.0.3",
             disk: ext4_image(&dir, "mmio").expect("ext4 image"),
+            vsock: dir.join("vsock-mmio.sock"),
         },
     ];
-    let runs: Vec<Run> = std::thread::scope(|s| {
+    let runs: Vec<(Run, VsockHost)> = std::thread::scope(|s| {
         let handles: Vec<_> = guests
             .iter()
-            .map(|g| s.spawn(|| boot(&kernel, &initrd, g, &net.host_ip)))
+            .map(|g| {
+                let gone = Arc::new(AtomicBool::new(false));
+                let g2 = gone.clone();
+                let host = s.spawn(move || vsock_host(&g.vsock, g.transport, LIMIT, &g2));
+                let (kernel, initrd, host_ip) = (&kernel, &initrd, &net.host_ip);
+                let vm = s.spawn(move || {
+                    let r = boot(kernel, initrd, g, host_ip);
+                    gone.store(true, Ordering::SeqCst);
+                    r
+                });
+                (vm, host)
+            })
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("boot thread"))
+            .map(|(b, h)| {
+                let run = b.join().expect("boot thread");
+                (run, h.join().expect("vsock host thread"))
+            })
             .collect()
     });
-    for (g, r) in guests.iter().zip(&runs) {
+    for (g, (r, _)) in guests.iter().zip(&runs) {
         eprintln!(
             "{} boot: {:.1}s to power-off",
             g.transport,
             r.took.as_secs_f64()
         );
     }
-    for (g, r) in guests.iter().zip(&runs) {
-        check(g, r);
+    for (g, (r, v)) in guests.iter().zip(&runs) {
+        check(g, r, v);
     }
     drop(net);
     let _ = std::fs::remove_dir_all(&dir);

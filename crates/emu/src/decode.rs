@@ -14,6 +14,9 @@ use crate::exec::fast::Handler;
 use crate::mmu::{Acc, TLB_SIZE};
 
 const MAX_BLOCK: usize = 64;
+/// Successors remembered per block: a translated block leaves for wherever the chain of
+/// blocks it jumped into ends, and RET has many targets.
+const LINKS: usize = 4;
 const MAX_BLOCKS: usize = 1 << 16;
 
 pub struct Block {
@@ -38,7 +41,7 @@ pub struct Block {
     /// Direct links to successor blocks (rip, block), valid while the cache's `gen` equals
     /// `link_gen`: following one skips the hash lookup, and for a successor on the same page
     /// (hence the same mapping, as nothing changed modes or mappings in between) the TLB.
-    links: [Cell<(u64, *const Block)>; 2],
+    links: [Cell<(u64, *const Block)>; LINKS],
     link_gen: Cell<u64>,
     link_next: Cell<u8>,
     /// Times run by the interpreter, until translation is tried (`u32::MAX` once it was).
@@ -76,10 +79,7 @@ impl Block {
             tail: 0,
             ins,
             lin,
-            links: [
-                Cell::new((u64::MAX, std::ptr::null())),
-                Cell::new((u64::MAX, std::ptr::null())),
-            ],
+            links: std::array::from_fn(|_| Cell::new((u64::MAX, std::ptr::null()))),
             link_gen: Cell::new(0),
             link_next: Cell::new(0),
             hits: Cell::new(0),
@@ -107,9 +107,9 @@ impl Block {
                 l.set((u64::MAX, std::ptr::null()));
             }
         }
-        let k = self.link_next.get() as usize & 1;
+        let k = self.link_next.get() as usize % LINKS;
         self.links[k].set((rip, to));
-        self.link_next.set(k as u8 ^ 1);
+        self.link_next.set(((k + 1) % LINKS) as u8);
     }
 
     #[inline]
@@ -207,6 +207,13 @@ impl Block {
     pub fn cached(&self) -> bool {
         !self.ver_ptr.is_null()
     }
+
+    /// The code page and version this block was decoded from, and its linear address: two
+    /// blocks with equal page and version are valid or stale together.
+    #[inline]
+    pub fn page(&self) -> (usize, u32, u64) {
+        (self.ver_ptr as usize, self.ver, self.lin)
+    }
 }
 
 impl Cache {
@@ -270,6 +277,7 @@ impl Cache {
     }
 
     fn lookup_slow(&mut self, cpu: &mut Cpu) -> X<&Block> {
+        cpu.prof.slow_lookups += 1;
         let lin = cpu.lin(CS, cpu.rip);
         let user = cpu.cpl == 3;
         let e = &cpu.tlb.x[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];

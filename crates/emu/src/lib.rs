@@ -5,7 +5,8 @@
 //! software TLB with a one-compare hit path translates addresses (`mmu`), arithmetic flags are
 //! computed lazily (`flags`), and `exec` holds the instruction semantics. Ports and MMIO go to
 //! the VMM's `VmOps`; local APICs and the I/O APIC live here (`platform`), as KVM keeps them
-//! in the kernel.
+//! in the kernel. Blocks that run often are translated to host x86-64 code (`jit`);
+//! `COREFOUR_EMU_JIT=0` keeps everything on the interpreter.
 //!
 //! Set `COREFOUR_EMU_TRACE_UNIMPL=1` (or build the backend with [`Emu::with_trace_unimpl`]) to
 //! have every instruction and MSR the CPU does not implement named on stderr before the guest

@@ -26,6 +26,10 @@ pub struct Profile {
     pub jit_blocks: u64,
     pub jit_insns: u64,
     pub jit_side_exits: u64,
+    /// Entries into translated code from the dispatch loop, and block lookups that missed
+    /// the previous block's links.
+    pub jit_runs: u64,
+    pub slow_lookups: u64,
     pub samples: HashMap<u64, u64>,
     /// Every sample in order: milliseconds since start, RIP, and the first kernel-text-looking
     /// words on the stack (return-address candidates, for callers of a hot function).
@@ -59,7 +63,7 @@ impl Profile {
         out += &format!(
             "wall_s {:.3}\ninstructions {icount}\nhalted_s {:.3}\nhalts {}\ndecoded_blocks {}\n\
              decoded_insns {}\ntlb_fills {}\npio {}\nmmio {}\ninterrupts {}\nexceptions {}\n\
-             jit_blocks {}\njit_insns {}\njit_side_exits {}\n",
+             jit_blocks {}\njit_insns {}\njit_side_exits {}\njit_runs {}\nslow_lookups {}\n",
             wall.as_secs_f64(),
             self.halted.as_secs_f64(),
             self.halts,
@@ -72,7 +76,9 @@ impl Profile {
             self.exceptions,
             self.jit_blocks,
             self.jit_insns,
-            self.jit_side_exits
+            self.jit_side_exits,
+            self.jit_runs,
+            self.slow_lookups
         );
         for (rip, n) in s {
             out += &format!("sample {rip:#x} {n}\n");

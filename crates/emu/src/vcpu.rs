@@ -36,6 +36,19 @@ pub struct EmuVcpu {
     jit_full: bool,
     /// Executable memory could not be had: the JIT stays off for this vCPU.
     jit_broken: bool,
+    /// Translated code just left through a chain slot: if the next block is translated and
+    /// on the same page and version, the slot is pointed at it.
+    chain_from: Option<ChainFrom>,
+}
+
+struct ChainFrom {
+    slot: u32,
+    /// The RIP the slot's exit goes to.
+    rip: u64,
+    /// `Block::page` of the block the code was entered by.
+    page: (usize, u32, u64),
+    /// Translated for CPL 3.
+    user: bool,
 }
 
 /// The serialised form of a vCPU for snapshots.
@@ -73,6 +86,7 @@ impl EmuVcpu {
             jit_buf: None,
             jit_full: false,
             jit_broken: false,
+            chain_from: None,
         }
     }
 
@@ -313,6 +327,7 @@ impl EmuVcpu {
                 buf.reset();
             }
             self.jit_full = false;
+            self.chain_from = None;
         }
         let b = match self.cache.lookup(&mut self.cpu) {
             Ok(b) => b,
@@ -327,6 +342,22 @@ impl EmuVcpu {
         }
         self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
         let bp = b as *const crate::decode::Block;
+        if let Some(ChainFrom {
+            slot,
+            rip,
+            page,
+            user,
+        }) = self.chain_from.take()
+        {
+            let (vp, ver, lin) = b.page();
+            if b.rip == rip && vp == page.0 && ver == page.1 && (lin ^ page.2) < 0x1000 {
+                if let (Some(j), Some(buf)) = (b.jit.get(), self.jit_buf.as_mut()) {
+                    if j.user == user && j.user == (self.cpu.cpl == 3) {
+                        buf.set_slot(slot, j.chain);
+                    }
+                }
+            }
+        }
         let mut start = 0;
         let threshold = self.cpu.env.vm.jit_threshold;
         if threshold != 0 && b.bits == 64 && b.cached() && !self.jit_broken {
@@ -357,26 +388,32 @@ impl EmuVcpu {
                 }
             }
             if let Some(j) = jit.filter(|j| j.user == user) {
-                if j.flags {
-                    self.cpu.jit_flags = (self.cpu.flags() & flags::ARITH) | 2;
-                }
+                // Always through `jit_flags`: blocks chained behind this one may use them.
+                self.cpu.jit_flags = (self.cpu.flags() & flags::ARITH) | 2;
                 let before = self.cpu.icount;
+                self.cpu.prof.jit_runs += 1;
                 // SAFETY: `entry` is code this vCPU's translator made for this block (still
                 // valid: the lookup checked its page version) and the buffer holding it is
                 // alive (it is only reset after the cache is cleared). It reads and writes
                 // only the `Cpu` it is given and guest RAM through TLB entries, as the
                 // interpreter would.
-                let k = unsafe { (j.entry)(&mut self.cpu) } as usize;
-                if j.flags {
-                    self.cpu.rflags =
-                        (self.cpu.rflags & !flags::ARITH) | (self.cpu.jit_flags & flags::ARITH);
-                    self.cpu.lazy.op = flags::Op::Valid;
-                }
+                let ret = unsafe { (j.entry)(&mut self.cpu) };
+                let (k, slot) = crate::jit::split_ret(ret);
+                self.cpu.rflags =
+                    (self.cpu.rflags & !flags::ARITH) | (self.cpu.jit_flags & flags::ARITH);
                 // The code counted what it retired into icount itself (it may loop).
                 self.cpu.prof.jit_insns += self.cpu.icount - before;
-                if k >= b.ins.len() {
-                    if !j.branch {
-                        self.cpu.rip = b.ins.last().map_or(self.cpu.rip, |o| o.i.next_ip());
+                // The code leaves RIP exact. It may have run through chained blocks (all on
+                // this block's page and version): `k` is of the last one, so the interpreter
+                // only takes over here when RIP is this block's instruction `k`.
+                if b.ins.get(k).is_none_or(|o| o.i.ip() != self.cpu.rip) {
+                    if slot != 0 {
+                        self.chain_from = Some(ChainFrom {
+                            slot,
+                            rip: self.cpu.rip,
+                            page: b.page(),
+                            user,
+                        });
                     }
                     self.cache.ran(bp);
                     return None;

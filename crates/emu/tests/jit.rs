@@ -246,3 +246,38 @@ fn bignum_loops_match_the_interpreter() {
         );
     }
 }
+
+/// Translated blocks jump straight into each other; the flags must follow even into a chain
+/// entered through a block that neither reads nor writes them, right after the interpreter
+/// changed them (POPFQ is not translated).
+#[test]
+fn flags_carry_across_chained_blocks() {
+    let prog = asm64(CODE, |a| {
+        let mut set = a.create_label();
+        let mut first = a.create_label();
+        let mut second = a.create_label();
+        a.xor(ebx, ebx).unwrap();
+        a.mov(ecx, 300).unwrap();
+        a.set_label(&mut set).unwrap();
+        a.mov(eax, ecx).unwrap();
+        a.and(eax, 1).unwrap();
+        a.or(eax, 2).unwrap();
+        a.push(rax).unwrap();
+        a.popfq().unwrap(); // CF = the counter's low bit
+        a.jmp(first).unwrap();
+        a.set_label(&mut first).unwrap();
+        a.mov(rdx, rcx).unwrap(); // touches no flags
+        a.jmp(second).unwrap();
+        a.set_label(&mut second).unwrap();
+        a.adc(rbx, 0).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(set).unwrap();
+        a.hlt().unwrap();
+    });
+    for threshold in [0, 1, 7] {
+        let mut m = machine(&prog, threshold);
+        assert_eq!(m.run(), VmExit::Halt, "threshold {threshold}");
+        assert_eq!(m.regs().rbx, 150, "threshold {threshold}: odd counters");
+        assert_eq!(m.regs().rdx, 1, "threshold {threshold}");
+    }
+}

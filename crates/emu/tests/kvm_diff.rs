@@ -1,6 +1,8 @@
 //! Differential test: random instruction sequences run on KVM (the oracle: on this host ring-3
 //! code runs on the real CPU) and on the software CPU; final registers, the defined flags, the
-//! data area and the stack must match. The seed of a failing case is printed.
+//! data area and the stack must match. The seed of a failing case is printed. The software CPU
+//! translates every block on its first run (tests/common: JIT threshold 1), so the sequences
+//! run as JIT code wherever it covers them; `EMU_TEST_JIT_THRESHOLD=0` checks the interpreter.
 
 mod common;
 

@@ -155,15 +155,15 @@ pub fn start(
 }
 
 /// A parsed request: method, path, whether the client wants the connection kept.
-struct Request {
-    method: String,
-    path: String,
-    body: Vec<u8>,
-    close: bool,
+pub(crate) struct Request {
+    pub(crate) method: String,
+    pub(crate) path: String,
+    pub(crate) body: Vec<u8>,
+    pub(crate) close: bool,
 }
 
 /// Reads one request head (and discards its body). None on EOF or a broken request.
-fn read_request(r: &mut BufReader<UnixStream>) -> Result<Option<Request>, String> {
+pub(crate) fn read_request(r: &mut BufReader<UnixStream>) -> Result<Option<Request>, String> {
     let mut head = Vec::new();
     loop {
         let n = r.read_until(b'\n', &mut head).map_err(|e| e.to_string())?;
@@ -219,14 +219,14 @@ fn read_request(r: &mut BufReader<UnixStream>) -> Result<Option<Request>, String
     }))
 }
 
-struct Response {
-    status: u16,
-    body: Option<String>,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) body: Option<String>,
     /// Runs after the response is written (shutdown must answer before the VMM exits).
-    after: Option<Box<dyn FnOnce()>>,
+    pub(crate) after: Option<Box<dyn FnOnce()>>,
 }
 
-fn fault(status: u16, msg: impl std::fmt::Display) -> Response {
+pub(crate) fn fault(status: u16, msg: impl std::fmt::Display) -> Response {
     let body = serde_json::json!({ "fault_message": msg.to_string() }).to_string();
     Response {
         status,
@@ -250,7 +250,7 @@ fn control_error(e: ControlError) -> Response {
     }
 }
 
-fn json_ok(v: serde_json::Value) -> Response {
+pub(crate) fn json_ok(v: serde_json::Value) -> Response {
     Response {
         status: 200,
         body: Some(v.to_string()),
@@ -349,7 +349,11 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-fn write_response(w: &mut UnixStream, resp: &Response, close: bool) -> std::io::Result<()> {
+pub(crate) fn write_response(
+    w: &mut UnixStream,
+    resp: &Response,
+    close: bool,
+) -> std::io::Result<()> {
     let mut out = format!("HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status));
     if let Some(body) = &resp.body {
         out.push_str("Content-Type: application/json\r\n");

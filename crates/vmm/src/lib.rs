@@ -12,6 +12,7 @@ pub mod builder;
 pub mod config;
 pub mod control;
 pub mod disk_dirty_api;
+pub mod disk_overlay;
 pub mod layout;
 pub mod machine;
 pub mod memory;

@@ -121,6 +121,203 @@ pub fn edge_irqfd(vm: &dyn Vm, gsi: u32, used: &mut EventfdUse) -> Option<Arc<dy
 #[cfg(test)]
 mod tests {
     use super::*;
+    use corefour_hypervisor::{MemoryRegion, Vcpu, VmOps};
+
+    /// A backend that records the routing and irqfd calls (`routing`: whether it has MSI
+    /// routing at all; `refuse_routes`: whether installing a non-empty table fails).
+    #[derive(Default)]
+    struct FakeVm {
+        routing: bool,
+        refuse_routes: bool,
+        tables: Mutex<Vec<Vec<MsiRoute>>>,
+        irqfds: Mutex<Vec<u32>>,
+        msis: Mutex<Vec<(u64, u32)>>,
+        ioevents: Mutex<Vec<(bool, u64)>>,
+    }
+
+    impl Vm for FakeVm {
+        unsafe fn set_memory_region(
+            &self,
+            _region: MemoryRegion,
+        ) -> corefour_hypervisor::Result<()> {
+            Ok(())
+        }
+        fn create_vcpu(
+            &self,
+            _index: u32,
+            _ops: Arc<dyn VmOps>,
+        ) -> corefour_hypervisor::Result<Box<dyn Vcpu>> {
+            Err(HypervisorError::Unsupported("vcpus"))
+        }
+        fn set_irq_line(&self, _irq: u32, _level: bool) -> corefour_hypervisor::Result<()> {
+            Ok(())
+        }
+        fn signal_msi(&self, address: u64, data: u32) -> corefour_hypervisor::Result<()> {
+            self.msis.lock().unwrap().push((address, data));
+            Ok(())
+        }
+        fn dirty_log(&self, _slot: u32, _size: u64) -> corefour_hypervisor::Result<Vec<u64>> {
+            Ok(Vec::new())
+        }
+        fn backend_name(&self) -> &'static str {
+            "fake"
+        }
+        fn register_irqfd(&self, _event: &EventFd, gsi: u32) -> corefour_hypervisor::Result<()> {
+            self.irqfds.lock().unwrap().push(gsi);
+            Ok(())
+        }
+        fn unregister_irqfd(&self, _event: &EventFd, gsi: u32) -> corefour_hypervisor::Result<()> {
+            self.irqfds.lock().unwrap().retain(|g| *g != gsi);
+            Ok(())
+        }
+        fn set_msi_routes(&self, routes: &[MsiRoute]) -> corefour_hypervisor::Result<()> {
+            if !self.routing {
+                return Err(HypervisorError::Unsupported("MSI routing"));
+            }
+            if self.refuse_routes && !routes.is_empty() {
+                return Err(HypervisorError::Invalid("refused".into()));
+            }
+            self.tables.lock().unwrap().push(routes.to_vec());
+            Ok(())
+        }
+        fn register_ioevent(
+            &self,
+            addr: IoEventAddress,
+            _datamatch: Datamatch,
+            _event: &EventFd,
+        ) -> corefour_hypervisor::Result<()> {
+            if let IoEventAddress::Mmio(a) = addr {
+                self.ioevents.lock().unwrap().push((true, a));
+            }
+            Ok(())
+        }
+        fn unregister_ioevent(
+            &self,
+            addr: IoEventAddress,
+            _datamatch: Datamatch,
+            _event: &EventFd,
+        ) -> corefour_hypervisor::Result<()> {
+            if let IoEventAddress::Mmio(a) = addr {
+                self.ioevents.lock().unwrap().push((false, a));
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn msi_routes_are_installed_once_per_message_change() {
+        let fake = Arc::new(FakeVm {
+            routing: true,
+            ..Default::default()
+        });
+        let vm: Arc<dyn Vm> = fake.clone();
+        let counters = Arc::new(VirtioCounters::default());
+        let router = MsiRouter::probe(&vm, counters.clone()).expect("the fake routes");
+        let mut used = EventfdUse::default();
+        let a = router.function_sink(3, &mut used);
+        let b = router.function_sink(2, &mut used);
+        assert_eq!(used.irqfds, 5);
+        assert_eq!(*fake.irqfds.lock().unwrap(), vec![24, 25, 26, 27, 28]);
+        a.send(1, 0xfee0_0000, 0x41);
+        a.send(1, 0xfee0_0000, 0x41);
+        b.send(0, 0xfee0_1000, 0x42);
+        a.send(1, 0xfee0_0000, 0x51);
+        let tables = fake.tables.lock().unwrap().clone();
+        // The probe's empty table, then one per change; the same message again costs nothing.
+        assert_eq!(tables.len(), 4, "{tables:?}");
+        let last = tables.last().unwrap();
+        assert_eq!(
+            last,
+            &vec![
+                MsiRoute {
+                    gsi: 25,
+                    address: 0xfee0_0000,
+                    data: 0x51
+                },
+                MsiRoute {
+                    gsi: 27,
+                    address: 0xfee0_1000,
+                    data: 0x42
+                },
+            ],
+            "both functions' routes, each on its own GSI"
+        );
+        assert_eq!(counters.msi_irqfd.load(Ordering::Relaxed), 4);
+        assert_eq!(counters.route_updates.load(Ordering::Relaxed), 3);
+        assert!(fake.msis.lock().unwrap().is_empty(), "no ioctl path");
+        // A vector past the table sends nothing.
+        a.send(9, 0xfee0_0000, 1);
+        assert_eq!(counters.msi_irqfd.load(Ordering::Relaxed), 4);
+        drop(a);
+        assert_eq!(
+            *fake.irqfds.lock().unwrap(),
+            vec![27, 28],
+            "a's irqfds unregistered"
+        );
+    }
+
+    #[test]
+    fn without_routing_or_when_refused_messages_take_signal_msi() {
+        let fake = Arc::new(FakeVm::default());
+        let vm: Arc<dyn Vm> = fake.clone();
+        assert!(
+            MsiRouter::probe(&vm, Arc::default()).is_none(),
+            "emu-like backend"
+        );
+        let fake = Arc::new(FakeVm {
+            routing: true,
+            refuse_routes: true,
+            ..Default::default()
+        });
+        let vm: Arc<dyn Vm> = fake.clone();
+        let counters = Arc::new(VirtioCounters::default());
+        let router = MsiRouter::probe(&vm, counters.clone()).unwrap();
+        let sink = router.function_sink(2, &mut EventfdUse::default());
+        sink.send(0, 0xfee0_0000, 0x41);
+        sink.send(0, 0xfee0_0000, 0x41);
+        assert_eq!(*fake.msis.lock().unwrap(), vec![(0xfee0_0000, 0x41); 2]);
+        assert_eq!(counters.msi_ioctl.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.msi_irqfd.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn ioeventfds_follow_a_bar_inside_the_window_only() {
+        use corefour_devices::virtio::pci::PciRoot;
+        use corefour_devices::virtio::rng::Rng;
+        let fake = Arc::new(FakeVm::default());
+        let vm: Arc<dyn Vm> = fake.clone();
+        let mem =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)])
+                .unwrap();
+        struct NoLine;
+        impl IrqLine for NoLine {
+            fn trigger(&self) {}
+            fn set_level(&self, _level: bool) {}
+        }
+        let mut root = PciRoot::new(0xe000_0000, 0x100_0000);
+        let (_, dev) = root
+            .add_virtio(Box::new(Rng::new()), mem, Arc::new(NoLine), 5)
+            .unwrap();
+        let counters = Arc::new(VirtioCounters::default());
+        let mover = IoeventMover {
+            vm: vm.clone(),
+            window: (0xe000_0000, 0x100_0000),
+            counters: counters.clone(),
+        };
+        mover.bar_moved(&dev, 0xe000_0000, 0xe080_0000);
+        mover.bar_moved(&dev, 0xe080_0000, 0xf000_0000);
+        assert_eq!(
+            *fake.ioevents.lock().unwrap(),
+            vec![
+                (false, 0xe000_3000),
+                (true, 0xe080_3000),
+                (false, 0xe080_3000)
+            ],
+            "outside the window: unregistered, not registered"
+        );
+        assert_eq!(counters.bar_moves.load(Ordering::Relaxed), 2);
+        assert_eq!(counters.ioeventfds_moved.load(Ordering::Relaxed), 1);
+    }
 
     #[test]
     fn describes_what_was_registered() {

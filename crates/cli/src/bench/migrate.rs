@@ -3,10 +3,15 @@
 //! baseline measured in the same run:
 //! - migration total vs a plain copy of the guest's memory size over loopback TCP (what moving
 //!   the memory costs with no VMM in the way);
-//! - restore vs reading the snapshot's memory file into RAM (what a restore that copies
-//!   memory, instead of mapping it MAP_PRIVATE, would pay at least);
+//! - a cold restore (`corefour vmm --restore`, a new process and a new KVM VM) vs reading the
+//!   snapshot's memory file into RAM (what a restore that copies memory, instead of mapping it
+//!   MAP_PRIVATE, would pay at least);
+//! - a warm restore (`PUT /vm/restore` to a `corefour vmm --prewarm` whose KVM VM, memory slots
+//!   and vCPUs already exist) vs the cold one, both to the guest's first output after the
+//!   restore;
 //! - `copy_storage` (live disk mirroring, a disk-writing guest): total vs a TCP copy of the
-//!   memory and disk data, downtime vs the memory-only idle downtime of the same run.
+//!   memory and disk data, downtime vs the same guest migrated on shared storage (memory only)
+//!   in the same run.
 
 use std::io::{IsTerminal, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -217,26 +222,83 @@ fn tcp_copy_ms(bytes: u64) -> anyhow::Result<f64> {
     Ok(ms)
 }
 
-/// One `corefour vmm --restore`: the time it reports. `serial`: the setup as it was before
-/// memory registration and vCPU creation overlapped (`--restore-serial`).
-fn restore_once(snap: &Path, serial: bool) -> anyhow::Result<f64> {
-    let mut cmd = Command::new(me()?);
-    cmd.args(["vmm", "--restore"]).arg(snap);
-    if serial {
-        cmd.arg("--restore-serial");
-    }
-    let o = cmd
-        .args(["--timeout", "100ms"])
-        .stdout(Stdio::null())
-        .output()
+/// One cold restore: `corefour vmm --restore SNAP` spawned, timed from the spawn to the first
+/// byte of guest output on its stdout (process start, dynamic linking, KVM set-up, state, the
+/// guest's first serial write). Also returns the VMM's own figure (reading the snapshot to the
+/// state loaded).
+fn restore_cold(snap: &Path) -> anyhow::Result<(f64, f64)> {
+    let t = Instant::now();
+    let child = Command::new(me()?)
+        .args(["vmm", "--restore"])
+        .arg(snap)
+        .args(["--timeout", "2s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("cannot run corefour vmm --restore")?;
-    let err = String::from_utf8_lossy(&o.stderr);
-    let ms = err
+    let mut c = Child2 { child };
+    let first = first_output_ms(&mut c, t)?;
+    let _ = c.child.kill();
+    let _ = c.child.wait();
+    let mut err = String::new();
+    if let Some(mut e) = c.child.stderr.take() {
+        e.read_to_string(&mut err)?;
+    }
+    let internal = err
         .lines()
         .find_map(|l| l.split_once(" in ").and_then(|(_, r)| r.split_once(" ms")))
         .and_then(|(n, _)| n.trim().parse::<f64>().ok())
         .with_context(|| format!("restore printed no timing: {err}"))?;
-    Ok(ms)
+    Ok((first, internal))
+}
+
+/// Milliseconds from `since` to the first byte on the child's stdout.
+fn first_output_ms(c: &mut Child2, since: Instant) -> anyhow::Result<f64> {
+    let Some(out) = c.child.stdout.as_mut() else {
+        bail!("the VMM has no stdout pipe");
+    };
+    let mut b = [0u8; 1];
+    let n = out
+        .read(&mut b)
+        .context("reading the restored guest's output")?;
+    if n == 0 {
+        bail!("the restored VMM exited without guest output");
+    }
+    Ok(since.elapsed().as_secs_f64() * 1e3)
+}
+
+/// A warm VMM (`corefour vmm --prewarm`) of the snapshot's shape, started and ready before
+/// the clock starts; then `PUT /vm/restore`, timed to its reply (state loaded, vCPU threads
+/// starting) and to the first byte of guest output.
+fn restore_warm(dir: &Path, snap: &Path, mib: u64) -> anyhow::Result<(f64, f64)> {
+    let sock = dir.join("warm.sock");
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(me()?)
+        .args(["vmm", "--prewarm", "--vcpus", "1", "--memory"])
+        .arg(format!("{mib}M"))
+        .args(["--timeout", "2s", "--api-sock"])
+        .arg(&sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot run corefour vmm --prewarm")?;
+    let mut c = Child2 { child };
+    let t = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!("the warm VMM never served its socket");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let body = format!(r#"{{"path": "{}"}}"#, snap.display());
+    let t = Instant::now();
+    let (code, reply) = put(&sock, "/vm/restore", Some(&body))?;
+    let replied = t.elapsed().as_secs_f64() * 1e3;
+    if code != 200 {
+        bail!("warm restore failed ({code}): {reply}");
+    }
+    let first = first_output_ms(&mut c, t)?;
+    Ok((replied, first))
 }
 
 pub fn run(a: Args) -> anyhow::Result<i32> {
@@ -253,7 +315,7 @@ pub fn run(a: Args) -> anyhow::Result<i32> {
     let dir = std::env::temp_dir().join(format!("corefour-bench-migrate-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = measure(&a, &dir, &counter, &dirtier).and_then(|mut rows| {
-        rows.extend(copy_storage_rows(&a, &dir, &rows)?);
+        rows.extend(copy_storage_rows(&a, &dir)?);
         Ok(rows)
     });
     let _ = std::fs::remove_dir_all(&dir);
@@ -292,7 +354,8 @@ fn measure(a: &Args, dir: &Path, counter: &Path, dirtier: &Path) -> anyhow::Resu
         tcp.push(tcp_copy_ms(mib << 20)?);
     }
     note("snapshot restore");
-    let (mut src, sock) = source(dir, counter, "spin=100000000", mib, "counter: start")?;
+    // A guest that prints all the time, so the first output after a restore comes at once.
+    let (mut src, sock) = source(dir, counter, "spin=20000", mib, "count=")?;
     let snap = dir.join("snap");
     let (code, body) = put(
         &sock,
@@ -304,11 +367,16 @@ fn measure(a: &Args, dir: &Path, counter: &Path, dirtier: &Path) -> anyhow::Resu
     }
     let _ = put(&sock, "/vm/shutdown", None);
     let _ = src.child.wait();
-    let (mut restore, mut restore_serial, mut read) = (vec![], vec![], vec![]);
-    // Interleaved, so both variants see the same host load.
+    let (mut cold_first, mut cold_internal, mut warm_reply, mut warm_first, mut read) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    // Interleaved, so both ways see the same host load.
     for _ in 0..a.runs.max(7) {
-        restore_serial.push(restore_once(&snap, true)?);
-        restore.push(restore_once(&snap, false)?);
+        let (first, internal) = restore_cold(&snap)?;
+        cold_first.push(first);
+        cold_internal.push(internal);
+        let (reply, first) = restore_warm(dir, &snap, mib)?;
+        warm_reply.push(reply);
+        warm_first.push(first);
         let t = Instant::now();
         let bytes = std::fs::read(snap.join("memory.bin"))?;
         read.push(t.elapsed().as_secs_f64() * 1e3);
@@ -369,18 +437,34 @@ fn measure(a: &Args, dir: &Path, counter: &Path, dirtier: &Path) -> anyhow::Resu
             None,
         ),
         row(
-            "snapshot restore, before (memory, then vCPUs)".into(),
-            median(restore_serial),
+            "restore, cold: spawn `vmm --restore` to first guest output".into(),
+            median(cold_first.clone()),
             Some(read_ms),
             "read of memory.bin into RAM",
             "",
             None,
         ),
         row(
-            "snapshot restore (to runnable; memory || vCPUs)".into(),
-            median(restore),
+            "restore, cold: inside the VMM (read snapshot..state loaded)".into(),
+            median(cold_internal),
             Some(read_ms),
             "read of memory.bin into RAM",
+            "",
+            None,
+        ),
+        row(
+            "restore, warm: PUT /vm/restore to its reply (state loaded)".into(),
+            median(warm_reply),
+            Some(median(cold_first.clone())),
+            "cold restore to first output",
+            "",
+            None,
+        ),
+        row(
+            "restore, warm: PUT /vm/restore to first guest output".into(),
+            median(warm_first),
+            Some(median(cold_first)),
+            "cold restore to first output",
             "<= 5 ms",
             Some(5.0),
         ),
@@ -391,13 +475,15 @@ fn measure(a: &Args, dir: &Path, counter: &Path, dirtier: &Path) -> anyhow::Resu
 const DISK_MIB: u64 = 256;
 const DISK_DATA_MIB: u64 = 64;
 
-/// One live migration with `copy_storage` of vblkloop (writing its 64 sectors 64 KiB apart)
-/// with a DISK_MIB disk holding DISK_DATA_MIB of data: (total ms, downtime ms).
+/// One live migration of vblkloop (writing its 64 sectors 64 KiB apart) with a DISK_MIB disk
+/// holding DISK_DATA_MIB of data, with `copy_storage` or on shared storage (the target opens
+/// the same file): (total ms, downtime ms).
 fn copy_storage_once(
     dir: &Path,
     vblkloop: &Path,
     mib: u64,
     data: &[u8],
+    copy: bool,
 ) -> anyhow::Result<(f64, f64)> {
     let (src_disk, dst_disk) = (dir.join("src-disk.raw"), dir.join("dst-disk.raw"));
     std::fs::write(&src_disk, data)?;
@@ -410,8 +496,9 @@ fn copy_storage_once(
     let local = dir.join("dst.json");
     std::fs::write(
         &local,
-        serde_json::json!({"kernel": vblkloop, "memory_mib": mib, "disks": [{"path": dst_disk}]})
-            .to_string(),
+        serde_json::json!({"kernel": vblkloop, "memory_mib": mib,
+                           "disks": [{"path": if copy { &dst_disk } else { &src_disk }}]})
+        .to_string(),
     )?;
     let port = free_port()?;
     let tsock = dir.join("dst.sock");
@@ -458,7 +545,7 @@ fn copy_storage_once(
         &sock,
         "/vm/migrate",
         Some(&format!(
-            r#"{{"to": "127.0.0.1:{port}", "max_downtime_ms": 10, "copy_storage": true}}"#
+            r#"{{"to": "127.0.0.1:{port}", "max_downtime_ms": 10, "copy_storage": {copy}}}"#
         )),
     )?;
     if code != 200 {
@@ -473,11 +560,7 @@ fn copy_storage_once(
 }
 
 /// The `copy_storage` rows; none (with a note) when vblkloop is not built.
-fn copy_storage_rows(a: &Args, dir: &Path, before: &[Row]) -> anyhow::Result<Vec<Row>> {
-    let idle_down_ms = before
-        .iter()
-        .find(|r| r.metric == "migration downtime, idle")
-        .map_or(f64::NAN, |r| r.corefour);
+fn copy_storage_rows(a: &Args, dir: &Path) -> anyhow::Result<Vec<Row>> {
     let vblkloop = a.guests.join("vblkloop.elf");
     if !vblkloop.exists() {
         eprintln!(
@@ -492,12 +575,13 @@ fn copy_storage_rows(a: &Args, dir: &Path, before: &[Row]) -> anyhow::Result<Vec
     let data: Vec<u8> = (0..(DISK_DATA_MIB << 20) as usize)
         .map(|i| (i / 4096) as u8 | 1)
         .collect();
-    let (mut total, mut down, mut tcp) = (vec![], vec![], vec![]);
+    let (mut total, mut down, mut tcp, mut shared) = (vec![], vec![], vec![], vec![]);
     for _ in 0..a.runs {
-        let (t, d) = copy_storage_once(dir, &vblkloop, a.memory_mib, &data)?;
+        let (t, d) = copy_storage_once(dir, &vblkloop, a.memory_mib, &data, true)?;
         total.push(t);
         down.push(d);
         tcp.push(tcp_copy_ms((a.memory_mib + DISK_DATA_MIB) << 20)?);
+        shared.push(copy_storage_once(dir, &vblkloop, a.memory_mib, &data, false)?.1);
     }
     let row = |metric: String, v: f64, base: f64, baseline_is: &'static str| Row {
         metric,
@@ -521,8 +605,8 @@ fn copy_storage_rows(a: &Args, dir: &Path, before: &[Row]) -> anyhow::Result<Vec
         row(
             "migration downtime, --copy-storage".into(),
             median(down),
-            idle_down_ms,
-            "memory-only downtime, idle",
+            median(shared),
+            "same guest, shared storage",
         ),
     ])
 }

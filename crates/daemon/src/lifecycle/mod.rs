@@ -17,13 +17,16 @@ mod vm_clone;
 mod vm_migrate;
 mod vm_restore;
 mod vm_snapshot;
+mod warm_pool;
 
 pub use vm_clone::CloneRequest;
 pub use vm_migrate::{
-    serve_migrations, take_incoming_marker, MigrateRequest, DEFAULT_MIGRATION_PORT,
+    check_listen, serve_migrations, take_incoming_marker, KeyError, MigrateRequest, MigrationKey,
+    DEFAULT_MIGRATION_PORT,
 };
 pub use vm_restore::{take_restore_marker, RestoreRequest};
 pub use vm_snapshot::SnapshotRequest;
+pub use warm_pool::{run_shim as run_warm_shim, WarmPoolConfig, WarmShape};
 
 pub use stop::DEFAULT_STOP_TIMEOUT;
 mod watch;
@@ -51,6 +54,10 @@ pub struct DaemonConfig {
     pub vmm_exe: PathBuf,
     /// Run each VMM jailed (chroot, namespaces, unprivileged uid): see `jail`.
     pub jail: bool,
+    /// Warm VMMs kept for restores (see `warm_pool`).
+    pub warm_pool: WarmPoolConfig,
+    /// The shared secret migrations in and out must prove (`vm_migrate::auth`).
+    pub migration_key: Option<MigrationKey>,
 }
 
 /// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.
@@ -68,6 +75,7 @@ pub struct Daemon {
     /// VMs whose exit the daemon asked for (`stop`), so exit code 0 reads "shut down on request".
     stop_requested: Mutex<std::collections::HashSet<String>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    warm: warm_pool::WarmPool,
 }
 
 /// The cgroup parent directory of VMs (the container runtime uses its own).
@@ -120,6 +128,7 @@ impl Daemon {
         if let Some(c) = &cgroups {
             tracing::info!("VM cgroups: v{}", c.version());
         }
+        let warm = warm_pool::WarmPool::new(&cfg.state_dir, cfg.warm_pool.clone());
         let d = Arc::new(Daemon {
             cfg,
             inv,
@@ -127,13 +136,16 @@ impl Daemon {
             running: Mutex::new(HashMap::new()),
             stop_requested: Mutex::new(Default::default()),
             locks: Mutex::new(HashMap::new()),
+            warm,
         });
         d.reconcile_all().await?;
+        d.refill_warm_pool();
         Ok(d)
     }
 
     /// Called on a graceful exit: VMs keep running, but an unused cgroup parent goes.
     pub fn shutdown(&self) {
+        self.warm.shutdown();
         if let Some(c) = &self.cgroups {
             c.remove_parent();
         }

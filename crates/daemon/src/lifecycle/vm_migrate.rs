@@ -4,6 +4,8 @@
 //! `corefour daemon --migration-listen ADDR:PORT`), one JSON object per line:
 //! ```text
 //! source daemon                              target daemon
+//!                                      <-    CHALLENGE {nonce, auth}
+//! (with --migration-key on both: AUTH -> <- PROOF, see `auth`)
 //! PREPARE {version, spec, copy_storage,
 //!          disks}                      ->    checks name, room, version, disks, MACs
 //!                                            (copy_storage: creates empty copies of the
@@ -43,11 +45,14 @@ use crate::inventory::{Pids, VmRecord};
 use crate::names::validate_name;
 use crate::shim;
 
+pub mod auth;
 mod disks;
+pub use auth::{check_listen, KeyError, MigrationKey};
 pub use disks::StorageReport;
 
 /// The daemons' migration protocol version (the VMMs' stream has its own).
-/// 2: live disk mirroring (PREPARE announces the disks; no SEND_DISKS/DISK messages).
+/// 2: live disk mirroring (PREPARE announces the disks; no SEND_DISKS/DISK messages); the
+/// target opens with a CHALLENGE (authentication with a shared key).
 pub const MIGRATION_VERSION: u32 = 2;
 /// The port `--migration-listen` and `vm migrate --to HOST` use when none is given.
 pub const DEFAULT_MIGRATION_PORT: u16 = 4747;
@@ -96,6 +101,20 @@ enum Msg {
         /// With `copy_storage`: the writable disks' formats and sizes.
         #[serde(default)]
         disks: Vec<disks::MirrorDisk>,
+    },
+    /// The target's first word: a nonce, and whether it requires the key.
+    Challenge {
+        nonce: String,
+        auth: bool,
+    },
+    /// The source's answer: its own nonce and HMAC (hex).
+    Auth {
+        nonce: String,
+        mac: String,
+    },
+    /// The target's proof that it holds the key too.
+    Proof {
+        mac: String,
     },
     Ready {
         vmm_addr: String,
@@ -259,6 +278,9 @@ impl Daemon {
                 ))
             })?;
         let mut c = Control::new(stream);
+        authenticate_source(&mut c, self.cfg.migration_key.as_ref())
+            .await
+            .map_err(refused)?;
         let mut spec = rec.spec.clone();
         spec.start = false;
         // The guest keeps its MACs: the target makes its taps with these.
@@ -446,6 +468,11 @@ impl Daemon {
     async fn incoming(self: Arc<Self>, s: TcpStream, peer: String) {
         let local_ip = s.local_addr().map(|a| a.ip());
         let mut c = Control::new(s);
+        if let Err(why) = authenticate_target(&mut c, self.cfg.migration_key.as_ref()).await {
+            tracing::warn!(peer, "migration connection refused: {why}");
+            let _ = c.send(&Msg::Refuse { reason: why }).await;
+            return;
+        }
         let (spec, theirs, copy) = match c.recv(CONTROL_TIMEOUT).await {
             Ok(Msg::Prepare {
                 version,
@@ -833,6 +860,109 @@ impl Daemon {
     }
 }
 
+/// The source's half of the authentication (see `auth`): Ok once PREPARE may follow.
+async fn authenticate_source(c: &mut Control, key: Option<&MigrationKey>) -> Result<(), String> {
+    let (nonce_t, auth) = match c.recv(CONTROL_TIMEOUT).await {
+        Ok(Msg::Challenge { nonce, auth }) => match auth::unhex(&nonce) {
+            Some(n) if n.len() == auth::NONCE => (n, auth),
+            _ => return Err("the target sent a malformed challenge".into()),
+        },
+        Ok(Msg::Refuse { reason }) => return Err(format!("the target refused: {reason}")),
+        Ok(other) => {
+            return Err(format!(
+                "the target opened with {other:?}, not a challenge (an older corefour?)"
+            ))
+        }
+        Err(e) => return Err(format!("the target did not answer: {e}")),
+    };
+    let refusal = match (key, auth) {
+        (None, false) => return Ok(()),
+        (Some(k), true) => Ok(k),
+        (None, true) => Err(
+            "the target accepts only authenticated migrations: start this \
+                             daemon with --migration-key FILE (the same secret as the target's)",
+        ),
+        (Some(_), false) => Err("the target does not authenticate (it runs without \
+                                 --migration-key): this daemon sends VMs only to a peer that \
+                                 proves the key"),
+    };
+    let key = match refusal {
+        Ok(k) => k,
+        Err(why) => {
+            // Tell the target too, so its log says why the connection ended.
+            let reason = why.to_string();
+            let _ = c.send(&Msg::Abort { reason }).await;
+            return Err(why.into());
+        }
+    };
+    let nonce_s = auth::nonce().map_err(|e| format!("cannot make a nonce: {e}"))?;
+    let mac = key.source_mac(&nonce_t, &nonce_s);
+    c.send(&Msg::Auth {
+        nonce: auth::hex(&nonce_s),
+        mac: auth::hex(&mac),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    match c.recv(CONTROL_TIMEOUT).await {
+        Ok(Msg::Proof { mac }) => {
+            if auth::unhex(&mac).is_some_and(|m| key.check_target(&nonce_s, &nonce_t, &m)) {
+                Ok(())
+            } else {
+                Err(
+                    "the target could not prove the migration key: its --migration-key \
+                     differs"
+                        .into(),
+                )
+            }
+        }
+        Ok(Msg::Refuse { reason }) => Err(format!("the target refused: {reason}")),
+        Ok(other) => Err(format!("the target answered {other:?} instead of a proof")),
+        Err(e) => Err(format!("the target did not answer: {e}")),
+    }
+}
+
+/// The target's half: a challenge, then (with a key) the source's answer checked and the
+/// proof sent. Ok once PREPARE may follow; Err is the reason to refuse with.
+async fn authenticate_target(c: &mut Control, key: Option<&MigrationKey>) -> Result<(), String> {
+    let nonce_t = auth::nonce().map_err(|e| format!("cannot make a nonce: {e}"))?;
+    c.send(&Msg::Challenge {
+        nonce: auth::hex(&nonce_t),
+        auth: key.is_some(),
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let (nonce_s, mac) = match c.recv(CONTROL_TIMEOUT).await {
+        Ok(Msg::Auth { nonce, mac }) => (nonce, mac),
+        Ok(Msg::Prepare { .. }) => {
+            return Err(
+                "this daemon accepts only authenticated migrations: start the source \
+                        daemon with --migration-key FILE (the same secret as this one's)"
+                    .into(),
+            )
+        }
+        Ok(Msg::Abort { reason }) => return Err(format!("the source gave up: {reason}")),
+        Ok(other) => return Err(format!("expected AUTH, got {other:?}")),
+        Err(e) => return Err(format!("no authentication: {e}")),
+    };
+    let nonce_s = match auth::unhex(&nonce_s) {
+        Some(n) if n.len() == auth::NONCE && n != nonce_t => n,
+        _ => return Err("authentication failed: a malformed nonce".into()),
+    };
+    if !auth::unhex(&mac).is_some_and(|m| key.check_source(&nonce_t, &nonce_s, &m)) {
+        return Err(
+            "authentication failed: the source's --migration-key differs from this daemon's".into(),
+        );
+    }
+    c.send(&Msg::Proof {
+        mac: auth::hex(&key.target_mac(&nonce_s, &nonce_t)),
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// Renames a network link (down, rename, up: Linux renames only links that are down).
 fn rename_link(from: &str, to: &str) -> Result<(), String> {
     if from == to {
@@ -885,6 +1015,57 @@ mod tests {
         ));
         assert!(serde_json::from_str::<Msg>(r#"{"op":"launch"}"#).is_err());
         assert!(serde_json::from_str::<Msg>(r#"{"op":"abort","reason":"r","x":1}"#).is_err());
+    }
+
+    /// Runs both halves of the authentication over loopback: (source's, target's) result.
+    async fn handshake(
+        src: Option<MigrationKey>,
+        dst: Option<MigrationKey>,
+    ) -> (Result<(), String>, Result<(), String>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let target = tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut c = Control::new(s);
+            let r = authenticate_target(&mut c, dst.as_ref()).await;
+            if let Err(why) = &r {
+                let _ = c
+                    .send(&Msg::Refuse {
+                        reason: why.clone(),
+                    })
+                    .await;
+            }
+            r
+        });
+        let mut c = Control::new(TcpStream::connect(addr).await.unwrap());
+        let s = authenticate_source(&mut c, src.as_ref()).await;
+        if s.is_ok() && src.is_none() {
+            // Without keys the source goes straight to PREPARE.
+            let _ = c
+                .send(&Msg::Abort {
+                    reason: "test".into(),
+                })
+                .await;
+        }
+        drop(c);
+        (s, target.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn daemons_authenticate_each_other_with_the_shared_key() {
+        let k = || Some(MigrationKey::from_bytes(b"the shared migration secret"));
+        let other = || Some(MigrationKey::from_bytes(b"another migration secret!"));
+        let (s, t) = handshake(k(), k()).await;
+        assert!(s.is_ok() && t.is_ok(), "{s:?} {t:?}");
+        let (s, t) = handshake(None, None).await;
+        assert!(s.is_ok() && t.is_ok(), "{s:?} {t:?}");
+        let (s, t) = handshake(other(), k()).await;
+        assert!(t.unwrap_err().contains("differs"));
+        assert!(s.unwrap_err().contains("differs"));
+        let (s, _) = handshake(k(), None).await;
+        assert!(s.unwrap_err().contains("does not authenticate"));
+        let (s, _) = handshake(None, k()).await;
+        assert!(s.unwrap_err().contains("--migration-key"));
     }
 
     #[tokio::test]

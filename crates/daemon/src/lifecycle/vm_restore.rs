@@ -1,5 +1,6 @@
-//! `POST /v1/vms/{name}/restore`: start a stopped VM from one of its snapshots. The daemon leaves
-//! a marker naming the snapshot in the VM's directory; the shim consumes it and runs the VMM with
+//! `POST /v1/vms/{name}/restore`: start a stopped VM from one of its snapshots. A warm VMM of the
+//! VM's shape takes it when the pool has one (`warm_pool`); otherwise the daemon leaves a marker
+//! naming the snapshot in the VM's directory; the shim consumes it and runs the VMM with
 //! `--restore DIR` instead of `--config`, so only the next start restores.
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,9 @@ impl Daemon {
                     req.path.display()
                 ))
             })?;
+        if let Some(info) = self.restore_warm(name, &snap).await? {
+            return Ok(info);
+        }
         let marker = self.vm_dir(name).join(RESTORE_MARKER);
         {
             let _g = self.op_lock(name).await;
@@ -75,6 +79,8 @@ impl Daemon {
             std::fs::create_dir_all(self.vm_dir(name)).map_err(|e| {
                 DaemonError::io(format!("cannot create {}", self.vm_dir(name).display()), e)
             })?;
+            // Frozen disks (a same-instant disk snapshot): fresh overlays on them.
+            let snap = self.fresh_restore_point(name, &snap)?;
             std::fs::write(&marker, snap.display().to_string())
                 .map_err(|e| DaemonError::io(format!("cannot write {}", marker.display()), e))?;
         }

@@ -15,6 +15,11 @@
 //! any writable format. One registry per process, like the device page log in `dirty`: a VMM
 //! process runs one VM, and the request path has no handle to the VMM.
 //!
+//! The registry also lets the VMM switch a disk to another image while the devices are parked
+//! (`swap_backend`): a snapshot's same-instant qcow2 overlay. A formatted image is replaced
+//! inside the lock the device shares; a raw disk gets an image the request path picks up
+//! through [`reopened`] at its next batch (one relaxed load while no disk was switched).
+//!
 //! [`DiskIo`] reads and writes the guest-visible bytes of a registered disk beside the device:
 //! a raw file through its own descriptor (the device may hold its file with O_DIRECT), a
 //! formatted image through the device's own image handle (a second handle would keep a second,
@@ -43,6 +48,12 @@ pub enum BlkDirtyError {
         #[source]
         source: corefour_disk::DiskError,
     },
+    #[error("disk {path}: cannot flush it: {source}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("disk {path}: the image lock was poisoned by an earlier failure")]
     Poisoned { path: PathBuf },
     #[error("disk {path}: {off}+{len} lies outside its {size} bytes")]
@@ -61,12 +72,18 @@ pub struct TrackedDisk {
     path: PathBuf,
     size: u64,
     image: Option<SharedImage>,
+    /// A raw disk switched to an image (`swap_backend`): the device serves it from then on.
+    reopened: RwLock<Option<SharedImage>>,
+    /// The file the guest's disk lives in now (the registered path until a swap).
+    current: RwLock<PathBuf>,
     /// `Some(owner, bits)` while tracking.
     map: RwLock<Option<(&'static str, Vec<AtomicU64>)>>,
 }
 
 /// Whether any disk is tracked: the fast path of `mark`.
 static ANY: AtomicBool = AtomicBool::new(false);
+/// Whether any raw disk was switched to an image: the fast path of `reopened`.
+static ANY_REOPENED: AtomicBool = AtomicBool::new(false);
 static DISKS: RwLock<Vec<Arc<TrackedDisk>>> = RwLock::new(Vec::new());
 
 fn disks() -> std::sync::RwLockReadGuard<'static, Vec<Arc<TrackedDisk>>> {
@@ -85,9 +102,11 @@ pub fn register(fd: i32, path: &Path, size: u64, image: Option<SharedImage>) {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let d = Arc::new(TrackedDisk {
         fd,
+        current: RwLock::new(path.clone()),
         path,
         size,
         image,
+        reopened: RwLock::new(None),
         map: RwLock::new(None),
     });
     let mut all = DISKS.write().unwrap_or_else(|e| e.into_inner());
@@ -107,6 +126,20 @@ pub fn mark(fd: i32, off: u64, len: u64) {
             d.mark(off, len);
         }
     }
+}
+
+/// The request path's second hook: the image a raw disk on `fd` was switched to, if any.
+/// Read once per batch of requests, so a switch made while the device is parked applies to
+/// every request after it.
+#[inline]
+pub fn reopened(fd: i32) -> Option<SharedImage> {
+    if !ANY_REOPENED.load(Ordering::Relaxed) {
+        return None;
+    }
+    disks()
+        .iter()
+        .find(|d| d.fd == fd)
+        .and_then(|d| d.reopened.read().unwrap_or_else(|e| e.into_inner()).clone())
 }
 
 /// The registered disk at `path` (compared after resolving links).
@@ -132,6 +165,93 @@ impl TrackedDisk {
     /// Guest-visible bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The file the guest's disk lives in now.
+    pub fn current_path(&self) -> PathBuf {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The image the device serves this disk from, if not the raw file.
+    fn shared(&self) -> Option<SharedImage> {
+        self.image.clone().or_else(|| {
+            self.reopened
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
+    }
+
+    /// Makes everything the device wrote to the current file durable.
+    pub fn flush(&self) -> Result<(), BlkDirtyError> {
+        let path = self.current_path();
+        match self.shared() {
+            Some(img) => {
+                let mut g = img
+                    .lock()
+                    .map_err(|_| BlkDirtyError::Poisoned { path: path.clone() })?;
+                g.writer()
+                    .and_then(|w| w.flush())
+                    .map_err(|source| BlkDirtyError::Image { path, source })
+            }
+            None => {
+                // SAFETY: fdatasync on the device's descriptor, which lives as long as the
+                // device; no memory is passed.
+                if unsafe { libc::fdatasync(self.fd) } != 0 {
+                    return Err(BlkDirtyError::Sync {
+                        path,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Switches the disk to `new` (at `new_path`), flushing the current file first. The
+    /// devices must be parked: a request batch in flight would finish on the old file. Returns
+    /// what `swap_back` needs to undo it.
+    pub fn swap_backend(
+        &self,
+        new: corefour_disk::Image,
+        new_path: &Path,
+    ) -> Result<Swapped, BlkDirtyError> {
+        self.flush()?;
+        let old_path = self.current_path();
+        let old = match self.shared() {
+            Some(img) => {
+                let mut g = img.lock().map_err(|_| BlkDirtyError::Poisoned {
+                    path: old_path.clone(),
+                })?;
+                Some(std::mem::replace(&mut *g, new))
+            }
+            None => {
+                *self.reopened.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some(Arc::new(Mutex::new(new)));
+                ANY_REOPENED.store(true, Ordering::SeqCst);
+                None
+            }
+        };
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = new_path.to_path_buf();
+        Ok(Swapped { old, old_path })
+    }
+
+    /// Undoes a `swap_backend` (the devices still parked, nothing written since).
+    pub fn swap_back(&self, s: Swapped) {
+        match s.old {
+            Some(old) => {
+                if let Some(img) = self.shared() {
+                    if let Ok(mut g) = img.lock() {
+                        *g = old;
+                    }
+                }
+            }
+            None => *self.reopened.write().unwrap_or_else(|e| e.into_inner()) = None,
+        }
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = s.old_path;
     }
 
     pub fn tracking(&self) -> bool {
@@ -235,8 +355,8 @@ impl TrackedDisk {
 
     /// Opens the guest-visible bytes for a copy; `write` for the receiving side.
     pub fn io(&self, write: bool) -> Result<DiskIo, BlkDirtyError> {
-        let io = match &self.image {
-            Some(img) => Io::Shared(img.clone()),
+        let io = match self.shared() {
+            Some(img) => Io::Shared(img),
             None => Io::Own(
                 corefour_disk::open(
                     &self.path,
@@ -262,6 +382,12 @@ impl TrackedDisk {
 enum Io {
     Own(corefour_disk::Image),
     Shared(SharedImage),
+}
+
+/// What `swap_back` restores.
+pub struct Swapped {
+    old: Option<corefour_disk::Image>,
+    old_path: PathBuf,
 }
 
 /// The guest-visible bytes of one disk (see the module comment).

@@ -125,25 +125,53 @@ struct Table {
 
 impl Table {
     fn read(&self, mem: &GuestMemoryMmap, i: u32) -> Option<Desc> {
-        let mut raw = [0u8; 16];
-        match self.area {
-            // SAFETY: `i < entries` (the caller checks), so the 16 bytes lie inside the table,
-            // which `Area::new` checked against one region. A volatile copy: the guest may be
-            // writing it, and only this copy is validated and used.
-            Area::Host(p) => unsafe {
-                raw = std::ptr::read_volatile(p.add(16 * i as usize).cast::<[u8; 16]>());
-            },
-            Area::Guest(a) => mem
-                .read_slice(&mut raw, GuestAddress(a.0 + 16 * u64::from(i)))
-                .ok()?,
-        }
+        let (w0, w1) = match self.area {
+            Area::Host(p) => {
+                let p = p.wrapping_add(16 * i as usize);
+                if (p as usize).is_multiple_of(8) {
+                    // SAFETY: `i < entries` (the caller checks), so the 16 bytes lie inside the
+                    // table, which `Area::new` checked against one region; 8-aligned. Two
+                    // volatile word loads (a volatile [u8; 16] compiles to sixteen byte loads
+                    // and a store-forwarding stall): the guest may be writing the entry, and
+                    // only this copy is validated and used.
+                    unsafe {
+                        (
+                            std::ptr::read_volatile(p.cast::<u64>()),
+                            std::ptr::read_volatile(p.add(8).cast::<u64>()),
+                        )
+                    }
+                } else {
+                    // An indirect table at an odd address (allowed).
+                    let mut raw = [0u8; 16];
+                    // SAFETY: as above, without the alignment; a byte copy.
+                    unsafe { std::ptr::copy_nonoverlapping(p, raw.as_mut_ptr(), 16) };
+                    words(raw)
+                }
+            }
+            Area::Guest(a) => {
+                let mut raw = [0u8; 16];
+                mem.read_slice(&mut raw, GuestAddress(a.0 + 16 * u64::from(i)))
+                    .ok()?;
+                words(raw)
+            }
+        };
+        let (w0, w1) = (u64::from_le(w0), u64::from_le(w1));
         Some(Desc {
-            addr: u64::from_le_bytes(raw[0..8].try_into().ok()?),
-            len: u32::from_le_bytes(raw[8..12].try_into().ok()?),
-            flags: u16::from_le_bytes([raw[12], raw[13]]),
-            next: u16::from_le_bytes([raw[14], raw[15]]),
+            addr: w0,
+            len: w1 as u32,
+            flags: (w1 >> 32) as u16,
+            next: (w1 >> 48) as u16,
         })
     }
+}
+
+/// A descriptor's bytes as two little-endian words (as loaded from memory).
+fn words(raw: [u8; 16]) -> (u64, u64) {
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.copy_from_slice(&raw[..8]);
+    b.copy_from_slice(&raw[8..]);
+    (u64::from_ne_bytes(a), u64::from_ne_bytes(b))
 }
 
 /// A split queue the device works on through host pointers (see the module doc).
@@ -455,7 +483,10 @@ mod tests {
             desc(&mem, DESC, 3, 0x6000, 32, DESC_F_INDIRECT, 0);
             desc(&mem, 0x6000, 0, 0xb000, 16, DESC_F_NEXT, 1);
             desc(&mem, 0x6000, 1, 0xc000, 4, DESC_F_WRITE, 0);
-            offer(&mem, &[0, 3], 8);
+            // Head 4: an indirect table at an odd address (allowed for indirect tables).
+            desc(&mem, DESC, 4, 0x7003, 16, DESC_F_INDIRECT, 0);
+            desc(&mem, 0x7003, 0, 0xd000, 9, DESC_F_WRITE, 0);
+            offer(&mem, &[0, 3, 4], 8);
             assert!(r.pending());
             let mut c = Chain::default();
             assert!(r.pop(&mut c).unwrap());
@@ -475,14 +506,24 @@ mod tests {
                 (3, None, 16, 4)
             );
             r.add_used(3, 4);
+            assert!(r.pop(&mut c).unwrap());
+            assert_eq!(
+                c.writable,
+                vec![Buf {
+                    addr: GuestAddress(0xd000),
+                    len: 9
+                }]
+            );
+            assert_eq!((c.head, c.error.clone()), (4, None));
+            r.add_used(4, 9);
             assert!(!r.pop(&mut c).unwrap());
             assert!(!r.pending());
             let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
-            assert_eq!(used_idx, 2);
-            let e: [u32; 4] = mem.read_obj(GuestAddress(USED + 4)).unwrap();
-            assert_eq!(e, [0, 513, 3, 4]);
+            assert_eq!(used_idx, 3);
+            let e: [u32; 6] = mem.read_obj(GuestAddress(USED + 4)).unwrap();
+            assert_eq!(e, [0, 513, 3, 4, 4, 9]);
             let s = r.snap();
-            assert_eq!((s.next_avail, s.next_used, s.size), (2, 2, 8));
+            assert_eq!((s.next_avail, s.next_used, s.size), (3, 3, 8));
         }
     }
 

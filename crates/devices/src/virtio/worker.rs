@@ -205,47 +205,55 @@ impl Drop for Worker {
     }
 }
 
-/// How long a polling device keeps looking at its rings after work before it sleeps. A driver
-/// that submits in a steady stream then costs neither a notification (its kicks stay
-/// suppressed while the device polls) nor a wake-up (vhost's busyloop, in small).
-const POLL: Duration = Duration::from_micros(50);
-/// Spins between yields of the CPU while polling: on a host with fewer cores than busy
-/// threads, the driver this loop waits for may need this very core.
-const SPINS_PER_YIELD: u32 = 64;
+/// How long a polling device keeps looking at its rings after work before it sleeps, at most
+/// and at least. A driver that submits in a steady stream then costs neither a notification
+/// (its kicks stay suppressed while the device polls) nor a wake-up (vhost's busyloop, in
+/// small); one that submits now and then costs only a short spin per request.
+const POLL_MAX: Duration = Duration::from_micros(50);
+const POLL_MIN: Duration = Duration::from_micros(4);
 
 /// Serves the handler's queues while work keeps coming, then re-enables notifications
-/// (`before_sleep`) and returns when none arrived for [`POLL`].
+/// (`before_sleep`) and returns when none arrived for `window`. The window adapts: it doubles
+/// (up to [`POLL_MAX`]) when polling found work and halves (down to [`POLL_MIN`]) when it
+/// spun for nothing.
 fn poll(
     handler: &mut dyn QueueHandler,
     poller: &Poller,
     control: &Control,
+    window: &mut Duration,
 ) -> Result<(), super::DeviceError> {
-    let mut until = Instant::now() + POLL;
+    let mut until = Instant::now() + *window;
     let mut spins = 0u32;
+    let mut found = false;
     loop {
         if control.attention.load(Ordering::Relaxed) {
             return Ok(());
         }
         if let Some(q) = handler.pending_queue() {
             handler.queue_notified(q, poller)?;
-            until = Instant::now() + POLL;
+            if spins > 0 && !found {
+                found = true;
+                *window = (*window * 2).min(POLL_MAX);
+            }
+            until = Instant::now() + *window;
             continue;
         }
         spins += 1;
         // Reading the clock every few spins keeps the loop cheap.
         if spins.is_multiple_of(16) && Instant::now() >= until {
             if handler.before_sleep() {
-                until = Instant::now() + POLL;
+                until = Instant::now() + *window;
                 continue;
+            }
+            if !found {
+                *window = (*window / 2).max(POLL_MIN);
             }
             return Ok(());
         }
-        if spins.is_multiple_of(SPINS_PER_YIELD) {
-            // SAFETY: sched_yield takes no arguments and touches no memory.
-            unsafe { libc::sched_yield() };
-        } else {
-            std::hint::spin_loop();
-        }
+        // No sched_yield here: under EEVDF it pushes this thread a whole slice back behind any
+        // other runnable task (a loaded host's compiler), and a driver thread woken on this
+        // core preempts the spin anyway.
+        std::hint::spin_loop();
     }
 }
 
@@ -274,6 +282,7 @@ fn run(
     control: &Control,
 ) {
     let mut events = vec![EpollEvent::default(); 32];
+    let mut window = POLL_MAX;
     let mut failed = false;
     loop {
         let next = if failed { None } else { handler.next_timer() };
@@ -289,7 +298,7 @@ fn run(
         let attention = control.attention.load(Ordering::Relaxed);
         if !failed && !attention && handler.before_sleep() {
             // Work arrived after the handler's last pass; its notification may never come.
-            if let Err(e) = poll(handler, poller, control) {
+            if let Err(e) = poll(handler, poller, control, &mut window) {
                 tracing::warn!("virtio device stopped, driver must reset it: {e}");
                 interrupt.set_needs_reset();
                 failed = true;
@@ -339,7 +348,7 @@ fn run(
             });
         }
         if result.is_ok() && !failed && n > 0 {
-            result = poll(handler, poller, control);
+            result = poll(handler, poller, control, &mut window);
         }
         if let Err(e) = result {
             tracing::warn!("virtio device stopped, driver must reset it: {e}");

@@ -1,11 +1,17 @@
 //! Executable memory for translated blocks: one anonymous mapping per vCPU, filled front to
 //! back. W^X: a page is writable only while new code is copied in and executable otherwise, so
 //! no page is ever both (two mprotect calls per translation; translations are rare).
+//!
+//! Behind the code, in the same mapping (so code reaches it RIP-relative), lies a writable,
+//! never executable array of chain slots: a block's exit to a fixed target jumps through one,
+//! and chaining a block to its successor is one store into it, no code patching.
 
 use thiserror::Error;
 
-/// Address space reserved per vCPU; pages are only backed once code lands on them.
+/// Address space reserved per vCPU for code; pages are only backed once code lands on them.
 pub const ARENA: usize = 32 << 20;
+/// Chain slots (8 bytes each) after the code.
+pub const SLOTS: usize = 1 << 19;
 const PAGE: usize = 4096;
 
 #[derive(Debug, Error)]
@@ -19,6 +25,8 @@ pub enum BufError {
 pub struct CodeBuf {
     base: *mut u8,
     used: usize,
+    /// Chain slots handed out (slot 0 is never used: it means "none").
+    slots: usize,
 }
 
 // SAFETY: the mapping is owned by this value and only touched by the vCPU thread holding it.
@@ -31,7 +39,7 @@ impl CodeBuf {
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                ARENA,
+                ARENA + SLOTS * 8,
                 libc::PROT_READ | libc::PROT_EXEC,
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                 -1,
@@ -41,10 +49,54 @@ impl CodeBuf {
         if p == libc::MAP_FAILED {
             return Err(BufError::Map(ARENA, std::io::Error::last_os_error()));
         }
+        // SAFETY: the slot array is the tail of the mapping just made.
+        let rc = unsafe {
+            libc::mprotect(
+                p.cast::<u8>().add(ARENA).cast(),
+                SLOTS * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            // SAFETY: unmaps the mapping made above, which nothing uses yet.
+            unsafe { libc::munmap(p, ARENA + SLOTS * 8) };
+            return Err(BufError::Protect(e));
+        }
         Ok(CodeBuf {
             base: p.cast(),
             used: 0,
+            slots: 1,
         })
+    }
+
+    /// A fresh chain slot: its number and address, or None when all are taken.
+    pub fn slot(&mut self) -> Option<(u32, u64)> {
+        if self.slots >= SLOTS {
+            return None;
+        }
+        let n = self.slots;
+        self.slots += 1;
+        Some((n as u32, self.slot_addr(n as u32)))
+    }
+
+    fn slot_addr(&self, n: u32) -> u64 {
+        self.base as u64 + ARENA as u64 + 8 * n as u64
+    }
+
+    /// Points chain slot `n` (from `slot`) at `to`.
+    pub fn set_slot(&mut self, n: u32, to: u64) {
+        if n == 0 || n as usize >= self.slots {
+            return;
+        }
+        // SAFETY: slot `n` was handed out, so it lies in the writable slot array; code only
+        // reads it on this thread, between runs.
+        unsafe { (self.slot_addr(n) as *mut u64).write(to) };
+    }
+
+    /// Whether fewer than `n` slots are left.
+    pub fn slots_low(&self, n: usize) -> bool {
+        self.slots + n > SLOTS
     }
 
     /// Where the next block's code will start (code is assembled for this address).
@@ -59,6 +111,7 @@ impl CodeBuf {
     /// Forgets every block: only call once nothing points into the buffer any more.
     pub fn reset(&mut self) {
         self.used = 0;
+        self.slots = 1;
     }
 
     /// Copies `code` (assembled for `self.next()`) in and returns its address.
@@ -96,7 +149,7 @@ impl Drop for CodeBuf {
         // SAFETY: unmaps exactly the mapping made in `new`; no block outlives the buffer
         // (the vCPU drops its cache, which holds the entry points, with it).
         unsafe {
-            libc::munmap(self.base.cast(), ARENA);
+            libc::munmap(self.base.cast(), ARENA + SLOTS * 8);
         }
     }
 }

@@ -27,13 +27,13 @@
 pub mod buf;
 
 use iced_x86::code_asm::{
-    eax, ecx, edx, get_gpr32, get_gpr64, qword_ptr, r12, r13, r14, r15, rax, rbp, rbx, rdi, rsi,
-    rsp, AsmMemoryOperand, AsmRegister32, AsmRegister64, CodeAssembler, CodeLabel,
+    eax, ecx, edx, get_gpr32, get_gpr64, qword_ptr, r12, r13, r14, r15, rax, rbp, rbx, rcx, rdi,
+    rsi, rsp, AsmMemoryOperand, AsmRegister32, AsmRegister64, CodeAssembler, CodeLabel,
 };
 use iced_x86::IcedError;
 use iced_x86::{
-    Code, ConditionCode, Encoder, Instruction, InstructionInfoFactory, MemoryOperand,
-    Mnemonic as M, OpAccess, OpKind, Register, RflagsBits,
+    BlockEncoderOptions, Code, ConditionCode, Encoder, Instruction, InstructionInfoFactory,
+    MemoryOperand, Mnemonic as M, OpAccess, OpKind, Register, RflagsBits,
 };
 use thiserror::Error;
 
@@ -51,10 +51,15 @@ pub struct Jit {
     pub ops: u32,
     /// Translated for CPL 3 (the user TLB set) or not.
     pub user: bool,
-    /// Whether the code reads or writes the arithmetic flags (they then go through `jit_flags`).
-    pub flags: bool,
-    /// The covered instructions end with a branch that set RIP.
-    pub branch: bool,
+    /// Where a chained predecessor enters (Cpu pointer in RDI, callee-saved registers
+    /// already pushed by the first block of the chain).
+    pub chain: u64,
+}
+
+/// What translated code returned: instructions of the block retired in its last pass (the
+/// interpreter continues there) and, when it left through a chainable exit, that exit's slot.
+pub fn split_ret(r: u64) -> (usize, u32) {
+    ((r as u32) as usize, (r >> 32) as u32)
 }
 
 const ARITH: u32 = RflagsBits::OF
@@ -420,7 +425,12 @@ unsafe extern "sysv64" fn fill(cpu: *mut Cpu, lin: u64, size: u64, write: u64) -
     (tag == lin.wrapping_add(size - 1) & !0xfff) as u64
 }
 
-struct Tr {
+struct Tr<'b> {
+    /// The address of each instruction of the block, then the one after its last.
+    ips: Vec<u64>,
+    buf: &'b mut CodeBuf,
+    /// Chain slots of this block and the label each points to until linked.
+    chains: Vec<(u32, CodeLabel)>,
     a: CodeAssembler,
     p: AsmRegister64,
     p_n: usize,
@@ -449,7 +459,7 @@ pub enum JitError {
 
 type R = Result<(), JitError>;
 
-impl Tr {
+impl Tr<'_> {
     fn cpu(&self, off: i32) -> AsmMemoryOperand {
         qword_ptr(self.p + off)
     }
@@ -493,6 +503,16 @@ impl Tr {
     fn exit(&mut self, k: u32) -> R {
         self.park()?;
         self.retire(k)?;
+        self.leave_at(k)
+    }
+
+    /// Sets RIP to instruction `k` (or past the last) and leaves returning `k`. Every exit
+    /// leaves RIP exact: after chained blocks the vCPU cannot tell which block `k` is of.
+    fn leave_at(&mut self, k: u32) -> R {
+        let ip = self.ips.get(k as usize).copied().unwrap_or(0);
+        let r = if self.p_n == 0 { rcx } else { rax };
+        self.a.mov(r, ip)?;
+        self.a.mov(self.cpu(off_rip()), r)?;
         self.a.mov(eax, k)?;
         self.a.jmp(self.epi)?;
         Ok(())
@@ -507,21 +527,37 @@ impl Tr {
     }
 
     /// Ends the block's pass at a branch to `target` with `n` retired. A branch back to the
-    /// block's own start loops inside the code until the next timer/interrupt poll is due.
-    /// Flags must be parked.
+    /// block's own start loops inside the code, and a branch elsewhere jumps through a chain
+    /// slot (to the successor's code once the vCPU links it), both until the next
+    /// timer/interrupt poll is due. Flags must be parked.
     fn leave_to(&mut self, target: u64, n: u32, busy: &mut u16) -> R {
         self.retire(n)?;
+        let Some(t) = self.scratch(busy, false) else {
+            return Err(JitError::Limit("no scratch registers"));
+        };
+        *busy &= !(1 << t);
+        let mut ret = n as u64;
         if target == self.start_ip {
-            let Some(t) = self.scratch(busy, false) else {
-                return Err(JitError::Limit("no scratch registers"));
-            };
-            *busy &= !(1 << t);
             self.a.mov(asm64(t), self.cpu(off_icount()))?;
             self.a.cmp(asm64(t), self.cpu(off_poll_at()))?;
             self.a.jb(self.head)?;
+        } else if let Some((slot, addr)) = self.buf.slot() {
+            let mut unchained = self.a.create_label();
+            self.a.mov(asm64(t), self.cpu(off_icount()))?;
+            self.a.cmp(asm64(t), self.cpu(off_poll_at()))?;
+            self.a.jae(unchained)?;
+            if self.p_n != 7 {
+                self.a.mov(rdi, self.p)?;
+            }
+            let via = MemoryOperand::with_base_displ(Register::RIP, addr as i64);
+            self.a
+                .add_instruction(Instruction::with1(Code::Jmp_rm64, via)?)?;
+            self.a.set_label(&mut unchained)?;
+            self.chains.push((slot, unchained));
+            ret |= (slot as u64) << 32;
         }
         self.set_rip(target, busy)?;
-        self.a.mov(eax, n)?;
+        self.a.mov(rax, ret)?;
         self.a.jmp(self.epi)?;
         Ok(())
     }
@@ -709,8 +745,8 @@ impl Tr {
                 self.a.lea(asm64(s), qword_ptr(asm64(s) - 8))?;
                 self.a.mov(self.cpu(off_gpr(RSP)), asm64(s))?;
                 if pl.kind == Kind::Call {
-                    self.set_rip(i.near_branch_target(), &mut busy)?;
-                    self.exit(k + 1)?;
+                    // Flags are parked (set_retry); RSP and the return address are stored.
+                    self.leave_to(i.near_branch_target(), k + 1, &mut busy)?;
                 }
                 Ok(true)
             }
@@ -733,7 +769,9 @@ impl Tr {
                 self.a.mov(self.cpu(off_gpr(RSP)), asm64(s))?;
                 if pl.kind == Kind::Ret {
                     self.a.mov(self.cpu(off_rip()), asm64(v))?;
-                    self.exit(k + 1)?;
+                    self.retire(k + 1)?;
+                    self.a.mov(eax, k + 1)?;
+                    self.a.jmp(self.epi)?;
                 } else {
                     let n = full_idx(i.op0_register()).unwrap_or(0);
                     self.a.mov(self.cpu(off_gpr(n)), asm64(v))?;
@@ -874,7 +912,6 @@ pub fn translate<'a>(
     let mut fac = InstructionInfoFactory::new();
     let mut plans = Vec::new();
     let mut union = 0u16;
-    let mut flags = false;
     for i in ins.clone() {
         let Some(pl) = classify(i, &mut fac, smp) else {
             break;
@@ -884,7 +921,6 @@ pub fn translate<'a>(
             break;
         }
         union |= pl.used;
-        flags |= pl.need_flags || pl.sets_flags;
         let end = matches!(pl.kind, Kind::Jmp | Kind::Jcc | Kind::Call | Kind::Ret);
         plans.push(pl);
         if end {
@@ -896,26 +932,26 @@ pub fn translate<'a>(
     }
     let p_n = P_ORDER.iter().copied().find(|&n| union & (1 << n) == 0)?;
     let start_ip = ins.clone().next()?.ip();
-    let code = assemble(ins, &plans, p_n, user, start_ip, buf.next()).ok()?;
-    let (code, ops) = code;
-    if code.len() > buf.room() {
+    if buf.slots_low(4) {
         return None;
     }
-    let at = buf.push(&code).ok()?;
+    let a = assemble(ins, &plans, p_n, user, start_ip, buf).ok()?;
+    if a.code.len() > buf.room() {
+        return None;
+    }
+    let at = buf.push(&a.code).ok()?;
+    let ops = a.ops;
+    for (slot, ip) in a.chains {
+        buf.set_slot(slot, ip);
+    }
     // SAFETY: `at` holds code assembled for this address that follows the sysv64 ABI: it
     // saves the callee-saved registers it uses, leaves RSP balanced and DF clear.
     let entry: EntryFn = unsafe { std::mem::transmute::<*const u8, EntryFn>(at) };
-    let branch = ops as usize == plans.len()
-        && matches!(
-            plans.last().map(|p| p.kind),
-            Some(Kind::Jmp | Kind::Jcc | Kind::Call | Kind::Ret)
-        );
     Some(Jit {
         entry,
         ops,
         user,
-        flags,
-        branch,
+        chain: a.chain,
     })
 }
 
@@ -925,19 +961,28 @@ fn assemble<'a>(
     p_n: usize,
     user: bool,
     start_ip: u64,
-    ip: u64,
-) -> Result<(Vec<u8>, u32), JitError> {
+    buf: &mut CodeBuf,
+) -> Result<Assembled, JitError> {
+    let ip = buf.next();
+    let ins: Vec<&Instruction> = ins.collect();
+    let mut ips: Vec<u64> = ins.iter().map(|i| i.ip()).collect();
+    ips.extend(ins.last().map(|i| i.next_ip()));
     let mut a = CodeAssembler::new(64)?;
     let epi = a.create_label();
     let saved = [rbx, rbp, r12, r13, r14, r15];
     for r in saved {
         a.push(r)?;
     }
+    let mut chain = a.create_label();
+    a.set_label(&mut chain)?;
     a.mov(asm64(p_n), rdi)?;
     let mut head = a.create_label();
     a.set_label(&mut head)?;
     a.nop()?;
     let mut t = Tr {
+        ips,
+        buf,
+        chains: Vec::new(),
         head,
         start_ip,
         a,
@@ -953,7 +998,7 @@ fn assemble<'a>(
     let mut k = 0u32;
     // Whether the code already left through a branch's exit.
     let mut left = false;
-    for (i, pl) in ins.zip(plans) {
+    for (i, pl) in ins.into_iter().zip(plans) {
         if !t.emit(i, pl, k)? {
             break;
         }
@@ -984,8 +1029,7 @@ fn assemble<'a>(
         t.a.test(eax, eax)?;
         t.a.jnz(m.retry)?;
         t.retire(m.k)?;
-        t.a.mov(eax, m.k)?;
-        t.a.jmp(t.epi)?;
+        t.leave_at(m.k)?;
     }
     let mut epi = t.epi;
     t.a.set_label(&mut epi)?;
@@ -993,6 +1037,24 @@ fn assemble<'a>(
         t.a.pop(*r)?;
     }
     t.a.ret()?;
-    let code = t.a.assemble(ip)?;
-    Ok((code, ops))
+    let r =
+        t.a.assemble_options(ip, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
+    let chains = t
+        .chains
+        .iter()
+        .map(|(s, l)| Ok((*s, r.label_ip(l)?)))
+        .collect::<Result<Vec<_>, IcedError>>()?;
+    Ok(Assembled {
+        chain: r.label_ip(&chain)?,
+        code: r.inner.code_buffer,
+        ops,
+        chains,
+    })
+}
+
+struct Assembled {
+    code: Vec<u8>,
+    ops: u32,
+    chain: u64,
+    chains: Vec<(u32, u64)>,
 }

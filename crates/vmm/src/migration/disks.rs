@@ -7,7 +7,9 @@
 //! clusters stay behind: the target's fresh copy reads them as zeros), skipping 4 KiB blocks of
 //! zeros; each later round re-sends the chunks the guest wrote meanwhile, together with the
 //! memory pages it dirtied; the stop phase, with the devices parked, sends the last dirty
-//! chunks. A DISK frame is `[disk u32][offset u64][len u64][len bytes]`, guest-visible bytes
+//! chunks. The source waits for the target to make its copies durable (DISK_SYNC) after the
+//! first pass and before the pause, so writing back the bulk never lands in the downtime and
+//! the target never lags behind the stop phase. A DISK frame is `[disk u32][offset u64][len u64][len bytes]`, guest-visible bytes
 //! at a guest offset, so a raw or qcow2 source copies into a raw or qcow2 target alike. The
 //! source only reads its disks: a failed migration leaves them as they were.
 
@@ -226,6 +228,8 @@ pub fn merge(a: &mut [Vec<u64>], b: &[Vec<u64>]) {
 pub struct DiskSink {
     disks: Vec<(u32, DiskIo)>,
     buf: Vec<u8>,
+    /// Frames written since the last flush.
+    unflushed: bool,
 }
 
 impl DiskSink {
@@ -266,6 +270,7 @@ impl DiskSink {
         Ok(DiskSink {
             disks,
             buf: Vec::new(),
+            unflushed: false,
         })
     }
 
@@ -294,14 +299,22 @@ impl DiskSink {
             .ok_or_else(|| bad(format!("disk {index} was not announced")))?;
         self.buf.resize(n as usize, 0);
         r.read_exact(&mut self.buf)?;
+        self.unflushed = true;
         io.write_at(&self.buf, off).map_err(|e| bad(e.to_string()))
     }
 
-    /// Makes every copy durable before the target says LOADED.
+    /// Makes every copy durable: when the source asks (DISK_SYNC: after the first pass and
+    /// before it pauses the guest, so the bulk is written back while the guest still runs)
+    /// and before the target says LOADED (then only the last chunks are left, inside the
+    /// downtime).
     pub fn flush(&mut self) -> Result<(), String> {
+        if !self.unflushed {
+            return Ok(());
+        }
         for (_, io) in &mut self.disks {
             io.flush().map_err(|e| e.to_string())?;
         }
+        self.unflushed = false;
         Ok(())
     }
 }

@@ -7,6 +7,8 @@
 //!                                    <-    READY | REFUSE {reason}
 //! PAGES {region, first, count, data} ->    (repeated: pre-copy rounds, then the last copy)
 //! DISK {disk, offset, len, data}     ->    (with copy_storage, beside PAGES: see `disks`)
+//! DISK_SYNC                          ->
+//!                                    <-    DISK_SYNCED (the copies are durable so far)
 //! ROUND {n, pages}                   ->
 //! STATE (a CRC'd format frame)       ->
 //!                                    <-    LOADED | REFUSE {reason}
@@ -41,6 +43,8 @@ pub const TAG_COMMIT: u32 = 8;
 pub const TAG_STARTED: u32 = 9;
 pub const TAG_ABORT: u32 = 10;
 pub const TAG_DISK: u32 = 11;
+pub const TAG_DISK_SYNC: u32 = 12;
+pub const TAG_DISK_SYNCED: u32 = 13;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {

@@ -100,6 +100,16 @@ impl Incoming {
                 p::TAG_ROUND => {
                     p::recv_body(&mut self.r, len)?;
                 }
+                p::TAG_DISK_SYNC => {
+                    p::recv_body(&mut self.r, len)?;
+                    disks.flush().map_err(|e| {
+                        ProtocolError::Io(std::io::Error::other(format!(
+                            "cannot flush the disk copies: {e}"
+                        )))
+                    })?;
+                    p::send(&mut self.w, p::TAG_DISK_SYNCED, &[])?;
+                    self.w.flush()?;
+                }
                 p::TAG_STATE => return p::recv_body(&mut self.r, len),
                 p::TAG_ABORT => {
                     let b = p::recv_body(&mut self.r, len)?;

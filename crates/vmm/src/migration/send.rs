@@ -323,6 +323,7 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
         m.start().map_err(Stage::BeforeCommit)?;
         disk_bytes = m.send_all(&mut s.w).map_err(Stage::BeforeCommit)?;
         s.report.bytes_sent += disk_bytes;
+        sync_disks(s).map_err(pe)?;
     }
     let all: Vec<Vec<u64>> = s.regions.iter().map(|h| all_dirty(h.region.size)).collect();
     let sent = s.send_pages(&all, true).map_err(pe)?;
@@ -376,6 +377,10 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
         dirty = s.take_all_dirty().map_err(Stage::BeforeCommit)?;
     }
 
+    // The copies durable up to the last round, so the downtime writes back only its chunks.
+    if s.mirror.is_some() {
+        sync_disks(s).map_err(pe)?;
+    }
     // Stop and copy.
     s.src.pause().map_err(Stage::BeforeCommit)?;
     *paused_at = Some(Instant::now());
@@ -402,6 +407,14 @@ fn run(s: &mut Sender, params: &SendParams, paused_at: &mut Option<Instant>) -> 
     s.w.flush().map_err(|e| ac(e.into()))?;
     p::expect(&mut s.r, p::TAG_STARTED, "STARTED").map_err(ac)?;
     s.report.downtime_ms = paused_at.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}
+
+/// Waits until the target made its disk copies durable so far.
+fn sync_disks(s: &mut Sender) -> Result<(), ProtocolError> {
+    p::send(&mut s.w, p::TAG_DISK_SYNC, &[])?;
+    s.w.flush()?;
+    p::expect(&mut s.r, p::TAG_DISK_SYNCED, "DISK_SYNCED")?;
     Ok(())
 }
 

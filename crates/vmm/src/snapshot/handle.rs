@@ -29,6 +29,10 @@ struct SnapshotRequest {
     path: PathBuf,
     #[serde(default)]
     diff: bool,
+    /// Same-instant disk snapshot: move the writable disks onto new overlays in this
+    /// directory and freeze their files (`crate::disk_overlay`).
+    #[serde(default)]
+    disk_overlays: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -38,6 +42,9 @@ pub struct SnapshotReport {
     pub memory_bytes_written: u64,
     /// How long the guest was paused.
     pub paused_ms: f64,
+    /// With `disk_overlays`: the frozen disks and the overlays the VM runs on now.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::disk_overlay::FrozenDisk>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,7 +268,12 @@ impl StateHandle {
     }
 
     /// Writes a snapshot of the VM into `dir` (which must not exist or be empty).
-    pub fn snapshot(&self, dir: &Path, diff: bool) -> Result<SnapshotReport, (u16, String)> {
+    pub fn snapshot(
+        &self,
+        dir: &Path,
+        diff: bool,
+        disk_overlays: Option<&Path>,
+    ) -> Result<SnapshotReport, (u16, String)> {
         let mut track = self.lock();
         let parent =
             if diff {
@@ -290,7 +302,14 @@ impl StateHandle {
             .map_err(|e| (400, format!("{}: {e}", dir.display())))?;
         let must_resume = self.pause()?;
         let t = Instant::now();
-        let result = self.write_snapshot(&dir, parent, &mut track);
+        let mut result = self.write_snapshot(&dir, parent, &mut track);
+        if let (Ok(r), Some(o)) = (&mut result, disk_overlays) {
+            // Still paused, devices parked: the disks freeze at the memory's instant.
+            match crate::disk_overlay::freeze(&dir, o, &self.config) {
+                Ok(d) => r.disks = d,
+                Err(e) => result = Err(format!("same-instant disk snapshot: {e}")),
+            }
+        }
         let paused = t.elapsed();
         self.resume_devices();
         if must_resume {
@@ -360,6 +379,7 @@ impl StateHandle {
             diff: snap.memory.diff.is_some(),
             memory_bytes_written: written,
             paused_ms: 0.0,
+            disks: Vec::new(),
         })
     }
 }
@@ -448,7 +468,7 @@ impl StateApi for StateHandle {
                 format!("snapshot request: {e} (expected {{\"path\": DIR, \"diff\": bool}})"),
             )
         })?;
-        let r = StateHandle::snapshot(self, &req.path, req.diff)?;
+        let r = StateHandle::snapshot(self, &req.path, req.diff, req.disk_overlays.as_deref())?;
         serde_json::to_value(r).map_err(err500)
     }
 

@@ -14,6 +14,8 @@ pub mod handle;
 pub mod machine_state;
 pub mod memfile;
 pub mod restore;
+pub mod shell;
+pub mod warm;
 
 use std::path::{Path, PathBuf};
 

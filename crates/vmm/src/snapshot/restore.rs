@@ -1,9 +1,9 @@
 //! Building a VM from saved state instead of booting it: from a snapshot directory (memory
 //! mapped MAP_PRIVATE from the snapshot file, so nothing is copied) or from memory a migration
-//! filled.
+//! filled. `warm` restores into a VM created ahead of time.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -13,8 +13,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
 
 use super::machine_state::MachineState;
 use super::memfile::{self, HostRegion, RamRegion};
+use super::shell::{self, Phases, Shell};
 use super::{SnapshotError, VmSnapshot, MEMORY_FILE};
-use crate::backend;
 use crate::builder::{Vmm, VmmError};
 use crate::config::{BackendKind, VmConfig};
 use crate::control::Control;
@@ -36,31 +36,84 @@ pub enum RestoreError {
     Vmm(#[from] VmmError),
     #[error("cannot restore {what}: {reason}")]
     State { what: String, reason: String },
+    #[error(
+        "the snapshot needs {want_vcpus} vCPUs and {want_mib} MiB, this warm VMM has \
+         {have_vcpus} and {have_mib} MiB: restore it with a cold `corefour vmm --restore`"
+    )]
+    Shape {
+        want_vcpus: u32,
+        want_mib: u64,
+        have_vcpus: u32,
+        have_mib: u64,
+    },
 }
 
 /// How the restore went, for the CLI's note and `corefour bench migrate`.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RestoreTiming {
     pub total_ms: f64,
     pub layers: usize,
-    /// Reading the snapshot and mapping its memory.
-    pub map_ms: f64,
-    /// Creating the KVM VM (irqchip, PIT).
-    pub vm_ms: f64,
-    /// Registering guest memory with KVM and creating the vCPUs (overlapped, see `prepare`).
-    pub memory_vcpus_ms: f64,
-    /// Loading the saved VM and vCPU state.
-    pub state_ms: f64,
+    /// Where the time went, phase by phase.
+    pub phases: Phases,
 }
 
 /// How a restore builds the VM.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct RestoreOptions {
     /// Check the memory files' checksums first (reads every byte: for untrusted copies).
     pub verify: bool,
-    /// Register memory and create vCPUs one after the other, as before they overlapped (kept
-    /// so `corefour bench migrate` can measure both in one run).
-    pub serial_setup: bool,
+}
+
+/// A snapshot chain, base first, with its memory files open (and checked when asked).
+pub(crate) struct Chain {
+    pub layers: Vec<(PathBuf, VmSnapshot)>,
+    pub files: Vec<(PathBuf, File)>,
+}
+
+impl Chain {
+    pub(crate) fn open(dir: &Path, verify: bool) -> Result<Self, RestoreError> {
+        let layers = VmSnapshot::chain(dir)?;
+        if layers.is_empty() {
+            return Err(RestoreError::Config("empty snapshot chain".into()));
+        }
+        let mut files = Vec::with_capacity(layers.len());
+        for (d, s) in &layers {
+            let path = d.join(MEMORY_FILE);
+            let f =
+                memfile::open_checked(&path, s.memory.file.size).map_err(SnapshotError::from)?;
+            if verify {
+                let runs = s.memory.diff.as_ref().map(|d| d.runs.as_slice());
+                memfile::verify(&path, &f, &s.memory.regions, runs, s.memory.file.crc32)
+                    .map_err(SnapshotError::from)?;
+            }
+            files.push((path, f));
+        }
+        Ok(Self { layers, files })
+    }
+
+    /// The newest layer: its config, devices and vCPUs are what runs.
+    pub(crate) fn top(&self) -> &VmSnapshot {
+        // `open` refuses an empty chain.
+        &self.layers[self.layers.len() - 1].1
+    }
+
+    pub(crate) fn config(&self) -> Result<VmConfig, RestoreError> {
+        serde_json::from_value(self.top().machine.config.clone())
+            .map_err(|e| RestoreError::Config(e.to_string()))
+    }
+
+    /// Writes the diff layers' pages over the base's in `host` (the private mappings).
+    pub(crate) fn apply_diffs(&self, host: &[HostRegion]) -> Result<(), RestoreError> {
+        for ((path, f), (_, s)) in self.files.iter().zip(&self.layers).skip(1) {
+            if let Some(d) = &s.memory.diff {
+                // SAFETY: `host` maps the guest's private regions, laid out as the diff's
+                // (checked by `VmSnapshot::chain`), and no vCPU runs yet.
+                unsafe { memfile::overlay_diff(path, f, host, &d.runs) }
+                    .map_err(SnapshotError::from)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Maps `regions` of `file` privately as guest memory.
@@ -99,61 +152,48 @@ pub(crate) fn host_regions(mem: &GuestMem, layout: &[RamRegion]) -> Vec<HostRegi
         .collect()
 }
 
-/// Restores the VM saved in `dir` (applying its chain of diff snapshots).
+/// Restores the VM saved in `dir` (applying its chain of diff snapshots) into a new VM.
 pub fn restore(
     dir: &Path,
     console: Console,
     opts: RestoreOptions,
 ) -> Result<(Vmm, RestoreTiming), RestoreError> {
-    let t = Instant::now();
-    let chain = VmSnapshot::chain(dir)?;
-    let Some((_, top)) = chain.last() else {
-        return Err(RestoreError::Config("empty snapshot chain".into()));
-    };
+    let t0 = Instant::now();
+    let mut phases = Phases::default();
+    let chain = Chain::open(dir, opts.verify)?;
+    let config = chain.config()?;
+    let t = phases.mark("read snapshot", t0);
+    let top = chain.top();
     let regions = top.memory.regions.clone();
-    let mut files = Vec::with_capacity(chain.len());
-    for (d, s) in &chain {
-        let path = d.join(MEMORY_FILE);
-        let f = memfile::open_checked(&path, s.memory.file.size).map_err(SnapshotError::from)?;
-        if opts.verify {
-            let runs = s.memory.diff.as_ref().map(|d| d.runs.as_slice());
-            memfile::verify(&path, &f, &s.memory.regions, runs, s.memory.file.crc32)
-                .map_err(SnapshotError::from)?;
-        }
-        files.push((path, f));
-    }
-    let (base_path, base_file) = &files[0];
+    let (base_path, base_file) = &chain.files[0];
     let mem = map_private(base_path, base_file, &regions)?;
-    let host = host_regions(&mem, &regions);
-    for ((path, f), (_, s)) in files.iter().zip(&chain).skip(1) {
-        if let Some(d) = &s.memory.diff {
-            // SAFETY: `host` maps `mem`'s private regions, laid out as the diff's (checked by
-            // `chain`), and no vCPU runs yet.
-            unsafe { memfile::overlay_diff(path, f, &host, &d.runs) }
-                .map_err(SnapshotError::from)?;
-        }
-    }
-    let map_ms = ms(t);
-    let config: VmConfig = serde_json::from_value(top.machine.config.clone())
-        .map_err(|e| RestoreError::Config(e.to_string()))?;
-    let kind = backend_of(&top.machine);
-    let p = prepare_with(config, &mem, console, !opts.serial_setup, kind)?;
-    let t_state = Instant::now();
-    let vmm = load(p.0, &top.machine, mem)?;
+    chain.apply_diffs(&host_regions(&mem, &regions))?;
+    phases.mark("map memory", t);
+    let register = |vm: &dyn corefour_hypervisor::Vm| {
+        memory::register(&mem, vm).map_err(|e| RestoreError::from(VmmError::from(e)))
+    };
+    let shell = shell::build(
+        backend_of(&top.machine),
+        config.vcpus,
+        register,
+        &mut phases,
+    )?;
+    let t = Instant::now();
+    let p = furnish(shell, config, &mem, console)?;
+    let t = phases.mark("devices", t);
+    let vmm = load(p, &top.machine, mem)?;
+    phases.mark("load state", t);
     Ok((
         vmm,
         RestoreTiming {
-            total_ms: ms(t),
-            layers: chain.len(),
-            map_ms,
-            vm_ms: p.1,
-            memory_vcpus_ms: p.2,
-            state_ms: ms(t_state),
+            total_ms: ms(t0),
+            layers: chain.layers.len(),
+            phases,
         },
     ))
 }
 
-fn ms(since: Instant) -> f64 {
+pub(crate) fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
@@ -165,13 +205,13 @@ pub fn assemble(
 ) -> Result<Vmm, RestoreError> {
     let config: VmConfig = serde_json::from_value(state.config.clone())
         .map_err(|e| RestoreError::Config(e.to_string()))?;
-    let p = prepare_with(config, &mem, console, true, backend_of(state))?;
-    load(p.0, state, mem)
+    let p = prepare_on(backend_of(state), config, &mem, console)?;
+    load(p, state, mem)
 }
 
 /// A snapshot restores on the backend that wrote it: the vCPU and irqchip state of KVM and of
 /// the software CPU are different formats (`load` checks they match).
-fn backend_of(state: &MachineState) -> BackendKind {
+pub(crate) fn backend_of(state: &MachineState) -> BackendKind {
     match state.vm.backend.as_str() {
         "emu" => BackendKind::Emu,
         _ => BackendKind::Kvm,
@@ -198,107 +238,73 @@ pub fn prepare(
     mem: &GuestMem,
     console: Console,
 ) -> Result<Prepared, RestoreError> {
-    prepare_with(config, mem, console, true, BackendKind::Kvm).map(|p| p.0)
+    prepare_on(BackendKind::Kvm, config, mem, console)
 }
 
-/// `prepare`, also returning how long creating the VM, and registering memory plus creating
-/// the vCPUs, took (ms).
-///
-/// Registering guest memory (KVM_SET_USER_MEMORY_REGION) waits for an SRCU grace period and
-/// allocates the slot's reverse-map arrays; on a busy host that is most of a restore. It needs
-/// nothing the vCPUs need, so with `overlap` it runs on a second thread while the vCPUs are
-/// created (KVM_CREATE_VCPU takes the VM lock, not the slots lock) and their grace periods
-/// coincide.
-fn prepare_with(
+fn prepare_on(
+    kind: BackendKind,
     config: VmConfig,
     mem: &GuestMem,
     console: Console,
-    overlap: bool,
-    kind: BackendKind,
-) -> Result<(Prepared, f64, f64), RestoreError> {
+) -> Result<Prepared, RestoreError> {
     config
         .validate()
         .map_err(|e| RestoreError::Config(e.to_string()))?;
-    let t = Instant::now();
-    let picked = backend::open(kind).map_err(VmmError::from)?;
-    let name = picked.hypervisor.name();
-    let vm = picked
-        .hypervisor
-        .create_vm(config.vcpus)
-        .map_err(|source| VmmError::CreateVm {
-            backend: name,
-            source,
-        })?;
-    let vm_ms = ms(t);
-    let t = Instant::now();
-    let control = Control::new(config.vcpus);
-    let events: Arc<dyn GuestEvents> = control.clone();
-    let make_vcpus = || -> Result<_, RestoreError> {
-        // Disks, taps and sockets are opened again from the config; the devices stay inactive
-        // until `load` puts their state back.
-        let virtio = crate::virtio_devices::create(&config, mem, &vm).map_err(VmmError::from)?;
-        let mut pio = virtio.pio;
-        if crate::boot::linux::is_bzimage(&config.kernel) {
-            let pm = Arc::new(crate::acpi::PmRegisters::new(events.clone()));
-            let base = u64::from(crate::acpi::PM_BASE_PORT);
-            pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
-        }
-        let (machine, serial) =
-            machine::build_with(&vm, console.clone(), events.clone(), virtio.mmio, pio)
-                .map_err(VmmError::from)?;
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for index in 0..config.vcpus {
-            let vcpu = vm
-                .create_vcpu(index, machine.clone())
-                .map_err(|source| VmmError::CreateVcpu { index, source })?;
-            control.add_kicker(vcpu.kicker());
-            vcpus.push(vcpu);
-        }
-        Ok((machine, serial, vcpus, virtio.saveable, virtio.balloon))
+    let register = |vm: &dyn corefour_hypervisor::Vm| {
+        memory::register(mem, vm).map_err(|e| RestoreError::from(VmmError::from(e)))
     };
-    let register = || -> Result<(), RestoreError> {
-        memory::register(mem, vm.as_ref()).map_err(|e| VmmError::from(e).into())
-    };
-    let (machine, serial, vcpus, virtio, balloon) = if overlap {
-        std::thread::scope(|s| {
-            let reg = std::thread::Builder::new()
-                .name("mem-register".into())
-                .spawn_scoped(s, register);
-            let made = make_vcpus();
-            let registered = match reg {
-                Ok(h) => h.join().unwrap_or_else(|_| {
-                    Err(RestoreError::State {
-                        what: "guest memory".into(),
-                        reason: "the registration thread panicked".into(),
-                    })
-                }),
-                // No thread to spare: register here.
-                Err(_) => register(),
-            };
-            registered?;
-            made
-        })?
-    } else {
-        register()?;
-        make_vcpus()?
-    };
-    let setup_ms = ms(t);
-    Ok((
-        Prepared {
-            config,
-            backend: name,
-            vm,
-            control,
-            machine,
-            serial,
-            virtio,
-            balloon,
-            vcpus,
-            console,
-        },
-        vm_ms,
-        setup_ms,
-    ))
+    let shell = shell::build(kind, config.vcpus, register, &mut Phases::default())?;
+    furnish(shell, config, mem, console)
+}
+
+/// Adds the devices of `config` to a shell whose vCPUs and memory are in place.
+pub(crate) fn furnish(
+    shell: Shell,
+    config: VmConfig,
+    mem: &GuestMem,
+    console: Console,
+) -> Result<Prepared, RestoreError> {
+    config
+        .validate()
+        .map_err(|e| RestoreError::Config(e.to_string()))?;
+    if config.vcpus as usize != shell.vcpus.len() {
+        return Err(RestoreError::Config(format!(
+            "the config asks for {} vCPUs, the VM has {}",
+            config.vcpus,
+            shell.vcpus.len()
+        )));
+    }
+    let events: Arc<dyn GuestEvents> = shell.control.clone();
+    // Disks, taps and sockets are opened again from the config; the devices stay inactive
+    // until `load` puts their state back.
+    let virtio = crate::virtio_devices::create(&config, mem, &shell.vm).map_err(VmmError::from)?;
+    let mut pio = virtio.pio;
+    if crate::boot::linux::is_bzimage(&config.kernel) {
+        let pm = Arc::new(crate::acpi::PmRegisters::new(events.clone()));
+        let base = u64::from(crate::acpi::PM_BASE_PORT);
+        pio.push((pm, base, crate::acpi::PM_PORTS_LEN));
+    }
+    let (machine, serial) =
+        machine::build_with(&shell.vm, console.clone(), events, virtio.mmio, pio)
+            .map_err(VmmError::from)?;
+    if !shell.ops.set(machine.clone()) {
+        return Err(RestoreError::State {
+            what: "the devices".into(),
+            reason: "the vCPUs were already given devices (a VM is restored once)".into(),
+        });
+    }
+    Ok(Prepared {
+        config,
+        backend: shell.backend,
+        vm: shell.vm,
+        control: shell.control,
+        machine,
+        serial,
+        virtio: virtio.saveable,
+        balloon: virtio.balloon,
+        vcpus: shell.vcpus,
+        console,
+    })
 }
 
 /// Loads the saved state into a prepared VM.

@@ -85,8 +85,7 @@ fn image_by_name(path: &Path) -> bool {
 }
 
 /// Describes every writable disk for the target, refusing before anything moves a disk the
-/// mirror cannot carry whole: unreadable, a qcow2 overlay whose backing file the target lacks,
-/// or a format corefour cannot write.
+/// mirror cannot carry: unreadable, or in a format corefour cannot write.
 pub(super) fn describe(spec: &VmCreate) -> Result<Vec<MirrorDisk>, String> {
     let mut out = Vec::new();
     for (index, d) in writable(spec) {
@@ -94,7 +93,6 @@ pub(super) fn describe(spec: &VmCreate) -> Result<Vec<MirrorDisk>, String> {
         let (format, size) = if image_by_name(path) {
             let img = corefour_disk::open(path, corefour_disk::Open::default())
                 .map_err(|e| format!("cannot open disk {}: {e}", d.path))?;
-            let info = corefour_disk::BlockRead::info(&img);
             if img.format() != corefour_disk::Format::Qcow2 {
                 return Err(format!(
                     "disk {} is {}, which the guest sees read-only and --copy-storage cannot \
@@ -104,13 +102,8 @@ pub(super) fn describe(spec: &VmCreate) -> Result<Vec<MirrorDisk>, String> {
                     img.format().name()
                 ));
             }
-            if info.backing_filename.is_some() {
-                return Err(format!(
-                    "disk {} is a qcow2 overlay with a backing file, which --copy-storage does \
-                     not carry: flatten it first (`corefour disk convert`) or use shared storage",
-                    d.path
-                ));
-            }
+            // An overlay (a clone's, a snapshot's) is fine: the mirror reads the guest's view
+            // through the whole chain, and the target's copy is one flat image.
             ("qcow2", corefour_disk::DiskSize::size(&img))
         } else {
             // Raw: a file or a block device; both report their size at the end.
@@ -230,7 +223,7 @@ mod tests {
         let err = create_copies(&d[..1], &mut t2, &dir.path().join("vm2")).unwrap_err();
         assert!(err.contains("announced"), "{err}");
 
-        // An overlay with a backing file cannot be carried.
+        // An overlay travels as one flat image of its virtual size.
         let o = dir.path().join("o.qcow2");
         let opts = corefour_disk::qcow2::CreateOptions {
             backing_file: Some(q.to_string_lossy().into_owned()),
@@ -241,7 +234,21 @@ mod tests {
             "name": "v", "kernel": "/k", "disks": [{"path": o}]
         }))
         .unwrap();
-        let err = describe(&spec).unwrap_err();
-        assert!(err.contains("backing file"), "{err}");
+        assert_eq!(
+            describe(&spec).unwrap(),
+            vec![MirrorDisk {
+                index: 0,
+                format: "qcow2".into(),
+                size: 5 << 20
+            }]
+        );
+        // A format the guest sees read-only cannot be a writable copy.
+        let v = dir.path().join("x.vdi");
+        std::fs::write(&v, b"not a vdi").unwrap();
+        let spec: VmCreate = serde_json::from_value(serde_json::json!({
+            "name": "v", "kernel": "/k", "disks": [{"path": v}]
+        }))
+        .unwrap();
+        assert!(describe(&spec).is_err());
     }
 }
