@@ -311,39 +311,8 @@ fn daemon_vm_snapshot_restores_and_continues() {
     }
     let kernel = guest("counter");
     let t = Tmp::new("snap-daemon");
-    let sock = t.0.join("d.sock");
-    let log = std::fs::File::create(t.0.join("daemon.log")).unwrap();
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_corefour"))
-        .arg("daemon")
-        .arg("--socket")
-        .arg(&sock)
-        .arg("--state-dir")
-        .arg(t.0.join("state"))
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "daemon did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let vm = |args: &[&str]| {
-        let o = Command::new(env!("CARGO_BIN_EXE_corefour"))
-            .arg("vm")
-            .args(args)
-            .env("COREFOUR_SOCKET", &sock)
-            .output()
-            .unwrap();
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let (mut daemon, sock) = start_daemon(&t);
+    let vm = |args: &[&str]| vm_cli(&sock, args);
     let k = kernel.to_str().unwrap();
     let (ok, _, err) = vm(&[
         "create",

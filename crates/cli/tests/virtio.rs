@@ -9,6 +9,9 @@ use std::process::{Command, Output};
 #[macro_use]
 mod guests;
 use guests::{repo, virtio_guest as guest};
+#[path = "common/testnet.rs"]
+mod testnet;
+use testnet::TestNet;
 
 fn vmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_corefour"))
@@ -54,6 +57,41 @@ fn disk_image(dir: &Path) -> PathBuf {
     p
 }
 
+/// The guest printed sector 0 of `disk_image` as it read it (`why` says what that shows).
+fn assert_saw_sector0(o: &Output, why: &str) {
+    assert!(
+        out(o)
+            .lines()
+            .any(|l| l == "SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
+        "{why}; stdout:\n{}",
+        out(o)
+    );
+}
+
+/// vblk's write landed: "COREFOUR" starts sector 1 and the rest of the sector is kept.
+fn assert_sector1_written(d: &[u8]) {
+    assert_eq!(&d[512..520], b"COREFOUR");
+    assert!(
+        d[520..1024].iter().all(|&b| b == 0x77),
+        "rest of sector 1 kept"
+    );
+}
+
+/// `corefour disk create` of a qcow2 `overlay` over the raw `base`.
+fn qcow2_overlay(base: &Path, overlay: &Path) {
+    let o = disk_cmd(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "raw",
+        overlay.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "disk create: {}", err(&o));
+}
+
 #[test]
 fn vblk_reads_sector0_and_writes_sector1() {
     need_kvm!();
@@ -61,19 +99,9 @@ fn vblk_reads_sector0_and_writes_sector1() {
     let img = disk_image(dir.path());
     let o = run_guest("vblk", &["--disk", img.to_str().unwrap()]);
     assert_exit(&o, 0);
-    assert!(
-        out(&o)
-            .lines()
-            .any(|l| l == "SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
-        "stdout:\n{}",
-        out(&o)
-    );
+    assert_saw_sector0(&o, "the guest read sector 0");
     let d = std::fs::read(&img).unwrap();
-    assert_eq!(&d[512..520], b"COREFOUR");
-    assert!(
-        d[520..1024].iter().all(|&b| b == 0x77),
-        "rest of sector 1 kept"
-    );
+    assert_sector1_written(&d);
     assert_eq!(d.len(), 1 << 20);
 }
 
@@ -92,26 +120,10 @@ fn vblk_on_a_qcow2_overlay_reads_the_base_and_writes_the_overlay() {
     let base = disk_image(dir.path());
     let before = std::fs::read(&base).unwrap();
     let overlay = dir.path().join("overlay.qcow2");
-    let o = disk_cmd(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "raw",
-        overlay.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "disk create: {}", err(&o));
+    qcow2_overlay(&base, &overlay);
     let o = run_guest("vblk", &["--disk", overlay.to_str().unwrap()]);
     assert_exit(&o, 0);
-    assert!(
-        out(&o)
-            .lines()
-            .any(|l| l == "SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
-        "the guest sees the base's bytes, not the qcow2 header; stdout:\n{}",
-        out(&o)
-    );
+    assert_saw_sector0(&o, "the guest sees the base's bytes, not the qcow2 header");
     assert_eq!(std::fs::read(&base).unwrap(), before, "base unchanged");
     let flat = dir.path().join("flat.raw");
     let o = disk_cmd(&[
@@ -124,11 +136,7 @@ fn vblk_on_a_qcow2_overlay_reads_the_base_and_writes_the_overlay() {
     assert!(o.status.success(), "disk convert: {}", err(&o));
     let d = std::fs::read(&flat).unwrap();
     assert_eq!(&d[..16], &before[..16]);
-    assert_eq!(&d[512..520], b"COREFOUR");
-    assert!(
-        d[520..1024].iter().all(|&b| b == 0x77),
-        "rest of sector 1 kept"
-    );
+    assert_sector1_written(&d);
 }
 
 /// The `irqs=N` the interrupt-driven vblk prints.
@@ -280,27 +288,11 @@ fn disk_format_is_declared_and_checked_against_the_file() {
     let base = disk_image(dir.path());
     // A qcow2 image under a name that is not probed: only format=qcow2 opens it as one.
     let overlay = dir.path().join("overlay.img");
-    let o = disk_cmd(&[
-        "create",
-        "-f",
-        "qcow2",
-        "-b",
-        base.to_str().unwrap(),
-        "-F",
-        "raw",
-        overlay.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "disk create: {}", err(&o));
+    qcow2_overlay(&base, &overlay);
     let arg = format!("path={},format=qcow2", overlay.display());
     let o = run_guest("vblk", &["--disk", &arg]);
     assert_exit(&o, 0);
-    assert!(
-        out(&o)
-            .lines()
-            .any(|l| l == "SECTOR0 a0a1a2a3a4a5a6a7a8a9aaabacadaeaf"),
-        "format=qcow2: the guest sees the base's bytes; stdout:\n{}",
-        out(&o)
-    );
+    assert_saw_sector0(&o, "format=qcow2: the guest sees the base's bytes");
     for (file, declared, found) in [
         (&overlay, "raw", "qcow2"),
         (&base, "qcow2", "raw"),
@@ -419,62 +411,6 @@ fn vrng_reads_random_bytes() {
     assert!(out(&o).contains("vrng: FAIL init step"), "{}", out(&o));
 }
 
-/// A bridge with a tap for the VM and a veth into a namespace holding the test host
-/// 10.77.0.1; removed on drop.
-struct TestNet {
-    ns: String,
-    br: String,
-    tap: String,
-}
-
-impl TestNet {
-    fn sh(args: &[&str]) -> Result<(), String> {
-        let o = Command::new("ip")
-            .args(args)
-            .output()
-            .map_err(|e| format!("ip: {e}"))?;
-        if o.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&o.stderr).trim()
-            ))
-        }
-    }
-
-    fn new() -> Result<Self, String> {
-        let id = std::process::id() % 100_000;
-        let n = TestNet {
-            ns: format!("c4vnh{id}"),
-            br: format!("c4vnb{id}"),
-            tap: format!("c4vnt{id}"),
-        };
-        let (vh, vp) = (format!("c4vnv{id}"), format!("c4vnp{id}"));
-        Self::sh(&["netns", "add", &n.ns])?;
-        Self::sh(&["link", "add", &n.br, "type", "bridge"])?;
-        Self::sh(&["link", "set", &n.br, "up"])?;
-        Self::sh(&[
-            "link", "add", &vh, "type", "veth", "peer", "name", &vp, "netns", &n.ns,
-        ])?;
-        Self::sh(&["link", "set", &vh, "master", &n.br, "up"])?;
-        Self::sh(&["-n", &n.ns, "addr", "add", "10.77.0.1/24", "dev", &vp])?;
-        Self::sh(&["-n", &n.ns, "link", "set", &vp, "up"])?;
-        Self::sh(&["tuntap", "add", "dev", &n.tap, "mode", "tap"])?;
-        Self::sh(&["link", "set", &n.tap, "master", &n.br, "up"])?;
-        Ok(n)
-    }
-}
-
-impl Drop for TestNet {
-    fn drop(&mut self) {
-        let _ = Self::sh(&["link", "del", &self.tap]);
-        let _ = Self::sh(&["link", "del", &self.br]);
-        let _ = Self::sh(&["netns", "del", &self.ns]);
-    }
-}
-
 #[test]
 fn vnet_arps_and_pings_a_test_host_through_a_bridge() {
     need_kvm!();
@@ -483,14 +419,14 @@ fn vnet_arps_and_pings_a_test_host_through_a_bridge() {
         eprintln!("SKIP: needs root and /dev/net/tun for tap, bridge and netns");
         return;
     }
-    let net = match TestNet::new() {
+    let net = match TestNet::new("c4vn", "10.77.0.1", 1) {
         Ok(n) => n,
         Err(e) => {
             eprintln!("SKIP: cannot build the test network: {e}");
             return;
         }
     };
-    let arg = format!("{},mac=06:c4:00:00:00:42", net.tap);
+    let arg = format!("{},mac=06:c4:00:00:00:42", net.taps[0]);
     for (transport, irq) in [("mmio", "0"), ("pci", "0"), ("mmio", "1"), ("pci", "1")] {
         let cmdline = format!("irq={irq}");
         let o = run_guest(
@@ -513,7 +449,8 @@ fn vnet_arps_and_pings_a_test_host_through_a_bridge() {
         );
         assert!(s.contains("VNET mac 06c400000042"), "{s}");
         assert!(s.contains("VNET arp "), "{s}");
-        assert!(s.contains("VNET ping reply from 10.77.0.1"), "{s}");
+        let reply = format!("VNET ping reply from {}", net.host_ip);
+        assert!(s.contains(&reply), "{s}");
         if irq == "1" {
             // Each of the (at least two) TX completions is waited for with HLT; interrupts
             // pending at once merge into one in the local APIC, so no more is certain.

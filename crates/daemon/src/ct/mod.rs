@@ -22,7 +22,7 @@ use corefour_container::system::System;
 use corefour_container::ContainerError;
 
 use crate::error::DaemonError;
-use crate::lifecycle::Daemon;
+use crate::lifecycle::{registry, Daemon, OpLocks, RunHandle, Running};
 use rows::CtRecord;
 
 pub use verbs::DEFAULT_STOP_TIMEOUT;
@@ -33,22 +33,15 @@ pub const CT_DIR: &str = "cts";
 /// Cgroup parent of the daemon's containers (VMs have their own).
 const CGROUP_PARENT: &str = "corefour-cts";
 
-/// A running container: its init's pid and a flag that turns true once its end is recorded.
-#[derive(Debug, Clone)]
-struct CtHandle {
-    init_pid: i32,
-    done: tokio::sync::watch::Receiver<bool>,
-}
-
 pub struct Cts {
     d: Arc<Daemon>,
     base: PathBuf,
     cgroup_parent: String,
     /// The `corefour` binary that runs the shims.
     exe: PathBuf,
-    running: Mutex<HashMap<String, CtHandle>>,
+    running: Running,
     stop_requested: Mutex<HashSet<String>>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: OpLocks,
     /// Held while a template is built: the runtime builds in a directory named by pid, which
     /// two creates in this one process would share.
     template_build: tokio::sync::Mutex<()>,
@@ -131,26 +124,15 @@ impl Cts {
     }
 
     async fn op_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(name.to_string()).or_default().clone()
-        };
-        m.lock_owned().await
+        registry::op_lock(&self.locks, name).await
     }
 
     fn forget_lock(&self, name: &str) {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        if locks.get(name).is_some_and(|m| Arc::strong_count(m) <= 2) {
-            locks.remove(name);
-        }
+        registry::forget_lock(&self.locks, name)
     }
 
-    fn handle(&self, name: &str) -> Option<CtHandle> {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+    fn handle(&self, name: &str) -> Option<RunHandle> {
+        registry::handle(&self.running, name)
     }
 
     pub fn is_active(&self, name: &str) -> bool {

@@ -10,13 +10,12 @@ use corefour_container::system::{CreateRequest, LimitChange};
 use tokio::io::AsyncBufReadExt;
 
 use super::watch::Watched;
-use super::{blocking, ct_error, CtHandle, Cts};
+use super::{blocking, ct_error, Cts};
 use crate::error::DaemonError;
 use crate::inventory::{InventoryError, Pids};
+use crate::lifecycle::{kill_and_wait, registry, signal, wait_or_kill, RunHandle};
 
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a SIGKILLed init may take to be reaped and recorded.
-const KILL_GRACE: Duration = Duration::from_secs(10);
 /// How long the shim may take to report the init's pid (mount, netns, clone, exec).
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -157,17 +156,7 @@ impl Cts {
             }
         };
         self.inv().set_ct_running(name, pids)?;
-        let (tx, rx) = tokio::sync::watch::channel(false);
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                name.to_string(),
-                CtHandle {
-                    init_pid: pids.vmm_pid,
-                    done: rx,
-                },
-            );
+        let tx = registry::track(&self.running, name, pids.vmm_pid);
         self.spawn_watcher(name.to_string(), Watched::Child(child), tx);
         tracing::info!(ct = name, init_pid = pids.vmm_pid, "container started");
         self.info(name)
@@ -253,16 +242,8 @@ impl Cts {
             .unwrap_or_else(|p| p.into_inner())
             .insert(name.to_string());
         self.thaw_if_paused(name).await;
-        signal(h.init_pid, libc::SIGTERM);
-        if !wait_done(&h, timeout).await {
-            tracing::info!(ct = name, "no exit within {timeout:?}: SIGKILL");
-            signal(h.init_pid, libc::SIGKILL);
-            if !wait_done(&h, KILL_GRACE).await {
-                return Err(DaemonError::Conflict(format!(
-                    "container {name:?} did not exit after SIGKILL within {KILL_GRACE:?}"
-                )));
-            }
-        }
+        signal(h.vmm_pid, libc::SIGTERM);
+        wait_or_kill(&h, timeout, &format!("container {name:?}")).await?;
         self.info(name)
     }
 
@@ -335,19 +316,12 @@ impl Cts {
         self.info(name)
     }
 
-    async fn kill_and_wait(&self, name: &str, h: &CtHandle) -> Result<(), DaemonError> {
+    async fn kill_and_wait(&self, name: &str, h: &RunHandle) -> Result<(), DaemonError> {
         self.thaw_if_paused(name).await;
-        signal(h.init_pid, libc::SIGKILL);
-        if wait_done(h, KILL_GRACE).await {
-            Ok(())
-        } else {
-            Err(DaemonError::Conflict(format!(
-                "container {name:?} did not exit after SIGKILL within {KILL_GRACE:?}"
-            )))
-        }
+        kill_and_wait(h, &format!("container {name:?}")).await
     }
 
-    fn running_handle(&self, name: &str) -> Result<CtHandle, DaemonError> {
+    fn running_handle(&self, name: &str) -> Result<RunHandle, DaemonError> {
         let rec = self.inv().get_ct(name)?;
         self.handle(name).ok_or_else(|| {
             DaemonError::Conflict(format!(
@@ -450,23 +424,5 @@ pub(super) fn remove_orphan(sys: &corefour_container::system::System, name: &str
         let _ = sys.cleanup(name);
         sys.unmount_rootfs(name);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-}
-
-async fn wait_done(h: &CtHandle, timeout: Duration) -> bool {
-    let mut rx = h.done.clone();
-    let done = tokio::time::timeout(timeout, rx.wait_for(|d| *d))
-        .await
-        .is_ok();
-    done
-}
-
-fn signal(pid: i32, sig: i32) {
-    if pid > 0 {
-        // SAFETY: kill() takes plain integers; the pid is the init of a container whose handle
-        // is live (its end not yet recorded), so it has not been reaped and recycled.
-        unsafe {
-            libc::kill(pid, sig);
-        }
     }
 }

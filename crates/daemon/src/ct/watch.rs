@@ -11,9 +11,10 @@ use std::sync::Arc;
 use corefour_api::VmState;
 
 use super::shim::{read_exit, read_pids};
-use super::{CtHandle, Cts};
+use super::Cts;
 use crate::error::DaemonError;
 use crate::inventory::InventoryError;
+use crate::lifecycle::registry;
 use crate::lifecycle::{process_alive, wait_pid};
 
 pub(super) enum Watched {
@@ -104,10 +105,7 @@ impl Cts {
             Ok(()) | Err(InventoryError::NotFound(_)) => {}
             Err(e) => tracing::error!(ct = name, "cannot record the container's stop: {e}"),
         }
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        registry::untrack(&self.running, name);
         tracing::info!(ct = name, "stopped: {reason}");
     }
 
@@ -171,11 +169,7 @@ impl Cts {
                 } => *pid,
                 _ => rec.pids.map(|p| p.vmm_pid).unwrap_or(0),
             };
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            self.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(name.clone(), CtHandle { init_pid, done: rx });
+            let tx = registry::track(&self.running, &name, init_pid);
             self.spawn_watcher(name.clone(), watched, tx);
             // The freezer knows whether it is paused; the inventory may have missed a change.
             if let Ok(i) = self.sys().info(&name) {

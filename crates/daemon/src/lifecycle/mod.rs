@@ -10,6 +10,7 @@ mod pause;
 mod pin;
 mod proc;
 mod reconcile;
+pub(crate) mod registry;
 mod set;
 mod start;
 mod stop;
@@ -30,6 +31,8 @@ pub use warm_pool::{run_shim as run_warm_shim, WarmPoolConfig, WarmShape};
 
 pub use stop::DEFAULT_STOP_TIMEOUT;
 mod watch;
+pub(crate) use registry::{OpLocks, RunHandle, Running};
+pub(crate) use stop::{kill_and_wait, signal, wait_or_kill};
 pub(crate) use watch::wait_pid;
 
 use std::collections::HashMap;
@@ -60,21 +63,14 @@ pub struct DaemonConfig {
     pub migration_key: Option<MigrationKey>,
 }
 
-/// A VM whose VMM runs: its pid and a flag that turns true once the watcher has recorded its end.
-#[derive(Debug, Clone)]
-struct RunHandle {
-    vmm_pid: i32,
-    done: tokio::sync::watch::Receiver<bool>,
-}
-
 pub struct Daemon {
     cfg: DaemonConfig,
     inv: Inventory,
     cgroups: Option<Cgroups>,
-    running: Mutex<HashMap<String, RunHandle>>,
+    running: Running,
     /// VMs whose exit the daemon asked for (`stop`), so exit code 0 reads "shut down on request".
     stop_requested: Mutex<std::collections::HashSet<String>>,
-    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    locks: OpLocks,
     warm: warm_pool::WarmPool,
 }
 
@@ -161,29 +157,15 @@ impl Daemon {
 
     /// The per-VM lock every verb holds, so two verbs on one VM never interleave.
     async fn op_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
-        let m = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            locks.entry(name.to_string()).or_default().clone()
-        };
-        m.lock_owned().await
+        registry::op_lock(&self.locks, name).await
     }
 
     fn forget_lock(&self, name: &str) {
-        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = locks.get(name) {
-            // Only drop the entry when no other verb is queued on it.
-            if Arc::strong_count(m) <= 2 {
-                locks.remove(name);
-            }
-        }
+        registry::forget_lock(&self.locks, name)
     }
 
     fn handle(&self, name: &str) -> Option<RunHandle> {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        registry::handle(&self.running, name)
     }
 
     pub fn info(&self, name: &str) -> Result<VmInfo, DaemonError> {

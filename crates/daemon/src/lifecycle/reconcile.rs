@@ -11,7 +11,7 @@ use corefour_api::VmState;
 use hyper::Method;
 
 use super::watch::Watched;
-use super::{proc, Daemon, RunHandle};
+use super::{proc, registry, Daemon};
 use crate::error::DaemonError;
 use crate::shim;
 
@@ -60,17 +60,7 @@ impl Daemon {
                 tracing::info!(vm = %name, "reconciled: stopped: {reason}");
                 continue;
             };
-            let (tx, rx) = tokio::sync::watch::channel(false);
-            self.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(
-                    name.clone(),
-                    RunHandle {
-                        vmm_pid: pids.vmm_pid,
-                        done: rx,
-                    },
-                );
+            let tx = registry::track(&self.running, &name, pids.vmm_pid);
             let watched = if shim_alive {
                 Watched::Pid {
                     pid: pids.shim_pid,

@@ -9,7 +9,7 @@ use corefour_api::VmInfo;
 use tokio::io::AsyncBufReadExt;
 
 use super::watch::Watched;
-use super::{active_conflict, proc, Daemon, RunHandle};
+use super::{active_conflict, proc, registry, Daemon};
 use crate::cgroup::{Limits, VmCgroup};
 use crate::error::DaemonError;
 use crate::inventory::{Pids, VmRecord};
@@ -61,17 +61,7 @@ impl Daemon {
         match self.spawn_shim(&dir, cgroup.as_ref(), jail_uid).await {
             Ok((child, pids)) => {
                 self.inv.set_running(name, pids)?;
-                let (tx, rx) = tokio::sync::watch::channel(false);
-                self.running
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(
-                        name.to_string(),
-                        RunHandle {
-                            vmm_pid: pids.vmm_pid,
-                            done: rx,
-                        },
-                    );
+                let tx = registry::track(&self.running, name, pids.vmm_pid);
                 self.spawn_watcher(name.to_string(), Watched::Child(child), tx);
                 super::pin::spawn_pinner(
                     name.to_string(),

@@ -10,7 +10,7 @@ use super::{Daemon, RunHandle};
 use crate::error::DaemonError;
 
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a SIGKILLed VMM may take to be reaped and recorded.
+/// How long a SIGKILLed VMM or container init may take to be reaped and recorded.
 const KILL_GRACE: Duration = Duration::from_secs(10);
 
 impl Daemon {
@@ -34,15 +34,7 @@ impl Daemon {
             );
             signal(h.vmm_pid, libc::SIGTERM);
         }
-        if !wait_done(&h, timeout).await {
-            tracing::info!(vm = name, "no shutdown within {timeout:?}: SIGKILL");
-            signal(h.vmm_pid, libc::SIGKILL);
-            if !wait_done(&h, KILL_GRACE).await {
-                return Err(DaemonError::Conflict(format!(
-                    "VM {name:?} did not exit after SIGKILL within {KILL_GRACE:?}"
-                )));
-            }
-        }
+        wait_or_kill(&h, timeout, &format!("VM {name:?}")).await?;
         self.info(name)
     }
 
@@ -54,14 +46,7 @@ impl Daemon {
     }
 
     pub(super) async fn kill_and_wait(&self, name: &str, h: &RunHandle) -> Result<(), DaemonError> {
-        signal(h.vmm_pid, libc::SIGKILL);
-        if wait_done(h, KILL_GRACE).await {
-            Ok(())
-        } else {
-            Err(DaemonError::Conflict(format!(
-                "VM {name:?} did not exit after SIGKILL within {KILL_GRACE:?}"
-            )))
-        }
+        kill_and_wait(h, &format!("VM {name:?}")).await
     }
 
     pub(super) fn running_handle(&self, name: &str) -> Result<RunHandle, DaemonError> {
@@ -72,7 +57,33 @@ impl Daemon {
     }
 }
 
-pub(super) async fn wait_done(h: &RunHandle, timeout: Duration) -> bool {
+/// Waits up to `timeout` for the instance (`what`: `VM "a"`, `container "b"`) to end; past
+/// that, SIGKILL.
+pub(crate) async fn wait_or_kill(
+    h: &RunHandle,
+    timeout: Duration,
+    what: &str,
+) -> Result<(), DaemonError> {
+    if wait_done(h, timeout).await {
+        return Ok(());
+    }
+    tracing::info!("{what}: no exit within {timeout:?}: SIGKILL");
+    kill_and_wait(h, what).await
+}
+
+/// SIGKILL, and the wait for the watcher to record the end.
+pub(crate) async fn kill_and_wait(h: &RunHandle, what: &str) -> Result<(), DaemonError> {
+    signal(h.vmm_pid, libc::SIGKILL);
+    if wait_done(h, KILL_GRACE).await {
+        Ok(())
+    } else {
+        Err(DaemonError::Conflict(format!(
+            "{what} did not exit after SIGKILL within {KILL_GRACE:?}"
+        )))
+    }
+}
+
+pub(crate) async fn wait_done(h: &RunHandle, timeout: Duration) -> bool {
     let mut rx = h.done.clone();
     let done = tokio::time::timeout(timeout, rx.wait_for(|d| *d))
         .await
@@ -80,10 +91,10 @@ pub(super) async fn wait_done(h: &RunHandle, timeout: Duration) -> bool {
     done
 }
 
-pub(super) fn signal(pid: i32, sig: i32) {
+pub(crate) fn signal(pid: i32, sig: i32) {
     if pid > 0 {
         // SAFETY: kill() takes plain integers; a stale pid is guarded by the caller holding a
-        // live RunHandle (the shim has not reaped the VMM yet).
+        // live RunHandle (the shim has not reaped the VMM, nor the container runtime its init).
         unsafe {
             libc::kill(pid, sig);
         }

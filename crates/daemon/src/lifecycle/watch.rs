@@ -112,10 +112,7 @@ impl Daemon {
             Ok(()) | Err(InventoryError::NotFound(_)) => {}
             Err(e) => tracing::error!(vm = name, "cannot record the VM's stop: {e}"),
         }
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(name);
+        super::registry::untrack(&self.running, name);
         tracing::info!(vm = name, "stopped: {reason}");
     }
 
