@@ -432,7 +432,8 @@ fn msix_routes_and_moved_bar_ioeventfds_survive_restore() {
     assert_continues(&before, &after);
     // Every completion after the restore came as an MSI-X message through the irqfd, the
     // route installed once; the restore moved the ioeventfd to the saved BAR.
-    assert!(virtio_stat(&err, "msix_irqfd") >= 10 * 3, "{err}");
+    // At least one message per count (event idx lets the device coalesce some completions).
+    assert!(virtio_stat(&err, "msix_irqfd") >= 10, "{err}");
     assert_eq!(virtio_stat(&err, "msix_ioctl"), 0, "{err}");
     assert_eq!(virtio_stat(&err, "route_updates"), 1, "{err}");
     assert_eq!(virtio_stat(&err, "bar_moves"), 1, "{err}");
