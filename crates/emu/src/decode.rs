@@ -113,7 +113,7 @@ impl Block {
     }
 
     #[inline]
-    fn valid(&self) -> bool {
+    pub fn valid(&self) -> bool {
         // SAFETY: see the field's comment; `src .. src+len` lies in the same region.
         unsafe {
             (*self.ver_ptr).load(Ordering::Acquire) == self.ver
@@ -178,6 +178,11 @@ pub struct Cache {
     /// generation `prev_gen`: the next lookup tries its links first.
     pub prev: *const Block,
     prev_gen: u64,
+    /// Translated blocks replaced in `map` (stale): chained code may still leave through
+    /// their code and name them in `Cpu::jit_last`, so they live until the next `clear`.
+    /// Boxed: their addresses must not change when the list grows.
+    #[allow(clippy::vec_box)]
+    dead: Vec<Box<Block>>,
 }
 
 // SAFETY: the raw pointers point into boxes owned by `map` in the same struct.
@@ -191,6 +196,7 @@ impl Default for Cache {
             gen: 1,
             prev: std::ptr::null(),
             prev_gen: 0,
+            dead: Vec::new(),
         }
     }
 }
@@ -225,6 +231,7 @@ impl Block {
 impl Cache {
     pub fn clear(&mut self) {
         self.map.clear();
+        self.dead.clear();
         self.fast.fill((u64::MAX, std::ptr::null()));
         self.gen += 1;
         self.prev = std::ptr::null();
@@ -326,13 +333,16 @@ impl Cache {
             self.gen += 1;
             return Ok(&self.map[&u64::MAX]);
         }
-        if self.map.len() >= MAX_BLOCKS {
+        if self.map.len() + self.dead.len() >= MAX_BLOCKS {
             self.clear();
         }
         let p = &*b as *const Block;
-        if self.map.insert(key, b).is_some() {
+        if let Some(old) = self.map.insert(key, b) {
             // The stale block it replaced may be linked to.
             self.gen += 1;
+            if old.jit.get().is_some() {
+                self.dead.push(old);
+            }
         }
         self.fast[slot] = (key, p);
         // SAFETY: just inserted; lives until replaced or cleared.
