@@ -172,7 +172,8 @@ pub struct Cache {
     /// (key, block) pairs; a pointer is into a `Box` in `map` and is reset whenever that entry
     /// is replaced or the map is cleared.
     fast: Box<[(u64, *const Block)]>,
-    /// Bumped whenever a block is dropped: links and `prev` from an older generation are void.
+    /// Bumped whenever a cached block is dropped: links and `prev` from an older generation
+    /// are void. (The uncached `u64::MAX` entry is never linked to nor remembered.)
     gen: u64,
     /// The block that just ran to its end (no fault, interrupt or mode change after it), from
     /// generation `prev_gen`: the next lookup tries its links first.
@@ -237,9 +238,15 @@ impl Cache {
         self.prev = std::ptr::null();
     }
 
-    /// Marks `b` as the block that just ran to its end.
+    /// Marks `b` as the block that just ran to its end; `cached` is `b.cached()` (the caller
+    /// holds `b` only as a pointer).
     #[inline]
-    pub fn ran(&mut self, b: *const Block) {
+    pub fn ran(&mut self, b: *const Block, cached: bool) {
+        if !cached {
+            // The `u64::MAX` entry is replaced without a `gen` bump: never remember it.
+            self.prev = std::ptr::null();
+            return;
+        }
         self.prev = b;
         self.prev_gen = self.gen;
     }
@@ -302,9 +309,10 @@ impl Cache {
             if e.exec != lin & !0xfff {
                 // Not RAM, or a page the TLB cannot hold: decode without caching.
                 let b = cpu.decode_block(lin, None)?;
+                // Nothing points at the entry this replaces (`ran` never records an
+                // uncached block, links and `fast` never name one): bumping `gen` here
+                // would void every link (about 100k times in a Linux boot).
                 self.map.insert(u64::MAX, Box::new(b));
-                // Nothing in `fast` points at the entry this replaces.
-                self.gen += 1;
                 return Ok(&self.map[&u64::MAX]);
             }
             lin.wrapping_add(e.addend)
@@ -328,9 +336,8 @@ impl Cache {
         }
         let b = Box::new(cpu.decode_block(lin, Some(host))?);
         if b.ver_ptr.is_null() {
+            // Nothing points at the entry this replaces (see above).
             self.map.insert(u64::MAX, b);
-            // Nothing in `fast` points at the entry this replaces.
-            self.gen += 1;
             return Ok(&self.map[&u64::MAX]);
         }
         if self.map.len() + self.dead.len() >= MAX_BLOCKS {

@@ -347,6 +347,7 @@ impl EmuVcpu {
         }
         self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
         let bp = b as *const crate::decode::Block;
+        let bp_cached = b.cached();
         if let Some(ChainFrom {
             slot,
             rip,
@@ -463,7 +464,7 @@ impl EmuVcpu {
                     }
                     // Links hang off the entered block, not the last: it predicts better
                     // where a chain's last block (say a RET shared by many callers) goes.
-                    self.cache.ran(bp);
+                    self.cache.ran(bp, bp_cached);
                     return None;
                 }
                 if last.jit.get().is_some_and(|lj| k < lj.ops as usize) {
@@ -501,7 +502,7 @@ impl EmuVcpu {
                 return None;
             }
         }
-        self.cache.ran(bp);
+        self.cache.ran(bp, bp_cached);
         None
     }
 
