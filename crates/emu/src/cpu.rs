@@ -185,6 +185,9 @@ pub struct Cpu {
     pub prof: crate::profile::Profile,
     /// The arithmetic flags while translated code runs (see `jit`), in RFLAGS layout.
     pub jit_flags: u64,
+    /// The block whose translated code last left to the vCPU (written by every exit), so the
+    /// vCPU links and patches from the block that really ran last in a chain.
+    pub jit_last: u64,
 }
 
 impl Cpu {
@@ -230,6 +233,7 @@ impl Cpu {
             dr: [0, 0, 0, 0, 0, 0, 0xffff_0ff0, 0x400],
             prof: crate::profile::Profile::default(),
             jit_flags: 2,
+            jit_last: 0,
         };
         for (i, s) in c.seg.iter_mut().enumerate() {
             *s = Segment {

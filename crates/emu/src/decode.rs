@@ -113,7 +113,7 @@ impl Block {
     }
 
     #[inline]
-    fn valid(&self) -> bool {
+    pub fn valid(&self) -> bool {
         // SAFETY: see the field's comment; `src .. src+len` lies in the same region.
         unsafe {
             (*self.ver_ptr).load(Ordering::Acquire) == self.ver
@@ -172,12 +172,18 @@ pub struct Cache {
     /// (key, block) pairs; a pointer is into a `Box` in `map` and is reset whenever that entry
     /// is replaced or the map is cleared.
     fast: Box<[(u64, *const Block)]>,
-    /// Bumped whenever a block is dropped: links and `prev` from an older generation are void.
+    /// Bumped whenever a cached block is dropped: links and `prev` from an older generation
+    /// are void. (The uncached `u64::MAX` entry is never linked to nor remembered.)
     gen: u64,
     /// The block that just ran to its end (no fault, interrupt or mode change after it), from
     /// generation `prev_gen`: the next lookup tries its links first.
     pub prev: *const Block,
     prev_gen: u64,
+    /// Translated blocks replaced in `map` (stale): chained code may still leave through
+    /// their code and name them in `Cpu::jit_last`, so they live until the next `clear`.
+    /// Boxed: their addresses must not change when the list grows.
+    #[allow(clippy::vec_box)]
+    dead: Vec<Box<Block>>,
 }
 
 // SAFETY: the raw pointers point into boxes owned by `map` in the same struct.
@@ -191,6 +197,7 @@ impl Default for Cache {
             gen: 1,
             prev: std::ptr::null(),
             prev_gen: 0,
+            dead: Vec::new(),
         }
     }
 }
@@ -225,14 +232,21 @@ impl Block {
 impl Cache {
     pub fn clear(&mut self) {
         self.map.clear();
+        self.dead.clear();
         self.fast.fill((u64::MAX, std::ptr::null()));
         self.gen += 1;
         self.prev = std::ptr::null();
     }
 
-    /// Marks `b` as the block that just ran to its end.
+    /// Marks `b` as the block that just ran to its end; `cached` is `b.cached()` (the caller
+    /// holds `b` only as a pointer).
     #[inline]
-    pub fn ran(&mut self, b: *const Block) {
+    pub fn ran(&mut self, b: *const Block, cached: bool) {
+        if !cached {
+            // The `u64::MAX` entry is replaced without a `gen` bump: never remember it.
+            self.prev = std::ptr::null();
+            return;
+        }
         self.prev = b;
         self.prev_gen = self.gen;
     }
@@ -295,9 +309,10 @@ impl Cache {
             if e.exec != lin & !0xfff {
                 // Not RAM, or a page the TLB cannot hold: decode without caching.
                 let b = cpu.decode_block(lin, None)?;
+                // Nothing points at the entry this replaces (`ran` never records an
+                // uncached block, links and `fast` never name one): bumping `gen` here
+                // would void every link (about 100k times in a Linux boot).
                 self.map.insert(u64::MAX, Box::new(b));
-                // Nothing in `fast` points at the entry this replaces.
-                self.gen += 1;
                 return Ok(&self.map[&u64::MAX]);
             }
             lin.wrapping_add(e.addend)
@@ -321,18 +336,20 @@ impl Cache {
         }
         let b = Box::new(cpu.decode_block(lin, Some(host))?);
         if b.ver_ptr.is_null() {
+            // Nothing points at the entry this replaces (see above).
             self.map.insert(u64::MAX, b);
-            // Nothing in `fast` points at the entry this replaces.
-            self.gen += 1;
             return Ok(&self.map[&u64::MAX]);
         }
-        if self.map.len() >= MAX_BLOCKS {
+        if self.map.len() + self.dead.len() >= MAX_BLOCKS {
             self.clear();
         }
         let p = &*b as *const Block;
-        if self.map.insert(key, b).is_some() {
+        if let Some(old) = self.map.insert(key, b) {
             // The stale block it replaced may be linked to.
             self.gen += 1;
+            if old.jit.get().is_some() {
+                self.dead.push(old);
+            }
         }
         self.fast[slot] = (key, p);
         // SAFETY: just inserted; lives until replaced or cleared.

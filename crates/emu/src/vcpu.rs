@@ -334,7 +334,7 @@ impl EmuVcpu {
             self.jit_full = false;
             self.chain_from = None;
         }
-        let b = match self.cache.lookup(&mut self.cpu) {
+        let mut b = match self.cache.lookup(&mut self.cpu) {
             Ok(b) => b,
             Err(Stop::Fault(f)) => return self.raise(f),
             Err(Stop::Exit(e)) => return Some(e),
@@ -347,6 +347,7 @@ impl EmuVcpu {
         }
         self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
         let bp = b as *const crate::decode::Block;
+        let bp_cached = b.cached();
         if let Some(ChainFrom {
             slot,
             rip,
@@ -401,7 +402,13 @@ impl EmuVcpu {
                             self.jit_full = true;
                         } else {
                             let smp = self.cpu.env.vm.nvcpus > 1;
-                            jit = crate::jit::translate(b.ins.iter().map(|o| &o.i), user, smp, buf);
+                            jit = crate::jit::translate(
+                                b.ins.iter().map(|o| &o.i),
+                                bp as u64,
+                                user,
+                                smp,
+                                buf,
+                            );
                             b.jit.set(jit);
                             self.cpu.prof.jit_blocks += jit.is_some() as u64;
                             if let (true, Some(m)) = (self.cpu.prof.on(), jit.and_then(|j| j.stop))
@@ -419,6 +426,7 @@ impl EmuVcpu {
                 self.cpu.jit_flags = (self.cpu.flags() & flags::ARITH) | 2;
                 let before = self.cpu.icount;
                 self.cpu.prof.jit_runs += 1;
+                self.cpu.jit_last = 0;
                 // SAFETY: `entry` is code this vCPU's translator made for this block (still
                 // valid: the lookup checked its page version) and the buffer holding it is
                 // alive (it is only reset after the cache is cleared). It reads and writes
@@ -430,25 +438,39 @@ impl EmuVcpu {
                     (self.cpu.rflags & !flags::ARITH) | (self.cpu.jit_flags & flags::ARITH);
                 // The code counted what it retired into icount itself (it may loop).
                 self.cpu.prof.jit_insns += self.cpu.icount - before;
-                // The code leaves RIP exact. It may have run through chained blocks (all on
-                // this block's page and version): `k` is of the last one, so the interpreter
-                // only takes over here when RIP is this block's instruction `k`.
-                if b.ins.get(k).is_none_or(|o| o.i.ip() != self.cpu.rip) {
+                // The code leaves RIP exact. It may have run through chained blocks, and
+                // names the one it left from: `k` is that block's instruction, where the
+                // interpreter takes over if RIP is there.
+                let lp = self.cpu.jit_last as *const crate::decode::Block;
+                let last = if lp.is_null() {
+                    b
+                } else {
+                    // SAFETY: every exit stores the block its code was translated for; that
+                    // block is in the cache's map or its dead list (replaced blocks with
+                    // code are kept until `clear`, after which their code is unreachable).
+                    unsafe { &*lp }
+                };
+                if last.ins.get(k).is_none_or(|o| o.i.ip() != self.cpu.rip)
+                    || !(std::ptr::eq(last, b) || last.valid())
+                {
                     if slot != 0 {
                         self.chain_from = Some(ChainFrom {
                             slot,
                             rip: self.cpu.rip,
-                            page: b.page(),
+                            page: last.page(),
                             user,
                             guarded,
                         });
                     }
-                    self.cache.ran(bp);
+                    // Links hang off the entered block, not the last: it predicts better
+                    // where a chain's last block (say a RET shared by many callers) goes.
+                    self.cache.ran(bp, bp_cached);
                     return None;
                 }
-                if k < j.ops as usize {
+                if last.jit.get().is_some_and(|lj| k < lj.ops as usize) {
                     self.cpu.prof.jit_side_exits += 1;
                 }
+                b = last;
                 start = k;
             }
         }
@@ -480,7 +502,7 @@ impl EmuVcpu {
                 return None;
             }
         }
-        self.cache.ran(bp);
+        self.cache.ran(bp, bp_cached);
         None
     }
 

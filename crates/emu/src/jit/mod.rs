@@ -28,7 +28,8 @@ pub mod buf;
 
 use iced_x86::code_asm::{
     dword_ptr, eax, ecx, edx, get_gpr32, get_gpr64, qword_ptr, r12, r13, r14, r15, rax, rbp, rbx,
-    rcx, rdi, rsi, rsp, AsmMemoryOperand, AsmRegister32, AsmRegister64, CodeAssembler, CodeLabel,
+    rcx, rdi, rdx, rsi, rsp, AsmMemoryOperand, AsmRegister32, AsmRegister64, CodeAssembler,
+    CodeLabel,
 };
 use iced_x86::IcedError;
 use iced_x86::{
@@ -145,6 +146,10 @@ fn off_poll_at() -> i32 {
 
 fn off_tlb_x() -> i32 {
     (std::mem::offset_of!(Cpu, tlb) + std::mem::offset_of!(Tlb, x)) as i32
+}
+
+fn off_jit_last() -> i32 {
+    std::mem::offset_of!(Cpu, jit_last) as i32
 }
 
 fn off_rip() -> i32 {
@@ -1027,8 +1032,10 @@ fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> R {
 
 /// Translates the longest supported prefix of a 64-bit block into `buf`. None if not even
 /// its first instruction can be translated or the buffer is full.
+/// `id` is what every exit of the code stores in `Cpu::jit_last` (the vCPU passes its block).
 pub fn translate<'a>(
     ins: impl Iterator<Item = &'a Instruction> + Clone,
+    id: u64,
     user: bool,
     smp: bool,
     buf: &mut CodeBuf,
@@ -1061,7 +1068,7 @@ pub fn translate<'a>(
     if buf.slots_low(4) {
         return None;
     }
-    let a = assemble(ins, &plans, p_n, user, start_ip, buf).ok()?;
+    let a = assemble(ins, &plans, p_n, user, start_ip, id, buf).ok()?;
     if a.code.len() > buf.room() {
         return None;
     }
@@ -1088,6 +1095,7 @@ fn assemble<'a>(
     p_n: usize,
     user: bool,
     start_ip: u64,
+    id: u64,
     buf: &mut CodeBuf,
 ) -> Result<Assembled, JitError> {
     let ip = buf.next();
@@ -1160,6 +1168,14 @@ fn assemble<'a>(
     }
     let mut epi = t.epi;
     t.a.set_label(&mut epi)?;
+    // Every exit passes here with the result in RAX and, unless `p` is RAX, the Cpu pointer
+    // in `p`; RCX/RDX are free here and neither instruction touches the flags. With `p` in
+    // RAX the vCPU's zero stays (it then assumes the entered block).
+    if p_n != 0 {
+        let s = if p_n == 1 { rdx } else { rcx };
+        t.a.mov(s, id)?;
+        t.a.mov(t.cpu(off_jit_last()), s)?;
+    }
     for r in saved.iter().rev() {
         t.a.pop(*r)?;
     }
