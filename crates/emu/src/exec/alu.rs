@@ -53,38 +53,8 @@ impl Cpu {
                 }
                 let cc = cc as u8 - 1;
                 match m {
-                    M::Cmovo
-                    | M::Cmovno
-                    | M::Cmovb
-                    | M::Cmovae
-                    | M::Cmove
-                    | M::Cmovne
-                    | M::Cmovbe
-                    | M::Cmova
-                    | M::Cmovs
-                    | M::Cmovns
-                    | M::Cmovp
-                    | M::Cmovnp
-                    | M::Cmovl
-                    | M::Cmovge
-                    | M::Cmovle
-                    | M::Cmovg => self.cmov(i, cc),
-                    M::Seto
-                    | M::Setno
-                    | M::Setb
-                    | M::Setae
-                    | M::Sete
-                    | M::Setne
-                    | M::Setbe
-                    | M::Seta
-                    | M::Sets
-                    | M::Setns
-                    | M::Setp
-                    | M::Setnp
-                    | M::Setl
-                    | M::Setge
-                    | M::Setle
-                    | M::Setg => {
+                    m if super::is_cmov(m) => self.cmov(i, cc),
+                    m if super::is_setcc(m) => {
                         let v = self.cond(cc) as u64;
                         self.wr_op(i, 0, v)
                     }

@@ -670,38 +670,8 @@ fn select_more(i: &Instruction, m: M) -> Option<Handler> {
                 (true, true) => movx::<true, true>,
             }
         }
-        M::Seto
-        | M::Setno
-        | M::Setb
-        | M::Setae
-        | M::Sete
-        | M::Setne
-        | M::Setbe
-        | M::Seta
-        | M::Sets
-        | M::Setns
-        | M::Setp
-        | M::Setnp
-        | M::Setl
-        | M::Setge
-        | M::Setle
-        | M::Setg => setcc,
-        M::Cmovo
-        | M::Cmovno
-        | M::Cmovb
-        | M::Cmovae
-        | M::Cmove
-        | M::Cmovne
-        | M::Cmovbe
-        | M::Cmova
-        | M::Cmovs
-        | M::Cmovns
-        | M::Cmovp
-        | M::Cmovnp
-        | M::Cmovl
-        | M::Cmovge
-        | M::Cmovle
-        | M::Cmovg => {
+        m if super::is_setcc(m) => setcc,
+        m if super::is_cmov(m) => {
             let w64 = width(i.op0_register())?;
             if !gpr_src(w64) {
                 return None;

@@ -444,3 +444,50 @@ impl Cpu {
         self.rflags = ((old & !change) | (v & change)) | 2;
     }
 }
+
+/// CMOVcc in any of its sixteen conditions (the condition itself is `condition_code()`): the
+/// interpreter's handlers and the JIT pick them out the same way.
+pub(crate) fn is_cmov(m: M) -> bool {
+    matches!(
+        m,
+        M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+    )
+}
+
+/// SETcc in any of its sixteen conditions.
+pub(crate) fn is_setcc(m: M) -> bool {
+    matches!(
+        m,
+        M::Seto
+            | M::Setno
+            | M::Setb
+            | M::Setae
+            | M::Sete
+            | M::Setne
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+    )
+}

@@ -266,39 +266,8 @@ fn generic_ok(m: M) -> bool {
             | M::Mfence
             | M::Sfence
             | M::Pause
-            | M::Cmovo
-            | M::Cmovno
-            | M::Cmovb
-            | M::Cmovae
-            | M::Cmove
-            | M::Cmovne
-            | M::Cmovbe
-            | M::Cmova
-            | M::Cmovs
-            | M::Cmovns
-            | M::Cmovp
-            | M::Cmovnp
-            | M::Cmovl
-            | M::Cmovge
-            | M::Cmovle
-            | M::Cmovg
-            | M::Seto
-            | M::Setno
-            | M::Setb
-            | M::Setae
-            | M::Sete
-            | M::Setne
-            | M::Setbe
-            | M::Seta
-            | M::Sets
-            | M::Setns
-            | M::Setp
-            | M::Setnp
-            | M::Setl
-            | M::Setge
-            | M::Setle
-            | M::Setg
-    )
+    ) || crate::exec::is_cmov(m)
+        || crate::exec::is_setcc(m)
 }
 
 fn shift_like(m: M) -> bool {
