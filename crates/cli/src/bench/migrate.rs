@@ -99,6 +99,30 @@ fn put(sock: &Path, path: &str, body: Option<&str>) -> anyhow::Result<(u16, Stri
     Ok((r.status, r.body))
 }
 
+/// Starts `corefour vmm --incoming` on a free loopback port (with `config` for its devices) and
+/// waits until it listens: the target, its API socket and the port.
+fn incoming_target(dir: &Path, config: Option<&Path>) -> anyhow::Result<(Child2, PathBuf, u16)> {
+    let port = free_port()?;
+    let tsock = dir.join("dst.sock");
+    let terr = dir.join("dst.err");
+    let _ = std::fs::remove_file(&tsock);
+    let mut cmd = Command::new(me()?);
+    cmd.args(["vmm", "--incoming", &format!("127.0.0.1:{port}")]);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let target = cmd
+        .arg("--api-sock")
+        .arg(&tsock)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&terr)?)
+        .spawn()
+        .context("cannot start the target VMM")?;
+    let target = Child2 { child: target };
+    wait_text(&terr, "waiting for a migration")?;
+    Ok((target, tsock, port))
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -153,20 +177,7 @@ fn migrate_once(
     mib: u64,
     ready: &str,
 ) -> anyhow::Result<Report> {
-    let port = free_port()?;
-    let tsock = dir.join("dst.sock");
-    let terr = dir.join("dst.err");
-    let _ = std::fs::remove_file(&tsock);
-    let target = Command::new(me()?)
-        .args(["vmm", "--incoming", &format!("127.0.0.1:{port}")])
-        .arg("--api-sock")
-        .arg(&tsock)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&terr)?)
-        .spawn()
-        .context("cannot start the target VMM")?;
-    let mut target = Child2 { child: target };
-    wait_text(&terr, "waiting for a migration")?;
+    let (mut target, tsock, port) = incoming_target(dir, None)?;
     let (mut src, ssock) = source(dir, kernel, cmdline, mib, ready)?;
     let (code, body) = put(
         &ssock,
@@ -500,22 +511,7 @@ fn copy_storage_once(
                            "disks": [{"path": if copy { &dst_disk } else { &src_disk }}]})
         .to_string(),
     )?;
-    let port = free_port()?;
-    let tsock = dir.join("dst.sock");
-    let terr = dir.join("dst.err");
-    let _ = std::fs::remove_file(&tsock);
-    let target = Command::new(me()?)
-        .args(["vmm", "--incoming", &format!("127.0.0.1:{port}")])
-        .arg("--config")
-        .arg(&local)
-        .arg("--api-sock")
-        .arg(&tsock)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&terr)?)
-        .spawn()
-        .context("cannot start the target VMM")?;
-    let mut target = Child2 { child: target };
-    wait_text(&terr, "waiting for a migration")?;
+    let (mut target, tsock, port) = incoming_target(dir, Some(&local))?;
     let sock = dir.join("src.sock");
     let out = dir.join("src.out");
     let _ = std::fs::remove_file(&sock);
