@@ -175,6 +175,16 @@ fn snapshot(v: &Vmm, dir: &Path) {
     assert_eq!(code, 200, "{body}");
 }
 
+/// Pauses `v`, lets its output settle, and takes a full snapshot into `dir`: what the guest
+/// printed up to the snapshot, and the snapshot's directory.
+fn paused_snapshot(v: &Vmm, dir: &Path) -> (String, PathBuf) {
+    assert_eq!(v.put("/vm/pause", None).0, 204);
+    std::thread::sleep(Duration::from_millis(200));
+    let before = v.output();
+    snapshot(v, dir);
+    (before, dir.to_path_buf())
+}
+
 /// Runs vblkloop with a disk and an rng on `transport`, takes a full snapshot and later a diff
 /// snapshot (paused, so the output matches), stops the source, restores each, and checks the
 /// copies. Returns the full snapshot's directory and the disk for the tamper test.
@@ -201,11 +211,7 @@ fn round_trip(t: &Tmp, transport: &str) -> (PathBuf, PathBuf) {
     );
     src.wait_counts(20);
     // Paused first, so that what the source printed is exactly what precedes the snapshot.
-    assert_eq!(src.put("/vm/pause", None).0, 204);
-    std::thread::sleep(Duration::from_millis(200));
-    let before = src.output();
-    let snap = t.0.join("snap");
-    snapshot(&src, &snap);
+    let (before, snap) = paused_snapshot(&src, &t.0.join("snap"));
     // Resuming after a snapshot lets the devices go on too.
     assert_eq!(src.put("/vm/resume", None).0, 204);
     let n = counts(&src.output()).len();
@@ -411,11 +417,7 @@ fn msix_routes_and_moved_bar_ioeventfds_survive_restore() {
         "src",
     );
     src.wait_counts(20);
-    assert_eq!(src.put("/vm/pause", None).0, 204);
-    std::thread::sleep(Duration::from_millis(200));
-    let before = src.output();
-    let snap = t.0.join("snap");
-    snapshot(&src, &snap);
+    let (before, snap) = paused_snapshot(&src, &t.0.join("snap"));
     drop(src);
     let last = *counts(&before).last().unwrap();
     rewind_disk(&disk, last + 1);
@@ -463,11 +465,7 @@ fn emu_vm_snapshot_restores_and_continues() {
         "src",
     );
     src.wait_counts(5);
-    assert_eq!(src.put("/vm/pause", None).0, 204);
-    std::thread::sleep(Duration::from_millis(200));
-    let before = src.output();
-    let snap = t.0.join("snap");
-    snapshot(&src, &snap);
+    let (before, snap) = paused_snapshot(&src, &t.0.join("snap"));
     drop(src);
     let state = std::fs::read(snap.join("state.bin")).unwrap();
     let payload: serde_json::Value = serde_json::from_slice(&state[24..state.len() - 4]).unwrap();
