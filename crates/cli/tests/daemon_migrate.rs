@@ -216,6 +216,18 @@ fn start_vm(d: &Daemon, name: &str, kernel: &Path, cmdline: &str, mem: u64) {
     );
 }
 
+fn start_vm_with_disk(d: &Daemon, name: &str, kernel: &Path, cmdline: &str, disk: &Path) {
+    d.ok(
+        Method::POST,
+        "/v1/vms",
+        Some(
+            &json!({"name": name, "kernel": kernel, "cmdline": cmdline,
+                    "disks": [{"path": disk}], "start": true})
+            .to_string(),
+        ),
+    );
+}
+
 /// Waits until the target daemon has nothing of VM `name` left: no record, no directory.
 fn assert_clean(b: &Daemon, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(40);
@@ -241,15 +253,7 @@ fn counter_moves_between_daemons_without_gap_or_repeat() {
     // Shared storage: both test hosts see the same file system, so the disk is at the same path.
     let disk = h.a.dir.0.join("shared.raw");
     std::fs::write(&disk, vec![0x42u8; 1 << 20]).unwrap();
-    h.a.ok(
-        Method::POST,
-        "/v1/vms",
-        Some(
-            &json!({"name": "c", "kernel": counter, "cmdline": "spin=1000000",
-                    "disks": [{"path": disk}], "start": true})
-            .to_string(),
-        ),
-    );
+    start_vm_with_disk(&h.a, "c", &counter, "spin=1000000", &disk);
     wait_console_until(&h.a, "c", |t| counts(t).len() >= 5);
     let mut follower = follow(&h.a, "c");
     let out = h.a.cli(&[
@@ -413,15 +417,12 @@ fn copy_storage_mirrors_a_disk_the_guest_writes_during_the_migration() {
     }
     data[24 << 20..(24 << 20) + 4096].fill(0xa5);
     std::fs::write(&disk, &data).unwrap();
-    h.a.ok(
-        Method::POST,
-        "/v1/vms",
-        Some(
-            &json!({"name": "s", "kernel": vblkloop,
-                    "cmdline": format!("spin=20000000 stride={STRIDE}"),
-                    "disks": [{"path": disk}], "start": true})
-            .to_string(),
-        ),
+    start_vm_with_disk(
+        &h.a,
+        "s",
+        &vblkloop,
+        &format!("spin=20000000 stride={STRIDE}"),
+        &disk,
     );
     wait_console_until(&h.a, "s", |t| counts(t).len() >= 3);
     let mut follower = follow(&h.a, "s");
@@ -607,15 +608,7 @@ fn a_copy_storage_migration_cut_short_resumes_the_source_and_the_target_drops_it
     // Big enough (every block non-zero) that the link goes down while it is on its way.
     let disk = h.a.dir.0.join("big.raw");
     std::fs::write(&disk, vec![0x11u8; 768 << 20]).unwrap();
-    h.a.ok(
-        Method::POST,
-        "/v1/vms",
-        Some(
-            &json!({"name": "k", "kernel": vblkloop, "cmdline": "spin=200000",
-                    "disks": [{"path": disk}], "start": true})
-            .to_string(),
-        ),
-    );
+    start_vm_with_disk(&h.a, "k", &vblkloop, "spin=200000", &disk);
     wait_console_until(&h.a, "k", |t| counts(t).len() >= 5);
     let ns_a = h.ns_a.clone();
     let veth = h.veth_a.clone();
