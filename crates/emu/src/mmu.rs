@@ -253,6 +253,17 @@ impl Cpu {
         self.write_slow(lin, size, v, user)
     }
 
+    /// The host address of linear `lin` if the TLB already lets the current privilege read
+    /// (or, with `write`, write) its page straight from RAM. For bulk copies that then stay
+    /// inside that page.
+    #[inline]
+    pub fn tlb_host(&self, lin: u64, write: bool) -> Option<*mut u8> {
+        let user = self.cpl == 3;
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        let tag = if write { e.write } else { e.read };
+        (tag == lin & PAGE_MASK).then(|| lin.wrapping_add(e.addend) as *mut u8)
+    }
+
     #[cold]
     fn read_slow(&mut self, lin: u64, size: usize, user: bool) -> X<u64> {
         if (lin & 0xfff) as usize + size > 0x1000 {
