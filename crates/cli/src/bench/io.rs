@@ -5,7 +5,9 @@
 //! device tests use) puts requests on the ring of a real virtio-blk device behind the
 //! virtio-mmio transport; the device's worker thread serves them from the file. The peer does
 //! the same reads and writes with pread/pwrite on the same file. Both go through the host page
-//! cache. No vCPU is involved: this measures the device model, not guest exits.
+//! cache. No vCPU is involved: this measures the device model, not guest exits. The device
+//! serves buffered reads of the raw file from a shared mapping of it (`virtio::blk_map`), the
+//! peer with pread: the table's footnote says so.
 //!
 //! virtio-net: frames from the driver's TX ring through the tap into a UDP socket in a network
 //! namespace, against the same frames written into one end of a veth pair (AF_PACKET) and
@@ -121,6 +123,10 @@ fn table(rows: &[Row], qd: usize) -> String {
     let _ = writeln!(
         t,
         "(virtio-blk: in-process driver, queue depth {qd}; `buffered` through the host page cache on both sides, `direct` with O_DIRECT on both; goal >= 0.90x)"
+    );
+    let _ = writeln!(
+        t,
+        "(the device serves buffered reads by copying from a read-only shared mapping of the raw file, no system call on a page-cache hit; its writes, and all direct I/O, use pwrite/pread; the peer always uses pread/pwrite)"
     );
     t
 }
