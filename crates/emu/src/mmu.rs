@@ -10,16 +10,15 @@ pub const TLB_SIZE: usize = 1 << TLB_BITS;
 const NONE: u64 = 1;
 const PAGE_MASK: u64 = !0xfff;
 
+/// 32 bytes, two to a cache line: what translated code and the hit paths read. What only
+/// flushes need lives beside the entries (`Tlb::meta`).
 #[derive(Clone, Copy)]
+#[repr(C, align(32))]
 pub struct Entry {
     pub read: u64,
     pub write: u64,
     pub exec: u64,
     pub addend: u64,
-    pub global: bool,
-    /// log2 of the size of the guest page the entry is a 4 KiB piece of (12 for a 4 KiB
-    /// page): INVLPG anywhere in a large page drops every piece of it.
-    pub shift: u8,
 }
 
 const EMPTY: Entry = Entry {
@@ -27,9 +26,13 @@ const EMPTY: Entry = Entry {
     write: NONE,
     exec: NONE,
     addend: 0,
-    global: false,
-    shift: 12,
 };
+
+/// `Tlb::meta` bits: the entry is global; the rest is log2 of the size of the guest page
+/// the entry is a 4 KiB piece of (12 for a 4 KiB page): INVLPG anywhere in a large page
+/// drops every piece of it.
+const META_GLOBAL: u8 = 0x80;
+const META_SHIFT: u8 = 0x3f;
 
 const SETS: usize = 4;
 const LIVE_WORDS: usize = SETS * TLB_SIZE / 64;
@@ -46,6 +49,8 @@ pub struct Tlb {
     /// Bit `s * TLB_SIZE + i` set: entry `i` of set `s` (e user/supervisor, then x) may
     /// hold a tag.
     live: Box<[u64; LIVE_WORDS]>,
+    /// Per entry, as `live`: global bit and page size (`META_*`).
+    meta: Box<[u8; SETS * TLB_SIZE]>,
     /// Entries filled from a large page since the last full flush (INVLPG then searches
     /// for the other pieces of the page it names).
     big: u32,
@@ -59,6 +64,7 @@ impl Tlb {
             e: Box::new([[EMPTY; TLB_SIZE]; 2]),
             x: Box::new([[EMPTY; TLB_SIZE]; 2]),
             live: Box::new([0; LIVE_WORDS]),
+            meta: Box::new([12; SETS * TLB_SIZE]),
             big: 0,
             flushes_all: 0,
             flushes_nonglobal: 0,
@@ -74,20 +80,22 @@ impl Tlb {
         }
     }
 
-    /// Installs `v` as entry `i` of data (`fetch` false) or fetch set `user`.
+    /// Installs `v` as entry `i` of data (`fetch` false) or fetch set `user`, for a page
+    /// of 2^`shift` bytes.
     #[inline]
-    fn set(&mut self, fetch: bool, user: bool, i: usize, v: Entry) {
+    fn set(&mut self, fetch: bool, user: bool, i: usize, v: Entry, global: bool, shift: u8) {
         let set = (fetch as usize) << 1 | user as usize;
         let bit = set * TLB_SIZE + i;
         self.live[bit / 64] |= 1 << (bit % 64);
-        if v.shift > 12 {
+        if shift > 12 {
             self.big = self.big.saturating_add(1);
         }
+        self.meta[bit] = if global { META_GLOBAL } else { 0 } | shift;
         *self.entry(set, i) = v;
     }
 
-    /// Empties every live entry for which `drop` says so.
-    fn sweep(&mut self, drop: impl Fn(&Entry) -> bool) {
+    /// Empties every live entry for which `drop` (given the entry and its meta bits) says so.
+    fn sweep(&mut self, drop: impl Fn(&Entry, u8) -> bool) {
         for w in 0..LIVE_WORDS {
             let mut bits = self.live[w];
             let mut keep = bits;
@@ -95,8 +103,9 @@ impl Tlb {
                 let b = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
                 let at = w * 64 + b;
+                let m = self.meta[at];
                 let e = self.entry(at / TLB_SIZE, at % TLB_SIZE);
-                if drop(e) {
+                if drop(e, m) {
                     *e = EMPTY;
                     keep &= !(1 << b);
                 }
@@ -107,13 +116,13 @@ impl Tlb {
 
     pub fn flush_all(&mut self) {
         self.flushes_all += 1;
-        self.sweep(|_| true);
+        self.sweep(|_, _| true);
         self.big = 0;
     }
 
     pub fn flush_nonglobal(&mut self) {
         self.flushes_nonglobal += 1;
-        self.sweep(|e| !e.global);
+        self.sweep(|_, m| m & META_GLOBAL == 0);
     }
 
     /// INVLPG: drops the translation of the page holding `va`, global or not, and of the
@@ -128,12 +137,13 @@ impl Tlb {
             }
         }
         if self.big != 0 {
-            self.sweep(|e| {
+            self.sweep(|e, m| {
                 let tag = [e.read, e.write, e.exec]
                     .into_iter()
                     .find(|&t| t != NONE)
                     .unwrap_or(NONE);
-                e.shift > 12 && tag != NONE && (tag ^ va) >> e.shift == 0
+                let shift = m & META_SHIFT;
+                shift > 12 && tag != NONE && (tag ^ va) >> shift == 0
             });
         }
     }
@@ -251,6 +261,17 @@ impl Cpu {
             return Ok(());
         }
         self.write_slow(lin, size, v, user)
+    }
+
+    /// The host address of linear `lin` if the TLB already lets the current privilege read
+    /// (or, with `write`, write) its page straight from RAM. For bulk copies that then stay
+    /// inside that page.
+    #[inline]
+    pub fn tlb_host(&self, lin: u64, write: bool) -> Option<*mut u8> {
+        let user = self.cpl == 3;
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        let tag = if write { e.write } else { e.read };
+        (tag == lin & PAGE_MASK).then(|| lin.wrapping_add(e.addend) as *mut u8)
     }
 
     #[cold]
@@ -411,8 +432,6 @@ impl Cpu {
                 write: NONE,
                 exec: if w.exec { page } else { NONE },
                 addend,
-                global: w.global,
-                shift: w.shift,
             }
         } else {
             Entry {
@@ -420,11 +439,9 @@ impl Cpu {
                 write: if writable { page } else { NONE },
                 exec: NONE,
                 addend,
-                global: w.global,
-                shift: w.shift,
             }
         };
-        self.tlb.set(fetch, user, idx, e);
+        self.tlb.set(fetch, user, idx, e, w.global, w.shift);
     }
 
     fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> X<Walk> {
