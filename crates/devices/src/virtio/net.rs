@@ -176,6 +176,8 @@ impl VirtioDevice for Net {
 /// Frames one RX pass takes from the tap at most: a host that floods the tap must not keep
 /// the worker from TX, a park or a stop.
 const RX_BATCH: usize = 256;
+/// RX looks at the driver's `used_event` once per this many frames (and at the end of a pass).
+const RX_SIGNAL_EVERY: usize = 32;
 /// While TX keeps the worker polling (no epoll_wait, so no tap edge is seen), the tap is read
 /// at least this often.
 const RX_WHILE_TX: Duration = Duration::from_micros(100);
@@ -297,9 +299,11 @@ impl NetHandler {
                     }
                 }
             }
-            // With event idx the driver names the frame it wants to hear about; telling it at
-            // once lets it refill buffers while the device goes on.
-            if event_idx && rx.needs_notification() {
+            // With event idx the driver names the frame it wants to hear about; telling it
+            // during the pass lets it refill buffers while the device goes on. Every
+            // RX_SIGNAL_EVERY frames, as vhost-net does: a driver that re-arms for the next frame
+            // after each drain would otherwise be woken for nearly every frame of a stream.
+            if event_idx && frames % RX_SIGNAL_EVERY == 0 && rx.needs_notification() {
                 interrupt.signal_used_queue(0);
             }
         }
