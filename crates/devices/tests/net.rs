@@ -638,3 +638,76 @@ fn a_saved_nic_resumes_on_a_new_tap_where_it_stopped() {
     assert_eq!((id, len as usize), (0, VNET_HDR_LEN + f.len()));
     assert!(irq.count() > 0, "the restored NIC interrupts");
 }
+
+#[test]
+fn rx_throttle_ends_while_tx_keeps_the_device_busy() {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: /dev/net/tun missing");
+        return;
+    }
+    let name = format!("c4vb{}", std::process::id() % 100_000);
+    let mac = [0x52, 0x54, 0, 0xc4, 0, 9];
+    let dev = match Net::new(&NetConfig {
+        tap: name.clone(),
+        mac: Some(mac),
+        rx_limit: corefour_devices::virtio::rate_limiter::RateLimit {
+            bytes_per_sec: 50_000,
+            bytes_burst: 50_000,
+            ..Default::default()
+        },
+        ..Default::default()
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: cannot create tap (needs root): {e}");
+            return;
+        }
+    };
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(2, 128);
+    for _ in 0..128 {
+        let b = d.alloc(2048);
+        d.queue_chain(0, &[(b, 2048, true)]).unwrap();
+    }
+    d.publish(0).unwrap();
+    let sock = packet_socket(&name);
+    let f = frame(mac, [0x52, 0x54, 0, 0xc4, 0, 10], &[0x66; 986]);
+    for _ in 0..100 {
+        // SAFETY: sending our buffer on a bound packet socket.
+        let n = unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        assert_eq!(n as usize, f.len());
+    }
+    // TX without pause while the 100 kB of RX frames come in: 50 kB at once, the rest at
+    // 50 kB/s. The TX stream keeps the worker polling, away from its timer.
+    let mut pkt = vec![0u8; VNET_HDR_LEN];
+    pkt.extend(frame([0xff; 6], mac, &[0x77; 64]));
+    let tx = d.alloc(pkt.len() as u64);
+    d.mem.write_slice(&pkt, tx).unwrap();
+    let t0 = Instant::now();
+    let (mut rx_done, mut tx_in_flight) = (0, 0);
+    while rx_done < 100 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "RX stuck at {rx_done} while TX kept the device busy"
+        );
+        while d.pop_used(1).is_some() {
+            tx_in_flight -= 1;
+        }
+        while tx_in_flight < 64 {
+            d.queue_chain(1, &[(tx, pkt.len() as u32, false)]).unwrap();
+            tx_in_flight += 1;
+        }
+        d.publish(1).unwrap();
+        while let Some((_, len)) = d.pop_used(0) {
+            if len as usize == VNET_HDR_LEN + f.len() {
+                rx_done += 1;
+            }
+        }
+    }
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(700),
+        "RX limit not applied: {took:?}"
+    );
+}
