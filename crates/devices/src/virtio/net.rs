@@ -176,6 +176,8 @@ impl VirtioDevice for Net {
 /// Frames one RX pass takes from the tap at most: a host that floods the tap must not keep
 /// the worker from TX, a park or a stop.
 const RX_BATCH: usize = 256;
+/// RX looks at the driver's `used_event` once per this many frames (and at the end of a pass).
+const RX_SIGNAL_EVERY: usize = 32;
 /// While TX keeps the worker polling (no epoll_wait, so no tap edge is seen), the tap is read
 /// at least this often.
 const RX_WHILE_TX: Duration = Duration::from_micros(100);
@@ -204,7 +206,8 @@ struct NetHandler {
     tx_limiter: RateLimiter,
     /// The tap may hold frames but the guest gave no buffers: resume when it adds some.
     rx_waiting_for_buffers: bool,
-    /// The last RX pass stopped at [`RX_BATCH`] with the tap not drained (its edge is spent).
+    /// The tap may hold frames whose edge is spent: the last RX pass stopped at [`RX_BATCH`]
+    /// or at the limiter.
     rx_more: bool,
     /// When the tap was last read: see [`RX_WHILE_TX`].
     rx_tried: Instant,
@@ -262,6 +265,8 @@ impl NetHandler {
             } else if let Err(d) = limiter.admit(MAX_FRAME) {
                 rx.undo_pop();
                 self.rx_throttled = Some(Instant::now() + d);
+                // The tap's edge is spent: read on when the throttle ends.
+                self.rx_more = true;
                 break;
             } else if chain::iovecs_into(
                 mem,
@@ -297,9 +302,11 @@ impl NetHandler {
                     }
                 }
             }
-            // With event idx the driver names the frame it wants to hear about; telling it at
-            // once lets it refill buffers while the device goes on.
-            if event_idx && rx.needs_notification() {
+            // With event idx the driver names the frame it wants to hear about; telling it
+            // during the pass lets it refill buffers while the device goes on. Every
+            // RX_SIGNAL_EVERY frames, as vhost-net does: a driver that re-arms for the next frame
+            // after each drain would otherwise be woken for nearly every frame of a stream.
+            if event_idx && frames % RX_SIGNAL_EVERY == 0 && rx.needs_notification() {
                 interrupt.signal_used_queue(0);
             }
         }
@@ -369,13 +376,27 @@ impl NetHandler {
     }
 
     fn rx_ready(&self) -> bool {
-        self.rx_throttled.is_none()
+        unthrottled(self.rx_throttled)
             && (self.rx_more || (self.rx_waiting_for_buffers && self.rx.pending()))
     }
 
     fn tx_ready(&self) -> bool {
-        self.tx_throttled.is_none() && self.tx.pending()
+        unthrottled(self.tx_throttled) && self.tx.pending()
     }
+
+    /// Ends the throttles whose time is up. The worker's timer does it too, but a worker kept
+    /// polling by one direction's traffic does not get to its timer.
+    fn expire_throttles(&mut self) {
+        for t in [&mut self.rx_throttled, &mut self.tx_throttled] {
+            if unthrottled(*t) {
+                *t = None;
+            }
+        }
+    }
+}
+
+fn unthrottled(until: Option<Instant>) -> bool {
+    until.is_none_or(|t| t <= Instant::now())
 }
 
 impl QueueHandler for NetHandler {
@@ -389,6 +410,7 @@ impl QueueHandler for NetHandler {
     }
 
     fn queue_notified(&mut self, queue: usize, _p: &Poller) -> Result<(), DeviceError> {
+        self.expire_throttles();
         match queue {
             0 if self.rx_ready() => self.process_rx(),
             1 if self.tx_throttled.is_none() => {
@@ -417,14 +439,17 @@ impl QueueHandler for NetHandler {
     }
 
     fn before_sleep(&mut self) -> bool {
-        let tx = self.tx.enable_notification() && self.tx_throttled.is_none();
+        let tx = self.tx.enable_notification() && unthrottled(self.tx_throttled);
         // RX kicks only matter while the device waits for buffers.
         let rx = self.rx_waiting_for_buffers && self.rx.enable_notification();
-        tx || self.rx_ready() || (rx && self.rx_throttled.is_none())
+        tx || self.rx_ready() || (rx && unthrottled(self.rx_throttled))
     }
 
     fn fd_ready(&mut self, _token: u64, _events: u32, _p: &Poller) -> Result<(), DeviceError> {
+        self.expire_throttles();
         if self.rx_throttled.is_some() {
+            // The edge is spent: the pass after the throttle reads what it announced.
+            self.rx_more = true;
             return Ok(());
         }
         self.process_rx()
