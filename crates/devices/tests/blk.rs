@@ -66,6 +66,10 @@ fn reads_writes_flushes_and_interrupts() {
     })
     .unwrap();
     assert_eq!(dev.sectors(), 64);
+    assert!(
+        dev.mapped(),
+        "buffered reads of a raw file come from its mapping"
+    );
     let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 128);
     assert!(rig.transport.is_activated());
@@ -254,6 +258,7 @@ fn direct_io_aligned_and_bounced() {
             return;
         }
     };
+    assert!(!dev.mapped(), "O_DIRECT reads keep going through pread");
     let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 64);
     let want = std::fs::read(file.path()).unwrap();
@@ -278,4 +283,121 @@ fn direct_io_aligned_and_bounced() {
         std::fs::read(file.path()).unwrap()[9 * 512..10 * 512],
         [0x3c; 512]
     );
+}
+
+/// Buffered reads come from a mapping of the file: they must see what the device wrote,
+/// discarded or zeroed just before, and what another writer put into the file.
+#[test]
+fn mapped_reads_see_writes_discards_and_other_writers() {
+    use std::os::unix::fs::FileExt;
+    let file = disk(64);
+    let dev = Block::new(&BlockConfig {
+        path: file.path().into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(dev.mapped());
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 64);
+    let buf = d.alloc(4096);
+    let read = |d: &mut MmioDriver, sector: u64| {
+        assert_eq!(
+            request(d, blk::T_IN, sector, buf, 4096, false),
+            (4097, blk::S_OK)
+        );
+        let mut got = vec![0u8; 4096];
+        d.mem.read_slice(&mut got, buf).unwrap();
+        got
+    };
+    let before = read(&mut d, 8);
+    assert_eq!(
+        before,
+        std::fs::read(file.path()).unwrap()[8 * 512..16 * 512]
+    );
+    let data = d.alloc(4096);
+    d.mem.write_slice(&[0x5e; 4096], data).unwrap();
+    assert_eq!(
+        request(&mut d, blk::T_OUT, 8, data, 4096, true),
+        (1, blk::S_OK)
+    );
+    assert_eq!(read(&mut d, 8), vec![0x5e; 4096], "read after write");
+    for (ty, want) in [(blk::T_DISCARD, 0u8), (blk::T_WRITE_ZEROES, 0)] {
+        d.mem.write_slice(&[0x77; 4096], data).unwrap();
+        assert_eq!(
+            request(&mut d, blk::T_OUT, 8, data, 4096, true).1,
+            blk::S_OK
+        );
+        let seg = d.alloc(16);
+        let mut raw = [0u8; 16];
+        raw[0..8].copy_from_slice(&8u64.to_le_bytes());
+        raw[8..12].copy_from_slice(&8u32.to_le_bytes());
+        d.mem.write_slice(&raw, seg).unwrap();
+        assert_eq!(request(&mut d, ty, 0, seg, 16, true), (1, blk::S_OK));
+        assert_eq!(read(&mut d, 8), vec![want; 4096], "read after type {ty}");
+    }
+    // Another writer of the file (the page cache is shared with the mapping).
+    let other = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file.path())
+        .unwrap();
+    other.write_all_at(&[0x42; 4096], 16 * 512).unwrap();
+    assert_eq!(read(&mut d, 16), vec![0x42; 4096]);
+}
+
+/// A disk file truncated under a running device: reads of the vanished part get IOERR (the
+/// SIGBUS of the mapping is caught), the VMM lives on, reads of what is left still work and,
+/// once the file is long again, the whole disk reads again.
+#[test]
+fn truncated_disk_gives_ioerr_not_a_crash() {
+    let file = disk(256);
+    let want = std::fs::read(file.path()).unwrap();
+    let dev = Block::new(&BlockConfig {
+        path: file.path().into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert!(dev.mapped());
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 64);
+    let buf = d.alloc(8192);
+    assert_eq!(
+        request(&mut d, blk::T_IN, 200, buf, 8192, false),
+        (8193, blk::S_OK)
+    );
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(file.path())
+        .unwrap()
+        .set_len(32 * 512)
+        .unwrap();
+    assert_eq!(
+        request(&mut d, blk::T_IN, 200, buf, 8192, false).1,
+        blk::S_IOERR,
+        "read past the shrunk file"
+    );
+    assert_eq!(
+        request(&mut d, blk::T_IN, 128, buf, 4096, false).1,
+        blk::S_IOERR,
+        "and again, now through pread"
+    );
+    assert_eq!(
+        request(&mut d, blk::T_IN, 8, buf, 4096, false),
+        (4097, blk::S_OK)
+    );
+    let mut got = vec![0u8; 4096];
+    d.mem.read_slice(&mut got, buf).unwrap();
+    assert_eq!(got, want[8 * 512..16 * 512]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(file.path())
+        .unwrap()
+        .set_len(256 * 512)
+        .unwrap();
+    assert_eq!(
+        request(&mut d, blk::T_IN, 200, buf, 4096, false),
+        (4097, blk::S_OK),
+        "the file is long again"
+    );
+    d.mem.read_slice(&mut got, buf).unwrap();
+    assert_eq!(got, vec![0u8; 4096], "the regrown part is a hole");
 }

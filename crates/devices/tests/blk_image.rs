@@ -71,6 +71,7 @@ fn qcow2_overlay_reads_base_and_writes_overlay() {
     })
     .unwrap();
     assert_eq!(dev.sectors(), SECTORS, "capacity is the virtual size");
+    assert!(!dev.mapped(), "image formats read through the format layer");
     let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 128);
 

@@ -342,6 +342,7 @@ impl Cache {
         }
         if self.map.len() + self.dead.len() >= MAX_BLOCKS {
             self.clear();
+            cpu.prof.cache_clears += 1;
         }
         let p = &*b as *const Block;
         if let Some(old) = self.map.insert(key, b) {
@@ -380,9 +381,17 @@ impl Cpu {
         let ver_word = &r.code[page];
         let old = ver_word.fetch_or(1, Ordering::AcqRel);
         if old & 1 == 0 {
-            // A new code page: nobody may keep a write tag for it.
-            self.tlb.flush_all();
-            self.epoch = self.env.vm.bump_epoch();
+            // A new code page: nobody may keep a write tag for it. This vCPU drops just
+            // those tags; the others see the epoch move and flush everything.
+            self.tlb
+                .revoke_writes(r.host as u64 + (page as u64) * 0x1000);
+            self.prof.code_pages += 1;
+            let now = self.env.vm.bump_epoch();
+            // If another vCPU moved the epoch since this one synced, keep the old value so
+            // the dispatch loop still resyncs (a full flush, maybe a new memory map).
+            if now == self.epoch.wrapping_add(1) {
+                self.epoch = now;
+            }
         }
         let ver = old | 1;
         let avail = (0x1000 - (pa & 0xfff)).min(r.gpa + r.size - pa) as usize;

@@ -10,13 +10,15 @@ pub const TLB_SIZE: usize = 1 << TLB_BITS;
 const NONE: u64 = 1;
 const PAGE_MASK: u64 = !0xfff;
 
+/// 32 bytes, two to a cache line: what translated code and the hit paths read. What only
+/// flushes need lives beside the entries (`Tlb::meta`).
 #[derive(Clone, Copy)]
+#[repr(C, align(32))]
 pub struct Entry {
     pub read: u64,
     pub write: u64,
     pub exec: u64,
     pub addend: u64,
-    pub global: bool,
 }
 
 const EMPTY: Entry = Entry {
@@ -24,14 +26,36 @@ const EMPTY: Entry = Entry {
     write: NONE,
     exec: NONE,
     addend: 0,
-    global: false,
 };
+
+/// `Tlb::meta` bits: the entry is global; the rest is log2 of the size of the guest page
+/// the entry is a 4 KiB piece of (12 for a 4 KiB page): INVLPG anywhere in a large page
+/// drops every piece of it.
+const META_GLOBAL: u8 = 0x80;
+const META_SHIFT: u8 = 0x3f;
+
+const SETS: usize = 4;
+const LIVE_WORDS: usize = SETS * TLB_SIZE / 64;
 
 /// Data entries (`e`) and instruction-fetch entries (`x`, so code and the data it touches
 /// never evict each other), each in two sets: supervisor and user (CPL 3) accesses.
+///
+/// Flushes cost what was filled since, not the TLB's size: a bitmap marks the entries that
+/// may hold a tag, so a CR3 load (thousands in a Linux boot) clears only those, and global
+/// entries stay, as on the CPU.
 pub struct Tlb {
     pub e: Box<[[Entry; TLB_SIZE]; 2]>,
     pub x: Box<[[Entry; TLB_SIZE]; 2]>,
+    /// Bit `s * TLB_SIZE + i` set: entry `i` of set `s` (e user/supervisor, then x) may
+    /// hold a tag.
+    live: Box<[u64; LIVE_WORDS]>,
+    /// Per entry, as `live`: global bit and page size (`META_*`).
+    meta: Box<[u8; SETS * TLB_SIZE]>,
+    /// Entries filled from a large page since the last full flush (INVLPG then searches
+    /// for the other pieces of the page it names).
+    big: u32,
+    pub flushes_all: u64,
+    pub flushes_nonglobal: u64,
 }
 
 impl Tlb {
@@ -39,33 +63,106 @@ impl Tlb {
         Tlb {
             e: Box::new([[EMPTY; TLB_SIZE]; 2]),
             x: Box::new([[EMPTY; TLB_SIZE]; 2]),
+            live: Box::new([0; LIVE_WORDS]),
+            meta: Box::new([12; SETS * TLB_SIZE]),
+            big: 0,
+            flushes_all: 0,
+            flushes_nonglobal: 0,
+        }
+    }
+
+    #[inline]
+    fn entry(&mut self, set: usize, i: usize) -> &mut Entry {
+        if set < 2 {
+            &mut self.e[set][i]
+        } else {
+            &mut self.x[set - 2][i]
+        }
+    }
+
+    /// Installs `v` as entry `i` of data (`fetch` false) or fetch set `user`, for a page
+    /// of 2^`shift` bytes.
+    #[inline]
+    fn set(&mut self, fetch: bool, user: bool, i: usize, v: Entry, global: bool, shift: u8) {
+        let set = (fetch as usize) << 1 | user as usize;
+        let bit = set * TLB_SIZE + i;
+        self.live[bit / 64] |= 1 << (bit % 64);
+        if shift > 12 {
+            self.big = self.big.saturating_add(1);
+        }
+        self.meta[bit] = if global { META_GLOBAL } else { 0 } | shift;
+        *self.entry(set, i) = v;
+    }
+
+    /// Empties every live entry for which `drop` (given the entry and its meta bits) says so.
+    fn sweep(&mut self, drop: impl Fn(&Entry, u8) -> bool) {
+        for w in 0..LIVE_WORDS {
+            let mut bits = self.live[w];
+            let mut keep = bits;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let at = w * 64 + b;
+                let m = self.meta[at];
+                let e = self.entry(at / TLB_SIZE, at % TLB_SIZE);
+                if drop(e, m) {
+                    *e = EMPTY;
+                    keep &= !(1 << b);
+                }
+            }
+            self.live[w] = keep;
         }
     }
 
     pub fn flush_all(&mut self) {
-        for set in self.e.iter_mut().chain(self.x.iter_mut()) {
-            set.fill(EMPTY);
-        }
+        self.flushes_all += 1;
+        self.sweep(|_, _| true);
+        self.big = 0;
     }
 
     pub fn flush_nonglobal(&mut self) {
-        for set in self.e.iter_mut().chain(self.x.iter_mut()) {
-            for e in set.iter_mut() {
-                if !e.global {
-                    *e = EMPTY;
-                }
+        self.flushes_nonglobal += 1;
+        self.sweep(|_, m| m & META_GLOBAL == 0);
+    }
+
+    /// INVLPG: drops the translation of the page holding `va`, global or not, and of the
+    /// whole large page if it is part of one.
+    pub fn flush_page(&mut self, va: u64) {
+        let i = ((va >> 12) as usize) & (TLB_SIZE - 1);
+        let page = va & PAGE_MASK;
+        for set in 0..SETS {
+            let e = self.entry(set, i);
+            if e.read == page || e.write == page || e.exec == page {
+                *e = EMPTY;
             }
+        }
+        if self.big != 0 {
+            self.sweep(|e, m| {
+                let tag = [e.read, e.write, e.exec]
+                    .into_iter()
+                    .find(|&t| t != NONE)
+                    .unwrap_or(NONE);
+                let shift = m & META_SHIFT;
+                shift > 12 && tag != NONE && (tag ^ va) >> shift == 0
+            });
         }
     }
 
-    pub fn flush_page(&mut self, va: u64) {
-        let i = ((va >> 12) as usize) & (TLB_SIZE - 1);
-        for set in self.e.iter_mut().chain(self.x.iter_mut()) {
-            if set[i].read == va & PAGE_MASK
-                || set[i].write == va & PAGE_MASK
-                || set[i].exec == va & PAGE_MASK
-            {
-                set[i] = EMPTY;
+    /// Drops write tags on the host page at `host` (it now holds decoded code, so writes to
+    /// it must take the slow path); every other entry stays.
+    pub fn revoke_writes(&mut self, host: u64) {
+        for user in 0..2 {
+            let mut words = [0u64; TLB_SIZE / 64];
+            words.copy_from_slice(&self.live[user * TLB_SIZE / 64..(user + 1) * TLB_SIZE / 64]);
+            for (w, mut bits) in words.into_iter().enumerate() {
+                while bits != 0 {
+                    let i = w * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let e = &mut self.e[user][i];
+                    if e.write != NONE && e.write.wrapping_add(e.addend) == host {
+                        e.write = NONE;
+                    }
+                }
             }
         }
     }
@@ -91,6 +188,8 @@ struct Walk {
     exec: bool,
     dirty: bool,
     global: bool,
+    /// log2 of the guest page size.
+    shift: u8,
 }
 
 const P: u64 = 1;
@@ -162,6 +261,17 @@ impl Cpu {
             return Ok(());
         }
         self.write_slow(lin, size, v, user)
+    }
+
+    /// The host address of linear `lin` if the TLB already lets the current privilege read
+    /// (or, with `write`, write) its page straight from RAM. For bulk copies that then stay
+    /// inside that page.
+    #[inline]
+    pub fn tlb_host(&self, lin: u64, write: bool) -> Option<*mut u8> {
+        let user = self.cpl == 3;
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        let tag = if write { e.write } else { e.read };
+        (tag == lin & PAGE_MASK).then(|| lin.wrapping_add(e.addend) as *mut u8)
     }
 
     #[cold]
@@ -293,6 +403,7 @@ impl Cpu {
                 exec: true,
                 dirty: true,
                 global: false,
+                shift: 12,
             }
         } else {
             self.walk(lin, acc, user)?
@@ -315,23 +426,22 @@ impl Cpu {
             r.dirty[off / 64].fetch_or(1 << (off % 64), std::sync::atomic::Ordering::Relaxed);
         }
         let addend = (host as u64).wrapping_sub(page);
-        if fetch {
-            self.tlb.x[user as usize][idx] = Entry {
+        let e = if fetch {
+            Entry {
                 read: NONE,
                 write: NONE,
                 exec: if w.exec { page } else { NONE },
                 addend,
-                global: w.global,
-            };
+            }
         } else {
-            self.tlb.e[user as usize][idx] = Entry {
+            Entry {
                 read: page,
                 write: if writable { page } else { NONE },
                 exec: NONE,
                 addend,
-                global: w.global,
-            };
-        }
+            }
+        };
+        self.tlb.set(fetch, user, idx, e, w.global, w.shift);
     }
 
     fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> X<Walk> {
@@ -343,7 +453,7 @@ impl Cpu {
         // (pte address, pte value) of every level, to set A/D bits after the checks pass.
         let mut path: [(u64, u64); 4] = [(0, 0); 4];
         let mut n = 0;
-        let (leaf, phys, big) = if self.long_mode() || self.cr4 & CR4_PAE != 0 {
+        let (leaf, phys, shift) = if self.long_mode() || self.cr4 & CR4_PAE != 0 {
             let levels: &[u32] = if self.long_mode() {
                 let top = lin as i64 >> 47;
                 if top != 0 && top != -1 {
@@ -383,7 +493,7 @@ impl Cpu {
                 if shift == 12 || (e & PS != 0 && (shift == 21 || shift == 30) && !pdpt_legacy) {
                     let size_mask = (1u64 << shift) - 1;
                     let base = e & ADDR & !size_mask;
-                    found = Some((e, base | (lin & size_mask & PAGE_MASK), shift > 12));
+                    found = Some((e, base | (lin & size_mask & PAGE_MASK), shift as u8));
                     break;
                 }
                 table = e & ADDR;
@@ -404,7 +514,7 @@ impl Cpu {
             n = 1;
             if pde & PS != 0 && self.cr4 & CR4_PSE != 0 {
                 let base = (pde & 0xffc0_0000) | ((pde >> 13) & 0xff) << 32;
-                (pde, base | (lin & 0x3f_f000), true)
+                (pde, base | (lin & 0x3f_f000), 22)
             } else {
                 let pte_pa = (pde & 0xffff_f000) + ((lin >> 12) & 0x3ff) * 4;
                 let pte = self.pte_read(pte_pa) & 0xffff_ffff;
@@ -415,10 +525,9 @@ impl Cpu {
                 usr &= pte & US != 0;
                 path[1] = (pte_pa, pte);
                 n = 2;
-                (pte, pte & 0xffff_f000, false)
+                (pte, pte & 0xffff_f000, 12)
             }
         };
-        let _ = big;
         if user && !usr {
             return self.pf(lin, true, acc, user);
         }
@@ -448,6 +557,7 @@ impl Cpu {
             exec,
             dirty,
             global: leaf & G != 0 && self.cr4 & CR4_PGE != 0,
+            shift,
         })
     }
 

@@ -30,6 +30,19 @@ pub struct Profile {
     /// the previous block's links.
     pub jit_runs: u64,
     pub slow_lookups: u64,
+    /// Blocks dispatched (interpreted or entered in translated code).
+    pub dispatches: u64,
+    /// How translated code came back: through a chain slot not linked yet, through a guarded
+    /// record that named another target, and with the rest of its block left to the
+    /// interpreter (an instruction the JIT does not cover).
+    pub exit_unchained: u64,
+    pub exit_guarded: u64,
+    pub exit_stop: u64,
+    /// Pages that became code pages, decode-cache clears, and full / non-global TLB flushes.
+    pub code_pages: u64,
+    pub cache_clears: u64,
+    pub tlb_flushes: u64,
+    pub tlb_flushes_nonglobal: u64,
     /// Translated blocks whose code stops before an instruction the JIT does not cover, by
     /// that instruction's mnemonic.
     pub jit_stops: HashMap<String, u64>,
@@ -66,7 +79,9 @@ impl Profile {
         out += &format!(
             "wall_s {:.3}\ninstructions {icount}\nhalted_s {:.3}\nhalts {}\ndecoded_blocks {}\n\
              decoded_insns {}\ntlb_fills {}\npio {}\nmmio {}\ninterrupts {}\nexceptions {}\n\
-             jit_blocks {}\njit_insns {}\njit_side_exits {}\njit_runs {}\nslow_lookups {}\n",
+             jit_blocks {}\njit_insns {}\njit_side_exits {}\njit_runs {}\nslow_lookups {}\n\
+             dispatches {}\nexit_unchained {}\nexit_guarded {}\nexit_stop {}\ncode_pages {}\n\
+             cache_clears {}\ntlb_flushes {}\ntlb_flushes_nonglobal {}\n",
             wall.as_secs_f64(),
             self.halted.as_secs_f64(),
             self.halts,
@@ -81,7 +96,15 @@ impl Profile {
             self.jit_insns,
             self.jit_side_exits,
             self.jit_runs,
-            self.slow_lookups
+            self.slow_lookups,
+            self.dispatches,
+            self.exit_unchained,
+            self.exit_guarded,
+            self.exit_stop,
+            self.code_pages,
+            self.cache_clears,
+            self.tlb_flushes,
+            self.tlb_flushes_nonglobal,
         );
         let mut stops: Vec<(&String, &u64)> = self.jit_stops.iter().collect();
         stops.sort_by_key(|&(_, n)| std::cmp::Reverse(*n));

@@ -328,6 +328,7 @@ impl EmuVcpu {
         if self.jit_full {
             // Translated code is only reachable through blocks: drop them all, then reuse.
             self.cache.clear();
+            self.cpu.prof.cache_clears += 1;
             if let Some(buf) = self.jit_buf.as_mut() {
                 buf.reset();
             }
@@ -340,12 +341,16 @@ impl EmuVcpu {
             Err(Stop::Exit(e)) => return Some(e),
             Err(Stop::Halt) => return None,
         };
-        if self.cpu.env.vm.trace_unimpl && b.rip != self.recent_end {
-            // Only jumps: a block that falls through from the previous one is not recorded.
-            self.recent[self.recent_at] = b.rip;
-            self.recent_at = (self.recent_at + 1) % 16;
+        self.cpu.prof.dispatches += 1;
+        if self.cpu.env.vm.trace_unimpl {
+            if b.rip != self.recent_end {
+                // Only jumps: a block that falls through from the previous one is not
+                // recorded.
+                self.recent[self.recent_at] = b.rip;
+                self.recent_at = (self.recent_at + 1) % 16;
+            }
+            self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
         }
-        self.recent_end = b.ins.last().map_or(0, |o| o.i.next_ip());
         let bp = b as *const crate::decode::Block;
         let bp_cached = b.cached();
         if let Some(ChainFrom {
@@ -394,7 +399,14 @@ impl EmuVcpu {
                     if self.jit_buf.is_none() {
                         match CodeBuf::new() {
                             Ok(buf) => self.jit_buf = Some(buf),
-                            Err(_) => self.jit_broken = true,
+                            Err(e) => {
+                                // Said once; the vCPU carries on interpreting.
+                                eprintln!(
+                                    "emu: vCPU {}: JIT off, interpreting only: {e}",
+                                    self.cpu.env.id
+                                );
+                                self.jit_broken = true;
+                            }
                         }
                     }
                     if let Some(buf) = self.jit_buf.as_mut() {
@@ -454,6 +466,11 @@ impl EmuVcpu {
                     || !(std::ptr::eq(last, b) || last.valid())
                 {
                     if slot != 0 {
+                        if guarded {
+                            self.cpu.prof.exit_guarded += 1;
+                        } else {
+                            self.cpu.prof.exit_unchained += 1;
+                        }
                         self.chain_from = Some(ChainFrom {
                             slot,
                             rip: self.cpu.rip,
@@ -469,6 +486,8 @@ impl EmuVcpu {
                 }
                 if last.jit.get().is_some_and(|lj| k < lj.ops as usize) {
                     self.cpu.prof.jit_side_exits += 1;
+                } else if k < last.ins.len() {
+                    self.cpu.prof.exit_stop += 1;
                 }
                 b = last;
                 start = k;
@@ -514,6 +533,8 @@ impl EmuVcpu {
 
 impl Drop for EmuVcpu {
     fn drop(&mut self) {
+        self.cpu.prof.tlb_flushes = self.cpu.tlb.flushes_all;
+        self.cpu.prof.tlb_flushes_nonglobal = self.cpu.tlb.flushes_nonglobal;
         self.cpu.prof.write(self.cpu.icount);
     }
 }

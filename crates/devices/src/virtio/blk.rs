@@ -3,7 +3,9 @@
 //!
 //! Requests run synchronously on the device's worker thread with pread/pwrite (preadv/pwritev
 //! for several buffers) straight into guest memory (no bounce buffer), which keeps throughput
-//! close to the host file's. The queue is read and written through `ring::SplitRing` (host
+//! close to the host file's. Buffered reads of a raw regular file are copied from a read-only
+//! shared mapping of it instead (`blk_map`: no system call for a page-cache hit; a file that
+//! shrinks underneath turns into an I/O error status, and reads fall back to pread). The queue is read and written through `ring::SplitRing` (host
 //! pointers resolved at activation); the worker polls it for a while after each burst with
 //! driver notifications off, and the driver gets its interrupt as soon as the used index
 //! passes the `used_event` it asked for. (io_uring was tried for batches of page-cache reads
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryMmap, Permissions};
 
+use super::blk_map::FileMap;
 use super::chain::{self, Chain};
 use super::rate_limiter::{RateLimit, RateLimiter};
 use super::ring::SplitRing;
@@ -206,6 +209,8 @@ impl BlockConfig {
 
 pub struct Block {
     file: Arc<File>,
+    /// Buffered reads of a raw regular file come from this mapping (see `blk_map`).
+    map: Option<Arc<FileMap>>,
     image: Option<SharedImage>,
     sectors: u64,
     read_only: bool,
@@ -279,8 +284,14 @@ impl Block {
         };
         let image = image.map(|i| Arc::new(Mutex::new(i)));
         super::blk_dirty::register(file.as_raw_fd(), &config.path, bytes, image.clone());
+        let map = if image.is_none() && !config.direct {
+            FileMap::new(&file, bytes).map(Arc::new)
+        } else {
+            None
+        };
         Ok(Self {
             file: Arc::new(file),
+            map,
             image,
             sectors: bytes / SECTOR_SIZE,
             read_only,
@@ -292,6 +303,11 @@ impl Block {
 
     pub fn sectors(&self) -> u64 {
         self.sectors
+    }
+
+    /// Whether buffered reads are served from a mapping of the file rather than with pread.
+    pub fn mapped(&self) -> bool {
+        self.map.as_ref().is_some_and(|m| m.usable())
     }
 }
 
@@ -334,11 +350,17 @@ impl VirtioDevice for Block {
             .into_iter()
             .next()
             .ok_or(ActivateError::QueueCount { got: 0, want: 1 })?;
+        if self.map.as_ref().is_some_and(|m| !m.usable()) {
+            // A read faulted on the file before the driver reset the device: map it afresh (a
+            // file still short faults again, and that request fails as it did).
+            self.map = FileMap::new(&self.file, self.sectors * SECTOR_SIZE).map(Arc::new);
+        }
         Ok(Box::new(BlockHandler {
             ring: SplitRing::new(queue, &a.mem),
             mem: a.mem,
             interrupt: a.interrupt,
             file: self.file.clone(),
+            map: self.map.clone(),
             image: self.image.clone(),
             sectors: self.sectors,
             read_only: self.read_only,
@@ -395,6 +417,7 @@ pub struct BlockHandler {
     ring: SplitRing,
     interrupt: Arc<Interrupt>,
     file: Arc<File>,
+    map: Option<Arc<FileMap>>,
     image: Option<SharedImage>,
     sectors: u64,
     read_only: bool,
@@ -438,6 +461,7 @@ impl BlockHandler {
         let req = RequestCtx {
             mem,
             file,
+            map: self.map.as_deref(),
             image: self.image.as_ref().or(reopened.as_ref()),
             sectors: self.sectors,
             read_only: self.read_only,
@@ -516,6 +540,7 @@ impl QueueHandler for BlockHandler {
 struct RequestCtx<'a> {
     mem: &'a GuestMemoryMmap,
     file: &'a File,
+    map: Option<&'a FileMap>,
     image: Option<&'a SharedImage>,
     sectors: u64,
     read_only: bool,
@@ -658,6 +683,11 @@ impl RequestCtx<'_> {
     fn transfer(&self, iov: &mut [libc::iovec], off: u64, dir: Dir) -> io::Result<()> {
         if let Some(img) = self.image {
             return image_transfer(img, iov, off, dir);
+        }
+        if let (Dir::Read, Some(map)) = (dir, self.map) {
+            if map.usable() {
+                return map.read(iov, off);
+            }
         }
         let aligned = |v: &libc::iovec| {
             (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)

@@ -19,6 +19,7 @@
 pub mod balloon;
 pub mod blk;
 pub mod blk_dirty;
+pub mod blk_map;
 pub mod chain;
 pub mod dirty;
 pub mod driver;

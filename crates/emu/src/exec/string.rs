@@ -8,6 +8,17 @@ use crate::flags::{self, Op};
 
 const SLICE: u64 = 4096;
 
+/// Stores `count` copies of `v` from `p` on (unaligned).
+///
+/// # Safety
+/// `p .. p+count` must be writable.
+unsafe fn fill<T: Copy>(p: *mut T, count: u64, v: T) {
+    for k in 0..count as usize {
+        // SAFETY: inside the range the caller vouches for.
+        unsafe { p.add(k).write_unaligned(v) };
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Movs,
@@ -99,6 +110,28 @@ impl Cpu {
             }
             let si = self.gpr[6] & amask;
             let di = self.gpr[7] & amask;
+            if rep && step == size as u64 && matches!(kind, Kind::Movs | Kind::Stos) {
+                let done = self.bulk(
+                    kind,
+                    size,
+                    seg,
+                    si,
+                    di,
+                    (SLICE - n).min(self.gpr[1] & amask),
+                    amask,
+                );
+                if done > 0 {
+                    let len = done * size as u64;
+                    if kind == Kind::Movs {
+                        self.set_areg(6, si.wrapping_add(len), amask);
+                    }
+                    self.set_areg(7, di.wrapping_add(len), amask);
+                    let c = self.gpr[1].wrapping_sub(done);
+                    self.set_areg(1, c, amask);
+                    n += done;
+                    continue;
+                }
+            }
             match kind {
                 Kind::Movs => {
                     let a = self.lin(seg, si);
@@ -167,6 +200,90 @@ impl Cpu {
             self.set_areg(1, c, amask);
             n += 1;
         }
+    }
+
+    /// REP MOVS/STOS going up, as many of the next `max` elements as lie in one page of the
+    /// destination (and source) that the TLB already maps to RAM: one lookup per page
+    /// instead of one per element (the kernel clears and copies pages this way). Returns
+    /// how many were done; 0 leaves the next element to the exact one-by-one path (a miss,
+    /// an element straddling a page, an address register about to wrap).
+    #[allow(clippy::too_many_arguments)]
+    fn bulk(
+        &mut self,
+        kind: Kind,
+        size: usize,
+        seg: usize,
+        si: u64,
+        di: u64,
+        max: u64,
+        amask: u64,
+    ) -> u64 {
+        let sz = size as u64;
+        let room = |lin: u64, off: u64| -> u64 {
+            // Whole elements left in the page, and before the offset register wraps.
+            let page = (0x1000 - (lin & 0xfff)) / sz;
+            let wrap = (amask - off) / sz + 1;
+            page.min(wrap)
+        };
+        let b = self.lin(ES, di);
+        let mut count = max.min(room(b, di));
+        let src = if kind == Kind::Movs {
+            let a = self.lin(seg, si);
+            count = count.min(room(a, si));
+            Some(a)
+        } else {
+            None
+        };
+        if count < 2 {
+            return 0;
+        }
+        let Some(dst) = self.tlb_host(b, true) else {
+            return 0;
+        };
+        let len = (count * sz) as usize;
+        match src {
+            None => {
+                let v = self.gpr[0];
+                // SAFETY: `dst .. dst+len` lies in one RAM page with a write tag (a page
+                // without decoded code, so no block needs to see these stores).
+                unsafe {
+                    match size {
+                        1 => std::ptr::write_bytes(dst, v as u8, len),
+                        2 => fill(dst as *mut u16, count, v as u16),
+                        4 => fill(dst as *mut u32, count, v as u32),
+                        _ => fill(dst as *mut u64, count, v),
+                    }
+                }
+            }
+            Some(a) => {
+                let Some(s) = self.tlb_host(a, false) else {
+                    return 0;
+                };
+                let (s, d) = (s as usize, dst as usize);
+                if d > s && d < s + len {
+                    // The destination runs into the source ahead of it: element order
+                    // repeats the pattern, which memmove would not. Copying bytes forward
+                    // does the same as elements unless one element overlaps its own source.
+                    if d - s < size {
+                        return 0;
+                    }
+                    for k in 0..len {
+                        // SAFETY: both ranges lie in RAM pages the TLB maps (read for the
+                        // source, write for the destination).
+                        unsafe {
+                            std::ptr::write_volatile(
+                                (d as *mut u8).add(k),
+                                std::ptr::read_volatile((s as *const u8).add(k)),
+                            )
+                        };
+                    }
+                } else {
+                    // SAFETY: as above; copying forward equals element order here.
+                    unsafe { std::ptr::copy(s as *const u8, d as *mut u8, len) };
+                }
+            }
+        }
+        count
     }
 
     #[inline]
