@@ -1498,7 +1498,10 @@ fn translate_with<'a>(
     if buf.slots_low(4) {
         return None;
     }
-    let a = assemble(ins, &plans, p_n, sp, union, user, start_ip, id, buf, sc);
+    let whole = plans.len() == ins.clone().count();
+    let a = assemble(
+        ins, &plans, whole, p_n, sp, union, user, start_ip, id, buf, sc,
+    );
     let a = match a {
         Ok(a) => a,
         Err(_) => {
@@ -1538,6 +1541,7 @@ fn translate_with<'a>(
 fn assemble<'a>(
     ins: impl Iterator<Item = &'a Instruction>,
     plans: &[Plan],
+    whole: bool,
     p_n: usize,
     sp: Option<usize>,
     union: u16,
@@ -1607,7 +1611,16 @@ fn assemble<'a>(
         }
     }
     if !left {
-        t.exit(k)?;
+        if whole && k as usize == plans.len() {
+            // The block ends without a branch (its length limit, a page end): go on to the
+            // next one through a chain slot like a jump would.
+            t.park()?;
+            t.store_dirty()?;
+            let next = t.ips.get(k as usize).copied().unwrap_or(0);
+            t.leave_to(next, k)?;
+        } else {
+            t.exit(k)?;
+        }
     }
     let ops = k;
     let misses = std::mem::take(&mut t.misses);
