@@ -371,3 +371,192 @@ fn indirect_calls_and_jumps_in_a_hot_loop() {
         assert_eq!(m.regs().rsp, STACK, "threshold {threshold}");
     }
 }
+
+/// Runs `prog` on the interpreter alone and with the JIT at a few thresholds (after `setup`
+/// on each machine) and asserts the same exit, registers and `mem` bytes at the end.
+fn same_as_interpreter(prog: &[u8], setup: impl Fn(&mut Machine), mem: (u64, usize)) -> Regs {
+    let run = |threshold: u32| {
+        let mut m = machine(prog, threshold);
+        setup(&mut m);
+        let exit = m.run();
+        let bytes: Vec<u64> = (0..mem.1 as u64)
+            .map(|k| m.ram.r64(mem.0 + 8 * k))
+            .collect();
+        (exit, m.regs(), bytes)
+    };
+    let (ei, ri, mi) = run(0);
+    for threshold in [1, 2, 5] {
+        let (ej, rj, mj) = run(threshold);
+        assert_eq!(ej, ei, "threshold {threshold}: exit");
+        assert_eq!(
+            format!("{rj:?}"),
+            format!("{ri:?}"),
+            "threshold {threshold}: registers"
+        );
+        assert_eq!(mj, mi, "threshold {threshold}: memory");
+    }
+    ri
+}
+
+/// A page fault after a run of instructions whose results live only in host registers (and
+/// flags only in host RFLAGS) must see every one of them: the handler's registers and the
+/// exception frame (RIP, RFLAGS, RSP) match the interpreter's.
+#[test]
+fn fault_after_registers_cached_across_the_block_is_exact() {
+    let prog = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rbx, 0x1f_0000u64).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.inc(rcx).unwrap();
+        a.lea(rdx, qword_ptr(rcx + rcx * 2 + 5)).unwrap();
+        a.mov(r8, rdx).unwrap();
+        a.xor(r8, rbx).unwrap();
+        a.add(rsi, r8).unwrap();
+        a.sub(rdi, 7).unwrap();
+        a.mov(r9, rsp).unwrap();
+        a.push(rcx).unwrap();
+        a.pop(r10).unwrap();
+        a.imul_3(r11, r10, 0x55).unwrap();
+        a.shr(r11, 3).unwrap();
+        a.ror(r12, 5).unwrap();
+        a.adc(r13, r11).unwrap();
+        a.cmp(rdx, 40).unwrap();
+        a.mov(rax, qword_ptr(rbx)).unwrap();
+        a.add(rbx, 0x1000).unwrap();
+        a.jmp(top).unwrap();
+    });
+    let handler = asm64(CODE + 0x800, |a| a.hlt().unwrap());
+    let r = same_as_interpreter(
+        &prog,
+        |m| {
+            m.ram.put(CODE + 0x800, &handler);
+            idt_gate(&m.ram, 14, CODE + 0x800, 0, 0);
+            m.ram.w64(PML4 + 0x2000 + 8, 0);
+        },
+        // The exception frame: error code, RIP, CS, RFLAGS, RSP, SS.
+        (STACK - 48, 6),
+    );
+    assert_eq!(r.rip, CODE + 0x801, "in the handler");
+    assert_eq!(r.rcx, 17, "the 17th pass faults");
+}
+
+/// DIV runs natively only when it cannot fault: a zero divisor and a quotient overflow in a
+/// hot loop still reach #DE with exact state, from both register and memory forms.
+#[test]
+fn div_in_a_hot_loop_faults_exactly() {
+    for overflow in [false, true] {
+        let prog = asm64(CODE, |a| {
+            let mut top = a.create_label();
+            a.mov(r8, 24u64).unwrap();
+            a.mov(rdi, DATA).unwrap();
+            a.set_label(&mut top).unwrap();
+            a.lea(rax, qword_ptr(r8 * 8 + 1000)).unwrap();
+            if overflow {
+                // RDX = 48 - 2 * R8 reaches the divisor on the 9th pass (R8 = 16).
+                a.lea(rdx, qword_ptr(r8 + r8 * 1 - 24)).unwrap();
+                a.neg(rdx).unwrap();
+                a.add(rdx, 24).unwrap();
+            } else {
+                a.xor(edx, edx).unwrap();
+            }
+            a.div(r8).unwrap();
+            a.add(rbx, rax).unwrap();
+            a.add(rsi, rdx).unwrap();
+            a.mov(dword_ptr(rdi), r8d).unwrap();
+            a.mov(eax, ecx).unwrap();
+            a.xor(edx, edx).unwrap();
+            a.div(dword_ptr(rdi)).unwrap();
+            a.add(r9, rax).unwrap();
+            a.add(r10, rdx).unwrap();
+            a.inc(ecx).unwrap();
+            a.dec(r8).unwrap();
+            a.jmp(top).unwrap();
+        });
+        let handler = asm64(CODE + 0x800, |a| a.hlt().unwrap());
+        let r = same_as_interpreter(
+            &prog,
+            |m| {
+                m.ram.put(CODE + 0x800, &handler);
+                idt_gate(&m.ram, 0, CODE + 0x800, 0, 0);
+            },
+            (STACK - 40, 5),
+        );
+        assert_eq!(
+            r.rip,
+            CODE + 0x801,
+            "overflow {overflow}: in the #DE handler"
+        );
+        let passes = if overflow { 8 } else { 24 };
+        assert_eq!(
+            r.rcx, passes,
+            "overflow {overflow}: passes before the fault"
+        );
+    }
+}
+
+/// A loop using every guest register, RSP included, so no host register is left to keep
+/// guest RSP in: pushes, pops and RSP-relative loads go through a scratch register.
+#[test]
+fn a_block_using_every_register_with_the_stack() {
+    let prog = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(r15, 200u64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.add(rax, r15).unwrap();
+        a.lea(rcx, qword_ptr(rax + 1)).unwrap();
+        a.lea(rdx, qword_ptr(rcx + rax * 2)).unwrap();
+        a.xor(rbx, rdx).unwrap();
+        a.push(rbx).unwrap();
+        a.lea(rbp, qword_ptr(rbx + 3)).unwrap();
+        a.mov(rsi, qword_ptr(rsp)).unwrap();
+        a.add(rsi, rbp).unwrap();
+        a.lea(rdi, qword_ptr(rsi + rdx)).unwrap();
+        a.mov(r8, rdi).unwrap();
+        a.ror(r8, 3).unwrap();
+        a.lea(r9, qword_ptr(r8 + rcx)).unwrap();
+        a.sub(r10, r9).unwrap();
+        a.mov(r11, r10).unwrap();
+        a.shl(r11, 1).unwrap();
+        a.adc(r12, r11).unwrap();
+        a.pop(r13).unwrap();
+        a.add(r14, r13).unwrap();
+        a.dec(r15).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let r = same_as_interpreter(&prog, |_| {}, (STACK - 16, 2));
+    assert_eq!(r.rsp, STACK);
+    assert_eq!(r.r15, 0);
+}
+
+/// One function returning to three call sites in turn: each return jumps straight to the
+/// caller's code through its own record, and every result lands where the caller expects.
+#[test]
+fn returns_to_several_callers_in_a_hot_loop() {
+    const FUNC: u64 = 0x3c_0000;
+    let prog = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 300u32).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(eax, 1u32).unwrap();
+        a.call(FUNC).unwrap();
+        a.add(rbx, rax).unwrap();
+        a.mov(eax, 10u32).unwrap();
+        a.call(FUNC).unwrap();
+        a.add(rsi, rax).unwrap();
+        a.mov(eax, 100u32).unwrap();
+        a.call(FUNC).unwrap();
+        a.add(rdi, rax).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let func = asm64(FUNC, |a| {
+        a.lea(rax, qword_ptr(rax + rax * 2)).unwrap();
+        a.ret().unwrap();
+    });
+    let r = same_as_interpreter(&prog, |m| m.ram.put(FUNC, &func), (STACK - 8, 1));
+    assert_eq!((r.rbx, r.rsi, r.rdi), (900, 9000, 90000));
+    assert_eq!(r.rsp, STACK);
+}

@@ -1,11 +1,17 @@
 //! A translator from hot guest blocks to host x86-64 code.
 //!
-//! Guest and host are both x86-64, so most integer instructions run as themselves: each guest
-//! register an instruction names is loaded into the host register of the same number (so
-//! implicit operands such as MUL's RDX:RAX or a shift's CL just work), the instruction is
-//! re-encoded with its memory operand replaced by a host pointer, and the registers it wrote
-//! are stored back to `Cpu::gpr`. The `Cpu` pointer lives in a host register no translated
-//! instruction of the block uses; guest RSP, which the host needs for itself, is renamed.
+//! Guest and host are both x86-64, so most integer instructions run as themselves: guest
+//! register n lives in host register n (so implicit operands such as MUL's RDX:RAX or a
+//! shift's CL just work), and each instruction is re-encoded with its memory operand replaced
+//! by a host pointer. The `Cpu` pointer lives in a host register no instruction of the block
+//! uses, and guest RSP, which the host needs for itself, in another (or, when the block uses
+//! every register, in a scratch register for each instruction that names it).
+//!
+//! Registers are cached across the block: a guest register is loaded from `Cpu::gpr` when an
+//! instruction first needs it and stays in its host register, dirty once written; glue that
+//! needs a scratch register takes a free one or spills the one used again latest. Every exit
+//! (end of block, chain, TLB miss, a check that fails) stores the dirty ones first. A block
+//! that loops to its own start loads all its registers once and loops with them loaded.
 //!
 //! Encoding uses iced-x86 (the decoder the interpreter already uses): its `Instruction` comes
 //! out of the decoder and goes straight back into its encoder after the operands are
@@ -13,23 +19,26 @@
 //! instructions, and its code assembler resolves the glue's labels.
 //!
 //! Flags: the guest's arithmetic flags are host RFLAGS while translated instructions run. Glue
-//! that clobbers them (the TLB probe) first parks them in `Cpu::jit_flags` (pushfq), and an
-//! instruction that reads flags gets them back (popfq) only if they were parked. On exit the
+//! that clobbers them (the TLB probe) first parks them in `Cpu::jit_flags` (LAHF/SETO, which
+//! leave RFLAGS alone), and an instruction that reads flags gets them back (SAHF plus an ADD
+//! for OF: POPFQ costs several times as much) only if glue clobbered them. On exit the
 //! interpreter takes `jit_flags` as valid flags.
 //!
 //! Memory: the guest linear address is computed in host code and looked up in the software
-//! TLB (`mmu`): on a hit the access goes straight to host memory. A miss (MMIO, a page holding
-//! code for a write, an access crossing a page, a page not yet walked) leaves the block before
-//! that instruction with every register and flag exact, and the interpreter runs it (and
-//! faults, or fills the TLB). The translated code returns how many guest instructions it
-//! retired; the interpreter continues from there, so icount and RIP stay exact.
+//! TLB (`mmu`): on a hit the access goes straight to host memory. A miss calls `fill` (host
+//! registers kept), which walks the page tables; if the access can then go to RAM the lookup
+//! starts over, else (MMIO, a page holding code for a write, an access crossing a page, a
+//! fault) the block leaves before that instruction with every register and flag exact, and
+//! the interpreter runs it. DIV runs natively behind a check that it cannot fault. The
+//! translated code returns how many guest instructions it retired; the interpreter continues
+//! from there, so icount and RIP stay exact.
 
 pub mod buf;
 
 use iced_x86::code_asm::{
-    dword_ptr, eax, ecx, edx, get_gpr32, get_gpr64, qword_ptr, r12, r13, r14, r15, rax, rbp, rbx,
-    rcx, rdi, rdx, rsi, rsp, AsmMemoryOperand, AsmRegister32, AsmRegister64, CodeAssembler,
-    CodeLabel,
+    al, ax, byte_ptr, dword_ptr, eax, ecx, edx, get_gpr32, get_gpr64, qword_ptr, r10, r11, r12,
+    r13, r14, r15, r8, r9, rax, rbp, rbx, rcx, rdi, rdx, rsi, word_ptr, AsmMemoryOperand,
+    AsmRegister32, AsmRegister64, CodeAssembler, CodeLabel,
 };
 use iced_x86::IcedError;
 use iced_x86::{
@@ -266,6 +275,7 @@ fn generic_ok(m: M) -> bool {
             | M::Mfence
             | M::Sfence
             | M::Pause
+            | M::Div
     ) || crate::exec::is_cmov(m)
         || crate::exec::is_setcc(m)
 }
@@ -275,6 +285,27 @@ fn shift_like(m: M) -> bool {
         m,
         M::Shl | M::Shr | M::Sar | M::Sal | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
     )
+}
+
+/// The size of `i`'s first operand, register or memory.
+fn operand_size(i: &Instruction) -> usize {
+    if i.op0_kind() == OpKind::Memory {
+        i.memory_size().size()
+    } else {
+        i.op0_register().size()
+    }
+}
+
+/// Whether shift `i` has an immediate count that is not zero once masked: it then writes
+/// every arithmetic flag (a zero count leaves them all as they were).
+fn nonzero_count(i: &Instruction) -> bool {
+    let n = i.op_count().saturating_sub(1);
+    let mask = if i.op0_register().size() == 8 || i.memory_size().size() == 8 {
+        0x3f
+    } else {
+        0x1f
+    };
+    matches!(i.op_kind(n), OpKind::Immediate8) && i.immediate(n) & mask != 0
 }
 
 /// Decides whether and how `i` can be translated.
@@ -291,7 +322,14 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
     }
     let m = i.mnemonic();
     let kind = match m {
-        M::Nop | M::Endbr64 => Kind::Nop,
+        // Prefetches are hints: no architectural effect, no fault.
+        M::Nop
+        | M::Endbr64
+        | M::Prefetchw
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchnta => Kind::Nop,
         M::Jmp if i.op0_kind() == OpKind::NearBranch64 => Kind::Jmp,
         M::Call if i.op0_kind() == OpKind::NearBranch64 => Kind::Call,
         M::Jmp if i.code() == Code::Jmp_rm64 && i.op0_kind() == OpKind::Register => Kind::JmpInd,
@@ -311,6 +349,11 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
         _ if generic_ok(m) => Kind::Generic,
         _ => return None,
     };
+    // DIV runs natively behind a check that it cannot fault (see `Tr::div_guard`), which
+    // needs the operand next to RDX: not for the 8-bit form (AX / r8).
+    if m == M::Div && operand_size(i) < 2 {
+        return None;
+    }
     let info = fac.info(i);
     let mut used = 0u16;
     let mut written = 0u16;
@@ -381,8 +424,10 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
     }
     let read = i.rflags_read() & ARITH;
     let modified = i.rflags_modified() & ARITH;
-    let need_flags =
-        read != 0 || (modified != 0 && modified != ARITH) || shift_like(m) || kind == Kind::Jcc;
+    let need_flags = read != 0
+        || (modified != 0 && modified != ARITH)
+        || (shift_like(m) && !nonzero_count(i))
+        || kind == Kind::Jcc;
     Some(Plan {
         kind,
         used,
@@ -394,19 +439,55 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
     })
 }
 
-/// Host registers in the order the `Cpu` pointer is placed (callee-saved ones first).
+/// Host registers in the order the `Cpu` pointer and the guest RSP's home are placed
+/// (callee-saved ones first).
 const P_ORDER: [usize; 15] = [15, 14, 13, 12, 3, 5, 11, 10, 9, 8, 7, 6, 2, 1, 0];
 /// Scratch registers in the order they are taken (encodable next to AH..BH first).
 const S_ORDER: [usize; 15] = [0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+/// Caller-saved host registers: what a TLB fill call may clobber.
+const CALLER_SAVED: [AsmRegister64; 9] = [rax, rcx, rdx, rsi, rdi, r8, r9, r10, r11];
 
-/// A TLB miss in the code: where it branches to, and what `fill` needs.
+/// Where a guest register's value is while translated code runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum St {
+    /// Only in `Cpu::gpr`.
+    Mem,
+    /// In its host register and equal to `Cpu::gpr`.
+    Clean,
+    /// In its host register only: stored back before any exit.
+    Dirty,
+}
+
+/// What the code has in host registers and RFLAGS at one point of the block.
+#[derive(Clone, Copy)]
+struct State {
+    regs: [St; 16],
+    /// Host RFLAGS holds the guest's arithmetic flags.
+    in_host: bool,
+    /// `Cpu::jit_flags` holds them.
+    parked: bool,
+}
+
+/// A TLB miss in the code: where it branches to, and what `fill` and the exit need.
 struct Miss {
     label: CodeLabel,
+    /// The probe's start: the access is looked up again after a successful fill.
     retry: CodeLabel,
     k: u32,
     ra: usize,
     size: u32,
     write: bool,
+    /// Guest registers only in host registers at the probe, and guest RSP's home then.
+    dirty: u16,
+    sp: Option<usize>,
+}
+
+/// An exit before instruction `k` taken when a check in the code fails (out of line).
+struct Side {
+    label: CodeLabel,
+    k: u32,
+    dirty: u16,
+    sp: Option<usize>,
 }
 
 /// Called by translated code on a TLB miss: walks the page tables for the access and says
@@ -434,22 +515,30 @@ unsafe extern "sysv64" fn fill(cpu: *mut Cpu, lin: u64, size: u64, write: u64) -
 struct Tr<'b> {
     /// The address of each instruction of the block, then the one after its last.
     ips: Vec<u64>,
+    /// Guest registers each instruction uses (for choosing which register to spill).
+    uses: Vec<u16>,
+    /// The instruction being emitted.
+    k: usize,
     buf: &'b mut CodeBuf,
     /// Chain slots of this block and the label each points to until linked.
     chains: Vec<(u32, CodeLabel)>,
-    a: CodeAssembler,
+    a: &'b mut CodeAssembler,
     p: AsmRegister64,
     p_n: usize,
+    /// The host register guest RSP lives in (when the block uses RSP).
+    sp: Option<usize>,
+    /// Guest registers the block uses.
+    union: u16,
     user: bool,
-    /// Host RFLAGS holds the guest's arithmetic flags.
-    in_host: bool,
-    /// `Cpu::jit_flags` holds them.
-    parked: bool,
+    /// Flags are parked with LAHF/SETO and restored with SAHF (BMI2's RORX keeps the park
+    /// from touching RFLAGS); else PUSHFQ/POPFQ, which cost several times as much.
+    lahf: bool,
+    s: State,
     misses: Vec<Miss>,
-    /// Where instruction being emitted starts over after a TLB fill (flags parked).
-    retry: CodeLabel,
+    sides: Vec<Side>,
     epi: CodeLabel,
-    /// The start of the block's first instruction (flags parked), for loops.
+    /// Where a loop back to the block's start enters: every register of `union` loaded and
+    /// clean, flags parked.
     head: CodeLabel,
     start_ip: u64,
 }
@@ -465,49 +554,228 @@ pub enum JitError {
 
 type R = Result<(), JitError>;
 
+/// Records per return or register-indirect branch (a power of two).
+const WAYS: u32 = 4;
+
+const NO_SCRATCH: JitError = JitError::Limit("no scratch registers");
+
 impl Tr<'_> {
     fn cpu(&self, off: i32) -> AsmMemoryOperand {
         qword_ptr(self.p + off)
     }
 
+    /// The host register guest register `g` lives in.
+    fn home(&self, g: usize) -> usize {
+        if g == RSP {
+            self.sp.unwrap_or(RSP)
+        } else {
+            g
+        }
+    }
+
+    /// The guest register host register `h` may hold.
+    fn occupant(&self, h: usize) -> Option<usize> {
+        if Some(h) == self.sp {
+            Some(RSP)
+        } else if h == RSP || h == self.p_n || self.union & (1 << h) == 0 {
+            None
+        } else {
+            Some(h)
+        }
+    }
+
+    /// Guest registers kept in host registers across instructions.
+    fn cached(&self) -> u16 {
+        if self.sp.is_some() {
+            self.union
+        } else {
+            self.union & !(1 << RSP)
+        }
+    }
+
+    /// Host registers never handed out as scratch.
+    fn fixed(&self) -> u16 {
+        1 << RSP | 1 << self.p_n | self.sp.map_or(0, |s| 1 << s)
+    }
+
+    /// The host registers of guest register mask `m`.
+    fn homes(&self, m: u16) -> u16 {
+        (0..16)
+            .filter(|g| m & (1 << g) != 0)
+            .fold(0, |acc, g| acc | 1 << self.home(g))
+    }
+
+    /// Instructions from the current one on until guest register `g` is used again.
+    fn next_use(&self, g: usize) -> Option<usize> {
+        self.uses
+            .iter()
+            .skip(self.k + 1)
+            .position(|u| u & (1 << g) != 0)
+    }
+
+    /// Takes a host register that is not in `busy` (and below R8 if `low`), storing the guest
+    /// register it holds if that one is dirty. Preference: free registers, then clean ones,
+    /// then dirty ones, each used again as late as possible.
+    fn scratch(&mut self, busy: &mut u16, low: bool) -> Result<Option<usize>, JitError> {
+        let fixed = self.fixed();
+        let mut best: Option<(u32, usize)> = None;
+        for h in S_ORDER {
+            if (*busy | fixed) & (1 << h) != 0 || (low && h >= 8) {
+                continue;
+            }
+            let cost = match self.occupant(h).map(|g| (g, self.s.regs[g])) {
+                None | Some((_, St::Mem)) => 0,
+                Some((g, st)) => {
+                    let base = if st == St::Dirty { 200 } else { 100 };
+                    match self.next_use(g) {
+                        None => base / 100,
+                        Some(d) => base - d.min(50) as u32,
+                    }
+                }
+            };
+            if best.is_none_or(|(c, _)| cost < c) {
+                best = Some((cost, h));
+            }
+        }
+        let Some((_, h)) = best else {
+            return Ok(None);
+        };
+        if let Some(g) = self.occupant(h) {
+            if self.s.regs[g] == St::Dirty {
+                self.a.mov(self.cpu(off_gpr(g)), asm64(h))?;
+            }
+            self.s.regs[g] = St::Mem;
+        }
+        *busy |= 1 << h;
+        Ok(Some(h))
+    }
+
+    /// Any register outside `avoid` for code that leaves the block (every guest register is
+    /// already stored there).
+    fn any(&self, avoid: u16) -> Result<usize, JitError> {
+        S_ORDER
+            .iter()
+            .copied()
+            .find(|&h| (avoid | 1 << RSP | 1 << self.p_n) & (1 << h) == 0)
+            .ok_or(NO_SCRATCH)
+    }
+
+    /// Loads guest register `g` into its host register unless it is there.
+    fn ensure(&mut self, g: usize) -> R {
+        if self.s.regs[g] == St::Mem {
+            if g == RSP && self.sp.is_none() {
+                return Err(JitError::Limit("no home for RSP"));
+            }
+            self.a.mov(asm64(self.home(g)), self.cpu(off_gpr(g)))?;
+            self.s.regs[g] = St::Clean;
+        }
+        Ok(())
+    }
+
+    fn ensure_all(&mut self, m: u16) -> R {
+        for g in 0..16 {
+            if m & (1 << g) != 0 {
+                self.ensure(g)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn dirty(&mut self, m: u16) {
+        for g in 0..16 {
+            if m & (1 << g) != 0 {
+                self.s.regs[g] = St::Dirty;
+            }
+        }
+    }
+
+    fn dirty_mask(&self) -> u16 {
+        (0..16)
+            .filter(|&g| self.s.regs[g] == St::Dirty)
+            .fold(0, |acc, g| acc | 1 << g)
+    }
+
+    /// Stores guest registers `m` from their host registers (state unchanged: for exits).
+    fn store_mask(&mut self, m: u16) -> R {
+        for g in 0..16 {
+            if m & (1 << g) != 0 {
+                self.a.mov(self.cpu(off_gpr(g)), asm64(self.home(g)))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores every dirty guest register; they stay in their host registers, clean.
+    fn store_dirty(&mut self) -> R {
+        let m = self.dirty_mask();
+        self.store_mask(m)?;
+        for g in 0..16 {
+            if m & (1 << g) != 0 {
+                self.s.regs[g] = St::Clean;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the guest flags from host RFLAGS to `Cpu::jit_flags`, leaving RFLAGS as it is.
     fn park(&mut self) -> R {
-        if !self.parked {
+        if self.s.parked {
+            return Ok(());
+        }
+        if self.lahf {
+            // EAX = FLAGS[7:0] << 8 | OF; then the two bytes of RFLAGS layout are stored
+            // one at a time (AH cannot be addressed next to a REX base).
+            let f = self.p + off_flags();
+            self.a.push(rax)?;
+            self.a.mov(eax, 0u32)?;
+            self.a.lahf()?;
+            self.a.seto(al)?;
+            self.a.lea(eax, dword_ptr(rax * 8))?;
+            self.a.mov(byte_ptr(f + 1), al)?;
+            self.a.rorx(eax, eax, 11u32)?;
+            self.a.mov(byte_ptr(f), al)?;
+            self.a.pop(rax)?;
+        } else {
             self.a.pushfq()?;
             self.a.pop(self.cpu(off_flags()))?;
-            self.parked = true;
         }
+        self.s.parked = true;
         Ok(())
     }
 
     /// Glue is about to clobber host RFLAGS.
     fn clobber(&mut self) -> R {
         self.park()?;
-        self.in_host = false;
+        self.s.in_host = false;
         Ok(())
     }
 
+    /// Puts the parked guest flags back into host RFLAGS.
     fn unpark(&mut self) -> R {
-        if !self.in_host {
+        if self.s.in_host {
+            return Ok(());
+        }
+        if self.lahf {
+            // OF from 0x78 + (OF << 3) overflowing, the rest from SAHF.
+            self.a.push(rax)?;
+            self.a.movzx(eax, word_ptr(self.p + off_flags()))?;
+            self.a.rol(ax, 8u32)?;
+            self.a.and(al, 8)?;
+            self.a.add(al, 0x78)?;
+            self.a.sahf()?;
+            self.a.pop(rax)?;
+        } else {
             self.a.push(self.cpu(off_flags()))?;
             self.a.popfq()?;
-            self.in_host = true;
         }
-        Ok(())
-    }
-
-    /// Marks where the current instruction starts over after a TLB fill: its flags are
-    /// parked and nothing of it has happened yet.
-    fn set_retry(&mut self) -> R {
-        self.clobber()?;
-        let mut l = self.a.create_label();
-        self.a.set_label(&mut l)?;
-        self.retry = l;
+        self.s.in_host = true;
         Ok(())
     }
 
     /// Leaves now with `k` instructions of this pass retired.
     fn exit(&mut self, k: u32) -> R {
         self.park()?;
+        self.store_dirty()?;
         self.retire(k)?;
         self.leave_at(k)
     }
@@ -535,30 +803,30 @@ impl Tr<'_> {
     /// Ends the block's pass at a branch to `target` with `n` retired. A branch back to the
     /// block's own start loops inside the code, and a branch elsewhere jumps through a chain
     /// slot (to the successor's code once the vCPU links it), both until the next
-    /// timer/interrupt poll is due. Flags must be parked.
-    fn leave_to(&mut self, target: u64, n: u32, busy: &mut u16) -> R {
+    /// timer/interrupt poll is due. Flags must be parked and registers stored.
+    fn leave_to(&mut self, target: u64, n: u32) -> R {
         self.retire(n)?;
-        let Some(t) = self.scratch(busy, false) else {
-            return Err(JitError::Limit("no scratch registers"));
-        };
-        *busy &= !(1 << t);
         let mut ret = n as u64;
         if (target ^ self.start_ip) >= 0x1000 {
             // Another page: only through a guarded record (mapping and version checked).
-            let Some(v) = self.scratch(busy, false) else {
-                return Err(JitError::Limit("no scratch registers"));
-            };
+            let v = self.any(0)?;
             self.a.mov(asm64(v), target)?;
-            return self.guarded(v, n, busy);
+            return self.guarded(v, n, 1);
         }
         if target == self.start_ip {
-            self.a.mov(asm64(t), self.cpu(off_icount()))?;
-            self.a.cmp(asm64(t), self.cpu(off_poll_at()))?;
+            // Back to the head with every register it expects loaded.
+            self.ensure_all(self.cached())?;
+            let t = if self.p_n == 0 { rcx } else { rax };
+            self.a.push(t)?;
+            self.a.mov(t, self.cpu(off_icount()))?;
+            self.a.cmp(t, self.cpu(off_poll_at()))?;
+            self.a.pop(t)?;
             self.a.jb(self.head)?;
         } else if let Some((slot, addr)) = self.buf.slot() {
+            let t = asm64(self.any(1 << 7)?);
             let mut unchained = self.a.create_label();
-            self.a.mov(asm64(t), self.cpu(off_icount()))?;
-            self.a.cmp(asm64(t), self.cpu(off_poll_at()))?;
+            self.a.mov(t, self.cpu(off_icount()))?;
+            self.a.cmp(t, self.cpu(off_poll_at()))?;
             self.a.jae(unchained)?;
             if self.p_n != 7 {
                 self.a.mov(rdi, self.p)?;
@@ -570,7 +838,9 @@ impl Tr<'_> {
             self.chains.push((slot, unchained));
             ret |= (slot as u64) << 32;
         }
-        self.set_rip(target, busy)?;
+        let t = asm64(self.any(0)?);
+        self.a.mov(t, target)?;
+        self.a.mov(self.cpu(off_rip()), t)?;
         self.a.mov(rax, ret)?;
         self.a.jmp(self.epi)?;
         Ok(())
@@ -578,28 +848,50 @@ impl Tr<'_> {
 
     /// Leaves for the RIP in register `v` with `n` retired (already counted), jumping
     /// straight into the translated block last seen there if the code TLB still maps that
-    /// page to the same host page and the page's code version is unchanged. Flags parked.
-    fn guarded(&mut self, v: usize, n: u32, busy: &mut u16) -> R {
+    /// page to the same host page and the page's code version is unchanged. Flags parked,
+    /// registers stored. With `ways` > 1 (returns, jumps and calls through registers, whose
+    /// targets vary) the target picks one of `ways` records by a hash of its address, so that
+    /// a function returning to several callers in turn keeps each of them linked.
+    fn guarded(&mut self, v: usize, n: u32, ways: u32) -> R {
+        // RDI takes the Cpu pointer before the jump through `u`: keep it out of t, u, w; RAX
+        // takes the result on the slow path.
+        let avoid = 1 << v | 1 << 7 | 1;
+        let t = self.any(avoid)?;
+        let u = self.any(avoid | 1 << t)?;
+        let w = self.any(avoid | 1 << t | 1 << u)?;
+        let ways = if ways > 1 && !self.buf.slots_low(1 << 16) {
+            ways
+        } else {
+            1
+        };
+        let mut records = None;
+        if let Some((slot, addr)) = self.buf.record() {
+            // Records handed out one after the other are adjacent.
+            let mut all = true;
+            for w in 1..ways {
+                all &= self.buf.record() == Some((slot + 5 * w, addr + 40 * w as u64));
+            }
+            records = Some((slot, addr, if all { ways } else { 1 }));
+        }
         let mut ret = n as u64;
-        // RDI takes the Cpu pointer before the jump through `u`: keep it out of t, u, w.
-        let rdi_was = *busy & (1 << 7);
-        *busy |= 1 << 7;
-        let regs = (
-            self.scratch(busy, false),
-            self.scratch(busy, false),
-            self.scratch(busy, false),
-        );
-        *busy = (*busy & !(1 << 7)) | rdi_was;
-        if let ((Some(t), Some(u), Some(w)), Some((slot, addr))) = (regs, self.buf.record()) {
+        if let Some((slot, addr, ways)) = records {
             let (vr, t, u, wr) = (asm64(v), asm64(t), asm64(u), asm64(w));
             let w32 = get_gpr32(rename(Register::EAX, w)).unwrap_or(eax);
             let esz = std::mem::size_of::<Entry>() as i32;
             let set = if self.user { TLB_SIZE as i32 * esz } else { 0 };
             let mut slow = self.a.create_label();
+            self.a.mov(u, addr)?;
+            if ways > 1 {
+                self.a.mov(t, vr)?;
+                self.a.shr(t, 6)?;
+                self.a.xor(t, vr)?;
+                self.a.and(t, ways as i32 - 1)?;
+                self.a.imul_3(t, t, 40)?;
+                self.a.add(u, t)?;
+            }
             self.a.mov(t, self.cpu(off_icount()))?;
             self.a.cmp(t, self.cpu(off_poll_at()))?;
             self.a.jae(slow)?;
-            self.a.mov(u, addr)?;
             self.a.cmp(vr, qword_ptr(u + 8))?;
             self.a.jne(slow)?;
             self.a.mov(t, vr)?;
@@ -630,31 +922,28 @@ impl Tr<'_> {
             self.a.jmp(qword_ptr(u))?;
             self.a.set_label(&mut slow)?;
             ret |= (slot as u64) << 32 | GUARDED;
+            self.a.mov(self.cpu(off_rip()), vr)?;
+            self.a.mov(rax, ret)?;
+            if ways > 1 {
+                // The record's slot number: `slot` + (u - addr) / 8, in the upper half.
+                self.a.mov(t, addr)?;
+                self.a.sub(u, t)?;
+                self.a.shl(u, 29)?;
+                self.a.add(rax, u)?;
+            }
+        } else {
+            self.a.mov(self.cpu(off_rip()), asm64(v))?;
+            self.a.mov(rax, ret)?;
         }
-        self.a.mov(self.cpu(off_rip()), asm64(v))?;
-        self.a.mov(rax, ret)?;
         self.a.jmp(self.epi)?;
         Ok(())
     }
 
-    /// Picks a free scratch register.
-    fn scratch(&self, busy: &mut u16, low: bool) -> Option<usize> {
-        let n = S_ORDER
-            .iter()
-            .copied()
-            .find(|&n| *busy & (1 << n) == 0 && (!low || n < 8))?;
-        *busy |= 1 << n;
-        Some(n)
-    }
-
-    /// Looks `ra` up in the TLB for `size` bytes; on a hit `ra` becomes the host address,
-    /// on a miss `fill` walks the page tables and the instruction starts over at `retry`, or
-    /// the block exits with `k` retired if the access cannot go to RAM directly. Flags must
-    /// be parked.
-    fn probe(&mut self, ra: usize, size: u32, write: bool, k: u32, busy: &mut u16) -> R {
-        let (Some(t), Some(u)) = (self.scratch(busy, false), self.scratch(busy, false)) else {
-            return Err(JitError::Limit("no scratch registers"));
-        };
+    /// Looks `ra` up in the TLB for `size` bytes (scratch `t` and `u`); on a hit `ra` becomes
+    /// the host address, on a miss `fill` walks the page tables (every host register kept)
+    /// and the lookup starts over, or the block exits with `k` retired if the access cannot
+    /// go to RAM directly. Flags must be parked.
+    fn probe(&mut self, ra: usize, t: usize, u: usize, size: u32, write: bool, k: u32) -> R {
         let ra_n = ra;
         let (ra, t, u) = (asm64(ra), asm64(t), asm64(u));
         let esz = std::mem::size_of::<Entry>() as i32;
@@ -665,6 +954,8 @@ impl Tr<'_> {
             std::mem::offset_of!(Entry, read)
         } as i32;
         let addend = std::mem::offset_of!(Entry, addend) as i32;
+        let mut retry = self.a.create_label();
+        self.a.set_label(&mut retry)?;
         self.a.mov(t, ra)?;
         self.a.shr(t, 12)?;
         self.a.and(t, TLB_SIZE as i32 - 1)?;
@@ -676,19 +967,85 @@ impl Tr<'_> {
         let label = self.a.create_label();
         self.misses.push(Miss {
             label,
-            retry: self.retry,
+            retry,
             k,
             ra: ra_n,
             size,
             write,
+            dirty: self.dirty_mask(),
+            sp: self.sp,
         });
         self.a.jne(label)?;
         self.a.add(ra, qword_ptr(t + (set + addend)))?;
         Ok(())
     }
 
+    /// The slow path of a probe: calls `fill` with every caller-saved host register kept, then
+    /// looks the access up again, or leaves before the instruction.
+    fn miss(&mut self, mut m: Miss) -> R {
+        self.a.set_label(&mut m.label)?;
+        // Entry + six pushes left RSP at 8 mod 16; nine more align it for the call.
+        for r in CALLER_SAVED {
+            self.a.push(r)?;
+        }
+        let ra = asm64(m.ra);
+        if self.p_n != 6 {
+            self.a.mov(rsi, ra)?;
+            self.a.mov(rdi, self.p)?;
+        } else if m.ra == 7 {
+            self.a.xchg(rsi, rdi)?;
+        } else {
+            self.a.mov(rdi, rsi)?;
+            self.a.mov(rsi, ra)?;
+        }
+        self.a.mov(edx, m.size)?;
+        self.a.mov(ecx, m.write as u32)?;
+        let f: unsafe extern "sysv64" fn(*mut Cpu, u64, u64, u64) -> u64 = fill;
+        self.a.mov(rax, f as usize as u64)?;
+        self.a.call(rax)?;
+        self.a.test(eax, eax)?;
+        for r in CALLER_SAVED.iter().rev() {
+            self.a.pop(*r)?;
+        }
+        self.a.jnz(m.retry)?;
+        let sp = std::mem::replace(&mut self.sp, m.sp);
+        self.store_mask(m.dirty)?;
+        self.sp = sp;
+        self.retire(m.k)?;
+        self.leave_at(m.k)
+    }
+
+    /// Leaves before DIV `h` (operands already in host registers) unless it can neither
+    /// divide by zero nor overflow: the high half of the dividend, unsigned, must be below
+    /// the divisor. The interpreter then raises #DE with exact state.
+    fn div_guard(&mut self, h: &Instruction, k: u32) -> R {
+        self.clobber()?;
+        let (code, dx_) = match operand_size(h) {
+            8 => (Code::Cmp_r64_rm64, Register::RDX),
+            4 => (Code::Cmp_r32_rm32, Register::EDX),
+            _ => (Code::Cmp_r16_rm16, Register::DX),
+        };
+        let cmp = if h.op0_kind() == OpKind::Memory {
+            let mo = MemoryOperand::with_base(h.memory_base());
+            Instruction::with2(code, dx_, mo)?
+        } else {
+            Instruction::with2(code, dx_, h.op0_register())?
+        };
+        self.a.add_instruction(cmp)?;
+        let label = self.a.create_label();
+        self.sides.push(Side {
+            label,
+            k,
+            dirty: self.dirty_mask(),
+            sp: self.sp,
+        });
+        self.a.jae(label)?;
+        Ok(())
+    }
+
     /// Computes the guest linear address of `i`'s memory operand into `ra`.
-    fn address(&mut self, i: &Instruction, ra: usize, sp: Option<usize>) -> R {
+    fn address(&mut self, i: &Instruction, ra: usize) -> R {
+        let sp = self.sp;
         let map = |r: Register| -> Register {
             match (full_idx(r), sp) {
                 (Some(RSP), Some(s)) => gpr_reg(s),
@@ -728,151 +1085,168 @@ impl Tr<'_> {
         Ok(())
     }
 
-    fn load(&mut self, mask: u16, sp: Option<usize>) -> R {
-        for n in 0..16 {
-            if mask & (1 << n) == 0 {
-                continue;
-            }
-            if n == RSP {
-                if let Some(s) = sp {
-                    self.a.mov(asm64(s), self.cpu(off_gpr(RSP)))?;
-                }
-            } else {
-                self.a.mov(asm64(n), self.cpu(off_gpr(n)))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn store(&mut self, mask: u16, sp: Option<usize>) -> R {
-        for n in 0..16 {
-            if mask & (1 << n) == 0 {
-                continue;
-            }
-            if n == RSP {
-                if let Some(s) = sp {
-                    self.a.mov(self.cpu(off_gpr(RSP)), asm64(s))?;
-                }
-            } else {
-                self.a.mov(self.cpu(off_gpr(n)), asm64(n))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn set_rip(&mut self, v: u64, busy: &mut u16) -> R {
-        let Some(t) = self.scratch(busy, false) else {
-            return Err(JitError::Limit("no scratch registers"));
-        };
-        self.a.mov(asm64(t), v)?;
-        self.a.mov(self.cpu(off_rip()), asm64(t))?;
-        Ok(())
+    /// Three scratch registers for an access: the address (below R8 if `low`) and two for
+    /// the TLB lookup. None if the instruction leaves too few.
+    fn access_regs(
+        &mut self,
+        busy: &mut u16,
+        low: bool,
+    ) -> Result<Option<(usize, usize, usize)>, JitError> {
+        let ra = self.scratch(busy, low)?;
+        let t = self.scratch(busy, false)?;
+        let u = self.scratch(busy, false)?;
+        Ok(match (ra, t, u) {
+            (Some(ra), Some(t), Some(u)) => Some((ra, t, u)),
+            _ => None,
+        })
     }
 
     /// Emits instruction `k`. Returns false when it could not be expressed (the block then
-    /// exits before it).
-    fn emit(&mut self, i: &Instruction, pl: &Plan, k: u32) -> Result<bool, JitError> {
-        let mut busy: u16 = pl.used | 1 << RSP | 1 << self.p_n;
+    /// exits before it, nothing of it done).
+    fn emit(
+        &mut self,
+        i: &Instruction,
+        pl: &Plan,
+        k: u32,
+        enc: &mut Encoder,
+    ) -> Result<bool, JitError> {
+        self.k = k as usize;
+        let mut busy: u16 = self.homes(pl.used);
+        let temp_sp = pl.used & (1 << RSP) != 0 && self.sp.is_none();
+        if temp_sp {
+            let Some(s) = self.scratch(&mut busy, pl.high8)? else {
+                return Ok(false);
+            };
+            self.sp = Some(s);
+            self.s.regs[RSP] = St::Mem;
+        }
+        let r = self.emit_kind(i, pl, k, &mut busy, enc);
+        if temp_sp {
+            if self.s.regs[RSP] == St::Dirty {
+                self.a.mov(self.cpu(off_gpr(RSP)), asm64(self.home(RSP)))?;
+            }
+            self.s.regs[RSP] = St::Mem;
+            self.sp = None;
+        }
+        r
+    }
+
+    fn emit_kind(
+        &mut self,
+        i: &Instruction,
+        pl: &Plan,
+        k: u32,
+        busy: &mut u16,
+        enc: &mut Encoder,
+    ) -> Result<bool, JitError> {
         match pl.kind {
             Kind::Nop => Ok(true),
-            Kind::Generic | Kind::Lea => self.generic(i, pl, k, &mut busy),
+            Kind::Generic | Kind::Lea => self.generic(i, pl, k, busy, enc),
             Kind::Jmp => {
                 self.park()?;
-                self.leave_to(i.near_branch_target(), k + 1, &mut busy)?;
+                self.store_dirty()?;
+                self.leave_to(i.near_branch_target(), k + 1)?;
                 Ok(true)
             }
             Kind::JmpInd => {
-                self.park()?;
-                let Some(v) = self.scratch(&mut busy, false) else {
-                    return Ok(false);
-                };
                 let n = full_idx(i.op0_register()).unwrap_or(0);
-                self.a.mov(asm64(v), self.cpu(off_gpr(n)))?;
+                self.ensure(n)?;
+                self.park()?;
+                self.store_dirty()?;
                 self.retire(k + 1)?;
-                self.guarded(v, k + 1, &mut busy)?;
+                self.guarded(self.home(n), k + 1, WAYS)?;
                 Ok(true)
             }
             Kind::Jcc => {
                 self.unpark()?;
-                // Both paths leave the block: park the flags once, before branching.
+                // Both paths leave the block: park the flags and store once, before branching.
                 self.park()?;
+                self.store_dirty()?;
+                let at = self.s;
                 let taken = self.a.create_label();
-                jcc(&mut self.a, i.condition_code(), taken)?;
-                self.leave_to(i.next_ip(), k + 1, &mut busy)?;
+                jcc(self.a, i.condition_code(), taken)?;
+                self.leave_to(i.next_ip(), k + 1)?;
+                self.s = at;
                 let mut taken = taken;
                 self.a.set_label(&mut taken)?;
-                self.leave_to(i.near_branch_target(), k + 1, &mut busy)?;
+                self.leave_to(i.near_branch_target(), k + 1)?;
                 Ok(true)
             }
             Kind::Push | Kind::Call | Kind::CallInd => {
-                self.set_retry()?;
                 // The target as the register held it before the push.
                 let to = if pl.kind == Kind::CallInd {
-                    let Some(to) = self.scratch(&mut busy, false) else {
+                    let Some(to) = self.scratch(busy, false)? else {
                         return Ok(false);
                     };
-                    let n = full_idx(i.op0_register()).unwrap_or(0);
-                    self.a.mov(asm64(to), self.cpu(off_gpr(n)))?;
                     Some(to)
                 } else {
                     None
                 };
-                let (Some(s), Some(ra)) = (
-                    self.scratch(&mut busy, false),
-                    self.scratch(&mut busy, false),
-                ) else {
+                let Some((ra, t, u)) = self.access_regs(busy, false)? else {
                     return Ok(false);
                 };
-                self.a.mov(asm64(s), self.cpu(off_gpr(RSP)))?;
-                self.a.lea(asm64(ra), qword_ptr(asm64(s) - 8))?;
-                self.probe(ra, 8, true, k, &mut busy)?;
-                let Some(v) = self.scratch(&mut busy, false) else {
-                    return Ok(false);
-                };
-                if pl.kind != Kind::Push {
-                    self.a.mov(asm64(v), i.next_ip())?;
-                } else if i.code() == Code::Push_r64 {
+                self.ensure_all(pl.used)?;
+                if let Some(to) = to {
+                    let n = full_idx(i.op0_register()).unwrap_or(0);
+                    self.a.mov(asm64(to), asm64(self.home(n)))?;
+                }
+                self.clobber()?;
+                let s = asm64(self.home(RSP));
+                self.a.lea(asm64(ra), qword_ptr(s - 8))?;
+                self.probe(ra, t, u, 8, true, k)?;
+                let at = qword_ptr(asm64(ra));
+                if pl.kind == Kind::Push && i.code() == Code::Push_r64 {
                     // PUSH RSP pushes the value before the push.
                     let n = full_idx(i.op0_register()).unwrap_or(0);
-                    self.a.mov(asm64(v), self.cpu(off_gpr(n)))?;
+                    self.a.mov(at, asm64(self.home(n)))?;
                 } else {
-                    self.a.mov(asm64(v), i.immediate(0))?;
+                    let v = if pl.kind == Kind::Push {
+                        i.immediate(0)
+                    } else {
+                        i.next_ip()
+                    };
+                    if v as i64 == v as i32 as i64 {
+                        self.a.mov(at, v as i32)?;
+                    } else {
+                        self.a.mov(asm64(t), v)?;
+                        self.a.mov(at, asm64(t))?;
+                    }
                 }
-                self.a.mov(qword_ptr(asm64(ra)), asm64(v))?;
-                self.a.lea(asm64(s), qword_ptr(asm64(s) - 8))?;
-                self.a.mov(self.cpu(off_gpr(RSP)), asm64(s))?;
+                self.a.lea(s, qword_ptr(s - 8))?;
+                self.dirty(1 << RSP);
                 if pl.kind == Kind::Call {
-                    // Flags are parked (set_retry); RSP and the return address are stored.
-                    self.leave_to(i.near_branch_target(), k + 1, &mut busy)?;
+                    self.store_dirty()?;
+                    self.leave_to(i.near_branch_target(), k + 1)?;
                 } else if let Some(to) = to {
+                    self.store_dirty()?;
                     self.retire(k + 1)?;
-                    self.guarded(to, k + 1, &mut busy)?;
+                    self.guarded(to, k + 1, WAYS)?;
                 }
                 Ok(true)
             }
             Kind::Pop | Kind::Ret => {
-                self.set_retry()?;
-                let (Some(s), Some(ra)) = (
-                    self.scratch(&mut busy, false),
-                    self.scratch(&mut busy, false),
-                ) else {
+                let Some((ra, t, u)) = self.access_regs(busy, false)? else {
                     return Ok(false);
                 };
-                self.a.mov(asm64(s), self.cpu(off_gpr(RSP)))?;
-                self.a.mov(asm64(ra), asm64(s))?;
-                self.probe(ra, 8, false, k, &mut busy)?;
-                let Some(v) = self.scratch(&mut busy, false) else {
-                    return Ok(false);
+                self.ensure(RSP)?;
+                self.clobber()?;
+                let s = asm64(self.home(RSP));
+                self.a.mov(asm64(ra), s)?;
+                self.probe(ra, t, u, 8, false, k)?;
+                let v = if pl.kind == Kind::Ret {
+                    t
+                } else {
+                    full_idx(i.op0_register()).unwrap_or(0)
                 };
                 self.a.mov(asm64(v), qword_ptr(asm64(ra)))?;
-                self.a.lea(asm64(s), qword_ptr(asm64(s) + 8))?;
-                self.a.mov(self.cpu(off_gpr(RSP)), asm64(s))?;
+                self.a.lea(s, qword_ptr(s + 8))?;
+                self.dirty(1 << RSP);
                 if pl.kind == Kind::Ret {
+                    self.store_dirty()?;
                     self.retire(k + 1)?;
-                    self.guarded(v, k + 1, &mut busy)?;
+                    self.guarded(v, k + 1, WAYS)?;
                 } else {
-                    let n = full_idx(i.op0_register()).unwrap_or(0);
-                    self.a.mov(self.cpu(off_gpr(n)), asm64(v))?;
+                    self.dirty(1 << v);
                 }
                 Ok(true)
             }
@@ -885,22 +1259,17 @@ impl Tr<'_> {
         pl: &Plan,
         k: u32,
         busy: &mut u16,
+        enc: &mut Encoder,
     ) -> Result<bool, JitError> {
-        let sp = if pl.used & (1 << RSP) != 0 {
-            match self.scratch(busy, pl.high8) {
-                Some(s) => Some(s),
-                None => return Ok(false),
-            }
-        } else {
-            None
+        let sp = self.sp;
+        let map = |r: Register| match (full_idx(r), sp) {
+            (Some(RSP), Some(s)) => rename(r, s),
+            _ => r,
         };
         let mut h = *i;
         for n in 0..h.op_count() {
             if h.op_kind(n) == OpKind::Register {
-                let r = h.op_register(n);
-                if let (Some(RSP), Some(s)) = (full_idx(r), sp) {
-                    h.set_op_register(n, rename(r, s));
-                }
+                h.set_op_register(n, map(h.op_register(n)));
             }
         }
         if pl.kind == Kind::Lea {
@@ -908,62 +1277,76 @@ impl Tr<'_> {
             let Some(dn) = full_idx(dst) else {
                 return Ok(false);
             };
-            let dn = if dn == RSP { sp.unwrap_or(RSP) } else { dn };
-            self.load(pl.used, sp)?;
             if i.memory_base() == Register::RIP {
-                let v = i.memory_displacement64();
+                self.ensure_all(pl.used)?;
                 if dst.size() == 8 {
-                    self.a.mov(asm64(dn), v)?;
+                    self.a.mov(asm64(dn), i.memory_displacement64())?;
                 } else {
-                    self.a.mov(rename(dst, dn).try_into_r32()?, v as u32)?;
+                    self.a
+                        .mov(dst.try_into_r32()?, i.memory_displacement64() as u32)?;
                 }
             } else {
-                let map = |r: Register| match (full_idx(r), sp) {
+                let full = |r: Register| match (full_idx(r), sp) {
                     (Some(RSP), Some(s)) => gpr_reg(s),
                     _ => r,
                 };
-                h.set_memory_base(map(i.memory_base()));
-                h.set_memory_index(map(i.memory_index()));
-                if Encoder::new(64).encode(&h, 0x1000).is_err() {
+                h.set_memory_base(full(i.memory_base()));
+                h.set_memory_index(full(i.memory_index()));
+                if !encodes(enc, &h) {
                     return Ok(false);
                 }
+                self.ensure_all(pl.used)?;
                 self.a.add_instruction(h)?;
             }
-            self.store(pl.written, sp)?;
+            self.dirty(pl.written);
             return Ok(true);
         }
-        if pl.mem.is_some() {
-            self.set_retry()?;
-        }
-        self.load(pl.used, sp)?;
+        let mut access = None;
         if let Some((size, write)) = pl.mem {
-            let Some(ra) = self.scratch(busy, pl.high8) else {
+            let Some((ra, t, u)) = self.access_regs(busy, pl.high8)? else {
                 return Ok(false);
             };
-            self.address(i, ra, sp)?;
-            self.probe(ra, size, write, k, busy)?;
             h.set_memory_base(gpr_reg(ra));
             h.set_memory_index(Register::None);
             h.set_memory_index_scale(1);
             h.set_memory_displacement64(0);
             h.set_memory_displ_size(0);
             h.set_segment_prefix(Register::None);
+            access = Some((ra, t, u, size, write));
         }
-        if Encoder::new(64).encode(&h, 0x1000).is_err() {
+        if !encodes(enc, &h) {
             // Nothing of this instruction has happened yet: the block leaves before it.
             return Ok(false);
+        }
+        self.ensure_all(pl.used)?;
+        if let Some((ra, t, u, size, write)) = access {
+            self.clobber()?;
+            self.address(i, ra)?;
+            self.probe(ra, t, u, size, write, k)?;
+        }
+        if i.mnemonic() == M::Div {
+            self.div_guard(&h, k)?;
         }
         if pl.need_flags {
             self.unpark()?;
         }
         self.a.add_instruction(h)?;
         if pl.sets_flags {
-            self.in_host = true;
-            self.parked = false;
+            self.s.in_host = true;
+            self.s.parked = false;
         }
-        self.store(pl.written, sp)?;
+        self.dirty(pl.written);
         Ok(true)
     }
+}
+
+/// Whether `h` has an encoding (checked with a reused encoder, its output thrown away).
+fn encodes(enc: &mut Encoder, h: &Instruction) -> bool {
+    let ok = enc.encode(h, 0x1000).is_ok();
+    let mut b = enc.take_buffer();
+    b.clear();
+    enc.set_buffer(b);
+    ok
 }
 
 trait TryR32 {
@@ -999,6 +1382,18 @@ fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> R {
     Ok(r?)
 }
 
+/// What translation keeps between blocks so that translating one allocates little: the
+/// assembler's instruction list, the encoders' buffers, the info factory.
+struct Scratch {
+    a: CodeAssembler,
+    check: Encoder,
+    fac: InstructionInfoFactory,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Option<Scratch>> = const { std::cell::RefCell::new(None) };
+}
+
 /// Translates the longest supported prefix of a 64-bit block into `buf`. None if not even
 /// its first instruction can be translated or the buffer is full.
 /// `id` is what every exit of the code stores in `Cpu::jit_last` (the vCPU passes its block).
@@ -1009,16 +1404,38 @@ pub fn translate<'a>(
     smp: bool,
     buf: &mut CodeBuf,
 ) -> Option<Jit> {
-    let mut fac = InstructionInfoFactory::new();
+    SCRATCH.with(|cell| {
+        let mut slot = cell.try_borrow_mut().ok()?;
+        if slot.is_none() {
+            *slot = Some(Scratch {
+                a: CodeAssembler::new(64).ok()?,
+                check: Encoder::new(64),
+                fac: InstructionInfoFactory::new(),
+            });
+        }
+        let sc = slot.as_mut()?;
+        sc.a.reset();
+        translate_with(ins, id, user, smp, buf, sc)
+    })
+}
+
+fn translate_with<'a>(
+    ins: impl Iterator<Item = &'a Instruction> + Clone,
+    id: u64,
+    user: bool,
+    smp: bool,
+    buf: &mut CodeBuf,
+    sc: &mut Scratch,
+) -> Option<Jit> {
     let mut plans = Vec::new();
     let mut union = 0u16;
     let mut stop = None;
     for i in ins.clone() {
-        let Some(pl) = classify(i, &mut fac, smp) else {
+        let Some(pl) = classify(i, &mut sc.fac, smp) else {
             stop = Some(i.mnemonic());
             break;
         };
-        // One host register must stay free for the Cpu pointer.
+        // One host register must stay free for the Cpu pointer (host RSP is the host's own).
         if (union | pl.used | 1 << RSP) == u16::MAX {
             break;
         }
@@ -1032,12 +1449,20 @@ pub fn translate<'a>(
     if plans.iter().all(|p| p.kind == Kind::Nop) {
         return None;
     }
-    let p_n = P_ORDER.iter().copied().find(|&n| union & (1 << n) == 0)?;
+    let outside = |taken: u16| P_ORDER.iter().copied().find(|&n| taken & (1 << n) == 0);
+    let p_n = outside(union)?;
+    // Without a free register for it, guest RSP goes to a scratch register for each
+    // instruction that uses it.
+    let sp = if union & (1 << RSP) != 0 {
+        outside(union | 1 << p_n)
+    } else {
+        None
+    };
     let start_ip = ins.clone().next()?.ip();
     if buf.slots_low(4) {
         return None;
     }
-    let a = assemble(ins, &plans, p_n, user, start_ip, id, buf).ok()?;
+    let a = assemble(ins, &plans, p_n, sp, union, user, start_ip, id, buf, sc).ok()?;
     if a.code.len() > buf.room() {
         return None;
     }
@@ -1058,20 +1483,27 @@ pub fn translate<'a>(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn assemble<'a>(
     ins: impl Iterator<Item = &'a Instruction>,
     plans: &[Plan],
     p_n: usize,
+    sp: Option<usize>,
+    union: u16,
     user: bool,
     start_ip: u64,
     id: u64,
     buf: &mut CodeBuf,
+    sc: &mut Scratch,
 ) -> Result<Assembled, JitError> {
     let ip = buf.next();
-    let ins: Vec<&Instruction> = ins.collect();
+    let ins: Vec<&Instruction> = ins.take(plans.len()).collect();
     let mut ips: Vec<u64> = ins.iter().map(|i| i.ip()).collect();
     ips.extend(ins.last().map(|i| i.next_ip()));
-    let mut a = CodeAssembler::new(64)?;
+    let loops = ins.iter().zip(plans).any(|(i, pl)| {
+        matches!(pl.kind, Kind::Jmp | Kind::Jcc | Kind::Call) && i.near_branch_target() == start_ip
+    });
+    let a = &mut sc.a;
     let epi = a.create_label();
     let saved = [rbx, rbp, r12, r13, r14, r15];
     for r in saved {
@@ -1080,11 +1512,11 @@ fn assemble<'a>(
     let mut chain = a.create_label();
     a.set_label(&mut chain)?;
     a.mov(asm64(p_n), rdi)?;
-    let mut head = a.create_label();
-    a.set_label(&mut head)?;
-    a.nop()?;
+    let head = a.create_label();
     let mut t = Tr {
         ips,
+        uses: plans.iter().map(|p| p.used).collect(),
+        k: 0,
         buf,
         chains: Vec::new(),
         head,
@@ -1092,18 +1524,30 @@ fn assemble<'a>(
         a,
         p: asm64(p_n),
         p_n,
+        sp,
+        union,
         user,
-        in_host: false,
-        parked: true,
+        lahf: p_n != 0 && std::arch::is_x86_feature_detected!("bmi2"),
+        s: State {
+            regs: [St::Mem; 16],
+            in_host: false,
+            parked: true,
+        },
         misses: Vec::new(),
-        retry: epi,
+        sides: Vec::new(),
         epi,
     };
+    if loops {
+        t.ensure_all(t.cached())?;
+    }
+    let mut head = t.head;
+    t.a.set_label(&mut head)?;
+    t.a.nop()?;
     let mut k = 0u32;
     // Whether the code already left through a branch's exit.
     let mut left = false;
     for (i, pl) in ins.into_iter().zip(plans) {
-        if !t.emit(i, pl, k)? {
+        if !t.emit(i, pl, k, &mut sc.check)? {
             break;
         }
         k += 1;
@@ -1117,23 +1561,16 @@ fn assemble<'a>(
     }
     let ops = k;
     let misses = std::mem::take(&mut t.misses);
-    let p = t.p;
-    for mut m in misses {
-        t.a.set_label(&mut m.label)?;
-        // Keeps the stack 16-byte aligned for the call (entry + six pushes left it at 8).
-        t.a.push(p)?;
-        t.a.mov(rsi, asm64(m.ra))?;
-        t.a.mov(rdi, qword_ptr(rsp))?;
-        t.a.mov(edx, m.size)?;
-        t.a.mov(ecx, m.write as u32)?;
-        let f: unsafe extern "sysv64" fn(*mut Cpu, u64, u64, u64) -> u64 = fill;
-        t.a.mov(rax, f as usize as u64)?;
-        t.a.call(rax)?;
-        t.a.pop(p)?;
-        t.a.test(eax, eax)?;
-        t.a.jnz(m.retry)?;
-        t.retire(m.k)?;
-        t.leave_at(m.k)?;
+    for m in misses {
+        t.miss(m)?;
+    }
+    for mut x in std::mem::take(&mut t.sides) {
+        t.a.set_label(&mut x.label)?;
+        let sp = std::mem::replace(&mut t.sp, x.sp);
+        t.store_mask(x.dirty)?;
+        t.sp = sp;
+        t.retire(x.k)?;
+        t.leave_at(x.k)?;
     }
     let mut epi = t.epi;
     t.a.set_label(&mut epi)?;
@@ -1149,10 +1586,10 @@ fn assemble<'a>(
         t.a.pop(*r)?;
     }
     t.a.ret()?;
+    let chains_l = std::mem::take(&mut t.chains);
     let r =
         t.a.assemble_options(ip, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
-    let chains = t
-        .chains
+    let chains = chains_l
         .iter()
         .map(|(s, l)| Ok((*s, r.label_ip(l)?)))
         .collect::<Result<Vec<_>, IcedError>>()?;
