@@ -554,8 +554,10 @@ pub enum JitError {
 
 type R = Result<(), JitError>;
 
-/// Records per return or register-indirect branch (a power of two).
+/// Records per return or register-indirect branch, and per such branch in a thunk (powers
+/// of two).
 const WAYS: u32 = 4;
+const THUNK_WAYS: u32 = 256;
 
 const NO_SCRATCH: JitError = JitError::Limit("no scratch registers");
 
@@ -859,6 +861,14 @@ impl Tr<'_> {
         let t = self.any(avoid)?;
         let u = self.any(avoid | 1 << t)?;
         let w = self.any(avoid | 1 << t | 1 << u)?;
+        // A block that is little more than the branch is a thunk shared by the whole guest
+        // (a kernel built with return thunks returns from every function through one RET;
+        // retpolines jump through a register the same way): it gets a large table.
+        let ways = if ways > 1 && self.ips.len() <= 3 {
+            THUNK_WAYS
+        } else {
+            ways
+        };
         let ways = if ways > 1 && !self.buf.slots_low(1 << 16) {
             ways
         } else {
@@ -883,7 +893,7 @@ impl Tr<'_> {
             self.a.mov(u, addr)?;
             if ways > 1 {
                 self.a.mov(t, vr)?;
-                self.a.shr(t, 6)?;
+                self.a.shr(t, 8)?;
                 self.a.xor(t, vr)?;
                 self.a.and(t, ways as i32 - 1)?;
                 self.a.imul_3(t, t, 40)?;
