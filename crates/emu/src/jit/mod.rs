@@ -165,6 +165,10 @@ fn off_rip() -> i32 {
     std::mem::offset_of!(Cpu, rip) as i32
 }
 
+fn off_rflags() -> i32 {
+    std::mem::offset_of!(Cpu, rflags) as i32
+}
+
 fn off_flags() -> i32 {
     std::mem::offset_of!(Cpu, jit_flags) as i32
 }
@@ -351,6 +355,8 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
         {
             Kind::Push
         }
+        // RFLAGS is the vCPU's with the arithmetic flags from the code (see `Tr::emit_kind`).
+        M::Pushfq if i.code() == Code::Pushfq => Kind::Push,
         M::Pop if i.code() == Code::Pop_r64 && i.op0_register() != Register::RSP => Kind::Pop,
         M::Lea if matches!(i.op0_register().size(), 4 | 8) => Kind::Lea,
         _ if generic_ok(m) => Kind::Generic,
@@ -1237,6 +1243,15 @@ impl Tr<'_> {
                     // PUSH RSP pushes the value before the push.
                     let n = full_idx(i.op0_register()).unwrap_or(0);
                     self.a.mov(at, asm64(self.home(n)))?;
+                } else if i.code() == Code::Pushfq {
+                    // Flags are parked (before the probe); RF and VM read as clear.
+                    let keep = !(crate::flags::ARITH | crate::flags::RF | crate::flags::VM);
+                    self.a.mov(asm64(t), self.cpu(off_rflags()))?;
+                    self.a.and(asm64(t), keep as i64 as i32)?;
+                    self.a.mov(asm64(u), self.cpu(off_flags()))?;
+                    self.a.and(asm64(u), crate::flags::ARITH as i32)?;
+                    self.a.or(asm64(t), asm64(u))?;
+                    self.a.mov(at, asm64(t))?;
                 } else {
                     let v = if pl.kind == Kind::Push {
                         i.immediate(0)
