@@ -819,10 +819,14 @@ impl Tr<'_> {
     /// Ends the block's pass at a branch to `target` with `n` retired. A branch back to the
     /// block's own start loops inside the code, and a branch elsewhere jumps through a chain
     /// slot (to the successor's code once the vCPU links it), both until the next
-    /// timer/interrupt poll is due. Flags must be parked and registers stored.
+    /// timer/interrupt poll is due. Flags must be parked; dirty registers are stored here
+    /// (a loop keeps them in host registers, dirty as the head expects).
     fn leave_to(&mut self, target: u64, n: u32) -> R {
         self.retire(n)?;
         let mut ret = n as u64;
+        if target != self.start_ip {
+            self.store_dirty()?;
+        }
         if (target ^ self.start_ip) >= 0x1000 {
             // Another page: only through a guarded record (mapping and version checked).
             let v = self.any(0)?;
@@ -838,6 +842,8 @@ impl Tr<'_> {
             self.a.cmp(t, self.cpu(off_poll_at()))?;
             self.a.pop(t)?;
             self.a.jb(self.head)?;
+            // The poll is due: the loop leaves here.
+            self.store_dirty()?;
         } else if let Some((slot, addr)) = self.buf.slot() {
             let t = asm64(self.any(1 << 7)?);
             let mut unchained = self.a.create_label();
@@ -1188,7 +1194,6 @@ impl Tr<'_> {
             Kind::Generic | Kind::Lea => self.generic(i, pl, k, busy, enc),
             Kind::Jmp => {
                 self.park()?;
-                self.store_dirty()?;
                 self.leave_to(i.near_branch_target(), k + 1)?;
                 Ok(true)
             }
@@ -1203,9 +1208,8 @@ impl Tr<'_> {
             }
             Kind::Jcc => {
                 self.unpark()?;
-                // Both paths leave the block: park the flags and store once, before branching.
+                // Both paths leave the block: park the flags once, before branching.
                 self.park()?;
-                self.store_dirty()?;
                 let at = self.s;
                 let taken = self.a.create_label();
                 jcc(self.a, i.condition_code(), taken)?;
@@ -1652,7 +1656,12 @@ fn assemble<'a>(
         epi,
     };
     if loops {
+        // The head's state, which every pass back to it reaches again: all registers
+        // loaded, the ones the block writes dirty (on the first pass they are merely
+        // stored again at an exit).
         t.ensure_all(t.cached())?;
+        let written = plans.iter().fold(0, |m, p| m | p.written) & t.cached();
+        t.dirty(written);
     }
     let mut head = t.head;
     t.a.set_label(&mut head)?;
