@@ -19,10 +19,14 @@ const MAX_BLOCK: usize = 64;
 const LINKS: usize = 4;
 const MAX_BLOCKS: usize = 1 << 16;
 
+/// The first 64 bytes hold what following a link and validating the block read on every
+/// dispatch. (Not `align(64)`: glibc serves over-aligned requests through memalign, which
+/// cost more in malloc than the extra cache line saves.)
+#[repr(C)]
 pub struct Block {
     pub rip: u64,
-    pub bits: u32,
-    ver: u32,
+    /// The linear address of `rip` when decoded.
+    lin: u64,
     /// The page's version word; it lives in a `Region` that the cache never outlives (the
     /// cache is cleared whenever the memory map changes).
     ver_ptr: *const AtomicU32,
@@ -32,22 +36,22 @@ pub struct Block {
     /// loads instead of a full compare: new code landing on a page differs at the ends but
     /// for vanishingly rare coincidences.
     src: *const u8,
-    len: usize,
     head: u64,
     tail: u64,
+    len: u32,
+    ver: u32,
+    pub bits: u32,
+    /// Times run by the interpreter, until translation is tried (`u32::MAX` once it was).
+    pub hits: Cell<u32>,
+    /// Host code for a prefix of the block, once it is hot.
+    pub jit: Cell<Option<crate::jit::Jit>>,
     pub ins: Vec<Op>,
-    /// The linear address of `rip` when decoded.
-    lin: u64,
     /// Direct links to successor blocks (rip, block), valid while the cache's `gen` equals
     /// `link_gen`: following one skips the hash lookup, and for a successor on the same page
     /// (hence the same mapping, as nothing changed modes or mappings in between) the TLB.
     links: [Cell<(u64, *const Block)>; LINKS],
     link_gen: Cell<u64>,
     link_next: Cell<u8>,
-    /// Times run by the interpreter, until translation is tried (`u32::MAX` once it was).
-    pub hits: Cell<u32>,
-    /// Host code for a prefix of the block, once it is hot.
-    pub jit: Cell<Option<crate::jit::Jit>>,
 }
 
 /// A decoded instruction and the handler that executes it.
@@ -117,7 +121,7 @@ impl Block {
         // SAFETY: see the field's comment; `src .. src+len` lies in the same region.
         unsafe {
             (*self.ver_ptr).load(Ordering::Acquire) == self.ver
-                && ends(self.src, self.len) == (self.head, self.tail)
+                && ends(self.src, self.len as usize) == (self.head, self.tail)
         }
     }
 }
@@ -309,10 +313,17 @@ impl Cache {
             if e.exec != lin & !0xfff {
                 // Not RAM, or a page the TLB cannot hold: decode without caching.
                 let b = cpu.decode_block(lin, None)?;
+                cpu.prof.uncached += 1;
                 // Nothing points at the entry this replaces (`ran` never records an
                 // uncached block, links and `fast` never name one): bumping `gen` here
                 // would void every link (about 100k times in a Linux boot).
-                self.map.insert(u64::MAX, Box::new(b));
+                match self.map.get_mut(&u64::MAX) {
+                    // Reuses the box: these come by the ten thousand in a boot.
+                    Some(old) => **old = b,
+                    None => {
+                        self.map.insert(u64::MAX, Box::new(b));
+                    }
+                }
                 return Ok(&self.map[&u64::MAX]);
             }
             lin.wrapping_add(e.addend)
@@ -327,6 +338,7 @@ impl Cache {
                 return Ok(b);
             }
         }
+        cpu.prof.fast_misses += 1;
         if let Some(b) = self.map.get(&key) {
             if b.rip == cpu.rip && b.valid() {
                 self.fast[slot] = (key, &**b as *const Block);
@@ -336,6 +348,7 @@ impl Cache {
         }
         let b = Box::new(cpu.decode_block(lin, Some(host))?);
         if b.ver_ptr.is_null() {
+            cpu.prof.uncached += 1;
             // Nothing points at the entry this replaces (see above).
             self.map.insert(u64::MAX, b);
             return Ok(&self.map[&u64::MAX]);
@@ -398,6 +411,8 @@ impl Cpu {
         // SAFETY: `pa .. pa+avail` lies inside region `r` (same page, inside its size).
         let bytes = unsafe { std::slice::from_raw_parts(r.host.add((pa - r.gpa) as usize), avail) };
         let mut dec = Decoder::with_ip(self.bits, bytes, self.rip, DecoderOptions::NONE);
+        // Blocks average about five instructions: 16 rarely regrows, and a request this small
+        // stays out of glibc's large-bin path (which consolidates fastbins on every call).
         let mut ins = Vec::with_capacity(16);
         let mut i = Instruction::default();
         while ins.len() < MAX_BLOCK {
@@ -424,7 +439,7 @@ impl Cpu {
         b.ver = ver;
         b.ver_ptr = ver_word;
         b.src = bytes.as_ptr();
-        b.len = len;
+        b.len = len as u32;
         b.head = head;
         b.tail = tail;
         Ok(b)

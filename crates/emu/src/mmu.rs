@@ -35,22 +35,86 @@ const META_GLOBAL: u8 = 0x80;
 const META_SHIFT: u8 = 0x3f;
 
 const SETS: usize = 4;
-const LIVE_WORDS: usize = SETS * TLB_SIZE / 64;
+
+/// Entries per set of the second level: a direct-mapped copy of what the first level held,
+/// looked at only when the first misses, so conflict misses in the small first level (two
+/// thirds of a Linux boot's misses) cost a copy instead of a page walk.
+pub const FAR_SIZE: usize = 4096;
+
+/// A second-level entry: the first-level entry, the guest-physical page and the meta bits.
+#[derive(Clone, Copy)]
+struct Far {
+    read: u64,
+    write: u64,
+    exec: u64,
+    addend: u64,
+    phys: u64,
+    meta: u8,
+}
+
+const FAR_EMPTY: Far = Far {
+    read: NONE,
+    write: NONE,
+    exec: NONE,
+    addend: 0,
+    phys: 0,
+    meta: 12,
+};
+
+/// Bit `k` set: entry `k` may hold a tag (bitmaps over a level's entries, set by set).
+type Live = Box<[u64]>;
+
+/// Non-global, global, and (a subset of either) large-page entries.
+fn live(entries: usize) -> [Live; 3] {
+    std::array::from_fn(|_| vec![0; entries / 64].into_boxed_slice())
+}
+
+#[inline]
+fn mark(live: &mut [Live; 3], k: usize, meta: u8) {
+    let (w, b) = (k / 64, 1u64 << (k % 64));
+    let global = meta & META_GLOBAL != 0;
+    live[global as usize][w] |= b;
+    live[!global as usize][w] &= !b;
+    if meta & META_SHIFT > 12 {
+        live[BIG][w] |= b;
+    } else {
+        live[BIG][w] &= !b;
+    }
+}
+
+const BIG: usize = 2;
+
+/// Calls `f` with every entry number marked in `words`.
+#[inline]
+fn each(words: &[u64], mut f: impl FnMut(usize)) {
+    for (w, &word) in words.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            f(w * 64 + bits.trailing_zeros() as usize);
+            bits &= bits - 1;
+        }
+    }
+}
 
 /// Data entries (`e`) and instruction-fetch entries (`x`, so code and the data it touches
-/// never evict each other), each in two sets: supervisor and user (CPL 3) accesses.
+/// never evict each other), each in two sets: supervisor and user (CPL 3) accesses; behind
+/// them a larger second level (`far`).
 ///
-/// Flushes cost what was filled since, not the TLB's size: a bitmap marks the entries that
-/// may hold a tag, so a CR3 load (thousands in a Linux boot) clears only those, and global
-/// entries stay, as on the CPU.
+/// Flushes cost what was filled since, not the TLB's size: bitmaps mark the entries that
+/// may hold a tag, global and non-global apart, so a CR3 load (thousands in a Linux boot)
+/// clears just the non-global entries filled since the last one, and global entries stay,
+/// as on the CPU.
 pub struct Tlb {
     pub e: Box<[[Entry; TLB_SIZE]; 2]>,
     pub x: Box<[[Entry; TLB_SIZE]; 2]>,
-    /// Bit `s * TLB_SIZE + i` set: entry `i` of set `s` (e user/supervisor, then x) may
-    /// hold a tag.
-    live: Box<[u64; LIVE_WORDS]>,
-    /// Per entry, as `live`: global bit and page size (`META_*`).
+    /// Over `s * TLB_SIZE + i` (entry `i` of set `s`: e supervisor/user, then x), for
+    /// non-global and global entries.
+    live: [Live; 3],
+    /// Per entry, numbered as in `live`: global bit and page size (`META_*`).
     meta: Box<[u8; SETS * TLB_SIZE]>,
+    /// The second level (`FAR_SIZE` entries per set, sets as in `live`) and its bitmaps.
+    far: Box<[Far]>,
+    far_live: [Live; 3],
     /// Entries filled from a large page since the last full flush (INVLPG then searches
     /// for the other pieces of the page it names).
     big: u32,
@@ -63,8 +127,10 @@ impl Tlb {
         Tlb {
             e: Box::new([[EMPTY; TLB_SIZE]; 2]),
             x: Box::new([[EMPTY; TLB_SIZE]; 2]),
-            live: Box::new([0; LIVE_WORDS]),
+            live: live(SETS * TLB_SIZE),
             meta: Box::new([12; SETS * TLB_SIZE]),
+            far: vec![FAR_EMPTY; SETS * FAR_SIZE].into_boxed_slice(),
+            far_live: live(SETS * FAR_SIZE),
             big: 0,
             flushes_all: 0,
             flushes_nonglobal: 0,
@@ -72,7 +138,8 @@ impl Tlb {
     }
 
     #[inline]
-    fn entry(&mut self, set: usize, i: usize) -> &mut Entry {
+    fn entry(&mut self, k: usize) -> &mut Entry {
+        let (set, i) = (k / TLB_SIZE, k % TLB_SIZE);
         if set < 2 {
             &mut self.e[set][i]
         } else {
@@ -80,70 +147,137 @@ impl Tlb {
         }
     }
 
-    /// Installs `v` as entry `i` of data (`fetch` false) or fetch set `user`, for a page
-    /// of 2^`shift` bytes.
+    /// Installs `v` (linear `page` onto guest-physical `phys`) in data (`fetch` false) or
+    /// fetch set `user`, in both levels.
     #[inline]
-    fn set(&mut self, fetch: bool, user: bool, i: usize, v: Entry, global: bool, shift: u8) {
+    fn set(&mut self, fetch: bool, user: bool, page: u64, v: Entry, phys: u64, meta: u8) {
         let set = (fetch as usize) << 1 | user as usize;
-        let bit = set * TLB_SIZE + i;
-        self.live[bit / 64] |= 1 << (bit % 64);
-        if shift > 12 {
-            self.big = self.big.saturating_add(1);
-        }
-        self.meta[bit] = if global { META_GLOBAL } else { 0 } | shift;
-        *self.entry(set, i) = v;
+        let j = set * FAR_SIZE + ((page >> 12) as usize & (FAR_SIZE - 1));
+        mark(&mut self.far_live, j, meta);
+        self.far[j] = Far {
+            read: v.read,
+            write: v.write,
+            exec: v.exec,
+            addend: v.addend,
+            phys,
+            meta,
+        };
+        self.set_near(
+            set * TLB_SIZE + ((page >> 12) as usize & (TLB_SIZE - 1)),
+            v,
+            meta,
+        );
     }
 
-    /// Empties every live entry for which `drop` (given the entry and its meta bits) says so.
-    fn sweep(&mut self, drop: impl Fn(&Entry, u8) -> bool) {
-        for w in 0..LIVE_WORDS {
-            let mut bits = self.live[w];
-            let mut keep = bits;
-            while bits != 0 {
-                let b = bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                let at = w * 64 + b;
-                let m = self.meta[at];
-                let e = self.entry(at / TLB_SIZE, at % TLB_SIZE);
-                if drop(e, m) {
-                    *e = EMPTY;
-                    keep &= !(1 << b);
-                }
-            }
-            self.live[w] = keep;
+    #[inline]
+    fn set_near(&mut self, k: usize, v: Entry, meta: u8) {
+        mark(&mut self.live, k, meta);
+        if meta & META_SHIFT > 12 {
+            self.big = self.big.saturating_add(1);
+        }
+        self.meta[k] = meta;
+        *self.entry(k) = v;
+    }
+
+    /// On a first-level miss: copies the second-level entry for `lin` in if it allows
+    /// `acc`, and returns the guest-physical address.
+    #[inline]
+    fn refill(&mut self, lin: u64, acc: Acc, user: bool) -> Option<u64> {
+        let set = ((acc == Acc::X) as usize) << 1 | user as usize;
+        let page = lin & PAGE_MASK;
+        let f = self.far[set * FAR_SIZE + ((lin >> 12) as usize & (FAR_SIZE - 1))];
+        let tag = match acc {
+            Acc::R => f.read,
+            Acc::W => f.write,
+            Acc::X => f.exec,
+        };
+        if tag != page {
+            return None;
+        }
+        let e = Entry {
+            read: f.read,
+            write: f.write,
+            exec: f.exec,
+            addend: f.addend,
+        };
+        self.set_near(
+            set * TLB_SIZE + ((lin >> 12) as usize & (TLB_SIZE - 1)),
+            e,
+            f.meta,
+        );
+        Some(f.phys | (lin & 0xfff))
+    }
+
+    /// Empties every non-global (and with `global`, every global) entry of both levels.
+    fn clear(&mut self, global: bool) {
+        if global {
+            self.live[BIG].fill(0);
+            self.far_live[BIG].fill(0);
+        }
+        for g in 0..=global as usize {
+            let mut near = std::mem::take(&mut self.live[g]);
+            each(&near, |k| *self.entry(k) = EMPTY);
+            near.fill(0);
+            self.live[g] = near;
+            let far = &mut self.far;
+            each(&self.far_live[g], |k| far[k] = FAR_EMPTY);
+            self.far_live[g].fill(0);
         }
     }
 
     pub fn flush_all(&mut self) {
         self.flushes_all += 1;
-        self.sweep(|_, _| true);
+        self.clear(true);
         self.big = 0;
     }
 
     pub fn flush_nonglobal(&mut self) {
         self.flushes_nonglobal += 1;
-        self.sweep(|_, m| m & META_GLOBAL == 0);
+        self.clear(false);
     }
 
     /// INVLPG: drops the translation of the page holding `va`, global or not, and of the
     /// whole large page if it is part of one.
     pub fn flush_page(&mut self, va: u64) {
         let i = ((va >> 12) as usize) & (TLB_SIZE - 1);
+        let j = ((va >> 12) as usize) & (FAR_SIZE - 1);
         let page = va & PAGE_MASK;
         for set in 0..SETS {
-            let e = self.entry(set, i);
+            let e = self.entry(set * TLB_SIZE + i);
             if e.read == page || e.write == page || e.exec == page {
                 *e = EMPTY;
             }
+            let f = &mut self.far[set * FAR_SIZE + j];
+            if f.read == page || f.write == page || f.exec == page {
+                *f = FAR_EMPTY;
+            }
         }
-        if self.big != 0 {
-            self.sweep(|e, m| {
-                let tag = [e.read, e.write, e.exec]
-                    .into_iter()
-                    .find(|&t| t != NONE)
-                    .unwrap_or(NONE);
-                let shift = m & META_SHIFT;
-                shift > 12 && tag != NONE && (tag ^ va) >> shift == 0
+        if self.big == 0 {
+            return;
+        }
+        // Any piece of the same large page, in either level.
+        let hit = |tags: [u64; 3], meta: u8| {
+            let tag = tags.into_iter().find(|&t| t != NONE).unwrap_or(NONE);
+            let shift = meta & META_SHIFT;
+            shift > 12 && tag != NONE && (tag ^ va) >> shift == 0
+        };
+        {
+            let g = BIG;
+            let near = std::mem::take(&mut self.live[g]);
+            each(&near, |k| {
+                let m = self.meta[k];
+                let e = self.entry(k);
+                if hit([e.read, e.write, e.exec], m) {
+                    *e = EMPTY;
+                }
+            });
+            self.live[g] = near;
+            let far = &mut self.far;
+            each(&self.far_live[g], |k| {
+                let f = &mut far[k];
+                if hit([f.read, f.write, f.exec], f.meta) {
+                    *f = FAR_EMPTY;
+                }
             });
         }
     }
@@ -151,19 +285,23 @@ impl Tlb {
     /// Drops write tags on the host page at `host` (it now holds decoded code, so writes to
     /// it must take the slow path); every other entry stays.
     pub fn revoke_writes(&mut self, host: u64) {
-        for user in 0..2 {
-            let mut words = [0u64; TLB_SIZE / 64];
-            words.copy_from_slice(&self.live[user * TLB_SIZE / 64..(user + 1) * TLB_SIZE / 64]);
-            for (w, mut bits) in words.into_iter().enumerate() {
-                while bits != 0 {
-                    let i = w * 64 + bits.trailing_zeros() as usize;
-                    bits &= bits - 1;
-                    let e = &mut self.e[user][i];
-                    if e.write != NONE && e.write.wrapping_add(e.addend) == host {
-                        e.write = NONE;
-                    }
+        let stale = |write: u64, addend: u64| write != NONE && write.wrapping_add(addend) == host;
+        for g in 0..2 {
+            // Data sets are sets 0 and 1: the first two sets' worth of each bitmap.
+            let far = &mut self.far;
+            each(&self.far_live[g][..2 * FAR_SIZE / 64], |k| {
+                if stale(far[k].write, far[k].addend) {
+                    far[k].write = NONE;
                 }
-            }
+            });
+            let near = std::mem::take(&mut self.live[g]);
+            each(&near[..2 * TLB_SIZE / 64], |k| {
+                let e = self.entry(k);
+                if stale(e.write, e.addend) {
+                    e.write = NONE;
+                }
+            });
+            self.live[g] = near;
         }
     }
 }
@@ -390,6 +528,12 @@ impl Cpu {
     /// Walks the page tables for `lin`, sets accessed/dirty bits and fills the TLB.
     /// Returns the physical address.
     pub fn translate(&mut self, lin: u64, acc: Acc, user: bool) -> X<u64> {
+        if self.cr0 & CR0_PG != 0 {
+            if let Some(pa) = self.tlb.refill(lin, acc, user) {
+                self.prof.tlb_refills += 1;
+                return Ok(pa);
+            }
+        }
         self.prof.tlb_fills += 1;
         let w = if self.cr0 & CR0_PG == 0 {
             let lin = if self.long_mode() {
@@ -418,7 +562,6 @@ impl Cpu {
         let Some((host, r)) = self.env.mem.host_ptr(w.phys, 0x1000) else {
             return;
         };
-        let idx = ((lin >> 12) as usize) & (TLB_SIZE - 1);
         let off = ((w.phys - r.gpa) / 0x1000) as usize;
         let has_code = r.code[off].load(std::sync::atomic::Ordering::Acquire) & 1 != 0;
         let writable = w.write && w.dirty && !r.read_only && !has_code;
@@ -441,7 +584,8 @@ impl Cpu {
                 addend,
             }
         };
-        self.tlb.set(fetch, user, idx, e, w.global, w.shift);
+        let meta = if w.global { META_GLOBAL } else { 0 } | w.shift;
+        self.tlb.set(fetch, user, page, e, w.phys, meta);
     }
 
     fn walk(&mut self, lin: u64, acc: Acc, user: bool) -> X<Walk> {

@@ -17,6 +17,8 @@ pub struct Profile {
     pub decoded_blocks: u64,
     pub decoded_insns: u64,
     pub tlb_fills: u64,
+    /// First-level TLB misses served by the second level (no page walk).
+    pub tlb_refills: u64,
     pub pio: u64,
     pub mmio: u64,
     pub interrupts: u64,
@@ -32,6 +34,10 @@ pub struct Profile {
     pub slow_lookups: u64,
     /// Blocks dispatched (interpreted or entered in translated code).
     pub dispatches: u64,
+    /// Slow lookups that missed the direct-mapped array, and blocks decoded without being
+    /// kept (fetched from MMIO or straddling a page).
+    pub fast_misses: u64,
+    pub uncached: u64,
     /// How translated code came back: through a chain slot not linked yet, through a guarded
     /// record that named another target, and with the rest of its block left to the
     /// interpreter (an instruction the JIT does not cover).
@@ -78,9 +84,9 @@ impl Profile {
         let mut out = String::new();
         out += &format!(
             "wall_s {:.3}\ninstructions {icount}\nhalted_s {:.3}\nhalts {}\ndecoded_blocks {}\n\
-             decoded_insns {}\ntlb_fills {}\npio {}\nmmio {}\ninterrupts {}\nexceptions {}\n\
+             decoded_insns {}\ntlb_fills {}\ntlb_refills {}\npio {}\nmmio {}\ninterrupts {}\nexceptions {}\n\
              jit_blocks {}\njit_insns {}\njit_side_exits {}\njit_runs {}\nslow_lookups {}\n\
-             dispatches {}\nexit_unchained {}\nexit_guarded {}\nexit_stop {}\ncode_pages {}\n\
+             dispatches {}\nfast_misses {}\nuncached {}\nexit_unchained {}\nexit_guarded {}\nexit_stop {}\ncode_pages {}\n\
              cache_clears {}\ntlb_flushes {}\ntlb_flushes_nonglobal {}\n",
             wall.as_secs_f64(),
             self.halted.as_secs_f64(),
@@ -88,6 +94,7 @@ impl Profile {
             self.decoded_blocks,
             self.decoded_insns,
             self.tlb_fills,
+            self.tlb_refills,
             self.pio,
             self.mmio,
             self.interrupts,
@@ -98,6 +105,8 @@ impl Profile {
             self.jit_runs,
             self.slow_lookups,
             self.dispatches,
+            self.fast_misses,
+            self.uncached,
             self.exit_unchained,
             self.exit_guarded,
             self.exit_stop,

@@ -560,3 +560,27 @@ fn returns_to_several_callers_in_a_hot_loop() {
     assert_eq!((r.rbx, r.rsi, r.rdi), (900, 9000, 90000));
     assert_eq!(r.rsp, STACK);
 }
+
+/// A loop body longer than a decoded block: the first block ends without a branch and its
+/// code goes on to the next block's through a chain slot.
+#[test]
+fn blocks_that_end_without_a_branch_chain_on() {
+    let prog = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(ecx, 500u32).unwrap();
+        a.set_label(&mut top).unwrap();
+        for n in 0..100u32 {
+            match n % 4 {
+                0 => a.add(rax, rcx).unwrap(),
+                1 => a.rol(rax, 7).unwrap(),
+                2 => a.xor(rbx, rax).unwrap(),
+                _ => a.lea(rdx, qword_ptr(rbx + rdx * 2 + 1)).unwrap(),
+            }
+        }
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.hlt().unwrap();
+    });
+    let r = same_as_interpreter(&prog, |_| {}, (DATA, 1));
+    assert_eq!(r.rcx, 0);
+}

@@ -179,3 +179,42 @@ fn a_page_that_becomes_code_loses_its_write_tag_and_other_entries_stay() {
         assert_eq!((r.rbx, r.rax, r.rdx), (5, 9, 49), "threshold {threshold}");
     }
 }
+
+#[test]
+fn evicted_entries_come_back_from_the_second_level_only_until_a_flush() {
+    // X and Y share a first-level slot (4 MiB apart) but not a second-level one.
+    const PT2: u64 = 0x20_5000;
+    const X: u64 = LOCAL_VA;
+    const Y: u64 = 0x4040_1000;
+    let prog = asm64(CODE, |a| {
+        a.mov(r8, qword_ptr(X)).unwrap(); // B
+        a.mov(rax, qword_ptr(Y)).unwrap(); // evicts X from the first level
+        a.mov(rax, B2 | 3).unwrap();
+        a.mov(qword_ptr(PT + 8), rax).unwrap();
+        a.mov(r9, qword_ptr(X)).unwrap(); // B: the second level still has it
+        a.mov(rax, qword_ptr(Y)).unwrap();
+        a.invlpg(qword_ptr(X)).unwrap();
+        a.mov(r10, qword_ptr(X)).unwrap(); // B2
+        a.mov(rax, B | 3).unwrap();
+        a.mov(qword_ptr(PT + 8), rax).unwrap();
+        a.mov(rax, qword_ptr(Y)).unwrap();
+        reload_cr3(a);
+        a.mov(r11, qword_ptr(X)).unwrap(); // B
+        a.hlt().unwrap();
+    });
+    for threshold in [0, 1] {
+        let ram_prep = |m: &Machine| {
+            m.ram.w64(PD1 + 16, PT2 | 3);
+            m.ram.w64(PT2 + 8, A2 | 3);
+        };
+        let mut m = machine(&prog, threshold);
+        ram_prep(&m);
+        assert_eq!(m.run(), VmExit::Halt);
+        let r = m.regs();
+        assert_eq!(
+            (r.r8, r.r9, r.r10, r.r11),
+            (B, B, B2, B),
+            "threshold {threshold}"
+        );
+    }
+}

@@ -42,8 +42,8 @@ use iced_x86::code_asm::{
 };
 use iced_x86::IcedError;
 use iced_x86::{
-    BlockEncoderOptions, Code, ConditionCode, Encoder, Instruction, InstructionInfoFactory,
-    MemoryOperand, Mnemonic as M, OpAccess, OpKind, Register, RflagsBits,
+    Code, ConditionCode, Encoder, Instruction, InstructionInfoFactory, MemoryOperand,
+    Mnemonic as M, OpAccess, OpKind, Register, RflagsBits,
 };
 use thiserror::Error;
 
@@ -520,8 +520,8 @@ struct Tr<'b> {
     /// The instruction being emitted.
     k: usize,
     buf: &'b mut CodeBuf,
-    /// Chain slots of this block and the label each points to until linked.
-    chains: Vec<(u32, CodeLabel)>,
+    /// Chain slots of this block and the instruction (index) each points to until linked.
+    chains: Vec<(u32, usize)>,
     a: &'b mut CodeAssembler,
     p: AsmRegister64,
     p_n: usize,
@@ -554,8 +554,10 @@ pub enum JitError {
 
 type R = Result<(), JitError>;
 
-/// Records per return or register-indirect branch (a power of two).
+/// Records per return or register-indirect branch, and per such branch in a thunk (powers
+/// of two).
 const WAYS: u32 = 4;
+const THUNK_WAYS: u32 = 256;
 
 const NO_SCRATCH: JitError = JitError::Limit("no scratch registers");
 
@@ -835,7 +837,7 @@ impl Tr<'_> {
             self.a
                 .add_instruction(Instruction::with1(Code::Jmp_rm64, via)?)?;
             self.a.set_label(&mut unchained)?;
-            self.chains.push((slot, unchained));
+            self.chains.push((slot, self.a.instructions().len()));
             ret |= (slot as u64) << 32;
         }
         let t = asm64(self.any(0)?);
@@ -859,6 +861,14 @@ impl Tr<'_> {
         let t = self.any(avoid)?;
         let u = self.any(avoid | 1 << t)?;
         let w = self.any(avoid | 1 << t | 1 << u)?;
+        // A block that is little more than the branch is a thunk shared by the whole guest
+        // (a kernel built with return thunks returns from every function through one RET;
+        // retpolines jump through a register the same way): it gets a large table.
+        let ways = if ways > 1 && self.ips.len() <= 3 {
+            THUNK_WAYS
+        } else {
+            ways
+        };
         let ways = if ways > 1 && !self.buf.slots_low(1 << 16) {
             ways
         } else {
@@ -883,7 +893,7 @@ impl Tr<'_> {
             self.a.mov(u, addr)?;
             if ways > 1 {
                 self.a.mov(t, vr)?;
-                self.a.shr(t, 6)?;
+                self.a.shr(t, 8)?;
                 self.a.xor(t, vr)?;
                 self.a.and(t, ways as i32 - 1)?;
                 self.a.imul_3(t, t, 40)?;
@@ -895,9 +905,7 @@ impl Tr<'_> {
             self.a.cmp(vr, qword_ptr(u + 8))?;
             self.a.jne(slow)?;
             self.a.mov(t, vr)?;
-            self.a.shr(t, 12)?;
-            self.a.and(t, TLB_SIZE as i32 - 1)?;
-            self.a.imul_3(t, t, esz)?;
+            entry_offset(self.a, t, esz)?;
             self.a.add(t, self.cpu(off_tlb_x()))?;
             self.a.mov(wr, vr)?;
             self.a.and(wr, -4096)?;
@@ -957,9 +965,7 @@ impl Tr<'_> {
         let mut retry = self.a.create_label();
         self.a.set_label(&mut retry)?;
         self.a.mov(t, ra)?;
-        self.a.shr(t, 12)?;
-        self.a.and(t, TLB_SIZE as i32 - 1)?;
-        self.a.imul_3(t, t, esz)?;
+        entry_offset(self.a, t, esz)?;
         self.a.add(t, self.cpu(off_tlb_e()))?;
         self.a.lea(u, qword_ptr(ra + (size as i32 - 1)))?;
         self.a.and(u, -4096)?;
@@ -1267,6 +1273,8 @@ impl Tr<'_> {
             _ => r,
         };
         let mut h = *i;
+        // The encoding pass reads an instruction's IP as its label (none: 0).
+        h.set_ip(0);
         for n in 0..h.op_count() {
             if h.op_kind(n) == OpKind::Register {
                 h.set_op_register(n, map(h.op_register(n)));
@@ -1359,6 +1367,20 @@ impl TryR32 for Register {
     }
 }
 
+/// Turns the address in `t` into the byte offset of its TLB entry (entries of `esz` bytes).
+fn entry_offset(a: &mut CodeAssembler, t: AsmRegister64, esz: i32) -> R {
+    if (esz as u32).is_power_of_two() && esz <= 4096 {
+        let sh = esz.trailing_zeros();
+        a.shr(t, 12 - sh)?;
+        a.and(t, (TLB_SIZE as i32 - 1) << sh)?;
+    } else {
+        a.shr(t, 12)?;
+        a.and(t, TLB_SIZE as i32 - 1)?;
+        a.imul_3(t, t, esz)?;
+    }
+    Ok(())
+}
+
 fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> R {
     let r = match cc {
         ConditionCode::o => a.jo(l),
@@ -1387,7 +1409,13 @@ fn jcc(a: &mut CodeAssembler, cc: ConditionCode, l: CodeLabel) -> R {
 struct Scratch {
     a: CodeAssembler,
     check: Encoder,
+    enc: Encoder,
     fac: InstructionInfoFactory,
+    /// Per instruction: its offset in the code; per label id: its instruction's offset.
+    offsets: Vec<u32>,
+    labels: Vec<u32>,
+    /// Branches to labels: the end of the instruction (its rel32 ends there) and the label.
+    fixups: Vec<(u32, u64)>,
 }
 
 thread_local! {
@@ -1407,10 +1435,18 @@ pub fn translate<'a>(
     SCRATCH.with(|cell| {
         let mut slot = cell.try_borrow_mut().ok()?;
         if slot.is_none() {
+            let mut a = CodeAssembler::new(64).ok()?;
+            // Branches are all rel32, so each instruction's size is known when it is encoded
+            // and one pass plus fixups places the code (see `encode`).
+            a.set_prefer_short_branch(false);
             *slot = Some(Scratch {
-                a: CodeAssembler::new(64).ok()?,
+                a,
                 check: Encoder::new(64),
+                enc: Encoder::new(64),
                 fac: InstructionInfoFactory::new(),
+                offsets: Vec::new(),
+                labels: Vec::new(),
+                fixups: Vec::new(),
             });
         }
         let sc = slot.as_mut()?;
@@ -1462,11 +1498,29 @@ fn translate_with<'a>(
     if buf.slots_low(4) {
         return None;
     }
-    let a = assemble(ins, &plans, p_n, sp, union, user, start_ip, id, buf, sc).ok()?;
-    if a.code.len() > buf.room() {
-        return None;
-    }
-    let at = buf.push(&a.code).ok()?;
+    let whole = plans.len() == ins.clone().count();
+    let a = assemble(
+        ins, &plans, whole, p_n, sp, union, user, start_ip, id, buf, sc,
+    );
+    let a = match a {
+        Ok(a) => a,
+        Err(_) => {
+            // Whatever was encoded before the failure is dropped with the buffer's contents.
+            let mut code = sc.enc.take_buffer();
+            code.clear();
+            sc.enc.set_buffer(code);
+            return None;
+        }
+    };
+    let mut code = sc.enc.take_buffer();
+    let pushed = if code.len() > buf.room() {
+        None
+    } else {
+        buf.push(&code).ok()
+    };
+    code.clear();
+    sc.enc.set_buffer(code);
+    let at = pushed?;
     let ops = a.ops;
     for (slot, ip) in a.chains {
         buf.set_slot(slot, ip);
@@ -1487,6 +1541,7 @@ fn translate_with<'a>(
 fn assemble<'a>(
     ins: impl Iterator<Item = &'a Instruction>,
     plans: &[Plan],
+    whole: bool,
     p_n: usize,
     sp: Option<usize>,
     union: u16,
@@ -1509,8 +1564,7 @@ fn assemble<'a>(
     for r in saved {
         a.push(r)?;
     }
-    let mut chain = a.create_label();
-    a.set_label(&mut chain)?;
+    let chain = a.instructions().len();
     a.mov(asm64(p_n), rdi)?;
     let head = a.create_label();
     let mut t = Tr {
@@ -1557,7 +1611,16 @@ fn assemble<'a>(
         }
     }
     if !left {
-        t.exit(k)?;
+        if whole && k as usize == plans.len() {
+            // The block ends without a branch (its length limit, a page end): go on to the
+            // next one through a chain slot like a jump would.
+            t.park()?;
+            t.store_dirty()?;
+            let next = t.ips.get(k as usize).copied().unwrap_or(0);
+            t.leave_to(next, k)?;
+        } else {
+            t.exit(k)?;
+        }
     }
     let ops = k;
     let misses = std::mem::take(&mut t.misses);
@@ -1586,24 +1649,73 @@ fn assemble<'a>(
         t.a.pop(*r)?;
     }
     t.a.ret()?;
-    let chains_l = std::mem::take(&mut t.chains);
-    let r =
-        t.a.assemble_options(ip, BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)?;
-    let chains = chains_l
-        .iter()
-        .map(|(s, l)| Ok((*s, r.label_ip(l)?)))
-        .collect::<Result<Vec<_>, IcedError>>()?;
+    let chains = std::mem::take(&mut t.chains);
+    encode(sc, ip)?;
+    let at = |n: usize| ip + sc.offsets.get(n).copied().unwrap_or(0) as u64;
     Ok(Assembled {
-        chain: r.label_ip(&chain)?,
-        code: r.inner.code_buffer,
+        chain: at(chain),
         ops,
-        chains,
+        chains: chains.iter().map(|&(s, n)| (s, at(n))).collect(),
     })
 }
 
+/// The code (in `sc.enc`'s buffer) and where its entries are.
 struct Assembled {
-    code: Vec<u8>,
     ops: u32,
     chain: u64,
     chains: Vec<(u32, u64)>,
+}
+
+/// Encodes the assembler's instructions for address `ip` into `sc.enc`'s buffer, in one
+/// pass: every branch to a label is a rel32 form (so its size does not depend on the
+/// target) and gets its displacement patched once all labels are placed. iced's
+/// BlockEncoder would do the same with an allocation per instruction.
+fn encode(sc: &mut Scratch, ip: u64) -> R {
+    sc.offsets.clear();
+    sc.fixups.clear();
+    sc.labels.clear();
+    let mut pos = 0u32;
+    for ins in sc.a.instructions() {
+        sc.offsets.push(pos);
+        let id = ins.ip();
+        if id != 0 {
+            if id > 1 << 20 {
+                return Err(JitError::Limit("instruction with an address as its label"));
+            }
+            let id = id as usize;
+            if sc.labels.len() <= id {
+                sc.labels.resize(id + 1, u32::MAX);
+            }
+            sc.labels[id] = pos;
+        }
+        let here = ip + pos as u64;
+        let len = if ins.op0_kind() == OpKind::NearBranch64 {
+            let mut b = *ins;
+            b.set_near_branch64(here);
+            let len = sc.enc.encode(&b, here)? as u32;
+            sc.fixups.push((pos + len, ins.near_branch64()));
+            len
+        } else {
+            sc.enc.encode(ins, here)? as u32
+        };
+        pos += len;
+    }
+    let mut code = sc.enc.take_buffer();
+    let mut bad = false;
+    for &(end, label) in &sc.fixups {
+        let to = sc.labels.get(label as usize).copied().unwrap_or(u32::MAX);
+        let (Some(field), false) = (
+            code.get_mut(end.saturating_sub(4) as usize..end as usize),
+            to == u32::MAX,
+        ) else {
+            bad = true;
+            continue;
+        };
+        field.copy_from_slice(&(to.wrapping_sub(end) as i32).to_le_bytes());
+    }
+    sc.enc.set_buffer(code);
+    if bad {
+        return Err(JitError::Limit("branch to an unplaced label"));
+    }
+    Ok(())
 }
