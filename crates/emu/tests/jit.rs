@@ -584,3 +584,32 @@ fn blocks_that_end_without_a_branch_chain_on() {
     let r = same_as_interpreter(&prog, |_| {}, (DATA, 1));
     assert_eq!(r.rcx, 0);
 }
+
+/// BT/BTS/BTR/BTC on memory with the bit offset in a register reach beyond the operand, in
+/// both directions (the offset is signed), for 64- and 32-bit operands.
+#[test]
+fn bit_ops_with_register_offsets_reach_the_right_words() {
+    const BITS: u64 = DATA + 0x200;
+    let prog = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.mov(rdi, BITS).unwrap();
+        a.mov(rcx, -700i64).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.bts(qword_ptr(rdi), rcx).unwrap();
+        a.adc(rbx, 0).unwrap();
+        a.lea(rdx, qword_ptr(rcx * 3 + 5)).unwrap();
+        a.btc(dword_ptr(rdi + 8), edx).unwrap();
+        a.adc(rsi, rbx).unwrap();
+        a.bt(qword_ptr(rdi - 16), rdx).unwrap();
+        a.adc(r8, 0).unwrap();
+        a.btr(dword_ptr(rdi), ecx).unwrap();
+        a.rcl(r9, 1).unwrap();
+        a.add(rcx, 13).unwrap();
+        a.cmp(rcx, 700).unwrap();
+        a.jl(top).unwrap();
+        a.hlt().unwrap();
+    });
+    // 700 bits either side of BITS, and 3 * 700 + 5 bits around BITS + 8.
+    let r = same_as_interpreter(&prog, |_| {}, (BITS - 0x200, 0x80));
+    assert!(r.rcx >= 700);
+}

@@ -287,6 +287,13 @@ fn shift_like(m: M) -> bool {
     )
 }
 
+/// BT/BTS/BTR/BTC on memory with the bit offset in a register.
+fn bit_reg(i: &Instruction) -> bool {
+    matches!(i.mnemonic(), M::Bt | M::Bts | M::Btr | M::Btc)
+        && i.op0_kind() == OpKind::Memory
+        && i.op1_kind() == OpKind::Register
+}
+
 /// The size of `i`'s first operand, register or memory.
 fn operand_size(i: &Instruction) -> usize {
     if i.op0_kind() == OpKind::Memory {
@@ -408,8 +415,9 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
             if !(1..=8).contains(&size) {
                 return None;
             }
-            // A register bit offset can reach outside the operand.
-            if matches!(m, M::Bt | M::Bts | M::Btr | M::Btc) && i.op1_kind() == OpKind::Register {
+            // A register bit offset reaches outside the operand: only the 32- and 64-bit
+            // forms, whose address `Tr::bit_address` computes.
+            if bit_reg(i) && !matches!(size, 4 | 8) {
                 return None;
             }
             let write = matches!(
@@ -1049,6 +1057,30 @@ impl Tr<'_> {
         Ok(())
     }
 
+    /// Moves `ra` to the `size`-byte operand that BT* `i`'s register offset selects and
+    /// leaves the offset within it in `b` (flags clobbered).
+    fn bit_address(&mut self, i: &Instruction, ra: usize, b: usize, size: u32) -> R {
+        let off = full_idx(i.op1_register()).ok_or(JitError::Limit("bit offset"))?;
+        let (src, b64) = (asm64(self.home(off)), asm64(b));
+        if size == 8 {
+            self.a.mov(b64, src)?;
+            self.a.sar(b64, 6)?;
+            self.a.lea(asm64(ra), qword_ptr(asm64(ra) + b64 * 8))?;
+            self.a.mov(b64, src)?;
+            self.a.and(b64, 63)?;
+        } else {
+            // The 32-bit offset is signed.
+            let b32 = get_gpr32(rename(Register::EAX, b)).unwrap_or(eax);
+            let src32 = get_gpr32(rename(Register::EAX, self.home(off))).unwrap_or(eax);
+            self.a.movsxd(b64, src32)?;
+            self.a.sar(b64, 5)?;
+            self.a.lea(asm64(ra), qword_ptr(asm64(ra) + b64 * 4))?;
+            self.a.mov(b32, src32)?;
+            self.a.and(b32, 31)?;
+        }
+        Ok(())
+    }
+
     /// Computes the guest linear address of `i`'s memory operand into `ra`.
     fn address(&mut self, i: &Instruction, ra: usize) -> R {
         let sp = self.sp;
@@ -1310,6 +1342,16 @@ impl Tr<'_> {
             return Ok(true);
         }
         let mut access = None;
+        // BT* with a register offset: the operand the offset's upper bits select, and the
+        // offset's low bits in a scratch register for the instruction itself.
+        let mut bit = None;
+        if bit_reg(i) {
+            let Some(b) = self.scratch(busy, false)? else {
+                return Ok(false);
+            };
+            h.set_op1_register(rename(i.op1_register(), b));
+            bit = Some(b);
+        }
         if let Some((size, write)) = pl.mem {
             let Some((ra, t, u)) = self.access_regs(busy, pl.high8)? else {
                 return Ok(false);
@@ -1330,6 +1372,9 @@ impl Tr<'_> {
         if let Some((ra, t, u, size, write)) = access {
             self.clobber()?;
             self.address(i, ra)?;
+            if let Some(b) = bit {
+                self.bit_address(i, ra, b, size)?;
+            }
             self.probe(ra, t, u, size, write, k)?;
         }
         if i.mnemonic() == M::Div {
