@@ -27,6 +27,7 @@ fn bench_io_blk_rows_run_and_print_json() {
         names,
         [
             "blk rand read 4K buffered",
+            "blk rand read 4K buffered pread",
             "blk rand write 4K buffered",
             "blk rand read 4K direct",
             "blk rand write 4K direct"
