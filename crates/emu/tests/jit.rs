@@ -11,21 +11,7 @@ use iced_x86::code_asm::*;
 
 /// Runs `code` at CPL 0 with the JIT translating blocks after `threshold` runs (0: off).
 fn machine(code: &[u8], threshold: u32) -> Machine {
-    let ram = Ram::new(RAM);
-    write_gdt(&ram);
-    write_page_tables(&ram);
-    ram.put(CODE, code);
-    let mut m = Machine::bare_with_jit(ram, threshold);
-    m.vcpu.set_sregs(&long_sregs(0)).unwrap();
-    m.vcpu
-        .set_regs(&Regs {
-            rip: CODE,
-            rsp: STACK,
-            rflags: 2,
-            ..Regs::default()
-        })
-        .unwrap();
-    m
+    Machine::long_prepared(code, 0, threshold, |_| {})
 }
 
 #[test]
