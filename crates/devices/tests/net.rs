@@ -78,9 +78,10 @@ fn frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// A NIC on a fresh tap named PREFIX<pid> whose RX is limited to `bytes_per_sec` (burst the
-/// same), behind a rig; None (with the reason printed) where tun or root is missing.
-fn rx_limited_rig(prefix: &str, mac: [u8; 6], bytes_per_sec: u64) -> Option<(String, Rig)> {
+/// A NIC on a fresh tap named PREFIX<pid> with `cfg` (its `tap` is set here), behind a rig, with
+/// IPv6 off on the link so no autoconf frames race the test's; None (with the reason printed)
+/// where tun or root is missing.
+fn nic_rig(prefix: &str, cfg: NetConfig) -> Option<(String, Rig)> {
     if !std::path::Path::new("/dev/net/tun").exists() {
         eprintln!("skipped: /dev/net/tun missing");
         return None;
@@ -88,13 +89,7 @@ fn rx_limited_rig(prefix: &str, mac: [u8; 6], bytes_per_sec: u64) -> Option<(Str
     let name = format!("{prefix}{}", std::process::id() % 100_000);
     let dev = match Net::new(&NetConfig {
         tap: name.clone(),
-        mac: Some(mac),
-        rx_limit: corefour_devices::virtio::rate_limiter::RateLimit {
-            bytes_per_sec,
-            bytes_burst: bytes_per_sec,
-            ..Default::default()
-        },
-        ..Default::default()
+        ..cfg
     }) {
         Ok(d) => d,
         Err(e) => {
@@ -104,6 +99,22 @@ fn rx_limited_rig(prefix: &str, mac: [u8; 6], bytes_per_sec: u64) -> Option<(Str
     };
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
     Some((name, Rig::new(Box::new(dev))))
+}
+
+/// A NIC whose RX is limited to `bytes_per_sec` (burst the same).
+fn rx_limited_rig(prefix: &str, mac: [u8; 6], bytes_per_sec: u64) -> Option<(String, Rig)> {
+    nic_rig(
+        prefix,
+        NetConfig {
+            mac: Some(mac),
+            rx_limit: corefour_devices::virtio::rate_limiter::RateLimit {
+                bytes_per_sec,
+                bytes_burst: bytes_per_sec,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
 }
 
 /// Offers `n` 2 KiB device-writable buffers on the RX queue.
@@ -126,26 +137,19 @@ fn send_frames(sock: &OwnedFd, f: &[u8], n: usize) {
 
 #[test]
 fn frames_cross_the_tap_both_ways() {
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: /dev/net/tun missing");
+    let Some((name, rig)) = nic_rig(
+        "c4vt",
+        NetConfig {
+            mac: Some([0x52, 0x54, 0, 0xc4, 0, 1]),
+            ..Default::default()
+        },
+    ) else {
         return;
-    }
-    let name = format!("c4vt{}", std::process::id() % 100_000);
-    let dev = match Net::new(&NetConfig {
-        tap: name.clone(),
-        mac: Some([0x52, 0x54, 0, 0xc4, 0, 1]),
-        ..Default::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: cannot create tap (needs root): {e}");
-            return;
-        }
     };
-    assert_eq!(dev.tap_name(), name);
-    // Keep the host stack quiet on this link (no IPv6 autoconf frames racing ours).
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    let rig = Rig::new(Box::new(dev));
+    assert!(
+        std::path::Path::new(&format!("/sys/class/net/{name}")).exists(),
+        "tap named as asked"
+    );
     let mut d = rig.driver(2, 64);
     let mut mac = [0u8; 6];
     corefour_devices::BusDevice::read(&*rig.transport, 0x100, &mut mac[..4]);
@@ -240,28 +244,19 @@ fn frames_cross_the_tap_both_ways() {
 
 #[test]
 fn tx_rate_limit_paces_frames() {
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: /dev/net/tun missing");
-        return;
-    }
-    let name = format!("c4vr{}", std::process::id() % 100_000);
-    let dev = match Net::new(&NetConfig {
-        tap: name.clone(),
-        tx_limit: corefour_devices::virtio::rate_limiter::RateLimit {
-            bytes_per_sec: 100_000,
-            bytes_burst: 100_000,
+    let Some((_, rig)) = nic_rig(
+        "c4vr",
+        NetConfig {
+            tx_limit: corefour_devices::virtio::rate_limiter::RateLimit {
+                bytes_per_sec: 100_000,
+                bytes_burst: 100_000,
+                ..Default::default()
+            },
             ..Default::default()
         },
-        ..Default::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: cannot create tap (needs root): {e}");
-            return;
-        }
+    ) else {
+        return;
     };
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(2, 256);
     let mut pkt = vec![0u8; VNET_HDR_LEN];
     pkt.extend(frame([0xff; 6], [0x06, 0xc4, 0, 0, 0, 9], &[0x11; 1486]));
@@ -291,22 +286,14 @@ fn tx_rate_limit_paces_frames() {
 
 #[test]
 fn random_tx_and_rx_chains_never_wedge_the_device() {
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: /dev/net/tun missing");
+    let Some((_, rig)) = nic_rig(
+        "c4vz",
+        NetConfig {
+            ..Default::default()
+        },
+    ) else {
         return;
-    }
-    let name = format!("c4vz{}", std::process::id() % 100_000);
-    let dev = match Net::new(&NetConfig {
-        tap: name.clone(),
-        ..Default::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: cannot create tap (needs root): {e}");
-            return;
-        }
     };
-    let rig = Rig::new(Box::new(dev));
     let mut x: u64 = 0xdead_beef_cafe_f00d;
     for round in 0..60 {
         let mut d = rig.driver(2, 1 << (1 + round % 6));
@@ -399,24 +386,15 @@ fn tx_still_works(d: &mut MmioDriver, sock: &OwnedFd, tag: u8) {
 
 #[test]
 fn hostile_chains_are_dropped_and_the_nic_keeps_working() {
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: /dev/net/tun missing");
+    let Some((name, rig)) = nic_rig(
+        "c4vh",
+        NetConfig {
+            mac: Some([0x52, 0x54, 0, 0xc4, 0, 3]),
+            ..Default::default()
+        },
+    ) else {
         return;
-    }
-    let name = format!("c4vh{}", std::process::id() % 100_000);
-    let dev = match Net::new(&NetConfig {
-        tap: name.clone(),
-        mac: Some([0x52, 0x54, 0, 0xc4, 0, 3]),
-        ..Default::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: cannot create tap (needs root): {e}");
-            return;
-        }
     };
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(2, 16);
     let sock = packet_socket(&name);
     let outside = 0x7fff_0000_0000u64;
