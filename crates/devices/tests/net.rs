@@ -78,6 +78,52 @@ fn frame(dst: [u8; 6], src: [u8; 6], payload: &[u8]) -> Vec<u8> {
     f
 }
 
+/// A NIC on a fresh tap named PREFIX<pid> whose RX is limited to `bytes_per_sec` (burst the
+/// same), behind a rig; None (with the reason printed) where tun or root is missing.
+fn rx_limited_rig(prefix: &str, mac: [u8; 6], bytes_per_sec: u64) -> Option<(String, Rig)> {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipped: /dev/net/tun missing");
+        return None;
+    }
+    let name = format!("{prefix}{}", std::process::id() % 100_000);
+    let dev = match Net::new(&NetConfig {
+        tap: name.clone(),
+        mac: Some(mac),
+        rx_limit: corefour_devices::virtio::rate_limiter::RateLimit {
+            bytes_per_sec,
+            bytes_burst: bytes_per_sec,
+            ..Default::default()
+        },
+        ..Default::default()
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: cannot create tap (needs root): {e}");
+            return None;
+        }
+    };
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    Some((name, Rig::new(Box::new(dev))))
+}
+
+/// Offers `n` 2 KiB device-writable buffers on the RX queue.
+fn post_rx_buffers(d: &mut MmioDriver, n: usize) {
+    for _ in 0..n {
+        let b = d.alloc(2048);
+        d.queue_chain(0, &[(b, 2048, true)]).unwrap();
+    }
+    d.publish(0).unwrap();
+}
+
+/// Sends frame `f` `n` times into the tap through a bound packet socket.
+fn send_frames(sock: &OwnedFd, f: &[u8], n: usize) {
+    for _ in 0..n {
+        // SAFETY: sending our buffer on a bound packet socket.
+        let sent = unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
+        assert_eq!(sent as usize, f.len());
+    }
+}
+
 #[test]
 fn frames_cross_the_tap_both_ways() {
     if !std::path::Path::new("/dev/net/tun").exists() {
@@ -487,44 +533,16 @@ fn hostile_chains_are_dropped_and_the_nic_keeps_working() {
 
 #[test]
 fn rx_rate_limit_paces_frames() {
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: /dev/net/tun missing");
-        return;
-    }
-    let name = format!("c4vq{}", std::process::id() % 100_000);
     let mac = [0x52, 0x54, 0, 0xc4, 0, 5];
-    let dev = match Net::new(&NetConfig {
-        tap: name.clone(),
-        mac: Some(mac),
-        rx_limit: corefour_devices::virtio::rate_limiter::RateLimit {
-            bytes_per_sec: 100_000,
-            bytes_burst: 100_000,
-            ..Default::default()
-        },
-        ..Default::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: cannot create tap (needs root): {e}");
-            return;
-        }
+    let Some((name, rig)) = rx_limited_rig("c4vq", mac, 100_000) else {
+        return;
     };
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(2, 256);
-    let bufs: Vec<_> = (0..200).map(|_| d.alloc(2048)).collect();
-    for b in &bufs {
-        d.queue_chain(0, &[(*b, 2048, true)]).unwrap();
-    }
-    d.publish(0).unwrap();
+    post_rx_buffers(&mut d, 200);
     let sock = packet_socket(&name);
     let f = frame(mac, [0x52, 0x54, 0, 0xc4, 0, 6], &[0x22; 1486]);
     let t0 = Instant::now();
-    for _ in 0..150 {
-        // SAFETY: sending our buffer on a bound packet socket.
-        let n = unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-        assert_eq!(n as usize, f.len());
-    }
+    send_frames(&sock, &f, 150);
     let mut ours = 0;
     while ours < 150 {
         let (_, len) = d
@@ -641,43 +659,15 @@ fn a_saved_nic_resumes_on_a_new_tap_where_it_stopped() {
 
 #[test]
 fn rx_throttle_ends_while_tx_keeps_the_device_busy() {
-    if !std::path::Path::new("/dev/net/tun").exists() {
-        eprintln!("skipped: /dev/net/tun missing");
-        return;
-    }
-    let name = format!("c4vb{}", std::process::id() % 100_000);
     let mac = [0x52, 0x54, 0, 0xc4, 0, 9];
-    let dev = match Net::new(&NetConfig {
-        tap: name.clone(),
-        mac: Some(mac),
-        rx_limit: corefour_devices::virtio::rate_limiter::RateLimit {
-            bytes_per_sec: 50_000,
-            bytes_burst: 50_000,
-            ..Default::default()
-        },
-        ..Default::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("skipped: cannot create tap (needs root): {e}");
-            return;
-        }
+    let Some((name, rig)) = rx_limited_rig("c4vb", mac, 50_000) else {
+        return;
     };
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(2, 128);
-    for _ in 0..128 {
-        let b = d.alloc(2048);
-        d.queue_chain(0, &[(b, 2048, true)]).unwrap();
-    }
-    d.publish(0).unwrap();
+    post_rx_buffers(&mut d, 128);
     let sock = packet_socket(&name);
     let f = frame(mac, [0x52, 0x54, 0, 0xc4, 0, 10], &[0x66; 986]);
-    for _ in 0..100 {
-        // SAFETY: sending our buffer on a bound packet socket.
-        let n = unsafe { libc::send(sock.as_raw_fd(), f.as_ptr().cast(), f.len(), 0) };
-        assert_eq!(n as usize, f.len());
-    }
+    send_frames(&sock, &f, 100);
     // TX without pause while the 100 kB of RX frames come in: 50 kB at once, the rest at
     // 50 kB/s. The TX stream keeps the worker polling, away from its timer.
     let mut pkt = vec![0u8; VNET_HDR_LEN];

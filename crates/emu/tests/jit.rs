@@ -11,21 +11,7 @@ use iced_x86::code_asm::*;
 
 /// Runs `code` at CPL 0 with the JIT translating blocks after `threshold` runs (0: off).
 fn machine(code: &[u8], threshold: u32) -> Machine {
-    let ram = Ram::new(RAM);
-    write_gdt(&ram);
-    write_page_tables(&ram);
-    ram.put(CODE, code);
-    let mut m = Machine::bare_with_jit(ram, threshold);
-    m.vcpu.set_sregs(&long_sregs(0)).unwrap();
-    m.vcpu
-        .set_regs(&Regs {
-            rip: CODE,
-            rsp: STACK,
-            rflags: 2,
-            ..Regs::default()
-        })
-        .unwrap();
-    m
+    Machine::long_prepared(code, 0, threshold, |_| {})
 }
 
 #[test]
@@ -612,4 +598,30 @@ fn bit_ops_with_register_offsets_reach_the_right_words() {
     // 700 bits either side of BITS, and 3 * 700 + 5 bits around BITS + 8.
     let r = same_as_interpreter(&prog, |_| {}, (BITS - 0x200, 0x80));
     assert!(r.rcx >= 700);
+}
+
+/// PUSHFQ in translated code pushes the arithmetic flags the code computed with the rest of
+/// RFLAGS (here DF, set by the interpreter) as the vCPU holds it.
+#[test]
+fn pushfq_pushes_live_flags_and_the_vcpus_other_bits() {
+    let prog = asm64(CODE, |a| {
+        let mut top = a.create_label();
+        a.std().unwrap();
+        a.mov(ecx, 300u32).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.mov(rax, rcx).unwrap();
+        a.shl(rax, 62).unwrap();
+        a.add(rax, rcx).unwrap();
+        a.pushfq().unwrap();
+        a.pop(rdx).unwrap();
+        a.add(rbx, rdx).unwrap();
+        a.xor(rsi, rdx).unwrap();
+        a.rol(rsi, 3).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(top).unwrap();
+        a.cld().unwrap();
+        a.hlt().unwrap();
+    });
+    let r = same_as_interpreter(&prog, |_| {}, (STACK - 8, 1));
+    assert_ne!(r.rdx & 0x400, 0, "DF pushed");
 }

@@ -6,25 +6,11 @@
 mod common;
 
 use common::*;
-use corefour_hypervisor::{Regs, VmExit};
+use corefour_hypervisor::VmExit;
 use iced_x86::code_asm::*;
 
 fn run(code: &[u8], prep: impl Fn(&Ram)) -> Machine {
-    let ram = Ram::new(RAM);
-    write_gdt(&ram);
-    write_page_tables(&ram);
-    ram.put(CODE, code);
-    prep(&ram);
-    let mut m = Machine::bare(ram);
-    m.vcpu.set_sregs(&long_sregs(0)).unwrap();
-    m.vcpu
-        .set_regs(&Regs {
-            rip: CODE,
-            rsp: STACK,
-            rflags: 2,
-            ..Regs::default()
-        })
-        .unwrap();
+    let mut m = Machine::long_prepared(code, 0, jit_threshold(), prep);
     assert_eq!(m.run(), VmExit::Halt);
     m
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use corefour_hypervisor::{Regs, VmExit};
+use corefour_hypervisor::VmExit;
 use iced_x86::code_asm::*;
 
 /// The page directory for linear 1 GiB .. 1 GiB + 1 GiB (see `write_page_tables`).
@@ -24,29 +24,16 @@ const B2: u64 = 0x20_4000;
 const G: u64 = 1 << 8;
 
 fn machine(code: &[u8], threshold: u32) -> Machine {
-    let ram = Ram::new(RAM);
-    write_gdt(&ram);
-    write_page_tables(&ram);
-    ram.put(CODE, code);
-    ram.w64(PD1, PT | 3);
-    ram.w64(PT, A | 3 | G);
-    ram.w64(PT + 8, B | 3);
-    // A global 2 MiB page at BIG_VA onto physical 0 (later moved to 2 MiB).
-    ram.w64(PD1 + 8, 0x83 | G);
-    for p in [A, A2, B, B2, 0x18_0000, 0x38_0000] {
-        ram.w64(p, p);
-    }
-    let mut m = Machine::bare_with_jit(ram, threshold);
-    m.vcpu.set_sregs(&long_sregs(0)).unwrap();
-    m.vcpu
-        .set_regs(&Regs {
-            rip: CODE,
-            rsp: STACK,
-            rflags: 2,
-            ..Regs::default()
-        })
-        .unwrap();
-    m
+    Machine::long_prepared(code, 0, threshold, |ram| {
+        ram.w64(PD1, PT | 3);
+        ram.w64(PT, A | 3 | G);
+        ram.w64(PT + 8, B | 3);
+        // A global 2 MiB page at BIG_VA onto physical 0 (later moved to 2 MiB).
+        ram.w64(PD1 + 8, 0x83 | G);
+        for p in [A, A2, B, B2, 0x18_0000, 0x38_0000] {
+            ram.w64(p, p);
+        }
+    })
 }
 
 fn reload_cr3(a: &mut CodeAssembler) {

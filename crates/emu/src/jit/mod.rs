@@ -165,6 +165,10 @@ fn off_rip() -> i32 {
     std::mem::offset_of!(Cpu, rip) as i32
 }
 
+fn off_rflags() -> i32 {
+    std::mem::offset_of!(Cpu, rflags) as i32
+}
+
 fn off_flags() -> i32 {
     std::mem::offset_of!(Cpu, jit_flags) as i32
 }
@@ -351,6 +355,8 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
         {
             Kind::Push
         }
+        // RFLAGS is the vCPU's with the arithmetic flags from the code (see `Tr::emit_kind`).
+        M::Pushfq if i.code() == Code::Pushfq => Kind::Push,
         M::Pop if i.code() == Code::Pop_r64 && i.op0_register() != Register::RSP => Kind::Pop,
         M::Lea if matches!(i.op0_register().size(), 4 | 8) => Kind::Lea,
         _ if generic_ok(m) => Kind::Generic,
@@ -813,10 +819,14 @@ impl Tr<'_> {
     /// Ends the block's pass at a branch to `target` with `n` retired. A branch back to the
     /// block's own start loops inside the code, and a branch elsewhere jumps through a chain
     /// slot (to the successor's code once the vCPU links it), both until the next
-    /// timer/interrupt poll is due. Flags must be parked and registers stored.
+    /// timer/interrupt poll is due. Flags must be parked; dirty registers are stored here
+    /// (a loop keeps them in host registers, dirty as the head expects).
     fn leave_to(&mut self, target: u64, n: u32) -> R {
         self.retire(n)?;
         let mut ret = n as u64;
+        if target != self.start_ip {
+            self.store_dirty()?;
+        }
         if (target ^ self.start_ip) >= 0x1000 {
             // Another page: only through a guarded record (mapping and version checked).
             let v = self.any(0)?;
@@ -832,6 +842,8 @@ impl Tr<'_> {
             self.a.cmp(t, self.cpu(off_poll_at()))?;
             self.a.pop(t)?;
             self.a.jb(self.head)?;
+            // The poll is due: the loop leaves here.
+            self.store_dirty()?;
         } else if let Some((slot, addr)) = self.buf.slot() {
             let t = asm64(self.any(1 << 7)?);
             let mut unchained = self.a.create_label();
@@ -1182,7 +1194,6 @@ impl Tr<'_> {
             Kind::Generic | Kind::Lea => self.generic(i, pl, k, busy, enc),
             Kind::Jmp => {
                 self.park()?;
-                self.store_dirty()?;
                 self.leave_to(i.near_branch_target(), k + 1)?;
                 Ok(true)
             }
@@ -1197,9 +1208,8 @@ impl Tr<'_> {
             }
             Kind::Jcc => {
                 self.unpark()?;
-                // Both paths leave the block: park the flags and store once, before branching.
+                // Both paths leave the block: park the flags once, before branching.
                 self.park()?;
-                self.store_dirty()?;
                 let at = self.s;
                 let taken = self.a.create_label();
                 jcc(self.a, i.condition_code(), taken)?;
@@ -1237,6 +1247,15 @@ impl Tr<'_> {
                     // PUSH RSP pushes the value before the push.
                     let n = full_idx(i.op0_register()).unwrap_or(0);
                     self.a.mov(at, asm64(self.home(n)))?;
+                } else if i.code() == Code::Pushfq {
+                    // Flags are parked (before the probe); RF and VM read as clear.
+                    let keep = !(crate::flags::ARITH | crate::flags::RF | crate::flags::VM);
+                    self.a.mov(asm64(t), self.cpu(off_rflags()))?;
+                    self.a.and(asm64(t), keep as i64 as i32)?;
+                    self.a.mov(asm64(u), self.cpu(off_flags()))?;
+                    self.a.and(asm64(u), crate::flags::ARITH as i32)?;
+                    self.a.or(asm64(t), asm64(u))?;
+                    self.a.mov(at, asm64(t))?;
                 } else {
                     let v = if pl.kind == Kind::Push {
                         i.immediate(0)
@@ -1637,7 +1656,12 @@ fn assemble<'a>(
         epi,
     };
     if loops {
+        // The head's state, which every pass back to it reaches again: all registers
+        // loaded, the ones the block writes dirty (on the first pass they are merely
+        // stored again at an exit).
         t.ensure_all(t.cached())?;
+        let written = plans.iter().fold(0, |m, p| m | p.written) & t.cached();
+        t.dirty(written);
     }
     let mut head = t.head;
     t.a.set_label(&mut head)?;

@@ -252,12 +252,18 @@ pub struct Machine {
 impl Machine {
     /// A long-mode machine with `code` at CODE, at CPL `cpl`.
     pub fn long(code: &[u8], cpl: u8) -> Machine {
+        Machine::long_prepared(code, cpl, jit_threshold(), |_| {})
+    }
+
+    /// A long-mode machine with `code` at CODE, at CPL `cpl`, the JIT translating blocks after
+    /// `threshold` runs (0: off), and `prep` run on the RAM before the vCPU starts.
+    pub fn long_prepared(code: &[u8], cpl: u8, threshold: u32, prep: impl FnOnce(&Ram)) -> Machine {
         let ram = Ram::new(RAM);
         write_gdt(&ram);
         write_page_tables(&ram);
         ram.put(CODE, code);
-        let m = Machine::bare(ram);
-        let mut m = m;
+        prep(&ram);
+        let mut m = Machine::bare_with_jit(ram, threshold);
         m.vcpu.set_sregs(&long_sregs(cpl)).unwrap();
         m.vcpu
             .set_regs(&Regs {
