@@ -496,7 +496,10 @@ impl Cpu {
     ) -> X<u64> {
         let user = self.cpl == 3;
         if lin & (size as u64 - 1) == 0 {
-            if let Some((p, pa)) = self.rmw_host(lin, size, user)? {
+            if let Some((p, pa)) = self
+                .rmw_host(lin, size, user)?
+                .filter(|(p, _)| (*p as usize) & (size - 1) == 0)
+            {
                 // SAFETY: `p .. p+size` is naturally aligned inside a writable RAM mapping
                 // that lives as long as `self.env.mem`; other vCPUs access it only through
                 // plain or atomic loads and stores of the same memory.
@@ -519,6 +522,54 @@ impl Cpu {
         let old = self.read_as(lin, size, user)?;
         let new = f(old).unwrap_or(old);
         self.write_as(lin, size, new, user)?;
+        Ok(old)
+    }
+
+    /// LOCK CMPXCHG16B at 16-byte aligned linear `lin`: stores `new` if the value is `cmp`.
+    /// Returns the old value. In RAM it is the host's own CMPXCHG16B (atomic against the other
+    /// vCPUs' plain stores too); elsewhere it serialises on the VM's lock.
+    pub fn locked_cmpxchg16(&mut self, lin: u64, cmp: u128, new: u128) -> X<u128> {
+        let user = self.cpl == 3;
+        #[cfg(target_arch = "x86_64")]
+        if let Some((p, pa)) = self
+            .rmw_host(lin, 16, user)?
+            .filter(|(p, _)| (*p as usize) & 15 == 0)
+        {
+            // SAFETY: 16-byte aligned (checked by the caller), inside one writable RAM
+            // mapping (`rmw_host`); every x86-64 host this JIT-ing emulator runs on has
+            // CMPXCHG16B. RBX is LLVM's: the new low half is swapped in and back around it.
+            let (old, ok) = unsafe {
+                let (lo, hi): (u64, u64);
+                let ok: u8;
+                std::arch::asm!(
+                    "xchg {nlo}, rbx",
+                    "lock cmpxchg16b xmmword ptr [{p}]",
+                    "sete {ok}",
+                    "mov rbx, {nlo}",
+                    p = in(reg) p,
+                    nlo = inout(reg) new as u64 => _,
+                    ok = out(reg_byte) ok,
+                    inout("rax") cmp as u64 => lo,
+                    inout("rdx") (cmp >> 64) as u64 => hi,
+                    in("rcx") (new >> 64) as u64,
+                    options(nostack),
+                );
+                (lo as u128 | (hi as u128) << 64, ok != 0)
+            };
+            if let (true, Some(pa)) = (ok, pa) {
+                if let Some((_, r)) = self.env.mem.host_ptr(pa, 16) {
+                    if r.note_write(pa) {
+                        self.brk = true;
+                    }
+                }
+            }
+            return Ok(old);
+        }
+        let vm = self.env.vm.clone();
+        let _g = vm.locked();
+        self.translate(lin, Acc::W, user)?;
+        let old = self.read128(lin)?;
+        self.write128(lin, if old == cmp { new } else { old })?;
         Ok(old)
     }
 

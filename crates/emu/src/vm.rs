@@ -86,7 +86,7 @@ impl Shared {
     }
 
     /// Serialises the LOCKed updates no host atomic can do (split or misaligned operands,
-    /// MMIO, CMPXCHG16B); the rest are host compare-and-swaps (`Cpu::locked_rmw`).
+    /// MMIO); the rest are host atomics (`Cpu::locked_rmw`, `Cpu::locked_cmpxchg16`).
     pub fn locked(&self) -> MutexGuard<'_, ()> {
         self.atomic.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -27,9 +27,12 @@ const VERDICT: u64 = DATA + 0xc0;
 const SHARED: u64 = DATA + 0x100;
 /// A dword whose bit 0 vCPU 0 flips with LOCK BTS/BTR while vCPU 1 stores its byte 2.
 const BITS: u64 = DATA + 0x140;
+/// 16 aligned bytes vCPU 0 swaps with CMPXCHG16B while vCPU 1 stores their byte 10.
+const PAIR: u64 = DATA + 0x180;
 const CODE1: u64 = CODE + 0x1000;
 
-/// vCPU 0: waits for vCPU 1, then LOCK ADD / XADD / BTS / BTR / CMPXCHG / XCHG in a loop.
+/// vCPU 0: waits for vCPU 1, then LOCK ADD / OR / AND / XOR / INC / DEC / XADD / BTS / BTR /
+/// CMPXCHG / CMPXCHG16B in a loop.
 fn code0() -> Vec<u8> {
     asm64(CODE, |a| {
         let mut wait = a.create_label();
@@ -38,7 +41,7 @@ fn code0() -> Vec<u8> {
         a.pause().unwrap();
         a.cmp(dword_ptr(STARTED), 0).unwrap();
         a.je(wait).unwrap();
-        a.mov(ecx, ITERS).unwrap();
+        a.mov(r8d, ITERS).unwrap();
         a.set_label(&mut lp).unwrap();
         a.lock().add(dword_ptr(WORD), 1).unwrap();
         // Updates that leave the value as it is still write it back.
@@ -55,14 +58,21 @@ fn code0() -> Vec<u8> {
         a.mov(eax, 0x8000_0000u32).unwrap();
         a.mov(edx, 0).unwrap();
         a.lock().cmpxchg(dword_ptr(BITS), edx).unwrap();
-        a.dec(ecx).unwrap();
+        // CMPXCHG16B of the pair with itself: it succeeds or fails, and writes nothing stale.
+        a.mov(rax, qword_ptr(PAIR)).unwrap();
+        a.mov(rdx, qword_ptr(PAIR + 8)).unwrap();
+        a.mov(rbx, rax).unwrap();
+        a.mov(rcx, rdx).unwrap();
+        a.lock().cmpxchg16b(xmmword_ptr(PAIR)).unwrap();
+        a.dec(r8d).unwrap();
         a.jnz(lp).unwrap();
         a.mov(dword_ptr(DONE), 1).unwrap();
         a.hlt().unwrap();
     })
 }
 
-/// vCPU 1: stores a running count into byte 3 of WORD and byte 2 of BITS with plain MOVs and
+/// vCPU 1: stores a running count into byte 3 of WORD, byte 2 of BITS and byte 10 of PAIR with
+/// plain MOVs and
 /// checks before each store that the last one is still there; LOCK XADD on SHARED too.
 fn code1() -> Vec<u8> {
     asm64(CODE1, |a| {
@@ -79,7 +89,11 @@ fn code1() -> Vec<u8> {
         a.movzx(eax, byte_ptr(BITS + 2)).unwrap();
         a.cmp(al, cl).unwrap();
         a.jne(bad).unwrap();
+        a.movzx(eax, byte_ptr(PAIR + 10)).unwrap();
+        a.cmp(al, cl).unwrap();
+        a.jne(bad).unwrap();
         a.inc(cl).unwrap();
+        a.mov(byte_ptr(PAIR + 10), cl).unwrap();
         a.mov(byte_ptr(WORD + 3), cl).unwrap();
         a.mov(byte_ptr(BITS + 2), cl).unwrap();
         a.mov(eax, 1).unwrap();
@@ -154,9 +168,11 @@ fn run_pair(threshold: u32) {
     assert_eq!(
         r32(VERDICT),
         1,
-        "a locked update on vCPU 0 wrote back a stale copy of vCPU 1's plain store \
-         (byte 3 of the word is {:#x}, vCPU 1 had stored {stores} times)",
-        r32(WORD) >> 24
+        "a locked update on vCPU 0 wrote back a stale copy of vCPU 1's plain store (vCPU 1 \
+         stored {stores} times; bytes now: word {:#x}, bits {:#x}, pair {:#x})",
+        r32(WORD) >> 24,
+        (r32(BITS) >> 16) & 0xff,
+        (ram.r64(PAIR + 8) >> 16) & 0xff
     );
     assert_eq!(r32(WORD) & 0xffff, ITERS as u64, "LOCK ADD lost updates");
     assert_eq!(

@@ -647,21 +647,14 @@ impl Cpu {
             if a & 15 != 0 {
                 return gp(0);
             }
-            // Serialised against other locked 16-byte updates only (no 128-bit host atomic
-            // in stable Rust); Linux pairs CMPXCHG16B with itself.
-            let vm = self.env.vm.clone();
-            let _g = vm.locked();
-            let lo = self.read(a, 8)?;
-            let hi = self.read(a + 8, 8)?;
-            if lo == self.gpr[0] && hi == self.gpr[2] {
-                self.write(a, 8, self.gpr[3])?;
-                self.write(a + 8, 8, self.gpr[1])?;
+            let cmp = self.gpr[0] as u128 | (self.gpr[2] as u128) << 64;
+            let n = self.gpr[3] as u128 | (self.gpr[1] as u128) << 64;
+            let old = self.locked_cmpxchg16(a, cmp, n)?;
+            if old == cmp {
                 self.rflags = f | flags::ZF;
             } else {
-                self.write(a, 8, lo)?;
-                self.write(a + 8, 8, hi)?;
-                self.gpr[0] = lo;
-                self.gpr[2] = hi;
+                self.gpr[0] = old as u64;
+                self.gpr[2] = (old >> 64) as u64;
                 self.rflags = f & !flags::ZF;
             }
         } else {
