@@ -79,3 +79,50 @@ fn debian_kernel_boots_to_the_marker_and_powers_off_on_emu() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// Two vCPUs: the AP starts through INIT/SIPI and both run the kernel's cross-CPU handshakes
+/// (queued spinlocks, IPIs, TSC sync). A locked update that was not atomic against the other
+/// vCPU's plain stores used to livelock about every second boot in the spinlock slow path.
+#[test]
+fn debian_kernel_boots_with_two_vcpus_on_emu() {
+    let (k, initrd) = match fixture() {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("SKIP: cannot prepare the Debian kernel and initramfs: {e}");
+            return;
+        }
+    };
+    let o = Command::new(env!("CARGO_BIN_EXE_corefour"))
+        .args([
+            "vmm",
+            "--backend",
+            "emu",
+            "--vcpus",
+            "2",
+            "--memory",
+            "256M",
+            "--timeout",
+            "90s",
+        ])
+        .arg("--kernel")
+        .arg(&k)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", "console=ttyS0 panic=-1"])
+        .output()
+        .expect("run corefour vmm");
+    let out = String::from_utf8_lossy(&o.stdout);
+    let tail = &out[out.len().saturating_sub(4000)..];
+    assert!(
+        out.contains("smp: Brought up 1 node, 2 CPUs"),
+        "the second vCPU did not come up:\n{tail}"
+    );
+    assert!(!out.contains("Kernel panic"), "kernel panic:\n{out}");
+    assert!(out.contains(MARKER), "no marker from /init:\n{tail}");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "no clean power-off: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

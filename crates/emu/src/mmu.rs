@@ -366,6 +366,44 @@ unsafe fn store(p: *mut u8, size: usize, v: u64) {
     }
 }
 
+/// Compare-and-swap loop of `f` on the `size`-byte value at `p`: (old value, stored).
+///
+/// # Safety
+/// `p .. p+size` must be naturally aligned, writable memory valid for the call.
+unsafe fn atomic_update(
+    p: *mut u8,
+    size: usize,
+    f: &mut impl FnMut(u64) -> Option<u64>,
+) -> (u64, bool) {
+    use std::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering::SeqCst};
+    macro_rules! cas {
+        ($a:ty, $t:ty) => {{
+            // SAFETY: the caller guarantees alignment and validity for `size` bytes.
+            let a = unsafe { &*(p as *const $a) };
+            let mut cur = a.load(SeqCst);
+            loop {
+                match f(cur as u64) {
+                    None => {
+                        // A locked instruction is a full barrier even when it writes nothing.
+                        fence(SeqCst);
+                        return (cur as u64, false);
+                    }
+                    Some(n) => match a.compare_exchange_weak(cur, n as $t, SeqCst, SeqCst) {
+                        Ok(_) => return (cur as u64, true),
+                        Err(c) => cur = c,
+                    },
+                }
+            }
+        }};
+    }
+    match size {
+        1 => cas!(AtomicU8, u8),
+        2 => cas!(AtomicU16, u16),
+        4 => cas!(AtomicU32, u32),
+        _ => cas!(AtomicU64, u64),
+    }
+}
+
 impl Cpu {
     /// Reads `size` (1, 2, 4, 8) bytes at linear `lin` with the current privilege.
     #[inline(always)]
@@ -440,6 +478,113 @@ impl Cpu {
         let pa = self.translate(lin, Acc::W, user)?;
         self.phys_write(pa, size, v);
         Ok(())
+    }
+
+    /// A LOCKed read-modify-write of `size` (1, 2, 4, 8) bytes at linear `lin` with the
+    /// current privilege: `f` maps the old value to the new one (None leaves memory as it
+    /// is, as a failed CMPXCHG). Returns the old value; `f` may be called more than once.
+    ///
+    /// Naturally aligned RAM operands use a host compare-and-swap, so the update is atomic
+    /// against every other vCPU's access, plain stores included (a spinlock's release is a
+    /// plain MOV: a read-then-write under a lock only other locked instructions take loses
+    /// that store). Split or misaligned operands and MMIO serialise on the VM's lock.
+    pub fn locked_rmw(
+        &mut self,
+        lin: u64,
+        size: usize,
+        mut f: impl FnMut(u64) -> Option<u64>,
+    ) -> X<u64> {
+        let user = self.cpl == 3;
+        if lin & (size as u64 - 1) == 0 {
+            if let Some((p, pa)) = self
+                .rmw_host(lin, size, user)?
+                .filter(|(p, _)| (*p as usize) & (size - 1) == 0)
+            {
+                // SAFETY: `p .. p+size` is naturally aligned inside a writable RAM mapping
+                // that lives as long as `self.env.mem`; other vCPUs access it only through
+                // plain or atomic loads and stores of the same memory.
+                let (old, stored) = unsafe { atomic_update(p, size, &mut f) };
+                if let (true, Some(pa)) = (stored, pa) {
+                    if let Some((_, r)) = self.env.mem.host_ptr(pa, size as u64) {
+                        if r.note_write(pa) {
+                            self.brk = true;
+                        }
+                    }
+                }
+                return Ok(old);
+            }
+        }
+        let vm = self.env.vm.clone();
+        let _g = vm.locked();
+        // Both ends must be writable before anything is read: a locked cycle always writes.
+        self.translate(lin, Acc::W, user)?;
+        self.translate(lin.wrapping_add(size as u64 - 1), Acc::W, user)?;
+        let old = self.read_as(lin, size, user)?;
+        let new = f(old).unwrap_or(old);
+        self.write_as(lin, size, new, user)?;
+        Ok(old)
+    }
+
+    /// LOCK CMPXCHG16B at 16-byte aligned linear `lin`: stores `new` if the value is `cmp`.
+    /// Returns the old value. In RAM it is the host's own CMPXCHG16B (atomic against the other
+    /// vCPUs' plain stores too); elsewhere it serialises on the VM's lock.
+    pub fn locked_cmpxchg16(&mut self, lin: u64, cmp: u128, new: u128) -> X<u128> {
+        let user = self.cpl == 3;
+        #[cfg(target_arch = "x86_64")]
+        if let Some((p, pa)) = self
+            .rmw_host(lin, 16, user)?
+            .filter(|(p, _)| (*p as usize) & 15 == 0)
+        {
+            // SAFETY: 16-byte aligned (checked by the caller), inside one writable RAM
+            // mapping (`rmw_host`); every x86-64 host this JIT-ing emulator runs on has
+            // CMPXCHG16B. RBX is LLVM's: the new low half is swapped in and back around it.
+            let (old, ok) = unsafe {
+                let (lo, hi): (u64, u64);
+                let ok: u8;
+                std::arch::asm!(
+                    "xchg {nlo}, rbx",
+                    "lock cmpxchg16b xmmword ptr [{p}]",
+                    "sete {ok}",
+                    "mov rbx, {nlo}",
+                    p = in(reg) p,
+                    nlo = inout(reg) new as u64 => _,
+                    ok = out(reg_byte) ok,
+                    inout("rax") cmp as u64 => lo,
+                    inout("rdx") (cmp >> 64) as u64 => hi,
+                    in("rcx") (new >> 64) as u64,
+                    options(nostack),
+                );
+                (lo as u128 | (hi as u128) << 64, ok != 0)
+            };
+            if let (true, Some(pa)) = (ok, pa) {
+                if let Some((_, r)) = self.env.mem.host_ptr(pa, 16) {
+                    if r.note_write(pa) {
+                        self.brk = true;
+                    }
+                }
+            }
+            return Ok(old);
+        }
+        let vm = self.env.vm.clone();
+        let _g = vm.locked();
+        self.translate(lin, Acc::W, user)?;
+        let old = self.read128(lin)?;
+        self.write128(lin, if old == cmp { new } else { old })?;
+        Ok(old)
+    }
+
+    /// The host address for a locked access at `lin` if it is writable RAM, and its physical
+    /// address when the write must be noted (code pages and the dirty log have no write tag).
+    fn rmw_host(&mut self, lin: u64, size: usize, user: bool) -> X<Option<(*mut u8, Option<u64>)>> {
+        let e = &self.tlb.e[user as usize][((lin >> 12) as usize) & (TLB_SIZE - 1)];
+        if e.write == lin & PAGE_MASK {
+            return Ok(Some((lin.wrapping_add(e.addend) as *mut u8, None)));
+        }
+        let pa = self.translate(lin, Acc::W, user)?;
+        Ok(match self.env.mem.host_ptr(pa, size as u64) {
+            Some((p, r)) if !r.read_only => Some((p, Some(pa))),
+            _ => None,
+        })
     }
 
     /// 16 bytes, for SSE moves and FXSAVE.

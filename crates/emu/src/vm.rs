@@ -85,7 +85,8 @@ impl Shared {
         self.epoch.fetch_add(1, Ordering::AcqRel) + 1
     }
 
-    /// Serialises LOCK-prefixed read-modify-write instructions across vCPUs.
+    /// Serialises the LOCKed updates no host atomic can do (split or misaligned operands,
+    /// MMIO); the rest are host atomics (`Cpu::locked_rmw`, `Cpu::locked_cmpxchg16`).
     pub fn locked(&self) -> MutexGuard<'_, ()> {
         self.atomic.lock().unwrap_or_else(|e| e.into_inner())
     }

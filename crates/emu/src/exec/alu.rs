@@ -85,9 +85,10 @@ impl Cpu {
         let bits = size * 8;
         let mask = szmask(size);
         let mem = i.op_kind(0) == OpKind::Memory;
-        let vm = self.env.vm.clone();
-        let _g = (mem && i.has_lock_prefix()).then(|| vm.locked());
         let addr = if mem { self.ea(i) } else { 0 };
+        if mem && i.has_lock_prefix() && m != M::Cmp && m != M::Test {
+            return self.alu2_locked(i, m, addr, size);
+        }
         let a = if mem {
             self.read(addr, size as usize)?
         } else {
@@ -135,6 +136,43 @@ impl Cpu {
         self.alu_store(i, mem, addr, size, r)
     }
 
+    /// LOCK ADD/SUB/AND/OR/XOR/ADC/SBB on memory: one atomic update, flags from its old value.
+    fn alu2_locked(&mut self, i: &Instruction, m: M, addr: u64, size: u32) -> X<()> {
+        let bits = size * 8;
+        let mask = szmask(size);
+        let b = self.rd_op(i, 1)? & mask;
+        let c = self.cf();
+        let calc = move |a: u64| {
+            (match m {
+                M::Add => a.wrapping_add(b),
+                M::Sub => a.wrapping_sub(b),
+                M::And => a & b,
+                M::Or => a | b,
+                M::Xor => a ^ b,
+                M::Adc => a.wrapping_add(b).wrapping_add(c as u64),
+                _ => a.wrapping_sub(b).wrapping_sub(c as u64),
+            }) & mask
+        };
+        let a = self.locked_rmw(addr, size as usize, |a| Some(calc(a)))?;
+        let r = calc(a);
+        match m {
+            M::Add => self.set_flags_lazy(Op::Add, bits, a, b, r),
+            M::Sub => self.set_flags_lazy(Op::Sub, bits, a, b, r),
+            M::And | M::Or | M::Xor => self.set_flags_lazy(Op::Logic, bits, a, b, r),
+            _ => {
+                self.lazy = flags::Lazy {
+                    op: if m == M::Adc { Op::Adc } else { Op::Sbb },
+                    bits,
+                    a,
+                    b,
+                    r,
+                    c,
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[inline]
     fn alu_store(&mut self, i: &Instruction, mem: bool, addr: u64, size: u32, r: u64) -> X<()> {
         if mem {
@@ -150,10 +188,19 @@ impl Cpu {
         let bits = size * 8;
         let mask = szmask(size);
         let mem = i.op_kind(0) == OpKind::Memory;
-        let vm = self.env.vm.clone();
-        let _g = (mem && i.has_lock_prefix()).then(|| vm.locked());
         let addr = if mem { self.ea(i) } else { 0 };
-        let a = if mem {
+        let locked = mem && i.has_lock_prefix();
+        let calc = move |a: u64| {
+            (match m {
+                M::Inc => a.wrapping_add(1),
+                M::Dec => a.wrapping_sub(1),
+                M::Neg => 0u64.wrapping_sub(a),
+                _ => !a,
+            }) & mask
+        };
+        let a = if locked {
+            self.locked_rmw(addr, size as usize, |a| Some(calc(a)))?
+        } else if mem {
             self.read(addr, size as usize)?
         } else {
             self.rreg(i.op_register(0))
@@ -183,6 +230,10 @@ impl Cpu {
             }
             _ => !a & mask,
         };
+        debug_assert_eq!(r, calc(a));
+        if locked {
+            return Ok(());
+        }
         self.alu_store(i, mem, addr, size, r)
     }
 
@@ -482,6 +533,18 @@ impl Cpu {
             } else {
                 off & (bits - 1)
             };
+            if i.has_lock_prefix() && m != M::Bt {
+                let mask = 1u64 << bit;
+                let v = self.locked_rmw(a, size as usize, |v| {
+                    Some(match m {
+                        M::Bts => v | mask,
+                        M::Btr => v & !mask,
+                        _ => v ^ mask,
+                    })
+                })?;
+                self.rflags = (f & !flags::CF) | ((v >> bit) & 1);
+                return Ok(());
+            }
             (Some(a), self.read(a, size as usize)?, bit)
         } else {
             (None, self.rreg(i.op_register(0)), off & (bits - 1))
@@ -524,10 +587,17 @@ impl Cpu {
 
     fn xadd(&mut self, i: &Instruction) -> X<()> {
         let size = op_size(i, 0);
-        let vm = self.env.vm.clone();
-        let _g = vm.locked();
-        let a = self.rd_op(i, 0)?;
         let b = self.rreg(i.op_register(1));
+        if i.op_kind(0) == OpKind::Memory {
+            let mask = szmask(size);
+            let addr = self.ea(i);
+            let a = self.locked_rmw(addr, size as usize, |a| Some(a.wrapping_add(b) & mask))?;
+            let r = a.wrapping_add(b) & mask;
+            self.wreg(i.op_register(1), a);
+            self.set_flags_lazy(Op::Add, size * 8, a, b, r);
+            return Ok(());
+        }
+        let a = self.rd_op(i, 0)?;
         let r = a.wrapping_add(b) & szmask(size);
         // Memory first (it may fault); with both operands the same register the sum wins.
         if i.op_kind(0) == OpKind::Memory {
@@ -544,10 +614,18 @@ impl Cpu {
     fn cmpxchg(&mut self, i: &Instruction) -> X<()> {
         let size = op_size(i, 0);
         let mask = szmask(size);
-        let vm = self.env.vm.clone();
-        let _g = vm.locked();
-        let d = self.rd_op(i, 0)?;
         let acc = self.gpr[0] & mask;
+        if i.op_kind(0) == OpKind::Memory {
+            let s = self.rreg(i.op_register(1));
+            let addr = self.ea(i);
+            let d = self.locked_rmw(addr, size as usize, |d| (d == acc).then_some(s))?;
+            self.set_flags_lazy(Op::Sub, size * 8, acc, d, acc.wrapping_sub(d) & mask);
+            if acc != d {
+                self.set_gpr(0, size, d);
+            }
+            return Ok(());
+        }
+        let d = self.rd_op(i, 0)?;
         self.set_flags_lazy(Op::Sub, size * 8, acc, d, acc.wrapping_sub(d) & mask);
         if acc == d {
             let s = self.rreg(i.op_register(1));
@@ -564,35 +642,28 @@ impl Cpu {
 
     fn cmpxchg_wide(&mut self, i: &Instruction, wide: bool) -> X<()> {
         let a = self.ea(i);
-        let vm = self.env.vm.clone();
-        let _g = vm.locked();
         let f = self.flags();
         if wide {
             if a & 15 != 0 {
                 return gp(0);
             }
-            let lo = self.read(a, 8)?;
-            let hi = self.read(a + 8, 8)?;
-            if lo == self.gpr[0] && hi == self.gpr[2] {
-                self.write(a, 8, self.gpr[3])?;
-                self.write(a + 8, 8, self.gpr[1])?;
+            let cmp = self.gpr[0] as u128 | (self.gpr[2] as u128) << 64;
+            let n = self.gpr[3] as u128 | (self.gpr[1] as u128) << 64;
+            let old = self.locked_cmpxchg16(a, cmp, n)?;
+            if old == cmp {
                 self.rflags = f | flags::ZF;
             } else {
-                self.write(a, 8, lo)?;
-                self.write(a + 8, 8, hi)?;
-                self.gpr[0] = lo;
-                self.gpr[2] = hi;
+                self.gpr[0] = old as u64;
+                self.gpr[2] = (old >> 64) as u64;
                 self.rflags = f & !flags::ZF;
             }
         } else {
-            let v = self.read(a, 8)?;
             let cmp = (self.gpr[0] & 0xffff_ffff) | (self.gpr[2] << 32);
+            let n = (self.gpr[3] & 0xffff_ffff) | (self.gpr[1] << 32);
+            let v = self.locked_rmw(a, 8, |v| (v == cmp).then_some(n))?;
             if v == cmp {
-                let n = (self.gpr[3] & 0xffff_ffff) | (self.gpr[1] << 32);
-                self.write(a, 8, n)?;
                 self.rflags = f | flags::ZF;
             } else {
-                self.write(a, 8, v)?;
                 self.set_gpr(0, 4, v & 0xffff_ffff);
                 self.set_gpr(2, 4, v >> 32);
                 self.rflags = f & !flags::ZF;

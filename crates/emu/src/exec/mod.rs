@@ -226,10 +226,15 @@ impl Cpu {
                 let v = self.ea_off(i);
                 self.wr_op(i, 0, v)
             }
+            M::Mfence => {
+                // Host stores may sit in the store buffer past a later load: order them as the
+                // guest asked (the host is x86 too, so other orderings already hold).
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            }
             M::Nop
             | M::Pause
             | M::Lfence
-            | M::Mfence
             | M::Sfence
             | M::Prefetchnta
             | M::Prefetcht0
@@ -243,9 +248,17 @@ impl Cpu {
             | M::Endbr32 => Ok(()),
             M::Wait => self.fwait(),
             M::Xchg => {
-                let vm = self.env.vm.clone();
-                let _g = (i.op_kind(0) == OpKind::Memory || i.op_kind(1) == OpKind::Memory)
-                    .then(|| vm.locked());
+                // XCHG with memory is always locked.
+                let mem = (0..2).find(|&n| i.op_kind(n) == OpKind::Memory);
+                if let Some(n) = mem {
+                    let r = i.op_register(1 - n);
+                    let size = r.size();
+                    let v = self.rreg(r);
+                    let addr = self.ea(i);
+                    let old = self.locked_rmw(addr, size, |_| Some(v))?;
+                    self.wreg(r, old);
+                    return Ok(());
+                }
                 let a = self.rd_op(i, 0)?;
                 let b = self.rd_op(i, 1)?;
                 self.wr_op(i, 0, b)?;
