@@ -37,13 +37,14 @@ fn fixture() -> Result<(PathBuf, PathBuf), String> {
     Ok((path("kernel ")?, path("initrd ")?))
 }
 
-#[test]
-fn debian_kernel_boots_to_the_marker_and_powers_off_on_emu() {
+/// Boots the Debian fixture on `--backend emu` with `vcpus` vCPUs; None (with the reason
+/// printed) where the fixture cannot be prepared.
+fn boot_on_emu(vcpus: u32, timeout: &str) -> Option<std::process::Output> {
     let (k, initrd) = match fixture() {
         Ok(f) => f,
         Err(e) => {
             eprintln!("SKIP: cannot prepare the Debian kernel and initramfs: {e}");
-            return;
+            return None;
         }
     };
     let o = Command::new(env!("CARGO_BIN_EXE_corefour"))
@@ -54,8 +55,9 @@ fn debian_kernel_boots_to_the_marker_and_powers_off_on_emu() {
             "--memory",
             "256M",
             "--timeout",
-            "150s",
+            timeout,
         ])
+        .args(["--vcpus", &vcpus.to_string()])
         .arg("--kernel")
         .arg(&k)
         .arg("--initrd")
@@ -63,6 +65,14 @@ fn debian_kernel_boots_to_the_marker_and_powers_off_on_emu() {
         .args(["--cmdline", "console=ttyS0 panic=-1"])
         .output()
         .expect("run corefour vmm");
+    Some(o)
+}
+
+#[test]
+fn debian_kernel_boots_to_the_marker_and_powers_off_on_emu() {
+    let Some(o) = boot_on_emu(1, "150s") else {
+        return;
+    };
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("Linux version 6."), "no kernel banner:\n{out}");
     assert!(
@@ -85,32 +95,9 @@ fn debian_kernel_boots_to_the_marker_and_powers_off_on_emu() {
 /// vCPU's plain stores used to livelock about every second boot in the spinlock slow path.
 #[test]
 fn debian_kernel_boots_with_two_vcpus_on_emu() {
-    let (k, initrd) = match fixture() {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("SKIP: cannot prepare the Debian kernel and initramfs: {e}");
-            return;
-        }
+    let Some(o) = boot_on_emu(2, "90s") else {
+        return;
     };
-    let o = Command::new(env!("CARGO_BIN_EXE_corefour"))
-        .args([
-            "vmm",
-            "--backend",
-            "emu",
-            "--vcpus",
-            "2",
-            "--memory",
-            "256M",
-            "--timeout",
-            "90s",
-        ])
-        .arg("--kernel")
-        .arg(&k)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--cmdline", "console=ttyS0 panic=-1"])
-        .output()
-        .expect("run corefour vmm");
     let out = String::from_utf8_lossy(&o.stdout);
     let tail = &out[out.len().saturating_sub(4000)..];
     assert!(
