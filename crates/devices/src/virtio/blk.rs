@@ -37,6 +37,16 @@ use super::{
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
+/// Reads up to this size come from the file mapping; larger ones use pread. The mapping saves a
+/// system call, which dominates a small read, but a large one spends its time copying, where the
+/// kernel's copy from the page cache beats ours through the mapping's page tables (`bench io`:
+/// 128 KiB sequential reads 0.76-0.94x mapped against 0.90-0.96x with pread in the same runs).
+const MAP_READ_MAX: usize = 32 * 1024;
+
+fn iov_len(iov: &[libc::iovec]) -> usize {
+    iov.iter().map(|v| v.iov_len).sum()
+}
+
 /// Serial numbers are 20 bytes (VIRTIO_BLK_ID_BYTES).
 pub const ID_BYTES: usize = 20;
 
@@ -692,7 +702,7 @@ impl RequestCtx<'_> {
             return image_transfer(img, iov, off, dir);
         }
         if let (Dir::Read, Some(map)) = (dir, self.map) {
-            if map.usable() {
+            if map.usable() && iov_len(iov) <= MAP_READ_MAX {
                 return map.read(iov, off);
             }
         }
