@@ -324,8 +324,9 @@ fn classify(i: &Instruction, fac: &mut InstructionInfoFactory, smp: bool) -> Opt
     if i.is_invalid() {
         return None;
     }
-    // With more than one vCPU, locked read-modify-writes serialise on the VM's lock in the
-    // interpreter; a host-atomic version here would not exclude those.
+    // With more than one vCPU, locked read-modify-writes stay with the interpreter: it does them
+    // as host atomics on aligned RAM operands but serialises split and MMIO ones on the VM's
+    // lock, and host `lock` ops emitted here would need that same fallback to stay exclusive.
     let implicit_lock = i.mnemonic() == M::Xchg
         && (i.op0_kind() == OpKind::Memory || i.op1_kind() == OpKind::Memory);
     if smp && (i.has_lock_prefix() || implicit_lock) {
