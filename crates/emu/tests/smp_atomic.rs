@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use corefour_hypervisor::{Hypervisor, MemoryRegion, Regs, VmExit};
+use corefour_hypervisor::{Regs, VmExit};
 use iced_x86::code_asm::*;
 
 /// vCPU 0's loop passes (below 2^16: its additions stay in the word's low half).
@@ -116,22 +116,8 @@ fn run_pair(threshold: u32) {
     write_page_tables(&ram);
     ram.put(CODE, &code0());
     ram.put(CODE1, &code1());
-    let emu = corefour_emu::Emu::new()
-        .with_trace_unimpl(true)
-        .with_jit_threshold(threshold);
-    let vm = emu.create_vm(2).unwrap();
     // SAFETY: `ram` outlives the VM and both vCPUs (they are joined below).
-    unsafe {
-        vm.set_memory_region(MemoryRegion {
-            slot: 0,
-            guest_phys_addr: 0,
-            size: RAM as u64,
-            host_addr: ram.host(),
-            log_dirty: false,
-            read_only: false,
-        })
-        .unwrap()
-    };
+    let vm = unsafe { emu_vm(&ram, 2, threshold) };
     let ram = Arc::new(ram);
     let threads: Vec<_> = [(0u32, CODE, 0x80000u64), (1, CODE1, 0x7_0000)]
         .into_iter()

@@ -242,6 +242,31 @@ pub fn jit_threshold() -> u32 {
         .unwrap_or(1)
 }
 
+/// An emu VM with `vcpus` vCPU slots and `ram` as its memory at guest physical 0, translating
+/// blocks after `threshold` runs (0: interpreter only).
+///
+/// # Safety
+/// `ram` must outlive the VM and every vCPU made from it.
+pub unsafe fn emu_vm(ram: &Ram, vcpus: u32, threshold: u32) -> Arc<dyn corefour_hypervisor::Vm> {
+    let emu = corefour_emu::Emu::new()
+        .with_trace_unimpl(true)
+        .with_jit_threshold(threshold);
+    let vm = emu.create_vm(vcpus).unwrap();
+    // SAFETY: the caller keeps `ram` alive as long as the VM.
+    unsafe {
+        vm.set_memory_region(MemoryRegion {
+            slot: 0,
+            guest_phys_addr: 0,
+            size: RAM as u64,
+            host_addr: ram.host(),
+            log_dirty: false,
+            read_only: false,
+        })
+        .unwrap()
+    };
+    vm
+}
+
 pub struct Machine {
     pub ram: Ram,
     pub ops: Arc<Ops>,
@@ -282,22 +307,8 @@ impl Machine {
 
     /// Like `bare`, translating blocks after `threshold` runs (0: interpreter only).
     pub fn bare_with_jit(ram: Ram, threshold: u32) -> Machine {
-        let emu = corefour_emu::Emu::new()
-            .with_trace_unimpl(true)
-            .with_jit_threshold(threshold);
-        let vm = emu.create_vm(1).unwrap();
         // SAFETY: `ram` lives in the Machine as long as the VM.
-        unsafe {
-            vm.set_memory_region(MemoryRegion {
-                slot: 0,
-                guest_phys_addr: 0,
-                size: RAM as u64,
-                host_addr: ram.host(),
-                log_dirty: false,
-                read_only: false,
-            })
-            .unwrap()
-        };
+        let vm = unsafe { emu_vm(&ram, 1, threshold) };
         let ops = Ops::new();
         let vcpu = vm.create_vcpu(0, ops.clone()).unwrap();
         *ops.kicker.lock().unwrap() = Some(vcpu.kicker());
