@@ -57,14 +57,19 @@ fn request(
     (used_len, d.mem.read_obj::<u8>(st).unwrap())
 }
 
-#[test]
-fn reads_writes_flushes_and_interrupts() {
-    let file = disk(64);
-    let dev = Block::new(&BlockConfig {
+/// The device on `file` with the default configuration (raw, buffered, read-write).
+fn plain_block(file: &tempfile::NamedTempFile) -> Block {
+    Block::new(&BlockConfig {
         path: file.path().into(),
         ..Default::default()
     })
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn reads_writes_flushes_and_interrupts() {
+    let file = disk(64);
+    let dev = plain_block(&file);
     assert_eq!(dev.sectors(), 64);
     assert!(
         dev.mapped(),
@@ -291,11 +296,7 @@ fn direct_io_aligned_and_bounced() {
 fn mapped_reads_see_writes_discards_and_other_writers() {
     use std::os::unix::fs::FileExt;
     let file = disk(64);
-    let dev = Block::new(&BlockConfig {
-        path: file.path().into(),
-        ..Default::default()
-    })
-    .unwrap();
+    let dev = plain_block(&file);
     assert!(dev.mapped());
     let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 64);
@@ -351,11 +352,7 @@ fn mapped_reads_see_writes_discards_and_other_writers() {
 fn truncated_disk_gives_ioerr_not_a_crash() {
     let file = disk(256);
     let want = std::fs::read(file.path()).unwrap();
-    let dev = Block::new(&BlockConfig {
-        path: file.path().into(),
-        ..Default::default()
-    })
-    .unwrap();
+    let dev = plain_block(&file);
     assert!(dev.mapped());
     let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 64);
