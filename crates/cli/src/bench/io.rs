@@ -9,6 +9,8 @@
 //! serves buffered reads of the raw file from a shared mapping of it (`virtio::blk_map`), the
 //! peer with pread: the table's footnote says so. The device's interrupt costs it an eventfd
 //! write, as KVM's irqfd would (`driver::IrqfdLine`), and the driver sleeps on that eventfd.
+//! Host and device take turns in short pieces of each test (`interleaved`), so that the
+//! moment-to-moment speed of this shared machine weighs on both alike.
 //!
 //! virtio-net: frames from the driver's TX ring through the tap into a UDP socket in a network
 //! namespace, against the same frames written into one end of a veth pair (AF_PACKET) and
@@ -45,6 +47,10 @@ pub struct Args {
     /// Random 4 KiB operations per random test with O_DIRECT (each waits for the disk).
     #[arg(long, default_value_t = 4_000)]
     direct_random_ops: u64,
+    /// Do not pin threads (by default the device's worker and the host peer's I/O share one
+    /// core, the driver another).
+    #[arg(long)]
+    no_pin: bool,
     /// Skip the network part (it needs root, tun and `ip`).
     #[arg(long)]
     no_net: bool,
@@ -55,6 +61,9 @@ pub struct Args {
     /// Run only the blk tests whose name contains this text (e.g. "rand read 4K buffered").
     #[arg(long, value_name = "TEXT")]
     only: Option<String>,
+    /// Passes over each test's offsets, taken by host and device in interleaved pieces.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
     /// Print results as JSON.
     #[arg(long)]
     json: bool,
@@ -124,6 +133,10 @@ fn table(rows: &[Row], qd: usize) -> String {
     let _ = writeln!(
         t,
         "(virtio-blk: in-process driver, queue depth {qd}; `buffered` through the host page cache on both sides, `direct` with O_DIRECT on both; goal >= 0.90x)"
+    );
+    let _ = writeln!(
+        t,
+        "(each test: host and device take turns in 8 pieces per pass, 3 passes, each side flushing first from its own I/O thread; the device's worker and the host's I/O share one core, the driver (the guest's vCPU) polls on another, as KVM's halt polling; --no-pin lifts that)"
     );
     let _ = writeln!(
         t,
@@ -239,29 +252,9 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
             args.random_ops
         };
         let offsets = p.offsets(size, ops);
-        // Host and device take turns, three times each, and each keeps its best time: a
-        // burst of load on this shared machine then hits both sides, not one.
-        let mut host = Duration::MAX;
-        let mut dev = Duration::MAX;
-        for _ in 0..3 {
-            let c0 = cpu_time();
-            host = host.min(host_run(&path, p, &offsets, args.queue_depth, direct)?);
-            let c1 = cpu_time();
-            let (t, irqs) = device_run(&path, p, &offsets, args.queue_depth, direct, map)?;
-            dev = dev.min(t);
-            let c2 = cpu_time();
-            if args.cpu {
-                let n = offsets.len() as f64;
-                eprintln!(
-                    "{name}: CPU per op: host {:.2} us, virtio {:.2} us; interrupts per op {:.3}",
-                    (c1 - c0) * 1e6 / n,
-                    (c2 - c1) * 1e6 / n,
-                    irqs as f64 / n
-                );
-            }
-        }
-        let bytes = offsets.len() as f64 * p.block() as f64;
-        let n = offsets.len() as f64;
+        let (host, dev) = interleaved(args, &path, p, &offsets, direct, map, &name)?;
+        let n = offsets.len() as f64 * f64::from(args.rounds.max(1));
+        let bytes = n * p.block() as f64;
         rows.push(Row {
             test: name,
             virtio_bps: bytes / dev.as_secs_f64(),
@@ -316,171 +309,431 @@ impl Drop for AlignedBuf {
     }
 }
 
-fn host_run(
+/// Runs the test as `rounds` passes over the offsets, each pass cut into `CHUNKS` pieces that
+/// host and device take in turns (who goes first alternates); each side's times are summed.
+/// Every piece starts after its side wrote the file back from its own I/O thread (fdatasync on
+/// the host, a virtio-blk flush request on the device): writeback walks the pages the other side
+/// just wrote, which are the ones this piece writes, and leaves them warm in the cache of the
+/// core that ran it. A sync from the main thread gave the host peer, which runs there, that
+/// head start on every piece (device 15-20% behind on rand write 4K). The cost of a 4 KiB page-cache write here swings
+/// 6-30 us from one second to the next (ext4 walks every buffer head of the large folio the page
+/// sits in; its cache misses follow the physical host's load), so whole runs taken in turn gave
+/// ratios of 0.5-1.3x for the same code. Pieces of ~10 ms in turn give both sides the same
+/// weather. The device lives through all of it as a running VM's does: opened once, its mapping
+/// and ring warm after the first piece, as the host's page cache is.
+fn interleaved(
+    args: &Args,
     path: &Path,
     p: Pattern,
     offsets: &[u64],
-    qd: usize,
-    direct: bool,
-) -> anyhow::Result<Duration> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(if direct { libc::O_DIRECT } else { 0 })
-        .open(path)
-        .with_context(|| format!("opening {} (direct: {direct})", path.display()))?;
-    // Dirty pages from the previous run are written back before the clock starts.
-    f.sync_all()?;
-    // As many buffers as the device path has in flight, used in turn: the same memory
-    // footprint (and cache behaviour) as the guest buffers.
-    let bs = p.block() as usize;
-    let qd = qd.clamp(1, 64);
-    let mut bufs = AlignedBuf::new(bs * qd)?;
-    let t = Instant::now();
-    for (i, &off) in offsets.iter().enumerate() {
-        let b = bufs.slice((i % qd) * bs, bs);
-        if p.write() {
-            f.write_all_at(b, off)?;
-        } else {
-            f.read_exact_at(b, off)?;
-        }
-    }
-    Ok(t.elapsed())
-}
-
-/// How long the driver polls for an interrupt before it sleeps. KVM polls a halted vCPU up to
-/// halt_poll_ns, but on a host with more runnable threads than cores (this bench's usual
-/// setting) a polling driver takes the CPU from the device it waits for: 0.3-0.45x instead of
-/// 0.6-1.1x on rand read 4K buffered at load 8 on 2 cores. So it sleeps at once.
-const HALT_POLL: Duration = Duration::ZERO;
-
-fn device_run(
-    path: &Path,
-    p: Pattern,
-    offsets: &[u64],
-    qd: usize,
     direct: bool,
     map: bool,
-) -> anyhow::Result<(Duration, u64)> {
-    let bs = p.block();
-    let qd = qd.clamp(1, 64);
-    const HDRS: u64 = 0x10_0000;
-    const STATUS: u64 = 0x11_0000;
-    const DATA: u64 = 0x20_0000;
-    let mem_size = (DATA + qd as u64 * bs + 0xfff) & !0xfff;
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-        .context("allocating guest memory")?;
-    // A running guest's buffers are resident; fault them in before the clock starts.
-    mem.write_slice(
-        &vec![0u8; (qd.clamp(1, 64) as u64 * bs) as usize],
-        GuestAddress(DATA),
-    )?;
-    File::open(path)?.sync_all()?;
-    let irq = Arc::new(IrqfdLine::new().context("creating the interrupt eventfd")?);
-    let dev = Block::new(&BlockConfig {
-        path: path.to_path_buf(),
-        direct,
-        ..Default::default()
-    })?;
-    let dev = if map { dev } else { dev.unmapped() };
-    let t = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone())?;
-    let d = MmioDriver::init(&t, mem, 1, 256, 0x1000, DATA, u64::MAX)
-        .map_err(|e| anyhow::anyhow!("virtio-blk driver init: {e}"))?;
-    let mut ring = GuestRing::new(&d)?;
-    let ty = if p.write() { blk::T_OUT } else { blk::T_IN };
-    let hdrs = ring.ptr(HDRS, 16 * qd)?;
-    let stats = ring.ptr(STATUS, qd)?;
-    // Chain heads are the first descriptor of each 3-descriptor chain: map them back to slots.
-    let mut slot_of_head = vec![usize::MAX; 256];
-    let mut free: Vec<usize> = (0..qd).rev().collect();
-    let mut next = 0usize;
-    let mut done = 0usize;
-    // Refill in batches, as a loaded guest's block layer does (plugging): one kick (when the
-    // device sleeps) and one interrupt per batch rather than per request.
-    let batch = (qd / 4).max(1);
-    // Eighths of the in-flight requests to wait for before an interrupt (adapted below).
-    let mut eighths = 6usize;
-    let mut woke = false;
-    let start = Instant::now();
-    while done < offsets.len() {
-        if free.len() >= batch || free.len() == qd {
-            let mut queued = false;
-            while next < offsets.len() {
-                let Some(slot) = free.pop() else { break };
-                let mut raw = [0u8; 16];
-                raw[0..4].copy_from_slice(&ty.to_le_bytes());
-                raw[8..16].copy_from_slice(&(offsets[next] / 512).to_le_bytes());
-                // SAFETY: slot < qd, so the 16 bytes lie in the header area resolved above,
-                // which the guest memory `d.mem` keeps mapped.
-                unsafe { std::ptr::write_volatile(hdrs.add(16 * slot).cast::<[u8; 16]>(), raw) };
-                let head = ring.add(&[
-                    (HDRS + slot as u64 * 16, 16, false),
-                    (DATA + slot as u64 * bs, bs as u32, !p.write()),
-                    (STATUS + slot as u64, 1, true),
-                ]);
-                slot_of_head[usize::from(head)] = slot;
-                next += 1;
-                queued = true;
-            }
-            if queued && ring.publish() {
-                d.notify(0);
-            }
-        }
-        let pop = |ring: &mut GuestRing, free: &mut Vec<usize>| -> anyhow::Result<usize> {
-            let mut got = 0;
-            while let Some(id) = ring.pop_used() {
-                let slot = slot_of_head[id as usize % 256];
-                // SAFETY: slots are < qd: the status area resolved above.
-                if unsafe { std::ptr::read_volatile(stats.add(slot)) } != blk::S_OK {
-                    bail!("virtio-blk returned an error status during the benchmark");
+    name: &str,
+) -> anyhow::Result<(Duration, Duration)> {
+    const CHUNKS: usize = 8;
+    let mut host = HostSide::open(path, p, args.queue_depth, direct)?;
+    let mut dev = DeviceSide::new(path, p, args.queue_depth, direct, map)?;
+    let pins = if args.no_pin { None } else { Pins::new(&dev)? };
+    if pins.is_some() {
+        dev.halt_poll = HALT_POLL;
+    }
+    let piece = offsets.len().div_ceil(CHUNKS).max(1);
+    let (mut host_t, mut dev_t) = (Duration::ZERO, Duration::ZERO);
+    let n = offsets.len() as f64;
+    for round in 0..args.rounds.max(1) as usize {
+        let (h0, d0) = (host_t, dev_t);
+        let (mut host_cpu, mut dev_cpu) = (0.0, 0.0);
+        let irqs0 = dev.irq.count();
+        for (i, chunk) in offsets.chunks(piece).enumerate() {
+            for host_turn in [(round + i) % 2 == 0, (round + i) % 2 != 0] {
+                if let Some(p) = &pins {
+                    p.place(host_turn)?;
                 }
-                free.push(slot);
-                got += 1;
+                if host_turn {
+                    host.file.sync_data()?;
+                    let c0 = cpu_time();
+                    host_t += host.run(chunk)?;
+                    host_cpu += cpu_time() - c0;
+                } else {
+                    dev.flush()?;
+                    let c0 = cpu_time();
+                    dev_t += dev.run(chunk)?;
+                    dev_cpu += cpu_time() - c0;
+                }
             }
-            Ok(got)
-        };
-        let got = pop(&mut ring, &mut free)?;
-        done += got;
-        if std::mem::take(&mut woke) && next < offsets.len() {
-            // Ran dry while this thread woke: ask earlier next time; else later (fewer wake-ups).
-            eighths = if next == done {
-                (eighths - 1).max(2)
-            } else {
-                (eighths + 1).min(7)
-            };
         }
-        if got > 0 {
-            continue;
-        }
-        // Nothing new: sleep until part of what is in flight completed (all of it at the end),
-        // asking for one interrupt then (event idx), and look once more in case they completed
-        // meanwhile. Each wake-up costs this host ~6 us (eventfd write, poll, two context
-        // switches), so the fewer the better, but the device must not run dry while this thread
-        // wakes: waiting for most of the queue is best when both threads share a core, 1/4 when
-        // each has one (a wake-up across cores takes longer than the last quarter of the
-        // queue). The driver adapts between 2/8 and 7/8, as interrupt coalescing does, and
-        // always waits at least for a refill batch. (A 6/8 cap, virtqueue_enable_cb_delayed's
-        // 3/4, cost 0.97-1.66 us of CPU per rand read 4K at load 6-7; 7/8 0.90-1.01 us.)
-        let outstanding = next - done;
-        let want = if next < offsets.len() {
-            (outstanding * eighths / 8).max(batch.saturating_sub(free.len()))
-        } else {
-            outstanding
-        };
-        let want = want.clamp(1, outstanding.max(1));
-        let seen = irq.count();
-        ring.arm_interrupt_after(u16::try_from(want).unwrap_or(1));
-        let got = pop(&mut ring, &mut free)?;
-        done += got;
-        if got == 0 {
-            if irq.wait_past(seen, HALT_POLL, Duration::from_secs(10)) == seen {
-                bail!("virtio-blk made no progress for 10 s");
-            }
-            woke = true;
+        if args.cpu {
+            eprintln!(
+                "{name}: round {round}: time per op: host {:.2} us, virtio {:.2} us; CPU per op: host {:.2} us, virtio {:.2} us; interrupts per op {:.3}",
+                (host_t - h0).as_secs_f64() * 1e6 / n,
+                (dev_t - d0).as_secs_f64() * 1e6 / n,
+                host_cpu * 1e6 / n,
+                dev_cpu * 1e6 / n,
+                (dev.irq.count() - irqs0) as f64 / n
+            );
         }
     }
-    Ok((start.elapsed(), irq.count()))
+    if let Some(p) = &pins {
+        p.release()?;
+    }
+    Ok((host_t, dev_t))
+}
+
+/// Where the threads run. The cost of the same file operation differs between this machine's
+/// cores from one moment to the next (they are threads of a shared physical host) and with
+/// which core last touched the pages, so every file operation of both sides runs on one core:
+/// the device's worker thread is pinned to it, and the host peer moves there for its turns. The
+/// driver, standing in for the guest's vCPU, stays on another core, as a VMM pins vCPUs and
+/// I/O threads apart (libvirt's vcpupin and iothreadpin).
+struct Pins {
+    io_cpu: usize,
+    driver_cpu: usize,
+    all: libc::cpu_set_t,
+}
+
+impl Pins {
+    /// None on a host with one usable CPU.
+    fn new(dev: &DeviceSide) -> anyhow::Result<Option<Self>> {
+        // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity fills it.
+        let mut all: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above, with the set's true size.
+        if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut all) }
+            != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("reading this thread's CPUs");
+        }
+        // SAFETY: CPU_ISSET reads the set in bounds (cpu < CPU_SETSIZE).
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &all) })
+            .collect();
+        let [driver_cpu, io_cpu, ..] = cpus[..] else {
+            return Ok(None);
+        };
+        let worker = dev.worker_tid()?;
+        set_affinity(worker, io_cpu)?;
+        Ok(Some(Self {
+            io_cpu,
+            driver_cpu,
+            all,
+        }))
+    }
+
+    /// Moves this thread to the I/O core for the host's turn, to the driver's core otherwise.
+    fn place(&self, host_turn: bool) -> anyhow::Result<()> {
+        set_affinity(
+            0,
+            if host_turn {
+                self.io_cpu
+            } else {
+                self.driver_cpu
+            },
+        )
+    }
+
+    fn release(&self) -> anyhow::Result<()> {
+        // SAFETY: restores the set read in `new`.
+        if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &self.all) }
+            != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("restoring this thread's CPUs");
+        }
+        Ok(())
+    }
+}
+
+/// Pins thread `tid` (0: the calling thread) to `cpu`.
+fn set_affinity(tid: libc::pid_t, cpu: usize) -> anyhow::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET stays in bounds (cpu came from
+    // CPU_ISSET over the set's range).
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: a valid set of its true size.
+    if unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning thread {tid} to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// The peer: the same reads and writes with pread/pwrite on its own descriptor of the file.
+struct HostSide {
+    file: File,
+    write: bool,
+    bs: usize,
+    qd: usize,
+    bufs: AlignedBuf,
+}
+
+impl HostSide {
+    fn open(path: &Path, p: Pattern, qd: usize, direct: bool) -> anyhow::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+            .open(path)
+            .with_context(|| format!("opening {} (direct: {direct})", path.display()))?;
+        // As many buffers as the device path has in flight, used in turn: the same memory
+        // footprint (and cache behaviour) as the guest buffers.
+        let bs = p.block() as usize;
+        let qd = qd.clamp(1, 64);
+        let mut bufs = AlignedBuf::new(bs * qd)?;
+        bufs.slice(0, bs * qd).fill(0);
+        Ok(Self {
+            file,
+            write: p.write(),
+            bs,
+            qd,
+            bufs,
+        })
+    }
+
+    fn run(&mut self, offsets: &[u64]) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        for (i, &off) in offsets.iter().enumerate() {
+            let b = self.bufs.slice((i % self.qd) * self.bs, self.bs);
+            if self.write {
+                self.file.write_all_at(b, off)?;
+            } else {
+                self.file.read_exact_at(b, off)?;
+            }
+        }
+        Ok(t.elapsed())
+    }
+}
+
+/// How long the driver polls for an interrupt before it sleeps when it has a core of its own:
+/// KVM's default halt_poll_ns. Waking a halted vCPU of this (itself virtual) machine takes tens
+/// of microseconds, during which the device ran dry (rand read 4K pread 0.51-0.75x asleep at
+/// once, 0.88-0.92x polling). Without its own core a polling driver takes the CPU from the
+/// device it waits for (0.3-0.45x instead of 0.6-1.1x at load 8 on 2 cores), so then it
+/// sleeps at once.
+const HALT_POLL: Duration = Duration::from_micros(200);
+
+const HDRS: u64 = 0x10_0000;
+const STATUS: u64 = 0x11_0000;
+const DATA: u64 = 0x20_0000;
+
+/// The device under test with the driver's side of its queue: a virtio-blk device behind the
+/// virtio-mmio transport, and the in-process driver that feeds it.
+struct DeviceSide {
+    transport: MmioTransport,
+    irq: Arc<IrqfdLine>,
+    ring: GuestRing,
+    ty: u32,
+    bs: u64,
+    qd: usize,
+    write: bool,
+    hdrs: *mut u8,
+    stats: *mut u8,
+    /// Chain heads are the first descriptor of each 3-descriptor chain: map them back to slots.
+    slot_of_head: Vec<usize>,
+    free: Vec<usize>,
+    /// Eighths of the in-flight requests to wait for before an interrupt (adapted in `run`).
+    eighths: usize,
+    /// How long to poll before sleeping on the interrupt (see [`HALT_POLL`]).
+    halt_poll: Duration,
+}
+
+impl DeviceSide {
+    fn new(path: &Path, p: Pattern, qd: usize, direct: bool, map: bool) -> anyhow::Result<Self> {
+        let bs = p.block();
+        let qd = qd.clamp(1, 64);
+        let mem_size = (DATA + qd as u64 * bs + 0xfff) & !0xfff;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+            .context("allocating guest memory")?;
+        // A running guest's buffers are resident; fault them in before the clock starts.
+        mem.write_slice(&vec![0u8; (qd as u64 * bs) as usize], GuestAddress(DATA))?;
+        let irq = Arc::new(IrqfdLine::new().context("creating the interrupt eventfd")?);
+        let dev = Block::new(&BlockConfig {
+            path: path.to_path_buf(),
+            direct,
+            ..Default::default()
+        })?;
+        let dev = if map { dev } else { dev.unmapped() };
+        let transport = MmioTransport::new(Box::new(dev), mem.clone(), irq.clone())?;
+        let ring = {
+            let d = MmioDriver::init(&transport, mem, 1, 256, 0x1000, DATA, u64::MAX)
+                .map_err(|e| anyhow::anyhow!("virtio-blk driver init: {e}"))?;
+            GuestRing::new(&d)?
+        };
+        let hdrs = ring.ptr(HDRS, 16 * qd)?;
+        let stats = ring.ptr(STATUS, qd)?;
+        Ok(Self {
+            transport,
+            irq,
+            ring,
+            ty: if p.write() { blk::T_OUT } else { blk::T_IN },
+            bs,
+            qd,
+            write: p.write(),
+            hdrs,
+            stats,
+            slot_of_head: vec![usize::MAX; 256],
+            free: (0..qd).rev().collect(),
+            eighths: 6,
+            halt_poll: Duration::ZERO,
+        })
+    }
+
+    /// The device's worker thread, found by the name it gives itself once it runs.
+    fn worker_tid(&self) -> anyhow::Result<libc::pid_t> {
+        let until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < until {
+            for e in
+                std::fs::read_dir("/proc/self/task").context("listing this process's threads")?
+            {
+                let e = e?;
+                let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                if comm.trim() == "virtio-blk" {
+                    if let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) {
+                        return Ok(tid);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        bail!("the virtio-blk worker thread is not running (no thread named virtio-blk)")
+    }
+
+    fn notify(&self) {
+        // QueueNotify of the virtio-mmio register block, queue 0.
+        corefour_devices::BusDevice::write(&self.transport, 0x50, &0u32.to_le_bytes());
+    }
+
+    /// Sends a flush request and waits for it: the device writes the file back on its worker.
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let Some(slot) = self.free.pop() else {
+            bail!("benchmark flush with requests in flight");
+        };
+        let mut raw = [0u8; 16];
+        raw[0..4].copy_from_slice(&blk::T_FLUSH.to_le_bytes());
+        // SAFETY: slot < qd: inside the header area resolved in `new`.
+        unsafe { std::ptr::write_volatile(self.hdrs.add(16 * slot).cast::<[u8; 16]>(), raw) };
+        let head = self.ring.add(&[
+            (HDRS + slot as u64 * 16, 16, false),
+            (STATUS + slot as u64, 1, true),
+        ]);
+        self.slot_of_head[usize::from(head)] = slot;
+        if self.ring.publish() {
+            self.notify();
+        }
+        let seen = self.irq.count();
+        self.ring.arm_interrupt_after(1);
+        while self.pop()? == 0 {
+            if self
+                .irq
+                .wait_past(seen, self.halt_poll, Duration::from_secs(60))
+                == seen
+            {
+                bail!("virtio-blk did not complete a flush in 60 s");
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the used chains off the ring, checks their status and frees their slots.
+    fn pop(&mut self) -> anyhow::Result<usize> {
+        let mut got = 0;
+        while let Some(id) = self.ring.pop_used() {
+            let slot = self.slot_of_head[id as usize % 256];
+            // SAFETY: slots are < qd: the status area resolved in `new`.
+            if unsafe { std::ptr::read_volatile(self.stats.add(slot)) } != blk::S_OK {
+                bail!("virtio-blk returned an error status during the benchmark");
+            }
+            self.free.push(slot);
+            got += 1;
+        }
+        Ok(got)
+    }
+
+    /// Puts the requests for `offsets` through the device, QD at a time; returns when all are
+    /// done.
+    fn run(&mut self, offsets: &[u64]) -> anyhow::Result<Duration> {
+        let qd = self.qd;
+        let mut next = 0usize;
+        let mut done = 0usize;
+        // Refill in batches, as a loaded guest's block layer does (plugging): one kick (when
+        // the device sleeps) and one interrupt per batch rather than per request.
+        let batch = (qd / 4).max(1);
+        let mut woke = false;
+        let start = Instant::now();
+        while done < offsets.len() {
+            if self.free.len() >= batch || self.free.len() == qd {
+                let mut queued = false;
+                while next < offsets.len() {
+                    let Some(slot) = self.free.pop() else { break };
+                    let mut raw = [0u8; 16];
+                    raw[0..4].copy_from_slice(&self.ty.to_le_bytes());
+                    raw[8..16].copy_from_slice(&(offsets[next] / 512).to_le_bytes());
+                    // SAFETY: slot < qd, so the 16 bytes lie in the header area resolved in
+                    // `new`, which the guest memory `self.ring.mem` keeps mapped.
+                    unsafe {
+                        std::ptr::write_volatile(self.hdrs.add(16 * slot).cast::<[u8; 16]>(), raw)
+                    };
+                    let head = self.ring.add(&[
+                        (HDRS + slot as u64 * 16, 16, false),
+                        (DATA + slot as u64 * self.bs, self.bs as u32, !self.write),
+                        (STATUS + slot as u64, 1, true),
+                    ]);
+                    self.slot_of_head[usize::from(head)] = slot;
+                    next += 1;
+                    queued = true;
+                }
+                if queued && self.ring.publish() {
+                    self.notify();
+                }
+            }
+            let got = self.pop()?;
+            done += got;
+            if std::mem::take(&mut woke) && next < offsets.len() {
+                // Ran dry while this thread woke: ask earlier next time; else later (fewer
+                // wake-ups).
+                self.eighths = if next == done {
+                    (self.eighths - 1).max(2)
+                } else {
+                    (self.eighths + 1).min(7)
+                };
+            }
+            if got > 0 {
+                continue;
+            }
+            // Nothing new: sleep until part of what is in flight completed (all of it at the
+            // end), asking for one interrupt then (event idx), and look once more in case they
+            // completed meanwhile. Each wake-up costs this host ~6 us (eventfd write, poll, two
+            // context switches), so the fewer the better, but the device must not run dry while
+            // this thread wakes: waiting for most of the queue is best when both threads share a
+            // core, 1/4 when each has one (a wake-up across cores takes longer than the last
+            // quarter of the queue). The driver adapts between 2/8 and 7/8, as interrupt
+            // coalescing does, and always waits at least for a refill batch. (A 6/8 cap,
+            // virtqueue_enable_cb_delayed's 3/4, cost 0.97-1.66 us of CPU per rand read 4K at
+            // load 6-7; 7/8 0.90-1.01 us.)
+            let outstanding = next - done;
+            let want = if next < offsets.len() {
+                (outstanding * self.eighths / 8).max(batch.saturating_sub(self.free.len()))
+            } else {
+                outstanding
+            };
+            let want = want.clamp(1, outstanding.max(1));
+            let seen = self.irq.count();
+            self.ring
+                .arm_interrupt_after(u16::try_from(want).unwrap_or(1));
+            let got = self.pop()?;
+            done += got;
+            if got == 0 {
+                if self
+                    .irq
+                    .wait_past(seen, self.halt_poll, Duration::from_secs(10))
+                    == seen
+                {
+                    bail!("virtio-blk made no progress for 10 s");
+                }
+                woke = true;
+            }
+        }
+        Ok(start.elapsed())
+    }
 }
 
 /// The driver's side of queue 0 as a guest driver keeps it: plain stores into its ring and
