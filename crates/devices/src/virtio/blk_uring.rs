@@ -42,7 +42,8 @@ use crate::virtio::chain::{self, Buf, Chain};
 use crate::virtio::ring::SplitRing;
 
 /// Which engine serves the reads and writes of an O_DIRECT raw disk (`io=` of `--disk`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum IoEngine {
     /// io_uring, many requests in flight (the default for direct disks).
     #[default]
