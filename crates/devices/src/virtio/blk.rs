@@ -9,7 +9,11 @@
 //! pointers resolved at activation); the worker polls it for a while after each burst with
 //! driver notifications off, and the driver gets its interrupt as soon as the used index
 //! passes the `used_event` it asked for. (io_uring was tried for batches of page-cache reads
-//! and measured slower here than one pread each, so requests stay synchronous.)
+//! and measured slower here than one pread each, so buffered requests stay synchronous.)
+//!
+//! An O_DIRECT raw disk waits for the device on every request instead: there the reads and
+//! writes of the whole queue go to the disk at once through io_uring (`blk_uring`, a child
+//! module; `io=sync` turns it off, a host without io_uring falls back with a warning).
 //!
 //! Images in another format (qcow2 with its backing chain; vmdk, vdi, vhd, vhdx read-only) are
 //! detected when the device opens its file and served through `corefour_disk` instead: a bounce
