@@ -368,3 +368,52 @@ fn engine_choice() {
     assert!(e.contains("io=uring needs direct"), "{e}");
     assert!(BlockConfig::parse("/x,direct,io=posix").is_err());
 }
+
+/// A disk file shrunk under the running device: a read across the new end is cut short by the
+/// kernel, resubmitted for the rest, meets end of file and answers IOERR (never OK with part
+/// of the data); reads before the end still work, and after the file grows back, all do.
+#[test]
+fn short_read_at_a_shrunk_end_is_an_error() {
+    let file = disk();
+    let Some(dev) = uring_block(&file) else {
+        return;
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let resize = |sectors: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(file.path())
+            .unwrap()
+            .set_len(sectors * 512)
+            .unwrap()
+    };
+    resize(1000);
+    let across = aligned(&mut d, 8192);
+    let inside = aligned(&mut d, 8192);
+    let a = queue(&mut d, blk::T_IN, 996, across, 8192, true);
+    let b = queue(&mut d, blk::T_IN, 900, inside, 8192, true);
+    d.publish(0).unwrap();
+    let used = collect(&mut d, 2);
+    assert_eq!(
+        status(&d, &a),
+        blk::S_IOERR,
+        "read across the end of the file"
+    );
+    assert_eq!(used[&a.head].1, 1);
+    assert_eq!(status(&d, &b), blk::S_OK);
+    let mut got = vec![0u8; 8192];
+    d.mem.read_slice(&mut got, inside).unwrap();
+    assert_eq!(got, file_sectors(&file, 900, 16));
+    resize(SECTORS);
+    let again = queue(&mut d, blk::T_IN, 996, across, 8192, true);
+    d.publish(0).unwrap();
+    collect(&mut d, 1);
+    assert_eq!(status(&d, &again), blk::S_OK, "the file is long again");
+    d.mem.read_slice(&mut got, across).unwrap();
+    assert_eq!(got[..2048], file_sectors(&file, 996, 4)[..]);
+    assert!(
+        got[2048..].iter().all(|&b| b == 0),
+        "the regrown part is a hole"
+    );
+}
