@@ -417,3 +417,46 @@ fn short_read_at_a_shrunk_end_is_an_error() {
         "the regrown part is a hole"
     );
 }
+
+/// The rate limiter admits each request before it is submitted: 30 reads published at once
+/// against 20 ops/s (one second's worth in the bucket) take the last 10 at the refill rate.
+#[test]
+fn rate_limit_holds_back_submissions() {
+    let file = disk();
+    let dev = match Block::new(&BlockConfig {
+        path: file.path().into(),
+        direct: true,
+        rate_limit: corefour_devices::virtio::rate_limiter::RateLimit {
+            ops_per_sec: 20,
+            ops_burst: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }) {
+        Ok(d) if d.io_engine() == IoEngine::Uring => d,
+        _ => return eprintln!("SKIP: no O_DIRECT on /var/tmp or no io_uring here"),
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let t0 = std::time::Instant::now();
+    let reqs: Vec<_> = (0..30u64)
+        .map(|i| {
+            let b = aligned(&mut d, 4096);
+            queue(&mut d, blk::T_IN, i * 8, b, 4096, true)
+        })
+        .collect();
+    d.publish(0).unwrap();
+    collect(&mut d, 30);
+    let took = t0.elapsed();
+    for r in &reqs {
+        assert_eq!(status(&d, r), blk::S_OK);
+    }
+    assert!(
+        took >= Duration::from_millis(400),
+        "30 ops at 20/s: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "limiter too strict: {took:?}"
+    );
+}
