@@ -496,10 +496,8 @@ fn deny_io_uring() {
         filter: filter.as_ptr().cast_mut(),
     };
     // SAFETY: prctl with integer arguments; no_new_privs only narrows this thread's rights.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        0
-    );
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "no_new_privs: {}", std::io::Error::last_os_error());
     // SAFETY: `prog` points at `filter`, both alive for the call (the kernel copies them);
     // without SECCOMP_FILTER_FLAG_TSYNC the filter applies to this thread only.
     let r = unsafe {
