@@ -19,7 +19,7 @@
 //!
 //! Guest memory: an SQE holds host pointers into guest memory until its completion. The engine
 //! keeps its own handle on the mapping and waits for every SQE before it is dropped, and the
-//! worker calls [`BlockHandler::quiesce`] before it reports queue state or parks, so a snapshot
+//! worker calls `QueueHandler::quiesce` before it reports queue state or parks, so a snapshot
 //! never records an avail index past a request whose completion is not in the used ring.
 //! Buffered disks stay synchronous: io_uring was measured slower than one pread each for
 //! page-cache hits.
