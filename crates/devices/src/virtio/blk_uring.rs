@@ -124,6 +124,9 @@ impl Default for Slot {
 
 /// The ring, its completion eventfd and the requests in flight (see the module doc).
 pub(super) struct Engine {
+    /// Whether the CQ holds entries, read without consuming any (the worker asks while it
+    /// polls). Points into `ring`'s mapping; declared first so it is dropped before it.
+    cq: io_uring::cqueue::CompletionStatus,
     ring: IoUring,
     eventfd: EventFd,
     file: Arc<File>,
@@ -155,7 +158,12 @@ impl Engine {
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(UringError::Register)?;
+        // SAFETY: the status points into the ring's CQ mapping; it lives in the same engine
+        // as the ring and is never used after it (nor handed out). No other CompletionQueue
+        // exists at this point.
+        let cq = unsafe { ring.completion_shared().status() };
         Ok(Self {
+            cq,
             ring,
             eventfd,
             file,
@@ -186,9 +194,7 @@ impl Engine {
 
     /// The kernel posted completions not harvested yet.
     pub(super) fn has_completions(&self) -> bool {
-        // SAFETY: CompletionQueues are only created for the duration of an engine method on
-        // the worker thread, never while this one lives.
-        unsafe { !self.ring.completion_shared().is_empty() }
+        !self.cq.is_empty()
     }
 
     /// Fills a free slot for the read or write in `chain` when the ring can serve it: the
