@@ -127,6 +127,8 @@ pub(super) struct Engine {
     /// Whether the CQ holds entries, read without consuming any (the worker asks while it
     /// polls). Points into `ring`'s mapping; declared first so it is dropped before it.
     cq: io_uring::cqueue::CompletionStatus,
+    /// The ring runs completions cooperatively (see `new`): they wait for an enter.
+    coop: bool,
     ring: IoUring,
     eventfd: EventFd,
     file: Arc<File>,
@@ -153,7 +155,21 @@ impl Engine {
         slots: u16,
     ) -> Result<Self, UringError> {
         let entries = u32::from(slots.max(1));
-        let ring = IoUring::new(entries).map_err(|source| UringError::Setup { entries, source })?;
+        // Cooperative task running: a completion does not interrupt the worker with an IPI
+        // while it runs (polls); the kernel flags the SQ instead and the next enter posts the
+        // CQE. A sleeping worker is still woken (its epoll_wait returns EINTR, the CQE is
+        // posted on the way out and the eventfd fires). Kernels before 5.19 refuse the flags.
+        let (ring, coop) = match IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)
+        {
+            Ok(r) => (r, true),
+            Err(_) => (
+                IoUring::new(entries).map_err(|source| UringError::Setup { entries, source })?,
+                false,
+            ),
+        };
         let eventfd = EventFd::new(libc::EFD_NONBLOCK).map_err(UringError::EventFd)?;
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
@@ -164,6 +180,7 @@ impl Engine {
         let cq = unsafe { ring.completion_shared().status() };
         Ok(Self {
             cq,
+            coop,
             ring,
             eventfd,
             file,
@@ -194,7 +211,15 @@ impl Engine {
 
     /// The kernel posted completions not harvested yet.
     pub(super) fn has_completions(&self) -> bool {
-        !self.cq.is_empty()
+        !self.cq.is_empty() || self.taskrun()
+    }
+
+    /// Completions wait for an enter to be posted (cooperative task running).
+    fn taskrun(&self) -> bool {
+        // SAFETY: no other SubmissionQueue exists (they live only inside engine methods on the
+        // worker thread). Not dropped: its drop would store the SQ tail, a write the check
+        // does not need.
+        self.coop && std::mem::ManuallyDrop::new(unsafe { self.ring.submission_shared() }).taskrun()
     }
 
     /// Fills a free slot for the read or write in `chain` when the ring can serve it: the
@@ -316,6 +341,15 @@ impl Engine {
     /// Completes what the kernel finished: status byte and used entry for done requests,
     /// resubmission for short ones. Returns how many requests completed.
     fn harvest(&mut self, ring: &mut SplitRing) -> Result<usize, DeviceError> {
+        if self.taskrun() {
+            // Runs the pending task work, which posts the CQEs (and submits what is queued).
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => return Err(DeviceError::Backend(e)),
+            }
+        }
         self.done.clear();
         self.done.extend(
             self.ring
