@@ -129,6 +129,8 @@ pub(super) struct Engine {
     cq: io_uring::cqueue::CompletionStatus,
     /// The ring runs completions cooperatively (see `new`): they wait for an enter.
     coop: bool,
+    /// The disk is registered as the ring's fixed file 0.
+    fixed: bool,
     ring: IoUring,
     eventfd: EventFd,
     file: Arc<File>,
@@ -174,6 +176,8 @@ impl Engine {
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(UringError::Register)?;
+        // The disk as the ring's file 0: no file reference taken and dropped per request.
+        let fixed = ring.submitter().register_files(&[file.as_raw_fd()]).is_ok();
         // SAFETY: the status points into the ring's CQ mapping; it lives in the same engine
         // as the ring and is never used after it (nor handed out). No other CompletionQueue
         // exists at this point.
@@ -181,6 +185,7 @@ impl Engine {
         Ok(Self {
             cq,
             coop,
+            fixed,
             ring,
             eventfd,
             file,
@@ -289,20 +294,44 @@ impl Engine {
         let Some(slot) = self.slots.get(usize::from(idx)) else {
             return Ok(());
         };
-        let fd = types::Fd(self.file.as_raw_fd());
-        let iov = slot.iov[slot.next..].as_ptr();
-        // At most UIO_MAXIOV (checked in `prepare`).
-        let cnt = (slot.iov.len() - slot.next) as u32;
-        let sqe = match slot.dir {
-            Dir::Read => opcode::Readv::new(fd, iov, cnt).offset(slot.off).build(),
-            Dir::Write => opcode::Writev::new(fd, iov, cnt).offset(slot.off).build(),
+        let rest = &slot.iov[slot.next..];
+        // One buffer (a 4 KiB page, most of Linux's requests) goes as read/write, which skip
+        // the kernel's import of the iovec array; more as readv/writev (at most UIO_MAXIOV,
+        // checked in `prepare`).
+        macro_rules! sqe {
+            ($fd:expr) => {
+                match (slot.dir, rest) {
+                    (Dir::Read, [one]) => {
+                        opcode::Read::new($fd, one.iov_base.cast(), one.iov_len as u32)
+                            .offset(slot.off)
+                            .build()
+                    }
+                    (Dir::Write, [one]) => {
+                        opcode::Write::new($fd, one.iov_base.cast(), one.iov_len as u32)
+                            .offset(slot.off)
+                            .build()
+                    }
+                    (Dir::Read, _) => opcode::Readv::new($fd, rest.as_ptr(), rest.len() as u32)
+                        .offset(slot.off)
+                        .build(),
+                    (Dir::Write, _) => opcode::Writev::new($fd, rest.as_ptr(), rest.len() as u32)
+                        .offset(slot.off)
+                        .build(),
+                }
+            };
+        }
+        let sqe = if self.fixed {
+            sqe!(types::Fixed(0))
+        } else {
+            sqe!(types::Fd(self.file.as_raw_fd()))
         }
         .user_data(u64::from(idx));
         loop {
             // SAFETY: the SQE's iovecs live in the slot, which is neither reused nor resized
             // until the SQE's completion is harvested; the buffers they point to are guest
             // memory that `_mem` keeps mapped until then (the engine waits for every SQE
-            // before it is dropped). The fd is the disk's, held open by `file`.
+            // before it is dropped). The file is the disk, held open by `file` (and by the
+            // ring itself when registered).
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return Ok(());
             }
