@@ -39,7 +39,8 @@ use super::{
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
-/// Reads up to this size come from the file mapping; larger ones use pread. The mapping saves a
+/// Reads up to this size (one request, or a merged run of adjacent ones) come from the file
+/// mapping; larger ones use pread. The mapping saves a
 /// system call, which dominates a small read, but a large one spends its time copying, where the
 /// kernel's copy from the page cache beats ours through the mapping's page tables (`bench io`:
 /// 128 KiB sequential reads 0.76-0.94x mapped against 0.90-0.96x with pread in the same runs).
@@ -665,19 +666,17 @@ impl RequestCtx<'_> {
     /// The direction of a read or write that may join a group (`blk_batch`) with its data
     /// iovecs built into `iov`; None for any other request, which is served on its own:
     /// formatted images (the format layer does its own I/O), requests that fail their checks
-    /// (their error comes from [`RequestCtx::serve`] as before), small buffered reads the file
-    /// mapping serves without a system call, and O_DIRECT buffers needing the bounce buffer.
+    /// (their error comes from [`RequestCtx::serve`] as before) and O_DIRECT buffers needing
+    /// the bounce buffer. Small buffered reads merge too: a group still comes from the file
+    /// mapping while it is at most [`MAP_READ_MAX`], and a longer run of them is cheaper as one
+    /// preadv than as one copy each (`bench io` with 4 KiB sequential reads: 0.22-0.29 us of
+    /// CPU per read merged against 0.29-0.33 us through the mapping one by one).
     fn mergeable(&self, chain: &Chain, r: &Request, iov: &mut Vec<libc::iovec>) -> Option<Dir> {
         if self.image.is_some() {
             return None;
         }
         let (dir, len) = match r.ty {
-            T_IN if r.data_r == 0 && r.data_w > 0 => {
-                if self.map.is_some_and(|m| m.usable()) && r.data_w <= MAP_READ_MAX {
-                    return None;
-                }
-                (Dir::Read, r.data_w)
-            }
+            T_IN if r.data_r == 0 && r.data_w > 0 => (Dir::Read, r.data_w),
             T_OUT if r.data_w == 0 && r.data_r > 0 && !self.read_only => (Dir::Write, r.data_r),
             _ => return None,
         };

@@ -16,7 +16,9 @@
 use super::blk::Dir;
 use super::chain::Chain;
 
-/// Bytes one group may cover.
+/// Bytes one group may cover. `bench io` (128 KiB sequential, 32 in flight, O_DIRECT): 256 KiB
+/// cost 24-30 us of CPU per request, 512 KiB 19-23 us, 1 MiB 17-20 us, 2 MiB 16-23 us and no
+/// faster; buffered rows did not tell the caps apart.
 pub(crate) const MAX_BYTES: u64 = 1 << 20;
 /// iovecs one group may hold: one preadv/pwritev takes at most IOV_MAX.
 pub(crate) const MAX_IOVS: usize = libc::UIO_MAXIOV as usize;
