@@ -11,9 +11,10 @@ use corefour_vmm::VmConfig;
 #[derive(clap::Args, Default)]
 pub struct VirtioArgs {
     /// Add a virtio-blk disk: [path=]FILE[,format=raw|qcow2|vmdk|vdi|vhd|vhdx][,ro][,direct]
-    /// [,serial=S][,bytes=N][,bytes_burst=N][,ops=N][,ops_burst=N] (rates per second; sizes
-    /// take K/M/G). Without format= only .qcow2/.vmdk/.vdi/.vhd/.vhdx names are probed; a
-    /// declared format must match the file. Repeatable.
+    /// [,io=uring|sync][,serial=S][,bytes=N][,bytes_burst=N][,ops=N][,ops_burst=N] (rates per
+    /// second; sizes take K/M/G). Without format= only .qcow2/.vmdk/.vdi/.vhd/.vhdx names are
+    /// probed; a declared format must match the file. A direct raw disk keeps all the guest's
+    /// requests in flight through io_uring (io=sync: one at a time). Repeatable.
     #[arg(long, value_name = "FILE[,OPTS]")]
     disk: Vec<String>,
     /// Add a virtio-net interface on tap TAP (created if missing): TAP[,mac=aa:bb:cc:dd:ee:ff]
@@ -47,6 +48,7 @@ impl VirtioArgs {
                 serial: b.serial,
                 rate_limit: b.rate_limit.into(),
                 format: b.format.map(Into::into),
+                io: Some(b.io).filter(|&e| e != Default::default()),
             });
         }
         for n in &self.net {

@@ -188,16 +188,18 @@ fn paused_snapshot(v: &Vmm, dir: &Path) -> (String, PathBuf) {
 /// Runs vblkloop with a disk and an rng on `transport`, takes a full snapshot and later a diff
 /// snapshot (paused, so the output matches), stops the source, restores each, and checks the
 /// copies. Returns the full snapshot's directory and the disk for the tamper test.
-fn round_trip(t: &Tmp, transport: &str) -> (PathBuf, PathBuf) {
+/// `disk_opts` follow the disk's path on `--disk` (`,direct`: O_DIRECT through io_uring).
+fn round_trip(t: &Tmp, transport: &str, disk_opts: &str) -> (PathBuf, PathBuf) {
     let kernel = virtio_guest("vblkloop");
     let disk = t.disk();
+    let disk_arg = format!("{}{disk_opts}", disk.display());
     let src = Vmm::start(
         None,
         &[
             "--kernel",
             kernel.to_str().unwrap(),
             "--disk",
-            disk.to_str().unwrap(),
+            &disk_arg,
             "--rng",
             "--virtio-transport",
             transport,
@@ -281,7 +283,7 @@ fn rewind_disk(disk: &Path, last: u64) {
 fn blk_and_rng_continue_after_restore_over_mmio_and_damaged_device_state_is_refused() {
     need_kvm!();
     let t = Tmp::new("vsnap-mmio");
-    let (snap, disk) = round_trip(&t, "mmio");
+    let (snap, disk) = round_trip(&t, "mmio", "");
 
     let restore = |dir: &Path| {
         let o = Command::new(env!("CARGO_BIN_EXE_corefour"))
@@ -369,7 +371,8 @@ fn blk_and_rng_continue_after_restore_over_mmio_and_damaged_device_state_is_refu
 fn blk_and_rng_continue_after_restore_over_pci() {
     need_kvm!();
     let t = Tmp::new("vsnap-pci");
-    let (snap, _) = round_trip(&t, "pci");
+    // Direct: the disk's requests go through io_uring, drained when the VM pauses.
+    let (snap, _) = round_trip(&t, "pci", ",direct");
     let state = std::fs::read(snap.join("state.bin")).unwrap();
     let payload: serde_json::Value = serde_json::from_slice(&state[24..state.len() - 4]).unwrap();
     let pci = &payload["machine"]["devices"]["virtio"][0]["pci"];

@@ -184,6 +184,8 @@ struct Guest {
     mac: &'static str,
     ip: &'static str,
     disk: PathBuf,
+    /// Options after the disk's path (`,direct`: O_DIRECT, served through io_uring).
+    disk_opts: &'static str,
     vsock: PathBuf,
 }
 
@@ -276,7 +278,7 @@ fn boot(kernel: &Path, initrd: &Path, g: &Guest, host_ip: &str) -> Run {
             ),
         ])
         .arg("--disk")
-        .arg(&g.disk)
+        .arg(format!("{}{}", g.disk.display(), g.disk_opts))
         .args(["--net", &format!("{},mac={}", g.tap, g.mac)])
         .arg("--rng")
         .args(["--balloon", "16"])
@@ -459,6 +461,7 @@ fn linux_drives_virtio_blk_net_rng_balloon_and_vsock_over_pci_and_mmio() {
             mac: "06:c4:00:00:4c:02",
             ip: "10.78.0.2",
             disk: ext4_image(&dir, "pci").expect("ext4 image"),
+            disk_opts: ",direct",
             vsock: dir.join("vsock-pci.sock"),
         },
         Guest {
@@ -467,6 +470,7 @@ fn linux_drives_virtio_blk_net_rng_balloon_and_vsock_over_pci_and_mmio() {
             mac: "06:c4:00:00:4c:03",
             ip: "10.78.0.3",
             disk: ext4_image(&dir, "mmio").expect("ext4 image"),
+            disk_opts: "",
             vsock: dir.join("vsock-mmio.sock"),
         },
     ];

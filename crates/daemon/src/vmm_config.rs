@@ -33,6 +33,7 @@ pub fn build(rec: &VmRecord) -> VmConfig {
             serial: None,
             rate_limit: rate_limit(d.rate_limit.as_ref()),
             format: None,
+            io: None,
         })
         .collect();
     cfg.nets = rec

@@ -35,6 +35,8 @@ fn open(file: &tempfile::NamedTempFile, direct: bool, read_only: bool) -> Option
         path: file.path().into(),
         direct,
         read_only,
+        // The synchronous path merges; direct disks otherwise default to io_uring.
+        io: blk::IoEngine::Sync,
         ..Default::default()
     }) {
         Ok(b) => Some(b),

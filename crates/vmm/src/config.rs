@@ -87,6 +87,10 @@ pub struct DiskConfig {
     /// .vhdx are probed, anything else is raw). A declared format must match the contents.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<DiskFormat>,
+    /// How a direct raw disk's I/O runs: "uring" (absent: the default, many requests in
+    /// flight) or "sync" (one at a time). Buffered disks are always synchronous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io: Option<corefour_devices::virtio::blk::IoEngine>,
 }
 
 /// `format` of a disk in vm.json.
@@ -334,8 +338,21 @@ mod tests {
             serial: None,
             rate_limit: Default::default(),
             format: None,
+            io: None,
         });
         assert!(c.validate().is_ok(), "disks are supported (virtio-blk)");
+    }
+
+    #[test]
+    fn disk_io_engine_in_json() {
+        use corefour_devices::virtio::blk::IoEngine;
+        let d: DiskConfig =
+            serde_json::from_str(r#"{"path": "d", "direct": true, "io": "sync"}"#).unwrap();
+        assert_eq!(d.io, Some(IoEngine::Sync));
+        let d: DiskConfig = serde_json::from_str(r#"{"path": "d", "direct": true}"#).unwrap();
+        assert_eq!(d.io, None, "absent: the default engine");
+        assert!(!serde_json::to_string(&d).unwrap().contains("\"io\""));
+        assert!(serde_json::from_str::<DiskConfig>(r#"{"path": "d", "io": "aio"}"#).is_err());
     }
 
     #[test]

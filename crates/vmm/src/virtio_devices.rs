@@ -281,6 +281,7 @@ pub fn create(
             serial: d.serial.clone(),
             rate_limit: d.rate_limit.into(),
             format: d.format.map(Into::into),
+            io: d.io.unwrap_or_default(),
         })
         .map_err(|source| VirtioSetupError::Disk { index, source })?;
         devs.push(("blk", Box::new(blk)));

@@ -146,6 +146,12 @@ pub trait QueueHandler: Send {
     /// The live state of every queue the handler was given, in queue order (for snapshots;
     /// called only while the worker is parked between passes).
     fn queue_states(&self) -> Vec<state::QueueSnap>;
+    /// Finishes every request the handler has in flight (an asynchronous backend's), so that
+    /// [`QueueHandler::queue_states`] that follows accounts for all it took from the queues.
+    /// Called by the worker before it parks.
+    fn quiesce(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// A watched fd became ready.
     fn fd_ready(
         &mut self,

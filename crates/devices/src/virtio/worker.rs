@@ -258,8 +258,21 @@ fn poll(
 }
 
 /// Acts on the owner's command after a wake on the stop eventfd; false means exit.
-fn obey(handler: &dyn QueueHandler, stop: &EventFd, control: &Control) -> bool {
+fn obey(
+    handler: &mut dyn QueueHandler,
+    stop: &EventFd,
+    control: &Control,
+    interrupt: &Interrupt,
+) -> bool {
     let _ = stop.read();
+    // Requests still in flight finish before the state is taken (outside the lock: a disk may
+    // take a while, and `park` keeps its own timeout).
+    if control.lock().cmd == Command::Park {
+        if let Err(e) = handler.quiesce() {
+            tracing::warn!("virtio device stopped, driver must reset it: {e}");
+            interrupt.set_needs_reset();
+        }
+    }
     let mut c = control.lock();
     control.attention.store(false, Ordering::SeqCst);
     if c.cmd == Command::Park {
@@ -322,7 +335,7 @@ fn run(
         for ev in &events[..n] {
             let token = ev.data();
             if token == STOP_TOKEN {
-                if !obey(handler, stop, control) {
+                if !obey(handler, stop, control, interrupt) {
                     return;
                 }
                 continue;

@@ -1,0 +1,462 @@
+//! virtio-blk's io_uring engine on an O_DIRECT raw disk, end to end at the device level: many
+//! requests published at once, completed out of order, checked against the file; errors among
+//! good requests; flush ordering; a snapshot taken with requests in flight; bounce buffers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Rig;
+use corefour_devices::virtio::blk::{self, Block, BlockConfig, IoEngine};
+use corefour_devices::virtio::driver::{CountingIrq, MmioDriver};
+use corefour_devices::virtio::state::SaveRestore;
+use corefour_devices::virtio::MmioTransport;
+use vm_memory::{Bytes, GuestAddress};
+
+const T: Duration = Duration::from_secs(10);
+const SECTORS: u64 = 4096; // 2 MiB
+
+/// A disk file on a real file system (O_DIRECT is refused on some tmpfs), sector `s` filled
+/// with a pattern of `s`.
+fn disk() -> tempfile::NamedTempFile {
+    let f = tempfile::NamedTempFile::new_in("/var/tmp").unwrap();
+    let mut data = vec![0u8; (SECTORS * 512) as usize];
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = pattern(i as u64 / 512, i % 512);
+    }
+    std::fs::write(f.path(), &data).unwrap();
+    f
+}
+
+fn pattern(sector: u64, i: usize) -> u8 {
+    (sector as u8).wrapping_mul(31) ^ (i as u8) ^ (sector >> 8) as u8
+}
+
+/// The device with the io_uring engine, or None (printed) where the host cannot give it.
+fn uring_block(file: &tempfile::NamedTempFile) -> Option<Block> {
+    let dev = match Block::new(&BlockConfig {
+        path: file.path().into(),
+        direct: true,
+        ..Default::default()
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("SKIP: O_DIRECT not supported on /var/tmp: {e}");
+            return None;
+        }
+    };
+    if let Err(e) = blk::probe_io_uring() {
+        eprintln!("SKIP: io_uring unavailable here: {e}");
+        assert_eq!(dev.io_engine(), IoEngine::Sync, "falls back to sync");
+        return None;
+    }
+    assert_eq!(dev.io_engine(), IoEngine::Uring);
+    Some(dev)
+}
+
+/// A page-aligned guest buffer of `len` bytes.
+fn aligned(d: &mut MmioDriver, len: u64) -> GuestAddress {
+    GuestAddress((d.alloc(len + 4096).0 + 4095) & !4095)
+}
+
+struct Req {
+    head: u16,
+    status: GuestAddress,
+}
+
+/// Queues (without publishing) header + data + status; `into_guest`: the device writes the
+/// data (a read).
+fn queue(
+    d: &mut MmioDriver,
+    ty: u32,
+    sector: u64,
+    data: GuestAddress,
+    len: u32,
+    into_guest: bool,
+) -> Req {
+    let h = d.alloc(16);
+    let mut raw = [0u8; 16];
+    raw[0..4].copy_from_slice(&ty.to_le_bytes());
+    raw[8..16].copy_from_slice(&sector.to_le_bytes());
+    d.mem.write_slice(&raw, h).unwrap();
+    let status = d.alloc(1);
+    d.mem.write_obj(0xffu8, status).unwrap();
+    let mut bufs = vec![(h, 16, false)];
+    if len > 0 {
+        bufs.push((data, len, into_guest));
+    }
+    bufs.push((status, 1, true));
+    let head = d.queue_chain(0, &bufs).unwrap();
+    Req { head, status }
+}
+
+/// Waits for `n` used entries: head -> (position in the used ring, used length).
+fn collect(d: &mut MmioDriver, n: usize) -> HashMap<u16, (usize, u32)> {
+    let mut got = HashMap::new();
+    for i in 0..n {
+        let (id, len) = d
+            .wait_used(0, T)
+            .unwrap_or_else(|| panic!("{i} of {n} completed"));
+        assert!(
+            got.insert(id as u16, (i, len)).is_none(),
+            "head {id} completed twice"
+        );
+    }
+    got
+}
+
+fn status(d: &MmioDriver, r: &Req) -> u8 {
+    d.mem.read_obj(r.status).unwrap()
+}
+
+fn file_sectors(file: &tempfile::NamedTempFile, sector: u64, n: u64) -> Vec<u8> {
+    std::fs::read(file.path()).unwrap()[(sector * 512) as usize..((sector + n) * 512) as usize]
+        .to_vec()
+}
+
+/// 40 writes and 40 reads of other sectors in one batch (240 of the queue's 256 descriptors),
+/// then the written sectors read back in a second batch: every byte checked against the file.
+#[test]
+fn many_concurrent_reads_and_writes() {
+    let file = disk();
+    let Some(dev) = uring_block(&file) else {
+        return;
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let mut reads = Vec::new();
+    let mut writes = Vec::new();
+    for i in 0..40u64 {
+        // Writes of 4 KiB to sectors 0..512 (stride 8), reads of 8 KiB from 1024.. (stride 16).
+        let w = aligned(&mut d, 4096);
+        d.mem.write_slice(&[0x40 + i as u8; 4096], w).unwrap();
+        writes.push((i * 8, queue(&mut d, blk::T_OUT, i * 8, w, 4096, false)));
+        let r = aligned(&mut d, 8192);
+        reads.push((
+            r,
+            1024 + i * 16,
+            queue(&mut d, blk::T_IN, 1024 + i * 16, r, 8192, true),
+        ));
+    }
+    d.publish(0).unwrap();
+    let used = collect(&mut d, 80);
+    for (sector, w) in &writes {
+        assert_eq!(used[&w.head].1, 1, "write at {sector}: status only");
+        assert_eq!(status(&d, w), blk::S_OK);
+    }
+    for (buf, sector, r) in &reads {
+        assert_eq!(used[&r.head].1, 8193, "read at {sector}: data + status");
+        assert_eq!(status(&d, r), blk::S_OK);
+        let mut got = vec![0u8; 8192];
+        d.mem.read_slice(&mut got, *buf).unwrap();
+        assert_eq!(got, file_sectors(&file, *sector, 16), "read at {sector}");
+    }
+    for (i, (sector, _)) in writes.iter().enumerate() {
+        assert_eq!(
+            file_sectors(&file, *sector, 8),
+            vec![0x40 + i as u8; 4096],
+            "file at {sector}"
+        );
+    }
+    // And back through the device.
+    let back: Vec<_> = writes
+        .iter()
+        .map(|(sector, _)| {
+            let b = aligned(&mut d, 4096);
+            (b, queue(&mut d, blk::T_IN, *sector, b, 4096, true))
+        })
+        .collect();
+    d.publish(0).unwrap();
+    collect(&mut d, back.len());
+    for (i, (b, r)) in back.iter().enumerate() {
+        assert_eq!(status(&d, r), blk::S_OK);
+        let mut got = vec![0u8; 4096];
+        d.mem.read_slice(&mut got, *b).unwrap();
+        assert_eq!(got, vec![0x40 + i as u8; 4096]);
+    }
+}
+
+/// A read past the end of the disk in a batch of good ones: it alone gets IOERR.
+#[test]
+fn a_failing_request_among_good_ones() {
+    let file = disk();
+    let Some(dev) = uring_block(&file) else {
+        return;
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let mut reqs = Vec::new();
+    for i in 0..24u64 {
+        let b = aligned(&mut d, 4096);
+        let sector = if i == 11 { SECTORS - 4 } else { i * 8 };
+        reqs.push((b, sector, queue(&mut d, blk::T_IN, sector, b, 4096, true)));
+    }
+    // A write past the end too, in the middle of the batch.
+    let w = aligned(&mut d, 4096);
+    let bad_write = queue(&mut d, blk::T_OUT, SECTORS, w, 4096, false);
+    d.publish(0).unwrap();
+    let used = collect(&mut d, 25);
+    for (b, sector, r) in &reqs {
+        if *sector == SECTORS - 4 {
+            assert_eq!(status(&d, r), blk::S_IOERR, "read across the end");
+            assert_eq!(used[&r.head].1, 1, "no data reported for a failed read");
+            continue;
+        }
+        assert_eq!(status(&d, r), blk::S_OK, "read at {sector}");
+        let mut got = vec![0u8; 4096];
+        d.mem.read_slice(&mut got, *b).unwrap();
+        assert_eq!(got, file_sectors(&file, *sector, 8));
+    }
+    assert_eq!(status(&d, &bad_write), blk::S_IOERR, "write past the end");
+    assert_eq!(
+        std::fs::metadata(file.path()).unwrap().len(),
+        SECTORS * 512,
+        "file not extended"
+    );
+}
+
+/// A flush published behind a batch of writes completes after all of them.
+#[test]
+fn flush_completes_after_the_writes_before_it() {
+    let file = disk();
+    let Some(dev) = uring_block(&file) else {
+        return;
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let mut writes = Vec::new();
+    for i in 0..32u64 {
+        let w = aligned(&mut d, 8192);
+        d.mem.write_slice(&[0x90 ^ i as u8; 8192], w).unwrap();
+        writes.push(queue(&mut d, blk::T_OUT, 2048 + i * 16, w, 8192, false));
+    }
+    let flush = queue(&mut d, blk::T_FLUSH, 0, GuestAddress(0), 0, false);
+    d.publish(0).unwrap();
+    let used = collect(&mut d, 33);
+    assert_eq!(status(&d, &flush), blk::S_OK);
+    let flushed_at = used[&flush.head].0;
+    for (i, w) in writes.iter().enumerate() {
+        assert_eq!(status(&d, w), blk::S_OK);
+        assert!(
+            used[&w.head].0 < flushed_at,
+            "write {i} completed after the flush that followed it"
+        );
+        assert_eq!(
+            file_sectors(&file, 2048 + i as u64 * 16, 16),
+            vec![0x90 ^ i as u8; 8192]
+        );
+    }
+}
+
+/// Buffers the disk cannot take directly (odd addresses, lengths of 512 split oddly) go through
+/// the bounce buffer, in a batch with aligned ones.
+#[test]
+fn unaligned_buffers_among_aligned_ones() {
+    let file = disk();
+    let Some(dev) = uring_block(&file) else {
+        return;
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let odd_w = GuestAddress(aligned(&mut d, 4096).0 + 3);
+    d.mem.write_slice(&[0x3c; 1024], odd_w).unwrap();
+    let mut reqs = Vec::new();
+    for i in 0..8u64 {
+        let b = aligned(&mut d, 4096);
+        reqs.push((b, i * 8, queue(&mut d, blk::T_IN, i * 8, b, 4096, true)));
+        if i == 4 {
+            let odd = GuestAddress(aligned(&mut d, 4096).0 + 1);
+            reqs.push((odd, 100, queue(&mut d, blk::T_IN, 100, odd, 1536, true)));
+        }
+    }
+    let w = queue(&mut d, blk::T_OUT, 3000, odd_w, 1024, false);
+    d.publish(0).unwrap();
+    let used = collect(&mut d, reqs.len() + 1);
+    for (b, sector, r) in &reqs {
+        assert_eq!(status(&d, r), blk::S_OK, "read at {sector}");
+        let n = used[&r.head].1 as usize - 1;
+        let mut got = vec![0u8; n];
+        d.mem.read_slice(&mut got, *b).unwrap();
+        assert_eq!(got, file_sectors(&file, *sector, n as u64 / 512));
+    }
+    assert_eq!(status(&d, &w), blk::S_OK);
+    assert_eq!(file_sectors(&file, 3000, 2), vec![0x3c; 1024]);
+}
+
+/// A snapshot taken while writes are in flight: every request the device took is complete and
+/// in the used ring when the state is saved, and a device restored from it finishes the rest.
+#[test]
+fn snapshot_with_requests_in_flight_loses_nothing() {
+    let file = disk();
+    let Some(dev) = uring_block(&file) else {
+        return;
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let mut writes = Vec::new();
+    for i in 0..64u64 {
+        let w = aligned(&mut d, 16384);
+        d.mem.write_slice(&[0x11 + i as u8; 16384], w).unwrap();
+        writes.push(queue(&mut d, blk::T_OUT, 64 + i * 32, w, 16384, false));
+    }
+    d.publish(0).unwrap();
+    // Park the device as soon as its first write completed: the rest of what it took is
+    // then most likely still on the disk.
+    let t0 = std::time::Instant::now();
+    while d.used_idx(0) == 0 {
+        assert!(t0.elapsed() < T, "no write completed");
+        std::hint::spin_loop();
+    }
+    let saved = rig.transport.save_state().unwrap();
+    let q = &saved.queues[0];
+    assert_eq!(
+        q.next_avail, q.next_used,
+        "every request taken from the ring is in the used ring"
+    );
+    assert_eq!(
+        d.used_idx(0),
+        q.next_used,
+        "the used index in memory agrees"
+    );
+    let taken = usize::from(q.next_used);
+    for w in &writes[..taken] {
+        assert_eq!(status(&d, w), blk::S_OK, "a taken request has its status");
+    }
+    for w in &writes[taken..] {
+        assert_eq!(status(&d, w), 0xff, "an untaken request is untouched");
+    }
+
+    let irq = Arc::new(CountingIrq::default());
+    let fresh = MmioTransport::new(
+        Box::new(uring_block(&file).expect("available above")),
+        rig.mem.clone(),
+        irq,
+    )
+    .unwrap();
+    fresh.restore_state(&saved).unwrap();
+    d.dev = &fresh;
+    collect(&mut d, 64);
+    for (i, w) in writes.iter().enumerate() {
+        assert_eq!(status(&d, w), blk::S_OK, "write {i}");
+        assert_eq!(
+            file_sectors(&file, 64 + i as u64 * 32, 32),
+            vec![0x11 + i as u8; 16384],
+            "write {i} in the file"
+        );
+    }
+    eprintln!("{taken} of 64 writes were taken before the snapshot");
+}
+
+/// `io=sync` and buffered disks keep the synchronous engine.
+#[test]
+fn engine_choice() {
+    let file = disk();
+    let c = BlockConfig::parse(&format!("{},direct,io=sync", file.path().display())).unwrap();
+    assert_eq!(c.io, IoEngine::Sync);
+    if let Ok(dev) = Block::new(&c) {
+        assert_eq!(dev.io_engine(), IoEngine::Sync);
+    }
+    let buffered = Block::new(&BlockConfig {
+        path: file.path().into(),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(buffered.io_engine(), IoEngine::Sync);
+    let e = BlockConfig::parse(&format!("{},io=uring", file.path().display())).unwrap_err();
+    assert!(e.contains("io=uring needs direct"), "{e}");
+    assert!(BlockConfig::parse("/x,direct,io=posix").is_err());
+}
+
+/// A disk file shrunk under the running device: a read across the new end is cut short by the
+/// kernel, resubmitted for the rest, meets end of file and answers IOERR (never OK with part
+/// of the data); reads before the end still work, and after the file grows back, all do.
+#[test]
+fn short_read_at_a_shrunk_end_is_an_error() {
+    let file = disk();
+    let Some(dev) = uring_block(&file) else {
+        return;
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let resize = |sectors: u64| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(file.path())
+            .unwrap()
+            .set_len(sectors * 512)
+            .unwrap()
+    };
+    resize(1000);
+    let across = aligned(&mut d, 8192);
+    let inside = aligned(&mut d, 8192);
+    let a = queue(&mut d, blk::T_IN, 996, across, 8192, true);
+    let b = queue(&mut d, blk::T_IN, 900, inside, 8192, true);
+    d.publish(0).unwrap();
+    let used = collect(&mut d, 2);
+    assert_eq!(
+        status(&d, &a),
+        blk::S_IOERR,
+        "read across the end of the file"
+    );
+    assert_eq!(used[&a.head].1, 1);
+    assert_eq!(status(&d, &b), blk::S_OK);
+    let mut got = vec![0u8; 8192];
+    d.mem.read_slice(&mut got, inside).unwrap();
+    assert_eq!(got, file_sectors(&file, 900, 16));
+    resize(SECTORS);
+    let again = queue(&mut d, blk::T_IN, 996, across, 8192, true);
+    d.publish(0).unwrap();
+    collect(&mut d, 1);
+    assert_eq!(status(&d, &again), blk::S_OK, "the file is long again");
+    d.mem.read_slice(&mut got, across).unwrap();
+    assert_eq!(got[..2048], file_sectors(&file, 996, 4)[..]);
+    assert!(
+        got[2048..].iter().all(|&b| b == 0),
+        "the regrown part is a hole"
+    );
+}
+
+/// The rate limiter admits each request before it is submitted: 30 reads published at once
+/// against 20 ops/s (one second's worth in the bucket) take the last 10 at the refill rate.
+#[test]
+fn rate_limit_holds_back_submissions() {
+    let file = disk();
+    let dev = match Block::new(&BlockConfig {
+        path: file.path().into(),
+        direct: true,
+        rate_limit: corefour_devices::virtio::rate_limiter::RateLimit {
+            ops_per_sec: 20,
+            ops_burst: 1,
+            ..Default::default()
+        },
+        ..Default::default()
+    }) {
+        Ok(d) if d.io_engine() == IoEngine::Uring => d,
+        _ => return eprintln!("SKIP: no O_DIRECT on /var/tmp or no io_uring here"),
+    };
+    let rig = Rig::new(Box::new(dev));
+    let mut d = rig.driver(1, 256);
+    let t0 = std::time::Instant::now();
+    let reqs: Vec<_> = (0..30u64)
+        .map(|i| {
+            let b = aligned(&mut d, 4096);
+            queue(&mut d, blk::T_IN, i * 8, b, 4096, true)
+        })
+        .collect();
+    d.publish(0).unwrap();
+    collect(&mut d, 30);
+    let took = t0.elapsed();
+    for r in &reqs {
+        assert_eq!(status(&d, r), blk::S_OK);
+    }
+    assert!(
+        took >= Duration::from_millis(400),
+        "30 ops at 20/s: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(3),
+        "limiter too strict: {took:?}"
+    );
+}
