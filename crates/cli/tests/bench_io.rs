@@ -30,7 +30,9 @@ fn bench_io_blk_rows_run_and_print_json() {
             "blk rand read 4K buffered pread",
             "blk rand write 4K buffered",
             "blk rand read 4K direct",
-            "blk rand write 4K direct"
+            "blk rand read 4K direct, peer qd",
+            "blk rand write 4K direct",
+            "blk rand write 4K direct, peer qd"
         ]
     );
     for r in rows {

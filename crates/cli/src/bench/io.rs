@@ -138,13 +138,13 @@ fn table(rows: &[Row], qd: usize) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{:<32} {:>12} {:>10} {:>12} {:>10} {:>7}  peer",
+        "{:<38} {:>12} {:>10} {:>12} {:>10} {:>7}  peer",
         "test", "virtio MB/s", "kIOPS", "peer MB/s", "kIOPS", "ratio"
     );
     for r in rows {
         let _ = writeln!(
             t,
-            "{:<32} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>6.2}x  {}",
+            "{:<38} {:>12.1} {:>10.1} {:>12.1} {:>10.1} {:>6.2}x  {}",
             r.test,
             r.virtio_bps / 1e6,
             r.virtio_iops / 1e3,
@@ -164,7 +164,7 @@ fn table(rows: &[Row], qd: usize) -> String {
     );
     let _ = writeln!(
         t,
-        "(the device serves buffered reads by copying from a read-only shared mapping of the raw file, no system call on a page-cache hit; `pread` rows: the same device with the mapping off; its writes, and all direct I/O, use pwrite/pread; the peer always uses pread/pwrite)"
+        "(the device serves buffered reads by copying from a read-only shared mapping of the raw file, no system call on a page-cache hit; `pread` rows: the same device with the mapping off; its buffered writes use pwrite; its direct I/O goes through io_uring with the whole queue in flight; the peer uses pread/pwrite one call at a time, or in `peer qd` rows io_uring with as many operations in flight as the driver)"
     );
     t
 }
@@ -253,15 +253,23 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
             Pattern::RandRead,
             Pattern::RandWrite,
         ] {
-            runs.push((direct, p, true));
+            runs.push((direct, p, true, false));
             if !direct && !p.write() {
-                runs.push((direct, p, false));
+                runs.push((direct, p, false, false));
+            }
+            if direct {
+                runs.push((direct, p, true, true));
             }
         }
     }
-    for (direct, p, map) in runs {
+    for (direct, p, map, peer_qd) in runs {
         let mode = if direct { "direct" } else { "buffered" };
-        let name = format!("{} {mode}{}", p.name(), if map { "" } else { " pread" });
+        let name = format!(
+            "{} {mode}{}{}",
+            p.name(),
+            if map { "" } else { " pread" },
+            if peer_qd { ", peer qd" } else { "" }
+        );
         if args
             .only
             .as_ref()
@@ -276,7 +284,13 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
             args.random_ops
         };
         let offsets = p.offsets(size, ops);
-        let (host, dev, pinned) = interleaved(args, &path, p, &offsets, direct, map, &name)?;
+        let run = Run {
+            p,
+            direct,
+            map,
+            peer_qd,
+        };
+        let (host, dev, pinned) = interleaved(args, &path, &run, &offsets, &name)?;
         let n = offsets.len() as f64 * f64::from(args.rounds.max(1));
         let bytes = n * p.block() as f64;
         rows.push(Row {
@@ -287,7 +301,12 @@ fn blk_bench(args: &Args) -> anyhow::Result<Vec<Row>> {
             peer_iops: n / host.as_secs_f64(),
             ratio: host.as_secs_f64() / dev.as_secs_f64(),
             peer: format!(
-                "host pread/pwrite, same file, {mode}{}",
+                "{}, same file, {mode}{}",
+                if peer_qd {
+                    format!("host io_uring, {} in flight", args.queue_depth.clamp(1, 64))
+                } else {
+                    "host pread/pwrite".to_string()
+                },
                 if pinned { ", pinned" } else { "" }
             ),
         });
@@ -348,17 +367,31 @@ impl Drop for AlignedBuf {
 /// ratios of 0.5-1.3x for the same code. Pieces of ~10 ms in turn give both sides the same
 /// weather. The device lives through all of it as a running VM's does: opened once, its mapping
 /// and ring warm after the first piece, as the host's page cache is.
+/// One test: the pattern, the cache mode, whether the device uses its file mapping, and
+/// whether the peer keeps the driver's queue depth in flight (io_uring) instead of one
+/// synchronous call at a time.
+struct Run {
+    p: Pattern,
+    direct: bool,
+    map: bool,
+    peer_qd: bool,
+}
+
 fn interleaved(
     args: &Args,
     path: &Path,
-    p: Pattern,
+    run: &Run,
     offsets: &[u64],
-    direct: bool,
-    map: bool,
     name: &str,
 ) -> anyhow::Result<(Duration, Duration, bool)> {
     const CHUNKS: usize = 8;
-    let mut host = HostSide::open(path, p, args.queue_depth, direct)?;
+    let Run {
+        p,
+        direct,
+        map,
+        peer_qd,
+    } = *run;
+    let mut host = HostSide::open(path, p, args.queue_depth, direct, peer_qd)?;
     let mut dev = DeviceSide::new(path, p, args.queue_depth, direct, map)?;
     let pins = if pin_threads(args.pin) {
         Pins::new(&dev)?
@@ -494,10 +527,18 @@ struct HostSide {
     bs: usize,
     qd: usize,
     bufs: AlignedBuf,
+    /// Keep `qd` operations in flight through this ring instead of one call at a time.
+    uring: Option<io_uring::IoUring>,
 }
 
 impl HostSide {
-    fn open(path: &Path, p: Pattern, qd: usize, direct: bool) -> anyhow::Result<Self> {
+    fn open(
+        path: &Path,
+        p: Pattern,
+        qd: usize,
+        direct: bool,
+        in_flight: bool,
+    ) -> anyhow::Result<Self> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = OpenOptions::new()
             .read(true)
@@ -511,16 +552,28 @@ impl HostSide {
         let qd = qd.clamp(1, 64);
         let mut bufs = AlignedBuf::new(bs * qd)?;
         bufs.slice(0, bs * qd).fill(0);
+        let uring = if in_flight {
+            Some(
+                io_uring::IoUring::new(64)
+                    .context("creating an io_uring for the peer (is io_uring disabled?)")?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             file,
             write: p.write(),
             bs,
             qd,
             bufs,
+            uring,
         })
     }
 
     fn run(&mut self, offsets: &[u64]) -> anyhow::Result<Duration> {
+        if self.uring.is_some() {
+            return self.run_in_flight(offsets);
+        }
         let t = Instant::now();
         for (i, &off) in offsets.iter().enumerate() {
             let b = self.bufs.slice((i % self.qd) * self.bs, self.bs);
@@ -528,6 +581,56 @@ impl HostSide {
                 self.file.write_all_at(b, off)?;
             } else {
                 self.file.read_exact_at(b, off)?;
+            }
+        }
+        Ok(t.elapsed())
+    }
+
+    /// The same operations with `qd` of them in flight, as fio's io_uring engine at that
+    /// iodepth: each completion submits the next.
+    fn run_in_flight(&mut self, offsets: &[u64]) -> anyhow::Result<Duration> {
+        use io_uring::{opcode, types};
+        let Some(ring) = self.uring.as_mut() else {
+            bail!("no io_uring");
+        };
+        let fd = types::Fd(std::os::fd::AsRawFd::as_raw_fd(&self.file));
+        let mut free: Vec<usize> = (0..self.qd).collect();
+        let (mut next, mut done) = (0usize, 0usize);
+        let t = Instant::now();
+        while done < offsets.len() {
+            while next < offsets.len() {
+                let Some(slot) = free.pop() else { break };
+                let buf = self.bufs.slice(slot * self.bs, self.bs).as_mut_ptr();
+                let len = self.bs as u32;
+                let sqe = if self.write {
+                    opcode::Write::new(fd, buf, len)
+                        .offset(offsets[next])
+                        .build()
+                } else {
+                    opcode::Read::new(fd, buf, len)
+                        .offset(offsets[next])
+                        .build()
+                };
+                // SAFETY: the buffer is slot `slot` of `self.bufs`, which outlives the ring's
+                // use of it: the slot returns to `free` only after its completion, and this
+                // function waits for every completion before it returns.
+                if unsafe { ring.submission().push(&sqe.user_data(slot as u64)) }.is_err() {
+                    free.push(slot);
+                    break;
+                }
+                next += 1;
+            }
+            ring.submit_and_wait(1).context("io_uring submit")?;
+            for cqe in ring.completion() {
+                if cqe.result() != self.bs as i32 {
+                    bail!(
+                        "peer io_uring operation returned {} (expected {} bytes)",
+                        cqe.result(),
+                        self.bs
+                    );
+                }
+                free.push(cqe.user_data() as usize);
+                done += 1;
             }
         }
         Ok(t.elapsed())
