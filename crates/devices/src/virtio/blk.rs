@@ -517,13 +517,15 @@ struct Scratch {
 }
 
 // SAFETY: the iovecs are only scratch space; their pointers are rebuilt for every request
-// and never used after it, so moving the handler to its worker thread moves nothing live.
+// and never used after the pass over the queue that built them (a group of merged requests is
+// issued before `process` returns), so moving the handler to its worker thread moves nothing
+// live.
 unsafe impl Send for Scratch {}
 
 impl BlockHandler {
-    /// Serves every available chain. Driver notifications stay off until the worker sleeps
-    /// (`before_sleep`): a driver adding requests while the device works or polls need not
-    /// kick it.
+    /// Serves every available chain, adjacent reads or writes merged into one system call
+    /// (`blk_batch`). Driver notifications stay off until the worker sleeps (`before_sleep`): a
+    /// driver adding requests while the device works or polls need not kick it.
     fn process(&mut self) -> Result<(), DeviceError> {
         if let Some(r) = self.process_async() {
             return r;
