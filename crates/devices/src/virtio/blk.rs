@@ -3,7 +3,8 @@
 //!
 //! Requests run synchronously on the device's worker thread with pread/pwrite (preadv/pwritev
 //! for several buffers) straight into guest memory (no bounce buffer), which keeps throughput
-//! close to the host file's. Buffered reads of a raw regular file are copied from a read-only
+//! close to the host file's. Adjacent reads or writes made available together are merged into
+//! one preadv/pwritev (`blk_batch`). Buffered reads of a raw regular file are copied from a read-only
 //! shared mapping of it instead (`blk_map`: no system call for a page-cache hit; a file that
 //! shrinks underneath turns into an I/O error status, and reads fall back to pread). The queue is read and written through `ring::SplitRing` (host
 //! pointers resolved at activation); the worker polls it for a while after each burst with
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryMmap, Permissions};
 
+use super::blk_batch::{Group, Parts};
 use super::blk_map::FileMap;
 use super::chain::{self, Chain};
 use super::rate_limiter::{RateLimit, RateLimiter};
@@ -47,7 +49,8 @@ use super::{
 
 pub const SECTOR_SIZE: u64 = 512;
 const QUEUE_SIZE: u16 = 256;
-/// Reads up to this size come from the file mapping; larger ones use pread. The mapping saves a
+/// Reads up to this size (one request, or a merged run of adjacent ones) come from the file
+/// mapping; larger ones use pread. The mapping saves a
 /// system call, which dominates a small read, but a large one spends its time copying, where the
 /// kernel's copy from the page cache beats ours through the mapping's page tables (`bench io`:
 /// 128 KiB sequential reads 0.76-0.94x mapped against 0.90-0.96x with pread in the same runs).
@@ -508,19 +511,21 @@ pub struct BlockHandler {
 struct Scratch {
     chain: Chain,
     iov: Vec<libc::iovec>,
+    /// For redoing a failed group's requests one by one.
+    spare: Vec<libc::iovec>,
+    group: Group,
 }
 
 // SAFETY: the iovecs are only scratch space; their pointers are rebuilt for every request
-// and never used after it, so moving the handler to its worker thread moves nothing live.
+// and never used after the pass over the queue that built them (a group of merged requests is
+// issued before `process` returns), so moving the handler to its worker thread moves nothing
+// live.
 unsafe impl Send for Scratch {}
 
-/// A request refused for now by the rate limiter.
-struct Throttled(Duration);
-
 impl BlockHandler {
-    /// Serves every available chain. Driver notifications stay off until the worker sleeps
-    /// (`before_sleep`): a driver adding requests while the device works or polls need not
-    /// kick it.
+    /// Serves every available chain, adjacent reads or writes merged into one system call
+    /// (`blk_batch`). Driver notifications stay off until the worker sleeps (`before_sleep`): a
+    /// driver adding requests while the device works or polls need not kick it.
     fn process(&mut self) -> Result<(), DeviceError> {
         if let Some(r) = self.process_async() {
             return r;
@@ -548,6 +553,16 @@ impl BlockHandler {
         };
         ring.disable_notification();
         let event_idx = ring.event_idx();
+        let complete = |ring: &mut SplitRing, head: u16, len: u32| {
+            ring.add_used(head, len);
+            // With event idx the driver names the completion it wants to hear about (Linux:
+            // the next one; a batching driver: the one that frees a batch). Telling it at once
+            // lets it refill the ring while the device works on the rest, instead of both
+            // taking turns.
+            if event_idx && ring.needs_notification() {
+                interrupt.signal_used();
+            }
+        };
         let mut result = Ok(());
         loop {
             match ring.pop(&mut scratch.chain) {
@@ -558,23 +573,44 @@ impl BlockHandler {
                     break;
                 }
             }
-            match req.handle(limiter, scratch) {
-                Ok(len) => {
-                    ring.add_used(scratch.chain.head, len);
-                    // With event idx the driver names the completion it wants to hear about
-                    // (Linux: the next one; a batching driver: the one that frees a batch).
-                    // Telling it at once lets it refill the ring while the device works on
-                    // the rest, instead of both taking turns.
-                    if event_idx && ring.needs_notification() {
-                        interrupt.signal_used();
+            let Scratch {
+                chain,
+                iov,
+                spare,
+                group,
+            } = scratch;
+            let parsed = req.parse(chain);
+            if let Parsed::Request(r) = &parsed {
+                if !limiter.is_unlimited() {
+                    if let Err(d) = limiter.admit(r.bytes()) {
+                        // The group built so far is issued below.
+                        ring.undo_pop();
+                        self.throttled_until = Some(Instant::now() + d);
+                        break;
                     }
                 }
-                Err(Throttled(d)) => {
-                    ring.undo_pop();
-                    self.throttled_until = Some(Instant::now() + d);
-                    break;
+                // A read or write that can share one system call with its neighbours joins
+                // the group, which is issued once a request does not continue it; anything
+                // else is served on its own after the group, keeping the driver's order.
+                if let Some(dir) = req.mergeable(chain, r, iov) {
+                    let off = r.sector * SECTOR_SIZE;
+                    if !group.accepts(dir, off, iov_len(iov), iov.len()) {
+                        req.issue(group, spare, &mut |h, l| complete(ring, h, l));
+                    }
+                    group.push(chain, dir, r.sector, iov);
+                    continue;
                 }
             }
+            if !group.is_empty() {
+                req.issue(group, spare, &mut |h, l| complete(ring, h, l));
+            }
+            let len = req.serve(chain, parsed, iov);
+            complete(ring, chain.head, len);
+        }
+        if !scratch.group.is_empty() {
+            req.issue(&mut scratch.group, &mut scratch.spare, &mut |h, l| {
+                complete(ring, h, l)
+            });
         }
         if ring.needs_notification() {
             interrupt.signal_used();
@@ -641,6 +677,45 @@ impl QueueHandler for BlockHandler {
     }
 }
 
+/// A request refused for now by the rate limiter.
+struct Throttled(Duration);
+
+/// A request's header and data lengths.
+#[derive(Clone, Copy)]
+struct Request {
+    ty: u32,
+    sector: u64,
+    /// Device-readable bytes after the header.
+    data_r: usize,
+    /// Device-writable bytes before the status byte.
+    data_w: usize,
+}
+
+enum Parsed {
+    /// No writable byte for a status: returned untouched.
+    NoStatus,
+    /// A malformed chain or header: I/O error status.
+    Rejected {
+        data_w: usize,
+    },
+    Request(Request),
+}
+
+impl Request {
+    /// Bytes the rate limiter counts.
+    fn bytes(&self) -> u64 {
+        match self.ty {
+            T_IN => self.data_w as u64,
+            T_OUT => self.data_r as u64,
+            _ => 0,
+        }
+    }
+}
+
+fn sector_aligned(v: &libc::iovec) -> bool {
+    (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
+}
+
 struct RequestCtx<'a> {
     mem: &'a GuestMemoryMmap,
     file: &'a File,
@@ -653,57 +728,95 @@ struct RequestCtx<'a> {
 }
 
 impl RequestCtx<'_> {
-    /// Runs the request in `scratch.chain`; returns the bytes written into the chain (data +
-    /// status byte).
+    /// Runs the request in `scratch.chain` on its own (the io_uring engine's path for what its
+    /// ring does not take); returns the bytes written into the chain (data + status byte).
     fn handle(&self, limiter: &mut RateLimiter, scratch: &mut Scratch) -> Result<u32, Throttled> {
-        let Scratch { chain, iov } = scratch;
-        let chain = &*chain;
+        let parsed = self.parse(&scratch.chain);
+        if let Parsed::Request(r) = &parsed {
+            if !limiter.is_unlimited() {
+                limiter.admit(r.bytes()).map_err(Throttled)?;
+            }
+        }
+        Ok(self.serve(&scratch.chain, parsed, &mut scratch.iov))
+    }
+
+    /// Reads the header of the request in `chain`.
+    fn parse(&self, chain: &Chain) -> Parsed {
         let wlen = chain.writable_len();
         if wlen == 0 {
-            // No place for a status byte: return the chain untouched.
-            return Ok(0);
+            return Parsed::NoStatus;
         }
         let data_w = wlen - 1;
         if let Some(e) = &chain.error {
             tracing::debug!("virtio-blk: chain {} rejected: {e}", chain.head);
-            return Ok(self.finish(chain, data_w, S_IOERR, 0));
+            return Parsed::Rejected { data_w };
         }
         let mut hdr = [0u8; HEADER_LEN];
         if chain.readable_len() < HEADER_LEN
             || chain::read_from(self.mem, &chain.readable, 0, &mut hdr) != HEADER_LEN
         {
-            return Ok(self.finish(chain, data_w, S_IOERR, 0));
+            return Parsed::Rejected { data_w };
         }
-        let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes([
-            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-        ]);
-        let data_r = chain.readable_len() - HEADER_LEN;
-        let bytes = match ty {
-            T_IN => data_w,
-            T_OUT => data_r,
-            _ => 0,
+        Parsed::Request(Request {
+            ty: u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]),
+            sector: u64::from_le_bytes([
+                hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+            ]),
+            data_r: chain.readable_len() - HEADER_LEN,
+            data_w,
+        })
+    }
+
+    /// The direction of a read or write that may join a group (`blk_batch`) with its data
+    /// iovecs built into `iov`; None for any other request, which is served on its own:
+    /// formatted images (the format layer does its own I/O), requests that fail their checks
+    /// (their error comes from [`RequestCtx::serve`] as before) and O_DIRECT buffers needing
+    /// the bounce buffer. Small buffered reads merge too: a group still comes from the file
+    /// mapping while it is at most [`MAP_READ_MAX`], and a longer run of them is cheaper as one
+    /// preadv than as one copy each (`bench io` with 4 KiB sequential reads: 0.22-0.29 us of
+    /// CPU per read merged against 0.29-0.33 us through the mapping one by one).
+    fn mergeable(&self, chain: &Chain, r: &Request, iov: &mut Vec<libc::iovec>) -> Option<Dir> {
+        if self.image.is_some() {
+            return None;
+        }
+        let (dir, len) = match r.ty {
+            T_IN if r.data_r == 0 && r.data_w > 0 => (Dir::Read, r.data_w),
+            T_OUT if r.data_w == 0 && r.data_r > 0 && !self.read_only => (Dir::Write, r.data_r),
+            _ => return None,
         };
-        if !limiter.is_unlimited() {
-            limiter.admit(bytes as u64).map_err(Throttled)?;
+        self.check_range(r.sector, len).ok()?;
+        let (bufs, skip, access) = match dir {
+            Dir::Read => (&chain.writable, 0, Permissions::Write),
+            Dir::Write => (&chain.readable, HEADER_LEN, Permissions::Read),
+        };
+        chain::iovecs_into(self.mem, bufs, skip, len, access, iov).ok()?;
+        if self.direct && !iov.iter().all(sector_aligned) {
+            return None;
         }
+        Some(dir)
+    }
+
+    /// Runs the request in `chain` (admitted by the rate limiter); returns the bytes written
+    /// into the chain (data + status byte).
+    fn serve(&self, chain: &Chain, parsed: Parsed, iov: &mut Vec<libc::iovec>) -> u32 {
+        let Request {
+            ty,
+            sector,
+            data_r,
+            data_w,
+        } = match parsed {
+            // No place for a status byte: return the chain untouched.
+            Parsed::NoStatus => return 0,
+            Parsed::Rejected { data_w } => return self.finish(chain, data_w, S_IOERR, 0),
+            Parsed::Request(r) => r,
+        };
         let (status, written) = match ty {
             // Data in the wrong direction: a read with a device-readable payload or the reverse.
             T_IN if data_r > 0 => (S_IOERR, 0),
             T_OUT if data_w > 0 => (S_IOERR, 0),
-            T_IN => match self.read(chain, sector, data_w, iov) {
-                Ok(()) => (S_OK, data_w),
-                Err(e) => {
-                    tracing::debug!("virtio-blk: read at sector {sector}: {e}");
-                    (S_IOERR, 0)
-                }
-            },
+            T_IN => (self.read_one(chain, sector, data_w, iov), data_w),
             T_OUT if self.read_only => (S_IOERR, 0),
-            T_OUT => {
-                let r = self.write(chain, sector, data_r, iov);
-                mark_written(self.file, sector.saturating_mul(SECTOR_SIZE), data_r as u64);
-                (status_of(r), 0)
-            }
+            T_OUT => (self.write_one(chain, sector, data_r, iov), 0),
             T_FLUSH if self.read_only => (S_OK, 0),
             T_FLUSH if self.image.is_some() => (status_of(self.with_writer(|w| w.flush())), 0),
             // SAFETY: fdatasync on an fd we own.
@@ -720,7 +833,77 @@ impl RequestCtx<'_> {
             T_DISCARD | T_WRITE_ZEROES => (status_of(self.segments(chain, ty, data_r)), 0),
             _ => (S_UNSUPP, 0),
         };
-        Ok(self.finish(chain, data_w, status, written))
+        // A failed read returns no data.
+        let written = if status == S_OK { written } else { 0 };
+        self.finish(chain, data_w, status, written)
+    }
+
+    fn read_one(&self, chain: &Chain, sector: u64, len: usize, iov: &mut Vec<libc::iovec>) -> u8 {
+        match self.read(chain, sector, len, iov) {
+            Ok(()) => S_OK,
+            Err(e) => {
+                tracing::debug!("virtio-blk: read at sector {sector}: {e}");
+                S_IOERR
+            }
+        }
+    }
+
+    fn write_one(&self, chain: &Chain, sector: u64, len: usize, iov: &mut Vec<libc::iovec>) -> u8 {
+        let r = self.write(chain, sector, len, iov);
+        mark_written(self.file, sector.saturating_mul(SECTOR_SIZE), len as u64);
+        status_of(r)
+    }
+
+    /// Issues `group` as one preadv/pwritev and completes its requests in order through
+    /// `complete(head, used_len)`. If the call fails, each request is redone on its own (with
+    /// `iov` as scratch), so each gets its own status and none is reported done for data that
+    /// did not move.
+    fn issue(
+        &self,
+        group: &mut Group,
+        iov: &mut Vec<libc::iovec>,
+        complete: &mut dyn FnMut(u16, u32),
+    ) {
+        let Some(Parts {
+            dir,
+            start,
+            end,
+            iov: merged,
+            members,
+            chains,
+        }) = group.parts()
+        else {
+            return;
+        };
+        let r = self.transfer(merged, start, dir);
+        if let Dir::Write = dir {
+            mark_written(self.file, start, end - start);
+        }
+        if let Err(e) = &r {
+            tracing::debug!(
+                "virtio-blk: {} requests at bytes {start}..{end}: {e}; redoing them one by one",
+                members.len()
+            );
+        }
+        for (m, chain) in members.iter().zip(chains) {
+            let status = match (&r, dir) {
+                (Ok(()), _) => S_OK,
+                (Err(_), _) if members.len() == 1 => S_IOERR,
+                (Err(_), Dir::Read) => self.read_one(chain, m.sector, m.len, iov),
+                (Err(_), Dir::Write) => self.write_one(chain, m.sector, m.len, iov),
+            };
+            let written = match dir {
+                Dir::Read if status == S_OK => m.len,
+                _ => 0,
+            };
+            // Merged requests were checked: their status byte follows their data.
+            let status_at = match dir {
+                Dir::Read => m.len,
+                Dir::Write => 0,
+            };
+            complete(chain.head, self.finish(chain, status_at, status, written));
+        }
+        group.clear();
     }
 
     fn finish(&self, chain: &Chain, status_at: usize, status: u8, written: usize) -> u32 {
@@ -793,10 +976,7 @@ impl RequestCtx<'_> {
                 return map.read(iov, off);
             }
         }
-        let aligned = |v: &libc::iovec| {
-            (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
-        };
-        if !self.direct || iov.iter().all(aligned) {
+        if !self.direct || iov.iter().all(sector_aligned) {
             return rw_all(self.file.as_raw_fd(), iov, off, dir);
         }
         bounce(self.file.as_raw_fd(), iov, off, dir)
@@ -1038,7 +1218,7 @@ fn cvt(r: libc::c_int) -> io::Result<()> {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Dir {
     Read,
     Write,

@@ -18,6 +18,7 @@
 
 pub mod balloon;
 pub mod blk;
+mod blk_batch;
 pub mod blk_dirty;
 pub mod blk_map;
 pub mod chain;
