@@ -31,14 +31,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    mark_written, BlockHandler, DeviceError, Dir, RequestCtx, Throttled, HEADER_LEN, SECTOR_SIZE,
-    S_IOERR, S_OK, T_IN, T_OUT,
+    mark_written, BlockHandler, DeviceError, Dir, Parsed, RequestCtx, Throttled, SECTOR_SIZE,
+    S_IOERR, S_OK,
 };
-use crate::virtio::chain::{self, Buf, Chain};
+use crate::virtio::chain::{Buf, Chain};
 use crate::virtio::ring::SplitRing;
 
 /// Which engine serves the reads and writes of an O_DIRECT raw disk (`io=` of `--disk`).
@@ -228,57 +228,31 @@ impl Engine {
     }
 
     /// Fills a free slot for the read or write in `chain` when the ring can serve it: the
-    /// same checks as the synchronous path (type and direction, range, buffers in guest
-    /// memory) plus what O_DIRECT through the ring needs (sector-aligned buffers, at most
-    /// UIO_MAXIOV of them). Returns the slot and the data bytes; `None`: serve synchronously.
+    /// synchronous path's own parsing and checks (`RequestCtx::parse` and `mergeable`: type
+    /// and direction, range, buffers in guest memory, sector-aligned for O_DIRECT) plus at
+    /// most UIO_MAXIOV buffers. Returns the slot and the data bytes; `None`: serve it
+    /// synchronously.
     fn prepare(&mut self, req: &RequestCtx<'_>, chain: &Chain) -> Option<(u16, usize)> {
-        if chain.error.is_some() {
+        let Parsed::Request(r) = req.parse(chain) else {
             return None;
-        }
-        let data_w = chain.writable_len().checked_sub(1)?;
-        let mut hdr = [0u8; HEADER_LEN];
-        if chain.readable_len() < HEADER_LEN
-            || chain::read_from(req.mem, &chain.readable, 0, &mut hdr) != HEADER_LEN
-        {
-            return None;
-        }
-        let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let mut sector = [0u8; 8];
-        sector.copy_from_slice(&hdr[8..16]);
-        let sector = u64::from_le_bytes(sector);
-        let data_r = chain.readable_len() - HEADER_LEN;
-        let (dir, len, bufs, skip, access) = match ty {
-            T_IN if data_r == 0 => (Dir::Read, data_w, &chain.writable, 0, Permissions::Write),
-            T_OUT if data_w == 0 && !req.read_only => (
-                Dir::Write,
-                data_r,
-                &chain.readable,
-                HEADER_LEN,
-                Permissions::Read,
-            ),
-            _ => return None,
         };
-        if len == 0 {
-            return None;
-        }
-        let off = req.check_range(sector, len).ok()?;
-        let status = byte_at(&chain.writable, data_w)?;
         let idx = *self.free.last()?;
         let slot = self.slots.get_mut(usize::from(idx))?;
-        chain::iovecs_into(req.mem, bufs, skip, len, access, &mut slot.iov).ok()?;
-        let aligned = |v: &libc::iovec| {
-            (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
-        };
-        if slot.iov.len() > libc::UIO_MAXIOV as usize || !slot.iov.iter().all(aligned) {
+        let dir = req.mergeable(chain, &r, &mut slot.iov)?;
+        if slot.iov.len() > libc::UIO_MAXIOV as usize {
             return None;
         }
+        let len = match dir {
+            Dir::Read => r.data_w,
+            Dir::Write => r.data_r,
+        };
         slot.head = chain.head;
         slot.dir = dir;
-        slot.start = off;
-        slot.off = off;
+        slot.start = r.sector * SECTOR_SIZE;
+        slot.off = slot.start;
         slot.len = len;
         slot.next = 0;
-        slot.status = status;
+        slot.status = byte_at(&chain.writable, r.data_w)?;
         Some((idx, len))
     }
 
