@@ -105,6 +105,30 @@ impl Group {
         })
     }
 
+    /// The direction and first byte of a non-empty group.
+    pub fn head(&self) -> Option<(Dir, u64)> {
+        Some((self.dir?, self.start))
+    }
+
+    /// Bytes covered.
+    pub fn bytes(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// The members' iovecs, end to end.
+    pub fn iovs(&self) -> &[libc::iovec] {
+        &self.iov
+    }
+
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// The members' chains (same index as [`Group::members`]).
+    pub fn chains(&self) -> &[Chain] {
+        &self.chains[..self.members.len()]
+    }
+
     /// Byte range covered, `[start, end)`.
     #[cfg(test)]
     fn range(&self) -> (u64, u64) {

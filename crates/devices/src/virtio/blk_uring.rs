@@ -8,14 +8,20 @@
 //!
 //! Only aligned reads and writes travel through the ring: the chain is parsed and checked
 //! exactly as on the synchronous path (`RequestCtx`), and the guest's buffers go straight into
-//! a readv/writev SQE at the request's offset. Everything else (flush, discard, write-zeroes,
+//! a readv/writev SQE at the request's offset. Adjacent same-direction requests made available
+//! together share one SQE, grouped as the synchronous path groups them (`blk_batch`: one
+//! direction, each continuing the last, at most 1 MiB and UIO_MAXIOV buffers): a sequential
+//! driver's queue is then a few large I/Os, not one SQE per page. Each member keeps its chain,
+//! so its status and used entry follow when the SQE completes; a merged SQE that fails is
+//! redone member by member, each getting its own status. Everything else (flush, discard, write-zeroes,
 //! get-id, malformed chains, out-of-range requests, buffers that need the bounce buffer) first
 //! drains the ring and then runs the synchronous code: a flush thereby covers every write the
 //! driver has seen complete, and the rare requests keep one implementation. Completions arrive
 //! out of order (virtio allows that) and are harvested when the ring's eventfd (watched by the
 //! worker next to the queue's) fires or while the worker polls; the status byte, the used
 //! entry and the event-idx interrupt follow as on the synchronous path. A short transfer is
-//! resubmitted for the rest; end of file or an error answers S_IOERR.
+//! resubmitted for the rest; end of file or an error answers S_IOERR (after the per-member
+//! redo for a merged SQE).
 //!
 //! Guest memory: an SQE holds host pointers into guest memory until its completion. The engine
 //! keeps its own handle on the mapping and waits for every SQE before it is dropped, and the
@@ -38,6 +44,7 @@ use super::{
     mark_written, BlockHandler, DeviceError, Dir, Parsed, RequestCtx, Throttled, SECTOR_SIZE,
     S_IOERR, S_OK,
 };
+use crate::virtio::blk_batch::{Group, Member, MAX_IOVS};
 use crate::virtio::chain::{Buf, Chain};
 use crate::virtio::ring::SplitRing;
 
@@ -91,35 +98,66 @@ pub fn probe() -> Result<(), UringError> {
         .map_err(|source| UringError::Setup { entries: 2, source })
 }
 
-/// One request on its way through the ring. Its iovecs point into guest memory.
+/// One SQE on its way through the ring: a run of adjacent same-direction requests made
+/// available together (`blk_batch`'s grouping, one request when nothing adjoins it), issued as
+/// one read/readv or write/writev over their iovecs laid end to end. Its iovecs point into
+/// guest memory.
+#[derive(Default)]
 struct Slot {
-    head: u16,
-    dir: Dir,
-    /// File offset of the request's first byte (for the dirty-tracking hook).
-    start: u64,
-    /// File offset of the next byte to transfer.
+    group: Group,
+    /// File offset of the next byte the SQE transfers.
     off: u64,
-    /// Data bytes of the request.
-    len: usize,
-    iov: Vec<libc::iovec>,
-    /// First iovec not yet transferred (they are trimmed in place after a short transfer).
+    /// Bytes the SQE in flight asks for.
+    want: usize,
+    /// After a short transfer: a copy of what was asked for, trimmed in place from `next` on;
+    /// the SQE covers `rest[next..]`.
+    partial: bool,
+    rest: Vec<libc::iovec>,
     next: usize,
-    status: GuestAddress,
+    /// The member redone on its own after the merged SQE failed (so that each member gets its
+    /// own status, as the synchronous path's `issue`).
+    redo: Option<usize>,
 }
 
-impl Default for Slot {
-    fn default() -> Self {
-        Self {
-            head: 0,
-            dir: Dir::Read,
-            start: 0,
-            off: 0,
-            len: 0,
-            iov: Vec::new(),
-            next: 0,
-            status: GuestAddress(0),
+impl Slot {
+    /// The iovecs the next SQE covers.
+    fn current(&self) -> &[libc::iovec] {
+        if self.partial {
+            return &self.rest[self.next..];
+        }
+        match self.redo {
+            Some(i) => member_iovs(self.group.iovs(), self.group.members(), i),
+            None => self.group.iovs(),
         }
     }
+
+    /// Sets the SQE up for member `i` alone.
+    fn redo_member(&mut self, i: usize) {
+        let Some(m) = self.group.members().get(i) else {
+            return;
+        };
+        self.off = m.sector * SECTOR_SIZE;
+        self.want = m.len;
+        self.partial = false;
+        self.redo = Some(i);
+    }
+}
+
+/// The iovecs of member `i` within a group's iovecs (members' buffers never share an iovec).
+fn member_iovs<'a>(iov: &'a [libc::iovec], members: &[Member], i: usize) -> &'a [libc::iovec] {
+    let mut skip: usize = members.iter().take(i).map(|m| m.len).sum();
+    let mut from = 0;
+    while skip > 0 && from < iov.len() {
+        skip = skip.saturating_sub(iov[from].iov_len);
+        from += 1;
+    }
+    let mut take = members.get(i).map_or(0, |m| m.len);
+    let mut to = from;
+    while take > 0 && to < iov.len() {
+        take = take.saturating_sub(iov[to].iov_len);
+        to += 1;
+    }
+    &iov[from..to]
 }
 
 /// The ring, its completion eventfd and the requests in flight (see the module doc).
@@ -138,7 +176,9 @@ pub(super) struct Engine {
     _mem: GuestMemoryMmap,
     slots: Vec<Slot>,
     free: Vec<u16>,
-    /// Requests taken from the queue and not yet completed (submitted or still in the SQ).
+    /// The slot whose group is being built by the current pass (not queued yet).
+    open: Option<u16>,
+    /// Slots whose SQE is queued or submitted and not yet completed.
     inflight: usize,
     /// (slot, result) of harvested CQEs: collected first, as the handling resubmits.
     done: Vec<(u16, i32)>,
@@ -192,6 +232,7 @@ impl Engine {
             _mem: mem.clone(),
             slots: (0..slots.max(1)).map(|_| Slot::default()).collect(),
             free: (0..slots.max(1)).rev().collect(),
+            open: None,
             inflight: 0,
             done: Vec::with_capacity(usize::from(slots.max(1))),
         })
@@ -211,7 +252,7 @@ impl Engine {
     /// A slot is free for one more request (a driver that re-offers heads still in flight
     /// can run them out; it then waits for completions).
     pub(super) fn can_take(&self) -> bool {
-        !self.free.is_empty()
+        self.open.is_some() || !self.free.is_empty()
     }
 
     /// The kernel posted completions not harvested yet.
@@ -227,38 +268,61 @@ impl Engine {
         self.coop && std::mem::ManuallyDrop::new(unsafe { self.ring.submission_shared() }).taskrun()
     }
 
-    /// Fills a free slot for the read or write in `chain` when the ring can serve it: the
-    /// synchronous path's own parsing and checks (`RequestCtx::parse` and `mergeable`: type
-    /// and direction, range, buffers in guest memory, sector-aligned for O_DIRECT) plus at
-    /// most UIO_MAXIOV buffers. Returns the slot and the data bytes; `None`: serve it
-    /// synchronously.
-    fn prepare(&mut self, req: &RequestCtx<'_>, chain: &Chain) -> Option<(u16, usize)> {
-        let Parsed::Request(r) = req.parse(chain) else {
-            return None;
-        };
-        let idx = *self.free.last()?;
-        let slot = self.slots.get_mut(usize::from(idx))?;
-        let dir = req.mergeable(chain, &r, &mut slot.iov)?;
-        if slot.iov.len() > libc::UIO_MAXIOV as usize {
-            return None;
-        }
-        let len = match dir {
-            Dir::Read => r.data_w,
-            Dir::Write => r.data_r,
-        };
-        slot.head = chain.head;
-        slot.dir = dir;
-        slot.start = r.sector * SECTOR_SIZE;
-        slot.off = slot.start;
-        slot.len = len;
-        slot.next = 0;
-        slot.status = byte_at(&chain.writable, r.data_w)?;
-        Some((idx, len))
+    /// Whether a request of `len` bytes at byte `off` with `niov` iovecs can be taken now:
+    /// it continues the open group, or a slot is free for a new one.
+    fn room(&self, dir: Dir, off: u64, len: usize, niov: usize) -> bool {
+        let joins = self
+            .open
+            .and_then(|i| self.slots.get(usize::from(i)))
+            .is_some_and(|s| s.group.accepts(dir, off, len, niov));
+        joins || !self.free.is_empty()
     }
 
-    /// Takes the slot `prepare` filled and queues its SQE (submitted by [`Engine::submit`]).
-    fn start(&mut self, idx: u16) -> Result<(), DeviceError> {
-        self.free.pop();
+    /// Adds the checked request in `chain` (exchanged for a spare chain) with its data iovecs
+    /// `iov` to the open group, or queues the open group and opens a new one with it. The
+    /// caller checked [`Engine::room`].
+    fn add(
+        &mut self,
+        chain: &mut Chain,
+        dir: Dir,
+        sector: u64,
+        iov: &[libc::iovec],
+    ) -> Result<(), DeviceError> {
+        let off = sector * SECTOR_SIZE;
+        let len = iov.iter().map(|v| v.iov_len).sum();
+        let joins = self
+            .open
+            .and_then(|i| self.slots.get(usize::from(i)))
+            .is_some_and(|s| s.group.accepts(dir, off, len, iov.len()));
+        if !joins {
+            self.close()?;
+            let Some(idx) = self.free.pop() else {
+                return Ok(());
+            };
+            self.open = Some(idx);
+        }
+        if let Some(slot) = self.open.and_then(|i| self.slots.get_mut(usize::from(i))) {
+            slot.group.push(chain, dir, sector, iov);
+        }
+        Ok(())
+    }
+
+    /// Queues the SQE of the open group (submitted by [`Engine::submit`]).
+    fn close(&mut self) -> Result<(), DeviceError> {
+        let Some(idx) = self.open.take() else {
+            return Ok(());
+        };
+        let Some(slot) = self.slots.get_mut(usize::from(idx)) else {
+            return Ok(());
+        };
+        let Some((_, start)) = slot.group.head() else {
+            self.free.push(idx);
+            return Ok(());
+        };
+        slot.off = start;
+        slot.want = slot.group.bytes() as usize;
+        slot.partial = false;
+        slot.redo = None;
         self.inflight += 1;
         self.queue(idx)
     }
@@ -268,13 +332,16 @@ impl Engine {
         let Some(slot) = self.slots.get(usize::from(idx)) else {
             return Ok(());
         };
-        let rest = &slot.iov[slot.next..];
+        let Some((dir, _)) = slot.group.head() else {
+            return Ok(());
+        };
+        let rest = slot.current();
         // One buffer (a 4 KiB page, most of Linux's requests) goes as read/write, which skip
-        // the kernel's import of the iovec array; more as readv/writev (at most UIO_MAXIOV,
-        // checked in `prepare`).
+        // the kernel's import of the iovec array; more as readv/writev (at most UIO_MAXIOV:
+        // `blk_batch::MAX_IOVS`).
         macro_rules! sqe {
             ($fd:expr) => {
-                match (slot.dir, rest) {
+                match (dir, rest) {
                     (Dir::Read, [one]) => {
                         opcode::Read::new($fd, one.iov_base.cast(), one.iov_len as u32)
                             .offset(slot.off)
@@ -301,11 +368,11 @@ impl Engine {
         }
         .user_data(u64::from(idx));
         loop {
-            // SAFETY: the SQE's iovecs live in the slot, which is neither reused nor resized
-            // until the SQE's completion is harvested; the buffers they point to are guest
-            // memory that `_mem` keeps mapped until then (the engine waits for every SQE
-            // before it is dropped). The file is the disk, held open by `file` (and by the
-            // ring itself when registered).
+            // SAFETY: the SQE's iovecs live in the slot (its group or its `rest`), which is
+            // neither reused nor resized until the SQE's completion is harvested; the buffers
+            // they point to are guest memory that `_mem` keeps mapped until then (the engine
+            // waits for every SQE before it is dropped). The file is the disk, held open by
+            // `file` (and by the ring itself when registered).
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return Ok(());
             }
@@ -341,8 +408,9 @@ impl Engine {
         }
     }
 
-    /// Completes what the kernel finished: status byte and used entry for done requests,
-    /// resubmission for short ones. Returns how many requests completed.
+    /// Completes what the kernel finished: status byte and used entry for every member of a
+    /// done SQE, resubmission for short ones, the members one by one for a failed merged one.
+    /// Returns how many requests completed.
     fn harvest(&mut self, ring: &mut SplitRing) -> Result<usize, DeviceError> {
         if self.taskrun() {
             // Runs the pending task work, which posts the CQEs (and submits what is queued).
@@ -366,54 +434,74 @@ impl Engine {
             let Some(slot) = self.slots.get_mut(usize::from(idx)) else {
                 continue;
             };
+            let Some((dir, start)) = slot.group.head() else {
+                continue;
+            };
             let status = match res {
-                n if n > 0 => {
-                    let left = advance(&mut slot.iov, &mut slot.next, n as usize);
-                    slot.off += n as u64;
-                    if left > 0 {
-                        // Short transfer: the rest goes in again from where it stopped.
-                        self.queue(idx)?;
-                        resubmit = true;
-                        continue;
+                n if n > 0 && (n as usize) < slot.want => {
+                    // Short transfer: the rest goes in again from where it stopped.
+                    let n = n as usize;
+                    if !slot.partial {
+                        let cur = slot.current().to_vec();
+                        slot.rest = cur;
+                        slot.next = 0;
+                        slot.partial = true;
                     }
-                    S_OK
+                    slot.want = advance(&mut slot.rest, &mut slot.next, n);
+                    slot.off += n as u64;
+                    self.queue(idx)?;
+                    resubmit = true;
+                    continue;
                 }
+                n if n > 0 => S_OK,
                 n if n == -libc::EINTR || n == -libc::EAGAIN => {
                     self.queue(idx)?;
                     resubmit = true;
                     continue;
                 }
-                0 => {
-                    let at = slot.off;
-                    tracing::debug!("virtio-blk: end of file at {at:#x}: the disk file shrank");
-                    S_IOERR
-                }
                 n => {
-                    tracing::debug!(
-                        "virtio-blk: request at {:#x}: {}",
-                        slot.start,
-                        io::Error::from_raw_os_error(-n)
-                    );
+                    let at = slot.off;
+                    let err = if n == 0 {
+                        "end of file: the disk file shrank".to_string()
+                    } else {
+                        io::Error::from_raw_os_error(-n).to_string()
+                    };
+                    let members = slot.group.members().len();
+                    if slot.redo.is_none() && members > 1 {
+                        tracing::debug!(
+                            "virtio-blk: {members} requests at byte {start:#x} (stopped at {at:#x}): {err}; redoing them one by one"
+                        );
+                        slot.redo_member(0);
+                        self.queue(idx)?;
+                        resubmit = true;
+                        continue;
+                    }
+                    tracing::debug!("virtio-blk: request at byte {at:#x}: {err}");
                     S_IOERR
                 }
             };
-            if let Dir::Write = slot.dir {
-                mark_written(&self.file, slot.start, slot.len as u64);
+            let range = match slot.redo {
+                Some(m) => m..m + 1,
+                None => 0..slot.group.members().len(),
+            };
+            for m in range.clone() {
+                if let (Some(member), Some(chain)) =
+                    (slot.group.members().get(m), slot.group.chains().get(m))
+                {
+                    complete(&self._mem, &self.file, ring, dir, member, chain, status);
+                    completed += 1;
+                }
             }
-            let written = match slot.dir {
-                Dir::Read if status == S_OK => slot.len,
-                _ => 0,
-            };
-            // As the synchronous path: a status byte that cannot be written returns 0 bytes.
-            let used = match self._mem.write_obj(status, slot.status) {
-                Ok(()) => u32::try_from(written + 1).unwrap_or(u32::MAX),
-                Err(_) => 0,
-            };
-            ring.add_used(slot.head, used);
-            slot.iov.clear();
+            if slot.redo.is_some() && range.end < slot.group.members().len() {
+                slot.redo_member(range.end);
+                self.queue(idx)?;
+                resubmit = true;
+                continue;
+            }
+            slot.group.clear();
+            slot.rest.clear();
             self.free.push(idx);
             self.inflight -= 1;
-            completed += 1;
         }
         if resubmit {
             self.submit()?;
@@ -423,6 +511,7 @@ impl Engine {
 
     /// Submits what is queued and completes every request in flight.
     fn drain(&mut self, ring: &mut SplitRing) -> Result<(), DeviceError> {
+        self.close()?;
         self.submit()?;
         loop {
             self.harvest(ring)?;
@@ -494,6 +583,34 @@ fn advance(iov: &mut [libc::iovec], next: &mut usize, mut n: usize) -> usize {
         .sum()
 }
 
+/// Completes one request of a group: the dirty-tracking hook for a write, the status byte
+/// (after the data of a read, first of a write's writable buffers: merged requests were checked
+/// to have exactly that) and the used entry.
+fn complete(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    ring: &mut SplitRing,
+    dir: Dir,
+    m: &Member,
+    chain: &Chain,
+    status: u8,
+) {
+    let (written, status_at) = match dir {
+        Dir::Read if status == S_OK => (m.len, m.len),
+        Dir::Read => (0, m.len),
+        Dir::Write => {
+            mark_written(file, m.sector * SECTOR_SIZE, m.len as u64);
+            (0, 0)
+        }
+    };
+    // As the synchronous path: a status byte that cannot be written returns 0 bytes.
+    let used = match byte_at(&chain.writable, status_at).map(|a| mem.write_obj(status, a)) {
+        Some(Ok(())) => u32::try_from(written + 1).unwrap_or(u32::MAX),
+        _ => 0,
+    };
+    ring.add_used(chain.head, used);
+}
+
 /// The guest address of byte `at` of the buffers `bufs` (the status byte).
 fn byte_at(bufs: &[Buf], mut at: usize) -> Option<GuestAddress> {
     for b in bufs {
@@ -561,7 +678,23 @@ impl BlockHandler {
                         break;
                     }
                 }
-                if let Some((idx, len)) = engine.prepare(&req, &scratch.chain) {
+                // The synchronous path's own parsing and checks (type and direction, range,
+                // buffers in guest memory, sector-aligned for O_DIRECT): what passes goes
+                // through the ring, merged with the requests next to it.
+                let take = match req.parse(&scratch.chain) {
+                    Parsed::Request(r) => req
+                        .mergeable(&scratch.chain, &r, &mut scratch.iov)
+                        .filter(|_| scratch.iov.len() <= MAX_IOVS)
+                        .map(|dir| (dir, r.sector)),
+                    _ => None,
+                };
+                if let Some((dir, sector)) = take {
+                    let len = scratch.iov.iter().map(|v| v.iov_len).sum::<usize>();
+                    if !engine.room(dir, sector * SECTOR_SIZE, len, scratch.iov.len()) {
+                        // Every slot holds an SQE: the request waits for a completion.
+                        ring.undo_pop();
+                        break;
+                    }
                     if !limiter.is_unlimited() {
                         if let Err(d) = limiter.admit(len as u64) {
                             ring.undo_pop();
@@ -569,7 +702,7 @@ impl BlockHandler {
                             break;
                         }
                     }
-                    engine.start(idx)?;
+                    engine.add(&mut scratch.chain, dir, sector, &scratch.iov)?;
                     continue;
                 }
                 // Everything the ring does not take runs synchronously once the ring is empty.
@@ -589,6 +722,7 @@ impl BlockHandler {
                 }
             }
         }
+        engine.close()?;
         engine.submit()?;
         engine.harvest(ring)?;
         if ring.needs_notification() {
