@@ -658,10 +658,10 @@ impl QueueHandler for BlockHandler {
 
     fn before_sleep(&mut self) -> bool {
         let new = self.ring.enable_notification() && self.throttled_until.is_none();
-        match &self.uring {
-            // With every slot taken, new requests wait for a completion (its eventfd wakes
-            // the worker) instead of keeping it polling.
-            Some(u) => (new && u.can_take()) || u.has_completions(),
+        match &mut self.uring {
+            // With every slot taken, new requests wait for a completion (its eventfd, armed
+            // again here, wakes the worker) instead of keeping it polling.
+            Some(u) => (new && u.can_take()) || u.arm(),
             None => new,
         }
     }

@@ -412,15 +412,46 @@ impl Engine {
     /// done SQE, resubmission for short ones, the members one by one for a failed merged one.
     /// Returns how many requests completed.
     fn harvest(&mut self, ring: &mut SplitRing) -> Result<usize, DeviceError> {
-        if self.taskrun() {
-            // Runs the pending task work, which posts the CQEs (and submits what is queued).
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {}
-                Err(e) => return Err(DeviceError::Backend(e)),
-            }
+        self.enter()?;
+        self.reap(ring)
+    }
+
+    /// One io_uring_enter when it has work: it submits what is queued and runs the pending
+    /// task work, which posts the finished requests' CQEs.
+    fn enter(&mut self) -> Result<(), DeviceError> {
+        if !self.taskrun() && self.ring.submission().is_empty() {
+            return Ok(());
         }
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            // What did not go in stays queued for the next enter (`submit` waits for room).
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => self.submit(),
+            Err(e) => Err(DeviceError::Backend(e)),
+        }
+    }
+
+    /// While the worker runs or polls it finds completions itself: the kernel's eventfd
+    /// signal (and the worker's read of it) would be wasted work per request.
+    fn quiet(&mut self) {
+        let cq = self.ring.completion();
+        if !cq.eventfd_disabled() {
+            cq.disable_eventfd();
+        }
+    }
+
+    /// Before the worker sleeps: completions signal the eventfd again. Returns whether
+    /// completions are waiting already (the worker must not sleep then).
+    pub(super) fn arm(&mut self) -> bool {
+        self.ring.completion().enable_eventfd();
+        // The kernel reads the flag after posting a CQE; this reads the CQ after storing it:
+        // one of the two sees the other.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        self.has_completions()
+    }
+
+    /// Completes the CQEs posted so far (no system call).
+    fn reap(&mut self, ring: &mut SplitRing) -> Result<usize, DeviceError> {
         self.done.clear();
         self.done.extend(
             self.ring
@@ -664,7 +695,12 @@ impl BlockHandler {
             direct: self.direct,
             serial: &self.serial,
         };
-        engine.harvest(ring)?;
+        engine.quiet();
+        // Completions first, and the driver told at once: it refills the queue while this
+        // pass submits (an enter with many O_DIRECT SQEs takes a while).
+        if engine.harvest(ring)? > 0 && ring.needs_notification() {
+            interrupt.signal_used();
+        }
         let mut result = Ok(());
         if throttled_until.is_none() {
             ring.disable_notification();
@@ -722,8 +758,8 @@ impl BlockHandler {
                 }
             }
         }
+        // One enter per pass: the new SQEs in, the finished ones' CQEs out.
         engine.close()?;
-        engine.submit()?;
         engine.harvest(ring)?;
         if ring.needs_notification() {
             interrupt.signal_used();
