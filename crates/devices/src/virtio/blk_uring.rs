@@ -826,6 +826,40 @@ mod tests {
     }
 
     #[test]
+    fn member_iovs_picks_each_members_buffers() {
+        let mut buf = [0u8; 8192];
+        let base = buf.as_ptr() as usize;
+        // Three members: 512 | 1024 + 512 | 4096 + 512.
+        let v = iov(&[512, 1024, 512, 4096, 512], &mut buf);
+        let members = [
+            Member {
+                sector: 0,
+                len: 512,
+            },
+            Member {
+                sector: 1,
+                len: 1536,
+            },
+            Member {
+                sector: 4,
+                len: 4608,
+            },
+        ];
+        let at = |s: &[libc::iovec]| {
+            s.iter()
+                .map(|v| (v.iov_base as usize - base, v.iov_len))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(at(member_iovs(&v, &members, 0)), [(0, 512)]);
+        assert_eq!(at(member_iovs(&v, &members, 1)), [(512, 1024), (1536, 512)]);
+        assert_eq!(
+            at(member_iovs(&v, &members, 2)),
+            [(2048, 4096), (6144, 512)]
+        );
+        assert!(member_iovs(&v, &members, 3).is_empty(), "no such member");
+    }
+
+    #[test]
     fn byte_at_finds_the_status_byte() {
         let bufs = [
             Buf {
