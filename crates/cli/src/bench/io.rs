@@ -668,6 +668,8 @@ struct DeviceSide {
     eighths: usize,
     /// How long to poll before sleeping on the interrupt (see [`HALT_POLL`]).
     halt_poll: Duration,
+    /// O_DIRECT: the driver works per completion (see `run`).
+    direct: bool,
 }
 
 impl DeviceSide {
@@ -708,6 +710,7 @@ impl DeviceSide {
             free: (0..qd).rev().collect(),
             eighths: 6,
             halt_poll: Duration::ZERO,
+            direct,
         })
     }
 
@@ -789,8 +792,12 @@ impl DeviceSide {
         let mut next = 0usize;
         let mut done = 0usize;
         // Refill in batches, as a loaded guest's block layer does (plugging): one kick (when
-        // the device sleeps) and one interrupt per batch rather than per request.
-        let batch = (qd / 4).max(1);
+        // the device sleeps) and one interrupt per batch rather than per request. Direct I/O
+        // waits on the disk, not the CPU: there the driver refills and hears of every
+        // completion, as Linux's virtio-blk does, so the disk always has the whole queue
+        // (batching held it at 8-24 in flight against the peer's 32: 0.55-0.8x).
+        let per_completion = self.direct;
+        let batch = if per_completion { 1 } else { (qd / 4).max(1) };
         let mut woke = false;
         let start = Instant::now();
         while done < offsets.len() {
@@ -844,7 +851,9 @@ impl DeviceSide {
             // virtqueue_enable_cb_delayed's 3/4, cost 0.97-1.66 us of CPU per rand read 4K at
             // load 6-7; 7/8 0.90-1.01 us.)
             let outstanding = next - done;
-            let want = if next < offsets.len() {
+            let want = if per_completion {
+                1
+            } else if next < offsets.len() {
                 (outstanding * self.eighths / 8).max(batch.saturating_sub(self.free.len()))
             } else {
                 outstanding
