@@ -573,7 +573,7 @@ impl BlockHandler {
         let mut result = Ok(());
         loop {
             match ring.pop(&mut scratch.chain) {
-                Ok(true) => {}
+                Ok(true) => ring.prefetch(),
                 Ok(false) => break,
                 Err(source) => {
                     result = Err(DeviceError::Queue { queue: 0, source });
