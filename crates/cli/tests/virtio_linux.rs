@@ -249,8 +249,18 @@ fn vsock_host(uds: &Path, transport: &str, limit: Duration, vm_gone: &AtomicBool
         }
         std::thread::sleep(Duration::from_millis(300));
     }
-    // Unblocks the accept if the guest never connected (the VMM is gone by now).
-    let _ = UnixStream::connect(format!("{}_5000", uds.display()));
+    // The guest connects to 5000 after its listener answered, maybe well after on the software
+    // CPU: wait for that (or the VM's end) before unblocking the accept, which would otherwise
+    // take the unblocking connection for the guest's.
+    while !served.is_finished()
+        && std::time::Instant::now() < deadline
+        && !vm_gone.load(Ordering::SeqCst)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !served.is_finished() {
+        let _ = UnixStream::connect(format!("{}_5000", uds.display()));
+    }
     let from_guest = match served.join() {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => format!("error: {e}"),

@@ -460,3 +460,101 @@ fn rate_limit_holds_back_submissions() {
         "limiter too strict: {took:?}"
     );
 }
+
+/// Makes io_uring_setup fail with EPERM on the calling thread and the threads it starts (a
+/// seccomp filter, as a container runtime's default profile has).
+fn deny_io_uring() {
+    let filter = [
+        // Load the system call number (offset 0 of seccomp_data).
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 1,
+            k: libc::SYS_io_uring_setup as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+        },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: prctl with integer arguments; no_new_privs only narrows this thread's rights.
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "no_new_privs: {}", std::io::Error::last_os_error());
+    // SAFETY: `prog` points at `filter`, both alive for the call (the kernel copies them);
+    // without SECCOMP_FILTER_FLAG_TSYNC the filter applies to this thread only.
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_SET_SECCOMP,
+            libc::SECCOMP_MODE_FILTER,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    assert_eq!(r, 0, "seccomp: {}", std::io::Error::last_os_error());
+}
+
+/// Where io_uring is refused, the device serves requests synchronously: one created there
+/// says so, and one created before (io_uring worked) falls back when activated there.
+#[test]
+fn falls_back_to_sync_where_io_uring_is_refused() {
+    let file = disk();
+    let Some(before) = uring_block(&file) else {
+        return;
+    };
+    let path = file.path().to_path_buf();
+    std::thread::spawn(move || {
+        deny_io_uring();
+        assert!(
+            blk::probe_io_uring().is_err(),
+            "the filter refuses io_uring"
+        );
+        let inside = Block::new(&BlockConfig {
+            path,
+            direct: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(inside.io_engine(), IoEngine::Sync);
+        for dev in [before, inside] {
+            // The worker thread starts here, under the filter.
+            let rig = Rig::new(Box::new(dev));
+            let mut d = rig.driver(1, 256);
+            let reqs: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let b = aligned(&mut d, 4096);
+                    (b, i, queue(&mut d, blk::T_IN, i * 8, b, 4096, true))
+                })
+                .collect();
+            d.publish(0).unwrap();
+            collect(&mut d, reqs.len());
+            for (b, i, r) in &reqs {
+                assert_eq!(status(&d, r), blk::S_OK);
+                let mut got = vec![0u8; 4096];
+                d.mem.read_slice(&mut got, *b).unwrap();
+                let want: Vec<u8> = (0..4096)
+                    .map(|j| pattern(i * 8 + j as u64 / 512, j % 512))
+                    .collect();
+                assert_eq!(got, want);
+            }
+        }
+    })
+    .join()
+    .unwrap();
+}

@@ -647,7 +647,7 @@ impl QueueHandler for BlockHandler {
     fn queue_notified(&mut self, _queue: usize, _p: &Poller) -> Result<(), DeviceError> {
         if self.uring.as_ref().is_some_and(|u| u.has_completions()) {
             // Completions are harvested even while the rate limiter holds new requests back.
-            return self.completions_ready();
+            return self.process_async().unwrap_or(Ok(()));
         }
         if self.throttled_until.is_some() {
             // The timer resumes the queue; working now would overrun the limit.

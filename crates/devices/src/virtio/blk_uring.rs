@@ -19,7 +19,7 @@
 //!
 //! Guest memory: an SQE holds host pointers into guest memory until its completion. The engine
 //! keeps its own handle on the mapping and waits for every SQE before it is dropped, and the
-//! worker calls [`BlockHandler::quiesce`] before it reports queue state or parks, so a snapshot
+//! worker calls `QueueHandler::quiesce` before it reports queue state or parks, so a snapshot
 //! never records an avail index past a request whose completion is not in the used ring.
 //! Buffered disks stay synchronous: io_uring was measured slower than one pread each for
 //! page-cache hits.
@@ -31,14 +31,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use io_uring::{opcode, types, IoUring};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    mark_written, BlockHandler, DeviceError, Dir, RequestCtx, Throttled, HEADER_LEN, SECTOR_SIZE,
-    S_IOERR, S_OK, T_IN, T_OUT,
+    mark_written, BlockHandler, DeviceError, Dir, Parsed, RequestCtx, Throttled, SECTOR_SIZE,
+    S_IOERR, S_OK,
 };
-use crate::virtio::chain::{self, Buf, Chain};
+use crate::virtio::chain::{Buf, Chain};
 use crate::virtio::ring::SplitRing;
 
 /// Which engine serves the reads and writes of an O_DIRECT raw disk (`io=` of `--disk`).
@@ -124,6 +124,13 @@ impl Default for Slot {
 
 /// The ring, its completion eventfd and the requests in flight (see the module doc).
 pub(super) struct Engine {
+    /// Whether the CQ holds entries, read without consuming any (the worker asks while it
+    /// polls). Points into `ring`'s mapping; declared first so it is dropped before it.
+    cq: io_uring::cqueue::CompletionStatus,
+    /// The ring runs completions cooperatively (see `new`): they wait for an enter.
+    coop: bool,
+    /// The disk is registered as the ring's fixed file 0.
+    fixed: bool,
     ring: IoUring,
     eventfd: EventFd,
     file: Arc<File>,
@@ -150,12 +157,35 @@ impl Engine {
         slots: u16,
     ) -> Result<Self, UringError> {
         let entries = u32::from(slots.max(1));
-        let ring = IoUring::new(entries).map_err(|source| UringError::Setup { entries, source })?;
+        // Cooperative task running: a completion does not interrupt the worker with an IPI
+        // while it runs (polls); the kernel flags the SQ instead and the next enter posts the
+        // CQE. A sleeping worker is still woken (its epoll_wait returns EINTR, the CQE is
+        // posted on the way out and the eventfd fires). Kernels before 5.19 refuse the flags.
+        let (ring, coop) = match IoUring::builder()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
+            .build(entries)
+        {
+            Ok(r) => (r, true),
+            Err(_) => (
+                IoUring::new(entries).map_err(|source| UringError::Setup { entries, source })?,
+                false,
+            ),
+        };
         let eventfd = EventFd::new(libc::EFD_NONBLOCK).map_err(UringError::EventFd)?;
         ring.submitter()
             .register_eventfd(eventfd.as_raw_fd())
             .map_err(UringError::Register)?;
+        // The disk as the ring's file 0: no file reference taken and dropped per request.
+        let fixed = ring.submitter().register_files(&[file.as_raw_fd()]).is_ok();
+        // SAFETY: the status points into the ring's CQ mapping; it lives in the same engine
+        // as the ring and is never used after it (nor handed out). No other CompletionQueue
+        // exists at this point.
+        let cq = unsafe { ring.completion_shared().status() };
         Ok(Self {
+            cq,
+            coop,
+            fixed,
             ring,
             eventfd,
             file,
@@ -186,63 +216,43 @@ impl Engine {
 
     /// The kernel posted completions not harvested yet.
     pub(super) fn has_completions(&self) -> bool {
-        // SAFETY: CompletionQueues are only created for the duration of an engine method on
-        // the worker thread, never while this one lives.
-        unsafe { !self.ring.completion_shared().is_empty() }
+        !self.cq.is_empty() || self.taskrun()
+    }
+
+    /// Completions wait for an enter to be posted (cooperative task running).
+    fn taskrun(&self) -> bool {
+        // SAFETY: no other SubmissionQueue exists (they live only inside engine methods on the
+        // worker thread). Not dropped: its drop would store the SQ tail, a write the check
+        // does not need.
+        self.coop && std::mem::ManuallyDrop::new(unsafe { self.ring.submission_shared() }).taskrun()
     }
 
     /// Fills a free slot for the read or write in `chain` when the ring can serve it: the
-    /// same checks as the synchronous path (type and direction, range, buffers in guest
-    /// memory) plus what O_DIRECT through the ring needs (sector-aligned buffers, at most
-    /// UIO_MAXIOV of them). Returns the slot and the data bytes; `None`: serve synchronously.
+    /// synchronous path's own parsing and checks (`RequestCtx::parse` and `mergeable`: type
+    /// and direction, range, buffers in guest memory, sector-aligned for O_DIRECT) plus at
+    /// most UIO_MAXIOV buffers. Returns the slot and the data bytes; `None`: serve it
+    /// synchronously.
     fn prepare(&mut self, req: &RequestCtx<'_>, chain: &Chain) -> Option<(u16, usize)> {
-        if chain.error.is_some() {
+        let Parsed::Request(r) = req.parse(chain) else {
             return None;
-        }
-        let data_w = chain.writable_len().checked_sub(1)?;
-        let mut hdr = [0u8; HEADER_LEN];
-        if chain.readable_len() < HEADER_LEN
-            || chain::read_from(req.mem, &chain.readable, 0, &mut hdr) != HEADER_LEN
-        {
-            return None;
-        }
-        let ty = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let mut sector = [0u8; 8];
-        sector.copy_from_slice(&hdr[8..16]);
-        let sector = u64::from_le_bytes(sector);
-        let data_r = chain.readable_len() - HEADER_LEN;
-        let (dir, len, bufs, skip, access) = match ty {
-            T_IN if data_r == 0 => (Dir::Read, data_w, &chain.writable, 0, Permissions::Write),
-            T_OUT if data_w == 0 && !req.read_only => (
-                Dir::Write,
-                data_r,
-                &chain.readable,
-                HEADER_LEN,
-                Permissions::Read,
-            ),
-            _ => return None,
         };
-        if len == 0 {
-            return None;
-        }
-        let off = req.check_range(sector, len).ok()?;
-        let status = byte_at(&chain.writable, data_w)?;
         let idx = *self.free.last()?;
         let slot = self.slots.get_mut(usize::from(idx))?;
-        chain::iovecs_into(req.mem, bufs, skip, len, access, &mut slot.iov).ok()?;
-        let aligned = |v: &libc::iovec| {
-            (v.iov_base as usize | v.iov_len).is_multiple_of(SECTOR_SIZE as usize)
-        };
-        if slot.iov.len() > libc::UIO_MAXIOV as usize || !slot.iov.iter().all(aligned) {
+        let dir = req.mergeable(chain, &r, &mut slot.iov)?;
+        if slot.iov.len() > libc::UIO_MAXIOV as usize {
             return None;
         }
+        let len = match dir {
+            Dir::Read => r.data_w,
+            Dir::Write => r.data_r,
+        };
         slot.head = chain.head;
         slot.dir = dir;
-        slot.start = off;
-        slot.off = off;
+        slot.start = r.sector * SECTOR_SIZE;
+        slot.off = slot.start;
         slot.len = len;
         slot.next = 0;
-        slot.status = status;
+        slot.status = byte_at(&chain.writable, r.data_w)?;
         Some((idx, len))
     }
 
@@ -258,20 +268,44 @@ impl Engine {
         let Some(slot) = self.slots.get(usize::from(idx)) else {
             return Ok(());
         };
-        let fd = types::Fd(self.file.as_raw_fd());
-        let iov = slot.iov[slot.next..].as_ptr();
-        // At most UIO_MAXIOV (checked in `prepare`).
-        let cnt = (slot.iov.len() - slot.next) as u32;
-        let sqe = match slot.dir {
-            Dir::Read => opcode::Readv::new(fd, iov, cnt).offset(slot.off).build(),
-            Dir::Write => opcode::Writev::new(fd, iov, cnt).offset(slot.off).build(),
+        let rest = &slot.iov[slot.next..];
+        // One buffer (a 4 KiB page, most of Linux's requests) goes as read/write, which skip
+        // the kernel's import of the iovec array; more as readv/writev (at most UIO_MAXIOV,
+        // checked in `prepare`).
+        macro_rules! sqe {
+            ($fd:expr) => {
+                match (slot.dir, rest) {
+                    (Dir::Read, [one]) => {
+                        opcode::Read::new($fd, one.iov_base.cast(), one.iov_len as u32)
+                            .offset(slot.off)
+                            .build()
+                    }
+                    (Dir::Write, [one]) => {
+                        opcode::Write::new($fd, one.iov_base.cast(), one.iov_len as u32)
+                            .offset(slot.off)
+                            .build()
+                    }
+                    (Dir::Read, _) => opcode::Readv::new($fd, rest.as_ptr(), rest.len() as u32)
+                        .offset(slot.off)
+                        .build(),
+                    (Dir::Write, _) => opcode::Writev::new($fd, rest.as_ptr(), rest.len() as u32)
+                        .offset(slot.off)
+                        .build(),
+                }
+            };
+        }
+        let sqe = if self.fixed {
+            sqe!(types::Fixed(0))
+        } else {
+            sqe!(types::Fd(self.file.as_raw_fd()))
         }
         .user_data(u64::from(idx));
         loop {
             // SAFETY: the SQE's iovecs live in the slot, which is neither reused nor resized
             // until the SQE's completion is harvested; the buffers they point to are guest
             // memory that `_mem` keeps mapped until then (the engine waits for every SQE
-            // before it is dropped). The fd is the disk's, held open by `file`.
+            // before it is dropped). The file is the disk, held open by `file` (and by the
+            // ring itself when registered).
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 return Ok(());
             }
@@ -310,6 +344,15 @@ impl Engine {
     /// Completes what the kernel finished: status byte and used entry for done requests,
     /// resubmission for short ones. Returns how many requests completed.
     fn harvest(&mut self, ring: &mut SplitRing) -> Result<usize, DeviceError> {
+        if self.taskrun() {
+            // Runs the pending task work, which posts the CQEs (and submits what is queued).
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => return Err(DeviceError::Backend(e)),
+            }
+        }
         self.done.clear();
         self.done.extend(
             self.ring
