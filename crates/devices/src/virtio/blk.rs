@@ -561,9 +561,14 @@ impl BlockHandler {
             // when the driver asked to hear about this one: with event idx it names the
             // completion it wants (Linux: the next one; a batching driver: the one that frees
             // a batch), and telling it then lets it refill the ring while the device works on
-            // the rest, instead of both taking turns. The pass publishes the rest at its end.
+            // the rest, instead of both taking turns. Likewise once few requests are left, so
+            // a polling driver refills before the device runs dry. The pass publishes the
+            // rest at its end.
             ring.put_used(head, len);
-            if ring.unpublished() >= PUBLISH_EVERY || ring.interrupt_due() {
+            if ring.unpublished() >= PUBLISH_EVERY
+                || ring.queued() < PUBLISH_EVERY
+                || ring.interrupt_due()
+            {
                 ring.publish();
                 if event_idx && ring.needs_notification() {
                     interrupt.signal_used();

@@ -453,6 +453,12 @@ impl SplitRing {
         self.next_used += Wrapping(1);
     }
 
+    /// Chains the driver made available that the device has seen but not taken yet (as of
+    /// the last `pop`).
+    pub fn queued(&self) -> u16 {
+        (self.avail_seen - self.next_avail).0
+    }
+
     /// Used elements written but not yet published.
     pub fn unpublished(&self) -> u16 {
         (self.next_used - self.published).0
@@ -766,7 +772,7 @@ mod tests {
             }
             // Written, not yet visible; not due until the element used_event names.
             assert_eq!(used_idx(&mem), 0);
-            assert_eq!(r.unpublished(), 3);
+            assert_eq!((r.unpublished(), r.queued()), (3, 3));
             assert_eq!(due, [false, false, false]);
             assert!(
                 !r.needs_notification(),
