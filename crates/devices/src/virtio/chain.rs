@@ -41,6 +41,11 @@ pub struct Chain {
     pub readable: Vec<Buf>,
     pub writable: Vec<Buf>,
     pub error: Option<ChainError>,
+    /// Host address of each readable / writable buffer (same index) as resolved while
+    /// parsing, 0 where the buffer is not inside one region. Kept as integers so a chain
+    /// stays `Send`; they point into the memory the chain was parsed against.
+    readable_host: Vec<usize>,
+    writable_host: Vec<usize>,
 }
 
 impl Chain {
@@ -67,6 +72,8 @@ impl Chain {
         self.head = head;
         self.readable.clear();
         self.writable.clear();
+        self.readable_host.clear();
+        self.writable_host.clear();
         self.error = None;
     }
 
@@ -86,24 +93,101 @@ impl Chain {
             return false;
         };
         *total = t;
-        if host_ptr(mem, addr, len as usize).is_none()
+        let host = host_ptr(mem, addr, len as usize);
+        if host.is_none()
             && !GuestMemory::check_range(mem, addr, len as usize, Permissions::ReadWrite)
         {
             self.error
                 .get_or_insert(ChainError::OutOfMemory { addr: addr.0, len });
         }
+        let host = host.map_or(0, |p| p as usize);
         let b = Buf { addr, len };
         if write_only {
             // Before the device writes it: migration and diff snapshots resend it.
             super::dirty::mark(addr.0, u64::from(len));
             self.writable.push(b);
+            self.writable_host.push(host);
         } else {
             if !self.writable.is_empty() {
                 self.error.get_or_insert(ChainError::ReadAfterWrite);
             }
             self.readable.push(b);
+            self.readable_host.push(host);
         }
         true
+    }
+
+    /// The first `N` readable bytes (a request header) when the first readable buffer holds
+    /// them in one region; None otherwise (the caller falls back to [`read_from`]). Saves the
+    /// region lookup and the generic copy per request on the blk hot path.
+    #[inline]
+    pub fn read_head<const N: usize>(&self) -> Option<[u8; N]> {
+        let (b, &h) = (self.readable.first()?, self.readable_host.first()?);
+        if h == 0 || (b.len as usize) < N {
+            return None;
+        }
+        // SAFETY: `h` is the host address of `b`, resolved by `push` against the memory the
+        // chain was parsed from (kept mapped by the device's GuestMemoryMmap), and `b` holds
+        // at least N bytes. Unaligned: the guest may place its buffer anywhere.
+        Some(unsafe { std::ptr::read_unaligned(h as *const [u8; N]) })
+    }
+
+    /// Writes `v` at the last writable byte (a virtio-blk status byte) when the last
+    /// writable buffer lies in one region; false otherwise (the caller falls back to
+    /// [`write_to`]).
+    #[inline]
+    pub fn put_last_writable(&self, v: u8) -> bool {
+        let (Some(b), Some(&h)) = (self.writable.last(), self.writable_host.last()) else {
+            return false;
+        };
+        if h == 0 || b.len == 0 {
+            return false;
+        }
+        // SAFETY: as in `read_head`: `b.len - 1` is inside the buffer `h` points to.
+        unsafe { std::ptr::write_volatile((h as *mut u8).add(b.len as usize - 1), v) };
+        true
+    }
+
+    /// As [`iovecs_into`] over this chain's readable or writable buffers, from the host
+    /// addresses resolved while parsing (no region lookup per buffer); buffers that were not
+    /// resolved go through [`iovecs_into`].
+    pub fn iovecs_into(
+        &self,
+        mem: &GuestMemoryMmap,
+        writable: bool,
+        skip: usize,
+        count: usize,
+        out: &mut Vec<libc::iovec>,
+    ) -> Result<(), ChainError> {
+        let (bufs, hosts, access) = if writable {
+            (&self.writable, &self.writable_host, Permissions::Write)
+        } else {
+            (&self.readable, &self.readable_host, Permissions::Read)
+        };
+        if hosts.contains(&0) {
+            return iovecs_into(mem, bufs, skip, count, access, out);
+        }
+        out.clear();
+        let mut skip = skip;
+        let mut count = count;
+        for (b, &h) in bufs.iter().zip(hosts) {
+            if count == 0 {
+                break;
+            }
+            let len = b.len as usize;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let take = (len - skip).min(count);
+            out.push(libc::iovec {
+                iov_base: (h + skip) as *mut libc::c_void,
+                iov_len: take,
+            });
+            skip = 0;
+            count -= take;
+        }
+        Ok(())
     }
 
     pub fn readable_len(&self) -> usize {
