@@ -669,6 +669,10 @@ impl QueueHandler for BlockHandler {
         (self.throttled_until.is_none() && self.ring.pending()).then_some(0)
     }
 
+    fn awaiting_completions(&self) -> bool {
+        self.uring.as_ref().is_some_and(|u| u.in_flight())
+    }
+
     fn before_sleep(&mut self) -> bool {
         let new = self.ring.enable_notification() && self.throttled_until.is_none();
         match &mut self.uring {

@@ -255,6 +255,11 @@ impl Engine {
         self.open.is_some() || !self.free.is_empty()
     }
 
+    /// Requests submitted (or queued to be) whose completions are not harvested yet.
+    pub(super) fn in_flight(&self) -> bool {
+        self.inflight > 0
+    }
+
     /// The kernel posted completions not harvested yet.
     pub(super) fn has_completions(&self) -> bool {
         !self.cq.is_empty() || self.taskrun()

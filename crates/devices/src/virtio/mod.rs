@@ -167,6 +167,11 @@ pub trait QueueHandler: Send {
     fn pending_queue(&self) -> Option<usize> {
         None
     }
+    /// Requests of this device are in flight outside the worker (an io_uring engine's disk
+    /// I/O): their completions are due soon, so the worker polls longer before it sleeps.
+    fn awaiting_completions(&self) -> bool {
+        false
+    }
     /// Called before the worker sleeps: a handler that turned driver notifications off while
     /// it worked or polled turns them back on. Returns true when work arrived meanwhile; the
     /// worker then polls instead of sleeping (a notification for it may never come).

@@ -211,6 +211,12 @@ impl Drop for Worker {
 /// small); one that submits now and then costs only a short spin per request.
 const POLL_MAX: Duration = Duration::from_micros(50);
 const POLL_MIN: Duration = Duration::from_micros(4);
+/// How long a device whose requests are in flight on the disk (`awaiting_completions`) keeps
+/// polling after its last work: KVM's halt_poll_ns. Waking this worker on a completion costs
+/// tens of microseconds on a virtual host, during which the disk runs below the queue depth
+/// (`bench io` 4K direct against a host io_uring loop at the same depth: 0.81-0.92x with
+/// the 50 us window, 0.94-1.02x with this one).
+const POLL_IN_FLIGHT: Duration = Duration::from_micros(200);
 
 /// Serves the handler's queues while work keeps coming, then re-enables notifications
 /// (`before_sleep`) and returns when none arrived for `window`. The window adapts: it doubles
@@ -223,6 +229,7 @@ fn poll(
     window: &mut Duration,
 ) -> Result<(), super::DeviceError> {
     let mut until = Instant::now() + *window;
+    let mut last_work = Instant::now();
     let mut spins = 0u32;
     let mut found = false;
     loop {
@@ -235,12 +242,16 @@ fn poll(
                 found = true;
                 *window = (*window * 2).min(POLL_MAX);
             }
-            until = Instant::now() + *window;
+            last_work = Instant::now();
+            until = last_work + *window;
             continue;
         }
         spins += 1;
         // Reading the clock every few spins keeps the loop cheap.
         if spins.is_multiple_of(16) && Instant::now() >= until {
+            if handler.awaiting_completions() && last_work.elapsed() < POLL_IN_FLIGHT {
+                continue;
+            }
             if handler.before_sleep() {
                 until = Instant::now() + *window;
                 continue;
