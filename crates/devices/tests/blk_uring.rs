@@ -369,6 +369,16 @@ fn engine_choice() {
     assert!(BlockConfig::parse("/x,direct,io=posix").is_err());
 }
 
+/// Truncates or extends the disk file under the running device to `sectors`.
+fn resize_disk(path: &std::path::Path, sectors: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(sectors * 512)
+        .unwrap()
+}
+
 /// A disk file shrunk under the running device: a read across the new end is cut short by the
 /// kernel, resubmitted for the rest, meets end of file and answers IOERR (never OK with part
 /// of the data); reads before the end still work, and after the file grows back, all do.
@@ -380,14 +390,7 @@ fn short_read_at_a_shrunk_end_is_an_error() {
     };
     let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
-    let resize = |sectors: u64| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(file.path())
-            .unwrap()
-            .set_len(sectors * 512)
-            .unwrap()
-    };
+    let resize = |sectors: u64| resize_disk(file.path(), sectors);
     resize(1000);
     let across = aligned(&mut d, 8192);
     let inside = aligned(&mut d, 8192);
@@ -697,14 +700,7 @@ fn a_short_merged_sqe_gives_each_member_its_own_status() {
     };
     let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
-    let resize = |sectors: u64| {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(file.path())
-            .unwrap()
-            .set_len(sectors * 512)
-            .unwrap()
-    };
+    let resize = |sectors: u64| resize_disk(file.path(), sectors);
     resize(1004);
     // 4 KiB each from sector 984: 984 and 992 inside, 1000 across the end, 1008 past it.
     let reads: Vec<_> = [984u64, 992, 1000, 1008]
