@@ -399,14 +399,7 @@ impl Engine {
                 // The kernel is short of memory or the CQ is full: wait for a completion,
                 // which frees what it needs, then go on.
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                    match self.ring.submit_and_wait(1) {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                            std::thread::yield_now()
-                        }
-                        Err(e) => return Err(DeviceError::Backend(e)),
-                    }
+                    self.wait_one()?
                 }
                 Err(e) => return Err(DeviceError::Backend(e)),
             }
@@ -554,14 +547,21 @@ impl Engine {
             if self.inflight == 0 {
                 return Ok(());
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                    std::thread::yield_now()
-                }
-                Err(e) => return Err(DeviceError::Backend(e)),
+            self.wait_one()?;
+        }
+    }
+
+    /// Submits what is queued and waits for one completion; a signal or a kernel short of
+    /// resources only ends the wait early (the caller looks again).
+    fn wait_one(&mut self) -> Result<(), DeviceError> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                std::thread::yield_now();
+                Ok(())
             }
+            Err(e) => Err(DeviceError::Backend(e)),
         }
     }
 }

@@ -168,25 +168,13 @@ impl Chain {
             return iovecs_into(mem, bufs, skip, count, access, out);
         }
         out.clear();
-        let mut skip = skip;
-        let mut count = count;
-        for (b, &h) in bufs.iter().zip(hosts) {
-            if count == 0 {
-                break;
-            }
-            let len = b.len as usize;
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let take = (len - skip).min(count);
+        for_each_piece(bufs, skip, count, |i, off, take, _| {
             out.push(libc::iovec {
-                iov_base: (h + skip) as *mut libc::c_void,
+                iov_base: (hosts[i] + off) as *mut libc::c_void,
                 iov_len: take,
             });
-            skip = 0;
-            count -= take;
-        }
+            true
+        });
         Ok(())
     }
 
@@ -219,12 +207,26 @@ pub fn host_ptr(mem: &GuestMemoryMmap, addr: GuestAddress, len: usize) -> Option
 /// `skip`; `done` is the number of bytes before this piece. Stops when `f` returns false.
 fn for_each_range(
     bufs: &[Buf],
-    mut skip: usize,
-    mut count: usize,
+    skip: usize,
+    count: usize,
     mut f: impl FnMut(GuestAddress, usize, usize) -> bool,
 ) {
+    for_each_piece(bufs, skip, count, |i, off, take, done| {
+        f(GuestAddress(bufs[i].addr.0 + off as u64), take, done)
+    });
+}
+
+/// As [`for_each_range`], naming each piece by its buffer's index and the offset in it:
+/// `f(index, offset, len, done)`.
+#[inline]
+fn for_each_piece(
+    bufs: &[Buf],
+    mut skip: usize,
+    mut count: usize,
+    mut f: impl FnMut(usize, usize, usize, usize) -> bool,
+) {
     let mut done = 0;
-    for b in bufs {
+    for (i, b) in bufs.iter().enumerate() {
         if count == 0 {
             break;
         }
@@ -234,7 +236,7 @@ fn for_each_range(
             continue;
         }
         let take = (len - skip).min(count);
-        if !f(GuestAddress(b.addr.0 + skip as u64), take, done) {
+        if !f(i, skip, take, done) {
             return;
         }
         done += take;
