@@ -25,15 +25,6 @@ fn disk(sectors: u64) -> tempfile::NamedTempFile {
     f
 }
 
-fn header(d: &mut MmioDriver, ty: u32, sector: u64) -> GuestAddress {
-    let h = d.alloc(16);
-    let mut raw = [0u8; 16];
-    raw[0..4].copy_from_slice(&ty.to_le_bytes());
-    raw[8..16].copy_from_slice(&sector.to_le_bytes());
-    d.mem.write_slice(&raw, h).unwrap();
-    h
-}
-
 /// Submits header + data + status; returns (used len, status).
 fn request(
     d: &mut MmioDriver,
@@ -43,7 +34,7 @@ fn request(
     len: u32,
     write: bool,
 ) -> (u32, u8) {
-    let h = header(d, ty, sector);
+    let h = common::blk_header(d, ty, sector);
     let st = d.alloc(1);
     d.mem.write_obj(0xffu8, st).unwrap();
     let mut bufs = vec![(h, 16, false)];
@@ -252,16 +243,8 @@ fn reset_and_reactivate() {
 #[test]
 fn direct_io_aligned_and_bounced() {
     let file = disk(64);
-    let dev = match Block::new(&BlockConfig {
-        path: file.path().into(),
-        direct: true,
-        ..Default::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("SKIP: O_DIRECT not supported where the temp file lives: {e}");
-            return;
-        }
+    let Some(dev) = common::direct_block(file.path()) else {
+        return;
     };
     assert!(!dev.mapped(), "O_DIRECT reads keep going through pread");
     let rig = Rig::new(Box::new(dev));

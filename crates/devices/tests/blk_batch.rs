@@ -69,11 +69,7 @@ fn queue(d: &mut MmioDriver, ty: u32, sector: u64, len: u32, seed: u8) -> Req {
 
 /// As [`queue`], with the data device-readable (`write`) or device-writable whatever `ty`.
 fn queue_as(d: &mut MmioDriver, ty: u32, sector: u64, len: u32, seed: u8, write: bool) -> Req {
-    let h = d.alloc(16);
-    let mut raw = [0u8; 16];
-    raw[0..4].copy_from_slice(&ty.to_le_bytes());
-    raw[8..16].copy_from_slice(&sector.to_le_bytes());
-    d.mem.write_slice(&raw, h).unwrap();
+    let h = common::blk_header(d, ty, sector);
     let st = d.alloc(1);
     d.mem.write_obj(0xeeu8, st).unwrap();
     let data = GuestAddress((d.alloc(u64::from(len) + 4096).0 + 4095) & !4095);

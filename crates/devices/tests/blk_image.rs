@@ -24,11 +24,7 @@ fn request(
     len: u32,
     write: bool,
 ) -> (u32, u8) {
-    let h = d.alloc(16);
-    let mut raw = [0u8; 16];
-    raw[0..4].copy_from_slice(&ty.to_le_bytes());
-    raw[8..16].copy_from_slice(&sector.to_le_bytes());
-    d.mem.write_slice(&raw, h).unwrap();
+    let h = common::blk_header(d, ty, sector);
     let st = d.alloc(1);
     d.mem.write_obj(0xffu8, st).unwrap();
     let mut bufs = vec![(h, 16, false)];

@@ -36,17 +36,7 @@ fn pattern(sector: u64, i: usize) -> u8 {
 
 /// The device with the io_uring engine, or None (printed) where the host cannot give it.
 fn uring_block(file: &tempfile::NamedTempFile) -> Option<Block> {
-    let dev = match Block::new(&BlockConfig {
-        path: file.path().into(),
-        direct: true,
-        ..Default::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("SKIP: O_DIRECT not supported on /var/tmp: {e}");
-            return None;
-        }
-    };
+    let dev = common::direct_block(file.path())?;
     if let Err(e) = blk::probe_io_uring() {
         eprintln!("SKIP: io_uring unavailable here: {e}");
         assert_eq!(dev.io_engine(), IoEngine::Sync, "falls back to sync");
@@ -54,6 +44,20 @@ fn uring_block(file: &tempfile::NamedTempFile) -> Option<Block> {
     }
     assert_eq!(dev.io_engine(), IoEngine::Uring);
     Some(dev)
+}
+
+/// [`uring_block`] behind the virtio-mmio transport.
+fn uring_rig(file: &tempfile::NamedTempFile) -> Option<Rig> {
+    Some(Rig::new(Box::new(uring_block(file)?)))
+}
+
+/// The disk file still has its own size (a request past the end did not extend it).
+fn assert_not_extended(file: &tempfile::NamedTempFile) {
+    assert_eq!(
+        std::fs::metadata(file.path()).unwrap().len(),
+        SECTORS * 512,
+        "file not extended"
+    );
 }
 
 /// A page-aligned guest buffer of `len` bytes.
@@ -76,11 +80,7 @@ fn queue(
     len: u32,
     into_guest: bool,
 ) -> Req {
-    let h = d.alloc(16);
-    let mut raw = [0u8; 16];
-    raw[0..4].copy_from_slice(&ty.to_le_bytes());
-    raw[8..16].copy_from_slice(&sector.to_le_bytes());
-    d.mem.write_slice(&raw, h).unwrap();
+    let h = common::blk_header(d, ty, sector);
     let status = d.alloc(1);
     d.mem.write_obj(0xffu8, status).unwrap();
     let mut bufs = vec![(h, 16, false)];
@@ -121,10 +121,9 @@ fn file_sectors(file: &tempfile::NamedTempFile, sector: u64, n: u64) -> Vec<u8> 
 #[test]
 fn many_concurrent_reads_and_writes() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     let mut reads = Vec::new();
     let mut writes = Vec::new();
@@ -182,10 +181,9 @@ fn many_concurrent_reads_and_writes() {
 #[test]
 fn a_failing_request_among_good_ones() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     let mut reqs = Vec::new();
     for i in 0..24u64 {
@@ -210,21 +208,16 @@ fn a_failing_request_among_good_ones() {
         assert_eq!(got, file_sectors(&file, *sector, 8));
     }
     assert_eq!(status(&d, &bad_write), blk::S_IOERR, "write past the end");
-    assert_eq!(
-        std::fs::metadata(file.path()).unwrap().len(),
-        SECTORS * 512,
-        "file not extended"
-    );
+    assert_not_extended(&file);
 }
 
 /// A flush published behind a batch of writes completes after all of them.
 #[test]
 fn flush_completes_after_the_writes_before_it() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     let mut writes = Vec::new();
     for i in 0..32u64 {
@@ -255,10 +248,9 @@ fn flush_completes_after_the_writes_before_it() {
 #[test]
 fn unaligned_buffers_among_aligned_ones() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     let odd_w = GuestAddress(aligned(&mut d, 4096).0 + 3);
     d.mem.write_slice(&[0x3c; 1024], odd_w).unwrap();
@@ -290,10 +282,9 @@ fn unaligned_buffers_among_aligned_ones() {
 #[test]
 fn snapshot_with_requests_in_flight_loses_nothing() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     let mut writes = Vec::new();
     for i in 0..64u64 {
@@ -385,10 +376,9 @@ fn resize_disk(path: &std::path::Path, sectors: u64) {
 #[test]
 fn short_read_at_a_shrunk_end_is_an_error() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     let resize = |sectors: u64| resize_disk(file.path(), sectors);
     resize(1000);
@@ -568,10 +558,9 @@ fn falls_back_to_sync_where_io_uring_is_refused() {
 #[test]
 fn merged_reads_and_writes_move_every_byte() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     // 24 writes of 4, 8, 128 KiB laid end to end from sector 8 (1.1 MiB: two groups).
     let sizes = [4096u32, 8192, 131072];
@@ -629,10 +618,9 @@ fn merged_reads_and_writes_move_every_byte() {
 #[test]
 fn an_out_of_range_member_is_not_merged() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     // Reads at END-24, END-16, then 16 sectors at END-8 (across the end), then END-8 again.
     let end = SECTORS;
@@ -681,11 +669,7 @@ fn an_out_of_range_member_is_not_merged() {
         assert_eq!(status(&d, w), blk::S_OK, "write at {s}");
         assert_eq!(file_sectors(&file, *s, 8), vec![*fill; 4096]);
     }
-    assert_eq!(
-        std::fs::metadata(file.path()).unwrap().len(),
-        SECTORS * 512,
-        "file not extended"
-    );
+    assert_not_extended(&file);
 }
 
 /// A merged run of reads across a shrunk end of the file: the merged SQE comes back short,
@@ -695,10 +679,9 @@ fn an_out_of_range_member_is_not_merged() {
 #[test]
 fn a_short_merged_sqe_gives_each_member_its_own_status() {
     let file = disk();
-    let Some(dev) = uring_block(&file) else {
+    let Some(rig) = uring_rig(&file) else {
         return;
     };
-    let rig = Rig::new(Box::new(dev));
     let mut d = rig.driver(1, 256);
     let resize = |sectors: u64| resize_disk(file.path(), sectors);
     resize(1004);
